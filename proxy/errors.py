@@ -1,0 +1,146 @@
+"""Every failure a user of credproxy can see, one class each.
+
+Each class carries its RFC 9457 problem slug and HTTP status, so the addon maps any
+failure to a problem response in one place (:func:`proxy.problems.problem_response`)::
+
+    CredproxyError
+    ├── ProxyRefusal                      answered to the agent as a problem
+    │   ├── UserContextMissing            407 user-context-missing
+    │   ├── UserContextInvalid            407 user-context-invalid
+    │   ├── MisdirectedRequest            421 misdirected-request
+    │   ├── ProviderNotPermitted          403 provider-not-permitted
+    │   ├── UnroutedDenied                403 unrouted-denied
+    │   ├── ReauthRequired                401 reauth-required
+    │   ├── TokenRefreshFailed            502 token-refresh-failed
+    │   ├── CredentialStoreUnavailable    503 credential-store-unavailable
+    │   └── AuditUnavailable              503 audit-unavailable
+    ├── ConfigError                       bad configuration (names the key)
+    └── VaultError                        local vault problems seen by operators
+        ├── VaultKeyError                 wrong or missing vault key
+        ├── VaultCorruptError             a record fails authentication
+        └── VaultUnavailable              the store cannot be reached (-> 503)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class CredproxyError(Exception):
+    """Base of every credproxy error."""
+
+
+class ProxyRefusal(CredproxyError):
+    """A request the proxy answers itself; nothing is forwarded upstream."""
+
+    slug: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, *, reason: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        # A short machine-readable cause, used in the audit record and problem body.
+        self.reason = reason or self.slug
+
+    def extra(self) -> dict[str, object]:
+        """Extension members for the problem body."""
+        return {"reason": self.reason}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class UserContextMissing(ProxyRefusal):
+    slug = "user-context-missing"
+    status = 407
+    title = "User context required"
+
+    def headers(self) -> dict[str, str]:
+        # RFC 9110 section 15.5.8: a 407 must say how to authenticate to the proxy.
+        return {"Proxy-Authenticate": 'Bearer realm="credproxy"'}
+
+
+class UserContextInvalid(UserContextMissing):
+    slug = "user-context-invalid"
+    title = "User context rejected"
+
+
+class MisdirectedRequest(ProxyRefusal):
+    slug = "misdirected-request"
+    status = 421
+    title = "Host header does not match the destination"
+
+
+class ProviderNotPermitted(ProxyRefusal):
+    slug = "provider-not-permitted"
+    status = 403
+    title = "Provider not permitted for this user context"
+
+
+class UnroutedDenied(ProxyRefusal):
+    slug = "unrouted-denied"
+    status = 403
+    title = "Destination is not a configured provider"
+
+
+class ReauthRequired(ProxyRefusal):
+    slug = "reauth-required"
+    status = 401
+    title = "The user must re-authorize this provider"
+
+    def __init__(self, detail: str, *, reason: str, provider: str, connect_url: str) -> None:
+        super().__init__(detail, reason=reason)
+        self.provider = provider
+        self.connect_url = connect_url
+
+    def extra(self) -> dict[str, object]:
+        return {"reason": self.reason, "provider": self.provider, "connect_url": self.connect_url}
+
+
+class TokenRefreshFailed(ProxyRefusal):
+    slug = "token-refresh-failed"
+    status = 502
+    title = "Token refresh failed (transient)"
+
+
+class CredentialStoreUnavailable(ProxyRefusal):
+    slug = "credential-store-unavailable"
+    status = 503
+    title = "Credential store unavailable"
+
+    def __init__(self, detail: str, *, reason: str | None = None, retry_after: int = 5) -> None:
+        super().__init__(detail, reason=reason)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class AuditUnavailable(ProxyRefusal):
+    slug = "audit-unavailable"
+    status = 503
+    title = "Audit log unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class ConfigError(CredproxyError):
+    """Configuration is invalid; the message names the offending key."""
+
+
+class VaultError(CredproxyError):
+    """The vault cannot be used."""
+
+
+class VaultKeyError(VaultError):
+    """The vault key is missing, malformed or does not open this vault."""
+
+
+class VaultCorruptError(VaultError):
+    """A stored record fails authentication (tampered or corrupted)."""
+
+
+class VaultUnavailable(VaultError):
+    """The backing store could not be reached; requests fail closed with a 503."""

@@ -1,0 +1,80 @@
+"""The vault interface every backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from proxy.tokenset import TokenSet
+
+
+class GrantStatus(StrEnum):
+    ACTIVE = "active"
+    REAUTH_REQUIRED = "reauth_required"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A user's connection to one provider."""
+
+    user: str
+    provider: str
+    tokens: TokenSet
+    status: GrantStatus = GrantStatus.ACTIVE
+    reason: str | None = None  # why re-authorization is needed
+    updated_at: float = 0.0
+    version: int = 0  # bumped on every write; lets caches discard stale entries
+
+
+@dataclass(frozen=True, slots=True)
+class GrantInfo:
+    """What may be shown about a grant: never token values."""
+
+    user: str
+    provider: str
+    status: GrantStatus
+    reason: str | None
+    scope: str | None
+    expires_at: float | None
+    has_refresh_token: bool
+    updated_at: float
+    version: int
+
+
+class Vault(Protocol):
+    """Storage of grants. Implementations raise :class:`proxy.errors.VaultKeyError`,
+    :class:`proxy.errors.VaultCorruptError` or :class:`proxy.errors.VaultUnavailable`."""
+
+    async def get(self, user: str, provider: str) -> Grant | None: ...
+
+    async def put(self, grant: Grant) -> Grant:
+        """Store ``grant``; returns it with the new version and timestamp."""
+        ...
+
+    async def mark_reauth(self, user: str, provider: str, reason: str) -> Grant | None: ...
+
+    async def delete(self, user: str, provider: str) -> bool: ...
+
+    async def list(self, user: str | None = None) -> list[GrantInfo]: ...
+
+    async def check(self) -> None:
+        """Raise if the vault cannot be read and written."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def info(grant: Grant) -> GrantInfo:
+    t = grant.tokens
+    return GrantInfo(
+        user=grant.user,
+        provider=grant.provider,
+        status=grant.status,
+        reason=grant.reason,
+        scope=t.scope,
+        expires_at=t.expires_at,
+        has_refresh_token=t.refresh_token is not None,
+        updated_at=grant.updated_at,
+        version=grant.version,
+    )

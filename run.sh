@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine:
+#   ./run.sh demo   set up .venv and run the end-to-end demo on the embedded default
+#   ./run.sh test   set up .venv and run the whole test suite (what CI runs)
+#   ./run.sh setup  only set up .venv
+# Any further arguments are passed on (to `credproxy demo` or to pytest).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+find_python() {
+  # Python 3.12+ is required (mitmproxy 12). Prefer an explicit choice, then PATH, then pyenv.
+  local candidates=()
+  [ -n "${CREDPROXY_PYTHON:-}" ] && candidates+=("$CREDPROXY_PYTHON")
+  candidates+=(python3.13 python3.12)
+  if command -v pyenv >/dev/null 2>&1; then
+    local root; root=$(pyenv root)
+    for v in "$root"/versions/3.13* "$root"/versions/3.12*; do
+      [ -x "$v/bin/python3" ] && candidates+=("$v/bin/python3")
+    done
+  fi
+  for v in "$HOME"/.pyenv/versions/3.13* "$HOME"/.pyenv/versions/3.12*; do
+    [ -x "$v/bin/python3" ] && candidates+=("$v/bin/python3")
+  done
+  candidates+=(python3)
+  for c in "${candidates[@]}"; do
+    if command -v "$c" >/dev/null 2>&1 &&
+       "$c" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null; then
+      command -v "$c"; return 0
+    fi
+  done
+  echo "credproxy needs Python 3.12 or newer and found none (tried: ${candidates[*]})." >&2
+  echo "Install one (e.g. 'pyenv install 3.13') or set CREDPROXY_PYTHON=/path/to/python3." >&2
+  return 1
+}
+
+setup() {
+  local stamp=.venv/.installed
+  if [ ! -x .venv/bin/python ]; then
+    local py; py=$(find_python)
+    echo "==> creating .venv with $py ($("$py" --version))" >&2
+    "$py" -m venv .venv
+  fi
+  # Reinstall only when the pins or the project metadata changed.
+  if [ ! -f "$stamp" ] || [ constraints.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "==> installing pinned dependencies (constraints.txt)" >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+    touch "$stamp"
+  fi
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  demo) setup; exec .venv/bin/credproxy demo "$@" ;;
+  test)
+    setup
+    .venv/bin/python -m ruff check proxy addons devstack tests
+    .venv/bin/python -m mypy
+    exec .venv/bin/python -m pytest "$@"
+    ;;
+  *) echo "usage: ./run.sh demo|test|setup [args...]" >&2; exit 2 ;;
+esac
