@@ -13,7 +13,8 @@ failure to a problem response in one place (:func:`proxy.problems.problem_respon
     │   ├── ReauthRequired                401 reauth-required
     │   ├── TokenRefreshFailed            502 token-refresh-failed
     │   ├── CredentialStoreUnavailable    503 credential-store-unavailable
-    │   └── AuditUnavailable              503 audit-unavailable
+    │   ├── AuditUnavailable              503 audit-unavailable
+    │   └── InternalError                 500 internal-error (a bug: fail closed)
     ├── ConfigError                       bad configuration (names the key)
     └── VaultError                        local vault problems seen by operators
         ├── VaultKeyError                 wrong or missing vault key
@@ -124,6 +125,12 @@ class AuditUnavailable(ProxyRefusal):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "5"}
+
+
+class InternalError(ProxyRefusal):
+    slug = "internal-error"
+    status = 500
+    title = "credproxy failed to process the request"
 
 
 class ConfigError(CredproxyError):

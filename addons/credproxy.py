@@ -1,0 +1,183 @@
+"""mitmproxy addon: per-user credential injection. A thin adapter over :mod:`proxy.sidecar`.
+
+Load it with ``credproxy run --config FILE`` or ``mitmdump -s addons/credproxy.py
+--set credproxy_config=FILE --set stream_large_bodies=1m``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from mitmproxy import connection, ctx, exceptions, http
+
+from proxy.app import App, build
+from proxy.errors import (
+    CredproxyError,
+    InternalError,
+    MisdirectedRequest,
+    ProxyRefusal,
+    UserContextInvalid,
+)
+from proxy.identity import context_from_proxy_authorization
+from proxy.problems import problem_response
+from proxy.routes import Destination, normalize_host
+from proxy.secret import Secret
+from proxy.settings import load_settings
+from proxy.sidecar import Injection, Outbound
+
+log = logging.getLogger("credproxy")
+_META = "credproxy"
+_PROXY_AUTH = "Proxy-Authorization"
+
+
+class CredentialInjector:
+    def __init__(self, app: App | None = None) -> None:
+        # `credproxy run` passes a built App; under plain mitmdump it comes from the option.
+        self.app = app
+        # Per client connection: the CONNECT authority and the Proxy-Authorization context.
+        self._tunnels: dict[str, tuple[str, int]] = {}
+        self._conn_context: dict[str, Secret | UserContextInvalid] = {}
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            name="credproxy_config", typespec=str, default="",
+            help="Path to the credproxy YAML configuration. Required when the addon is "
+                 "loaded with mitmdump -s; `credproxy run` sets it itself.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "credproxy_config" in updated and self.app is None and ctx.options.credproxy_config:
+            try:
+                self.app = build(load_settings(ctx.options.credproxy_config))
+            except CredproxyError as exc:
+                raise exceptions.OptionsError(str(exc)) from exc
+
+    async def done(self) -> None:
+        if self.app is not None:
+            await self.app.aclose()
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._tunnels.pop(client.id, None)
+        self._conn_context.pop(client.id, None)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        conn = flow.client_conn.id
+        self._tunnels[conn] = (flow.request.host, flow.request.port)
+        context = self._take_proxy_authorization(flow)
+        if context is not None:
+            self._conn_context[conn] = context
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or self.app is None:
+            return
+        sidecar = self.app.sidecar
+        req = flow.request
+        # Strip every user-context credential first, whatever happens next.
+        values = req.headers.get_all(sidecar.verifier.header)
+        if values:
+            del req.headers[sidecar.verifier.header]
+        connection_context = self._take_proxy_authorization(flow)
+        if connection_context is None:
+            connection_context = self._conn_context.get(flow.client_conn.id)
+        token: Secret | None = None
+        error: UserContextInvalid | None = None
+        if len(values) > 1:
+            error = UserContextInvalid(f"{sidecar.verifier.header} was sent more than once",
+                                       reason="duplicate-header")
+        elif values:
+            token = Secret(values[0])
+        elif isinstance(connection_context, UserContextInvalid):
+            error = connection_context
+        else:
+            token = connection_context
+        try:
+            outbound = Outbound(
+                id=flow.id, method=req.method, destination=self._destination(flow),
+                host_header=req.host_header, path=req.path.split("?", 1)[0],
+                sni=flow.client_conn.sni, context_token=token, context_error=error,
+            )
+            decision = await sidecar.decide(outbound)
+        except ProxyRefusal as refusal:
+            self._answer(flow, refusal)
+            return
+        except Exception:  # noqa: BLE001
+            # mitmproxy would log a hook error and forward the request anyway: fail closed.
+            log.exception("internal error deciding %s", flow.id)
+            self._answer(flow, InternalError("internal error; nothing was forwarded"))
+            return
+        if isinstance(decision, Injection):
+            # Replace, never merge: setting a header drops every client-sent variant of it.
+            req.headers[decision.header] = decision.value.reveal()
+            flow.metadata[_META] = (outbound, decision)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> asyncio.Task[None] | None:
+        if flow.metadata.get(_META) is None or flow.response is None:
+            return None
+        # A refusal replaces the body in `response`; it must not have streamed out already.
+        if flow.response.status_code == 401 or "invalid_token" in flow.response.headers.get(
+            "WWW-Authenticate", ""
+        ):
+            flow.response.stream = False
+        return None
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.pop(_META, None)
+        if meta is None or flow.response is None or self.app is None:
+            return
+        outbound, injection = meta
+        refusal: ProxyRefusal | None
+        try:
+            refusal = await self.app.sidecar.upstream_response(
+                outbound, injection, flow.response.status_code, flow.response.headers)
+        except ProxyRefusal as exc:
+            refusal = exc
+        except Exception:  # noqa: BLE001
+            log.exception("internal error checking the response to %s", flow.id)
+            refusal = InternalError("internal error; the upstream answer was withheld")
+        if refusal is not None:
+            self._answer(flow, refusal)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        flow.metadata.pop(_META, None)
+
+    def _answer(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> None:
+        p = problem_response(refusal, request_id=flow.id)
+        flow.response = http.Response.make(p.status, p.body, p.headers)
+        log.info("refused %s %s: %s (%s)", flow.request.method,
+                 flow.request.pretty_host, refusal.slug, refusal.reason)
+
+    def _take_proxy_authorization(self, flow: http.HTTPFlow
+                                  ) -> Secret | UserContextInvalid | None:
+        values = flow.request.headers.get_all(_PROXY_AUTH)
+        if not values:
+            return None
+        # Consumed here: it must never be forwarded upstream.
+        del flow.request.headers[_PROXY_AUTH]
+        if len(values) > 1:
+            return UserContextInvalid("Proxy-Authorization was sent more than once",
+                                      reason="duplicate-header")
+        try:
+            return context_from_proxy_authorization(values[0])
+        except UserContextInvalid as exc:
+            return exc
+
+    def _destination(self, flow: http.HTTPFlow) -> Destination:
+        tunnel = self._tunnels.get(flow.client_conn.id)
+        try:
+            if tunnel is not None:
+                # Inside a CONNECT tunnel the real destination is the CONNECT authority,
+                # whatever the Host header inside says.
+                return Destination(normalize_host(tunnel[0]), tunnel[1],
+                                   tls=flow.client_conn.tls_established)
+            return Destination(normalize_host(flow.request.host), flow.request.port,
+                               tls=flow.request.scheme == "https")
+        except ValueError:
+            raise MisdirectedRequest("the destination is not a valid host",
+                                     reason="bad_destination") from None
+
+
+addons = [CredentialInjector()]

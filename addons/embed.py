@@ -1,0 +1,89 @@
+"""Run mitmproxy in-process with only the addons credproxy needs (`credproxy run`).
+
+This is the one place that assembles a mitmproxy Master; everything it configures comes
+from :class:`proxy.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+from pathlib import Path
+
+import certifi
+from mitmproxy import master, options
+from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
+
+from addons.credproxy import CredentialInjector
+from proxy.app import App
+from proxy.settings import Settings
+
+log = logging.getLogger("credproxy")
+
+
+def upstream_trust_file(settings: Settings, directory: Path) -> str | None:
+    """mitmproxy trusts one CA file: make it the public roots plus ``upstream_ca_file``, so
+    adding a private CA does not drop the public ones."""
+    if not settings.upstream_ca_file:
+        return None
+    extra = Path(settings.upstream_ca_file).expanduser().read_text(encoding="ascii")
+    bundle = directory / "upstream-trust.pem"
+    bundle.write_text(Path(certifi.where()).read_text(encoding="ascii") + "\n" + extra,
+                      encoding="ascii")
+    return str(bundle)
+
+
+def intercept_pattern(settings: Settings) -> list[str]:
+    """For ``unrouted: tunnel``: regexes of the provider hosts, for mitmproxy's allow_hosts
+    (matched against ``host:port``); everything else is tunnelled without interception."""
+    pats: list[str] = []
+    for p in settings.providers:
+        for h in p.hosts:
+            host, _, port = h.partition(":") if not h.startswith("[") else (h, "", "")
+            rx = (r"(?:[^.:]+\.)+" + re.escape(host[2:])) if host.startswith("*.") else re.escape(
+                host)
+            pats.append(rf"^{rx}\.?:{port or '443'}$")
+    return pats
+
+
+async def serve(settings: Settings, app: App) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    ca_dir = Path(settings.ca_dir).expanduser()
+    ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    host, _, port = settings.listen.rpartition(":")
+    opts = options.Options(listen_host=host.strip("[]"), listen_port=int(port),
+                           confdir=str(ca_dir))
+    m = master.Master(opts, with_termlog=False)
+    m.addons.add(
+        core.Core(),
+        proxyserver.Proxyserver(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        disable_h2c.DisableH2C(),
+        errorcheck.ErrorCheck(),
+        CredentialInjector(app),
+    )
+    update: dict[str, object] = {
+        "stream_large_bodies": settings.stream_large_bodies,
+        # No upstream connection before the addon has decided: a refused request never
+        # touches the destination.
+        "connection_strategy": "lazy",
+    }
+    trust = upstream_trust_file(settings, ca_dir)
+    if trust:
+        update["ssl_verify_upstream_trusted_ca"] = trust
+    if settings.unrouted == "tunnel":
+        update["allow_hosts"] = intercept_pattern(settings)
+    opts.update(**update)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, m.shutdown)
+    log.info("credproxy listening on %s (providers: %s)", settings.listen,
+             ", ".join(p.id for p in settings.providers) or "none")
+    try:
+        await m.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

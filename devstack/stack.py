@@ -1,0 +1,230 @@
+"""A complete local credproxy deployment in one directory: the demo and the integration
+tests both run on it.
+
+Real processes talking HTTP(S): an OAuth authorization server (authlib), a TLS document API
+that introspects tokens, and the credproxy sidecar started with ``credproxy run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import yaml
+
+from devstack.certs import CA, make_ca, make_leaf
+from devstack.procs import Running, free_port, start_server, tcp_check
+from proxy.devkeys import mint, write_dev_keys
+from proxy.secret import Secret
+from proxy.vault.keys import generate_key
+
+PROVIDER = "docs"
+CLIENT_ID = "credproxy-docs"
+RESOURCE_ID = "docapi"
+
+DOCUMENTS = {
+    "documents": [
+        {"id": "doc-1", "title": "Acme v. Globex: settlement draft", "matter": "acme-litigation"},
+        {"id": "doc-2", "title": "Acme board minutes", "matter": "acme-litigation"},
+        {"id": "doc-3", "title": "Globex merger term sheet", "matter": "globex-merger"},
+        {"id": "doc-4", "title": "Firm holiday schedule", "matter": "firm-wide"},
+    ],
+    # An ethical wall: alice works for Acme, bob for Globex; neither may see the other side.
+    "users": {
+        "alice": ["acme-litigation", "firm-wide"],
+        "bob": ["globex-merger", "firm-wide"],
+        "carol": ["firm-wide"],
+    },
+}
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    ca: CA
+    auth: Running
+    docs: Running
+    env: dict[str, str]
+    context_key: Path
+    config_path: Path
+    config: dict[str, Any]
+    proxy: Running | None = None
+    extra: list[Running] = field(default_factory=list)
+
+    # -- addresses ---------------------------------------------------------------------
+    @property
+    def docs_url(self) -> str:
+        return self.docs.url.replace("127.0.0.1", "localhost")
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{self.config['listen']}"
+
+    @property
+    def mitm_ca(self) -> Path:
+        return Path(self.config["ca_dir"]) / "mitmproxy-ca-cert.pem"
+
+    # -- processes ---------------------------------------------------------------------
+    def start_proxy(self, *, name: str = "credproxy", timeout: float = 30.0) -> Running:
+        host, _, port = self.config["listen"].rpartition(":")
+        self.proxy = start_server(
+            ["-m", "proxy.cli", "run", "--config", str(self.config_path)],
+            ready=tcp_check(host, int(port)), env=self.env, name=name,
+            log_dir=self.workdir / "logs", timeout=timeout,
+        )
+        return self.proxy
+
+    def write_config(self, **overrides: Any) -> None:
+        """Rewrite the config with top-level ``overrides`` (restart the proxy to apply)."""
+        self.config.update(overrides)
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    def close(self) -> None:
+        for r in [self.proxy, *self.extra, self.docs, self.auth]:
+            if r is not None:
+                r.close()
+
+    # -- users and tokens --------------------------------------------------------------
+    def context(self, user: str, **kw: Any) -> str:
+        kw.setdefault("ctx_kind", "chat")
+        kw.setdefault("ctx_id", f"conv-{user}")
+        return mint(sub=user, issuer=self.config["identity"]["issuer"],
+                    audience=self.config["identity"]["audience"], key_file=str(self.context_key),
+                    **kw).reveal()
+
+    def grant(self, user: str, *, expires_in: int = 3600) -> dict[str, Any]:
+        """A fresh grant at the authorization server, as if the user had consented."""
+        with self.admin() as c:
+            r = c.post("/_admin/grants", json={"user": user, "client_id": CLIENT_ID,
+                                               "scope": "documents.read",
+                                               "access_expires_in": expires_in})
+            r.raise_for_status()
+            token: dict[str, Any] = r.json()
+            return token
+
+    def vault_put_cli(self, user: str, token_response: Mapping[str, Any]) -> None:
+        """Import a token set with the real `credproxy vault put` command."""
+        import subprocess
+
+        subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "vault", "put", "--config",
+             str(self.config_path), "--user", user, "--provider", PROVIDER],
+            input=json.dumps(token_response).encode(), env={**os.environ, **self.env},
+            check=True, capture_output=True, timeout=60,
+        )
+
+    def admin(self) -> httpx2.Client:
+        return httpx2.Client(base_url=self.auth.url, verify=str(self.ca.cert_path), timeout=10)
+
+    def stats(self) -> dict[str, Any]:
+        with self.admin() as c:
+            data: dict[str, Any] = c.get("/_admin/stats").json()
+            return data
+
+    def client(self, *, context: str | None = None, **kw: Any) -> httpx2.Client:
+        """An agent's HTTP client: through the proxy, trusting the proxy's CA."""
+        headers = {"X-User-Context": context} if context else {}
+        return httpx2.Client(proxy=self.proxy_url, verify=str(self.mitm_ca), headers=headers,
+                             timeout=kw.pop("timeout", 30), trust_env=False, **kw)
+
+    def issued_tokens(self) -> list[str]:
+        with self.admin() as c:
+            data = c.get("/_admin/issued").json()
+        return [*data["access_tokens"], *data["refresh_tokens"]]
+
+
+def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 3600,
+                audit_sink: str = "stdout", config: Mapping[str, Any] | None = None,
+                introspect_cache_ttl: float = 0.0) -> Stack:
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = workdir / "logs"
+    pki = workdir / "pki"
+    ca = make_ca(pki)
+    cert, key = make_leaf(ca, ["localhost", "127.0.0.1"], pki, "server")
+    client_secret = secrets.token_urlsafe(24)
+    resource_secret = secrets.token_urlsafe(24)
+    clients = [
+        {"client_id": CLIENT_ID, "client_secret": client_secret, "kind": "client",
+         "redirect_uris": ["http://127.0.0.1/oauth/callback"], "scope": "documents.read"},
+        {"client_id": RESOURCE_ID, "client_secret": resource_secret, "kind": "resource_server",
+         "redirect_uris": [], "scope": ""},
+    ]
+    (workdir / "clients.json").write_text(json.dumps(clients))
+    (workdir / "permissions.json").write_text(json.dumps(DOCUMENTS))
+    tls = ["--cert", str(cert), "--key", str(key), "--no-request-log"]
+    auth = start_server(
+        ["-m", "devstack.authserver", "--clients", str(workdir / "clients.json"), "--admin",
+         "--access-ttl", str(access_ttl), *tls, "--ready-file", str(workdir / "auth.ready")],
+        workdir / "auth.ready", log_dir=logs, name="authserver",
+    )
+    docs = start_server(
+        ["-m", "devstack.docapi", "--introspect-url", f"{auth.url}/introspect",
+         "--client-id", RESOURCE_ID, "--client-secret-env", "DOCAPI_SECRET",
+         "--ca-file", str(ca.cert_path), "--permissions", str(workdir / "permissions.json"),
+         "--introspect-cache-ttl", str(introspect_cache_ttl), *tls,
+         "--ready-file", str(workdir / "docs.ready")],
+        workdir / "docs.ready", env={"DOCAPI_SECRET": resource_secret}, log_dir=logs,
+        name="docapi",
+    )
+    context_key, jwks = write_dev_keys(workdir / "keys")
+    env = {"CREDPROXY_VAULT_KEY": generate_key(), "DOCS_CLIENT_SECRET": client_secret}
+    docs_port = docs.url.rsplit(":", 1)[1]
+    cfg: dict[str, Any] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin": f"127.0.0.1:{free_port()}",
+        "ca_dir": str(workdir / "ca"),
+        "upstream_ca_file": str(ca.cert_path),
+        "unrouted": "passthrough",
+        "identity": {
+            "header": "X-User-Context",
+            "issuer": "https://agents.example.com",
+            "audience": "credproxy",
+            "jwks_file": str(jwks),
+            "algorithms": ["EdDSA", "ES256", "RS256"],
+        },
+        "vault": {"backend": "local", "path": str(workdir / "vault.db"),
+                  "key_env": "CREDPROXY_VAULT_KEY"},
+        "audit": {"sink": audit_sink},
+        "refresh": {"attempts": 3, "backoff": 0.05, "timeout": 5},
+        "providers": [{
+            "id": PROVIDER,
+            "hosts": [f"localhost:{docs_port}", f"127.0.0.1:{docs_port}"],
+            "authorize_url": f"{auth.url}/authorize",
+            "token_url": f"{auth.url}/token",
+            "revocation_url": f"{auth.url}/revoke",
+            "client_id": CLIENT_ID,
+            "client_secret_env": "DOCS_CLIENT_SECRET",
+            "scopes": ["documents.read"],
+            "refresh_skew": 60,
+        }],
+    }
+    for k, v in (config or {}).items():
+        cfg[k] = v
+    stack = Stack(workdir, ca, auth, docs, env, context_key, workdir / "credproxy.yaml", cfg)
+    stack.write_config()
+    if start_proxy:
+        try:
+            stack.start_proxy()
+        except Exception:
+            stack.close()
+            raise
+    return stack
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.05)
+
+
+__all__ = ["Secret", "Stack", "build_stack", "wait_until"]

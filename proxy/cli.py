@@ -1,0 +1,317 @@
+"""The ``credproxy`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from proxy import audit as auditlog
+from proxy.ca import ensure_ca
+from proxy.errors import CredproxyError
+from proxy.settings import Settings, load_settings
+from proxy.tokenset import TokenSet, TokenSetError
+from proxy.vault.base import Grant
+from proxy.vault.keys import generate_key
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        code: int = args.func(args)
+        return code
+    except CredproxyError as exc:
+        print(f"credproxy: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or os.environ.get("CREDPROXY_CONFIG")
+    if not path:
+        raise CredproxyError("no configuration: pass --config FILE or set CREDPROXY_CONFIG")
+    return load_settings(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from addons.embed import serve  # mitmproxy is imported only when serving
+    from proxy.app import build
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    settings = _settings(args)
+    ensure_ca(settings.ca_dir)
+
+    async def go() -> None:
+        app = build(settings)
+        try:
+            await serve(settings, app)
+        finally:
+            await app.aclose()
+
+    asyncio.run(go())
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from proxy.app import build
+
+    settings = _settings(args)
+    print(f"config: ok ({len(settings.providers)} providers)")
+
+    async def go() -> None:
+        app = build(settings)  # resolves secrets and keys, opens the vault
+        try:
+            print("identity keys: ok; client secrets: ok")
+            await app.vault.check()
+            print(f"vault ({settings.vault.backend}): ok")
+            await app.coordinator.check()
+            print(f"coordination ({settings.coordination.backend}): ok")
+        finally:
+            await app.aclose()
+
+    asyncio.run(go())
+    cert = ensure_ca(settings.ca_dir)
+    print(f"ca: ok ({cert})")
+    return EXIT_OK
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    sys.stdout.write(ensure_ca(settings.ca_dir).read_text(encoding="ascii"))
+    return EXIT_OK
+
+
+def cmd_vault_put(args: argparse.Namespace) -> int:
+    from proxy.app import build
+
+    settings = _settings(args)
+    settings.provider(args.provider)  # must exist
+    try:
+        data = json.loads(sys.stdin.read())
+        tokens = TokenSet.from_response(data, now=time.time())
+    except (ValueError, TokenSetError) as exc:
+        # json errors quote the input, which holds tokens: say only where it failed.
+        msg = str(exc) if isinstance(exc, TokenSetError) else "stdin is not valid JSON"
+        raise CredproxyError(f"vault put: {msg}") from None
+
+    async def go() -> None:
+        app = build(settings)
+        try:
+            stored = await app.vault.put(Grant(user=args.user, provider=args.provider,
+                                               tokens=tokens))
+            app.sidecar.audit.record(auditlog.CONNECTION_CREATED, user=args.user,
+                                     provider=args.provider, outcome="stored",
+                                     reason="imported", token=tokens.access_token,
+                                     token_source="vault")
+            print(f"stored {args.provider} for {args.user} (version {stored.version})",
+                  file=sys.stderr)
+        finally:
+            await app.aclose()
+
+    asyncio.run(go())
+    return EXIT_OK
+
+
+def cmd_connections(args: argparse.Namespace) -> int:
+    from proxy.app import open_vault
+
+    settings = _settings(args)
+
+    async def go() -> None:
+        vault, _ = open_vault(settings)
+        try:
+            rows = await vault.list(args.user)
+        finally:
+            await vault.close()
+        if args.json:
+            for r in rows:
+                print(json.dumps({"user": r.user, "provider": r.provider, "status": r.status,
+                                  "reason": r.reason, "scope": r.scope,
+                                  "expires_at": r.expires_at,
+                                  "has_refresh_token": r.has_refresh_token,
+                                  "updated_at": r.updated_at}))
+            return
+        print(f"{'USER':<24} {'PROVIDER':<14} {'STATUS':<16} {'EXPIRES':<20} REFRESH SCOPE")
+        for r in rows:
+            exp = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.expires_at))
+                   if r.expires_at else "-")
+            print(f"{r.user:<24} {r.provider:<14} {r.status:<16} {exp:<20} "
+                  f"{'yes' if r.has_refresh_token else 'no':<7} {r.scope or '-'}")
+
+    asyncio.run(go())
+    return EXIT_OK
+
+
+def _lines(path: str | None, follow: bool) -> Iterator[str]:
+    if path in (None, "-"):
+        yield from sys.stdin
+        return
+    assert path is not None
+    try:
+        f: TextIO = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+    except OSError as exc:
+        raise CredproxyError(f"cannot read {path}: {exc.strerror}") from exc
+    with f:
+        while True:
+            line = f.readline()
+            if line:
+                yield line
+            elif follow:
+                time.sleep(0.25)
+            else:
+                return
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    for _, rec, _err in auditlog.parse_lines(_lines(args.file, args.follow)):
+        if rec is None or not auditlog.matches(rec, user=args.user, provider=args.provider,
+                                               event=args.event):
+            continue
+        print(json.dumps(rec) if args.json else auditlog.format_record(rec), flush=True)
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    report = auditlog.verify(_lines(args.file, False), allow_partial=args.allow_partial)
+    if report.ok:
+        print(f"ok: {report.records} records in {report.instances} chains verified"
+              + (f" ({report.skipped_lines} non-record lines ignored)"
+                 if report.skipped_lines else ""))
+        return EXIT_OK
+    e = report.first_error
+    assert e is not None
+    print(f"BROKEN: line {e.line} (instance {e.instance}, seq {e.seq}): {e.reason}")
+    return EXIT_FAIL
+
+
+def cmd_vault_keygen(args: argparse.Namespace) -> int:
+    print(generate_key())
+    return EXIT_OK
+
+
+def cmd_context_keygen(args: argparse.Namespace) -> int:
+    from proxy.devkeys import write_dev_keys
+
+    priv, pub = write_dev_keys(Path(args.out_dir), alg=args.alg)
+    print(f"private key: {priv}\npublic JWKS (identity.jwks_file): {pub}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_context_mint(args: argparse.Namespace) -> int:
+    from proxy.devkeys import mint
+
+    issuer, audience, typ = args.issuer, args.audience, "user-context+jwt"
+    if args.config or os.environ.get("CREDPROXY_CONFIG"):
+        ident = _settings(args).identity
+        issuer, audience = issuer or ident.issuer, audience or ident.audience
+        typ = ident.typ or typ
+    if not issuer or not audience:
+        raise CredproxyError("context mint: give --issuer and --audience, or --config")
+    token = mint(
+        key_file=args.key, hs256_secret_env=args.hs256_secret_env, sub=args.user,
+        issuer=issuer, audience=audience, ttl=args.ttl, typ=typ,
+        ctx_kind=args.ctx_kind, ctx_id=args.ctx_id,
+        providers=args.providers.split(",") if args.providers else None,
+        jti=args.jti,
+    )
+    print(token.reveal())
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from devstack.demo import run_demo
+
+    code: int = run_demo(workdir=Path(args.workdir), keep=args.keep)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="credproxy",
+                                description="Per-user credential injection for AI agents.")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func: object, help: str, parent: object = sub,
+                config: bool = True) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help,  # type: ignore[attr-defined]
+                                                        description=help)
+        if config:
+            sp.add_argument("--config", "-c", help="config file (default: $CREDPROXY_CONFIG)")
+        sp.set_defaults(func=func)
+        return sp
+
+    command("run", cmd_run, "run the sidecar proxy")
+    command("check", cmd_check, "validate config, keys, secrets, vault and coordination")
+    command("ca", cmd_ca, "print the CA certificate agents must trust (created if absent)")
+
+    vault = sub.add_parser("vault", help="manage stored grants").add_subparsers(metavar="CMD")
+    put = command("put", cmd_vault_put, "import a token set (JSON on stdin) for a user",
+                  parent=vault)
+    put.add_argument("--user", required=True)
+    put.add_argument("--provider", required=True)
+    command("keygen", cmd_vault_keygen, "print a new random vault key", parent=vault,
+            config=False)
+
+    conns = command("connections", cmd_connections, "list grants (never token values)")
+    conns.add_argument("--user")
+    conns.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    audit = sub.add_parser("audit", help="read the audit log").add_subparsers(metavar="CMD")
+    tail = command("tail", cmd_audit_tail, "filter and show audit records", parent=audit,
+                   config=False)
+    tail.add_argument("file", nargs="?", help="audit file (default: stdin)")
+    tail.add_argument("--follow", "-f", action="store_true")
+    tail.add_argument("--user")
+    tail.add_argument("--provider")
+    tail.add_argument("--event", help="event or prefix, e.g. credential. or reauth.required")
+    tail.add_argument("--json", action="store_true", help="print records as JSON")
+    verify = command("verify", cmd_audit_verify, "check the hash chain", parent=audit,
+                     config=False)
+    verify.add_argument("file", nargs="?", help="audit file (default: stdin)")
+    verify.add_argument("--allow-partial", action="store_true",
+                        help="accept chains that start mid-way (a tailed log)")
+
+    context = sub.add_parser("context", help="development helpers for user contexts"
+                             ).add_subparsers(metavar="CMD")
+    kg = command("keygen", cmd_context_keygen, "write a development signing key pair",
+                 parent=context, config=False)
+    kg.add_argument("--out-dir", required=True)
+    kg.add_argument("--alg", default="EdDSA", choices=["EdDSA", "ES256", "RS256"])
+    mint_p = command("mint", cmd_context_mint, "sign a user-context token (development only)",
+                     parent=context)
+    mint_p.add_argument("--user", required=True, help="the sub claim")
+    mint_p.add_argument("--key", help="private key file (JWK or PEM) from `context keygen`")
+    mint_p.add_argument("--hs256-secret-env", help="env var holding an HS256 secret")
+    mint_p.add_argument("--issuer")
+    mint_p.add_argument("--audience")
+    mint_p.add_argument("--ttl", type=int, default=300)
+    mint_p.add_argument("--ctx-kind", default="chat")
+    mint_p.add_argument("--ctx-id", default="dev")
+    mint_p.add_argument("--providers", help="comma-separated provider ids the context may use")
+    mint_p.add_argument("--jti", action="store_true", help="add a random jti")
+
+    demo = command("demo", cmd_demo, "run the end-to-end demo on the embedded default",
+                   config=False)
+    demo.add_argument("--workdir", default=".credproxy-demo")
+    demo.add_argument("--keep", action="store_true", help="keep the servers running")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Verification of the signed user context (a compact JWS) carried by each request.
+
+Every rejection is a :class:`proxy.errors.UserContextInvalid` whose ``reason`` is a short
+slug (``expired``, ``bad-signature``, ...) and whose detail says what was wrong without
+echoing the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from joserfc import jwt
+from joserfc.errors import JoseError, SecurityWarning
+from joserfc.jwk import ECKey, Key, KeySet, OctKey, OKPKey, RSAKey, import_key
+
+from proxy.audit import ContextInfo
+from proxy.errors import ConfigError, UserContextInvalid, UserContextMissing
+from proxy.secret import Secret
+from proxy.settings import IdentitySettings, resolve_secret
+
+# Algorithm name prefix -> the only key type it may be verified with.
+_KEY_TYPES: dict[str, type[Key]] = {"Ed": OKPKey, "ES": ECKey, "RS": RSAKey, "PS": RSAKey,
+                                    "HS": OctKey}
+_REQUIRED = ("iss", "aud", "sub", "exp", "iat")
+
+# RFC 9864 deprecates the polymorphic "EdDSA" name in favour of "Ed25519", and joserfc warns
+# on it; most issuers still send "EdDSA", and an operator who lists it chose it knowingly.
+warnings.filterwarnings("ignore", message="EdDSA is deprecated", category=SecurityWarning)
+_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class UserContext:
+    """A verified user context."""
+
+    user: str
+    issuer: str
+    expires_at: float
+    context_kind: str | None = None
+    context_id: str | None = None
+    providers: frozenset[str] | None = None  # None = no restriction in the token
+    jti: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def context(self) -> ContextInfo | None:
+        if self.context_kind is None and self.context_id is None:
+            return None
+        return ContextInfo(kind=self.context_kind or "", id=self.context_id or "")
+
+    def permits(self, provider_id: str) -> bool:
+        return self.providers is None or provider_id in self.providers
+
+
+class ReplayGuard:
+    """One-time use of ``jti`` values. The memory version; Redis shares it across replicas."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._seen: dict[str, float] = {}
+        self._clock = clock
+
+    async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
+        now = self._clock()
+        if len(self._seen) > _CACHE_SIZE:
+            self._seen = {k: v for k, v in self._seen.items() if v > now}
+        key = f"{issuer}\x00{jti}"
+        if key in self._seen and self._seen[key] > now:
+            return False
+        self._seen[key] = expires_at
+        return True
+
+
+class KeySource:
+    """The verification keys: a static set, or a JWKS URL refreshed on unknown ``kid``."""
+
+    def __init__(self, keys: KeySet | None, *, jwks_url: str | None = None,
+                 http: httpx2.AsyncClient | None = None, min_refetch: float = 30.0) -> None:
+        self._keys = keys
+        self._url = jwks_url
+        self._http = http
+        self._min_refetch = min_refetch
+        self._fetched_at = 0.0
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, s: IdentitySettings, http: httpx2.AsyncClient | None = None,
+                      environ: Mapping[str, str] | None = None) -> KeySource:
+        try:
+            if s.jwks_file:
+                data = json.loads(Path(s.jwks_file).expanduser().read_text(encoding="utf-8"))
+                return cls(KeySet.import_key_set(data))
+            if s.pem_file:
+                return cls(KeySet([import_key(Path(s.pem_file).expanduser().read_bytes())]))
+            if s.hs256_secret_env or s.hs256_secret_file:
+                kwargs = {} if environ is None else {"environ": environ}
+                secret = resolve_secret(env=s.hs256_secret_env, file=s.hs256_secret_file,
+                                        what="identity.hs256_secret", **kwargs)
+                if len(secret.reveal().encode()) < 32:
+                    raise ConfigError("identity.hs256_secret: must be at least 32 bytes")
+                return cls(KeySet([OctKey.import_key(secret.reveal().encode())]))
+        except (OSError, ValueError, JoseError) as exc:
+            raise ConfigError(f"identity: cannot load verification keys: {exc}") from exc
+        assert s.jwks_url is not None
+        return cls(None, jwks_url=s.jwks_url, http=http)
+
+    async def key_for(self, kid: str | None) -> Key:
+        keys = await self._current(force=False)
+        try:
+            return _pick(keys, kid)
+        except UserContextInvalid:
+            if self._url is None:
+                raise
+        # A rotated signing key: refetch the JWKS, at most every min_refetch seconds.
+        return _pick(await self._current(force=True), kid)
+
+    async def _current(self, *, force: bool) -> KeySet:
+        if self._url is None:
+            assert self._keys is not None
+            return self._keys
+        async with self._lock:
+            now = time.monotonic()
+            stale = self._keys is None or (force and now - self._fetched_at > self._min_refetch)
+            if stale:
+                self._keys = await self._fetch()
+                self._fetched_at = now
+            assert self._keys is not None
+            return self._keys
+
+    async def _fetch(self) -> KeySet:
+        assert self._url is not None and self._http is not None
+        try:
+            resp = await self._http.get(self._url)
+            resp.raise_for_status()
+            return KeySet.import_key_set(resp.json())
+        except (httpx2.HTTPError, ValueError, JoseError) as exc:
+            if self._keys is not None:
+                return self._keys
+            raise UserContextInvalid("verification keys are unavailable",
+                                     reason="keys-unavailable") from exc
+
+
+def _pick(keys: KeySet, kid: str | None) -> Key:
+    if kid is None:
+        if len(keys.keys) == 1:
+            return keys.keys[0]
+        raise UserContextInvalid("token has no kid and several keys are configured",
+                                 reason="unknown-kid")
+    for key in keys.keys:
+        if key.kid == kid:
+            return key
+    raise UserContextInvalid("token kid does not name a configured key", reason="unknown-kid")
+
+
+class IdentityVerifier:
+    """Verifies user-context tokens per the settings. Thread-compatible, async."""
+
+    def __init__(self, settings: IdentitySettings, keys: KeySource, *,
+                 replay: ReplayGuard | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._s = settings
+        self._keys = keys
+        self._replay = replay or ReplayGuard(clock)
+        self._clock = clock
+        # Verified tokens keyed by a hash of the token; expiry is re-checked on every hit.
+        self._cache: OrderedDict[bytes, UserContext] = OrderedDict()
+
+    @property
+    def header(self) -> str:
+        return self._s.header
+
+    async def verify(self, token: Secret | None) -> UserContext:
+        if token is None or not token.reveal().strip():
+            raise UserContextMissing("this destination needs a user context "
+                                     f"({self._s.header} header or Proxy-Authorization)",
+                                     reason="missing")
+        raw = token.reveal().strip()
+        if len(raw) > self._s.max_token_bytes:
+            raise UserContextInvalid(f"user context is larger than {self._s.max_token_bytes} "
+                                     "bytes", reason="oversized")
+        now = self._clock()
+        digest = hashlib.sha256(raw.encode()).digest()
+        cached = self._cache.get(digest)
+        if cached is not None and not self._s.one_time_jti:
+            self._check_time(cached.expires_at, None, now)
+            self._cache.move_to_end(digest)
+            return cached
+        ctx = await self._verify(raw, now)
+        if self._s.one_time_jti:
+            assert ctx.jti is not None
+            if not await self._replay.first_use(ctx.issuer, ctx.jti, ctx.expires_at):
+                raise UserContextInvalid("user context was already used (jti replayed)",
+                                         reason="replayed")
+        else:
+            self._cache[digest] = ctx
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return ctx
+
+    async def _verify(self, raw: str, now: float) -> UserContext:
+        header = _parse_header(raw)
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg.lower() == "none":
+            raise UserContextInvalid("unsigned tokens (alg none) are not accepted",
+                                     reason="alg-not-allowed")
+        if alg not in self._s.algorithms:
+            raise UserContextInvalid(f"algorithm {alg} is not allowed", reason="alg-not-allowed")
+        typ = header.get("typ")
+        if self._s.typ is not None and (not isinstance(typ, str) or
+                                        _media(typ) != _media(self._s.typ)):
+            raise UserContextInvalid(f"typ must be {self._s.typ}", reason="wrong-typ")
+        if "crit" in header:
+            raise UserContextInvalid("critical header parameters are not supported",
+                                     reason="malformed")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise UserContextInvalid("kid must be a string", reason="malformed")
+        key = await self._keys.key_for(kid)
+        expected = _KEY_TYPES[alg[:2]]
+        if not isinstance(key, expected):
+            # e.g. HS256 "signed" with an RSA public key: algorithm confusion (RFC 8725 2.1).
+            raise UserContextInvalid(f"algorithm {alg} does not match the key type",
+                                     reason="alg-key-mismatch")
+        try:
+            token = jwt.decode(raw, key, algorithms=[alg])
+        except JoseError as exc:
+            reason = "bad-signature" if exc.error in {"bad_signature"} else "malformed"
+            raise UserContextInvalid(f"signature verification failed ({exc.error})",
+                                     reason=reason) from None
+        return self._claims(token.claims, now)
+
+    def _claims(self, claims: Mapping[str, Any], now: float) -> UserContext:
+        s = self._s
+        missing = [c for c in _REQUIRED if claims.get(c) in (None, "")]
+        if s.one_time_jti and not claims.get("jti"):
+            missing.append("jti")
+        if missing:
+            raise UserContextInvalid(f"missing claims: {', '.join(missing)}",
+                                     reason="missing-claim")
+        exp, iat, nbf = claims["exp"], claims["iat"], claims.get("nbf")
+        for name, value in (("exp", exp), ("iat", iat), ("nbf", nbf)):
+            if value is not None and (isinstance(value, bool) or
+                                      not isinstance(value, int | float)):
+                raise UserContextInvalid(f"{name} must be a number", reason="malformed")
+        if claims["iss"] != s.issuer:
+            raise UserContextInvalid("issuer is not the configured one", reason="wrong-issuer")
+        aud = claims["aud"]
+        auds = [aud] if isinstance(aud, str) else aud
+        if not isinstance(auds, list) or s.audience not in auds:
+            raise UserContextInvalid("audience does not include this proxy",
+                                     reason="wrong-audience")
+        self._check_time(float(exp), float(nbf) if nbf is not None else None, now)
+        if iat > now + s.leeway:
+            raise UserContextInvalid("issued in the future", reason="not-yet-valid")
+        if exp - iat > s.max_lifetime:
+            raise UserContextInvalid(f"lifetime exceeds {s.max_lifetime} seconds",
+                                     reason="lifetime-too-long")
+        sub = claims["sub"]
+        if not isinstance(sub, str) or len(sub) > 256:
+            raise UserContextInvalid("sub must be a string of at most 256 chars",
+                                     reason="malformed")
+        ctx = claims.get("ctx") or {}
+        if not isinstance(ctx, dict) or not all(
+            isinstance(ctx.get(k), str | None) for k in ("kind", "id")
+        ):
+            raise UserContextInvalid("ctx must be an object with string kind and id",
+                                     reason="malformed")
+        providers = claims.get("providers")
+        if providers is not None and not (isinstance(providers, list) and
+                                          all(isinstance(p, str) for p in providers)):
+            raise UserContextInvalid("providers must be a list of strings", reason="malformed")
+        jti = claims.get("jti")
+        return UserContext(
+            user=sub,
+            issuer=claims["iss"],
+            expires_at=float(exp),
+            context_kind=ctx.get("kind"),
+            context_id=ctx.get("id"),
+            providers=frozenset(providers) if providers is not None else None,
+            jti=jti if isinstance(jti, str) else None,
+            claims=dict(claims),
+        )
+
+    def _check_time(self, exp: float, nbf: float | None, now: float) -> None:
+        if exp + self._s.leeway < now:
+            raise UserContextInvalid("user context has expired", reason="expired")
+        if nbf is not None and nbf > now + self._s.leeway:
+            raise UserContextInvalid("user context is not valid yet", reason="not-yet-valid")
+
+
+def _media(typ: str) -> str:
+    # RFC 7515 4.1.9: "application/" may be omitted and media types compare case-insensitively.
+    return typ.lower().removeprefix("application/")
+
+
+def _parse_header(raw: str) -> dict[str, Any]:
+    parts = raw.split(".")
+    if len(parts) != 3 or not all(parts[:2]):
+        raise UserContextInvalid("not a compact JWS (header.payload.signature)",
+                                 reason="malformed")
+    try:
+        padded = parts[0] + "=" * (-len(parts[0]) % 4)
+        header = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except (ValueError, binascii.Error, UnicodeError):
+        raise UserContextInvalid("JWS header is not base64url JSON", reason="malformed") from None
+    if not isinstance(header, dict):
+        raise UserContextInvalid("JWS header is not a JSON object", reason="malformed")
+    return header
+
+
+def context_from_proxy_authorization(value: str) -> Secret | None:
+    """Extract the JWS from ``Proxy-Authorization: Bearer <jws>`` or ``Basic`` (JWS as the
+    password, so ``HTTPS_PROXY=http://ctx:<jws>@host:port`` works)."""
+    scheme, _, rest = value.strip().partition(" ")
+    rest = rest.strip()
+    if scheme.lower() == "bearer" and rest:
+        return Secret(rest)
+    if scheme.lower() == "basic" and rest:
+        try:
+            decoded = base64.b64decode(rest, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise UserContextInvalid("Proxy-Authorization Basic is not valid base64",
+                                     reason="malformed") from None
+        _, sep, password = decoded.partition(":")
+        if sep and password:
+            return Secret(password)
+    raise UserContextInvalid("Proxy-Authorization must be Bearer <jws> or Basic with the JWS "
+                             "as password", reason="malformed")

@@ -1,0 +1,314 @@
+"""Configuration: the YAML file users write, validated into typed settings.
+
+Unknown keys and bad values are :class:`proxy.errors.ConfigError` naming the key
+(``providers[0].hosts[1]: ...``). Secrets are never inline: ``*_env`` names an environment
+variable, ``*_file`` a file; they are resolved by :func:`resolve_secret` when used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from proxy.errors import ConfigError
+from proxy.secret import Secret
+
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_SAFE_ALGS = {"EdDSA", "Ed25519", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256",
+              "PS384", "PS512", "HS256", "HS384", "HS512"}
+_SYMMETRIC_ALGS = {"HS256", "HS384", "HS512"}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+def _address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT")
+    return value
+
+
+class IdentitySettings(_Model):
+    header: str = "X-User-Context"
+    issuer: str
+    audience: str
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    pem_file: str | None = None
+    hs256_secret_env: str | None = None
+    hs256_secret_file: str | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["EdDSA", "ES256", "RS256"])
+    typ: str | None = "user-context+jwt"  # null accepts any typ (not recommended)
+    max_lifetime: Annotated[int, Field(gt=0, le=86400)] = 900
+    leeway: Annotated[int, Field(ge=0, le=300)] = 30
+    one_time_jti: bool = False  # require a jti and accept each token once
+    max_token_bytes: Annotated[int, Field(ge=256, le=65536)] = 8192
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9-]+", v) or v.lower() in {"authorization", "host"}:
+            raise ValueError("must be a header name other than Authorization/Host")
+        return v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must list at least one algorithm")
+        for alg in v:
+            if alg.lower() == "none":
+                raise ValueError("'none' is never allowed")
+            if alg not in _SAFE_ALGS:
+                raise ValueError(f"unsupported algorithm {alg!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Self:
+        sources = [s for s in ("jwks_file", "jwks_url", "pem_file", "hs256_secret_env",
+                               "hs256_secret_file") if getattr(self, s)]
+        if len(sources) != 1:
+            raise ValueError("set exactly one of jwks_file, jwks_url, pem_file, "
+                             "hs256_secret_env, hs256_secret_file")
+        symmetric = sources[0].startswith("hs256")
+        # Mixing key kinds enables algorithm-confusion attacks (RFC 8725 section 2.1).
+        wrong = [a for a in self.algorithms if (a in _SYMMETRIC_ALGS) != symmetric]
+        if wrong:
+            kind = "an HS256 secret" if symmetric else "asymmetric keys"
+            raise ValueError(f"algorithms {wrong} cannot be used with {kind}")
+        if self.jwks_url and not self.jwks_url.startswith("https://"):
+            raise ValueError("jwks_url must be https")
+        return self
+
+
+class VaultSettings(_Model):
+    backend: Literal["local", "azure"] = "local"
+    path: str = "~/.credproxy/vault.db"
+    key_env: str | None = "CREDPROXY_VAULT_KEY"
+    key_file: str | None = None
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _backend(self) -> Self:
+        if self.backend == "azure":
+            raise ValueError("backend 'azure' is not available in this release")
+        return self
+
+
+class CoordinationSettings(_Model):
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    url_env: str | None = None
+    password_env: str | None = None
+    key_prefix: str = "credproxy:"
+
+    @model_validator(mode="after")
+    def _backend(self) -> Self:
+        if self.backend == "redis":
+            raise ValueError("backend 'redis' is not available in this release")
+        return self
+
+
+class AuditSettings(_Model):
+    sink: str = "stdout"
+    instance: str | None = None  # default: hostname + a random suffix per process
+
+
+class InjectSettings(_Model):
+    header: str = "Authorization"
+    format: str = "Bearer {access_token}"
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        try:
+            v.format(access_token="x", token_type="Bearer")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError("may use only {access_token} and {token_type}") from exc
+        if "{access_token}" not in v:
+            raise ValueError("must contain {access_token}")
+        return v
+
+
+class ProviderSettings(_Model):
+    id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+    hosts: Annotated[list[str], Field(min_length=1)]
+    authorize_url: str | None = None
+    token_url: str
+    revocation_url: str | None = None
+    client_id: str
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] = (
+        "client_secret_basic"
+    )
+    scopes: list[str] = Field(default_factory=list)
+    refresh_skew: Annotated[int, Field(ge=0, le=3600)] = 60
+    inject: InjectSettings = Field(default_factory=InjectSettings)
+    methods: list[str] | None = None  # allowlist of HTTP methods; null = all
+    allow_http: bool = False  # plain-http upstreams, for local tests only
+    connect_url: str | None = None  # where users re-authorize; default <public_url>/connect/<id>
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        return [validate_host_pattern(h) for h in v]
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [m.upper() for m in v]
+
+    @model_validator(mode="after")
+    def _urls(self) -> Self:
+        for name in ("token_url", "authorize_url", "revocation_url"):
+            url = getattr(self, name)
+            if url and not (url.startswith("https://") or (self.allow_http and
+                                                           url.startswith("http://"))):
+                raise ValueError(f"{name} must be an https URL")
+        if self.client_secret_env and self.client_secret_file:
+            raise ValueError("set only one of client_secret_env, client_secret_file")
+        if self.token_endpoint_auth_method != "none" and not (
+            self.client_secret_env or self.client_secret_file
+        ):
+            raise ValueError("client_secret_env or client_secret_file is required "
+                             "(or token_endpoint_auth_method: none)")
+        return self
+
+
+class RefreshSettings(_Model):
+    attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    backoff: Annotated[float, Field(ge=0, le=30)] = 0.25  # seconds, doubled each retry
+    timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
+
+
+class Settings(_Model):
+    listen: str = "127.0.0.1:8080"
+    admin: str = "127.0.0.1:9090"
+    public_url: str | None = None
+    ca_dir: str = "~/.credproxy/ca"
+    upstream_ca_file: str | None = None
+    unrouted: Literal["passthrough", "deny", "tunnel"] = "passthrough"
+    stream_large_bodies: str = "1m"
+    identity: IdentitySettings
+    vault: VaultSettings = Field(default_factory=VaultSettings)
+    coordination: CoordinationSettings = Field(default_factory=CoordinationSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    refresh: RefreshSettings = Field(default_factory=RefreshSettings)
+    providers: list[ProviderSettings] = Field(default_factory=list)
+
+    _addr = field_validator("listen", "admin")(classmethod(lambda cls, v: _address(v)))
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        ids = [p.id for p in self.providers]
+        dupes = {i for i in ids if ids.count(i) > 1}
+        if dupes:
+            raise ValueError(f"duplicate provider ids: {sorted(dupes)}")
+        seen: dict[str, str] = {}
+        for p in self.providers:
+            for h in p.hosts:
+                if h in seen:
+                    raise ValueError(f"host {h!r} is listed by providers {seen[h]!r} and {p.id!r}")
+                seen[h] = p.id
+        return self
+
+    @property
+    def connect_base(self) -> str:
+        return (self.public_url or f"http://{self.admin}").rstrip("/")
+
+    def connect_url(self, provider: ProviderSettings) -> str:
+        return provider.connect_url or f"{self.connect_base}/connect/{provider.id}"
+
+    def provider(self, provider_id: str) -> ProviderSettings:
+        for p in self.providers:
+            if p.id == provider_id:
+                return p
+        raise ConfigError(f"providers: no provider with id {provider_id!r}")
+
+
+def validate_host_pattern(pattern: str) -> str:
+    """Normalise a provider host entry: ``name``, ``name:port``, ``*.suffix`` or an IP."""
+    raw = pattern.strip().lower()
+    host, port = raw, None
+    if raw.startswith("["):
+        end = raw.find("]")
+        host, rest = raw[1:end], raw[end + 1:]
+        if rest:
+            port = rest.removeprefix(":")
+    elif raw.count(":") == 1:
+        host, port = raw.split(":")
+    if port is not None and (not port.isdigit() or not 0 < int(port) < 65536):
+        raise ValueError(f"{pattern!r}: bad port")
+    if host.endswith("."):
+        host = host[:-1]
+    try:
+        ip = ipaddress.ip_address(host)
+        host = f"[{ip}]" if ip.version == 6 else str(ip)
+    except ValueError:
+        labels = host.removeprefix("*.").split(".")
+        if not all(_HOST_LABEL.match(label) for label in labels):
+            raise ValueError(f"{pattern!r}: not a host name, IP or *.suffix") from None
+        if host.startswith("*.") and len(labels) < 2:
+            raise ValueError(
+                f"{pattern!r}: a wildcard needs a suffix of two labels or more") from None
+    return f"{host}:{port}" if port else host
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Read and validate a YAML config file."""
+    p = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    return parse_settings(data, source=str(p))
+
+
+def parse_settings(data: Any, *, source: str = "config") -> Settings:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    key = ""
+    for part in error["loc"]:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{key or '(top level)'}: {msg}"
+
+
+def resolve_secret(*, env: str | None, file: str | None, what: str,
+                   environ: Mapping[str, str] = os.environ) -> Secret:
+    """Read a secret named by ``*_env`` or ``*_file``; errors name the source, never the value."""
+    if env:
+        value = environ.get(env)
+        if not value:
+            raise ConfigError(f"{what}: environment variable {env} is not set")
+        return Secret(value)
+    if file:
+        try:
+            value = Path(file).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot read {file}: {exc.strerror}") from exc
+        if not value:
+            raise ConfigError(f"{what}: {file} is empty")
+        return Secret(value)
+    raise ConfigError(f"{what}: no secret configured")

@@ -1,0 +1,186 @@
+"""The per-request decision: verify the user, route, get the user's token, audit.
+
+The mitmproxy addon turns a flow into an :class:`Outbound`, calls :meth:`Sidecar.decide`
+and applies the result. Every refusal is a :class:`proxy.errors.ProxyRefusal`; nothing is
+forwarded when one is raised.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.audit import AuditLog, RequestInfo, TokenSource
+from proxy.errors import (
+    AuditUnavailable,
+    MisdirectedRequest,
+    ProviderNotPermitted,
+    ProxyRefusal,
+    ReauthRequired,
+    UnroutedDenied,
+    UserContextInvalid,
+    UserContextMissing,
+)
+from proxy.identity import IdentityVerifier, UserContext
+from proxy.routes import Destination, Router, host_agrees, normalize_host
+from proxy.secret import Secret
+from proxy.settings import ProviderSettings, Settings
+from proxy.tokens import TokenBroker
+from proxy.tokenset import TokenSet
+
+_INVALID_TOKEN = re.compile(r'error\s*=\s*"?invalid_token"?', re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """What the proxy knows about one request, independent of mitmproxy."""
+
+    id: str
+    method: str
+    destination: Destination
+    host_header: str | None
+    path: str
+    sni: str | None = None
+    context_token: Secret | None = None  # per-request header or per-connection credential
+    context_error: UserContextInvalid | None = None  # e.g. a duplicated header
+
+    def audit_request(self) -> RequestInfo:
+        d = self.destination
+        host = d.host if d.default_port else f"{d.host}:{d.port}"
+        return RequestInfo(id=self.id, method=self.method, host=host, path=self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """Unrouted: forward unchanged (the user-context token is already stripped)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    """Set ``header`` to ``value`` (replacing any client value) and forward."""
+
+    header: str
+    value: Secret
+    provider: ProviderSettings
+    user: UserContext
+    tokens: TokenSet
+
+
+class Sidecar:
+    def __init__(self, settings: Settings, verifier: IdentityVerifier, router: Router,
+                 broker: TokenBroker, audit: AuditLog) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.router = router
+        self.broker = broker
+        self.audit = audit
+
+    async def decide(self, req: Outbound) -> Passthrough | Injection:
+        dest = req.destination
+        provider = self.router.match(dest)
+        misdirected = not host_agrees(dest, req.host_header) or not _sni_agrees(dest, req.sni)
+        if provider is None:
+            if misdirected:
+                # mitmproxy connects to the Host header's host: a mismatch would send the
+                # request somewhere other than where the client's TLS/CONNECT pointed.
+                raise MisdirectedRequest("the Host header does not match the destination",
+                                         reason="host_mismatch")
+            if self.settings.unrouted == "deny":
+                raise UnroutedDenied(f"{dest} is not a configured provider",
+                                     reason="unrouted")
+            return Passthrough()
+        user: UserContext | None = None
+        try:
+            if misdirected:
+                raise MisdirectedRequest("the Host header (or SNI) does not match the "
+                                         f"destination {dest}; no credential was sent",
+                                         reason="host_mismatch")
+            if not dest.tls and not provider.allow_http:
+                raise ProviderNotPermitted(f"{provider.id} is only reachable over TLS",
+                                           reason="insecure_transport")
+            if req.context_error is not None:
+                raise req.context_error
+            user = await self.verifier.verify(req.context_token)
+            return await self._inject(req, provider, user)
+        except ProxyRefusal as refusal:
+            if not isinstance(refusal, AuditUnavailable):
+                self._audit_refusal(req, provider, user, refusal)
+            raise
+
+    async def _inject(self, req: Outbound, provider: ProviderSettings,
+                      user: UserContext) -> Injection:
+        if not user.permits(provider.id):
+            raise ProviderNotPermitted(f"this user context may not use {provider.id}",
+                                       reason="context_excludes_provider")
+        if provider.methods is not None and req.method.upper() not in provider.methods:
+            raise ProviderNotPermitted(f"method {req.method} is not allowed for {provider.id}",
+                                       reason="method_not_allowed")
+
+        async def refreshed(tokens: TokenSet) -> None:
+            self._record("credential.refreshed", req, provider, user, outcome="refreshed",
+                         token=tokens.access_token, token_source="refresh")
+
+        issued = await self.broker.get(user.user, provider, on_refreshed=refreshed)
+        tokens = issued.tokens
+        value = provider.inject.format.format(access_token=tokens.access_token.reveal(),
+                                              token_type=tokens.token_type)
+        # Audit before the credential is used: if the record cannot be written, nothing is
+        # injected (AuditUnavailable propagates to the agent).
+        self._record("credential.injected", req, provider, user, outcome="injected",
+                     token=tokens.access_token, token_source=issued.source)
+        return Injection(provider.inject.header, Secret(value), provider, user, tokens)
+
+    async def upstream_response(self, req: Outbound, injection: Injection, status: int,
+                                headers: Mapping[str, str]) -> ReauthRequired | None:
+        """Decide on the upstream's answer to a credentialed request. An upstream 401 (or
+        ``error="invalid_token"``) means the grant is dead: mark it, audit, and tell the
+        agent to re-authorize. There is never a retry with another credential."""
+        challenge = headers.get("WWW-Authenticate", "")
+        if status != 401 and not _INVALID_TOKEN.search(challenge):
+            return None
+        provider, user = injection.provider, injection.user
+        await self.broker.mark_reauth(user.user, provider, "revoked_upstream")
+        self._record("reauth.required", req, provider, user, outcome="denied",
+                     reason="revoked_upstream", upstream_status=status,
+                     token=injection.tokens.access_token, token_source=None)
+        return self.broker.reauth(provider, "revoked_upstream",
+                                  f"{provider.id} rejected the user's token "
+                                  f"(HTTP {status}); the user must re-authorize")
+
+    def _audit_refusal(self, req: Outbound, provider: ProviderSettings,
+                       user: UserContext | None, refusal: ProxyRefusal) -> None:
+        if isinstance(refusal, UserContextMissing):
+            event = "identity.rejected"
+        elif isinstance(refusal, ReauthRequired):
+            event = "reauth.required"
+        else:
+            event = "credential.denied"
+        self._record(event, req, provider, user, outcome="denied", reason=refusal.reason)
+
+    def _record(self, event: str, req: Outbound, provider: ProviderSettings,
+                user: UserContext | None, *, outcome: str, reason: str | None = None,
+                upstream_status: int | None = None, token: Secret | None = None,
+                token_source: TokenSource | None = None) -> dict[str, Any]:
+        return self.audit.record(
+            event,
+            user=user.user if user else None,
+            provider=provider.id,
+            context=user.context() if user else None,
+            request=req.audit_request(),
+            outcome=outcome,
+            reason=reason,
+            upstream_status=upstream_status,
+            token=token,
+            token_source=token_source,
+        )
+
+
+def _sni_agrees(dest: Destination, sni: str | None) -> bool:
+    if not dest.tls or sni is None:
+        return True
+    try:
+        return normalize_host(sni) == dest.host
+    except ValueError:
+        return False
