@@ -550,12 +550,12 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
         if request.args.get("deny") == "1":
             return server.create_authorization_response(grant=grant, grant_user=None)
         if not user:
-            error = InvalidRequestError(
+            missing = InvalidRequestError(
                 "Missing 'login_hint' (this test server has no login page)",
                 redirect_uri=grant.redirect_uri,
                 state=request.args.get("state"),
             )
-            return server.handle_error_response(request, error)
+            return server.handle_error_response(request, missing)
         return server.create_authorization_response(grant=grant, grant_user=user)
 
     @app.post("/token")

@@ -186,7 +186,8 @@ def create_app(
             return _json(
                 {"error": "insufficient_scope", "scope": required_scope},
                 403,
-                {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{required_scope}"'},
+                {"WWW-Authenticate": f'Bearer error="insufficient_scope", '
+                                     f'scope="{required_scope}"'},
             )
         user = str(info.get("sub", ""))
         matters = set(users.get(user, []))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import ssl
 import sys
 import time
 from collections.abc import Mapping
@@ -68,6 +69,9 @@ class Stack:
     def proxy_url(self) -> str:
         return f"http://{self.config['listen']}"
 
+    def mitm_tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.mitm_ca))
+
     @property
     def mitm_ca(self) -> Path:
         return Path(self.config["ca_dir"]) / "mitmproxy-ca-cert.pem"
@@ -121,8 +125,48 @@ class Stack:
             check=True, capture_output=True, timeout=60,
         )
 
+    def docs_saw(self, marker: str) -> bool:
+        """Whether the document API logged a request whose path contains ``marker``."""
+        return marker in self.docs.stderr_text()
+
+    def vault_put(self, user: str, token_response: Mapping[str, Any]) -> None:
+        """Import a token set directly through the vault API (fast; for bulk test set-up)."""
+        import asyncio
+
+        from proxy.tokenset import TokenSet
+        from proxy.vault.base import Grant
+        from proxy.vault.keys import load_key
+        from proxy.vault.local import LocalVault
+
+        async def put() -> None:
+            key = load_key(key_env="CREDPROXY_VAULT_KEY", key_file=None, environ=self.env)
+            vault = LocalVault.open(self.config["vault"]["path"], key)
+            try:
+                tokens = TokenSet.from_response(token_response, now=time.time())
+                await vault.put(Grant(user=user, provider=PROVIDER, tokens=tokens))
+            finally:
+                await vault.close()
+
+        asyncio.run(put())
+
+    def vault_get(self, user: str) -> Any:
+        import asyncio
+
+        from proxy.vault.keys import load_key
+        from proxy.vault.local import LocalVault
+
+        async def get() -> Any:
+            key = load_key(key_env="CREDPROXY_VAULT_KEY", key_file=None, environ=self.env)
+            vault = LocalVault.open(self.config["vault"]["path"], key)
+            try:
+                return await vault.get(user, PROVIDER)
+            finally:
+                await vault.close()
+
+        return asyncio.run(get())
+
     def admin(self) -> httpx2.Client:
-        return httpx2.Client(base_url=self.auth.url, verify=str(self.ca.cert_path), timeout=10)
+        return httpx2.Client(base_url=self.auth.url, verify=ssl.create_default_context(cafile=str(self.ca.cert_path)), timeout=10)
 
     def stats(self) -> dict[str, Any]:
         with self.admin() as c:
@@ -132,7 +176,7 @@ class Stack:
     def client(self, *, context: str | None = None, **kw: Any) -> httpx2.Client:
         """An agent's HTTP client: through the proxy, trusting the proxy's CA."""
         headers = {"X-User-Context": context} if context else {}
-        return httpx2.Client(proxy=self.proxy_url, verify=str(self.mitm_ca), headers=headers,
+        return httpx2.Client(proxy=self.proxy_url, verify=ssl.create_default_context(cafile=str(self.mitm_ca)), headers=headers,
                              timeout=kw.pop("timeout", 30), trust_env=False, **kw)
 
     def issued_tokens(self) -> list[str]:
@@ -159,7 +203,8 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
     ]
     (workdir / "clients.json").write_text(json.dumps(clients))
     (workdir / "permissions.json").write_text(json.dumps(DOCUMENTS))
-    tls = ["--cert", str(cert), "--key", str(key), "--no-request-log"]
+    # Request logs (paths only, scrubbed) let tests assert what did or did not reach a server.
+    tls = ["--cert", str(cert), "--key", str(key)]
     auth = start_server(
         ["-m", "devstack.authserver", "--clients", str(workdir / "clients.json"), "--admin",
          "--access-ttl", str(access_ttl), *tls, "--ready-file", str(workdir / "auth.ready")],

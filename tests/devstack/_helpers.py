@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx2
 
-from devstack.stack import DevStack
+from ._stack import DevStack
 
 # Nothing listens here: the client never follows the final redirect, it reads the Location.
 REDIRECT_URI = "http://127.0.0.1:9/callback"

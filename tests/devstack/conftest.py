@@ -1,4 +1,4 @@
-"""Fixtures: one real development stack (separate processes, real TLS) shared by the devstack tests."""
+"""Fixtures: one real development stack (separate processes, real TLS) for these tests."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from collections.abc import Iterator
 import httpx2
 import pytest
 
-from devstack.stack import DevStack, start_stack
-
 from ._helpers import REDIRECT_URI
+from ._stack import DevStack, start_stack
 
 
 @pytest.fixture(scope="session")
