@@ -113,6 +113,11 @@ class CredentialInjector:
             # Replace, never merge: setting a header drops every client-sent variant of it.
             req.headers[decision.header] = decision.value.reveal()
             flow.metadata[_META] = (outbound, decision)
+            canonical = outbound.destination.host.strip("[]")
+            if req.host != canonical:
+                # "Docs.Example.com." and "docs.example.com" are one host; connect (and send
+                # SNI, which must not end in a dot) using the canonical spelling.
+                req.host = canonical
 
     def responseheaders(self, flow: http.HTTPFlow) -> asyncio.Task[None] | None:
         if flow.metadata.get(_META) is None or flow.response is None:

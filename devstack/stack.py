@@ -91,6 +91,25 @@ class Stack:
         self.config.update(overrides)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
+    def echo_server(self, *, tls: bool) -> Running:
+        """An extra document API on a port no provider lists: an *unrouted* upstream that
+        reports what arrived (started on first use)."""
+        name = f"echo-{'https' if tls else 'http'}"
+        for r in self.extra:
+            if r.name == name:
+                return r
+        args = ["-m", "devstack.docapi", "--introspect-url", f"{self.auth.url}/introspect",
+                "--client-id", RESOURCE_ID, "--client-secret-env", "DOCAPI_SECRET",
+                "--permissions", str(self.workdir / "permissions.json"),
+                "--ready-file", str(self.workdir / f"{name}.ready")]
+        if tls:
+            args += ["--cert", str(self.workdir / "pki" / "server.pem"),
+                     "--key", str(self.workdir / "pki" / "server.key")]
+        r = start_server(args, self.workdir / f"{name}.ready", env={"DOCAPI_SECRET": "unused"},
+                         log_dir=self.workdir / "logs", name=name)
+        self.extra.append(r)
+        return r
+
     def close(self) -> None:
         for r in [self.proxy, *self.extra, self.docs, self.auth]:
             if r is not None:

@@ -124,8 +124,8 @@ def test_upload_streams(stack: DevStack, http: httpx2.Client) -> None:
 
 
 async def test_many_concurrent_keepalive_connections(stack: DevStack) -> None:
-    """Hundreds of simultaneous TLS connections, each reused for several requests."""
-    conns = 400
+    """A thousand simultaneous TLS connections, each reused for a second request."""
+    conns = 1000
     tokens = [grant(stack, u)["access_token"] for u in ("alice", "bob")]
     limits = httpx2.Limits(max_connections=conns, max_keepalive_connections=conns)
     async with httpx2.AsyncClient(verify=stack.ssl_context(), limits=limits,
