@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import resource
 import socket
 import ssl
 import sys
@@ -190,8 +191,21 @@ def configure_logging(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def raise_fd_limit(want: int = 65536) -> int:
+    """Raise the soft open-files limit towards the hard one (a common default soft limit of
+    1024 is less than a thousand keep-alive connections need). Returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return int(soft)
+
+
 def serve(app: Any, args: argparse.Namespace, name: str) -> None:
     """Bind, announce readiness (ready file + one stdout line), then serve until killed."""
+    raise_fd_limit()
     if bool(args.cert) != bool(args.key):
         raise SystemExit("--cert and --key must be given together")
     tls = server_tls_context(args.cert, args.key) if args.cert else None

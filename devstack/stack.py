@@ -185,7 +185,8 @@ class Stack:
         return asyncio.run(get())
 
     def admin(self) -> httpx2.Client:
-        return httpx2.Client(base_url=self.auth.url, verify=ssl.create_default_context(cafile=str(self.ca.cert_path)), timeout=10)
+        tls = ssl.create_default_context(cafile=str(self.ca.cert_path))
+        return httpx2.Client(base_url=self.auth.url, verify=tls, timeout=10)
 
     def stats(self) -> dict[str, Any]:
         with self.admin() as c:
@@ -195,7 +196,7 @@ class Stack:
     def client(self, *, context: str | None = None, **kw: Any) -> httpx2.Client:
         """An agent's HTTP client: through the proxy, trusting the proxy's CA."""
         headers = {"X-User-Context": context} if context else {}
-        return httpx2.Client(proxy=self.proxy_url, verify=ssl.create_default_context(cafile=str(self.mitm_ca)), headers=headers,
+        return httpx2.Client(proxy=self.proxy_url, verify=self.mitm_tls(), headers=headers,
                              timeout=kw.pop("timeout", 30), trust_env=False, **kw)
 
     def issued_tokens(self) -> list[str]:
