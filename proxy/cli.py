@@ -57,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
     settings = _settings(args)
     ensure_ca(settings.ca_dir)
+    _raise_fd_limit()
 
     async def go() -> None:
         app = build(settings)
@@ -67,6 +68,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     asyncio.run(go())
     return EXIT_OK
+
+
+def _raise_fd_limit() -> None:
+    """Each proxied request holds two sockets; the common soft limit of 1024 open files
+    caps a proxy at ~500 concurrent requests. Raise it to the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit; not fatal
 
 
 def cmd_check(args: argparse.Namespace) -> int:
