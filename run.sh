@@ -43,7 +43,10 @@ setup() {
   # Reinstall only when the pins or the project metadata changed.
   if [ ! -f "$stamp" ] || [ constraints.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "==> installing pinned dependencies (constraints.txt)" >&2
-    .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+    # (This machine's pip config names local index folders that may not exist; pip warns
+    # about each. The filter keeps real errors visible.)
+    .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt \
+      -e ".[dev]" 2> >(grep -v "is neither a file nor a directory" >&2)
     touch "$stamp"
   fi
 }
