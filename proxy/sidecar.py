@@ -141,11 +141,18 @@ class Sidecar:
         if status != 401 and not _INVALID_TOKEN.search(challenge):
             return None
         provider, user = injection.provider, injection.user
-        await self.broker.mark_reauth(user.user, provider, "revoked_upstream")
+        marked = await self.broker.mark_reauth(user.user, provider, "revoked_upstream",
+                                               rejected=injection.tokens.access_token)
+        reason = "revoked_upstream" if marked else "token_superseded"
         self._record("reauth.required", req, provider, user, outcome="denied",
-                     reason="revoked_upstream", upstream_status=status,
+                     reason=reason, upstream_status=status,
                      token=injection.tokens.access_token, token_source=None)
-        return self.broker.reauth(provider, "revoked_upstream",
+        if not marked:
+            # The grant moved on (a concurrent refresh) while this request was in flight.
+            return self.broker.reauth(provider, reason,
+                                      f"{provider.id} rejected a token that has since been "
+                                      "replaced; the request may be retried")
+        return self.broker.reauth(provider, reason,
                                   f"{provider.id} rejected the user's token "
                                   f"(HTTP {status}); the user must re-authorize")
 

@@ -80,9 +80,28 @@ class TokenBroker:
                 await on_refreshed(refreshed.tokens)
             return Issued(refreshed.tokens, "refresh")
 
-    async def mark_reauth(self, user: str, provider: ProviderSettings, reason: str) -> None:
-        """The grant is no longer usable (upstream 401, invalid_grant): forget it everywhere."""
+    async def mark_reauth(self, user: str, provider: ProviderSettings, reason: str,
+                          *, rejected: Secret | None = None) -> bool:
+        """The grant is no longer usable (upstream 401, invalid_grant): forget it everywhere.
+
+        With ``rejected`` (the access token an upstream refused), the grant is marked only if
+        that token is still its current one: a provider may reject an access token it
+        superseded during a concurrent refresh, which says nothing about the new one.
+        Returns whether the grant was marked.
+        """
         key = (user, provider.id)
+        if rejected is not None:
+            async with self._coord.lock(user, provider.id):
+                current = self._cache.get(key) or self._unsaved.get(key)
+                if current is None:
+                    try:
+                        current = await self._vault.get(user, provider.id)
+                    except VaultError as exc:
+                        raise CredentialStoreUnavailable(
+                            "vault unavailable while marking re-auth",
+                            reason="vault_unavailable") from exc
+                if current is not None and current.tokens.access_token != rejected:
+                    return False
         self._cache.pop(key, None)
         self._unsaved.pop(key, None)
         try:
@@ -92,6 +111,7 @@ class TokenBroker:
                                              reason="vault_unavailable") from exc
         finally:
             await self._coord.publish_invalidation(user, provider.id)
+        return True
 
     def invalidate(self, user: str, provider_id: str) -> None:
         self._cache.pop((user, provider_id), None)

@@ -1,0 +1,115 @@
+"""TokenBroker on a real local vault: cache, re-auth marking, kept-on-failure writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.coordination import MemoryCoordinator
+from proxy.errors import CredentialStoreUnavailable, ReauthRequired, VaultUnavailable
+from proxy.refresh import Refresher
+from proxy.secret import Secret
+from proxy.settings import ProviderSettings, RefreshSettings
+from proxy.tokens import TokenBroker
+from proxy.tokenset import TokenSet
+from proxy.vault.base import Grant, GrantStatus
+from proxy.vault.local import LocalVault
+
+KEY = bytes(range(32))
+NOW = 1_800_000_000.0
+PROVIDER = ProviderSettings(id="docs", hosts=["docs.example.com"],
+                            token_url="https://login.example.com/token", client_id="c",
+                            token_endpoint_auth_method="none")
+
+
+def tokens(access: str, expires_in: float = 3600) -> TokenSet:
+    return TokenSet(access_token=Secret(access), refresh_token=Secret("rt-" + access),
+                    expires_at=NOW + expires_in)
+
+
+@pytest.fixture
+async def vault(tmp_path: Path) -> LocalVault:
+    v = LocalVault.open(tmp_path / "vault.db", KEY, clock=lambda: NOW)
+    yield v  # type: ignore[misc]
+    await v.close()
+
+
+@pytest.fixture
+async def broker(vault: LocalVault) -> TokenBroker:
+    refresher = Refresher(RefreshSettings())
+    b = TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
+                    connect_url=lambda p: f"https://admin/connect/{p.id}", clock=lambda: NOW)
+    yield b  # type: ignore[misc]
+    await refresher.aclose()
+
+
+async def test_vault_then_cache(broker: TokenBroker, vault: LocalVault) -> None:
+    await vault.put(Grant("u", "docs", tokens("a1")))
+    first = await broker.get("u", PROVIDER)
+    second = await broker.get("u", PROVIDER)
+    assert (first.source, second.source) == ("vault", "cache")
+    assert second.tokens.access_token == Secret("a1")
+
+
+async def test_no_grant_is_reauth_no_connection(broker: TokenBroker) -> None:
+    with pytest.raises(ReauthRequired) as exc:
+        await broker.get("nobody", PROVIDER)
+    assert exc.value.reason == "no_connection"
+    assert exc.value.connect_url == "https://admin/connect/docs"
+
+
+async def test_expired_without_refresh_token_marks_expired(broker: TokenBroker,
+                                                           vault: LocalVault) -> None:
+    await vault.put(Grant("u", "docs", TokenSet(Secret("a"), None, expires_at=NOW - 1)))
+    with pytest.raises(ReauthRequired, match="cannot be refreshed"):
+        await broker.get("u", PROVIDER)
+    stored = await vault.get("u", "docs")
+    assert stored is not None and stored.status is GrantStatus.REAUTH_REQUIRED
+    assert stored.reason == "expired"
+
+
+async def test_rejection_of_the_current_token_marks_the_grant(broker: TokenBroker,
+                                                              vault: LocalVault) -> None:
+    await vault.put(Grant("u", "docs", tokens("a1")))
+    await broker.get("u", PROVIDER)
+    assert await broker.mark_reauth("u", PROVIDER, "revoked_upstream", rejected=Secret("a1"))
+    with pytest.raises(ReauthRequired) as exc:
+        await broker.get("u", PROVIDER)
+    assert exc.value.reason == "revoked_upstream"
+
+
+async def test_rejection_of_a_superseded_token_leaves_the_grant(broker: TokenBroker,
+                                                                vault: LocalVault) -> None:
+    await vault.put(Grant("u", "docs", tokens("a2")))
+    await broker.get("u", PROVIDER)
+    assert not await broker.mark_reauth("u", PROVIDER, "revoked_upstream",
+                                        rejected=Secret("a1"))
+    assert (await broker.get("u", PROVIDER)).tokens.access_token == Secret("a2")
+
+
+async def test_invalidation_drops_the_cache(broker: TokenBroker, vault: LocalVault) -> None:
+    await vault.put(Grant("u", "docs", tokens("a1")))
+    await broker.get("u", PROVIDER)
+    await vault.put(Grant("u", "docs", tokens("a2")))
+    broker.invalidate("u", "docs")
+    assert (await broker.get("u", PROVIDER)).tokens.access_token == Secret("a2")
+
+
+class _Unreachable(LocalVault):
+    """A local vault whose backing store has gone away."""
+
+    async def get(self, user: str, provider: str) -> Grant | None:
+        raise VaultUnavailable("store unreachable")
+
+
+async def test_vault_outage_is_credential_store_unavailable(tmp_path: Path) -> None:
+    v = _Unreachable.open(tmp_path / "v.db", KEY)
+    refresher = Refresher(RefreshSettings())
+    b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
+                    connect_url=lambda p: "x")
+    with pytest.raises(CredentialStoreUnavailable) as exc:
+        await b.get("u", PROVIDER)
+    assert exc.value.status == 503 and "Retry-After" in exc.value.headers()
+    await refresher.aclose()
+    await v.close()
