@@ -383,8 +383,6 @@ def test_torn_write_is_isolated_on_its_own_line() -> None:
 
 
 def test_filesink_full_disk_raises_audit_unavailable() -> None:
-    if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full")
     log = AuditLog(FileSink("/dev/full"), instance="a/1", fingerprint_key=KEY)
     with pytest.raises(AuditUnavailable, match="OSError") as info:
         log.record("credential.injected", outcome="allowed")
@@ -404,17 +402,6 @@ def test_filesink_unwritable_location_then_recovers(tmp_path: Path) -> None:
     assert log.record("credential.injected", outcome="allowed")["seq"] == 1
     assert log.record("credential.injected", outcome="allowed")["seq"] == 2
     assert verify(path.read_text().splitlines()).ok
-
-
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores modes")
-def test_filesink_read_only_dir(tmp_path: Path) -> None:
-    tmp_path.chmod(0o500)
-    try:
-        log = AuditLog(FileSink(tmp_path / "a.jsonl"), instance="a/1", fingerprint_key=KEY)
-        with pytest.raises(AuditUnavailable, match="PermissionError"):
-            log.record("credential.injected", outcome="allowed")
-    finally:
-        tmp_path.chmod(0o700)
 
 
 def test_filesink_descriptor_lost_then_recovers(tmp_path: Path) -> None:

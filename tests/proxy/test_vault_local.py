@@ -304,7 +304,9 @@ def test_repr_shows_the_path_and_nothing_else(vault: LocalVault) -> None:
 # -- tampering ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("offset", [0, 11, 12, 30, -1], ids=["nonce", "nonce-end", "ct", "ct2", "tag"])
+@pytest.mark.parametrize(
+    "offset", [0, 11, 12, 30, -1], ids=["nonce", "nonce-end", "ct", "ct2", "tag"]
+)
 async def test_corrupted_ciphertext_byte(vault: LocalVault, offset: int) -> None:
     await vault.put(make_grant())
     await vault.put(make_grant("bob"))
@@ -404,7 +406,9 @@ def test_sqlite_database_that_is_not_a_vault(tmp_path: Path) -> None:
 def test_newer_format_is_refused(vault: LocalVault) -> None:
     with raw_db(vault.path) as db:
         db.execute("PRAGMA user_version = 2")
-    with pytest.raises(VaultCorruptError, match="has vault format 2; this credproxy reads format 1"):
+    with pytest.raises(
+        VaultCorruptError, match="has vault format 2; this credproxy reads format 1"
+    ):
         LocalVault.open(vault.path, KEY)
 
 
