@@ -36,6 +36,7 @@ class CredentialInjector:
     def __init__(self, app: App | None = None) -> None:
         # `credproxy run` passes a built App; under plain mitmdump it comes from the option.
         self.app = app
+        self._owns_app = False  # an App passed in is closed by whoever built it
         # Per client connection: the CONNECT authority and the Proxy-Authorization context.
         self._tunnels: dict[str, tuple[str, int]] = {}
         self._conn_context: dict[str, Secret | UserContextInvalid] = {}
@@ -51,11 +52,12 @@ class CredentialInjector:
         if "credproxy_config" in updated and self.app is None and ctx.options.credproxy_config:
             try:
                 self.app = build(load_settings(ctx.options.credproxy_config))
+                self._owns_app = True
             except CredproxyError as exc:
                 raise exceptions.OptionsError(str(exc)) from exc
 
     async def done(self) -> None:
-        if self.app is not None:
+        if self.app is not None and self._owns_app:
             await self.app.aclose()
 
     def client_disconnected(self, client: connection.Client) -> None:

@@ -142,3 +142,20 @@ def test_audit_verify_names_the_first_broken_record(stack: Stack, tmp_path: Path
     assert r.returncode == 1
     assert r.stdout.startswith("BROKEN: line")
     assert "seq 3" in r.stdout
+
+
+def test_run_stops_cleanly_on_sigterm(stack: Stack, tmp_path: Path) -> None:
+    import yaml
+
+    from devstack.procs import free_port, start_server, tcp_check
+
+    port = free_port()
+    cfg = yaml.safe_load(stack.config_path.read_text())
+    cfg["listen"] = f"127.0.0.1:{port}"
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = start_server(["-m", "proxy.cli", "run", "--config", str(path)],
+                        ready=tcp_check("127.0.0.1", port), env=stack.env, name="second",
+                        log_dir=tmp_path)
+    assert proc.close(timeout=10) == 0
+    assert "Traceback" not in proc.stderr_text()
