@@ -154,8 +154,9 @@ class CredentialInjector:
     def _answer(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> None:
         p = problem_response(refusal, request_id=flow.id)
         flow.response = http.Response.make(p.status, p.body, p.headers)
-        log.info("refused %s %s: %s (%s)", flow.request.method,
-                 flow.request.pretty_host, refusal.slug, refusal.reason)
+        cause = refusal.__cause__
+        log.info("refused %s %s: %s (%s)%s", flow.request.method, flow.request.pretty_host,
+                 refusal.slug, refusal.reason, f": {cause}" if cause is not None else "")
 
     def _take_proxy_authorization(self, flow: http.HTTPFlow
                                   ) -> Secret | UserContextInvalid | None:

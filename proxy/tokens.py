@@ -17,6 +17,7 @@ from proxy.coordination.base import Coordinator
 from proxy.errors import (
     CredentialStoreUnavailable,
     ReauthRequired,
+    VaultCorruptError,
     VaultError,
 )
 from proxy.refresh import InvalidGrant, Refresher
@@ -145,6 +146,11 @@ class TokenBroker:
             return unsaved
         try:
             grant = await self._vault.get(user, provider.id)
+        except VaultCorruptError as exc:
+            # Fail closed and say so; operators see the user and provider in the proxy log.
+            raise CredentialStoreUnavailable("the stored grant for this user cannot be "
+                                             "decrypted (corrupted or tampered)",
+                                             reason="vault_record_corrupt") from exc
         except VaultError as exc:
             raise CredentialStoreUnavailable("the credential store cannot be read",
                                              reason="vault_unavailable") from exc

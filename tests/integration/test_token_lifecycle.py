@@ -190,3 +190,26 @@ def test_token_endpoint_timeout_is_502_and_grant_stays(slow_stack: Stack, marker
     finally:
         with s.admin() as c:
             c.post("/_admin/faults", json={"token_delay": 0})
+
+
+def test_corrupted_vault_record_fails_closed_with_a_clear_error(stack: Stack,
+                                                               marker: str) -> None:
+    import sqlite3
+    from contextlib import closing
+
+    user = f"corrupt-{marker}"
+    stack.vault_put(user, stack.grant(user))
+    with closing(sqlite3.connect(stack.config["vault"]["path"])) as db, db:
+        (sealed,) = db.execute("SELECT sealed FROM grants WHERE user = ?", (user,)).fetchone()
+        flipped = bytes([sealed[20] ^ 1])
+        db.execute("UPDATE grants SET sealed = ? WHERE user = ?",
+                   (sealed[:20] + flipped + sealed[21:], user))
+    with stack.client(context=stack.context(user)) as c:
+        r = c.get(f"{stack.docs_url}/echo/{marker}")
+    assert r.status_code == 503
+    assert r.headers["X-Credproxy-Error"] == "credential-store-unavailable"
+    assert r.json()["reason"] == "vault_record_corrupt"
+    assert "Retry-After" in r.headers
+    assert not stack.docs_saw(marker)
+    assert stack.proxy is not None
+    assert user in stack.proxy.stderr_text()  # the operator learns which record
