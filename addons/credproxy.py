@@ -56,6 +56,10 @@ class CredentialInjector:
             except CredproxyError as exc:
                 raise exceptions.OptionsError(str(exc)) from exc
 
+    async def running(self) -> None:
+        if self.app is not None and self._owns_app:
+            await self.app.start()
+
     async def done(self) -> None:
         if self.app is not None and self._owns_app:
             await self.app.aclose()

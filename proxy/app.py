@@ -36,6 +36,10 @@ class App:
     refresher: Refresher
     http: httpx2.AsyncClient
 
+    async def start(self) -> None:
+        """Start background work; call once inside the running event loop."""
+        await self.coordinator.start()
+
     async def aclose(self) -> None:
         await self.refresher.aclose()
         await self.http.aclose()
@@ -78,17 +82,29 @@ def client_secrets(settings: Settings,
     return out
 
 
+def make_coordinator(settings: Settings, vault_key: bytes,
+                     environ: Mapping[str, str] = os.environ,
+                     clock: Callable[[], float] = time.time) -> Coordinator:
+    if settings.coordination.backend == "redis":
+        from proxy.coordination.redis import RedisCoordinator
+
+        return RedisCoordinator(settings.coordination,
+                                cache_key=derive_subkey(vault_key, "credproxy shared cache"),
+                                environ=environ, clock=clock)
+    return MemoryCoordinator(clock)
+
+
 def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
           clock: Callable[[], float] = time.time) -> App:
     tls = upstream_ssl_context(settings)
     secrets = client_secrets(settings, environ)
     vault, key = open_vault(settings, environ, clock)
     http = httpx2.AsyncClient(verify=tls, timeout=10.0, trust_env=False)
+    coordinator = make_coordinator(settings, key, environ, clock)
+    refresher = Refresher(settings.refresh, verify=tls, clock=clock)
     verifier = IdentityVerifier(settings.identity,
                                 KeySource.from_settings(settings.identity, http, environ),
-                                clock=clock)
-    coordinator = MemoryCoordinator()
-    refresher = Refresher(settings.refresh, verify=tls, clock=clock)
+                                replay=coordinator, clock=clock)
 
     def secret_for(p: ProviderSettings) -> Secret | None:
         return secrets[p.id]

@@ -62,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def go() -> None:
         app = build(settings)
         try:
+            await app.start()
             await serve(settings, app)
         finally:
             await app.aclose()
@@ -95,7 +96,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             print("identity keys: ok; client secrets: ok")
             await app.vault.check()
             print(f"vault ({settings.vault.backend}): ok")
-            await app.coordinator.check()
+            try:
+                await app.coordinator.check()
+            except CredproxyError as exc:
+                raise CredproxyError(f"coordination ({settings.coordination.backend}): "
+                                     f"{exc}") from exc
             print(f"coordination ({settings.coordination.backend}): ok")
         finally:
             await app.aclose()

@@ -16,6 +16,7 @@ failure to a problem response in one place (:func:`proxy.problems.problem_respon
     │   ├── AuditUnavailable              503 audit-unavailable
     │   └── InternalError                 500 internal-error (a bug: fail closed)
     ├── ConfigError                       bad configuration (names the key)
+    ├── CoordinationUnavailable           Redis unreachable or too slow (-> 503)
     └── VaultError                        local vault problems seen by operators
         ├── VaultKeyError                 wrong or missing vault key
         ├── VaultCorruptError             a record fails authentication
@@ -135,6 +136,10 @@ class InternalError(ProxyRefusal):
 
 class ConfigError(CredproxyError):
     """Configuration is invalid; the message names the offending key."""
+
+
+class CoordinationUnavailable(CredproxyError):
+    """The coordination backend (Redis) cannot be reached or answered too slowly."""
 
 
 class VaultError(CredproxyError):

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx2
 from joserfc import jwt
@@ -26,7 +26,13 @@ from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import ECKey, Key, KeySet, OctKey, OKPKey, RSAKey, import_key
 
 from proxy.audit import ContextInfo
-from proxy.errors import ConfigError, UserContextInvalid, UserContextMissing
+from proxy.errors import (
+    ConfigError,
+    CoordinationUnavailable,
+    CredentialStoreUnavailable,
+    UserContextInvalid,
+    UserContextMissing,
+)
 from proxy.secret import Secret
 from proxy.settings import IdentitySettings, resolve_secret
 
@@ -63,8 +69,12 @@ class UserContext:
         return self.providers is None or provider_id in self.providers
 
 
+class ReplayStore(Protocol):
+    async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool: ...
+
+
 class ReplayGuard:
-    """One-time use of ``jti`` values. The memory version; Redis shares it across replicas."""
+    """One-time use of ``jti`` values in this process (Redis coordination shares them)."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._seen: dict[str, float] = {}
@@ -166,7 +176,7 @@ class IdentityVerifier:
     """Verifies user-context tokens per the settings. Thread-compatible, async."""
 
     def __init__(self, settings: IdentitySettings, keys: KeySource, *,
-                 replay: ReplayGuard | None = None,
+                 replay: ReplayStore | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._s = settings
         self._keys = keys
@@ -198,7 +208,12 @@ class IdentityVerifier:
         ctx = await self._verify(raw, now)
         if self._s.one_time_jti:
             assert ctx.jti is not None
-            if not await self._replay.first_use(ctx.issuer, ctx.jti, ctx.expires_at):
+            try:
+                first = await self._replay.first_use(ctx.issuer, ctx.jti, ctx.expires_at)
+            except CoordinationUnavailable as exc:
+                raise CredentialStoreUnavailable("cannot record the one-time jti",
+                                                 reason="coordination_unavailable") from exc
+            if not first:
                 raise UserContextInvalid("user context was already used (jti replayed)",
                                          reason="replayed")
         else:

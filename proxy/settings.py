@@ -106,15 +106,33 @@ class VaultSettings(_Model):
 
 class CoordinationSettings(_Model):
     backend: Literal["memory", "redis"] = "memory"
-    url: str | None = None
-    url_env: str | None = None
+    url: str | None = None  # redis://host:6379/0 or rediss:// (TLS); never with a password
+    url_env: str | None = None  # or the whole URL (which may hold a password) from the env
+    username: str | None = None  # Redis ACL user
     password_env: str | None = None
+    password_file: str | None = None
+    ca_file: str | None = None  # CA bundle for rediss://
     key_prefix: str = "credproxy:"
+    lock_lease: Annotated[float, Field(ge=1, le=300)] = 15.0  # renewed while held
+    lock_wait: Annotated[float, Field(gt=0, le=300)] = 30.0  # max wait for another's refresh
+    op_timeout: Annotated[float, Field(gt=0, le=30)] = 1.0  # per Redis command
+    shared_cache: bool = True  # encrypted access-token cache shared by replicas
 
     @model_validator(mode="after")
     def _backend(self) -> Self:
-        if self.backend == "redis":
-            raise ValueError("backend 'redis' is not available in this release")
+        if self.backend != "redis":
+            return self
+        if bool(self.url) == bool(self.url_env):
+            raise ValueError("redis needs exactly one of url, url_env")
+        if self.url:
+            if not self.url.startswith(("redis://", "rediss://")):
+                raise ValueError("url must start with redis:// or rediss://")
+            userinfo = self.url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]
+            if ":" in userinfo:
+                raise ValueError("url must not contain a password: use password_env, "
+                                 "password_file or url_env")
+        if self.password_env and self.password_file:
+            raise ValueError("set only one of password_env, password_file")
         return self
 
 

@@ -1,12 +1,20 @@
 """The token broker: a usable access token for (user, provider), or a clear refusal.
 
-Order of lookup: memory cache -> vault -> refresh at the provider. Refresh runs under the
-coordinator's per-grant lock, re-reads the vault first (another worker may have refreshed),
-and writes a rotated refresh token to the vault *before* the new access token is used.
+Lookup order: this process's memory cache -> the coordinator's shared cache (Redis) ->
+the vault -> a refresh at the provider. In one process, concurrent requests for a grant
+wait on one asyncio lock, so they cause one vault read and at most one refresh. Across
+processes, a refresh runs only under the coordinator's lock, and only after re-reading the
+shared cache and the vault (another replica may have refreshed while this one waited). The
+rotated refresh token is written to the vault *before* the new access token is used.
+
+Without the coordinator (Redis down), tokens that are still fresh in memory or in the vault
+keep being served, but nothing is refreshed: redeeming a rotating refresh token without the
+lock could burn the grant.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -14,7 +22,9 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from proxy.coordination.base import Coordinator
+from proxy.coordination.keyed import KeyedLocks
 from proxy.errors import (
+    CoordinationUnavailable,
     CredentialStoreUnavailable,
     ReauthRequired,
     VaultCorruptError,
@@ -26,6 +36,8 @@ from proxy.settings import ProviderSettings
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant, GrantStatus, Vault
 
+log = logging.getLogger("credproxy.tokens")
+
 Source = Literal["cache", "vault", "refresh"]
 OnRefreshed = Callable[[TokenSet], Awaitable[None]]
 _CACHE_MAX = 100_000
@@ -35,6 +47,15 @@ _CACHE_MAX = 100_000
 class Issued:
     tokens: TokenSet
     source: Source
+
+
+@dataclass
+class BrokerStats:
+    """Counters for operators and benchmarks (no user ids)."""
+
+    vault_reads: int = 0
+    shared_hits: int = 0
+    refreshes: int = 0
 
 
 class TokenBroker:
@@ -54,12 +75,15 @@ class TokenBroker:
         self._client_secret = client_secret
         self._connect_url = connect_url
         self._clock = clock
+        self._local = KeyedLocks()
         self._cache: OrderedDict[tuple[str, str], Grant] = OrderedDict()
         # Tokens obtained by a refresh whose vault write failed: the old refresh token may
-        # already be burned, so these are kept until a write succeeds.
+        # already be spent, so these are kept until a write succeeds.
         self._unsaved: dict[tuple[str, str], Grant] = {}
+        self.stats = BrokerStats()
         coordinator.on_invalidation(self._on_invalidation)
 
+    # -- public ------------------------------------------------------------------------
     async def get(self, user: str, provider: ProviderSettings,
                   on_refreshed: OnRefreshed | None = None) -> Issued:
         key = (user, provider.id)
@@ -67,19 +91,15 @@ class TokenBroker:
         if fresh is not None:
             self._cache.move_to_end(key)
             return Issued(fresh.tokens, "cache")
-        async with self._coord.lock(user, provider.id):
-            # Another request may have done the work while this one waited for the lock.
+        async with self._local.hold(key):
+            # Another request in this process may have done the work meanwhile.
             fresh = self._fresh(self._cache.get(key), provider)
             if fresh is not None:
                 return Issued(fresh.tokens, "cache")
-            grant = await self._load(user, provider)
-            if self._fresh(grant, provider) is not None:
-                self._remember(grant)
-                return Issued(grant.tokens, "vault")
-            refreshed = await self._refresh(grant, provider)
-            if on_refreshed is not None:
-                await on_refreshed(refreshed.tokens)
-            return Issued(refreshed.tokens, "refresh")
+            found = await self._lookup(user, provider)
+            if found is not None:
+                return found
+            return await self._refresh_locked(user, provider, on_refreshed)
 
     async def mark_reauth(self, user: str, provider: ProviderSettings, reason: str,
                           *, rejected: Secret | None = None) -> bool:
@@ -91,28 +111,16 @@ class TokenBroker:
         Returns whether the grant was marked.
         """
         key = (user, provider.id)
-        if rejected is not None:
-            async with self._coord.lock(user, provider.id):
-                current = self._cache.get(key) or self._unsaved.get(key)
-                if current is None:
-                    try:
-                        current = await self._vault.get(user, provider.id)
-                    except VaultError as exc:
-                        raise CredentialStoreUnavailable(
-                            "vault unavailable while marking re-auth",
-                            reason="vault_unavailable") from exc
-                if current is not None and current.tokens.access_token != rejected:
-                    return False
-        self._cache.pop(key, None)
-        self._unsaved.pop(key, None)
-        try:
-            await self._vault.mark_reauth(user, provider.id, reason)
-        except VaultError as exc:
-            raise CredentialStoreUnavailable("vault unavailable while marking re-auth",
-                                             reason="vault_unavailable") from exc
-        finally:
-            await self._coord.publish_invalidation(user, provider.id)
-        return True
+        async with self._local.hold(key):
+            try:
+                async with self._coord.lock(user, provider.id):
+                    return await self._mark(user, provider, reason, rejected)
+            except CoordinationUnavailable:
+                # Marking without the lock is safe (it only ever takes a grant away); the
+                # other replicas learn it from the vault once their caches lapse.
+                log.warning("marking %s/%s for re-auth without the coordination lock",
+                            user, provider.id)
+                return await self._mark(user, provider, reason, rejected)
 
     def invalidate(self, user: str, provider_id: str) -> None:
         self._cache.pop((user, provider_id), None)
@@ -121,8 +129,12 @@ class TokenBroker:
         return ReauthRequired(detail, reason=reason, provider=provider.id,
                               connect_url=self._connect_url(provider))
 
-    async def _on_invalidation(self, user: str, provider_id: str) -> None:
-        self.invalidate(user, provider_id)
+    # -- internals ---------------------------------------------------------------------
+    async def _on_invalidation(self, key: tuple[str, str] | None) -> None:
+        if key is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(key, None)
 
     def _fresh(self, grant: Grant | None, provider: ProviderSettings) -> Grant | None:
         if grant is None or grant.status is not GrantStatus.ACTIVE:
@@ -138,14 +150,70 @@ class TokenBroker:
         if len(self._cache) > _CACHE_MAX:
             self._cache.popitem(last=False)
 
-    async def _load(self, user: str, provider: ProviderSettings) -> Grant:
-        key = (user, provider.id)
-        unsaved = self._unsaved.get(key)
-        if unsaved is not None:
-            await self._save(unsaved)
-            return unsaved
+    async def _lookup(self, user: str, provider: ProviderSettings) -> Issued | None:
+        """A fresh token from the shared cache or the vault, or None when it needs a refresh.
+        Raises re-auth when the vault says the grant is unusable."""
+        shared = self._fresh(await self._coord.cache_get(user, provider.id), provider)
+        if shared is not None:
+            self.stats.shared_hits += 1
+            self._remember(shared)
+            return Issued(shared.tokens, "cache")
+        grant = await self._load(user, provider)
+        if self._fresh(grant, provider) is not None:
+            self._remember(grant)
+            await self._coord.cache_put(grant)
+            return Issued(grant.tokens, "vault")
+        return None
+
+    async def _refresh_locked(self, user: str, provider: ProviderSettings,
+                              on_refreshed: OnRefreshed | None) -> Issued:
         try:
-            grant = await self._vault.get(user, provider.id)
+            async with self._coord.lock(user, provider.id) as lease:
+                # Re-read: another replica may have refreshed while this one waited.
+                found = await self._lookup(user, provider)
+                if found is not None:
+                    return found
+                if not lease.valid():
+                    raise CoordinationUnavailable("refresh lock lease lost")
+                grant = await self._load(user, provider)
+                refreshed = await self._refresh(grant, provider)
+        except CoordinationUnavailable as exc:
+            raise CredentialStoreUnavailable(
+                "the token needs a refresh and replicas cannot coordinate it right now",
+                reason="coordination_unavailable") from exc
+        if on_refreshed is not None:
+            await on_refreshed(refreshed.tokens)
+        return Issued(refreshed.tokens, "refresh")
+
+    async def _mark(self, user: str, provider: ProviderSettings, reason: str,
+                    rejected: Secret | None) -> bool:
+        key = (user, provider.id)
+        if rejected is not None:
+            current = self._cache.get(key) or self._unsaved.get(key)
+            if current is None:
+                current = await self._read_vault(user, provider)
+            if current is not None and current.tokens.access_token != rejected:
+                return False
+        self._cache.pop(key, None)
+        self._unsaved.pop(key, None)
+        try:
+            marked = await self._vault.mark_reauth(user, provider.id, reason)
+        except VaultError as exc:
+            raise CredentialStoreUnavailable("vault unavailable while marking re-auth",
+                                             reason="vault_unavailable") from exc
+        version = marked.version if marked is not None else 0
+        try:
+            await self._coord.cache_forget(key, version)
+            await self._coord.publish_invalidation(user, provider.id)
+        except CoordinationUnavailable:
+            log.warning("re-auth of %s/%s not broadcast: coordination unavailable",
+                        user, provider.id)
+        return True
+
+    async def _read_vault(self, user: str, provider: ProviderSettings) -> Grant | None:
+        self.stats.vault_reads += 1
+        try:
+            return await self._vault.get(user, provider.id)
         except VaultCorruptError as exc:
             # Fail closed and say so; operators see the user and provider in the proxy log.
             raise CredentialStoreUnavailable("the stored grant for this user cannot be "
@@ -154,6 +222,13 @@ class TokenBroker:
         except VaultError as exc:
             raise CredentialStoreUnavailable("the credential store cannot be read",
                                              reason="vault_unavailable") from exc
+
+    async def _load(self, user: str, provider: ProviderSettings) -> Grant:
+        key = (user, provider.id)
+        unsaved = self._unsaved.get(key)
+        if unsaved is not None:
+            return await self._save(unsaved)
+        grant = await self._read_vault(user, provider)
         if grant is None:
             raise self.reauth(provider, "no_connection",
                               f"user has no connection to {provider.id}")
@@ -164,15 +239,16 @@ class TokenBroker:
 
     async def _refresh(self, grant: Grant, provider: ProviderSettings) -> Grant:
         if grant.tokens.refresh_token is None:
-            await self.mark_reauth(grant.user, provider, "expired")
+            await self._mark(grant.user, provider, "expired", None)
             raise self.reauth(provider, "expired",
                               f"the access token for {provider.id} expired and cannot be "
                               "refreshed")
+        self.stats.refreshes += 1
         try:
             tokens = await self._refresher.refresh(provider, self._client_secret(provider),
                                                    grant.tokens.refresh_token)
         except InvalidGrant:
-            await self.mark_reauth(grant.user, provider, "invalid_grant")
+            await self._mark(grant.user, provider, "invalid_grant", None)
             raise self.reauth(provider, "invalid_grant",
                               f"{provider.id} rejected the refresh token (invalid_grant)"
                               ) from None
@@ -180,6 +256,7 @@ class TokenBroker:
         self._unsaved[(grant.user, provider.id)] = new
         stored = await self._save(new)
         self._remember(stored)
+        await self._coord.cache_put(stored)
         return stored
 
     async def _save(self, grant: Grant) -> Grant:

@@ -1,4 +1,15 @@
-"""The coordination interface. The memory backend serves one process; Redis many replicas."""
+"""The coordination interface. The memory backend serves one process; Redis many replicas.
+
+Contract every backend keeps:
+
+- ``lock`` is exclusive across every process sharing the backend; the yielded
+  :class:`Lease` says whether it is still held (a refresh must not start on a lost lease).
+- ``cache_*`` is a cache shared by replicas. It may lose entries at any time; ``cache_put``
+  refuses a grant older than the latest ``cache_forget`` of that grant, so a revoked grant
+  cannot come back from the cache.
+- Invalidation callbacks run for every grant another worker forgot, and with ``None`` when
+  messages may have been missed (drop everything).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +17,47 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-Invalidation = Callable[[str, str], Awaitable[None]]
+from proxy.errors import CoordinationUnavailable
+from proxy.vault.base import Grant
+
+# (user, provider), or None for "drop every cached grant".
+__all__ = ["CoordinationUnavailable", "Coordinator", "Invalidation", "Lease"]
+
+Invalidation = Callable[[tuple[str, str] | None], Awaitable[None]]
+
+
+class Lease(Protocol):
+    def valid(self) -> bool: ...
 
 
 class Coordinator(Protocol):
-    def lock(self, user: str, provider: str) -> AbstractAsyncContextManager[None]:
-        """Exclusive section for one (user, provider) grant: refresh runs only inside it."""
+    name: str
+
+    async def start(self) -> None:
+        """Begin background work (subscriptions); called once inside the event loop."""
+        ...
+
+    def lock(self, user: str, provider: str) -> AbstractAsyncContextManager[Lease]:
+        """Exclusive section for one grant: a refresh runs only inside it."""
+        ...
+
+    async def cache_get(self, user: str, provider: str) -> Grant | None: ...
+
+    async def cache_put(self, grant: Grant) -> None: ...
+
+    async def cache_forget(self, grant_key: tuple[str, str], version: int) -> None:
+        """Drop the shared entry and refuse later puts of versions <= ``version``."""
         ...
 
     async def publish_invalidation(self, user: str, provider: str) -> None:
-        """Tell every worker to drop (user, provider) from its caches."""
+        """Tell every other worker to drop (user, provider) from its memory cache."""
         ...
 
     def on_invalidation(self, callback: Invalidation) -> None: ...
+
+    async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
+        """Record a one-time ``jti``; False when it was seen before."""
+        ...
 
     async def check(self) -> None: ...
 

@@ -1,43 +1,58 @@
-"""In-process coordination: asyncio locks, invalidation delivered to local subscribers."""
+"""In-process coordination: the embedded default, for a single proxy process."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from proxy.coordination.base import Invalidation
+from proxy.coordination.base import Invalidation, Lease
+from proxy.coordination.keyed import KeyedLocks
+from proxy.identity import ReplayGuard
+from proxy.vault.base import Grant
+
+
+class _Held:
+    def valid(self) -> bool:
+        return True
 
 
 class MemoryCoordinator:
-    """The embedded default. Locks are per (user, provider) and freed when nobody holds or
-    waits for them, so memory does not grow with the number of users seen."""
+    """Locks are asyncio locks; there is no shared cache (the broker's memory cache is the
+    only one); one-time ``jti`` values are remembered in this process."""
 
-    def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+    name = "memory"
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._locks = KeyedLocks()
         self._subscribers: list[Invalidation] = []
+        self._jti = ReplayGuard(clock)
+
+    async def start(self) -> None:
+        return None
 
     @asynccontextmanager
-    async def lock(self, user: str, provider: str) -> AsyncIterator[None]:
-        key = (user, provider)
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+    async def lock(self, user: str, provider: str) -> AsyncIterator[Lease]:
+        async with self._locks.hold((user, provider)):
+            yield _Held()
+
+    async def cache_get(self, user: str, provider: str) -> Grant | None:
+        return None
+
+    async def cache_put(self, grant: Grant) -> None:
+        return None
+
+    async def cache_forget(self, grant_key: tuple[str, str], version: int) -> None:
+        return None
 
     async def publish_invalidation(self, user: str, provider: str) -> None:
-        for callback in list(self._subscribers):
-            await callback(user, provider)
+        return None  # one process: the broker already dropped its own entry
 
     def on_invalidation(self, callback: Invalidation) -> None:
         self._subscribers.append(callback)
+
+    async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
+        return await self._jti.first_use(issuer, jti, expires_at)
 
     async def check(self) -> None:
         return None

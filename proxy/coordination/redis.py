@@ -1,0 +1,293 @@
+"""Coordination across replicas through Redis.
+
+- **Refresh lock** per grant: redis-py's ``Lock`` (``SET NX PX`` with a random owner value,
+  Lua compare-and-delete release), renewed every third of the lease while held, so a slow
+  token endpoint cannot let the lease lapse under a live refresh. Waiters are woken by a
+  ``released`` message on the events channel instead of polling blindly (with a slow poll
+  as the fallback for a missed message).
+- **Shared cache** of grants: AES-GCM encrypted under a key derived from the vault key (the
+  key never reaches Redis), bound by associated data to its Redis key, with a TTL ending at
+  the access token's expiry. Key names carry a keyed hash, never a user id.
+- **Revocation guard**: forgetting a grant records its version (``gen`` key) before deleting
+  the entry, and puts go through a Lua script that refuses versions not newer than ``gen``:
+  a replica that read the vault just before a revoke cannot put the grant back.
+- **Invalidation** over pub/sub, which is at-most-once: whenever the subscription is
+  (re)established every memory cache is dropped, since messages may have been missed.
+- **One-time jti**: ``SET key 1 NX EXAT exp``.
+
+Every Redis failure surfaces as :class:`CoordinationUnavailable`, except cache reads and
+writes, which degrade to a miss: the vault stays the source of truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from redis.asyncio import Redis
+from redis.exceptions import LockError, RedisError
+
+from proxy.coordination.base import CoordinationUnavailable, Invalidation, Lease
+from proxy.settings import CoordinationSettings, resolve_secret
+from proxy.tokenset import TokenSet, TokenSetError
+from proxy.vault.base import Grant, GrantStatus
+
+log = logging.getLogger("credproxy.redis")
+
+_GEN_TTL = 7 * 24 * 3600  # how long a revocation guard outlives the revoke
+_PUT = """
+local g = tonumber(redis.call('GET', KEYS[2]) or '-1')
+if tonumber(ARGV[1]) <= g then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+_FORGET = """
+local g = tonumber(redis.call('GET', KEYS[2]) or '-1')
+if tonumber(ARGV[1]) > g then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+@dataclass
+class _Lease:
+    lost: bool = False
+
+    def valid(self) -> bool:
+        return not self.lost
+
+
+class RedisCoordinator:
+    name = "redis"
+
+    def __init__(self, settings: CoordinationSettings, *, cache_key: bytes,
+                 environ: Mapping[str, str] = os.environ,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._s = settings
+        url = settings.url or environ.get(settings.url_env or "", "")
+        if not url:
+            from proxy.errors import ConfigError
+
+            raise ConfigError(f"coordination.url_env: {settings.url_env} is not set")
+        password = None
+        if settings.password_env or settings.password_file:
+            password = resolve_secret(env=settings.password_env, file=settings.password_file,
+                                      what="coordination.password", environ=environ).reveal()
+        common: dict[str, Any] = {"username": settings.username, "password": password,
+                                  "socket_connect_timeout": settings.op_timeout}
+        if url.startswith("rediss://") and settings.ca_file:
+            common["ssl_ca_certs"] = str(Path(settings.ca_file).expanduser())
+        self._r = Redis.from_url(url, socket_timeout=settings.op_timeout, **common)
+        # Pub/sub reads block until a message comes: no socket timeout there; health
+        # checks (PING) notice a dead connection instead.
+        self._sub = Redis.from_url(url, socket_timeout=None, health_check_interval=5, **common)
+        self._aead = AESGCM(cache_key)
+        self._name_key = hashlib.sha256(b"credproxy redis names" + cache_key).digest()
+        self._clock = clock
+        self._channel = settings.key_prefix + "events"
+        self._callbacks: list[Invalidation] = []
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+        self._put = self._r.register_script(_PUT)
+        self._forget = self._r.register_script(_FORGET)
+        self._origin = secrets.token_hex(6)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._listen(), name="credproxy-redis-events")
+
+    async def check(self) -> None:
+        try:
+            await self._r.ping()
+        except RedisError as exc:
+            raise CoordinationUnavailable(f"redis unreachable: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._r.aclose()
+        await self._sub.aclose()
+
+    def on_invalidation(self, callback: Invalidation) -> None:
+        self._callbacks.append(callback)
+
+    # -- names -------------------------------------------------------------------------
+    def _key(self, kind: str, user: str, provider: str) -> str:
+        digest = hmac.new(self._name_key, f"{user}\x00{provider}".encode(),
+                          hashlib.sha256).hexdigest()[:32]
+        return f"{self._s.key_prefix}{kind}:{digest}"
+
+    # -- the refresh lock --------------------------------------------------------------
+    @asynccontextmanager
+    async def lock(self, user: str, provider: str) -> AsyncIterator[Lease]:
+        name = self._key("lock", user, provider)
+        lock = self._r.lock(name, timeout=self._s.lock_lease, thread_local=False,
+                            raise_on_release_error=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._s.lock_wait
+        while True:
+            # Register for the wake-up before trying, so a release in between is not lost.
+            event = self._waiters.setdefault(name, asyncio.Event())
+            try:
+                if await lock.acquire(blocking=False):
+                    break
+            except RedisError as exc:
+                raise CoordinationUnavailable(
+                    f"redis unreachable for the refresh lock: {type(exc).__name__}") from exc
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise CoordinationUnavailable("timed out waiting for another replica's refresh")
+            # Woken by the holder's "released" message; the timeout covers a missed one.
+            poll = 1.0 if self.subscribed.is_set() else 0.1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=min(remaining, poll))
+        lease = _Lease()
+        renew = asyncio.create_task(self._renew(lock, lease))
+        try:
+            yield lease
+        finally:
+            renew.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renew
+            with contextlib.suppress(LockError, RedisError):
+                await lock.release()
+            with contextlib.suppress(RedisError):
+                await self._r.publish(self._channel, json.dumps({"t": "released", "k": name}))
+
+    async def _renew(self, lock: Any, lease: _Lease) -> None:
+        while True:
+            await asyncio.sleep(self._s.lock_lease / 3)
+            try:
+                await lock.reacquire()
+            except (LockError, RedisError) as exc:
+                lease.lost = True
+                log.warning("refresh lock lease lost (%s)", type(exc).__name__)
+                return
+
+    # -- the shared cache --------------------------------------------------------------
+    async def cache_get(self, user: str, provider: str) -> Grant | None:
+        if not self._s.shared_cache:
+            return None
+        key = self._key("tok", user, provider)
+        try:
+            raw = await self._r.get(key)
+        except RedisError:
+            return None
+        if not isinstance(raw, bytes) or len(raw) < 13:
+            return None
+        try:
+            plain = self._aead.decrypt(raw[:12], raw[12:], key.encode())
+            data = json.loads(plain)
+            if data["u"] != user or data["p"] != provider:
+                return None
+            return Grant(user=user, provider=provider, tokens=TokenSet.from_record(data["t"]),
+                         version=int(data["v"]), updated_at=float(data["at"]))
+        except (InvalidTag, ValueError, KeyError, TypeError, TokenSetError):
+            log.warning("discarding an unreadable shared cache entry")
+            return None
+
+    async def cache_put(self, grant: Grant) -> None:
+        t = grant.tokens
+        if not self._s.shared_cache or grant.status is not GrantStatus.ACTIVE:
+            return
+        if t.expires_at is None:
+            return  # no expiry to bound the TTL by: keep it out of the shared cache
+        ttl_ms = int((t.expires_at - self._clock()) * 1000)
+        if ttl_ms <= 0:
+            return
+        key = self._key("tok", grant.user, grant.provider)
+        plain = json.dumps({"u": grant.user, "p": grant.provider, "v": grant.version,
+                            "at": grant.updated_at, "t": t.to_record()}).encode()
+        nonce = secrets.token_bytes(12)
+        sealed = nonce + self._aead.encrypt(nonce, plain, key.encode())
+        with contextlib.suppress(RedisError):
+            await self._put(keys=[key, self._key("gen", grant.user, grant.provider)],
+                            args=[grant.version, sealed, ttl_ms])
+
+    async def cache_forget(self, grant_key: tuple[str, str], version: int) -> None:
+        user, provider = grant_key
+        try:
+            await self._forget(keys=[self._key("tok", user, provider),
+                                     self._key("gen", user, provider)],
+                               args=[version, _GEN_TTL])
+        except RedisError as exc:
+            raise CoordinationUnavailable("redis unreachable while forgetting a grant") from exc
+
+    # -- invalidation ------------------------------------------------------------------
+    async def publish_invalidation(self, user: str, provider: str) -> None:
+        msg = {"t": "inv", "u": user, "p": provider, "o": self._origin}
+        try:
+            await self._r.publish(self._channel, json.dumps(msg))
+        except RedisError as exc:
+            raise CoordinationUnavailable("redis unreachable: invalidation not sent") from exc
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                # Anything published while we were not subscribed is lost: start clean.
+                await self._fire(None)
+                self.subscribed.set()
+                backoff = 0.1
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                   timeout=1.0)
+                    if msg is not None:
+                        await self._handle(msg.get("data"))
+            except (RedisError, OSError) as exc:
+                if self.subscribed.is_set():
+                    log.warning("redis subscription lost (%s); retrying", type(exc).__name__)
+            finally:
+                self.subscribed.clear()
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _handle(self, data: object) -> None:
+        try:
+            msg = json.loads(data if isinstance(data, str | bytes) else "")
+        except ValueError:
+            return
+        if not isinstance(msg, dict):
+            return
+        if msg.get("t") == "released":
+            event = self._waiters.pop(str(msg.get("k")), None)
+            if event is not None:
+                event.set()
+        elif msg.get("t") == "inv" and isinstance(msg.get("u"), str) and isinstance(
+                msg.get("p"), str):
+            await self._fire((msg["u"], msg["p"]))
+
+    async def _fire(self, key: tuple[str, str] | None) -> None:
+        for callback in list(self._callbacks):
+            await callback(key)
+
+    # -- one-time jti ------------------------------------------------------------------
+    async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
+        digest = hashlib.sha256(f"{issuer}\x00{jti}".encode()).hexdigest()[:40]
+        try:
+            return bool(await self._r.set(f"{self._s.key_prefix}jti:{digest}", 1, nx=True,
+                                          exat=int(expires_at) + 1))
+        except RedisError as exc:
+            raise CoordinationUnavailable("redis unreachable: cannot record jti") from exc
