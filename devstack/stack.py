@@ -86,6 +86,29 @@ class Stack:
         )
         return self.proxy
 
+    def start_replicas(self, n: int, *, timeout: float = 30.0) -> list[Running]:
+        """``n`` more credproxy processes on the same config (vault, Redis), each on its
+        own port; they are closed with the stack."""
+        replicas = []
+        for i in range(n):
+            port = free_port()
+            cfg = {**self.config, "listen": f"127.0.0.1:{port}"}
+            path = self.workdir / f"replica-{i}.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            r = start_server(["-m", "proxy.cli", "run", "--config", str(path)],
+                             ready=tcp_check("127.0.0.1", port), env=self.env,
+                             name=f"replica-{i}", log_dir=self.workdir / "logs",
+                             timeout=timeout)
+            r.info["proxy_url"] = f"http://127.0.0.1:{port}"
+            self.extra.append(r)
+            replicas.append(r)
+        return replicas
+
+    def client_via(self, proxy_url: str, *, context: str | None = None) -> httpx2.Client:
+        headers = {"X-User-Context": context} if context else {}
+        return httpx2.Client(proxy=proxy_url, verify=self.mitm_tls(), headers=headers,
+                             timeout=30, trust_env=False)
+
     def write_config(self, **overrides: Any) -> None:
         """Rewrite the config with top-level ``overrides`` (restart the proxy to apply)."""
         self.config.update(overrides)
@@ -143,6 +166,15 @@ class Stack:
             input=json.dumps(token_response).encode(), env={**os.environ, **self.env},
             check=True, capture_output=True, timeout=60,
         )
+
+    def introspect(self, token: str) -> dict[str, Any]:
+        """RFC 7662 introspection at the authorization server (as the document API)."""
+        with self.admin() as c:
+            r = c.post("/introspect", data={"token": token},
+                       auth=(RESOURCE_ID, self.env["DOCAPI_SECRET"]))
+            r.raise_for_status()
+            data: dict[str, Any] = r.json()
+            return data
 
     def docs_saw(self, marker: str) -> bool:
         """Whether the document API logged a request whose path contains ``marker``."""
@@ -240,7 +272,8 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
         name="docapi",
     )
     context_key, jwks = write_dev_keys(workdir / "keys")
-    env = {"CREDPROXY_VAULT_KEY": generate_key(), "DOCS_CLIENT_SECRET": client_secret}
+    env = {"CREDPROXY_VAULT_KEY": generate_key(), "DOCS_CLIENT_SECRET": client_secret,
+           "DOCAPI_SECRET": resource_secret}
     docs_port = docs.url.rsplit(":", 1)[1]
     cfg: dict[str, Any] = {
         "listen": f"127.0.0.1:{free_port()}",
