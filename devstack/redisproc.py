@@ -13,7 +13,11 @@ from devstack.procs import free_port
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *,
+                 tls: tuple[Path, Path, Path] | None = None,
+                 acl: tuple[str, str] | None = None) -> None:
+        """``tls`` = (cert, key, ca): serve TLS only. ``acl`` = (user, password): that user
+        only, the default user disabled."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed")
@@ -21,18 +25,33 @@ class RedisServer:
         self.port = port or free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls = tls
+        self.acl = acl
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def _config(self) -> Path:
+        lines = ["bind 127.0.0.1", 'save ""', "appendonly no", f"dir {self.workdir}"]
+        if self.tls:
+            cert, key, ca = self.tls
+            lines += ["port 0", f"tls-port {self.port}", f"tls-cert-file {cert}",
+                      f"tls-key-file {key}", f"tls-ca-cert-file {ca}", "tls-auth-clients no"]
+        else:
+            lines.append(f"port {self.port}")
+        if self.acl:
+            user, password = self.acl
+            lines += [f"user {user} on >{password} ~* &* +@all", "user default off"]
+        path = self.workdir / f"redis-{self.port}.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / f"redis-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([self.binary, str(self._config())],
+                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -40,8 +59,10 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    if self.tls:
+                        return self  # listening; TLS clients do their own handshake
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return self
             except OSError:
                 pass

@@ -1,0 +1,198 @@
+"""Redis faults, each with its documented behaviour (README, Coordination):
+
+- unreachable at start: the proxy starts; fresh tokens are served from the vault; a token
+  that needs a refresh gets 503 credential-store-unavailable (coordination_unavailable),
+  never a refresh without the lock; once Redis is back it recovers without a restart.
+- lost and restarted mid-traffic (all keys gone): no request ever carries another user's
+  token, no rotating refresh token is lost, and service recovers by itself.
+- slow: commands time out (op_timeout); cached tokens keep being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from devstack.procs import free_port
+from devstack.redisproc import RedisServer
+from devstack.stack import Stack, build_stack
+
+pytestmark = pytest.mark.integration
+
+
+def _stack(tmp: Path, url: str, replicas: int = 2) -> tuple[Stack, list[str]]:
+    s = build_stack(tmp, start_proxy=False,
+                    config={"coordination": {"backend": "redis", "url": url,
+                                             "op_timeout": 0.5, "lock_wait": 5}})
+    try:
+        procs = s.start_replicas(replicas)
+    except Exception:
+        s.close()
+        raise
+    return s, [str(p.info["proxy_url"]) for p in procs]
+
+
+def test_redis_unreachable_at_start_then_recovers(tmp_path: Path) -> None:
+    port = free_port()
+    redis = RedisServer(tmp_path / "redis", port=port)  # not started yet
+    s, (proxy, _) = _stack(tmp_path / "stack", redis.url)
+    try:
+        s.vault_put("fresh", s.grant("fresh"))
+        s.vault_put("stale", s.grant("stale", expires_in=0))
+        with s.client_via(proxy, context=s.context("fresh")) as c:
+            assert c.get(f"{s.docs_url}/echo").status_code == 200
+        with s.client_via(proxy, context=s.context("stale")) as c:
+            r = c.get(f"{s.docs_url}/echo")
+        assert r.status_code == 503
+        assert r.json()["reason"] == "coordination_unavailable"
+        assert "Retry-After" in r.headers
+        assert s.stats()["refresh_by_user"].get("stale") is None  # no unlocked refresh
+        redis.start()
+        deadline = time.monotonic() + 10
+        while True:
+            with s.client_via(proxy, context=s.context("stale")) as c:
+                r = c.get(f"{s.docs_url}/echo")
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200
+        assert s.stats()["refresh_by_user"]["stale"] == 1
+    finally:
+        s.close()
+        redis.stop()
+
+
+def test_redis_killed_and_restarted_under_load(redis_server: RedisServer,
+                                                tmp_path: Path) -> None:
+    s, proxies = _stack(tmp_path, redis_server.url, replicas=3)
+    users = ["alice", "bob", "carol"] + [f"load-{i}" for i in range(7)]
+    try:
+        for u in users:
+            # Short-lived access tokens force refreshes throughout the run.
+            s.vault_put(u, s.grant(u, expires_in=61 + random.randint(0, 3)))
+        contexts = {u: s.context(u) for u in users}
+        outcomes: list[tuple[str, int, str | None]] = []
+        stop = threading.Event()
+
+        def chaos() -> None:
+            time.sleep(1.0)
+            redis_server.kill()
+            time.sleep(1.5)
+            redis_server.start()
+            stop.set()
+
+        async def load() -> None:
+            clients = [httpx2.AsyncClient(proxy=p, verify=s.mitm_tls(), trust_env=False,
+                                          timeout=30) for p in proxies]
+
+            async def one(i: int) -> None:
+                u = users[i % len(users)]
+                r = await clients[i % len(clients)].get(
+                    f"{s.docs_url}/documents", headers={"X-User-Context": contexts[u]})
+                seen = r.json().get("user") if r.status_code == 200 else None
+                outcomes.append((u, r.status_code, seen))
+
+            i = 0
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                await asyncio.gather(*[one(i + k) for k in range(20)])
+                i += 20
+            for c in clients:
+                await c.aclose()
+
+        t = threading.Thread(target=chaos)
+        t.start()
+        asyncio.run(load())
+        t.join()
+        from collections import Counter
+
+        print("outcomes:", Counter(status for _, status, _ in outcomes),
+              "refreshes:", s.stats()["refresh_by_user"])
+        assert outcomes
+        wrong = [(u, seen) for u, status, seen in outcomes if status == 200 and seen != u]
+        assert wrong == []  # never another user's token
+        assert {status for _, status, _ in outcomes} <= {200, 503}
+        # Recovery without a restart, and every grant still alive: force a refresh of each.
+        time.sleep(0.5)
+        for u in users:
+            grant = s.vault_get(u)
+            assert grant.status == "active", u
+            assert s.introspect(grant.tokens.refresh_token.reveal())["active"] is True, u
+        for u in users:
+            s.vault_put(u, {**_record(s, u), "expires_in": 0})
+        for u in users:
+            with s.client_via(proxies[0], context=contexts[u]) as c:
+                r = c.get(f"{s.docs_url}/documents")
+            assert r.status_code == 200 and r.json()["user"] == u
+    finally:
+        s.close()
+
+
+def _record(s: Stack, user: str) -> dict[str, object]:
+    t = s.vault_get(user).tokens
+    return {"access_token": t.access_token.reveal(), "refresh_token": t.refresh_token.reveal(),
+            "token_type": "Bearer", "scope": t.scope}
+
+
+def test_slow_redis_keeps_serving_cached_tokens(redis_server: RedisServer,
+                                                tmp_path: Path) -> None:
+    s, (proxy, _) = _stack(tmp_path, redis_server.url)
+    try:
+        s.vault_put("cached", s.grant("cached"))
+        ctx = s.context("cached")
+        with s.client_via(proxy, context=ctx) as c:
+            assert c.get(f"{s.docs_url}/echo").status_code == 200
+            blocker = threading.Thread(target=redis_server.command, args=("DEBUG", "SLEEP", "3"))
+            blocker.start()
+            time.sleep(0.2)
+            started = time.monotonic()
+            r = c.get(f"{s.docs_url}/echo")
+            elapsed = time.monotonic() - started
+            blocker.join()
+        assert r.status_code == 200
+        assert elapsed < 2.5  # served from memory, not stuck behind the sleeping Redis
+    finally:
+        s.close()
+
+
+def test_redis_over_tls_with_an_acl_user(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from devstack.certs import make_ca, make_leaf
+
+    ca = make_ca(tmp_path / "pki")
+    cert, key = make_leaf(ca, ["127.0.0.1"], tmp_path / "pki", "redis")
+    redis = RedisServer(tmp_path / "redis", tls=(cert, key, ca.cert_path),
+                        acl=("credproxy", "s3cret-redis")).start()
+    s = build_stack(tmp_path / "stack", start_proxy=False, config={"coordination": {
+        "backend": "redis", "url": redis.url, "username": "credproxy",
+        "password_env": "REDIS_PASSWORD", "ca_file": str(ca.cert_path)}})
+    try:
+        s.env["REDIS_PASSWORD"] = "s3cret-redis"
+        check = subprocess.run([sys.executable, "-m", "proxy.cli", "check", "--config",
+                                str(s.config_path)], capture_output=True, text=True,
+                               env={**os.environ, **s.env})
+        assert check.returncode == 0, check.stderr
+        assert "coordination (redis): ok" in check.stdout
+        wrong = subprocess.run([sys.executable, "-m", "proxy.cli", "check", "--config",
+                                str(s.config_path)], capture_output=True, text=True,
+                               env={**os.environ, **s.env,
+                                    "REDIS_PASSWORD": "pw-canary-123"})
+        assert wrong.returncode == 1 and "coordination (redis)" in wrong.stderr
+        assert "pw-canary-123" not in wrong.stderr
+        (proxy,) = [str(p.info["proxy_url"]) for p in s.start_replicas(1)]
+        s.vault_put("tls-user", s.grant("tls-user", expires_in=0))
+        with s.client_via(proxy, context=s.context("tls-user")) as c:
+            assert c.get(f"{s.docs_url}/echo").status_code == 200  # refreshed under the lock
+        assert s.stats()["refresh_by_user"]["tls-user"] == 1
+    finally:
+        s.close()
+        redis.stop()
