@@ -58,7 +58,7 @@ case "$cmd" in
   demo) setup; exec .venv/bin/credproxy demo "$@" ;;
   test)
     setup
-    .venv/bin/python -m ruff check proxy addons devstack tests
+    .venv/bin/python -m ruff check proxy addons devstack tests bench
     .venv/bin/python -m mypy
     exec .venv/bin/python -m pytest "$@"
     ;;

@@ -65,6 +65,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             await app.start()
             await serve(settings, app)
         finally:
+            st = app.sidecar.broker.stats
+            logging.getLogger("credproxy").info(
+                "broker stats: vault_reads=%d shared_hits=%d refreshes=%d",
+                st.vault_reads, st.shared_hits, st.refreshes)
             await app.aclose()
 
     asyncio.run(go())
