@@ -1,0 +1,147 @@
+"""RedisCoordinator against a real (private) redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from devstack.redisproc import RedisServer
+from proxy.coordination.redis import RedisCoordinator
+from proxy.errors import CoordinationUnavailable
+from proxy.secret import Secret
+from proxy.settings import CoordinationSettings
+from proxy.tokenset import TokenSet
+from proxy.vault.base import Grant
+
+KEY = bytes(range(32))
+
+
+def coordinator(server: RedisServer, **kw: object) -> RedisCoordinator:
+    settings = CoordinationSettings(backend="redis", url=server.url, key_prefix="u:",
+                                    **kw)  # type: ignore[arg-type]
+    return RedisCoordinator(settings, cache_key=KEY)
+
+
+def grant(access: str, version: int, ttl: float = 600) -> Grant:
+    return Grant("alice", "docs", TokenSet(Secret(access), Secret("rt-" + access),
+                                           expires_at=time.time() + ttl), version=version)
+
+
+async def test_shared_cache_round_trip_is_encrypted(redis_server: RedisServer) -> None:
+    c = coordinator(redis_server)
+    try:
+        await c.cache_put(grant("at-canary-1", 1))
+        got = await c.cache_get("alice", "docs")
+        assert got is not None and got.tokens.access_token == Secret("at-canary-1")
+        assert await c.cache_get("bob", "docs") is None
+        raw = aioredis.Redis.from_url(redis_server.url)
+        keys = await raw.keys("u:*")
+        values = b"".join([await raw.get(k) or b"" for k in keys])
+        assert keys and b"at-canary-1" not in values and b"alice" not in b"".join(keys)
+        ttl = await raw.pttl(keys[0])
+        assert 590_000 < ttl <= 600_000  # bound to the token's expiry
+        await raw.aclose()
+    finally:
+        await c.close()
+
+
+async def test_forget_refuses_stale_puts_but_not_newer_ones(redis_server: RedisServer) -> None:
+    c = coordinator(redis_server)
+    try:
+        await c.cache_put(grant("a1", 3))
+        await c.cache_forget(("alice", "docs"), 4)  # revoked at version 4
+        assert await c.cache_get("alice", "docs") is None
+        await c.cache_put(grant("a1", 3))  # a replica that read the vault before the revoke
+        assert await c.cache_get("alice", "docs") is None
+        await c.cache_put(grant("a2", 5))  # the user reconnected
+        got = await c.cache_get("alice", "docs")
+        assert got is not None and got.tokens.access_token == Secret("a2")
+    finally:
+        await c.close()
+
+
+async def test_entry_from_another_key_is_rejected(redis_server: RedisServer) -> None:
+    a = coordinator(redis_server)
+    b = RedisCoordinator(CoordinationSettings(backend="redis", url=redis_server.url,
+                                              key_prefix="u:"), cache_key=bytes(32))
+    try:
+        await a.cache_put(grant("a1", 1))
+        assert await b.cache_get("alice", "docs") is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_lock_is_exclusive_and_waiters_wake_on_release(
+        redis_server: RedisServer) -> None:
+    a, b = coordinator(redis_server), coordinator(redis_server)
+    await a.start()
+    await b.start()
+    await asyncio.wait_for(b.subscribed.wait(), 5)
+    order: list[str] = []
+    try:
+        async def holder() -> None:
+            async with a.lock("alice", "docs"):
+                order.append("a-in")
+                await asyncio.sleep(0.5)
+                order.append("a-out")
+
+        async def waiter() -> float:
+            await asyncio.sleep(0.1)
+            async with b.lock("alice", "docs"):
+                order.append("b-in")
+                return time.monotonic()
+
+        t0 = time.monotonic()
+        _, b_in = await asyncio.gather(holder(), waiter())
+        assert order == ["a-in", "a-out", "b-in"]
+        # Woken by the release message, not the one-second fallback poll.
+        assert b_in - t0 < 0.9
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_lease_is_renewed_while_held(redis_server: RedisServer) -> None:
+    a, b = coordinator(redis_server, lock_lease=1), coordinator(redis_server, lock_lease=1,
+                                                                lock_wait=1.5)
+    try:
+        async with a.lock("alice", "docs") as lease:
+            with pytest.raises(CoordinationUnavailable, match="timed out"):
+                async with b.lock("alice", "docs"):
+                    pass
+            assert lease.valid()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_one_time_jti(redis_server: RedisServer) -> None:
+    a, b = coordinator(redis_server), coordinator(redis_server)
+    try:
+        exp = time.time() + 60
+        assert await a.first_use("iss", "j1", exp)
+        assert not await b.first_use("iss", "j1", exp)
+        assert await b.first_use("iss", "j2", exp)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_unreachable_redis_is_coordination_unavailable(redis_server: RedisServer) -> None:
+    c = coordinator(redis_server, op_timeout=0.3)
+    redis_server.kill()
+    try:
+        with pytest.raises(CoordinationUnavailable):
+            await c.check()
+        with pytest.raises(CoordinationUnavailable):
+            async with c.lock("alice", "docs"):
+                pass
+        with pytest.raises(CoordinationUnavailable):
+            await c.first_use("iss", "j", time.time() + 60)
+        assert await c.cache_get("alice", "docs") is None  # a miss, not an error
+    finally:
+        await c.close()
