@@ -92,7 +92,8 @@ class Stack:
         replicas = []
         for i in range(n):
             port = free_port()
-            cfg = {**self.config, "listen": f"127.0.0.1:{port}"}
+            cfg = {**self.config, "listen": f"127.0.0.1:{port}",
+                   "admin": f"127.0.0.1:{free_port()}"}
             path = self.workdir / f"replica-{i}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             r = start_server(["-m", "proxy.cli", "run", "--config", str(path)],
@@ -100,6 +101,7 @@ class Stack:
                              name=f"replica-{i}", log_dir=self.workdir / "logs",
                              timeout=timeout)
             r.info["proxy_url"] = f"http://127.0.0.1:{port}"
+            r.info["admin_url"] = f"http://{cfg['admin']}"
             self.extra.append(r)
             replicas.append(r)
         return replicas

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx2
 
+from proxy.admin import AdminServer
 from proxy.audit import AuditLog, new_instance_id, open_sink
+from proxy.connect import Connector
 from proxy.coordination import Coordinator, MemoryCoordinator
 from proxy.errors import ConfigError
 from proxy.identity import IdentityVerifier, KeySource
+from proxy.offboard import Offboarder
 from proxy.refresh import Refresher
 from proxy.routes import Router
 from proxy.secret import Secret
@@ -35,12 +39,28 @@ class App:
     coordinator: Coordinator
     refresher: Refresher
     http: httpx2.AsyncClient
+    connector: Connector
+    offboarder: Offboarder
+    admin: AdminServer | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    async def start(self) -> None:
+    async def start(self, *, serve_admin: bool = True) -> None:
         """Start background work; call once inside the running event loop."""
         await self.coordinator.start()
+        self._tasks.append(asyncio.create_task(self.sidecar.broker.watch_vault()))
+        if serve_admin and self.settings.admin:
+            self.admin = AdminServer(
+                self.settings, self.sidecar.verifier, self.connector, self.vault,
+                [("vault", self.vault.epoch), ("coordination", self.coordinator.check)])
+            await self.admin.start()
 
     async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.admin is not None:
+            await self.admin.stop()
+        await self.connector.aclose()
+        await self.offboarder.aclose()
         await self.refresher.aclose()
         await self.http.aclose()
         await self.coordinator.close()
@@ -117,4 +137,9 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
                      fingerprint_key=derive_subkey(key, "credproxy audit fingerprint"),
                      clock=clock)
     sidecar = Sidecar(settings, verifier, Router(settings.providers), broker, audit)
-    return App(settings, sidecar, vault, coordinator, refresher, http)
+    connector = Connector(settings, vault, coordinator, audit, client_secret=secret_for,
+                          state_key=derive_subkey(key, "credproxy connect state"), verify=tls,
+                          clock=clock)
+    offboarder = Offboarder(settings, vault, coordinator, audit, client_secret=secret_for,
+                            verify=tls)
+    return App(settings, sidecar, vault, coordinator, refresher, http, connector, offboarder)

@@ -203,6 +203,26 @@ class ProviderSettings(_Model):
         return self
 
 
+class ConnectSettings(_Model):
+    """The OAuth connect flow (`credproxy connect`, the admin server's /connect)."""
+
+    state_ttl: Annotated[int, Field(ge=30, le=3600)] = 600  # seconds a started flow stays valid
+    # Where the browser may be sent after a web connect (exact matches only: no open
+    # redirect). Without one, a plain success page is shown.
+    return_urls: list[str] = Field(default_factory=list)
+    # Browsers cannot add headers: also accept the user context as ?context=<jws> on
+    # /connect/{provider} (keep contexts short-lived; it appears in the URL).
+    context_query: bool = True
+
+    @field_validator("return_urls")
+    @classmethod
+    def _returns(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+                raise ValueError(f"{url!r}: return URLs must be https (or loopback http)")
+        return v
+
+
 class RefreshSettings(_Model):
     attempts: Annotated[int, Field(ge=1, le=10)] = 3
     backoff: Annotated[float, Field(ge=0, le=30)] = 0.25  # seconds, doubled each retry
@@ -211,7 +231,7 @@ class RefreshSettings(_Model):
 
 class Settings(_Model):
     listen: str = "127.0.0.1:8080"
-    admin: str = "127.0.0.1:9090"
+    admin: str | None = "127.0.0.1:9090"  # null: no admin server
     public_url: str | None = None
     ca_dir: str = "~/.credproxy/ca"
     upstream_ca_file: str | None = None
@@ -222,9 +242,11 @@ class Settings(_Model):
     coordination: CoordinationSettings = Field(default_factory=CoordinationSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     refresh: RefreshSettings = Field(default_factory=RefreshSettings)
+    connect: ConnectSettings = Field(default_factory=ConnectSettings)
     providers: list[ProviderSettings] = Field(default_factory=list)
 
-    _addr = field_validator("listen", "admin")(classmethod(lambda cls, v: _address(v)))
+    _addr = field_validator("listen", "admin")(
+        classmethod(lambda cls, v: v if v is None else _address(v)))
 
     @model_validator(mode="after")
     def _unique(self) -> Self:
@@ -242,7 +264,12 @@ class Settings(_Model):
 
     @property
     def connect_base(self) -> str:
-        return (self.public_url or f"http://{self.admin}").rstrip("/")
+        return (self.public_url or f"http://{self.admin or self.listen}").rstrip("/")
+
+    @property
+    def redirect_uri(self) -> str:
+        """The OAuth redirect URI of the web connect flow."""
+        return f"{self.connect_base}/oauth/callback"
 
     def connect_url(self, provider: ProviderSettings) -> str:
         return provider.connect_url or f"{self.connect_base}/connect/{provider.id}"

@@ -122,6 +122,23 @@ class TokenBroker:
                             user, provider.id)
                 return await self._mark(user, provider, reason, rejected)
 
+    async def watch_vault(self, interval: float = 0.25) -> None:
+        """Drop the memory cache whenever the vault's epoch moves: another process (the
+        `credproxy revoke` command, another replica on the same file) revoked something.
+        Runs until cancelled; backends without an epoch make it a no-op."""
+        import asyncio
+
+        last: int | None = None
+        while True:
+            try:
+                epoch: int | None = await self._vault.epoch()
+            except VaultError:
+                epoch = last
+            if last is not None and epoch != last:
+                self._cache.clear()
+            last = epoch
+            await asyncio.sleep(interval)
+
     def invalidate(self, user: str, provider_id: str) -> None:
         self._cache.pop((user, provider_id), None)
 

@@ -21,9 +21,19 @@ from proxy.errors import CoordinationUnavailable
 from proxy.vault.base import Grant
 
 # (user, provider), or None for "drop every cached grant".
-__all__ = ["CoordinationUnavailable", "Coordinator", "Invalidation", "Lease"]
+__all__ = ["USED", "CoordinationUnavailable", "Coordinator", "Invalidation", "Lease", "Used"]
 
 Invalidation = Callable[[tuple[str, str] | None], Awaitable[None]]
+
+
+class Used:
+    """Marker: a single-use value was already taken."""
+
+    def __repr__(self) -> str:
+        return "USED"
+
+
+USED = Used()
 
 
 class Lease(Protocol):
@@ -54,6 +64,15 @@ class Coordinator(Protocol):
         ...
 
     def on_invalidation(self, callback: Invalidation) -> None: ...
+
+    async def put_once(self, name: str, value: bytes, ttl: float) -> None:
+        """Store a single-use value (e.g. OAuth state) for ``ttl`` seconds."""
+        ...
+
+    async def take_once(self, name: str) -> bytes | None | Used:
+        """Take a single-use value: the value once, then :data:`USED`; None if unknown or
+        expired."""
+        ...
 
     async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
         """Record a one-time ``jti``; False when it was seen before."""

@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from proxy.coordination.base import Invalidation, Lease
+from proxy.coordination.base import USED, Invalidation, Lease, Used
 from proxy.coordination.keyed import KeyedLocks
 from proxy.identity import ReplayGuard
 from proxy.vault.base import Grant
@@ -26,7 +26,10 @@ class MemoryCoordinator:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._locks = KeyedLocks()
         self._subscribers: list[Invalidation] = []
+        self._clock = clock
         self._jti = ReplayGuard(clock)
+        self._once: dict[str, tuple[bytes, float]] = {}
+        self._used: dict[str, float] = {}
 
     async def start(self) -> None:
         return None
@@ -50,6 +53,20 @@ class MemoryCoordinator:
 
     def on_invalidation(self, callback: Invalidation) -> None:
         self._subscribers.append(callback)
+
+    async def put_once(self, name: str, value: bytes, ttl: float) -> None:
+        now = self._clock()
+        self._once = {k: v for k, v in self._once.items() if v[1] > now}
+        self._used = {k: t for k, t in self._used.items() if t > now}
+        self._once[name] = (value, now + ttl)
+
+    async def take_once(self, name: str) -> bytes | None | Used:
+        now = self._clock()
+        entry = self._once.pop(name, None)
+        if entry is not None and entry[1] > now:
+            self._used[name] = entry[1]
+            return entry[0]
+        return USED if self._used.get(name, 0.0) > now else None
 
     async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
         return await self._jti.first_use(issuer, jti, expires_at)

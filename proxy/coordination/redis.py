@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
 from redis.exceptions import LockError, RedisError
 
-from proxy.coordination.base import CoordinationUnavailable, Invalidation, Lease
+from proxy.coordination.base import USED, CoordinationUnavailable, Invalidation, Lease, Used
 from proxy.settings import CoordinationSettings, resolve_secret
 from proxy.tokenset import TokenSet, TokenSetError
 from proxy.vault.base import Grant, GrantStatus
@@ -54,6 +54,16 @@ local g = tonumber(redis.call('GET', KEYS[2]) or '-1')
 if tonumber(ARGV[1]) <= g then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
+"""
+_TAKE = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+  return v
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'used'} end
+return false
 """
 _FORGET = """
 local g = tonumber(redis.call('GET', KEYS[2]) or '-1')
@@ -105,6 +115,7 @@ class RedisCoordinator:
         self.subscribed = asyncio.Event()
         self._put = self._r.register_script(_PUT)
         self._forget = self._r.register_script(_FORGET)
+        self._take = self._r.register_script(_TAKE)
         self._origin = secrets.token_hex(6)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -282,6 +293,25 @@ class RedisCoordinator:
     async def _fire(self, key: tuple[str, str] | None) -> None:
         for callback in list(self._callbacks):
             await callback(key)
+
+    # -- single-use values (OAuth state) -------------------------------------------------
+    async def put_once(self, name: str, value: bytes, ttl: float) -> None:
+        try:
+            await self._r.set(f"{self._s.key_prefix}once:{name}", value, px=int(ttl * 1000))
+        except RedisError as exc:
+            raise CoordinationUnavailable("redis unreachable: cannot store state") from exc
+
+    async def take_once(self, name: str) -> bytes | None | Used:
+        p = self._s.key_prefix
+        try:
+            # The "used" marker outlives the value by far, so a replay is named as such.
+            got = await self._take(keys=[f"{p}once:{name}", f"{p}used:{name}"],
+                                   args=[24 * 3600 * 1000])
+        except RedisError as exc:
+            raise CoordinationUnavailable("redis unreachable: cannot read state") from exc
+        if isinstance(got, list):
+            return USED
+        return got if isinstance(got, bytes) else None
 
     # -- one-time jti ------------------------------------------------------------------
     async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:

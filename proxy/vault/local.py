@@ -154,6 +154,11 @@ class LocalVault:
         """Raise unless the vault can be read (with this key) and written."""
         await self._call(self._check)
 
+    async def epoch(self) -> int:
+        """Changes whenever a grant is marked for re-auth or deleted, by any process: other
+        processes sharing this file poll it to drop revoked grants from their caches."""
+        return await self._call(self._epoch)
+
     async def close(self) -> None:
         # Nothing is held open between operations; later calls raise VaultUnavailable.
         # An operation already running in a thread completes (or rolls back) on its own.
@@ -266,14 +271,23 @@ class LocalVault:
             version=current.version + 1,
         )
         self._write(conn, updated)
+        _bump_epoch(conn)
         conn.execute("COMMIT")
         return updated
 
     def _delete(self, conn: sqlite3.Connection, *, user: str, provider: str) -> bool:
+        conn.execute("BEGIN IMMEDIATE")
         cursor = conn.execute(
             "DELETE FROM grants WHERE user = ? AND provider = ?", (user, provider)
         )
+        if cursor.rowcount > 0:
+            _bump_epoch(conn)
+        conn.execute("COMMIT")
         return cursor.rowcount > 0
+
+    def _epoch(self, conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()
+        return int.from_bytes(row[0], "big") if row else 0
 
     def _list(self, conn: sqlite3.Connection, *, user: str | None) -> builtins.list[GrantInfo]:
         if user is None:
@@ -381,3 +395,9 @@ def _create_private_file(path: Path) -> None:
             os.close(fd)
     except OSError as exc:
         raise VaultUnavailable(f"cannot create vault file {path}: {exc.strerror}") from exc
+
+
+def _bump_epoch(conn: sqlite3.Connection) -> None:
+    row = conn.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()
+    value = (int.from_bytes(row[0], "big") if row else 0) + 1
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (value.to_bytes(8, "big"),))

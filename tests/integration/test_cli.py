@@ -152,6 +152,7 @@ def test_run_stops_cleanly_on_sigterm(stack: Stack, tmp_path: Path) -> None:
     port = free_port()
     cfg = yaml.safe_load(stack.config_path.read_text())
     cfg["listen"] = f"127.0.0.1:{port}"
+    cfg["admin"] = f"127.0.0.1:{free_port()}"
     path = tmp_path / "second.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = start_server(["-m", "proxy.cli", "run", "--config", str(path)],

@@ -1,0 +1,223 @@
+"""Connecting a user to a provider: OAuth 2.0 authorization code with PKCE (RFC 6749 4.1,
+RFC 7636 S256), via authlib.
+
+The flow is framework-free: :meth:`Connector.begin` returns the authorize URL and keeps the
+flow's state (user, provider, PKCE verifier, redirect URI, scopes, return URL) single-use
+and short-lived in the coordinator, encrypted; :meth:`Connector.complete` takes the
+callback's query, checks everything, exchanges the code and stores the grant. The CLI's
+loopback listener and the admin server's web flow are thin callers of these two methods.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from proxy import audit as auditlog
+from proxy.audit import AuditLog
+from proxy.coordination.base import Coordinator, Used
+from proxy.errors import CredproxyError, VaultError
+from proxy.secret import Secret
+from proxy.settings import ProviderSettings, Settings
+from proxy.tokenset import TokenSet, TokenSetError
+from proxy.vault.base import Grant, Vault
+
+
+class ConnectRejected(CredproxyError):
+    """A connect flow that cannot go on; ``reason`` is a short slug for pages and audit."""
+
+    def __init__(self, reason: str, detail: str, *, user: str | None = None,
+                 provider: str | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.user = user
+        self.provider = provider
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    user: str
+    provider: str
+    scope: str | None
+    return_to: str | None
+
+
+class Connector:
+    def __init__(self, settings: Settings, vault: Vault, coordinator: Coordinator,
+                 audit: AuditLog, *, client_secret: Callable[[ProviderSettings], Secret | None],
+                 state_key: bytes, verify: ssl.SSLContext | bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._s = settings
+        self._vault = vault
+        self._coord = coordinator
+        self._audit = audit
+        self._client_secret = client_secret
+        self._aead = AESGCM(state_key)
+        self._transport = httpx2.AsyncHTTPTransport(verify=verify, retries=0)
+        self._clock = clock
+
+    def _client(self, provider: ProviderSettings, redirect_uri: str,
+                scope: str | None = None) -> AsyncOAuth2Client:
+        secret = self._client_secret(provider)
+        return AsyncOAuth2Client(
+            client_id=provider.client_id,
+            client_secret=secret.reveal() if secret else None,
+            token_endpoint_auth_method=provider.token_endpoint_auth_method,
+            redirect_uri=redirect_uri, scope=scope, transport=self._transport,
+            timeout=self._s.refresh.timeout, trust_env=False,
+        )
+
+    def scopes_for(self, provider: ProviderSettings, requested: list[str] | None) -> list[str]:
+        """The configured scopes, or a narrower set the user asked for (never wider)."""
+        if not requested:
+            return list(provider.scopes)
+        extra = sorted(set(requested) - set(provider.scopes))
+        if extra:
+            raise ConnectRejected("scope_not_allowed",
+                                  f"scopes {extra} are not configured for {provider.id}",
+                                  provider=provider.id)
+        return [s for s in provider.scopes if s in requested]
+
+    async def begin(self, user: str, provider_id: str, *, redirect_uri: str,
+                    scopes: list[str] | None = None, return_to: str | None = None) -> str:
+        """Start a flow for ``user``; returns the provider's authorize URL."""
+        try:
+            return await self._begin(user, provider_id, redirect_uri, scopes, return_to)
+        except ConnectRejected as exc:
+            self._audit.record(auditlog.CONNECTION_CREATED, user=user,
+                               provider=exc.provider or provider_id, outcome="rejected",
+                               reason=exc.reason)
+            raise
+
+    async def _begin(self, user: str, provider_id: str, redirect_uri: str,
+                     scopes: list[str] | None, return_to: str | None) -> str:
+        provider = self._provider(provider_id)
+        if provider.authorize_url is None:
+            raise ConnectRejected("no_authorize_url",
+                                  f"{provider.id} has no authorize_url configured",
+                                  user=user, provider=provider.id)
+        if return_to is not None and return_to not in self._s.connect.return_urls:
+            raise ConnectRejected("return_url_not_allowed",
+                                  "the return URL is not one of connect.return_urls",
+                                  user=user, provider=provider.id)
+        granted = self.scopes_for(provider, scopes)
+        state = secrets.token_urlsafe(32)
+        verifier = secrets.token_urlsafe(64)  # 86 chars: within RFC 7636's 43..128
+        client = self._client(provider, redirect_uri, " ".join(granted) or None)
+        url, _ = client.create_authorization_url(provider.authorize_url, state=state,
+                                                 code_verifier=verifier)
+        record: dict[str, object] = {"u": user, "p": provider.id, "v": verifier, "r": redirect_uri,
+                  "s": granted, "t": return_to, "c": self._clock()}
+        await self._coord.put_once(self._name(state), self._seal(state, record),
+                                   self._s.connect.state_ttl + 60)
+        return str(url)
+
+    async def complete(self, params: Mapping[str, str]) -> Connected:
+        """Finish a flow from the callback's query parameters (``state``, ``code`` or
+        ``error``). Every rejection is audited and stores nothing."""
+        try:
+            return await self._complete(params)
+        except ConnectRejected as exc:
+            self._audit.record(auditlog.CONNECTION_CREATED, user=exc.user,
+                               provider=exc.provider, outcome="rejected", reason=exc.reason)
+            raise
+
+    async def _complete(self, params: Mapping[str, str]) -> Connected:
+        state = params.get("state")
+        if not state:
+            raise ConnectRejected("missing_state", "the callback carries no state")
+        taken = await self._coord.take_once(self._name(state))
+        if isinstance(taken, Used):
+            raise ConnectRejected("replayed_state", "this sign-in was already completed")
+        if taken is None:
+            raise ConnectRejected("unknown_state",
+                                  "the state does not belong to a sign-in started here")
+        rec = self._unseal(state, taken)
+        user, provider_id = str(rec["u"]), str(rec["p"])
+        if self._clock() - float(rec["c"]) > self._s.connect.state_ttl:
+            raise ConnectRejected("expired_state", "the sign-in took too long; start again",
+                                  user=user, provider=provider_id)
+        if "error" in params:
+            raise ConnectRejected(f"provider_error:{params['error'][:64]}",
+                                  f"the provider answered {params['error'][:64]}",
+                                  user=user, provider=provider_id)
+        code = params.get("code")
+        if not code:
+            raise ConnectRejected("missing_code", "the callback carries no code",
+                                  user=user, provider=provider_id)
+        verifier = rec.get("v")
+        if not isinstance(verifier, str) or not verifier:
+            raise ConnectRejected("missing_pkce_verifier", "the PKCE verifier is missing",
+                                  user=user, provider=provider_id)
+        provider = self._provider(provider_id)
+        client = self._client(provider, str(rec["r"]))
+        try:
+            data = await client.fetch_token(provider.token_url, code=code,
+                                            code_verifier=verifier)
+            response = dict(data)
+            if "expires_in" in response:
+                response.pop("expires_at", None)
+            tokens = TokenSet.from_response(response, now=self._clock())
+        except OAuthError as exc:
+            raise ConnectRejected(f"token_exchange_failed:{exc.error}",
+                                  f"the provider refused the code ({exc.error})",
+                                  user=user, provider=provider_id) from None
+        except (httpx2.HTTPError, ValueError, TokenSetError):
+            raise ConnectRejected("token_exchange_failed",
+                                  "the token endpoint could not be used",
+                                  user=user, provider=provider_id) from None
+        if tokens.scope is None and rec.get("s"):
+            # RFC 6749 5.1: an omitted scope means the requested one was granted.
+            tokens = TokenSet(tokens.access_token, tokens.refresh_token, tokens.token_type,
+                              tokens.expires_at, " ".join(rec["s"]))
+        try:
+            await self._vault.put(Grant(user=user, provider=provider_id, tokens=tokens))
+        except VaultError as exc:
+            raise ConnectRejected("vault_unavailable", "the grant could not be stored",
+                                  user=user, provider=provider_id) from exc
+        await self._coord.publish_invalidation(user, provider_id)
+        self._audit.record(auditlog.CONNECTION_CREATED, user=user, provider=provider_id,
+                           outcome="connected", reason=f"scope={tokens.scope or ''}",
+                           token=tokens.access_token, token_source="vault")
+        return_to = rec.get("t")
+        return Connected(user, provider_id, tokens.scope,
+                         return_to if isinstance(return_to, str) else None)
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    def _provider(self, provider_id: str) -> ProviderSettings:
+        for p in self._s.providers:
+            if p.id == provider_id:
+                return p
+        raise ConnectRejected("unknown_provider", f"no provider {provider_id!r}")
+
+    @staticmethod
+    def _name(state: str) -> str:
+        import hashlib
+
+        return "state:" + hashlib.sha256(state.encode()).hexdigest()[:40]
+
+    def _seal(self, state: str, record: dict[str, object]) -> bytes:
+        nonce = secrets.token_bytes(12)
+        return nonce + self._aead.encrypt(nonce, json.dumps(record).encode(), state.encode())
+
+    def _unseal(self, state: str, blob: bytes) -> dict[str, Any]:
+        try:
+            rec = json.loads(self._aead.decrypt(blob[:12], blob[12:], state.encode()))
+        except (InvalidTag, ValueError):
+            raise ConnectRejected("unknown_state", "the state record is unreadable") from None
+        if not isinstance(rec, dict):
+            raise ConnectRejected("unknown_state", "the state record is unreadable")
+        return rec
