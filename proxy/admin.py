@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.connect import ConnectRejected, Connector
+from proxy.connect import Connector, ConnectRejected
 from proxy.errors import CredproxyError, ProxyRefusal
 from proxy.identity import IdentityVerifier
 from proxy.secret import Secret

@@ -40,9 +40,20 @@ def write_dev_keys(out_dir: Path, *, alg: str = "EdDSA", kid: str = "dev-1") -> 
 def load_signing_key(path: str) -> Key:
     data = Path(path).expanduser().read_bytes()
     try:
-        return import_key(json.loads(data)) if data.lstrip().startswith(b"{") else import_key(
-            data)
-    except ValueError as exc:
+        if data.lstrip().startswith(b"{"):
+            return import_key(json.loads(data))
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        private = load_pem_private_key(data, password=None)
+        kinds: list[tuple[type, type[Key]]] = [(rsa.RSAPrivateKey, RSAKey),
+                                              (ec.EllipticCurvePrivateKey, ECKey),
+                                              (ed25519.Ed25519PrivateKey, OKPKey)]
+        for kind, cls in kinds:
+            if isinstance(private, kind):
+                return cls.import_key(data)
+        raise ValueError("unsupported key type")
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"cannot load signing key {path}: {exc}") from exc
 
 

@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import time
 import warnings
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 import httpx2
 from joserfc import jwt
 from joserfc.errors import JoseError, SecurityWarning
-from joserfc.jwk import ECKey, Key, KeySet, OctKey, OKPKey, RSAKey, import_key
+from joserfc.jwk import ECKey, Key, KeySet, OctKey, OKPKey, RSAKey
 
 from proxy.audit import ContextInfo
 from proxy.errors import (
@@ -95,8 +96,12 @@ class KeySource:
     """The verification keys: a static set, or a JWKS URL refreshed on unknown ``kid``."""
 
     def __init__(self, keys: KeySet | None, *, jwks_url: str | None = None,
-                 http: httpx2.AsyncClient | None = None, min_refetch: float = 30.0) -> None:
+                 http: httpx2.AsyncClient | None = None, min_refetch: float = 30.0,
+                 any_kid: bool = False) -> None:
         self._keys = keys
+        # A single configured key (PEM, HS secret) has no kid of its own: accept whatever
+        # kid the issuer labels its tokens with.
+        self._any_kid = any_kid
         self._url = jwks_url
         self._http = http
         self._min_refetch = min_refetch
@@ -111,14 +116,15 @@ class KeySource:
                 data = json.loads(Path(s.jwks_file).expanduser().read_text(encoding="utf-8"))
                 return cls(KeySet.import_key_set(data))
             if s.pem_file:
-                return cls(KeySet([import_key(Path(s.pem_file).expanduser().read_bytes())]))
+                key = import_pem(Path(s.pem_file).expanduser().read_bytes(), s.pem_file)
+                return cls(KeySet([key]), any_kid=True)
             if s.hs256_secret_env or s.hs256_secret_file:
                 kwargs = {} if environ is None else {"environ": environ}
                 secret = resolve_secret(env=s.hs256_secret_env, file=s.hs256_secret_file,
                                         what="identity.hs256_secret", **kwargs)
                 if len(secret.reveal().encode()) < 32:
                     raise ConfigError("identity.hs256_secret: must be at least 32 bytes")
-                return cls(KeySet([OctKey.import_key(secret.reveal().encode())]))
+                return cls(KeySet([OctKey.import_key(secret.reveal().encode())]), any_kid=True)
         except (OSError, ValueError, JoseError) as exc:
             raise ConfigError(f"identity: cannot load verification keys: {exc}") from exc
         assert s.jwks_url is not None
@@ -126,6 +132,8 @@ class KeySource:
 
     async def key_for(self, kid: str | None) -> Key:
         keys = await self._current(force=False)
+        if self._any_kid:
+            return keys.keys[0]
         try:
             return _pick(keys, kid)
         except UserContextInvalid:
@@ -158,6 +166,25 @@ class KeySource:
                 return self._keys
             raise UserContextInvalid("verification keys are unavailable",
                                      reason="keys-unavailable") from exc
+
+
+def import_pem(data: bytes, source: str) -> Key:
+    """A PEM public key with its type stated (guessing it would let non-PEM bytes become an
+    HMAC secret)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        public = load_pem_public_key(data)
+    except ValueError as exc:
+        raise ConfigError(f"identity.pem_file: {source} is not a PEM public key") from exc
+    if isinstance(public, rsa.RSAPublicKey):
+        return RSAKey.import_key(data)
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return ECKey.import_key(data)
+    if isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return OKPKey.import_key(data)
+    raise ConfigError(f"identity.pem_file: unsupported key type in {source}")
 
 
 def _pick(keys: KeySet, kid: str | None) -> Key:
@@ -207,9 +234,12 @@ class IdentityVerifier:
             return cached
         ctx = await self._verify(raw, now)
         if self._s.one_time_jti:
-            assert ctx.jti is not None
+            if ctx.jti is None:
+                raise UserContextInvalid("missing claims: jti", reason="missing-claim")
             try:
-                first = await self._replay.first_use(ctx.issuer, ctx.jti, ctx.expires_at)
+                # Remembered for as long as the token can be accepted: exp plus leeway.
+                first = await self._replay.first_use(ctx.issuer, ctx.jti,
+                                                     ctx.expires_at + self._s.leeway)
             except CoordinationUnavailable as exc:
                 raise CredentialStoreUnavailable("cannot record the one-time jti",
                                                  reason="coordination_unavailable") from exc
@@ -264,9 +294,11 @@ class IdentityVerifier:
                                      reason="missing-claim")
         exp, iat, nbf = claims["exp"], claims["iat"], claims.get("nbf")
         for name, value in (("exp", exp), ("iat", iat), ("nbf", nbf)):
+            # JSON parsers accept NaN/Infinity, and every comparison with NaN is false.
             if value is not None and (isinstance(value, bool) or
-                                      not isinstance(value, int | float)):
-                raise UserContextInvalid(f"{name} must be a number", reason="malformed")
+                                      not isinstance(value, int | float) or
+                                      not math.isfinite(value)):
+                raise UserContextInvalid(f"{name} must be a finite number", reason="malformed")
         if claims["iss"] != s.issuer:
             raise UserContextInvalid("issuer is not the configured one", reason="wrong-issuer")
         aud = claims["aud"]
@@ -284,7 +316,9 @@ class IdentityVerifier:
         if not isinstance(sub, str) or len(sub) > 256:
             raise UserContextInvalid("sub must be a string of at most 256 chars",
                                      reason="malformed")
-        ctx = claims.get("ctx") or {}
+        ctx = claims.get("ctx")
+        if ctx is None:
+            ctx = {}
         if not isinstance(ctx, dict) or not all(
             isinstance(ctx.get(k), str | None) for k in ("kind", "id")
         ):
@@ -295,6 +329,9 @@ class IdentityVerifier:
                                           all(isinstance(p, str) for p in providers)):
             raise UserContextInvalid("providers must be a list of strings", reason="malformed")
         jti = claims.get("jti")
+        if jti is not None and (not isinstance(jti, str) or len(jti) > 256):
+            raise UserContextInvalid("jti must be a string of at most 256 chars",
+                                     reason="malformed")
         return UserContext(
             user=sub,
             issuer=claims["iss"],

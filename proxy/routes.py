@@ -33,6 +33,8 @@ def normalize_host(host: str) -> str:
     h = h.lower()
     if h.endswith("."):
         h = h[:-1]
+    if h.endswith("."):
+        raise ValueError("not a host name")
     if not h or any(c in h for c in "@/\\ \t?#%[]") or ".." in h or h.startswith("."):
         raise ValueError("not a host name")
     try:
@@ -59,7 +61,8 @@ def parse_authority(value: str, *, tls: bool) -> tuple[str, int]:
             host, port_s = v, None
         else:
             port_s = port_s_
-    if port_s is not None and (not port_s.isdigit() or not 0 < int(port_s) < 65536):
+    if port_s is not None and (not (port_s.isascii() and port_s.isdigit()) or
+                               not 0 < int(port_s) < 65536):
         raise ValueError("bad port")
     port = int(port_s) if port_s is not None else (443 if tls else 80)
     return normalize_host(host), port

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proxy.errors import ConfigError
 from proxy.secret import Secret
@@ -39,15 +47,15 @@ def _address(value: str) -> str:
 
 class IdentitySettings(_Model):
     header: str = "X-User-Context"
-    issuer: str
-    audience: str
+    issuer: Annotated[str, Field(min_length=1)]
+    audience: Annotated[str, Field(min_length=1)]
     jwks_file: str | None = None
     jwks_url: str | None = None
     pem_file: str | None = None
     hs256_secret_env: str | None = None
     hs256_secret_file: str | None = None
     algorithms: list[str] = Field(default_factory=lambda: ["EdDSA", "ES256", "RS256"])
-    typ: str | None = "user-context+jwt"  # null accepts any typ (not recommended)
+    typ: Annotated[str, Field(min_length=1)] | None = "user-context+jwt"  # null: any typ
     max_lifetime: Annotated[int, Field(gt=0, le=86400)] = 900
     leeway: Annotated[int, Field(ge=0, le=300)] = 30
     one_time_jti: bool = False  # require a jti and accept each token once
@@ -148,18 +156,29 @@ class InjectSettings(_Model):
     @field_validator("format")
     @classmethod
     def _format(cls, v: str) -> str:
+        marker = "\x00credproxy-token\x00"
         try:
-            v.format(access_token="x", token_type="Bearer")
+            rendered = v.format(access_token=marker, token_type="Bearer")
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError("may use only {access_token} and {token_type}") from exc
-        if "{access_token}" not in v:
+        if marker not in rendered:
             raise ValueError("must contain {access_token}")
+        return v
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", v) or v.lower() in {
+                "host", "proxy-authorization", "content-length", "transfer-encoding"}:
+            raise ValueError("must be a header name other than Host/Proxy-Authorization/"
+                             "Content-Length/Transfer-Encoding")
         return v
 
 
 class ProviderSettings(_Model):
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-    hosts: Annotated[list[str], Field(min_length=1)]
+    hosts: Annotated[list[Annotated[str, AfterValidator(lambda h: validate_host_pattern(h))]],
+                     Field(min_length=1)]
     authorize_url: str | None = None
     token_url: str
     revocation_url: str | None = None
@@ -175,11 +194,6 @@ class ProviderSettings(_Model):
     methods: list[str] | None = None  # allowlist of HTTP methods; null = all
     allow_http: bool = False  # plain-http upstreams, for local tests only
     connect_url: str | None = None  # where users re-authorize; default <public_url>/connect/<id>
-
-    @field_validator("hosts")
-    @classmethod
-    def _hosts(cls, v: list[str]) -> list[str]:
-        return [validate_host_pattern(h) for h in v]
 
     @field_validator("methods")
     @classmethod
@@ -257,9 +271,12 @@ class Settings(_Model):
         seen: dict[str, str] = {}
         for p in self.providers:
             for h in p.hosts:
-                if h in seen:
-                    raise ValueError(f"host {h!r} is listed by providers {seen[h]!r} and {p.id!r}")
-                seen[h] = p.id
+                # "api.example.com" and "api.example.com:443" name the same destination.
+                canon = h if ":" in h.rsplit("]", 1)[-1] else f"{h}:443"
+                if canon in seen:
+                    raise ValueError(f"host {h!r} is listed by providers {seen[canon]!r} and "
+                                     f"{p.id!r}")
+                seen[canon] = p.id
         return self
 
     @property
@@ -292,8 +309,11 @@ def validate_host_pattern(pattern: str) -> str:
             port = rest.removeprefix(":")
     elif raw.count(":") == 1:
         host, port = raw.split(":")
-    if port is not None and (not port.isdigit() or not 0 < int(port) < 65536):
+    if port is not None and (not (port.isascii() and port.isdigit()) or
+                             not 0 < int(port) < 65536):
         raise ValueError(f"{pattern!r}: bad port")
+    if port is not None:
+        port = str(int(port))  # "0443" is 443
     if host.endswith("."):
         host = host[:-1]
     try:
@@ -316,6 +336,8 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
     return parse_settings(data, source=str(p))
@@ -353,6 +375,8 @@ def resolve_secret(*, env: str | None, file: str | None, what: str,
             value = Path(file).expanduser().read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"{what}: cannot read {file}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"{what}: {file} is not UTF-8 text") from None
         if not value:
             raise ConfigError(f"{what}: {file} is empty")
         return Secret(value)

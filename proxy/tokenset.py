@@ -89,7 +89,7 @@ def _number(value: object, name: str) -> float:
         raise TokenSetError(f"{name} must be a number")
     try:
         number = float(value)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise TokenSetError(f"{name} must be a number") from exc
     if not math.isfinite(number) or number < 0:
         raise TokenSetError(f"{name} must be a non-negative number")

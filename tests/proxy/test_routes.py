@@ -153,10 +153,7 @@ V6 = Destination("[::1]", 8443, True)
     pytest.param(V6, "[::1]8443", False, id="ipv6-port-without-colon"),
     pytest.param(V6, "[zz]:8443", False, id="ipv6-garbage"),
     pytest.param(
-        TLS, "api.example.com:٤٤٣", False, id="port-non-ascii-digits",
-        marks=pytest.mark.xfail(reason="BUG: proxy/routes.py parse_authority uses "
-                                       "str.isdigit(), so the Arabic-Indic digits '٤٤٣' "
-                                       "parse as port 443", strict=True)),
+        TLS, "api.example.com:٤٤٣", False, id="port-non-ascii-digits"),
 ])
 def test_host_agrees(destination: Destination, header: str | None, expected: bool) -> None:
     assert host_agrees(destination, header) is expected
@@ -221,10 +218,7 @@ def test_normalize_host(host: str, expected: str) -> None:
     pytest.param("[zz]", id="bad-ipv6"),
     pytest.param("[::1]x", id="bracket-junk"),
     pytest.param(
-        "example.com..", id="two-trailing-dots",
-        marks=pytest.mark.xfail(reason="BUG: proxy/routes.py normalize_host strips one "
-                                       "trailing dot, then checks '..' -- 'example.com..' "
-                                       "returns 'example.com.' (an empty label)", strict=True)),
+        "example.com..", id="two-trailing-dots"),
 ])
 def test_normalize_host_rejects(host: str) -> None:
     with pytest.raises(ValueError):
