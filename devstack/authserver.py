@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from urllib.parse import urlsplit, urlunsplit
 import logging
 import os
 import secrets
@@ -113,7 +114,15 @@ class Client(ClientMixin):  # type: ignore[misc]
         return str(list_to_scope(requested))
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
-        return redirect_uri in self.redirect_uris  # exact match, RFC 9700 section 4.1.3
+        # Exact match (RFC 9700 section 4.1.3), except that a registered loopback IP
+        # redirect matches any port (RFC 8252 section 7.3: native apps pick a free port).
+        if redirect_uri in self.redirect_uris:
+            return True
+        parsed = urlsplit(redirect_uri)
+        if parsed.scheme != "http" or parsed.hostname not in ("127.0.0.1", "::1"):
+            return False
+        portless = urlunsplit((parsed.scheme, parsed.hostname, parsed.path, parsed.query, ""))
+        return portless in self.redirect_uris
 
     def check_client_secret(self, client_secret: str) -> bool:
         return secrets.compare_digest(self.client_secret.encode(), client_secret.encode())
@@ -201,9 +210,13 @@ class Faults:
     token_count: int = 0  # < 0: every call until reset
     token_error: str = "temporarily_unavailable"
     token_delay: float = 0.0
+    revoke_status: int | None = None  # /revoke answers this (e.g. 503) while revoke_count
+    revoke_count: int = 0  # < 0: every call until reset
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "revoke_status": self.revoke_status,
+            "revoke_count": self.revoke_count,
             "token_status": self.token_status,
             "token_count": self.token_count,
             "token_error": self.token_error,
@@ -593,6 +606,16 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
 
     @app.post("/revoke")
     def revoke() -> Any:
+        with store.lock:
+            f = store.faults
+            status: int | None = None
+            if f.revoke_status is not None and f.revoke_count != 0:
+                status = f.revoke_status
+                if f.revoke_count > 0:
+                    f.revoke_count -= 1
+        if status is not None:
+            return Response(json.dumps({"error": "temporarily_unavailable"}), status=status,
+                            content_type="application/json", headers={"Retry-After": "0"})
         return server.create_endpoint_response(Revocation.ENDPOINT_NAME)
 
     @app.post("/introspect")
@@ -690,6 +713,10 @@ def _add_admin(app: Flask, store: Store) -> None:
                 f.token_error = str(data["token_error"])
             if "token_delay" in data:
                 f.token_delay = float(data["token_delay"] or 0.0)
+            if "revoke_status" in data:
+                f.revoke_status = (None if data["revoke_status"] is None
+                                   else int(data["revoke_status"]))
+                f.revoke_count = int(data.get("revoke_count", 1))
             return f.as_json()
 
     @app.get("/_admin/stats")

@@ -69,6 +69,10 @@ class Stack:
     def proxy_url(self) -> str:
         return f"http://{self.config['listen']}"
 
+    def admin_tls(self) -> ssl.SSLContext:
+        """Trusts the test CA (the authorization server's certificate)."""
+        return ssl.create_default_context(cafile=str(self.ca.cert_path))
+
     def mitm_tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.mitm_ca))
 

@@ -224,6 +224,105 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_FAIL
 
 
+def cmd_connect(args: argparse.Namespace) -> int:
+    """Authorization code + PKCE for a person at a terminal (like `gh auth login`): print the
+    authorize URL, listen on a loopback redirect (RFC 8252), exchange, store."""
+    import webbrowser
+
+    from aiohttp import web
+
+    from proxy.app import build
+    from proxy.connect import ConnectRejected, Connected
+
+    settings = _settings(args)
+
+    async def go() -> int:
+        app = build(settings)
+        done: asyncio.Future[Connected | ConnectRejected] = (
+            asyncio.get_running_loop().create_future())
+
+        async def callback(request: web.Request) -> web.Response:
+            try:
+                result: Connected | ConnectRejected = await app.connector.complete(
+                    dict(request.query))
+                text, status = "Connected. You can close this window.", 200
+            except ConnectRejected as exc:
+                result, text, status = exc, f"Connection failed: {exc.detail}", 400
+            if not done.done():
+                done.set_result(result)
+            return web.Response(text=text, status=status,
+                                headers={"Cache-Control": "no-store"})
+
+        server = web.Application()
+        server.router.add_get("/oauth/callback", callback)
+        runner = web.AppRunner(server, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", args.port)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            url = await app.connector.begin(
+                args.user, args.provider,
+                redirect_uri=f"http://127.0.0.1:{port}/oauth/callback",
+                scopes=args.scope or None)
+            print(f"To connect {args.user} to {args.provider}, open this URL in a browser:\n"
+                  f"\n  {url}\n\nWaiting for the sign-in to finish "
+                  f"(redirect to http://127.0.0.1:{port}/oauth/callback)...",
+                  file=sys.stderr, flush=True)
+            if args.open:
+                webbrowser.open(url)
+            try:
+                result = await asyncio.wait_for(done, timeout=args.timeout)
+            except TimeoutError:
+                print("credproxy: the sign-in did not finish in time", file=sys.stderr)
+                return EXIT_FAIL
+            if isinstance(result, ConnectRejected):
+                print(f"credproxy: connection failed: {result.detail} ({result.reason})",
+                      file=sys.stderr)
+                return EXIT_FAIL
+            print(f"connected {result.user} to {result.provider} (scope: "
+                  f"{result.scope or '-'})", file=sys.stderr)
+            return EXIT_OK
+        except ConnectRejected as exc:
+            print(f"credproxy: {exc.detail} ({exc.reason})", file=sys.stderr)
+            return EXIT_FAIL
+        finally:
+            await runner.cleanup()
+            await app.aclose()
+
+    return asyncio.run(go())
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from proxy.app import build
+
+    settings = _settings(args)
+
+    async def go() -> int:
+        app = build(settings)
+        try:
+            if args.provider:
+                settings.provider(args.provider)
+            results = await app.offboarder.revoke(args.user, args.provider,
+                                                  dry_run=args.dry_run)
+        finally:
+            await app.aclose()
+        if not results:
+            print(f"{args.user} has no connections"
+                  + (f" to {args.provider}" if args.provider else ""), file=sys.stderr)
+            return EXIT_OK
+        for r in results:
+            if args.dry_run:
+                print(f"would revoke: {r.user} / {r.provider}")
+            elif r.upstream == "pending":
+                print(f"{r.provider}: removed locally; upstream revocation pending: {r.detail}")
+            else:
+                print(f"{r.provider}: removed; upstream {r.upstream}: {r.detail}")
+        return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL
+
+    return asyncio.run(go())
+
+
 def cmd_vault_keygen(args: argparse.Namespace) -> int:
     print(generate_key())
     return EXIT_OK
@@ -290,6 +389,22 @@ def _parser() -> argparse.ArgumentParser:
     put.add_argument("--provider", required=True)
     command("keygen", cmd_vault_keygen, "print a new random vault key", parent=vault,
             config=False)
+
+    conn = command("connect", cmd_connect,
+                   "connect a user to a provider (authorization code + PKCE, loopback redirect)")
+    conn.add_argument("--user", required=True)
+    conn.add_argument("--provider", required=True)
+    conn.add_argument("--scope", action="append",
+                      help="a narrower scope than configured (repeatable)")
+    conn.add_argument("--open", action="store_true", help="open the URL in a browser")
+    conn.add_argument("--port", type=int, default=0, help="loopback port (default: any)")
+    conn.add_argument("--timeout", type=float, default=300.0)
+
+    rev = command("revoke", cmd_revoke,
+                  "offboard: revoke upstream (RFC 7009), delete, invalidate every replica")
+    rev.add_argument("--user", required=True)
+    rev.add_argument("--provider", help="only this provider (default: all of the user's)")
+    rev.add_argument("--dry-run", action="store_true", help="list what would be revoked")
 
     conns = command("connections", cmd_connections, "list grants (never token values)")
     conns.add_argument("--user")

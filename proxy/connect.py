@@ -74,7 +74,8 @@ class Connector:
             client_id=provider.client_id,
             client_secret=secret.reveal() if secret else None,
             token_endpoint_auth_method=provider.token_endpoint_auth_method,
-            redirect_uri=redirect_uri, scope=scope, transport=self._transport,
+            redirect_uri=redirect_uri, scope=scope, code_challenge_method="S256",
+            transport=self._transport,
             timeout=self._s.refresh.timeout, trust_env=False,
         )
 

@@ -47,7 +47,9 @@ class Revocation:
 class Offboarder:
     def __init__(self, settings: Settings, vault: Vault, coordinator: Coordinator,
                  audit: AuditLog, *, client_secret: Callable[[ProviderSettings], Secret | None],
-                 verify: ssl.SSLContext | bool = True, backoff: float = 0.5) -> None:
+                 verify: ssl.SSLContext | bool = True, backoff: float = 0.5,
+                 settle: float = 0.6) -> None:
+        self._settle = settle
         self._s = settings
         self._vault = vault
         self._coord = coordinator
@@ -89,6 +91,9 @@ class Offboarder:
             await self._coord.publish_invalidation(user, provider_id)
         except CoordinationUnavailable:
             pass  # the vault mark (and its epoch) still stops every replica
+        # Proxies sharing a local vault notice the mark by polling its epoch (every 0.25 s):
+        # give them that long before the tokens are revoked, so none is injected after.
+        await asyncio.sleep(self._settle)
         provider = next((p for p in self._s.providers if p.id == provider_id), None)
         # 2. Revoke upstream.
         if provider is None or provider.revocation_url is None:

@@ -1,0 +1,162 @@
+"""Connector and Offboarder rejections on real parts (local vault, memory coordination,
+audit log); the full flows run against a real authorization server in
+tests/integration/test_onboarding.py."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from proxy.audit import AuditLog, StdoutSink
+from proxy.connect import ConnectRejected, Connector
+from proxy.coordination import MemoryCoordinator
+from proxy.offboard import Offboarder
+from proxy.secret import Secret
+from proxy.settings import parse_settings
+from proxy.tokenset import TokenSet
+from proxy.vault.base import Grant
+from proxy.vault.local import LocalVault
+
+KEY = bytes(range(32))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+SETTINGS = parse_settings({
+    "identity": {"issuer": "i", "audience": "a", "hs256_secret_env": "X",
+                 "algorithms": ["HS256"]},
+    "connect": {"state_ttl": 60, "return_urls": ["https://app.example.com/done"]},
+    "providers": [
+        {"id": "docs", "hosts": ["docs.example.com"], "client_id": "c",
+         "token_endpoint_auth_method": "none", "scopes": ["read", "write"],
+         "authorize_url": "https://login.example.com/authorize",
+         "token_url": "https://login.example.com/token"},
+        {"id": "graph", "hosts": ["graph.example.com"], "client_id": "g",
+         "token_endpoint_auth_method": "none",
+         "token_url": "https://login.example.com/token"},
+    ],
+})
+
+
+@pytest.fixture
+async def parts(tmp_path: Path):  # type: ignore[no-untyped-def]
+    clock = Clock()
+    vault = LocalVault.open(tmp_path / "v.db", KEY, clock=clock)
+    coord = MemoryCoordinator(clock)
+    out = io.StringIO()
+    audit = AuditLog(StdoutSink(out), instance="t/1", fingerprint_key=KEY, clock=clock)
+    connector = Connector(SETTINGS, vault, coord, audit, client_secret=lambda p: None,
+                          state_key=KEY, clock=clock)
+    yield connector, vault, coord, out, clock
+    await connector.aclose()
+    await vault.close()
+
+
+def _records(out: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(x) for x in out.getvalue().splitlines()]
+
+
+async def _state(connector: Connector, **kw: object) -> str:
+    url = await connector.begin("alice", "docs", redirect_uri="http://127.0.0.1/cb", **kw)  # type: ignore[arg-type]
+    from urllib.parse import parse_qs, urlsplit
+
+    return parse_qs(urlsplit(url).query)["state"][0]
+
+
+async def test_begin_builds_a_pkce_s256_url_with_configured_scopes(parts) -> None:  # type: ignore[no-untyped-def]
+    connector = parts[0]
+    url = await connector.begin("alice", "docs", redirect_uri="http://127.0.0.1/cb")
+    assert url.startswith("https://login.example.com/authorize?")
+    assert "code_challenge_method=S256" in url and "scope=read+write" in url
+    narrow = await connector.begin("alice", "docs", redirect_uri="http://127.0.0.1/cb",
+                                   scopes=["write"])
+    assert "scope=write" in narrow and "read" not in narrow.split("scope=")[1]
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    pytest.param({"scopes": ["admin"]}, "scope_not_allowed", id="wider-scope"),
+    pytest.param({"return_to": "https://evil.example/"}, "return_url_not_allowed",
+                 id="open-redirect"),
+])
+async def test_begin_rejections_are_audited(parts, kwargs, reason) -> None:  # type: ignore[no-untyped-def]
+    connector, _, _, out, _ = parts
+    with pytest.raises(ConnectRejected) as exc:
+        await connector.begin("alice", "docs", redirect_uri="http://127.0.0.1/cb", **kwargs)
+    assert exc.value.reason == reason
+    assert _records(out)[-1]["reason"] == reason
+
+
+async def test_provider_without_authorize_url(parts) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConnectRejected, match="no authorize_url"):
+        await parts[0].begin("alice", "graph", redirect_uri="http://127.0.0.1/cb")
+
+
+async def test_expired_state_is_rejected_and_nothing_stored(parts) -> None:  # type: ignore[no-untyped-def]
+    connector, vault, _, out, clock = parts
+    state = await _state(connector)
+    clock.now += 61
+    with pytest.raises(ConnectRejected) as exc:
+        await connector.complete({"state": state, "code": "c"})
+    assert exc.value.reason == "expired_state"
+    assert await vault.list() == []
+    assert _records(out)[-1]["user"] == "alice"
+
+
+async def test_replayed_state(parts) -> None:  # type: ignore[no-untyped-def]
+    connector = parts[0]
+    state = await _state(connector)
+    with pytest.raises(ConnectRejected, match="provider answered"):
+        await connector.complete({"state": state, "error": "access_denied"})
+    with pytest.raises(ConnectRejected) as exc:
+        await connector.complete({"state": state, "code": "c"})
+    assert exc.value.reason == "replayed_state"
+
+
+async def test_missing_code_and_missing_verifier(parts) -> None:  # type: ignore[no-untyped-def]
+    connector, _, coord, _, clock = parts
+    state = await _state(connector)
+    with pytest.raises(ConnectRejected) as exc:
+        await connector.complete({"state": state})
+    assert exc.value.reason == "missing_code"
+    # A state record without a PKCE verifier (never produced by begin) is refused.
+    forged = "s" * 43
+    record = {"u": "alice", "p": "docs", "v": "", "r": "http://127.0.0.1/cb", "s": [],
+              "t": None, "c": clock.now}
+    await coord.put_once(connector._name(forged), connector._seal(forged, record), 60)
+    with pytest.raises(ConnectRejected) as exc:
+        await connector.complete({"state": forged, "code": "c"})
+    assert exc.value.reason == "missing_pkce_verifier"
+
+
+async def test_state_sealed_for_another_state_is_unreadable(parts) -> None:  # type: ignore[no-untyped-def]
+    connector, _, coord, _, clock = parts
+    record = {"u": "alice", "p": "docs", "v": "v" * 43, "r": "x", "s": [], "t": None,
+              "c": clock.now}
+    await coord.put_once(connector._name("b" * 43), connector._seal("a" * 43, record), 60)
+    with pytest.raises(ConnectRejected) as exc:
+        await connector.complete({"state": "b" * 43, "code": "c"})
+    assert exc.value.reason == "unknown_state"
+
+
+async def test_offboarding_a_provider_without_rfc7009(parts) -> None:  # type: ignore[no-untyped-def]
+    _, vault, coord, out, clock = parts
+    audit = AuditLog(StdoutSink(out), instance="t/2", fingerprint_key=KEY, clock=clock)
+    off = Offboarder(SETTINGS, vault, coord, audit, client_secret=lambda p: None, settle=0)
+    await vault.put(Grant("bob", "graph", TokenSet(Secret("at"), Secret("rt"))))
+    assert [g.provider for g in await off.plan("bob")] == ["graph"]
+    (result,) = await off.revoke("bob")
+    assert result.upstream == "unsupported" and "revokeSignInSessions" in result.detail
+    assert result.ok and result.removed
+    assert await vault.get("bob", "graph") is None
+    events = [r["event"] for r in _records(out)]
+    assert events[-2:] == ["connection.revoked", "user.offboarded"]
+    await off.aclose()
