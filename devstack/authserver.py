@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from urllib.parse import urlsplit, urlunsplit
 import logging
 import os
 import secrets
@@ -38,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import (

@@ -232,7 +232,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from proxy.app import build
-    from proxy.connect import ConnectRejected, Connected
+    from proxy.connect import Connected, ConnectRejected
 
     settings = _settings(args)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from proxy.audit import AuditLog, StdoutSink
-from proxy.connect import ConnectRejected, Connector
+from proxy.connect import Connector, ConnectRejected
 from proxy.coordination import MemoryCoordinator
 from proxy.offboard import Offboarder
 from proxy.secret import Secret
