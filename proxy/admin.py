@@ -13,6 +13,8 @@ from aiohttp import web
 from proxy.connect import Connector, ConnectRejected
 from proxy.errors import CredproxyError, ProxyRefusal
 from proxy.identity import IdentityVerifier
+from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from proxy.metrics import Metrics
 from proxy.secret import Secret
 from proxy.settings import Settings
 from proxy.vault.base import Vault
@@ -30,7 +32,9 @@ def _page(title: str, body: str, status: int) -> web.Response:
 
 class AdminServer:
     def __init__(self, settings: Settings, verifier: IdentityVerifier, connector: Connector,
-                 vault: Vault, ready_checks: list[tuple[str, object]]) -> None:
+                 vault: Vault, ready_checks: list[tuple[str, object]],
+                 metrics: Metrics) -> None:
+        self._metrics = metrics
         self._s = settings
         self._verifier = verifier
         self._connector = connector
@@ -40,6 +44,7 @@ class AdminServer:
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/connect/{provider}", self.connect)
         app.router.add_get("/oauth/callback", self.callback)
         self.app = app
@@ -59,6 +64,10 @@ class AdminServer:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(),
+                            headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def readyz(self, request: web.Request) -> web.Response:
         checks: dict[str, str] = {}

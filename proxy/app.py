@@ -51,7 +51,8 @@ class App:
         if serve_admin and self.settings.admin:
             self.admin = AdminServer(
                 self.settings, self.sidecar.verifier, self.connector, self.vault,
-                [("vault", self.vault.epoch), ("coordination", self.coordinator.check)])
+                [("vault", self.vault.epoch), ("coordination", self.coordinator.check)],
+                self.sidecar.metrics)
             await self.admin.start()
 
     async def aclose(self) -> None:

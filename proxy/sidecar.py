@@ -24,6 +24,7 @@ from proxy.errors import (
     UserContextMissing,
 )
 from proxy.identity import IdentityVerifier, UserContext
+from proxy.metrics import reason_label
 from proxy.routes import Destination, Router, host_agrees, normalize_host
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
@@ -71,6 +72,7 @@ class Injection:
 class Sidecar:
     def __init__(self, settings: Settings, verifier: IdentityVerifier, router: Router,
                  broker: TokenBroker, audit: AuditLog) -> None:
+        self.metrics = broker.metrics
         self.settings = settings
         self.verifier = verifier
         self.router = router
@@ -82,15 +84,13 @@ class Sidecar:
         provider = self.router.match(dest)
         misdirected = not host_agrees(dest, req.host_header) or not _sni_agrees(dest, req.sni)
         if provider is None:
-            if misdirected:
-                # mitmproxy connects to the Host header's host: a mismatch would send the
-                # request somewhere other than where the client's TLS/CONNECT pointed.
-                raise MisdirectedRequest("the Host header does not match the destination",
-                                         reason="host_mismatch")
-            if self.settings.unrouted == "deny":
-                raise UnroutedDenied(f"{dest} is not a configured provider",
-                                     reason="unrouted")
-            return Passthrough()
+            try:
+                decision = self._unrouted(dest, misdirected)
+            except ProxyRefusal as refusal:
+                self._count_refusal("-", refusal)
+                raise
+            self.metrics.requests.labels("-", "passthrough").inc()
+            return decision
         user: UserContext | None = None
         try:
             if misdirected:
@@ -103,11 +103,33 @@ class Sidecar:
             if req.context_error is not None:
                 raise req.context_error
             user = await self.verifier.verify(req.context_token)
-            return await self._inject(req, provider, user)
+            injection = await self._inject(req, provider, user)
         except ProxyRefusal as refusal:
+            self._count_refusal(provider.id, refusal)
             if not isinstance(refusal, AuditUnavailable):
                 self._audit_refusal(req, provider, user, refusal)
             raise
+        self.metrics.requests.labels(provider.id, "injected").inc()
+        return injection
+
+    def _unrouted(self, dest: Destination, misdirected: bool) -> Passthrough:
+        if misdirected:
+            # mitmproxy connects to the Host header's host: a mismatch would send the
+            # request somewhere other than where the client's TLS/CONNECT pointed.
+            raise MisdirectedRequest("the Host header does not match the destination",
+                                     reason="host_mismatch")
+        if self.settings.unrouted == "deny":
+            raise UnroutedDenied(f"{dest} is not a configured provider", reason="unrouted")
+        return Passthrough()
+
+    def _count_refusal(self, provider: str, refusal: ProxyRefusal) -> None:
+        m = self.metrics
+        m.requests.labels(provider, "denied").inc()
+        m.denials.labels(provider, refusal.slug, reason_label(refusal.reason)).inc()
+        if isinstance(refusal, AuditUnavailable):
+            m.audit_failures.inc()
+        if isinstance(refusal, ReauthRequired):
+            m.reauth.labels(provider, reason_label(refusal.reason)).inc()
 
     async def _inject(self, req: Outbound, provider: ProviderSettings,
                       user: UserContext) -> Injection:
@@ -130,6 +152,7 @@ class Sidecar:
         # injected (AuditUnavailable propagates to the agent).
         self._record("credential.injected", req, provider, user, outcome="injected",
                      token=tokens.access_token, token_source=issued.source)
+        self.metrics.injections.labels(provider.id, issued.source).inc()
         return Injection(provider.inject.header, Secret(value), provider, user, tokens)
 
     async def upstream_response(self, req: Outbound, injection: Injection, status: int,
@@ -144,6 +167,7 @@ class Sidecar:
         marked = await self.broker.mark_reauth(user.user, provider, "revoked_upstream",
                                                rejected=injection.tokens.access_token)
         reason = "revoked_upstream" if marked else "token_superseded"
+        self.metrics.reauth.labels(provider.id, reason).inc()
         self._record("reauth.required", req, provider, user, outcome="denied",
                      reason=reason, upstream_status=status,
                      token=injection.tokens.access_token, token_source=None)

@@ -26,10 +26,12 @@ from proxy.coordination.keyed import KeyedLocks
 from proxy.errors import (
     CoordinationUnavailable,
     CredentialStoreUnavailable,
+    CredproxyError,
     ReauthRequired,
     VaultCorruptError,
     VaultError,
 )
+from proxy.metrics import Metrics
 from proxy.refresh import InvalidGrant, Refresher
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings
@@ -68,7 +70,9 @@ class TokenBroker:
         client_secret: Callable[[ProviderSettings], Secret | None],
         connect_url: Callable[[ProviderSettings], str],
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self._vault = vault
         self._coord = coordinator
         self._refresher = refresher
@@ -195,6 +199,7 @@ class TokenBroker:
                 grant = await self._load(user, provider)
                 refreshed = await self._refresh(grant, provider)
         except CoordinationUnavailable as exc:
+            self.metrics.coordination_errors.inc()
             raise CredentialStoreUnavailable(
                 "the token needs a refresh and replicas cannot coordinate it right now",
                 reason="coordination_unavailable") from exc
@@ -232,11 +237,13 @@ class TokenBroker:
         try:
             return await self._vault.get(user, provider.id)
         except VaultCorruptError as exc:
+            self.metrics.vault_errors.labels("corrupt").inc()
             # Fail closed and say so; operators see the user and provider in the proxy log.
             raise CredentialStoreUnavailable("the stored grant for this user cannot be "
                                              "decrypted (corrupted or tampered)",
                                              reason="vault_record_corrupt") from exc
         except VaultError as exc:
+            self.metrics.vault_errors.labels("read").inc()
             raise CredentialStoreUnavailable("the credential store cannot be read",
                                              reason="vault_unavailable") from exc
 
@@ -261,14 +268,23 @@ class TokenBroker:
                               f"the access token for {provider.id} expired and cannot be "
                               "refreshed")
         self.stats.refreshes += 1
+        started = time.monotonic()
+        m = self.metrics
         try:
             tokens = await self._refresher.refresh(provider, self._client_secret(provider),
                                                    grant.tokens.refresh_token)
         except InvalidGrant:
+            m.refreshes.labels(provider.id, "invalid_grant").inc()
             await self._mark(grant.user, provider, "invalid_grant", None)
             raise self.reauth(provider, "invalid_grant",
                               f"{provider.id} rejected the refresh token (invalid_grant)"
                               ) from None
+        except CredproxyError:
+            m.refreshes.labels(provider.id, "failed").inc()
+            raise
+        finally:
+            m.refresh_seconds.labels(provider.id).observe(time.monotonic() - started)
+        m.refreshes.labels(provider.id, "ok").inc()
         new = replace(grant, tokens=tokens.merged_refresh(grant.tokens))
         self._unsaved[(grant.user, provider.id)] = new
         stored = await self._save(new)
@@ -281,6 +297,7 @@ class TokenBroker:
         try:
             stored = await self._vault.put(grant)
         except VaultError as exc:
+            self.metrics.vault_errors.labels("write").inc()
             raise CredentialStoreUnavailable(
                 "a refreshed token could not be written to the credential store; it is kept "
                 "in memory and the write is retried on the next request",
