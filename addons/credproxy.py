@@ -40,6 +40,9 @@ class CredentialInjector:
         # Per client connection: the CONNECT authority and the Proxy-Authorization context.
         self._tunnels: dict[str, tuple[str, int]] = {}
         self._conn_context: dict[str, Secret | UserContextInvalid] = {}
+        # Flows between requestheaders and their response/error: what a graceful shutdown
+        # waits for.
+        self.in_flight: set[str] = set()
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -58,7 +61,7 @@ class CredentialInjector:
 
     async def running(self) -> None:
         if self.app is not None and self._owns_app:
-            await self.app.start()
+            await self.app.start(config_path=ctx.options.credproxy_config)
 
     async def done(self) -> None:
         if self.app is not None and self._owns_app:
@@ -80,6 +83,7 @@ class CredentialInjector:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.app is None:
             return
+        self.in_flight.add(flow.id)
         sidecar = self.app.sidecar
         req = flow.request
         # Strip every user-context credential first, whatever happens next.
@@ -136,6 +140,7 @@ class CredentialInjector:
         return None
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        self.in_flight.discard(flow.id)
         meta = flow.metadata.pop(_META, None)
         if meta is None or flow.response is None or self.app is None:
             return
@@ -153,6 +158,7 @@ class CredentialInjector:
             self._answer(flow, refusal)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.in_flight.discard(flow.id)
         flow.metadata.pop(_META, None)
 
     def _answer(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> None:

@@ -48,8 +48,26 @@ def intercept_pattern(settings: Settings) -> list[str]:
     return pats
 
 
-async def serve(settings: Settings, app: App) -> None:
-    """Serve until SIGTERM/SIGINT."""
+async def drain(m: master.Master, injector: CredentialInjector, app: App,
+                grace: float) -> None:
+    """Graceful stop: stop accepting connections, report not-ready, let in-flight requests
+    finish (up to ``grace`` seconds), then shut down. Audit records are written as they
+    happen, so there is nothing left to flush but the sinks, which close with the app."""
+    app.draining = True
+    log.info("shutting down: %d requests in flight", len(injector.in_flight))
+    m.options.update(server=False)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while injector.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if injector.in_flight:
+        log.warning("shutdown grace over with %d requests still in flight",
+                    len(injector.in_flight))
+    m.shutdown()
+
+
+async def serve(settings: Settings, app: App, *, grace: float = 25.0) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (see :func:`drain`)."""
     ca_dir = Path(settings.ca_dir).expanduser()
     ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     host, _, port = settings.listen.rpartition(":")
@@ -63,8 +81,9 @@ async def serve(settings: Settings, app: App) -> None:
         tlsconfig.TlsConfig(),
         disable_h2c.DisableH2C(),
         errorcheck.ErrorCheck(),
-        CredentialInjector(app),
     )
+    injector = CredentialInjector(app)
+    m.addons.add(injector)
     update: dict[str, object] = {
         "stream_large_bodies": settings.stream_large_bodies,
         # No upstream connection before the addon has decided: a refused request never
@@ -78,8 +97,16 @@ async def serve(settings: Settings, app: App) -> None:
         update["allow_hosts"] = intercept_pattern(settings)
     opts.update(**update)
     loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        if stopping:  # a second signal: stop now
+            m.shutdown()
+            return
+        stopping.append(asyncio.create_task(drain(m, injector, app, grace)))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, m.shutdown)
+        loop.add_signal_handler(sig, on_signal)
     log.info("credproxy listening on %s (providers: %s)", settings.listen,
              ", ".join(p.id for p in settings.providers) or "none")
     try:

@@ -246,6 +246,13 @@ def create_app(
             n += len(chunk)
         return _json({"bytes": n, "sha256": h.hexdigest()})
 
+    @app.get("/slow")
+    def slow() -> Response:
+        """Answers after ``?seconds=`` (at most 30): an in-flight request for shutdown tests."""
+        seconds = min(float(request.args.get("seconds", "1")), 30.0)
+        time.sleep(seconds)
+        return _json({"slept": seconds})
+
     @app.route("/status/<int:code>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def status(code: int) -> Response:
         if not 200 <= code <= 599:

@@ -186,7 +186,8 @@ class Stack:
         """Whether the document API logged a request whose path contains ``marker``."""
         return marker in self.docs.stderr_text()
 
-    def vault_put(self, user: str, token_response: Mapping[str, Any]) -> None:
+    def vault_put(self, user: str, token_response: Mapping[str, Any],
+                  provider: str = PROVIDER) -> None:
         """Import a token set directly through the vault API (fast; for bulk test set-up)."""
         import asyncio
 
@@ -200,7 +201,7 @@ class Stack:
             vault = LocalVault.open(self.config["vault"]["path"], key)
             try:
                 tokens = TokenSet.from_response(token_response, now=time.time())
-                await vault.put(Grant(user=user, provider=PROVIDER, tokens=tokens))
+                await vault.put(Grant(user=user, provider=provider, tokens=tokens))
             finally:
                 await vault.close()
 

@@ -35,8 +35,8 @@ class AdminServer:
                  vault: Vault, ready_checks: list[tuple[str, object]],
                  metrics: Metrics) -> None:
         self._metrics = metrics
-        self._s = settings
-        self._verifier = verifier
+        self.settings = settings
+        self.verifier = verifier
         self._connector = connector
         self._vault = vault
         self._checks = ready_checks
@@ -50,13 +50,13 @@ class AdminServer:
         self.app = app
 
     async def start(self) -> None:
-        assert self._s.admin is not None
-        host, _, port = self._s.admin.rpartition(":")
+        assert self.settings.admin is not None
+        host, _, port = self.settings.admin.rpartition(":")
         # access_log=None: /connect may carry a user context in its query string.
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, host.strip("[]"), int(port)).start()
-        log.info("admin server on %s", self._s.admin)
+        log.info("admin server on %s", self.settings.admin)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -71,7 +71,7 @@ class AdminServer:
 
     async def readyz(self, request: web.Request) -> web.Response:
         checks: dict[str, str] = {}
-        ca = Path(os.path.expanduser(self._s.ca_dir)) / "mitmproxy-ca.pem"
+        ca = Path(os.path.expanduser(self.settings.ca_dir)) / "mitmproxy-ca.pem"
         checks["ca"] = "ok" if ca.is_file() else "missing"
         for name, check in self._checks:
             try:
@@ -85,18 +85,18 @@ class AdminServer:
 
     async def connect(self, request: web.Request) -> web.StreamResponse:
         provider = request.match_info["provider"]
-        raw = request.headers.get(self._verifier.header)
-        if raw is None and self._s.connect.context_query:
+        raw = request.headers.get(self.verifier.header)
+        if raw is None and self.settings.connect.context_query:
             raw = request.query.get("context")
         try:
-            user = await self._verifier.verify(Secret(raw) if raw else None)
+            user = await self.verifier.verify(Secret(raw) if raw else None)
             if not user.permits(provider):
                 raise ConnectRejected("provider_not_permitted",
                                       "this user context may not use that provider",
                                       user=user.user, provider=provider)
             scopes = request.query.get("scope")
             url = await self._connector.begin(
-                user.user, provider, redirect_uri=self._s.redirect_uri,
+                user.user, provider, redirect_uri=self.settings.redirect_uri,
                 scopes=scopes.replace(",", " ").split() if scopes else None,
                 return_to=request.query.get("return_to"))
         except ProxyRefusal as exc:

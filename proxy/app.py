@@ -15,8 +15,9 @@ from proxy.admin import AdminServer
 from proxy.audit import AuditLog, new_instance_id, open_sink
 from proxy.connect import Connector
 from proxy.coordination import Coordinator, MemoryCoordinator
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, CredproxyError
 from proxy.identity import IdentityVerifier, KeySource
+from proxy.metrics import Metrics
 from proxy.offboard import Offboarder
 from proxy.refresh import Refresher
 from proxy.routes import Router
@@ -41,19 +42,99 @@ class App:
     http: httpx2.AsyncClient
     connector: Connector
     offboarder: Offboarder
+    secrets: dict[str, Secret | None] = field(default_factory=dict)
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     admin: AdminServer | None = None
+    draining: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    async def start(self, *, serve_admin: bool = True) -> None:
+    # Keys that only take effect on restart (sockets, stores, the audit chain).
+    RESTART_KEYS = ("listen", "admin", "public_url", "ca_dir", "upstream_ca_file", "vault",
+                    "coordination", "audit", "stream_large_bodies")
+
+    def reload(self, new: Settings) -> list[str]:
+        """Apply a new configuration to the running proxy: providers, identity, refresh and
+        connect settings change live. Everything is built first, so a bad config (say a
+        provider whose client secret is missing) raises and leaves the old one serving.
+        Returns the changed keys that need a restart."""
+        old = self.settings
+        restart = [k for k in self.RESTART_KEYS if getattr(new, k) != getattr(old, k)]
+        if (new.unrouted == "tunnel") != (old.unrouted == "tunnel"):
+            restart.append("unrouted")
+        secrets = client_secrets(new, self.environ)
+        router = Router(new.providers)
+        verifier = self.sidecar.verifier
+        if new.identity != old.identity:
+            verifier = IdentityVerifier(new.identity,
+                                        KeySource.from_settings(new.identity, self.http,
+                                                                self.environ),
+                                        replay=self.coordinator)
+        # Swap: nothing below can fail.
+        self.secrets.clear()
+        self.secrets.update(secrets)
+        sc = self.sidecar
+        sc.settings, sc.router, sc.verifier = new, router, verifier
+        sc.broker.connect_url = new.connect_url
+        self.refresher.settings = new.refresh
+        self.connector.settings = new
+        self.offboarder.settings = new
+        if self.admin is not None:
+            self.admin.settings, self.admin.verifier = new, verifier
+        self.settings = new
+        return restart
+
+    async def watch_config(self, path: str, interval: float = 1.0) -> None:
+        """Reload when the file's content changes (a ConfigMap update swaps a symlink)."""
+        import hashlib
+        import logging
+
+        from proxy.errors import CredproxyError
+        from proxy.settings import load_settings
+
+        log = logging.getLogger("credproxy.config")
+        metric = self.sidecar.metrics.config_reloads
+
+        def digest() -> str | None:
+            try:
+                return hashlib.sha256(open(path, "rb").read()).hexdigest()  # noqa: SIM115
+            except OSError:
+                return None
+
+        last = digest()
+        while True:
+            await asyncio.sleep(interval)
+            current = digest()
+            if current is None or current == last:
+                continue
+            last = current
+            try:
+                restart = self.reload(load_settings(path))
+            except CredproxyError as exc:
+                metric.labels("rejected").inc()
+                log.error("config reload rejected, the previous config keeps serving: %s",
+                          exc)
+                continue
+            metric.labels("applied").inc()
+            log.info("config reloaded (%d providers)%s", len(self.settings.providers),
+                     f"; restart needed for: {', '.join(restart)}" if restart else "")
+
+    async def start(self, *, serve_admin: bool = True, config_path: str | None = None) -> None:
         """Start background work; call once inside the running event loop."""
         await self.coordinator.start()
         self._tasks.append(asyncio.create_task(self.sidecar.broker.watch_vault()))
+        if config_path:
+            self._tasks.append(asyncio.create_task(self.watch_config(config_path)))
         if serve_admin and self.settings.admin:
             self.admin = AdminServer(
                 self.settings, self.sidecar.verifier, self.connector, self.vault,
-                [("vault", self.vault.epoch), ("coordination", self.coordinator.check)],
+                [("vault", self.vault.epoch), ("coordination", self.coordinator.check),
+                 ("draining", self._not_draining)],
                 self.sidecar.metrics)
             await self.admin.start()
+
+    async def _not_draining(self) -> None:
+        if self.draining:
+            raise CredproxyError("shutting down")
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -131,6 +212,7 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
         return secrets[p.id]
 
     broker = TokenBroker(vault, coordinator, refresher, client_secret=secret_for,
+                         metrics=Metrics(),
                          connect_url=settings.connect_url, clock=clock)
     audit = AuditLog(open_sink(os.path.expanduser(settings.audit.sink)
                                if settings.audit.sink != "stdout" else "stdout"),
@@ -143,4 +225,5 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
                           clock=clock)
     offboarder = Offboarder(settings, vault, coordinator, audit, client_secret=secret_for,
                             verify=tls)
-    return App(settings, sidecar, vault, coordinator, refresher, http, connector, offboarder)
+    return App(settings, sidecar, vault, coordinator, refresher, http, connector, offboarder,
+               secrets, environ)

@@ -56,14 +56,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
     settings = _settings(args)
+    config_path = args.config or os.environ["CREDPROXY_CONFIG"]
     ensure_ca(settings.ca_dir)
     _raise_fd_limit()
 
     async def go() -> None:
         app = build(settings)
         try:
-            await app.start()
-            await serve(settings, app)
+            await app.start(config_path=str(Path(config_path).expanduser()))
+            await serve(settings, app, grace=args.grace)
         finally:
             st = app.sidecar.broker.stats
             logging.getLogger("credproxy").info(
@@ -378,7 +379,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    command("run", cmd_run, "run the sidecar proxy")
+    run = command("run", cmd_run, "run the sidecar proxy (reloads the config file on change)")
+    run.add_argument("--grace", type=float, default=25.0,
+                     help="seconds in-flight requests may take to finish after SIGTERM")
     command("check", cmd_check, "validate config, keys, secrets, vault and coordination")
     command("ca", cmd_ca, "print the CA certificate agents must trust (created if absent)")
 

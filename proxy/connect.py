@@ -58,7 +58,7 @@ class Connector:
                  audit: AuditLog, *, client_secret: Callable[[ProviderSettings], Secret | None],
                  state_key: bytes, verify: ssl.SSLContext | bool = True,
                  clock: Callable[[], float] = time.time) -> None:
-        self._s = settings
+        self.settings = settings
         self._vault = vault
         self._coord = coordinator
         self._audit = audit
@@ -76,7 +76,7 @@ class Connector:
             token_endpoint_auth_method=provider.token_endpoint_auth_method,
             redirect_uri=redirect_uri, scope=scope, code_challenge_method="S256",
             transport=self._transport,
-            timeout=self._s.refresh.timeout, trust_env=False,
+            timeout=self.settings.refresh.timeout, trust_env=False,
         )
 
     def scopes_for(self, provider: ProviderSettings, requested: list[str] | None) -> list[str]:
@@ -108,7 +108,7 @@ class Connector:
             raise ConnectRejected("no_authorize_url",
                                   f"{provider.id} has no authorize_url configured",
                                   user=user, provider=provider.id)
-        if return_to is not None and return_to not in self._s.connect.return_urls:
+        if return_to is not None and return_to not in self.settings.connect.return_urls:
             raise ConnectRejected("return_url_not_allowed",
                                   "the return URL is not one of connect.return_urls",
                                   user=user, provider=provider.id)
@@ -121,7 +121,7 @@ class Connector:
         record: dict[str, object] = {"u": user, "p": provider.id, "v": verifier, "r": redirect_uri,
                   "s": granted, "t": return_to, "c": self._clock()}
         await self._coord.put_once(self._name(state), self._seal(state, record),
-                                   self._s.connect.state_ttl + 60)
+                                   self.settings.connect.state_ttl + 60)
         return str(url)
 
     async def complete(self, params: Mapping[str, str]) -> Connected:
@@ -146,7 +146,7 @@ class Connector:
                                   "the state does not belong to a sign-in started here")
         rec = self._unseal(state, taken)
         user, provider_id = str(rec["u"]), str(rec["p"])
-        if self._clock() - float(rec["c"]) > self._s.connect.state_ttl:
+        if self._clock() - float(rec["c"]) > self.settings.connect.state_ttl:
             raise ConnectRejected("expired_state", "the sign-in took too long; start again",
                                   user=user, provider=provider_id)
         if "error" in params:
@@ -199,7 +199,7 @@ class Connector:
         await self._transport.aclose()
 
     def _provider(self, provider_id: str) -> ProviderSettings:
-        for p in self._s.providers:
+        for p in self.settings.providers:
             if p.id == provider_id:
                 return p
         raise ConnectRejected("unknown_provider", f"no provider {provider_id!r}")

@@ -50,6 +50,8 @@ class Metrics:
         self.coordination_errors = Counter("credproxy_coordination_errors",
                                            "Redis coordination operations that failed",
                                            registry=r)
+        self.config_reloads = Counter("credproxy_config_reloads", "Configuration reloads",
+                                      ["result"], registry=r)
         self.audit_failures = Counter("credproxy_audit_write_failures",
                                       "Audit records that could not be written", registry=r)
 

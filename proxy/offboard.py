@@ -50,7 +50,7 @@ class Offboarder:
                  verify: ssl.SSLContext | bool = True, backoff: float = 0.5,
                  settle: float = 0.6) -> None:
         self._settle = settle
-        self._s = settings
+        self.settings = settings
         self._vault = vault
         self._coord = coordinator
         self._audit = audit
@@ -94,7 +94,7 @@ class Offboarder:
         # Proxies sharing a local vault notice the mark by polling its epoch (every 0.25 s):
         # give them that long before the tokens are revoked, so none is injected after.
         await asyncio.sleep(self._settle)
-        provider = next((p for p in self._s.providers if p.id == provider_id), None)
+        provider = next((p for p in self.settings.providers if p.id == provider_id), None)
         # 2. Revoke upstream.
         if provider is None or provider.revocation_url is None:
             upstream, detail = "unsupported", (
@@ -122,7 +122,7 @@ class Offboarder:
         client = AsyncOAuth2Client(
             client_id=provider.client_id, client_secret=secret.reveal() if secret else None,
             revocation_endpoint_auth_method=provider.token_endpoint_auth_method,
-            transport=self._transport, timeout=self._s.refresh.timeout, trust_env=False)
+            transport=self._transport, timeout=self.settings.refresh.timeout, trust_env=False)
         tokens = [(t, hint) for t, hint in ((refresh, "refresh_token"), (access, "access_token"))
                   if t is not None]
         for token, hint in tokens:

@@ -35,7 +35,7 @@ class Refresher:
     def __init__(self, settings: RefreshSettings, *, verify: ssl.SSLContext | bool = True,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self._s = settings
+        self.settings = settings
         self._transport = httpx2.AsyncHTTPTransport(verify=verify, retries=0)
         self._clock = clock
         self._sleep = sleep
@@ -43,19 +43,19 @@ class Refresher:
 
     async def refresh(self, provider: ProviderSettings, client_secret: Secret | None,
                       refresh_token: Secret) -> TokenSet:
-        delay = self._s.backoff
+        delay = self.settings.backoff
         last = "no attempt made"
-        for attempt in range(1, self._s.attempts + 1):
+        for attempt in range(1, self.settings.attempts + 1):
             try:
                 return await self._once(provider, client_secret, refresh_token)
             except _Transient as exc:
                 last = str(exc)
-                if attempt < self._s.attempts:
+                if attempt < self.settings.attempts:
                     # Full jitter keeps many sidecars from retrying in lockstep.
                     await self._sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
                     delay *= 2
         raise TokenRefreshFailed(
-            f"token endpoint of {provider.id} failed after {self._s.attempts} attempts: {last}",
+            f"token endpoint of {provider.id} failed after {self.settings.attempts} attempts: {last}",
             reason="token_endpoint_unavailable",
         )
 
@@ -66,7 +66,7 @@ class Refresher:
             client_secret=client_secret.reveal() if client_secret else None,
             token_endpoint_auth_method=provider.token_endpoint_auth_method,
             transport=self._transport,
-            timeout=self._s.timeout,
+            timeout=self.settings.timeout,
             trust_env=False,  # never send refresh tokens through an ambient HTTPS_PROXY
         )
         self.calls += 1

@@ -77,7 +77,7 @@ class TokenBroker:
         self._coord = coordinator
         self._refresher = refresher
         self._client_secret = client_secret
-        self._connect_url = connect_url
+        self.connect_url = connect_url
         self._clock = clock
         self._local = KeyedLocks()
         self._cache: OrderedDict[tuple[str, str], Grant] = OrderedDict()
@@ -148,7 +148,7 @@ class TokenBroker:
 
     def reauth(self, provider: ProviderSettings, reason: str, detail: str) -> ReauthRequired:
         return ReauthRequired(detail, reason=reason, provider=provider.id,
-                              connect_url=self._connect_url(provider))
+                              connect_url=self.connect_url(provider))
 
     # -- internals ---------------------------------------------------------------------
     async def _on_invalidation(self, key: tuple[str, str] | None) -> None:
