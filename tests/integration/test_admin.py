@@ -41,7 +41,7 @@ def test_health_and_readiness(stack: Stack) -> None:
     r = httpx2.get(f"{admin}/readyz", trust_env=False)
     assert r.status_code == 200
     assert r.json() == {"ready": True, "checks": {"ca": "ok", "vault": "ok",
-                                                  "coordination": "ok"}}
+                                                  "coordination": "ok", "draining": "ok"}}
 
 
 def test_metrics_follow_traffic_without_user_ids(stack: Stack, user: str) -> None:
