@@ -168,6 +168,17 @@ def open_vault(settings: Settings, environ: Mapping[str, str] = os.environ,
     v = settings.vault
     key = load_key(key_env=v.key_env if not v.key_file else None, key_file=v.key_file,
                    environ=environ)
+    if v.backend == "azure":
+        from proxy.vault.azure import AzureKeyVault, FileTokenCredential
+
+        assert v.url is not None
+        credential = FileTokenCredential(v.token_file) if v.token_file else None
+        vault: Vault = AzureKeyVault.from_url(
+            v.url, vault_key=key, credential=credential, purge_on_delete=v.purge_on_delete,
+            timeout=v.timeout, clock=clock,
+            connection_verify=os.path.expanduser(v.ca_file) if v.ca_file else True,
+            verify_challenge_resource=v.verify_challenge_resource)
+        return vault, key
     return LocalVault.open(os.path.expanduser(v.path), key, clock=clock), key
 
 

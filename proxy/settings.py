@@ -100,15 +100,25 @@ class IdentitySettings(_Model):
 
 class VaultSettings(_Model):
     backend: Literal["local", "azure"] = "local"
-    path: str = "~/.credproxy/vault.db"
+    path: str = "~/.credproxy/vault.db"  # local
+    # The vault key: encrypts the local vault; for every backend, other keys derive from it
+    # (audit fingerprints, shared-cache encryption, Key Vault secret names).
     key_env: str | None = "CREDPROXY_VAULT_KEY"
     key_file: str | None = None
-    url: str | None = None
+    url: str | None = None  # azure: https://<name>.vault.azure.net
+    purge_on_delete: bool = False  # azure: purge revoked secrets (refused under purge protection)
+    timeout: Annotated[float, Field(gt=0, le=120)] = 10.0  # azure: per request
+    ca_file: str | None = None  # azure: extra CA bundle (private endpoints, tests)
+    # azure: a file holding a bearer token for Key Vault, re-read on every use, instead of
+    # DefaultAzureCredential (for tests and externally provisioned tokens).
+    token_file: str | None = None
+    # azure: check that the 401 challenge's resource matches the vault's domain (keep on).
+    verify_challenge_resource: bool = True
 
     @model_validator(mode="after")
     def _backend(self) -> Self:
-        if self.backend == "azure":
-            raise ValueError("backend 'azure' is not available in this release")
+        if self.backend == "azure" and (not self.url or not self.url.startswith("https://")):
+            raise ValueError("backend 'azure' needs url: https://<name>.vault.azure.net")
         return self
 
 

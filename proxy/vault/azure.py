@@ -1,0 +1,308 @@
+"""Azure Key Vault as the vault, through azure-keyvault-secrets' async ``SecretClient``.
+
+Naming: one secret per grant, ``cp-<40 hex>``, the hex an HMAC-SHA256 of (user, provider)
+under a key derived from the vault key. That fits Key Vault's rules (1-127 chars of
+``0-9a-zA-Z-``) for any user id and provider id, is collision-free in practice, and puts no
+user id in a name (names may be replicated and logged by Azure). Tags let operators find a
+user's secrets without the key: ``credproxy-provider`` (the provider id) and
+``credproxy-user`` (a keyed hash of the user id; ``credproxy connections --user`` computes
+it). The value is JSON (content type ``application/json``): the token set plus user,
+provider, status, reason, update time and version.
+
+Deletion: Key Vault soft-deletes. A revoked grant's name stays reserved until it is purged
+or its retention ends; connecting the same user again then meets 409
+``ObjectIsDeletedButRecoverable``, which :meth:`put` resolves by purging (when allowed) or
+recovering the deleted secret and overwriting it. With ``purge_on_delete`` the secret is
+purged right after deletion; with purge protection on, Key Vault refuses the purge and the
+deleted secret (still encrypted, unusable by credproxy) stays until its scheduled purge date.
+
+Reliability: azure-core's retry policy retries 429 (honouring ``Retry-After``), 5xx and
+network errors with exponential backoff; a missing ``Retry-After`` gets our own jittered
+backoff around it. Every failure that remains is :class:`VaultUnavailable`, so a request
+fails closed (503) rather than going out without credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
+
+from proxy.errors import VaultCorruptError, VaultUnavailable
+from proxy.tokenset import TokenSet, TokenSetError
+from proxy.vault.base import Grant, GrantInfo, GrantStatus, info
+from proxy.vault.keys import derive_subkey
+
+log = logging.getLogger("credproxy.vault.azure")
+
+TAG_PROVIDER = "credproxy-provider"
+TAG_USER = "credproxy-user"
+_PREFIX = "cp-"
+_WRITE_ATTEMPTS = 3
+
+
+class FileTokenCredential:
+    """An async azure-core token credential that reads a bearer token from a file on each
+    use (see ``vault.token_file``)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        from azure.core.credentials import AccessToken
+
+        try:
+            with open(self._path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise VaultUnavailable(f"vault.token_file unreadable: {exc.strerror}") from exc
+        return AccessToken(token, int(time.time()) + 300)
+
+    async def close(self) -> None:
+        return None
+
+    async def __aenter__(self) -> FileTokenCredential:
+        return self
+
+    async def __aexit__(self, *args: object) -> None:
+        return None
+
+
+def secret_name(naming_key: bytes, user: str, provider: str) -> str:
+    digest = hmac.new(naming_key, f"{user}\x00{provider}".encode(), hashlib.sha256)
+    return _PREFIX + digest.hexdigest()[:40]
+
+
+def user_tag(naming_key: bytes, user: str) -> str:
+    return hmac.new(naming_key, f"user\x00{user}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+class AzureKeyVault:
+    """A :class:`proxy.vault.base.Vault` on Azure Key Vault."""
+
+    def __init__(self, client: Any, *, vault_key: bytes, purge_on_delete: bool = False,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Any] = asyncio.sleep,
+                 polling_interval: float = 2.0, credential: Any = None) -> None:
+        self._client = client
+        self._credential = credential
+        self._naming = derive_subkey(vault_key, "azure key vault names")
+        self._purge = purge_on_delete
+        self._clock = clock
+        self._sleep = sleep
+        self._poll = polling_interval
+        self.writes_failed = 0  # for metrics/tests
+
+    @classmethod
+    def from_url(cls, url: str, *, vault_key: bytes, credential: Any = None,
+                 purge_on_delete: bool = False, timeout: float = 10.0,
+                 connection_verify: str | bool = True,
+                 clock: Callable[[], float] = time.time, **kw: Any) -> AzureKeyVault:
+        from azure.keyvault.secrets.aio import SecretClient
+
+        if credential is None:
+            # Workload identity (AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE),
+            # managed identity and developer logins, with no code change.
+            from azure.identity.aio import DefaultAzureCredential
+
+            credential = DefaultAzureCredential()
+        client = SecretClient(
+            vault_url=url, credential=credential,
+            retry_total=4, retry_backoff_factor=0.5, retry_backoff_max=8,
+            connection_timeout=timeout, read_timeout=timeout,
+            connection_verify=connection_verify,
+            **kw)
+        return cls(client, vault_key=vault_key, purge_on_delete=purge_on_delete,
+                   credential=credential, clock=clock)
+
+    def name(self, user: str, provider: str) -> str:
+        return secret_name(self._naming, user, provider)
+
+    # -- Vault protocol ------------------------------------------------------------------
+    async def get(self, user: str, provider: str) -> Grant | None:
+        name = self.name(user, provider)
+        try:
+            secret = await self._client.get_secret(name)
+        except ResourceNotFoundError:
+            return None
+        except (AzureError, OSError) as exc:
+            raise VaultUnavailable(f"key vault read failed: {_why(exc)}") from exc
+        return self._decode(secret.value, user, provider)
+
+    async def put(self, grant: Grant) -> Grant:
+        current = await self.get(grant.user, grant.provider)
+        stored = replace(grant, updated_at=self._clock(),
+                         version=(current.version if current else 0) + 1)
+        await self._write(stored)
+        return stored
+
+    async def mark_reauth(self, user: str, provider: str, reason: str) -> Grant | None:
+        current = await self.get(user, provider)
+        if current is None:
+            return None
+        marked = replace(current, status=GrantStatus.REAUTH_REQUIRED, reason=reason,
+                         updated_at=self._clock(), version=current.version + 1)
+        await self._write(marked)
+        return marked
+
+    async def delete(self, user: str, provider: str) -> bool:
+        name = self.name(user, provider)
+        try:
+            await self._client.delete_secret(name, _polling_interval=self._poll)
+        except ResourceNotFoundError:
+            return False
+        except (AzureError, OSError) as exc:
+            raise VaultUnavailable(f"key vault delete failed: {_why(exc)}") from exc
+        if self._purge:
+            await self._purge_deleted(name)
+        return True
+
+    async def list(self, user: str | None = None) -> builtins.list[GrantInfo]:
+        want = user_tag(self._naming, user) if user is not None else None
+        out: builtins.list[GrantInfo] = []
+        try:
+            async for props in self._client.list_properties_of_secrets():
+                tags = props.tags or {}
+                if not props.name.startswith(_PREFIX) or TAG_USER not in tags:
+                    continue
+                if want is not None and tags.get(TAG_USER) != want:
+                    continue
+                secret = await self._client.get_secret(props.name)
+                data = self._json(secret.value)
+                grant = self._decode(secret.value, str(data.get("user")),
+                                     str(data.get("provider")))
+                out.append(info(grant))
+        except (AzureError, OSError) as exc:
+            raise VaultUnavailable(f"key vault list failed: {_why(exc)}") from exc
+        return sorted(out, key=lambda g: (g.user, g.provider))
+
+    async def check(self) -> None:
+        """Read and write a probe secret: proves the identity's get and set permissions."""
+        name = _PREFIX + "probe"
+        try:
+            await self._client.set_secret(name, json.dumps({"probe": self._clock()}),
+                                          content_type="application/json")
+            await self._client.get_secret(name)
+        except (AzureError, OSError) as exc:
+            raise VaultUnavailable(f"key vault probe failed: {_why(exc)}") from exc
+
+    async def epoch(self) -> int:
+        return 0  # replicas learn revocations through Redis, not by polling Key Vault
+
+    async def close(self) -> None:
+        await self._client.close()
+        if self._credential is not None and hasattr(self._credential, "close"):
+            await self._credential.close()
+
+    # -- internals -----------------------------------------------------------------------
+    async def _write(self, grant: Grant) -> None:
+        name = self.name(grant.user, grant.provider)
+        value = json.dumps({
+            "user": grant.user, "provider": grant.provider, "status": grant.status.value,
+            "reason": grant.reason, "updated_at": grant.updated_at, "version": grant.version,
+            "tokens": grant.tokens.to_record(),
+        })
+        tags = {TAG_PROVIDER: grant.provider, TAG_USER: user_tag(self._naming, grant.user)}
+        delay = 0.5
+        last: BaseException | None = None
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                await self._client.set_secret(name, value, content_type="application/json",
+                                              tags=tags)
+                return
+            except ResourceExistsError as exc:
+                # 409: the name is soft-deleted (a revoked grant being reconnected).
+                await self._reclaim(name, exc)
+                last = exc
+            except (AzureError, OSError) as exc:
+                last = exc
+                if attempt < _WRITE_ATTEMPTS:
+                    await self._sleep(delay * (0.5 + random.random()))  # noqa: S311
+                    delay *= 2
+        self.writes_failed += 1
+        raise VaultUnavailable(f"key vault write failed after {_WRITE_ATTEMPTS} attempts: "
+                               f"{_why(last) if last else 'unknown'}")
+
+    async def _reclaim(self, name: str, exc: ResourceExistsError) -> None:
+        code = _inner_code(exc)
+        if code == "ObjectIsBeingDeleted":
+            await self._sleep(self._poll)
+            return
+        if self._purge and await self._purge_deleted(name):
+            return
+        try:
+            await self._client.recover_deleted_secret(name, _polling_interval=self._poll)
+        except ResourceNotFoundError:
+            return  # purged meanwhile: the next set will work
+        except (AzureError, OSError) as err:
+            raise VaultUnavailable(f"key vault recover failed: {_why(err)}") from err
+
+    async def _purge_deleted(self, name: str) -> bool:
+        try:
+            await self._client.purge_deleted_secret(name)
+            return True
+        except HttpResponseError as exc:
+            if exc.status_code == 403:
+                # Purge protection: the deleted secret is kept until its scheduled purge
+                # date; it is encrypted and never read by credproxy again.
+                log.warning("purge of %s refused (purge protection?): %s", name, _why(exc))
+                return False
+            if exc.status_code == 404:
+                return False
+            raise VaultUnavailable(f"key vault purge failed: {_why(exc)}") from exc
+
+    def _decode(self, value: str | None, user: str, provider: str) -> Grant:
+        data = self._json(value)
+        try:
+            if data.get("user") != user or data.get("provider") != provider:
+                raise VaultCorruptError(f"key vault secret for {user!r}/{provider!r} belongs "
+                                        "to another grant")
+            return Grant(user=user, provider=provider,
+                         tokens=TokenSet.from_record(data["tokens"]),
+                         status=GrantStatus(data.get("status", "active")),
+                         reason=data.get("reason"), updated_at=float(data["updated_at"]),
+                         version=int(data["version"]))
+        except (KeyError, TypeError, ValueError, TokenSetError):
+            raise VaultCorruptError(f"key vault secret for {user!r}/{provider!r} is not a "
+                                    "credproxy grant") from None
+
+    @staticmethod
+    def _json(value: str | None) -> dict[str, Any]:
+        try:
+            data = json.loads(value or "")
+        except ValueError:
+            raise VaultCorruptError("key vault secret is not JSON") from None
+        if not isinstance(data, dict):
+            raise VaultCorruptError("key vault secret is not a JSON object")
+        return data
+
+
+def _inner_code(exc: HttpResponseError) -> str | None:
+    error = getattr(exc, "error", None)
+    inner = getattr(error, "innererror", None) or {}
+    if isinstance(inner, dict):
+        code = inner.get("code")
+        return str(code) if code else None
+    return None
+
+
+def _why(exc: BaseException) -> str:
+    status = getattr(exc, "status_code", None)
+    code = getattr(getattr(exc, "error", None), "code", None)
+    return f"{type(exc).__name__}" + (f" {status}" if status else "") + (
+        f" {code}" if code else "")
