@@ -97,6 +97,19 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench-coordination.md"))
     args = ap.parse_args()
+    rows = measure(args)
+    width = max(len(k) for k, _ in rows)
+    table = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    print(table)
+    md = ["# Coordination benchmark", "",
+          f"`bench/coordination.py`, run {time.strftime('%Y-%m-%d')} on a 2-core machine.", "",
+          "| measure | result |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    Path(args.out).write_text("\n".join(md))
+    return 0
+
+
+def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Refresh storms and vault reads; also called by bench/perf.py."""
     work = Path(tempfile.mkdtemp(prefix="credproxy-bench-"))
     redis = RedisServer(work / "redis").start()
     rows: list[tuple[str, str]] = []
@@ -135,14 +148,7 @@ def main() -> int:
             s.close()
     finally:
         redis.stop()
-    width = max(len(k) for k, _ in rows)
-    table = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-    print(table)
-    md = ["# Coordination benchmark", "",
-          f"`bench/coordination.py`, run {time.strftime('%Y-%m-%d')} on a 2-core machine.", "",
-          "| measure | result |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
-    Path(args.out).write_text("\n".join(md))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ Measures, printing a table and writing docs/bench-perf.md:
 3. Streaming: the proxy's peak RSS growth while 1 GiB downloads and 1 GiB uploads pass.
 4. Memory: RSS idle and with 10,000 distinct users' tokens cached.
 5. Startup time to ready (the proxy port accepts, /readyz answers 200).
-
-The refresh-storm figures are in bench/coordination.py (docs/bench-coordination.md).
+6. Refresh storm with Redis (when redis-server is installed): token-endpoint calls per
+   storm and the waiting requests' latency (bench/coordination.py, which also measures
+   vault reads with the shared cache on and off).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from devstack.procs import free_port, start_server, tcp_check  # noqa: E402
 from devstack.stack import Stack, build_stack  # noqa: E402
@@ -329,6 +331,16 @@ def main() -> int:
         startup(s, rows)
     finally:
         s.close()
+    import shutil
+
+    if shutil.which("redis-server"):
+        from coordination import measure
+
+        ns = argparse.Namespace(replicas=3, storms=2 if args.quick else 5, waiters=200,
+                                requests=200 if args.quick else 1000)
+        rows += measure(ns)
+    else:
+        rows.append(("refresh storm", "skipped: redis-server not installed"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     if not args.quick:
