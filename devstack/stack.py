@@ -139,6 +139,18 @@ class Stack:
         self.extra.append(r)
         return r
 
+    @property
+    def keyvault(self) -> Running | None:
+        return next((r for r in self.extra if r.name == "keyvault"), None)
+
+    def kv_admin(self, method: str, path: str, body: Any = None) -> Any:
+        kv = self.keyvault
+        assert kv is not None
+        with httpx2.Client(verify=self.admin_tls(), timeout=15) as c:
+            r = c.request(method, kv.url + path, json=body)
+            r.raise_for_status()
+            return r.json()
+
     def close(self) -> None:
         for r in [self.proxy, *self.extra, self.docs, self.auth]:
             if r is not None:
@@ -186,6 +198,14 @@ class Stack:
         """Whether the document API logged a request whose path contains ``marker``."""
         return marker in self.docs.stderr_text()
 
+    def _open_vault(self) -> Any:
+        """The stack's vault, whatever its backend, opened as the proxy opens it."""
+        from proxy.app import open_vault
+        from proxy.settings import load_settings
+
+        vault, _ = open_vault(load_settings(self.config_path), environ=self.env)
+        return vault
+
     def vault_put(self, user: str, token_response: Mapping[str, Any],
                   provider: str = PROVIDER) -> None:
         """Import a token set directly through the vault API (fast; for bulk test set-up)."""
@@ -193,12 +213,9 @@ class Stack:
 
         from proxy.tokenset import TokenSet
         from proxy.vault.base import Grant
-        from proxy.vault.keys import load_key
-        from proxy.vault.local import LocalVault
 
         async def put() -> None:
-            key = load_key(key_env="CREDPROXY_VAULT_KEY", key_file=None, environ=self.env)
-            vault = LocalVault.open(self.config["vault"]["path"], key)
+            vault = self._open_vault()
             try:
                 tokens = TokenSet.from_response(token_response, now=time.time())
                 await vault.put(Grant(user=user, provider=provider, tokens=tokens))
@@ -210,12 +227,8 @@ class Stack:
     def vault_get(self, user: str) -> Any:
         import asyncio
 
-        from proxy.vault.keys import load_key
-        from proxy.vault.local import LocalVault
-
         async def get() -> Any:
-            key = load_key(key_env="CREDPROXY_VAULT_KEY", key_file=None, environ=self.env)
-            vault = LocalVault.open(self.config["vault"]["path"], key)
+            vault = self._open_vault()
             try:
                 return await vault.get(user, PROVIDER)
             finally:
@@ -246,7 +259,7 @@ class Stack:
 
 def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 3600,
                 audit_sink: str = "stdout", config: Mapping[str, Any] | None = None,
-                introspect_cache_ttl: float = 0.0) -> Stack:
+                introspect_cache_ttl: float = 0.0, keyvault: bool = False) -> Stack:
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     pki = workdir / "pki"
@@ -311,9 +324,22 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
             "refresh_skew": 60,
         }],
     }
+    extra: list[Running] = []
+    if keyvault:
+        kv = start_server(
+            ["-m", "devstack.keyvault", "--cert", str(cert), "--key", str(key), "--admin",
+             "--ready-file", str(workdir / "kv.ready")],
+            workdir / "kv.ready", log_dir=logs, name="keyvault")
+        extra.append(kv)
+        token = workdir / "kv-token"
+        token.write_text("test-token-for-the-local-key-vault")
+        cfg["vault"] = {"backend": "azure", "url": kv.url, "key_env": "CREDPROXY_VAULT_KEY",
+                        "ca_file": str(ca.cert_path), "token_file": str(token),
+                        "verify_challenge_resource": False, "poll_interval": 0.05}
     for k, v in (config or {}).items():
         cfg[k] = v
-    stack = Stack(workdir, ca, auth, docs, env, context_key, workdir / "credproxy.yaml", cfg)
+    stack = Stack(workdir, ca, auth, docs, env, context_key, workdir / "credproxy.yaml", cfg,
+                  extra=extra)
     stack.write_config()
     if start_proxy:
         try:

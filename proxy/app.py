@@ -127,10 +127,20 @@ class App:
         if serve_admin and self.settings.admin:
             self.admin = AdminServer(
                 self.settings, self.sidecar.verifier, self.connector, self.vault,
-                [("vault", self.vault.epoch), ("coordination", self.coordinator.check),
-                 ("draining", self._not_draining)],
+                [("proxy", self._listening), ("vault", self.vault.epoch),
+                 ("coordination", self.coordinator.check), ("draining", self._not_draining)],
                 self.sidecar.metrics)
             await self.admin.start()
+
+    async def _listening(self) -> None:
+        """The proxy port accepts connections (the admin server starts a moment earlier)."""
+        host, _, port = self.settings.listen.rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host.strip("[]"), int(port)), timeout=1.0)
+        except (OSError, TimeoutError) as exc:
+            raise CredproxyError("proxy port not accepting yet") from exc
+        writer.close()
 
     async def _not_draining(self) -> None:
         if self.draining:
@@ -177,6 +187,7 @@ def open_vault(settings: Settings, environ: Mapping[str, str] = os.environ,
             v.url, vault_key=key, credential=credential, purge_on_delete=v.purge_on_delete,
             timeout=v.timeout, clock=clock,
             connection_verify=os.path.expanduser(v.ca_file) if v.ca_file else True,
+            polling_interval=v.poll_interval, api_version=v.api_version,
             verify_challenge_resource=v.verify_challenge_resource)
         return vault, key
     return LocalVault.open(os.path.expanduser(v.path), key, clock=clock), key

@@ -55,7 +55,8 @@ class Refresher:
                     await self._sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
                     delay *= 2
         raise TokenRefreshFailed(
-            f"token endpoint of {provider.id} failed after {self.settings.attempts} attempts: {last}",
+            f"token endpoint of {provider.id} failed after {self.settings.attempts} attempts: "
+            f"{last}",
             reason="token_endpoint_unavailable",
         )
 

@@ -114,6 +114,8 @@ class VaultSettings(_Model):
     token_file: str | None = None
     # azure: check that the 401 challenge's resource matches the vault's domain (keep on).
     verify_challenge_resource: bool = True
+    api_version: str = "2025-07-01"  # azure: the Key Vault REST API version (pinned)
+    poll_interval: Annotated[float, Field(gt=0, le=60)] = 2.0  # azure: delete/recover polls
 
     @model_validator(mode="after")
     def _backend(self) -> Self:

@@ -112,7 +112,8 @@ class AzureKeyVault:
     def from_url(cls, url: str, *, vault_key: bytes, credential: Any = None,
                  purge_on_delete: bool = False, timeout: float = 10.0,
                  connection_verify: str | bool = True,
-                 clock: Callable[[], float] = time.time, **kw: Any) -> AzureKeyVault:
+                 clock: Callable[[], float] = time.time, polling_interval: float = 2.0,
+                 **kw: Any) -> AzureKeyVault:
         from azure.keyvault.secrets.aio import SecretClient
 
         if credential is None:
@@ -128,7 +129,7 @@ class AzureKeyVault:
             connection_verify=connection_verify,
             **kw)
         return cls(client, vault_key=vault_key, purge_on_delete=purge_on_delete,
-                   credential=credential, clock=clock)
+                   credential=credential, clock=clock, polling_interval=polling_interval)
 
     def name(self, user: str, provider: str) -> str:
         return secret_name(self._naming, user, provider)

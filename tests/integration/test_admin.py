@@ -40,7 +40,7 @@ def test_health_and_readiness(stack: Stack) -> None:
     assert httpx2.get(f"{admin}/healthz", trust_env=False).json() == {"status": "ok"}
     r = httpx2.get(f"{admin}/readyz", trust_env=False)
     assert r.status_code == 200
-    assert r.json() == {"ready": True, "checks": {"ca": "ok", "vault": "ok",
+    assert r.json() == {"ready": True, "checks": {"ca": "ok", "proxy": "ok", "vault": "ok",
                                                   "coordination": "ok", "draining": "ok"}}
 
 

@@ -13,7 +13,7 @@ import httpx2
 import pytest
 import yaml
 
-from devstack.stack import Stack, build_stack
+from devstack.stack import build_stack
 
 pytestmark = pytest.mark.integration
 

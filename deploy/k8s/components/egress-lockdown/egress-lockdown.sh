@@ -48,6 +48,11 @@ for cidr in $ALLOW; do
     *[!0-9a-fA-F.:/]*|'') die "EGRESS_ALLOW_CIDRS: '$cidr' is not an IP address or CIDR" ;;
   esac
 done
+case "$BACKEND" in
+  auto) BACKENDS="nft legacy" ;;
+  nft|legacy) BACKENDS=$BACKEND ;;
+  *) die "IPTABLES_BACKEND must be nft, legacy or auto, got '$BACKEND'" ;;
+esac
 
 # rules FAMILY: the filter table for iptables-restore (FAMILY 4) or ip6tables-restore (6).
 rules() {
@@ -85,12 +90,7 @@ apply() {
   family=$1
   tool=iptables
   [ "$family" = 6 ] && tool=ip6tables
-  case "$BACKEND" in
-    auto) backends="nft legacy" ;;
-    nft|legacy) backends=$BACKEND ;;
-    *) die "IPTABLES_BACKEND must be nft, legacy or auto" ;;
-  esac
-  for b in $backends; do
+  for b in $BACKENDS; do
     if command -v "$tool-$b-restore" >/dev/null 2>&1 &&
        rules "$family" | "$tool-$b-restore"; then
       echo "$tool-$b"
