@@ -27,6 +27,7 @@ from proxy import audit as auditlog
 from proxy.audit import AuditLog
 from proxy.coordination.base import Coordinator, Used
 from proxy.errors import CredproxyError, VaultError
+from proxy.refresh import oauth_client
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
 from proxy.tokenset import TokenSet, TokenSetError
@@ -69,15 +70,9 @@ class Connector:
 
     def _client(self, provider: ProviderSettings, redirect_uri: str,
                 scope: str | None = None) -> AsyncOAuth2Client:
-        secret = self._client_secret(provider)
-        return AsyncOAuth2Client(
-            client_id=provider.client_id,
-            client_secret=secret.reveal() if secret else None,
-            token_endpoint_auth_method=provider.token_endpoint_auth_method,
-            redirect_uri=redirect_uri, scope=scope, code_challenge_method="S256",
-            transport=self._transport,
-            timeout=self.settings.refresh.timeout, trust_env=False,
-        )
+        return oauth_client(provider, self._client_secret(provider), self._transport,
+                            self.settings.refresh.timeout, redirect_uri=redirect_uri,
+                            scope=scope, code_challenge_method="S256")
 
     def scopes_for(self, provider: ProviderSettings, requested: list[str] | None) -> list[str]:
         """The configured scopes, or a narrower set the user asked for (never wider)."""

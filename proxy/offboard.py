@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx2
-from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from proxy import audit as auditlog
 from proxy.audit import AuditLog
 from proxy.coordination.base import Coordinator
 from proxy.errors import CoordinationUnavailable, VaultError
+from proxy.refresh import oauth_client
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
 from proxy.vault.base import GrantInfo, Vault
@@ -118,11 +118,8 @@ class Offboarder:
     async def _revoke_upstream(self, provider: ProviderSettings, refresh: Secret | None,
                                access: Secret) -> tuple[str, str]:
         assert provider.revocation_url is not None
-        secret = self._client_secret(provider)
-        client = AsyncOAuth2Client(
-            client_id=provider.client_id, client_secret=secret.reveal() if secret else None,
-            revocation_endpoint_auth_method=provider.token_endpoint_auth_method,
-            transport=self._transport, timeout=self.settings.refresh.timeout, trust_env=False)
+        client = oauth_client(provider, self._client_secret(provider), self._transport,
+                              self.settings.refresh.timeout)
         tokens = [(t, hint) for t, hint in ((refresh, "refresh_token"), (access, "access_token"))
                   if t is not None]
         for token, hint in tokens:

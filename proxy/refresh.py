@@ -21,16 +21,28 @@ from proxy.tokenset import TokenSet, TokenSetError
 _TRANSIENT_OAUTH = {"temporarily_unavailable", "server_error", "slow_down"}
 
 
+def oauth_client(provider: ProviderSettings, client_secret: Secret | None,
+                 transport: httpx2.AsyncHTTPTransport, timeout: float,
+                 **kwargs: object) -> AsyncOAuth2Client:
+    """An authlib client for one call to one provider. authlib's client holds one token and
+    mutates it, so each call gets its own; connections are pooled in ``transport``."""
+    method = provider.token_endpoint_auth_method
+    return AsyncOAuth2Client(
+        client_id=provider.client_id,
+        client_secret=client_secret.reveal() if client_secret else None,
+        token_endpoint_auth_method=method, revocation_endpoint_auth_method=method,
+        transport=transport, timeout=timeout,
+        trust_env=False,  # never send tokens through an ambient HTTPS_PROXY
+        **kwargs,
+    )
+
+
 class InvalidGrant(Exception):
     """The provider no longer honours the refresh token: the user must re-authorize."""
 
 
 class Refresher:
-    """Redeems refresh tokens with bounded retries and backoff.
-
-    authlib's client object holds *one* token and mutates it while refreshing, so a client
-    is created per call; the connection pool (transport) is shared.
-    """
+    """Redeems refresh tokens with bounded retries and backoff."""
 
     def __init__(self, settings: RefreshSettings, *, verify: ssl.SSLContext | bool = True,
                  clock: Callable[[], float] = time.time,
@@ -62,14 +74,7 @@ class Refresher:
 
     async def _once(self, provider: ProviderSettings, client_secret: Secret | None,
                     refresh_token: Secret) -> TokenSet:
-        client = AsyncOAuth2Client(
-            client_id=provider.client_id,
-            client_secret=client_secret.reveal() if client_secret else None,
-            token_endpoint_auth_method=provider.token_endpoint_auth_method,
-            transport=self._transport,
-            timeout=self.settings.timeout,
-            trust_env=False,  # never send refresh tokens through an ambient HTTPS_PROXY
-        )
+        client = oauth_client(provider, client_secret, self._transport, self.settings.timeout)
         self.calls += 1
         try:
             data = await client.refresh_token(provider.token_url,
