@@ -127,7 +127,7 @@ class App:
         if serve_admin and self.settings.admin:
             self.admin = AdminServer(
                 self.settings, self.sidecar.verifier, self.connector, self.vault,
-                [("proxy", self._listening), ("vault", self.vault.epoch),
+                [("proxy", self._listening), ("vault", self.vault.ping),
                  ("coordination", self.coordinator.check), ("draining", self._not_draining)],
                 self.sidecar.metrics)
             await self.admin.start()

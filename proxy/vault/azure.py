@@ -5,8 +5,8 @@ under a key derived from the vault key. That fits Key Vault's rules (1-127 chars
 ``0-9a-zA-Z-``) for any user id and provider id, is collision-free in practice, and puts no
 user id in a name (names may be replicated and logged by Azure). Tags let operators find a
 user's secrets without the key: ``credproxy-provider`` (the provider id) and
-``credproxy-user`` (a keyed hash of the user id; ``credproxy connections --user`` computes
-it). The value is JSON (content type ``application/json``): the token set plus user,
+``credproxy-user`` (a keyed hash of the user id: ``credproxy connections --user`` and
+``credproxy revoke --user`` find a user's secrets by it). The value is JSON (content type ``application/json``): the token set plus user,
 provider, status, reason, update time and version.
 
 Deletion: Key Vault soft-deletes. A revoked grant's name stays reserved until it is purged
@@ -204,6 +204,15 @@ class AzureKeyVault:
 
     async def epoch(self) -> int:
         return 0  # replicas learn revocations through Redis, not by polling Key Vault
+
+    async def ping(self) -> None:
+        """A cheap authorized read for readiness: the probe secret (absent is fine)."""
+        try:
+            await self._client.get_secret(_PREFIX + "probe")
+        except ResourceNotFoundError:
+            return
+        except (AzureError, OSError) as exc:
+            raise VaultUnavailable(f"key vault unreachable: {_why(exc)}") from exc
 
     async def close(self) -> None:
         await self._client.close()

@@ -58,6 +58,10 @@ class Vault(Protocol):
 
     async def list(self, user: str | None = None) -> list[GrantInfo]: ...
 
+    async def ping(self) -> None:
+        """Raise if the vault cannot be read right now (readiness; no writes)."""
+        ...
+
     async def epoch(self) -> int:
         """A counter that changes whenever any grant is marked or deleted (0 if the backend
         has none): lets processes sharing a vault notice revocations without Redis."""

@@ -154,6 +154,10 @@ class LocalVault:
         """Raise unless the vault can be read (with this key) and written."""
         await self._call(self._check)
 
+    async def ping(self) -> None:
+        """A cheap read for readiness (the key check is done at open)."""
+        await self.epoch()
+
     async def epoch(self) -> int:
         """Changes whenever a grant is marked for re-auth or deleted, by any process: other
         processes sharing this file poll it to drop revoked grants from their caches."""

@@ -254,13 +254,15 @@ def test_config_in_the_configmap_loads_and_matches_the_pod(
     assert volume(spec, m["name"])["configMap"]["name"] == "credproxy-config"
     cm = one(objs, "ConfigMap", "credproxy-config")
     assert cm["metadata"]["name"] == "credproxy-config"  # no hash suffix: live reload
-    # Writable state lives on volumes: ca_dir, the vault's directory, /tmp.
-    for path in (s.ca_dir, str(Path(s.vault.path).parent), "/tmp"):
+    # Writable state lives on emptyDir volumes: ca_dir, /tmp and, for the local vault, its
+    # directory (test_vault_backend_per_overlay checks the vault).
+    writable = [s.ca_dir, "/tmp"]
+    if s.vault.backend == "local":
+        writable.append(str(Path(s.vault.path).parent))
+    for path in writable:
         m = mount_for(sidecar, path)
         assert not m.get("readOnly"), path
-        v = volume(spec, m["name"])
-        assert "emptyDir" in v or "persistentVolumeClaim" in v, path
-    assert s.vault.backend == "local"
+        assert "emptyDir" in volume(spec, m["name"]), path
     # The CA is shared (a Secret), copied by credproxy-init into ca_dir.
     init = container(spec, INIT)
     assert mount_for(init, s.ca_dir)["name"] == mount_for(sidecar, s.ca_dir)["name"]
@@ -296,6 +298,42 @@ def test_prod_coordinates_through_redis_and_base_does_not(rendered: dict[str, li
     assert prod.coordination.lock_lease > prod.refresh.timeout * prod.refresh.attempts
     for target in ("base", "overlays/dev"):
         assert config_of(rendered[target], tmp_path).coordination.backend == "memory"
+
+
+VAULT_DIR = "/var/lib/credproxy/vault"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_vault_backend_per_overlay(rendered: dict[str, list[Obj]], target: str,
+                                   tmp_path: Path) -> None:
+    objs = rendered[target]
+    s = config_of(objs, tmp_path)
+    spec = pod_spec(objs)
+    sidecar = container(spec, SIDECAR)
+    # Every overlay needs the vault key (secret names, fingerprints, shared-cache key); the
+    # config test checks it is wired from credproxy-secrets.
+    assert s.vault.key_env == "CREDPROXY_VAULT_KEY" and s.vault.key_file is None
+    assert all(o["kind"] != "PersistentVolumeClaim" for o in objs)
+    assert all("persistentVolumeClaim" not in v for v in spec["volumes"])
+    if target != "overlays/prod":
+        # Base and dev: the local vault on the per-pod "vault" emptyDir.
+        assert s.vault.backend == "local"
+        assert str(Path(s.vault.path).parent) == VAULT_DIR
+        m = mount_for(sidecar, s.vault.path)
+        assert m["name"] == "vault" and m["mountPath"] == VAULT_DIR
+        assert "emptyDir" in volume(spec, "vault")
+        return
+    # Prod: Azure Key Vault through the workload identity; no vault volume, no mount.
+    assert s.vault.backend == "azure"
+    assert s.vault.url == "https://credproxy-prod.vault.azure.net"
+    assert s.vault.url.startswith("https://") and s.vault.url.endswith(".vault.azure.net")
+    assert s.vault.token_file is None  # DefaultAzureCredential, never a static token
+    assert s.vault.verify_challenge_resource is True
+    assert s.vault.ca_file is None
+    assert "vault" not in {v["name"] for v in spec["volumes"]}
+    for c in all_containers(spec):
+        assert VAULT_DIR not in mounts(c), c["name"]
+        assert all(m["name"] != "vault" for m in c.get("volumeMounts", [])), c["name"]
 
 
 def test_base_config_file_is_the_configmap(rendered: dict[str, list[Obj]]) -> None:
@@ -393,10 +431,20 @@ def test_workload_identity(rendered: dict[str, list[Obj]], target: str) -> None:
     template = one(objs, "Deployment", "agent")["spec"]["template"]
     assert template["metadata"]["labels"]["azure.workload.identity/use"] == "true"
     assert template["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    # The webhook mutates init containers and containers alike, skipping the exact names in
+    # this ";"-separated list (each trimmed): parse it the same way. Exactly the sidecar
+    # gets the federated token, the agent never.
     skipped = template["metadata"]["annotations"]["azure.workload.identity/skip-containers"]
+    skip = {n.strip() for n in skipped.split(";")}
     names = {c["name"] for c in all_containers(template["spec"])}
-    assert set(skipped.split(";")) >= names - {SIDECAR}
-    assert SIDECAR not in skipped.split(";")
+    assert {n for n in names if n not in skip} == {SIDECAR}
+    # The webhook leaves variables that are already set alone: nobody may preset them (a
+    # preset client id or token file would silently replace the injected identity).
+    azure_env = {"AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE",
+                 "AZURE_AUTHORITY_HOST", "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PATH"}
+    for c in all_containers(template["spec"]):
+        assert not azure_env & set(env_of(c)), c["name"]
+        assert "envFrom" not in c, c["name"]
 
 
 # -- secrets --------------------------------------------------------------------------------
@@ -517,10 +565,9 @@ def test_prod_overlay(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
     dep = one(prod, "Deployment", "agent")
     assert dep["spec"]["replicas"] >= 3 > one(base, "Deployment", "agent")["spec"]["replicas"]
     spec = pod_spec(prod)
-    # The shared vault volume, ReadWriteMany.
-    claim = volume(spec, "vault")["persistentVolumeClaim"]["claimName"]
-    assert "emptyDir" not in volume(spec, "vault")
-    assert one(prod, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Azure Key Vault, not a shared volume (test_vault_backend_per_overlay).
+    assert [o for o in prod if o["kind"] == "PersistentVolumeClaim"] == []
+    assert config_of(prod, tmp_path).vault.backend == "azure"
     # Stricter sidecar resources: memory request = limit, no larger than base's.
     res = container(spec, SIDECAR)["resources"]
     base_res = container(pod_spec(base), SIDECAR)["resources"]
@@ -840,5 +887,6 @@ def test_docs_explain_every_agent_variable() -> None:
                                        *AGENT_BUNDLE_VARS]:
         assert f"`{var}`" in doc, var
     for needed in ("create secret generic credproxy-ca", "mitmproxy-dhparam.pem",
-                   "/healthz", "/readyz", "NET_ADMIN", "ip6tables"):
+                   "/healthz", "/readyz", "NET_ADMIN", "ip6tables", "Key Vault Secrets Officer",
+                   "purge protection", "skip-containers"):
         assert needed in doc, needed

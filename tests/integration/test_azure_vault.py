@@ -216,3 +216,24 @@ def test_failed_write_after_rotation_keeps_the_grant(kvstack: Stack) -> None:
     assert s.proxy is not None
     audit = s.proxy.stdout_text()
     assert '"reason":"vault_write_failed"' in audit
+
+
+def test_readiness_follows_key_vault(kvstack: Stack) -> None:
+    import time
+
+    import httpx2
+
+    admin = f"http://{kvstack.config['admin']}/readyz"
+
+    def ready() -> int:
+        return httpx2.get(admin, trust_env=False, timeout=30).status_code
+
+    assert ready() == 200
+    kvstack.kv_admin("POST", "/_admin/faults", {"status": 403, "count": -1})
+    deadline = time.monotonic() + 20
+    while ready() != 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    r = httpx2.get(admin, trust_env=False, timeout=30)
+    assert r.status_code == 503 and r.json()["checks"]["vault"].startswith("unavailable")
+    kvstack.kv_admin("POST", "/_admin/reset")
+    assert ready() == 200

@@ -197,7 +197,7 @@ BAD: list[Any] = [
                  id="refresh-skew-negative"),
     # other sections
     pytest.param(config(vault={"backend": "azure"}),
-                 "vault: backend 'azure' is not available", id="vault-azure"),
+                 "vault: backend 'azure' needs url", id="vault-azure"),
     pytest.param(config(coordination={"backend": "redis"}),
                  "coordination: redis needs exactly one of url, url_env", id="redis-no-url"),
     pytest.param(config(coordination={"backend": "redis", "url": "redis://u:pw@h:6379/0"}),
