@@ -3,11 +3,11 @@
 Naming: one secret per grant, ``cp-<40 hex>``, the hex an HMAC-SHA256 of (user, provider)
 under a key derived from the vault key. That fits Key Vault's rules (1-127 chars of
 ``0-9a-zA-Z-``) for any user id and provider id, is collision-free in practice, and puts no
-user id in a name (names may be replicated and logged by Azure). Tags let operators find a
-user's secrets without the key: ``credproxy-provider`` (the provider id) and
-``credproxy-user`` (a keyed hash of the user id: ``credproxy connections --user`` and
-``credproxy revoke --user`` find a user's secrets by it). The value is JSON (content type ``application/json``): the token set plus user,
-provider, status, reason, update time and version.
+user id in a name (names may be replicated and logged by Azure). Tags: ``credproxy-provider``
+(the provider id) and ``credproxy-user`` (a keyed hash of the user id: ``credproxy
+connections --user`` and ``credproxy revoke --user`` find a user's secrets by it). The value
+is JSON (content type ``application/json``): the token set plus user, provider, status,
+reason, update time and version.
 
 Deletion: Key Vault soft-deletes. A revoked grant's name stays reserved until it is purged
 or its retention ends; connecting the same user again then meets 409
