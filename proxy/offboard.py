@@ -108,6 +108,10 @@ class Offboarder:
             removed = await self._vault.delete(user, provider_id)
         except VaultError:
             removed = False
+        # Key Vault says whether the secret was purged or is retained (soft delete).
+        disposal = getattr(self._vault, "disposal", {}).pop((user, provider_id), None)
+        if disposal:
+            detail = f"{detail}; stored secret {disposal}"
         result = Revocation(user, provider_id, upstream, detail, removed)
         self._audit.record(auditlog.CONNECTION_REVOKED, user=user, provider=provider_id,
                            outcome="revoked" if result.ok else "pending",

@@ -107,6 +107,9 @@ class AzureKeyVault:
         self._sleep = sleep
         self._poll = polling_interval
         self.writes_failed = 0  # for metrics/tests
+        # What happened to each deleted grant's secret (purged, or retained until when),
+        # for the offboarding audit record.
+        self.disposal: dict[tuple[str, str], str] = {}
 
     @classmethod
     def from_url(cls, url: str, *, vault_key: bytes, credential: Any = None,
@@ -164,13 +167,17 @@ class AzureKeyVault:
     async def delete(self, user: str, provider: str) -> bool:
         name = self.name(user, provider)
         try:
-            await self._client.delete_secret(name, _polling_interval=self._poll)
+            deleted = await self._client.delete_secret(name, _polling_interval=self._poll)
         except ResourceNotFoundError:
             return False
         except (AzureError, OSError) as exc:
             raise VaultUnavailable(f"key vault delete failed: {_why(exc)}") from exc
+        until = getattr(deleted, "scheduled_purge_date", None)
+        retained = f"soft-deleted, retained until {until:%Y-%m-%d}" if until else "soft-deleted"
         if self._purge:
-            await self._purge_deleted(name)
+            purged = await self._purge_deleted(name)
+            retained = "purged" if purged else f"purge refused (purge protection); {retained}"
+        self.disposal[(user, provider)] = retained
         return True
 
     async def list(self, user: str | None = None) -> builtins.list[GrantInfo]:

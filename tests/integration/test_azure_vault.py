@@ -237,3 +237,30 @@ def test_readiness_follows_key_vault(kvstack: Stack) -> None:
     assert r.status_code == 503 and r.json()["checks"]["vault"].startswith("unavailable")
     kvstack.kv_admin("POST", "/_admin/reset")
     assert ready() == 200
+
+
+@pytest.mark.parametrize("protected", [False, True], ids=["purge", "purge-protection"])
+def test_offboarding_audits_what_happened_to_the_secret(kvstack: Stack, tmp_path: Path,
+                                                        protected: bool) -> None:
+    import json
+
+    import yaml
+
+    kvstack.kv_admin("POST", "/_admin/config", {"purge_protection": protected})
+    cfg = yaml.safe_load(kvstack.config_path.read_text())
+    cfg["vault"]["purge_on_delete"] = True
+    path = tmp_path / "purging.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    user = f"erase-me-{protected}"
+    kvstack.vault_put(user, kvstack.grant(user))
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "revoke", "--config", str(path),
+                        "--user", user], capture_output=True, text=True,
+                       env={**os.environ, **kvstack.env}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rec = next(json.loads(x) for x in r.stdout.splitlines()
+               if x.startswith("{") and json.loads(x)["event"] == "connection.revoked")
+    if protected:
+        assert "purge refused (purge protection); soft-deleted, retained until" in rec["reason"]
+    else:
+        assert rec["reason"].endswith("stored secret purged")
+    assert kvstack.vault_get(user) is None
