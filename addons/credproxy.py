@@ -6,7 +6,6 @@ Load it with ``credproxy run --config FILE`` or ``mitmdump -s addons/credproxy.p
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -129,15 +128,14 @@ class CredentialInjector:
                 # SNI, which must not end in a dot) using the canonical spelling.
                 req.host = canonical
 
-    def responseheaders(self, flow: http.HTTPFlow) -> asyncio.Task[None] | None:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(_META) is None or flow.response is None:
-            return None
+            return
         # A refusal replaces the body in `response`; it must not have streamed out already.
         if flow.response.status_code == 401 or "invalid_token" in flow.response.headers.get(
             "WWW-Authenticate", ""
         ):
             flow.response.stream = False
-        return None
 
     async def response(self, flow: http.HTTPFlow) -> None:
         self.in_flight.discard(flow.id)
