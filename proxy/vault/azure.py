@@ -45,7 +45,7 @@ from azure.core.exceptions import (
 
 from proxy.errors import VaultCorruptError, VaultUnavailable
 from proxy.tokenset import TokenSet, TokenSetError
-from proxy.vault.base import Grant, GrantInfo, GrantStatus, info
+from proxy.vault.base import Grant, GrantChanged, GrantInfo, GrantStatus, info, next_version
 from proxy.vault.keys import derive_subkey
 
 log = logging.getLogger("credproxy.vault.azure")
@@ -148,10 +148,19 @@ class AzureKeyVault:
             raise VaultUnavailable(f"key vault read failed: {_why(exc)}") from exc
         return self._decode(secret.value, user, provider)
 
-    async def put(self, grant: Grant) -> Grant:
+    async def put(self, grant: Grant, *, expected_version: int | None = None) -> Grant:
+        # Key Vault has no conditional write: this check-then-set is exact only under the
+        # coordinator's per-grant lock, which refreshes and revocations both hold.
         current = await self.get(grant.user, grant.provider)
-        stored = replace(grant, updated_at=self._clock(),
-                         version=(current.version if current else 0) + 1)
+        if expected_version is not None and (
+            current is None or current.version != expected_version
+            or current.status is not GrantStatus.ACTIVE
+        ):
+            raise GrantChanged(f"{grant.user}/{grant.provider} changed since version "
+                               f"{expected_version}")
+        now = self._clock()
+        stored = replace(grant, updated_at=now,
+                         version=next_version(current.version if current else None, now))
         await self._write(stored)
         return stored
 

@@ -9,6 +9,17 @@ from typing import Protocol
 from proxy.tokenset import TokenSet
 
 
+class GrantChanged(Exception):  # noqa: N818 - a condition, not a failure of the vault
+    """The stored grant is no longer the one a write was based on."""
+
+
+def next_version(previous: int | None, now: float) -> int:
+    """The next version of a grant. A new grant starts at the current time in milliseconds,
+    so versions keep growing across a revoke and a reconnect: the shared cache remembers
+    the version a grant was revoked at and refuses anything not newer."""
+    return int(now * 1000) if previous is None else previous + 1
+
+
 class GrantStatus(StrEnum):
     ACTIVE = "active"
     REAUTH_REQUIRED = "reauth_required"
@@ -48,8 +59,12 @@ class Vault(Protocol):
 
     async def get(self, user: str, provider: str) -> Grant | None: ...
 
-    async def put(self, grant: Grant) -> Grant:
-        """Store ``grant``; returns it with the new version and timestamp."""
+    async def put(self, grant: Grant, *, expected_version: int | None = None) -> Grant:
+        """Store ``grant``; returns it with the new version and timestamp.
+
+        With ``expected_version`` the write happens only if the stored grant still has that
+        version and is active, else :class:`GrantChanged` is raised: a refresh must not bring
+        back a grant that was revoked, marked or reconnected while it ran."""
         ...
 
     async def mark_reauth(self, user: str, provider: str, reason: str) -> Grant | None: ...

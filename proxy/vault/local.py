@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.errors import VaultCorruptError, VaultError, VaultKeyError, VaultUnavailable
 from proxy.tokenset import TokenSet
-from proxy.vault.base import Grant, GrantInfo, GrantStatus, info
+from proxy.vault.base import Grant, GrantChanged, GrantInfo, GrantStatus, info, next_version
 from proxy.vault.keys import KEY_BYTES, derive_subkey
 
 __all__ = ["FORMAT", "LocalVault"]
@@ -134,10 +134,11 @@ class LocalVault:
     async def get(self, user: str, provider: str) -> Grant | None:
         return await self._call(partial(self._get, user=user, provider=provider))
 
-    async def put(self, grant: Grant) -> Grant:
+    async def put(self, grant: Grant, *, expected_version: int | None = None) -> Grant:
         """Store ``grant``; returns it with the new version and timestamp."""
         now = float(self._clock())  # read here, not in the thread: test clocks need not lock
-        return await self._call(partial(self._put, grant=grant, now=now))
+        return await self._call(partial(self._put, grant=grant, now=now,
+                                        expected_version=expected_version))
 
     async def mark_reauth(self, user: str, provider: str, reason: str) -> Grant | None:
         now = float(self._clock())
@@ -242,17 +243,24 @@ class LocalVault:
         row = conn.execute(_SELECT_ONE, (user, provider)).fetchone()
         return None if row is None else self._unseal(row)
 
-    def _put(self, conn: sqlite3.Connection, *, grant: Grant, now: float) -> Grant:
+    def _put(self, conn: sqlite3.Connection, *, grant: Grant, now: float,
+             expected_version: int | None) -> Grant:
         conn.execute("BEGIN IMMEDIATE")  # read-then-write under the lock: no lost versions
         row = conn.execute(
-            "SELECT version FROM grants WHERE user = ? AND provider = ?",
+            "SELECT version, status FROM grants WHERE user = ? AND provider = ?",
             (grant.user, grant.provider),
         ).fetchone()
+        if expected_version is not None and (
+            row is None or row[0] != expected_version or row[1] != GrantStatus.ACTIVE.value
+        ):
+            conn.execute("ROLLBACK")
+            raise GrantChanged(f"{grant.user}/{grant.provider} changed since version "
+                               f"{expected_version}")
         stored = replace(
             grant,
             status=GrantStatus(grant.status),
             updated_at=now,
-            version=(0 if row is None else row[0]) + 1,
+            version=next_version(None if row is None else row[0], now),
         )
         self._write(conn, stored)
         conn.execute("COMMIT")

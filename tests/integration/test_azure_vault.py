@@ -19,7 +19,7 @@ from devstack.stack import Stack, build_stack
 from proxy.secret import Secret
 from proxy.tokenset import TokenSet
 from proxy.vault.azure import TAG_PROVIDER, TAG_USER
-from proxy.vault.base import Grant, GrantStatus
+from proxy.vault.base import Grant, GrantChanged, GrantStatus
 
 pytestmark = pytest.mark.integration
 
@@ -55,10 +55,12 @@ def test_vault_interface_round_trip_and_naming(kvstack: Stack) -> None:
             g = await vault.put(Grant(user, "docs", TokenSet(Secret("at-kv-canary"),
                                                              Secret("rt-kv-canary"),
                                                              expires_at=2e9, scope="s")))
-            assert g.version == 1
+            assert g.version > 1_700_000_000_000  # a new grant: the clock in milliseconds
             got = await vault.get(user, "docs")
             assert got is not None and got.tokens.access_token == Secret("at-kv-canary")
-            assert (await vault.put(got)).version == 2
+            assert (await vault.put(got)).version == g.version + 1
+            with pytest.raises(GrantChanged):  # a write based on a superseded version
+                await vault.put(got, expected_version=g.version)
             marked = await vault.mark_reauth(user, "docs", "revoked_upstream")
             assert marked is not None and marked.status is GrantStatus.REAUTH_REQUIRED
             listed = await vault.list(user)

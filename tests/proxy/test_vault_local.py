@@ -17,7 +17,7 @@ import pytest
 from proxy.errors import VaultCorruptError, VaultKeyError, VaultUnavailable
 from proxy.secret import Secret
 from proxy.tokenset import TokenSet
-from proxy.vault.base import Grant, GrantInfo, GrantStatus
+from proxy.vault.base import Grant, GrantChanged, GrantInfo, GrantStatus
 from proxy.vault.keys import derive_subkey, generate_key, load_key
 from proxy.vault.local import LocalVault
 
@@ -176,7 +176,7 @@ def test_derive_subkey_is_deterministic_and_separates_purposes() -> None:
 async def test_round_trip(vault: LocalVault) -> None:
     assert await vault.get("alice", "docs") is None
     stored = await vault.put(make_grant())
-    assert stored.version == 1
+    assert stored.version == 1_000_000  # a new grant's version is the clock in milliseconds
     assert stored.updated_at == 1_000.0
     assert await vault.get("alice", "docs") == stored
 
@@ -197,7 +197,7 @@ async def test_round_trip(vault: LocalVault) -> None:
         expires_at=2_000_000_000.0,
         has_refresh_token=True,
         updated_at=1_000.0,
-        version=1,
+        version=1_000_000,
     )
     assert listed[1].has_refresh_token is False
     assert [i.provider for i in await vault.list("alice")] == ["docs", "mail"]
@@ -208,7 +208,7 @@ async def test_round_trip(vault: LocalVault) -> None:
     assert (marked.status, marked.reason, marked.version) == (
         GrantStatus.REAUTH_REQUIRED,
         "revoked_upstream",
-        2,
+        1_000_001,
     )
     assert marked.tokens == stored.tokens
     assert await vault.get("alice", "docs") == marked
@@ -224,23 +224,50 @@ async def test_round_trip(vault: LocalVault) -> None:
 async def test_put_bumps_version_and_stamps_time_from_the_clock(vault_path: Path) -> None:
     clock = Clock(1_000)
     vault = LocalVault.open(vault_path, KEY, clock=clock)
-    for expected in range(1, 4):
+    first = 1_001_500  # a new grant starts at the clock in milliseconds, then counts up
+    for expected in range(first, first + 3):
         clock.now += 1.5
         stored = await vault.put(make_grant(version=99, updated_at=5.0))  # both ignored
         assert (stored.version, stored.updated_at) == (expected, clock.now)
     clock.now = 2_000  # an int from the clock is stored as a float and still authenticates
     marked = await vault.mark_reauth("alice", "docs", "invalid_grant")
-    assert marked is not None and (marked.version, marked.updated_at) == (4, 2000.0)
+    assert marked is not None and (marked.version, marked.updated_at) == (first + 3, 2000.0)
     again = await vault.put(make_grant())
-    assert (again.version, again.status, again.reason) == (5, GrantStatus.ACTIVE, None)
+    assert (again.version, again.status, again.reason) == (first + 4, GrantStatus.ACTIVE, None)
     assert await vault.get("alice", "docs") == again
+    # Deleted and reconnected: the version does not start again below the revoked one.
+    assert await vault.delete("alice", "docs")
+    clock.now = 2_001
+    reconnected = await vault.put(make_grant())
+    assert reconnected.version == 2_001_000 > again.version
+
+
+async def test_conditional_put_refuses_a_grant_that_changed(vault: LocalVault) -> None:
+    base = await vault.put(make_grant())
+    # The refresh based on `base` lands: the version matches and the grant is active.
+    refreshed = await vault.put(make_grant(access="new"), expected_version=base.version)
+    assert refreshed.version == base.version + 1
+    # A second write based on the old version (a stale refresh) is refused.
+    with pytest.raises(GrantChanged):
+        await vault.put(make_grant(access="stale"), expected_version=base.version)
+    # Marked for re-auth, or revoked (deleted) meanwhile: refused, nothing written back.
+    await vault.mark_reauth("alice", "docs", "invalid_grant")
+    marked = await vault.get("alice", "docs")
+    assert marked is not None
+    with pytest.raises(GrantChanged):
+        await vault.put(make_grant(access="late"), expected_version=marked.version)
+    assert await vault.delete("alice", "docs")
+    with pytest.raises(GrantChanged):
+        await vault.put(make_grant(access="late"), expected_version=marked.version)
+    assert await vault.get("alice", "docs") is None
 
 
 async def test_concurrent_puts_in_one_process_lose_nothing(vault: LocalVault) -> None:
     results = await asyncio.gather(*(vault.put(make_grant(access=f"t{i}")) for i in range(30)))
-    assert sorted(g.version for g in results) == list(range(1, 31))
+    first = min(g.version for g in results)
+    assert sorted(g.version for g in results) == list(range(first, first + 30))
     stored = await vault.get("alice", "docs")
-    assert stored is not None and stored.version == 30
+    assert stored is not None and stored.version == first + 29
 
 
 async def test_reopen_with_the_same_key_reads_everything(vault_path: Path) -> None:
@@ -484,12 +511,13 @@ def test_two_processes_writing_concurrently_lose_nothing(vault_path: Path) -> No
         worker.join(timeout=10)
     assert [w.exitcode for w in workers] == [0, 0]
     # Every put of the shared grant got its own version: no two read the same old one.
-    assert sorted(versions["p"] + versions["q"]) == list(range(1, 2 * PER_PROCESS + 1))
+    first = min(versions["p"] + versions["q"])
+    assert sorted(versions["p"] + versions["q"]) == list(range(first, first + 2 * PER_PROCESS))
 
     listed = asyncio.run(LocalVault.open(vault_path, KEY).list())
     users = {i.user for i in listed}
     assert len(listed) == 2 * PER_PROCESS + 1
     assert users == {f"{n}-{i}" for n in "pq" for i in range(PER_PROCESS)} | {"shared"}
-    assert all(i.version == 1 for i in listed if i.user != "shared")
+    assert all(i.version > 1_700_000_000_000 for i in listed)  # new grants: the clock in ms
     shared = next(i for i in listed if i.user == "shared")
-    assert shared.version == 2 * PER_PROCESS
+    assert shared.version == first + 2 * PER_PROCESS - 1
