@@ -45,7 +45,8 @@ def intercept_pattern(settings: Settings) -> list[str]:
             rx = (r"(?:[^.:]+\.)+" + re.escape(host[2:])) if host.startswith("*.") else re.escape(
                 host)
             pats.append(rf"^{rx}\.?:{port or '443'}$")
-    return pats
+    # An empty allow_hosts would intercept everything: with no provider, match nothing.
+    return pats or [r"(?!)"]
 
 
 async def drain(m: master.Master, injector: CredentialInjector, app: App,
@@ -95,6 +96,14 @@ async def serve(settings: Settings, app: App, *, grace: float = 25.0) -> None:
         update["ssl_verify_upstream_trusted_ca"] = trust
     if settings.unrouted == "tunnel":
         update["allow_hosts"] = intercept_pattern(settings)
+
+        def follow_providers(new: Settings) -> None:
+            # Switching to or from tunnel needs a restart (App.reload keeps the old mode),
+            # so this stays tunnel: intercept the reloaded providers' hosts.
+            if new.unrouted == "tunnel":
+                m.options.update(allow_hosts=intercept_pattern(new))
+
+        app.on_reload(follow_providers)
     opts.update(**update)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import os
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import httpx2
@@ -29,6 +31,16 @@ from proxy.vault.base import Vault
 from proxy.vault.keys import derive_subkey, load_key
 from proxy.vault.local import LocalVault
 
+log = logging.getLogger("credproxy.config")
+
+Check = Callable[[], Awaitable[None]]
+ReloadListener = Callable[[Settings], None]
+
+# Readiness: every check answers within this (the kubelet's probe timeout is 2 s), and a
+# successful Key Vault read is reused for VAULT_OK_TTL seconds (one read per pod per 30 s).
+READY_CHECK_TIMEOUT = 1.5
+VAULT_OK_TTL = 30.0
+
 
 @dataclass
 class App:
@@ -48,23 +60,37 @@ class App:
     draining: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
+    _reload_listeners: list[ReloadListener] = field(default_factory=list)
+
     # Keys that only take effect on restart (sockets, stores, the audit chain).
     RESTART_KEYS = ("listen", "admin", "public_url", "ca_dir", "upstream_ca_file", "vault",
                     "coordination", "audit", "stream_large_bodies")
 
+    def on_reload(self, listener: ReloadListener) -> None:
+        """Call ``listener(settings)`` after every applied reload (the mitmproxy adapter
+        updates its options this way)."""
+        self._reload_listeners.append(listener)
+
     def reload(self, new: Settings) -> list[str]:
         """Apply a new configuration to the running proxy: providers, identity, refresh and
         connect settings change live. Everything is built first, so a bad config (say a
-        provider whose client secret is missing) raises and leaves the old one serving.
-        Returns the changed keys that need a restart."""
+        provider whose client secret is missing, or an unreadable key file) raises and
+        leaves the old one serving. Restart-only keys keep their running values (the
+        sockets, stores and connect URLs in use); returns those that changed, which need a
+        restart to take effect."""
         old = self.settings
         restart = [k for k in self.RESTART_KEYS if getattr(new, k) != getattr(old, k)]
-        if (new.unrouted == "tunnel") != (old.unrouted == "tunnel"):
+        keep: dict[str, object] = {k: getattr(old, k) for k in self.RESTART_KEYS}
+        if new.unrouted != old.unrouted and "tunnel" in (new.unrouted, old.unrouted):
             restart.append("unrouted")
+            keep["unrouted"] = old.unrouted
+        new = new.model_copy(update=keep)
         secrets = client_secrets(new, self.environ)
         router = Router(new.providers)
         verifier = self.sidecar.verifier
-        if new.identity != old.identity:
+        # Key files and secrets are re-read on every reload: the watcher reloads when one
+        # of them changes (a rotated signing key). A JWKS URL refetches by itself.
+        if new.identity != old.identity or not new.identity.jwks_url:
             verifier = IdentityVerifier(new.identity,
                                         KeySource.from_settings(new.identity, self.http,
                                                                 self.environ),
@@ -81,29 +107,48 @@ class App:
         if self.admin is not None:
             self.admin.settings, self.admin.verifier = new, verifier
         self.settings = new
+        for listener in self._reload_listeners:
+            try:
+                listener(new)
+            except Exception:  # the config is applied; a listener must not undo that
+                log.exception("config reload listener %r failed", listener)
         return restart
 
-    async def watch_config(self, path: str, interval: float = 1.0) -> None:
-        """Reload when the file's content changes (a ConfigMap update swaps a symlink)."""
-        import hashlib
-        import logging
+    def watched_files(self) -> list[str]:
+        """The files the live-reloadable config reads besides itself: identity key files
+        and providers' client_secret_file (restart-only keys' files are not watched)."""
+        s = self.settings
+        files = [s.identity.jwks_file, s.identity.pem_file, s.identity.hs256_secret_file,
+                 *(p.client_secret_file for p in s.providers)]
+        return [os.path.expanduser(f) for f in files if f]
 
-        from proxy.errors import CredproxyError
+    def config_digest(self, path: str) -> str | None:
+        """A digest of the config file and every watched file (None: no config file)."""
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                h.update(f.read())
+        except OSError:
+            return None
+        for name in self.watched_files():
+            h.update(b"\0" + name.encode() + b"\0")
+            try:
+                with open(name, "rb") as f:
+                    h.update(hashlib.sha256(f.read()).digest())
+            except OSError:
+                h.update(b"missing")
+        return h.hexdigest()
+
+    async def watch_config(self, path: str, interval: float = 1.0) -> None:
+        """Reload when the config file's content, or a file it references (key files,
+        client secrets), changes (a ConfigMap or Secret volume update swaps a symlink)."""
         from proxy.settings import load_settings
 
-        log = logging.getLogger("credproxy.config")
         metric = self.sidecar.metrics.config_reloads
-
-        def digest() -> str | None:
-            try:
-                return hashlib.sha256(open(path, "rb").read()).hexdigest()  # noqa: SIM115
-            except OSError:
-                return None
-
-        last = digest()
+        last = self.config_digest(path)
         while True:
             await asyncio.sleep(interval)
-            current = digest()
+            current = self.config_digest(path)
             if current is None or current == last:
                 continue
             last = current
@@ -114,9 +159,16 @@ class App:
                 log.error("config reload rejected, the previous config keeps serving: %s",
                           exc)
                 continue
-            metric.labels("applied").inc()
-            log.info("config reloaded (%d providers)%s", len(self.settings.providers),
-                     f"; restart needed for: {', '.join(restart)}" if restart else "")
+            # The new config may reference other files: watch those from now on.
+            last = self.config_digest(path) or last
+            if restart:
+                metric.labels("applied_restart_required").inc()
+                log.warning("config reloaded (%d providers); NOT applied until a restart: "
+                            "%s (the running values are kept)", len(self.settings.providers),
+                            ", ".join(restart))
+            else:
+                metric.labels("applied").inc()
+                log.info("config reloaded (%d providers)", len(self.settings.providers))
 
     async def start(self, *, serve_admin: bool = True, config_path: str | None = None) -> None:
         """Start background work; call once inside the running event loop."""
@@ -125,11 +177,14 @@ class App:
         if config_path:
             self._tasks.append(asyncio.create_task(self.watch_config(config_path)))
         if serve_admin and self.settings.admin:
-            self.admin = AdminServer(
-                self.settings, self.sidecar.verifier, self.connector, self.vault,
-                [("proxy", self._listening), ("vault", self.vault.ping),
-                 ("coordination", self.coordinator.check), ("draining", self._not_draining)],
-                self.sidecar.metrics)
+            checks: list[tuple[str, Check]] = [
+                ("proxy", self._listening),
+                ("vault", CachedSuccess(self.vault.ping, VAULT_OK_TTL)),
+                ("coordination", self.coordinator.check), ("draining", self._not_draining)]
+            ready: list[tuple[str, object]] = [
+                *ConcurrentChecks(checks, READY_CHECK_TIMEOUT).checks()]
+            self.admin = AdminServer(self.settings, self.sidecar.verifier, self.connector,
+                                     self.vault, ready, self.sidecar.metrics)
             await self.admin.start()
 
     async def _listening(self) -> None:
@@ -158,6 +213,61 @@ class App:
         await self.coordinator.close()
         await self.vault.close()
         self.sidecar.audit.close()
+
+
+class CachedSuccess:
+    """A readiness check whose success is reused for ``ttl`` seconds (the Key Vault read
+    is a billed, throttled API call); after a failure every call checks again."""
+
+    def __init__(self, check: Check, ttl: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._check, self._ttl, self._clock = check, ttl, clock
+        self._ok_at: float | None = None
+
+    async def __call__(self) -> None:
+        if self._ok_at is not None and self._clock() - self._ok_at < self._ttl:
+            return
+        self._ok_at = None
+        await self._check()
+        self._ok_at = self._clock()
+
+
+class ConcurrentChecks:
+    """Readiness checks, each bounded by ``timeout`` and run concurrently: calling the
+    first one starts them all, the others then collect their results. /readyz answers
+    within ``timeout`` however the admin server awaits them (in turn or at once)."""
+
+    def __init__(self, checks: list[tuple[str, Check]], timeout: float) -> None:
+        self._checks = checks
+        self._timeout = timeout
+        self._pending: dict[str, asyncio.Task[None]] = {}
+
+    async def _bounded(self, name: str, check: Check) -> None:
+        try:
+            await asyncio.wait_for(check(), self._timeout)
+        except TimeoutError as exc:
+            raise CredproxyError(f"{name}: no answer within {self._timeout} s") from exc
+
+    def _start_all(self) -> None:
+        for name, check in self._checks:
+            task = asyncio.create_task(self._bounded(name, check))
+            # A task nobody collects must not log "exception never retrieved".
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._pending[name] = task
+
+    def checks(self) -> list[tuple[str, Check]]:
+        def wrap(index: int, name: str, check: Check) -> Check:
+            async def run() -> None:
+                if index == 0:
+                    self._start_all()
+                task = self._pending.pop(name, None)
+                if task is None:
+                    await self._bounded(name, check)
+                else:
+                    await task
+            return run
+
+        return [(name, wrap(i, name, check)) for i, (name, check) in enumerate(self._checks)]
 
 
 def upstream_ssl_context(settings: Settings) -> ssl.SSLContext:

@@ -1,9 +1,12 @@
 """Operations on a running credproxy: config reload without restart (and a bad reload
-refused), and a graceful SIGTERM that lets an in-flight request finish."""
+refused), reloads triggered by rotated key and secret files, restart-only keys kept at their
+running values, `unrouted: tunnel` following reloaded providers, and a graceful SIGTERM
+that lets an in-flight request finish."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -13,7 +16,9 @@ import httpx2
 import pytest
 import yaml
 
-from devstack.stack import build_stack
+from devstack.procs import free_port
+from devstack.stack import Stack, build_stack
+from proxy.devkeys import mint, write_dev_keys
 
 pytestmark = pytest.mark.integration
 
@@ -91,5 +96,126 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path) -> None:
         from proxy.audit import verify
 
         assert verify(lines).ok
+    finally:
+        s.close()
+
+
+def _reloads(s: Stack, result: str) -> float:
+    text = httpx2.get(f"http://{s.config['admin']}/metrics", trust_env=False).text
+    for line in text.splitlines():
+        if line.startswith("credproxy_config_reloads_total{") and f'result="{result}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _status(s: Stack, context: str) -> int:
+    with s.client(context=context) as c:
+        return c.get(f"{s.docs_url}/echo").status_code
+
+
+def test_a_rotated_signing_key_file_is_reloaded_and_a_corrupt_one_refused(
+        tmp_path: Path) -> None:
+    s = build_stack(tmp_path)
+    try:
+        user = "rotator"
+        s.vault_put(user, s.grant(user))
+        ident = s.config["identity"]
+        jwks = Path(ident["jwks_file"])
+
+        def ctx(key: Path) -> str:
+            return mint(sub=user, issuer=ident["issuer"], audience=ident["audience"],
+                        key_file=str(key)).reveal()
+
+        old_key = s.context_key
+        new_key, new_jwks = write_dev_keys(tmp_path / "rotated", kid="dev-2")
+        assert _status(s, ctx(old_key)) == 200
+        assert _status(s, ctx(new_key)) == 407
+        # The platform rotates its key: the file (a ConfigMap key) is swapped atomically;
+        # credproxy.yaml itself does not change.
+        staged = jwks.with_suffix(".new")
+        staged.write_text(new_jwks.read_text())
+        os.replace(staged, jwks)
+        assert _until(lambda: _status(s, ctx(new_key)) == 200)
+        assert _status(s, ctx(old_key)) == 407
+        assert _reloads(s, "applied") == 1
+        # A corrupt key file is rejected; the keys loaded last keep serving.
+        jwks.write_text('{"keys": [{"kty": "OKP"')
+        assert s.proxy is not None
+        assert _until(lambda: "config reload rejected" in s.proxy.stderr_text())  # type: ignore[union-attr]
+        assert "cannot load verification keys" in s.proxy.stderr_text()
+        assert _status(s, ctx(new_key)) == 200 and _status(s, ctx(old_key)) == 407
+        assert _reloads(s, "rejected") == 1
+        # A client_secret_file is watched too: moving the provider onto one, then
+        # rotating that file, each reload.
+        secret = tmp_path / "docs-client-secret"
+        secret.write_text(s.env["DOCS_CLIENT_SECRET"])
+        jwks.write_text(new_jwks.read_text())
+        cfg = yaml.safe_load(s.config_path.read_text())
+        del cfg["providers"][0]["client_secret_env"]
+        cfg["providers"][0]["client_secret_file"] = str(secret)
+        s.config_path.write_text(yaml.safe_dump(cfg))
+        assert _until(lambda: _reloads(s, "applied") == 2)
+        secret.write_text("rotated-" + s.env["DOCS_CLIENT_SECRET"])
+        assert _until(lambda: _reloads(s, "applied") == 3)
+        assert _status(s, ctx(new_key)) == 200
+    finally:
+        s.close()
+
+
+def test_restart_only_keys_keep_their_running_values(tmp_path: Path) -> None:
+    s = build_stack(tmp_path, config={"public_url": "https://old.example.com"})
+    try:
+        assert s.proxy is not None
+        admin = f"http://{s.config['admin']}"
+        cfg = yaml.safe_load(s.config_path.read_text())
+        cfg["public_url"] = "https://new.example.com"
+        cfg["listen"] = f"127.0.0.1:{free_port()}"
+        cfg["ca_dir"] = str(tmp_path / "elsewhere")
+        cfg["refresh"]["attempts"] = 2  # live
+        s.config_path.write_text(yaml.safe_dump(cfg))
+        assert _until(lambda: _reloads(s, "applied_restart_required") == 1)
+        log = s.proxy.stderr_text()
+        assert "NOT applied until a restart: listen, public_url, ca_dir" in log
+        assert _reloads(s, "applied") == 0
+        # Readiness still checks the running socket and CA, not the configured ones.
+        r = httpx2.get(f"{admin}/readyz", trust_env=False)
+        assert r.status_code == 200, r.text
+        # Connect links still point at the running public URL.
+        with s.client(context=s.context("never-connected")) as c:
+            r = c.get(f"{s.docs_url}/echo")
+        assert r.status_code == 401
+        assert "https://old.example.com/connect/docs" in r.text
+        assert "new.example.com" not in r.text
+    finally:
+        s.close()
+
+
+def test_tunnel_mode_intercepts_a_provider_added_by_reload(tmp_path: Path) -> None:
+    s = build_stack(tmp_path, config={"unrouted": "tunnel"})
+    try:
+        echo = s.echo_server(tls=True)
+        port = echo.url.rsplit(":", 1)[1]
+        user = "tunneller"
+        s.vault_put(user, s.grant(user), provider="echo")
+        url = f"https://localhost:{port}/echo"
+        # Not a provider yet: tunnelled, so a client trusting only the proxy CA fails.
+        with pytest.raises(httpx2.ConnectError):
+            with s.client(context=s.context(user)) as c:
+                c.get(url)
+        cfg = yaml.safe_load(s.config_path.read_text())
+        cfg["providers"].append({**cfg["providers"][0], "id": "echo",
+                                 "hosts": [f"localhost:{port}"]})
+        s.config_path.write_text(yaml.safe_dump(cfg))
+        assert _until(lambda: _reloads(s, "applied") == 1)
+
+        def injected() -> bool:
+            try:
+                with s.client(context=s.context(user)) as c:
+                    headers = dict(c.get(url).json()["headers"])
+            except httpx2.ConnectError:
+                return False
+            return headers.get("Authorization", "").startswith("Bearer at_")
+
+        assert _until(injected)
     finally:
         s.close()
