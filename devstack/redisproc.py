@@ -4,6 +4,7 @@ stoppable without touching any shared Redis on the machine."""
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -87,6 +88,16 @@ class RedisServer:
     def restart(self) -> None:
         self.kill()
         self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server stops answering but keeps its connections and data (a slow
+        or stalled Redis; redis 7 refuses DEBUG SLEEP by default)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def command(self, *args: str) -> bytes:
         """Send one inline command (e.g. DEBUG SLEEP) without a client library."""

@@ -324,7 +324,8 @@ def make_coordinator(settings: Settings, vault_key: bytes,
 
         return RedisCoordinator(settings.coordination,
                                 cache_key=derive_subkey(vault_key, "credproxy shared cache"),
-                                environ=environ, clock=clock)
+                                environ=environ, clock=clock,
+                                quiet_period=settings.refresh.max_duration() + 1.0)
     return MemoryCoordinator(clock)
 
 

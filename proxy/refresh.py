@@ -77,8 +77,14 @@ class Refresher:
         client = oauth_client(provider, client_secret, self._transport, self.settings.timeout)
         self.calls += 1
         try:
-            data = await client.refresh_token(provider.token_url,
-                                              refresh_token=refresh_token.reveal())
+            # A hard deadline per attempt (httpx's timeout is per read, and a server that
+            # trickles bytes could outlast it): the refresh lock's quiet period after a
+            # Redis restart relies on RefreshSettings.max_duration being a real bound.
+            async with asyncio.timeout(self.settings.timeout):
+                data = await client.refresh_token(provider.token_url,
+                                                  refresh_token=refresh_token.reveal())
+        except TimeoutError:
+            raise _Transient("timed out") from None
         except OAuthError as exc:
             if exc.error == "invalid_grant":
                 raise InvalidGrant(exc.description or "invalid_grant") from None

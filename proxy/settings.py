@@ -254,6 +254,12 @@ class RefreshSettings(_Model):
     backoff: Annotated[float, Field(ge=0, le=30)] = 0.25  # seconds, doubled each retry
     timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
 
+    def max_duration(self) -> float:
+        """The longest one refresh can take, retries and backoff included (each attempt
+        has a hard deadline of ``timeout``)."""
+        backoff = sum(self.backoff * 2.0**i for i in range(self.attempts - 1))
+        return float(self.attempts * self.timeout + backoff)
+
 
 class Settings(_Model):
     listen: str = "127.0.0.1:8080"

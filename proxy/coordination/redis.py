@@ -39,7 +39,10 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
-from redis.exceptions import LockError, RedisError
+from redis.asyncio.lock import Lock
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, LockError, LockNotOwnedError, RedisError
 
 from proxy.coordination.base import USED, CoordinationUnavailable, Invalidation, Lease, Used
 from proxy.settings import CoordinationSettings, resolve_secret
@@ -65,6 +68,31 @@ end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'used'} end
 return false
 """
+# Acquire the refresh lock, unless this Redis lost its data recently. A restart (or a
+# flush, or an eviction) forgets every lock, including one held by a refresh still in
+# flight on some replica: granting the lock again at once could let a second replica
+# redeem the same rotating refresh token. So the first replica to reach Redis after the
+# loss plants a "boot" marker (kind "restart": it had seen the marker before), and locks
+# are refused until every refresh that could have been in flight has ended. A brand-new
+# Redis gets kind "fresh" from a replica that never saw one: no refresh was in flight.
+# ARGV: token ('' = only plant the marker), lease ms, quiet ms, kind to plant.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local marker = redis.call('GET', KEYS[2])
+if not marker then
+  marker = now .. ':' .. ARGV[4]
+  redis.call('SET', KEYS[2], marker)
+end
+if ARGV[1] == '' then return 1 end
+local sep = string.find(marker, ':', 1, true)
+local planted = tonumber(string.sub(marker, 1, sep - 1))
+if string.sub(marker, sep + 1) == 'restart' and now - planted < tonumber(ARGV[3]) then
+  return -1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
 _FORGET = """
 local g = tonumber(redis.call('GET', KEYS[2]) or '-1')
 if tonumber(ARGV[1]) > g then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) end
@@ -81,13 +109,32 @@ class _Lease:
         return not self.lost
 
 
+class _FencedLock(Lock):
+    """redis-py's lock (random owner, compare-and-delete release, compare-and-extend
+    renewal) whose acquisition also honours the quiet period after Redis lost its data."""
+
+    coordinator: RedisCoordinator
+    quiet: bool = False  # the last attempt was refused because Redis restarted recently
+
+    async def do_acquire(self, token: str | bytes) -> bool:
+        assert self.timeout is not None
+        name = self.name if isinstance(self.name, str) else bytes(self.name).decode()
+        got = await self.coordinator.fenced_acquire(name, token, int(self.timeout * 1000))
+        self.quiet = got == -1
+        return got == 1
+
+
 class RedisCoordinator:
     name = "redis"
 
     def __init__(self, settings: CoordinationSettings, *, cache_key: bytes,
                  environ: Mapping[str, str] = os.environ,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 quiet_period: float = 0.0) -> None:
+        """``quiet_period``: how long refresh locks are refused after Redis lost its data;
+        at least the longest a refresh can take (see RefreshSettings.max_duration)."""
         self._s = settings
+        self._quiet_ms = int(max(quiet_period, settings.lock_lease) * 1000)
         url = settings.url or environ.get(settings.url_env or "", "")
         if not url:
             from proxy.errors import ConfigError
@@ -97,8 +144,12 @@ class RedisCoordinator:
         if settings.password_env or settings.password_file:
             password = resolve_secret(env=settings.password_env, file=settings.password_file,
                                       what="coordination.password", environ=environ).reveal()
+        # One quick retry on a broken connection: after a Redis restart every pooled
+        # connection is dead, and without it the first command on each fails a request.
         common: dict[str, Any] = {"username": settings.username, "password": password,
-                                  "socket_connect_timeout": settings.op_timeout}
+                                  "socket_connect_timeout": settings.op_timeout,
+                                  "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+                                  "retry_on_error": [ConnectionError]}
         if url.startswith("rediss://") and settings.ca_file:
             common["ssl_ca_certs"] = str(Path(settings.ca_file).expanduser())
         self._r = Redis.from_url(url, socket_timeout=settings.op_timeout, **common)
@@ -116,6 +167,9 @@ class RedisCoordinator:
         self._put = self._r.register_script(_PUT)
         self._forget = self._r.register_script(_FORGET)
         self._take = self._r.register_script(_TAKE)
+        self._acquire = self._r.register_script(_ACQUIRE)
+        self._boot_key = settings.key_prefix + "boot"
+        self._seen_redis = False  # this process has talked to this Redis's data before
         self._origin = secrets.token_hex(6)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -150,8 +204,9 @@ class RedisCoordinator:
     @asynccontextmanager
     async def lock(self, user: str, provider: str) -> AsyncIterator[Lease]:
         name = self._key("lock", user, provider)
-        lock = self._r.lock(name, timeout=self._s.lock_lease, thread_local=False,
-                            raise_on_release_error=False)
+        lock = _FencedLock(self._r, name, timeout=self._s.lock_lease, thread_local=False,
+                           raise_on_release_error=False)
+        lock.coordinator = self
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._s.lock_wait
         while True:
@@ -165,9 +220,12 @@ class RedisCoordinator:
                     f"redis unreachable for the refresh lock: {type(exc).__name__}") from exc
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise CoordinationUnavailable("timed out waiting for another replica's refresh")
+                raise CoordinationUnavailable(
+                    "redis lost its data recently: refreshes wait until any refresh that was "
+                    "in flight has ended" if lock.quiet
+                    else "timed out waiting for another replica's refresh")
             # Woken by the holder's "released" message; the timeout covers a missed one.
-            poll = 1.0 if self.subscribed.is_set() else 0.1
+            poll = 1.0 if self.subscribed.is_set() and not lock.quiet else 0.25
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=min(remaining, poll))
         lease = _Lease()
@@ -183,15 +241,39 @@ class RedisCoordinator:
             with contextlib.suppress(RedisError):
                 await self._r.publish(self._channel, json.dumps({"t": "released", "k": name}))
 
-    async def _renew(self, lock: Any, lease: _Lease) -> None:
+    async def fenced_acquire(self, name: str, token: str | bytes, lease_ms: int) -> int:
+        """Run the acquire script: 1 acquired, 0 held by another, -1 quiet after a restart.
+        With an empty token it only plants the boot marker."""
+        kind = "restart" if self._seen_redis else "fresh"
+        got = await self._acquire(keys=[name, self._boot_key],
+                                  args=[token, lease_ms, self._quiet_ms, kind])
+        self._seen_redis = True
+        return int(got)
+
+    async def _renew(self, lock: Lock, lease: _Lease) -> None:
+        """Extend the lease every third of it. A failed extension is retried until the
+        lease would really have lapsed; only then (or when another owner holds the lock,
+        e.g. after a Redis restart) is it lost."""
+        loop = asyncio.get_running_loop()
+        period = self._s.lock_lease / 3
+        expires = loop.time() + self._s.lock_lease
         while True:
-            await asyncio.sleep(self._s.lock_lease / 3)
-            try:
-                await lock.reacquire()
-            except (LockError, RedisError) as exc:
-                lease.lost = True
-                log.warning("refresh lock lease lost (%s)", type(exc).__name__)
-                return
+            await asyncio.sleep(period)
+            while True:
+                try:
+                    await lock.reacquire()
+                    expires = loop.time() + self._s.lock_lease
+                    break
+                except LockNotOwnedError:
+                    lease.lost = True
+                    log.warning("refresh lock lost: no longer owned (Redis restarted?)")
+                    return
+                except (LockError, RedisError) as exc:
+                    if loop.time() + min(period, 0.25) >= expires:
+                        lease.lost = True
+                        log.warning("refresh lock lease lapsed (%s)", type(exc).__name__)
+                        return
+                    await asyncio.sleep(min(period, 0.25))
 
     # -- the shared cache --------------------------------------------------------------
     async def cache_get(self, user: str, provider: str) -> Grant | None:
@@ -256,6 +338,9 @@ class RedisCoordinator:
             pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._channel)
+                # After a restart, the first replica back plants the marker that holds
+                # refresh locks back while an interrupted refresh may still be running.
+                await self.fenced_acquire(self._boot_key, "", 0)
                 # Anything published while we were not subscribed is lost: start clean.
                 await self._fire(None)
                 self.subscribed.set()

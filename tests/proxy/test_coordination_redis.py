@@ -145,3 +145,65 @@ async def test_unreachable_redis_is_coordination_unavailable(redis_server: Redis
         assert await c.cache_get("alice", "docs") is None  # a miss, not an error
     finally:
         await c.close()
+
+
+async def test_refresh_locks_are_held_back_after_redis_lost_its_data(
+        redis_server: RedisServer) -> None:
+    """A restart forgets every lock, including one a slow refresh still relies on: the
+    first replica back plants a marker, and locks wait out the longest possible refresh."""
+    a = RedisCoordinator(CoordinationSettings(backend="redis", url=redis_server.url,
+                                              key_prefix="u:", lock_wait=1, lock_lease=1),
+                         cache_key=KEY, quiet_period=2.5)
+    try:
+        # A brand-new Redis: nobody can have been refreshing, no wait.
+        async with a.lock("alice", "docs") as lease:
+            assert lease.valid()
+        redis_server.restart()  # every key gone
+        t0 = time.monotonic()
+        with pytest.raises(CoordinationUnavailable, match="lost its data recently"):
+            async with a.lock("alice", "docs"):
+                pass
+        # Another replica that never saw this Redis is held back too: the marker says so.
+        b = RedisCoordinator(CoordinationSettings(backend="redis", url=redis_server.url,
+                                                  key_prefix="u:", lock_wait=5, lock_lease=1),
+                             cache_key=KEY, quiet_period=2.5)
+        try:
+            async with b.lock("alice", "docs"):
+                waited = time.monotonic() - t0
+        finally:
+            await b.close()
+        assert 2.0 < waited < 4.5
+    finally:
+        await a.close()
+
+
+async def test_lease_survives_a_stall_shorter_than_itself(redis_server: RedisServer) -> None:
+    """One slow renewal must not give up the lease while it is still valid: a stall of the
+    server longer than the command timeout but shorter than the lease keeps the lock."""
+    a = coordinator(redis_server, lock_lease=1.5, op_timeout=0.2)
+    b = coordinator(redis_server, lock_lease=1.5, lock_wait=0.5)
+    try:
+        async with a.lock("alice", "docs") as lease:
+            await asyncio.sleep(0.45)  # just before the first renewal
+            redis_server.pause()
+            await asyncio.sleep(0.6)
+            redis_server.resume()
+            await asyncio.sleep(1.5)  # renewed after the stall, past the first lease's end
+            assert lease.valid()
+            with pytest.raises(CoordinationUnavailable, match="timed out"):
+                async with b.lock("alice", "docs"):
+                    pass
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_lease_is_lost_when_redis_restarts_under_it(redis_server: RedisServer) -> None:
+    a = coordinator(redis_server, lock_lease=1.5)
+    try:
+        async with a.lock("alice", "docs") as lease:
+            redis_server.restart()
+            await asyncio.sleep(1.0)  # the next renewal finds the lock gone
+            assert not lease.valid()
+    finally:
+        await a.close()
