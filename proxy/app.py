@@ -173,7 +173,13 @@ class App:
     async def start(self, *, serve_admin: bool = True, config_path: str | None = None) -> None:
         """Start background work; call once inside the running event loop."""
         await self.coordinator.start()
-        self._tasks.append(asyncio.create_task(self.sidecar.broker.watch_vault()))
+        # Revocations by other processes: Redis tells every replica; the vault's epoch tells
+        # processes sharing a local vault file, and Key Vault users without Redis.
+        if not (self.settings.vault.backend == "azure"
+                and self.settings.coordination.backend == "redis"):
+            interval = float(getattr(self.vault, "epoch_interval", 0.25))
+            self._tasks.append(asyncio.create_task(
+                self.sidecar.broker.watch_vault(interval)))
         if config_path:
             self._tasks.append(asyncio.create_task(self.watch_config(config_path)))
         if serve_admin and self.settings.admin:
@@ -318,14 +324,18 @@ def client_secrets(settings: Settings,
 
 def make_coordinator(settings: Settings, vault_key: bytes,
                      environ: Mapping[str, str] = os.environ,
-                     clock: Callable[[], float] = time.time) -> Coordinator:
+                     clock: Callable[[], float] = time.time,
+                     metrics: Metrics | None = None) -> Coordinator:
     if settings.coordination.backend == "redis":
         from proxy.coordination.redis import RedisCoordinator
 
-        return RedisCoordinator(settings.coordination,
+        redis = RedisCoordinator(settings.coordination,
                                 cache_key=derive_subkey(vault_key, "credproxy shared cache"),
                                 environ=environ, clock=clock,
                                 quiet_period=settings.refresh.max_duration() + 1.0)
+        if metrics is not None:
+            redis.on_error = metrics.coordination_errors.inc
+        return redis
     return MemoryCoordinator(clock)
 
 
@@ -335,7 +345,8 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
     secrets = client_secrets(settings, environ)
     vault, key = open_vault(settings, environ, clock)
     http = httpx2.AsyncClient(verify=tls, timeout=10.0, trust_env=False)
-    coordinator = make_coordinator(settings, key, environ, clock)
+    metrics = Metrics()
+    coordinator = make_coordinator(settings, key, environ, clock, metrics)
     refresher = Refresher(settings.refresh, verify=tls, clock=clock)
     verifier = IdentityVerifier(settings.identity,
                                 KeySource.from_settings(settings.identity, http, environ),
@@ -345,7 +356,7 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
         return secrets[p.id]
 
     broker = TokenBroker(vault, coordinator, refresher, client_secret=secret_for,
-                         metrics=Metrics(),
+                         metrics=metrics,
                          connect_url=settings.connect_url, clock=clock)
     audit = AuditLog(open_sink(os.path.expanduser(settings.audit.sink)
                                if settings.audit.sink != "stdout" else "stdout"),

@@ -315,8 +315,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         for r in results:
             if args.dry_run:
                 print(f"would revoke: {r.user} / {r.provider}")
-            elif r.upstream == "pending":
-                print(f"{r.provider}: removed locally; upstream revocation pending: {r.detail}")
+            elif not r.ok:
+                done = "removed locally" if r.removed else "marked for re-authorization"
+                print(f"{r.provider}: {done}; {', '.join(r.problems)}: {r.detail}")
             else:
                 print(f"{r.provider}: removed; upstream {r.upstream}: {r.detail}")
         return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL

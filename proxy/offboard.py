@@ -1,12 +1,13 @@
 """Offboarding: revoke a user's grants upstream (RFC 7009), delete them, forget them
 everywhere, and audit it.
 
-Order per grant, chosen so nothing can be injected afterwards: mark the grant for re-auth
-in the vault (every process stops serving it: the vault's epoch changes and, with Redis, an
-invalidation is published), then revoke upstream (refresh token first: for most providers
-that ends the whole grant, then the access token), then delete it. An upstream revocation
-that still fails after retries leaves the local removal in place and is reported as
-pending, with a non-zero exit status and an audit record.
+Order per grant, chosen so nothing can be injected afterwards: under the grant's refresh
+lock, mark it for re-auth in the vault (every process stops serving it: the vault's epoch
+changes and, with Redis, the shared cache entry is dropped and an invalidation published),
+then revoke upstream (refresh token first: for most providers that ends the whole grant;
+then the access token, whatever happened to the first), then delete it. Anything that still
+fails after retries (upstream revocation, local delete, the Redis broadcast) leaves the
+rest done and is reported as pending, with a non-zero exit status and an audit record.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx2
 
@@ -26,7 +28,7 @@ from proxy.errors import CoordinationUnavailable, VaultError
 from proxy.refresh import oauth_client
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
-from proxy.vault.base import GrantInfo, Vault
+from proxy.vault.base import Grant, GrantInfo, Vault
 
 _ATTEMPTS = 3
 
@@ -37,11 +39,26 @@ class Revocation:
     provider: str
     upstream: str  # "revoked", "pending", "unsupported", "skipped (dry run)"
     detail: str
-    removed: bool
+    removed: bool  # deleted from the vault (or already gone)
+    invalidated: bool = True  # every replica was told to forget it (Redis reachable)
 
     @property
     def ok(self) -> bool:
-        return self.upstream in ("revoked", "unsupported", "skipped (dry run)")
+        if self.upstream == "skipped (dry run)":
+            return True
+        return self.upstream in ("revoked", "unsupported") and self.removed and self.invalidated
+
+    @property
+    def problems(self) -> list[str]:
+        """What is still to do, in words, for the CLI and the audit record."""
+        out = []
+        if self.upstream == "pending":
+            out.append("upstream revocation pending")
+        if not self.removed:
+            out.append("local removal failed")
+        if not self.invalidated:
+            out.append("replica cache invalidation pending")
+        return out
 
 
 class Offboarder:
@@ -72,25 +89,33 @@ class Offboarder:
                 continue
             results.append(await self._revoke_one(user, info.provider))
         if provider is None and not dry_run:
-            pending = [r.provider for r in results if not r.ok]
+            pending = [f"{r.provider} ({', '.join(r.problems)})" for r in results if not r.ok]
             self._audit.record(auditlog.USER_OFFBOARDED, user=user,
                                outcome="pending" if pending else "offboarded",
-                               reason=f"upstream revocation pending: {', '.join(pending)}"
+                               reason=f"pending: {'; '.join(pending)}"[:300]
                                if pending else None)
         return results
 
     async def _revoke_one(self, user: str, provider_id: str) -> Revocation:
-        grant = await self._vault.get(user, provider_id)
-        if grant is None:
-            return Revocation(user, provider_id, "revoked", "already gone", removed=True)
-        # 1. Stop every process from using it, before anything else.
-        marked = await self._vault.mark_reauth(user, provider_id, "revoked")
+        # 1. Stop every process from using it, before anything else. Under the grant's
+        # refresh lock: a refresh in flight on any replica finishes (and stores its rotated
+        # tokens) first, so the tokens revoked below are the newest ones, and no refresh can
+        # start afterwards (it re-reads the vault under the lock and finds the mark).
         try:
-            await self._coord.cache_forget((user, provider_id),
-                                           marked.version if marked else grant.version)
-            await self._coord.publish_invalidation(user, provider_id)
+            async with self._coord.lock(user, provider_id):
+                grant, invalidated = await self._mark(user, provider_id)
         except CoordinationUnavailable:
-            pass  # the vault mark (and its epoch) still stops every replica
+            # Without the lock a refresh may still be running: the vault's conditional write
+            # refuses to store its tokens over the mark, so the grant cannot come back.
+            grant, invalidated = await self._mark(user, provider_id)
+            invalidated = False
+        except VaultError as exc:
+            return self._finish(Revocation(user, provider_id, "pending",
+                                           f"vault unavailable, nothing changed: {exc}",
+                                           removed=False), None)
+        if grant is None:
+            return Revocation(user, provider_id, "revoked", "already gone", removed=True,
+                              invalidated=invalidated)
         # Proxies sharing a local vault notice the mark by polling its epoch (every 0.25 s):
         # give them that long before the tokens are revoked, so none is injected after.
         await asyncio.sleep(self._settle)
@@ -104,19 +129,42 @@ class Offboarder:
             upstream, detail = await self._revoke_upstream(provider, grant.tokens.refresh_token,
                                                            grant.tokens.access_token)
         # 3. Remove it locally, whatever the provider said.
+        removed = True  # deleted now, or already gone
         try:
-            removed = await self._vault.delete(user, provider_id)
-        except VaultError:
+            await self._vault.delete(user, provider_id)
+        except VaultError as exc:
             removed = False
+            detail = f"{detail}; local delete failed ({exc}): the grant stays marked " \
+                     "for re-authorization and is never injected"
         # Key Vault says whether the secret was purged or is retained (soft delete).
         disposal = getattr(self._vault, "disposal", {}).pop((user, provider_id), None)
         if disposal:
             detail = f"{detail}; stored secret {disposal}"
-        result = Revocation(user, provider_id, upstream, detail, removed)
-        self._audit.record(auditlog.CONNECTION_REVOKED, user=user, provider=provider_id,
+        if not invalidated:
+            detail = f"{detail}; Redis unreachable: other replicas were not told, their " \
+                     "shared-cache copy lapses at the access token's expiry"
+        return self._finish(Revocation(user, provider_id, upstream, detail, removed,
+                                       invalidated), grant.tokens.access_token)
+
+    async def _mark(self, user: str, provider_id: str) -> tuple[Grant | None, bool]:
+        grant = await self._vault.get(user, provider_id)
+        if grant is None:
+            return None, True
+        marked = await self._vault.mark_reauth(user, provider_id, "revoked")
+        try:
+            await self._coord.cache_forget((user, provider_id),
+                                           marked.version if marked else grant.version)
+            await self._coord.publish_invalidation(user, provider_id)
+        except CoordinationUnavailable:
+            return grant, False
+        return grant, True
+
+    def _finish(self, result: Revocation, token: Secret | None) -> Revocation:
+        self._audit.record(auditlog.CONNECTION_REVOKED, user=result.user,
+                           provider=result.provider,
                            outcome="revoked" if result.ok else "pending",
-                           reason=f"upstream {upstream}: {detail}"[:300],
-                           token=grant.tokens.access_token, token_source="vault")
+                           reason=f"upstream {result.upstream}: {result.detail}"[:300],
+                           token=token, token_source="vault" if token else None)
         return result
 
     async def _revoke_upstream(self, provider: ProviderSettings, refresh: Secret | None,
@@ -126,28 +174,36 @@ class Offboarder:
                               self.settings.refresh.timeout)
         tokens = [(t, hint) for t, hint in ((refresh, "refresh_token"), (access, "access_token"))
                   if t is not None]
+        failures = []
+        # Each token on its own: a failed refresh-token revocation must not leave the
+        # access token unrevoked (the local copies are deleted next, so there is no later).
         for token, hint in tokens:
-            last = ""
-            delay = self._backoff
-            for attempt in range(1, _ATTEMPTS + 1):
-                try:
-                    resp = await client.revoke_token(provider.revocation_url,
-                                                     token=token.reveal(),
-                                                     token_type_hint=hint)
-                    # RFC 7009 2.2: 200 for revoked and for unknown tokens alike.
-                    if resp.status_code == 200:
-                        break
-                    last = f"HTTP {resp.status_code}"
-                    if resp.status_code < 500 and resp.status_code != 429:
-                        return "pending", f"{hint} revocation refused ({last})"
-                except httpx2.HTTPError as exc:
-                    last = type(exc).__name__
-                if attempt < _ATTEMPTS:
-                    await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
-                    delay *= 2
-            else:
-                return "pending", f"{hint} revocation failed after {_ATTEMPTS} attempts ({last})"
+            failure = await self._revoke_token(client, provider.revocation_url, token, hint)
+            if failure:
+                failures.append(failure)
+        if failures:
+            return "pending", "; ".join(failures)
         return "revoked", "refresh and access tokens revoked (RFC 7009)"
+
+    async def _revoke_token(self, client: Any, url: str, token: Secret, hint: str) -> str | None:
+        """None when revoked, else why not (after retries for 5xx, 429 and network errors)."""
+        last = ""
+        delay = self._backoff
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                resp = await client.revoke_token(url, token=token.reveal(), token_type_hint=hint)
+                # RFC 7009 2.2: 200 for revoked and for unknown tokens alike.
+                if resp.status_code == 200:
+                    return None
+                last = f"HTTP {resp.status_code}"
+                if resp.status_code < 500 and resp.status_code != 429:
+                    return f"{hint} revocation refused ({last})"
+            except httpx2.HTTPError as exc:
+                last = type(exc).__name__
+            if attempt < _ATTEMPTS:
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
+                delay *= 2
+        return f"{hint} revocation failed after {_ATTEMPTS} attempts ({last})"
 
     async def aclose(self) -> None:
         await self._transport.aclose()

@@ -36,7 +36,7 @@ from proxy.refresh import InvalidGrant, Refresher
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings
 from proxy.tokenset import TokenSet
-from proxy.vault.base import Grant, GrantStatus, Vault
+from proxy.vault.base import Grant, GrantChanged, GrantStatus, Vault
 
 log = logging.getLogger("credproxy.tokens")
 
@@ -81,9 +81,13 @@ class TokenBroker:
         self._clock = clock
         self._local = KeyedLocks()
         self._cache: OrderedDict[tuple[str, str], Grant] = OrderedDict()
-        # Tokens obtained by a refresh whose vault write failed: the old refresh token may
-        # already be spent, so these are kept until a write succeeds.
-        self._unsaved: dict[tuple[str, str], Grant] = {}
+        # Tokens obtained by a refresh whose vault write failed, with the version they were
+        # based on: the old refresh token may already be spent, so these are kept until a
+        # write succeeds (or the grant is revoked meanwhile).
+        self._unsaved: dict[tuple[str, str], tuple[Grant, int]] = {}
+        # Bumped by every invalidation: a vault or shared-cache read that was in flight when
+        # one arrived must not put what it read into the memory cache afterwards.
+        self._generation = 0
         self.stats = BrokerStats()
         coordinator.on_invalidation(self._on_invalidation)
 
@@ -139,11 +143,13 @@ class TokenBroker:
             except VaultError:
                 epoch = last
             if last is not None and epoch != last:
+                self._generation += 1
                 self._cache.clear()
             last = epoch
             await asyncio.sleep(interval)
 
     def invalidate(self, user: str, provider_id: str) -> None:
+        self._generation += 1
         self._cache.pop((user, provider_id), None)
 
     def reauth(self, provider: ProviderSettings, reason: str, detail: str) -> ReauthRequired:
@@ -152,10 +158,13 @@ class TokenBroker:
 
     # -- internals ---------------------------------------------------------------------
     async def _on_invalidation(self, key: tuple[str, str] | None) -> None:
+        self._generation += 1
         if key is None:
             self._cache.clear()
+            self._unsaved.clear()
         else:
             self._cache.pop(key, None)
+            self._unsaved.pop(key, None)
 
     def _fresh(self, grant: Grant | None, provider: ProviderSettings) -> Grant | None:
         if grant is None or grant.status is not GrantStatus.ACTIVE:
@@ -164,7 +173,9 @@ class TokenBroker:
             return None
         return grant
 
-    def _remember(self, grant: Grant) -> None:
+    def _remember(self, grant: Grant, generation: int) -> None:
+        if generation != self._generation:
+            return  # an invalidation arrived while this grant was being read
         key = (grant.user, grant.provider)
         self._cache[key] = grant
         self._cache.move_to_end(key)
@@ -174,14 +185,16 @@ class TokenBroker:
     async def _lookup(self, user: str, provider: ProviderSettings) -> Issued | None:
         """A fresh token from the shared cache or the vault, or None when it needs a refresh.
         Raises re-auth when the vault says the grant is unusable."""
+        generation = self._generation
         shared = self._fresh(await self._coord.cache_get(user, provider.id), provider)
         if shared is not None:
             self.stats.shared_hits += 1
-            self._remember(shared)
+            self._remember(shared, generation)
             return Issued(shared.tokens, "cache")
+        generation = self._generation
         grant = await self._load(user, provider)
         if self._fresh(grant, provider) is not None:
-            self._remember(grant)
+            self._remember(grant, generation)
             await self._coord.cache_put(grant)
             return Issued(grant.tokens, "vault")
         return None
@@ -199,7 +212,6 @@ class TokenBroker:
                 grant = await self._load(user, provider)
                 refreshed = await self._refresh(grant, provider)
         except CoordinationUnavailable as exc:
-            self.metrics.coordination_errors.inc()
             raise CredentialStoreUnavailable(
                 "the token needs a refresh and replicas cannot coordinate it right now",
                 reason="coordination_unavailable") from exc
@@ -211,11 +223,13 @@ class TokenBroker:
                     rejected: Secret | None) -> bool:
         key = (user, provider.id)
         if rejected is not None:
-            current = self._cache.get(key) or self._unsaved.get(key)
+            unsaved = self._unsaved.get(key)
+            current = self._cache.get(key) or (unsaved[0] if unsaved else None)
             if current is None:
                 current = await self._read_vault(user, provider)
             if current is not None and current.tokens.access_token != rejected:
                 return False
+        self._generation += 1
         self._cache.pop(key, None)
         self._unsaved.pop(key, None)
         try:
@@ -251,7 +265,7 @@ class TokenBroker:
         key = (user, provider.id)
         unsaved = self._unsaved.get(key)
         if unsaved is not None:
-            return await self._save(unsaved)
+            return await self._save(*unsaved, provider)
         grant = await self._read_vault(user, provider)
         if grant is None:
             raise self.reauth(provider, "no_connection",
@@ -286,18 +300,32 @@ class TokenBroker:
             m.refresh_seconds.labels(provider.id).observe(time.monotonic() - started)
         m.refreshes.labels(provider.id, "ok").inc()
         new = replace(grant, tokens=tokens.merged_refresh(grant.tokens))
-        self._unsaved[(grant.user, provider.id)] = new
-        stored = await self._save(new)
-        self._remember(stored)
+        generation = self._generation
+        self._unsaved[(grant.user, provider.id)] = (new, grant.version)
+        stored = await self._save(new, grant.version, provider)
+        self._remember(stored, generation)
         await self._coord.cache_put(stored)
         return stored
 
-    async def _save(self, grant: Grant) -> Grant:
+    async def _save(self, grant: Grant, based_on: int, provider: ProviderSettings) -> Grant:
+        """Write refreshed tokens, only over the version they were refreshed from: a grant
+        revoked, marked or reconnected meanwhile is never brought back."""
         key = (grant.user, grant.provider)
         try:
-            stored = await self._vault.put(grant)
+            stored = await self._vault.put(grant, expected_version=based_on)
+        except GrantChanged:
+            self._unsaved.pop(key, None)
+            self._cache.pop(key, None)
+            log.warning("refreshed tokens for %s/%s discarded: the grant was revoked or "
+                        "replaced while the refresh ran", grant.user, grant.provider)
+            raise self.reauth(provider, "revoked",
+                              f"the connection to {provider.id} was revoked or replaced "
+                              "while its token was being refreshed") from None
         except VaultError as exc:
             self.metrics.vault_errors.labels("write").inc()
+            # Other replicas must not redeem the old (now spent) refresh token: give them
+            # the new access token through the shared cache until the write succeeds.
+            await self._coord.cache_put(replace(grant, version=based_on + 1))
             raise CredentialStoreUnavailable(
                 "a refreshed token could not be written to the credential store; it is kept "
                 "in memory and the write is retried on the next request",

@@ -134,7 +134,7 @@ class RedisCoordinator:
         """``quiet_period``: how long refresh locks are refused after Redis lost its data;
         at least the longest a refresh can take (see RefreshSettings.max_duration)."""
         self._s = settings
-        self._quiet_ms = int(max(quiet_period, settings.lock_lease) * 1000)
+        self._quiet_ms = int(quiet_period * 1000)
         url = settings.url or environ.get(settings.url_env or "", "")
         if not url:
             from proxy.errors import ConfigError
@@ -171,6 +171,8 @@ class RedisCoordinator:
         self._boot_key = settings.key_prefix + "boot"
         self._seen_redis = False  # this process has talked to this Redis's data before
         self._origin = secrets.token_hex(6)
+        # Called on every failed Redis operation (the app counts them in a metric).
+        self.on_error: Callable[[], None] = lambda: None
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -216,6 +218,7 @@ class RedisCoordinator:
                 if await lock.acquire(blocking=False):
                     break
             except RedisError as exc:
+                self.on_error()
                 raise CoordinationUnavailable(
                     f"redis unreachable for the refresh lock: {type(exc).__name__}") from exc
             remaining = deadline - loop.time()
@@ -269,6 +272,7 @@ class RedisCoordinator:
                     log.warning("refresh lock lost: no longer owned (Redis restarted?)")
                     return
                 except (LockError, RedisError) as exc:
+                    self.on_error()
                     if loop.time() + min(period, 0.25) >= expires:
                         lease.lost = True
                         log.warning("refresh lock lease lapsed (%s)", type(exc).__name__)
@@ -283,6 +287,7 @@ class RedisCoordinator:
         try:
             raw = await self._r.get(key)
         except RedisError:
+            self.on_error()
             return None
         if not isinstance(raw, bytes) or len(raw) < 13:
             return None
@@ -311,9 +316,11 @@ class RedisCoordinator:
                             "at": grant.updated_at, "t": t.to_record()}).encode()
         nonce = secrets.token_bytes(12)
         sealed = nonce + self._aead.encrypt(nonce, plain, key.encode())
-        with contextlib.suppress(RedisError):
+        try:
             await self._put(keys=[key, self._key("gen", grant.user, grant.provider)],
                             args=[grant.version, sealed, ttl_ms])
+        except RedisError:
+            self.on_error()
 
     async def cache_forget(self, grant_key: tuple[str, str], version: int) -> None:
         user, provider = grant_key
@@ -322,6 +329,7 @@ class RedisCoordinator:
                                      self._key("gen", user, provider)],
                                args=[version, _GEN_TTL])
         except RedisError as exc:
+            self.on_error()
             raise CoordinationUnavailable("redis unreachable while forgetting a grant") from exc
 
     # -- invalidation ------------------------------------------------------------------
@@ -330,6 +338,7 @@ class RedisCoordinator:
         try:
             await self._r.publish(self._channel, json.dumps(msg))
         except RedisError as exc:
+            self.on_error()
             raise CoordinationUnavailable("redis unreachable: invalidation not sent") from exc
 
     async def _listen(self) -> None:
@@ -351,6 +360,7 @@ class RedisCoordinator:
                     if msg is not None:
                         await self._handle(msg.get("data"))
             except (RedisError, OSError) as exc:
+                self.on_error()
                 if self.subscribed.is_set():
                     log.warning("redis subscription lost (%s); retrying", type(exc).__name__)
             finally:
@@ -384,6 +394,7 @@ class RedisCoordinator:
         try:
             await self._r.set(f"{self._s.key_prefix}once:{name}", value, px=int(ttl * 1000))
         except RedisError as exc:
+            self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot store state") from exc
 
     async def take_once(self, name: str) -> bytes | None | Used:
@@ -393,6 +404,7 @@ class RedisCoordinator:
             got = await self._take(keys=[f"{p}once:{name}", f"{p}used:{name}"],
                                    args=[24 * 3600 * 1000])
         except RedisError as exc:
+            self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot read state") from exc
         if isinstance(got, list):
             return USED
@@ -405,4 +417,5 @@ class RedisCoordinator:
             return bool(await self._r.set(f"{self._s.key_prefix}jti:{digest}", 1, nx=True,
                                           exat=int(expires_at) + 1))
         except RedisError as exc:
+            self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot record jti") from exc

@@ -31,6 +31,7 @@ import hmac
 import json
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -53,6 +54,7 @@ log = logging.getLogger("credproxy.vault.azure")
 TAG_PROVIDER = "credproxy-provider"
 TAG_USER = "credproxy-user"
 _PREFIX = "cp-"
+_EPOCH = _PREFIX + "epoch"  # not a grant: grant names are cp- and 40 hex digits
 _WRITE_ATTEMPTS = 3
 
 
@@ -171,6 +173,7 @@ class AzureKeyVault:
         marked = replace(current, status=GrantStatus.REAUTH_REQUIRED, reason=reason,
                          updated_at=self._clock(), version=current.version + 1)
         await self._write(marked)
+        await self._bump_epoch()
         return marked
 
     async def delete(self, user: str, provider: str) -> bool:
@@ -187,6 +190,7 @@ class AzureKeyVault:
             purged = await self._purge_deleted(name)
             retained = "purged" if purged else f"purge refused (purge protection); {retained}"
         self.disposal[(user, provider)] = retained
+        await self._bump_epoch()
         return True
 
     async def list(self, user: str | None = None) -> builtins.list[GrantInfo]:
@@ -218,8 +222,27 @@ class AzureKeyVault:
         except (AzureError, OSError) as exc:
             raise VaultUnavailable(f"key vault probe failed: {_why(exc)}") from exc
 
+    # Without Redis, processes learn of revocations by polling this one small secret (its
+    # version changes on every mark and delete); with Redis they are told, and don't poll.
+    epoch_interval = 5.0
+
     async def epoch(self) -> int:
-        return 0  # replicas learn revocations through Redis, not by polling Key Vault
+        try:
+            secret = await self._client.get_secret(_EPOCH)
+        except ResourceNotFoundError:
+            return 0
+        except (AzureError, OSError) as exc:
+            raise VaultUnavailable(f"key vault read failed: {_why(exc)}") from exc
+        marker = (secret.properties.version or "") + (secret.value or "")
+        return int.from_bytes(hashlib.sha256(marker.encode()).digest()[:8], "big")
+
+    async def _bump_epoch(self) -> None:
+        try:
+            await self._client.set_secret(_EPOCH, secrets.token_hex(8),
+                                          content_type="text/plain")
+        except (AzureError, OSError) as exc:
+            log.warning("revocation marker not updated (%s): processes without Redis notice "
+                        "the revocation when their cached token expires", _why(exc))
 
     async def ping(self) -> None:
         """A cheap authorized read for readiness: the probe secret (absent is fine)."""

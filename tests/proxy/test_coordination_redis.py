@@ -152,7 +152,7 @@ async def test_refresh_locks_are_held_back_after_redis_lost_its_data(
     """A restart forgets every lock, including one a slow refresh still relies on: the
     first replica back plants a marker, and locks wait out the longest possible refresh."""
     a = RedisCoordinator(CoordinationSettings(backend="redis", url=redis_server.url,
-                                              key_prefix="u:", lock_wait=1, lock_lease=1),
+                                              key_prefix="u:", lock_wait=1),
                          cache_key=KEY, quiet_period=2.5)
     try:
         # A brand-new Redis: nobody can have been refreshing, no wait.
@@ -165,7 +165,7 @@ async def test_refresh_locks_are_held_back_after_redis_lost_its_data(
                 pass
         # Another replica that never saw this Redis is held back too: the marker says so.
         b = RedisCoordinator(CoordinationSettings(backend="redis", url=redis_server.url,
-                                                  key_prefix="u:", lock_wait=5, lock_lease=1),
+                                                  key_prefix="u:", lock_wait=5),
                              cache_key=KEY, quiet_period=2.5)
         try:
             async with b.lock("alice", "docs"):
