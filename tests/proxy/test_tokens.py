@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,102 @@ async def test_vault_outage_is_credential_store_unavailable(tmp_path: Path) -> N
     assert exc.value.status == 503 and "Retry-After" in exc.value.headers()
     await refresher.aclose()
     await v.close()
+
+
+class _SlowReads(LocalVault):
+    """Reads wait for a signal: lets a test land an invalidation during a read."""
+
+    gate: asyncio.Event
+    reading: asyncio.Event
+
+    async def get(self, user: str, provider: str) -> Grant | None:
+        self.reading.set()
+        await self.gate.wait()
+        return await super().get(user, provider)
+
+
+async def test_a_read_in_flight_during_an_invalidation_is_not_cached(tmp_path: Path) -> None:
+    v = _SlowReads.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
+    v.gate, v.reading = asyncio.Event(), asyncio.Event()
+    refresher = Refresher(RefreshSettings())
+    b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
+                    connect_url=lambda p: "x", clock=lambda: NOW)
+    try:
+        await LocalVault.put(v, Grant("u", "docs", tokens("a1")))
+        pending = asyncio.create_task(b.get("u", PROVIDER))
+        await v.reading.wait()
+        b.invalidate("u", "docs")  # a revoke elsewhere, heard while the read was under way
+        v.gate.set()
+        await pending
+        # What that read returned must not be served from memory afterwards.
+        assert (await b.get("u", PROVIDER)).source == "vault"
+    finally:
+        await refresher.aclose()
+        await v.close()
+
+
+class _FixedRefresher(Refresher):
+    """The token endpoint's answer, without a network: the broker is what is under test."""
+
+    async def refresh(self, provider: ProviderSettings, client_secret: Secret | None,
+                      refresh_token: Secret) -> TokenSet:
+        self.calls += 1
+        return tokens("rotated")
+
+
+class _FlakyWrites(LocalVault):
+    failing = True
+
+    async def put(self, grant: Grant, *, expected_version: int | None = None) -> Grant:
+        if self.failing:
+            raise VaultUnavailable("write failed")
+        return await super().put(grant, expected_version=expected_version)
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["invalidation-heard", "not-heard"])
+async def test_unsaved_tokens_never_bring_back_a_revoked_grant(tmp_path: Path,
+                                                               told: bool) -> None:
+    """A refresh whose vault write failed keeps its tokens in memory; if the grant is then
+    revoked, they must not be written back (whether or not this process heard of it)."""
+    v = _FlakyWrites.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
+    refresher = _FixedRefresher(RefreshSettings())
+    b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
+                    connect_url=lambda p: "x", clock=lambda: NOW)
+    try:
+        v.failing = False
+        await v.put(Grant("u", "docs", tokens("old", expires_in=-1)))
+        v.failing = True
+        with pytest.raises(CredentialStoreUnavailable) as exc:
+            await b.get("u", PROVIDER)
+        assert exc.value.reason == "vault_write_failed" and refresher.calls == 1
+        assert await v.delete("u", "docs")  # `credproxy revoke` in another process
+        if told:
+            b.invalidate("u", "docs")
+        v.failing = False
+        with pytest.raises(ReauthRequired):
+            await b.get("u", PROVIDER)
+        assert await v.get("u", "docs") is None
+    finally:
+        await refresher.aclose()
+        await v.close()
+
+
+async def test_unsaved_tokens_are_written_once_the_vault_is_back(tmp_path: Path) -> None:
+    v = _FlakyWrites.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
+    refresher = _FixedRefresher(RefreshSettings())
+    b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
+                    connect_url=lambda p: "x", clock=lambda: NOW)
+    try:
+        v.failing = False
+        await v.put(Grant("u", "docs", tokens("old", expires_in=-1)))
+        v.failing = True
+        with pytest.raises(CredentialStoreUnavailable):
+            await b.get("u", PROVIDER)
+        v.failing = False
+        got = await b.get("u", PROVIDER)
+        assert got.tokens.access_token == Secret("rotated") and refresher.calls == 1
+        stored = await v.get("u", "docs")
+        assert stored is not None and stored.tokens.refresh_token == Secret("rt-rotated")
+    finally:
+        await refresher.aclose()
+        await v.close()
