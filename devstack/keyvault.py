@@ -4,7 +4,8 @@ Run as a separate process (HTTPS only: the SDK refuses to send a bearer token ov
 
     python -m devstack.keyvault --host 127.0.0.1 --port 0 --cert C --key K \\
         --ready-file ready.json [--admin] [--purge-protection] [--recoverable-days 90] \\
-        [--delete-polls 1] [--recover-polls 1] [--accept-api-version 2026-04-01]
+        [--delete-polls 1] [--recover-polls 1] [--purge-polls 0] \\
+        [--accept-api-version 2026-04-01]
 
 and point the real ``azure-keyvault-secrets`` client at the announced URL::
 
@@ -35,7 +36,10 @@ The behaviour is held to recorded Key Vault traffic (tests/fixtures/keyvault/):
   found: N" ``--delete-polls`` times before 200; until then the deletion is "in progress":
   re-creating the name is 409 ``Conflict``/``ObjectIsBeingDeleted`` and the deleted secret is
   not listed, recoverable or purgeable (404). Afterwards a PUT is 409
-  ``Conflict``/``ObjectIsDeletedButRecoverable``. After a recover, ``GET /secrets/N[/V]``
+  ``Conflict``/``ObjectIsDeletedButRecoverable``. After a purge, the next ``--purge-polls``
+  (default 0) PUTs of the name are 409 ``Conflict``/``ObjectIsBeingDeleted`` (Key Vault takes
+  a while to free a purged name); the name is neither live nor deleted meanwhile. After a
+  recover, ``GET /secrets/N[/V]``
   answers 404 ``--recover-polls`` times before 200 (and the secret is not listed meanwhile);
   any write to it ends the wait.
 * **Retention**: ``--recoverable-days`` (7-90, default 90) gives recoveryLevel
@@ -60,7 +64,12 @@ With ``--admin``, a test control API under ``/_admin/`` (loopback callers only):
 * ``POST /_admin/reset`` clears faults, counters and the request log; ``{"secrets": true}``
   also empties the vault.
 * ``GET|POST /_admin/config`` reads/changes ``delete_polls``, ``recover_polls``,
-  ``recoverable_days`` and ``purge_protection`` at run time.
+  ``purge_polls``, ``recoverable_days`` and ``purge_protection`` at run time.
+* ``POST /_admin/permissions`` ``{"token": "<bearer token>", "deny": ["set", ...]}`` takes
+  secret permissions (``get``, ``list``, ``set``, ``delete``, ``recover``, ``purge``) away
+  from the identity presenting that bearer token: such a request answers 403 ``Forbidden``
+  with innererror ``AccessDenied`` in Key Vault's access-policy wording. ``"deny": []``
+  restores them; ``GET`` lists the denials (token fingerprints only); a reset clears them.
 * ``GET /_admin/secrets`` names and versions (live and deleted), never values.
 
 Secret values are never logged: request logging shows method, path and status only.
@@ -71,6 +80,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import re
@@ -168,6 +178,7 @@ class Deleted:
 class Config:
     delete_polls: int = 1
     recover_polls: int = 1
+    purge_polls: int = 0
     recoverable_days: int = 90
     purge_protection: bool = False
 
@@ -179,6 +190,7 @@ class Config:
         return {
             "delete_polls": self.delete_polls,
             "recover_polls": self.recover_polls,
+            "purge_polls": self.purge_polls,
             "recoverable_days": self.recoverable_days,
             "purge_protection": self.purge_protection,
             "recovery_level": self.recovery_level(),
@@ -278,6 +290,7 @@ class Vault:
         self.config = config
         self.live: dict[str, Secret] = {}
         self.deleted: dict[str, Deleted] = {}
+        self.purging: dict[str, int] = {}  # purged names: PUTs still refused as being deleted
         self.seq = 0
 
     # -- rendering -------------------------------------------------------------------------
@@ -329,6 +342,16 @@ class Vault:
         enabled, nbf, exp = _attrs(body)
         key = name.lower()
         with self.lock:
+            if self.purging.get(key, 0) > 0:
+                self.purging[key] -= 1
+                if not self.purging[key]:
+                    del self.purging[key]
+                raise ApiError(
+                    409, "Conflict",
+                    f"Secret {name} is currently being deleted and cannot be re-created; "
+                    "retry later.",
+                    "ObjectIsBeingDeleted",
+                )
             d = self.deleted.get(key)
             if d is not None:
                 shown = d.secret.name
@@ -465,6 +488,8 @@ class Vault:
                     "ForbiddenByPurgeProtection",
                 )
             del self.deleted[name.lower()]
+            if self.config.purge_polls:
+                self.purging[name.lower()] = self.config.purge_polls
             log.info("purged secret %s", d.secret.name)
 
     def list_live(self) -> list[Secret]:
@@ -479,6 +504,7 @@ class Vault:
         with self.lock:
             self.live.clear()
             self.deleted.clear()
+            self.purging.clear()
 
     def summary(self) -> dict[str, Any]:
         with self.lock:
@@ -494,6 +520,8 @@ class Vault:
                      "deletedDate": d.deleted_date, "scheduledPurgeDate": d.scheduled_purge}
                     for _, d in sorted(self.deleted.items())
                 ],
+                "purging": [{"name": n, "pending_polls": p}
+                            for n, p in sorted(self.purging.items())],
             }
 
 
@@ -611,6 +639,7 @@ class KeyVaultApp:
         self.api_versions = api_versions
         self.stats = Stats()
         self.faults: list[Fault] = []
+        self.denied: dict[str, frozenset[str]] = {}  # bearer token -> permissions taken away
         self.lock = threading.Lock()
         self.app = Flask("devstack.keyvault")
         self.app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
@@ -660,6 +689,7 @@ class KeyVaultApp:
                     401, "Unauthorized", f"AKV10000: Request is missing a {token_kinds} token.",
                     headers={"WWW-Authenticate": self.challenge},
                 )
+            self._permit(token.strip(), method, path)
             resp = self._route(method, path, raw)
         except ApiError as err:
             resp = _json_response(err.status, err.body(), err.headers)
@@ -686,6 +716,23 @@ class KeyVaultApp:
                 "authorized": authorized,
                 "time": time.time(),
             })
+
+    def _permit(self, token: str, method: str, path: str) -> None:
+        """403 for an operation the caller's identity was denied (``/_admin/permissions``)."""
+        with self.lock:
+            denied = self.denied.get(token)
+        if not denied:
+            return
+        op = _permission(method, path)
+        if op in denied:
+            raise ApiError(
+                403, "Forbidden",
+                f"The user, group or application 'appid=devstack;oid={_fingerprint(token)}' "
+                f"does not have secrets {op} permission on key vault "
+                "'devstack;location=devstack'. For help resolving this issue, please see "
+                "https://go.microsoft.com/fwlink/?linkid=2125287",
+                "AccessDenied",
+            )
 
     def _take_fault(self, method: str) -> Fault | None:
         with self.lock:
@@ -907,6 +954,7 @@ class KeyVaultApp:
             with self.lock:
                 self.stats = Stats()
                 self.faults = []
+                self.denied = {}
             if data.get("secrets"):
                 self.vault.clear()
             return {"ok": True}
@@ -917,7 +965,7 @@ class KeyVaultApp:
             if request.method == "POST":
                 data = body()
                 with self.vault.lock:
-                    for key in ("delete_polls", "recover_polls"):
+                    for key in ("delete_polls", "recover_polls", "purge_polls"):
                         if key in data:
                             n = data[key]
                             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -935,6 +983,44 @@ class KeyVaultApp:
         @app.get("/_admin/secrets")
         def admin_secrets() -> Any:
             return self.vault.summary()
+
+        @app.route("/_admin/permissions", methods=["GET", "POST"])
+        def admin_permissions() -> Any:
+            if request.method == "POST":
+                data = body()
+                token, deny = data.get("token"), data.get("deny")
+                if not isinstance(token, str) or not token.strip():
+                    raise AdminError("'token' must be the bearer token of an identity")
+                if not isinstance(deny, list) or not set(deny) <= PERMISSIONS:
+                    raise AdminError(f"'deny' must be a list of {sorted(PERMISSIONS)}")
+                with self.lock:
+                    if deny:
+                        self.denied[token.strip()] = frozenset(deny)
+                    else:
+                        self.denied.pop(token.strip(), None)
+            with self.lock:
+                return {"denied": {_fingerprint(t): sorted(d) for t, d in self.denied.items()}}
+
+
+PERMISSIONS = frozenset({"get", "list", "set", "delete", "recover", "purge"})
+
+
+def _permission(method: str, path: str) -> str:
+    """The access-policy secret permission an operation needs."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == ["deletedsecrets"]:
+        if method == "DELETE":
+            return "purge"
+        return "recover" if method == "POST" else "list"
+    if method in ("PUT", "PATCH"):
+        return "set"
+    if method == "DELETE":
+        return "delete"
+    return "list" if len(parts) <= 1 or parts[-1] == "versions" else "get"
+
+
+def _fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def _body(raw: bytes) -> dict[str, Any]:
@@ -985,6 +1071,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="GET deletedsecrets/N answers 404 this many times after a delete")
     parser.add_argument("--recover-polls", type=int, default=1,
                         help="GET secrets/N answers 404 this many times after a recover")
+    parser.add_argument("--purge-polls", type=int, default=0,
+                        help="PUTs of a purged name answer 409 ObjectIsBeingDeleted this many "
+                        "times")
     parser.add_argument("--recoverable-days", type=int, default=90,
                         help="soft-delete retention, 7-90 days (default 90)")
     parser.add_argument("--purge-protection", action="store_true",
@@ -995,8 +1084,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.debug)
     if not (args.cert and args.key):
         raise SystemExit("--cert and --key are required: Key Vault clients only speak HTTPS")
-    if args.delete_polls < 0 or args.recover_polls < 0:
-        raise SystemExit("--delete-polls and --recover-polls must be >= 0")
+    if args.delete_polls < 0 or args.recover_polls < 0 or args.purge_polls < 0:
+        raise SystemExit("--delete-polls, --recover-polls and --purge-polls must be >= 0")
     try:
         days = _recoverable_days(args.recoverable_days)
     except ValueError as exc:
@@ -1004,6 +1093,7 @@ def main(argv: list[str] | None = None) -> None:
     config = Config(
         delete_polls=args.delete_polls,
         recover_polls=args.recover_polls,
+        purge_polls=args.purge_polls,
         recoverable_days=days,
         purge_protection=args.purge_protection,
     )

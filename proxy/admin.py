@@ -1,12 +1,24 @@
 """The admin server (a separate port from the proxy): health, readiness, and the web
-connect flow (`/connect/{provider}` -> provider -> `/oauth/callback`)."""
+connect flow (`/connect/{provider}` -> provider -> `/oauth/callback`).
+
+The web flow is bound to the browser that started it: `/connect` sets a random nonce in a
+cookie scoped to `/oauth/callback` (HttpOnly, SameSite=Lax, Secure behind an https
+`public_url`, living as long as the flow's state), named after the flow's state so that
+flows in several tabs do not clash; the callback refuses a flow whose cookie is missing or
+different (an authorize URL sent to someone else), and clears the cookie.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import html
 import logging
 import os
+import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
@@ -21,6 +33,14 @@ from proxy.vault.base import Vault
 
 log = logging.getLogger("credproxy.admin")
 
+# Below the kubelet's readiness probe timeout (2 s by default and in deploy/k8s).
+READY_CHECK_TIMEOUT = 1.5
+_COOKIE = "credproxy_connect_"
+
+
+def _cookie_name(state: str) -> str:
+    return _COOKIE + hashlib.sha256(state.encode()).hexdigest()[:16]
+
 
 def _page(title: str, body: str, status: int) -> web.Response:
     text = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
@@ -33,13 +53,14 @@ def _page(title: str, body: str, status: int) -> web.Response:
 class AdminServer:
     def __init__(self, settings: Settings, verifier: IdentityVerifier, connector: Connector,
                  vault: Vault, ready_checks: list[tuple[str, object]],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, ready_timeout: float = READY_CHECK_TIMEOUT) -> None:
         self._metrics = metrics
         self.settings = settings
         self.verifier = verifier
         self._connector = connector
         self._vault = vault
         self._checks = ready_checks
+        self._ready_timeout = ready_timeout
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
@@ -70,18 +91,26 @@ class AdminServer:
                             headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """Every check at once, each bounded by ``ready_timeout``: the answer comes within
+        that time however many checks hang."""
         checks: dict[str, str] = {}
         ca = Path(os.path.expanduser(self.settings.ca_dir)) / "mitmproxy-ca.pem"
         checks["ca"] = "ok" if ca.is_file() else "missing"
-        for name, check in self._checks:
-            try:
-                await check()  # type: ignore[operator]
-                checks[name] = "ok"
-            except (CredproxyError, OSError) as exc:
-                checks[name] = f"unavailable: {type(exc).__name__}"
+        results = await asyncio.gather(*(self._check(check)  # type: ignore[arg-type]
+                                         for _, check in self._checks))
+        checks.update(zip([name for name, _ in self._checks], results, strict=True))
         ready = all(v == "ok" for v in checks.values())
         return web.json_response({"ready": ready, "checks": checks},
                                  status=200 if ready else 503)
+
+    async def _check(self, check: Callable[[], Awaitable[object]]) -> str:
+        try:
+            await asyncio.wait_for(check(), self._ready_timeout)
+        except TimeoutError:
+            return "unavailable: timeout"
+        except (CredproxyError, OSError) as exc:
+            return f"unavailable: {type(exc).__name__}"
+        return "ok"
 
     async def connect(self, request: web.Request) -> web.StreamResponse:
         provider = request.match_info["provider"]
@@ -95,22 +124,38 @@ class AdminServer:
                                       "this user context may not use that provider",
                                       user=user.user, provider=provider)
             scopes = request.query.get("scope")
+            nonce = secrets.token_urlsafe(32)
             url = await self._connector.begin(
                 user.user, provider, redirect_uri=self.settings.redirect_uri,
                 scopes=scopes.replace(",", " ").split() if scopes else None,
-                return_to=request.query.get("return_to"))
+                return_to=request.query.get("return_to"), browser=nonce)
         except ProxyRefusal as exc:
             return _page("Sign-in not possible", f"user context rejected ({exc.reason})", 401)
         except ConnectRejected as exc:
             return _page("Sign-in not possible", f"{exc.detail} ({exc.reason})", 400)
-        raise web.HTTPFound(url, headers={"Cache-Control": "no-store"})
+        state = parse_qs(urlsplit(url).query).get("state", [""])[0]
+        response = web.HTTPFound(url, headers={"Cache-Control": "no-store"})
+        response.set_cookie(_cookie_name(state), nonce, max_age=self.settings.connect.state_ttl,
+                            path="/oauth/callback", httponly=True, samesite="Lax",
+                            secure=self.settings.connect_base.startswith("https://"))
+        return response
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
+        cookie = _cookie_name(request.query.get("state", ""))
+        response: web.Response
         try:
-            done = await self._connector.complete(dict(request.query))
+            # "": this server's flows are always browser-bound, so no cookie never matches.
+            done = await self._connector.complete(dict(request.query),
+                                                  browser=request.cookies.get(cookie, ""))
         except ConnectRejected as exc:
-            return _page("Connection failed", f"{exc.detail} ({exc.reason})", 400)
-        if done.return_to:
-            raise web.HTTPSeeOther(done.return_to, headers={"Cache-Control": "no-store"})
-        return _page("Connected", f"{done.user} is now connected to {done.provider}. "
-                     "You can close this window.", 200)
+            response = _page("Connection failed", f"{exc.detail} ({exc.reason})", 400)
+        else:
+            if done.return_to:
+                response = web.HTTPSeeOther(done.return_to,
+                                            headers={"Cache-Control": "no-store"})
+            else:
+                response = _page("Connected", f"{done.user} is now connected to "
+                                 f"{done.provider}. You can close this window.", 200)
+        if cookie in request.cookies:
+            response.del_cookie(cookie, path="/oauth/callback")
+        return response

@@ -6,10 +6,19 @@ flow's state (user, provider, PKCE verifier, redirect URI, scopes, return URL) s
 and short-lived in the coordinator, encrypted; :meth:`Connector.complete` takes the
 callback's query, checks everything, exchanges the code and stores the grant. The CLI's
 loopback listener and the admin server's web flow are thin callers of these two methods.
+
+Browser binding: a ``state`` names a user, but whoever holds the authorize URL could finish
+the flow, so a user could send their URL to someone else and collect that person's grant
+(login CSRF). The web flow therefore binds each flow to the browser that started it:
+``begin(..., browser=nonce)`` keeps a hash of a random nonce the admin server also sets as a
+cookie, and ``complete(..., browser=cookie)`` refuses a callback whose cookie is missing or
+different. The CLI's flow runs in one process and passes no nonce.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 import ssl
@@ -86,10 +95,13 @@ class Connector:
         return [s for s in provider.scopes if s in requested]
 
     async def begin(self, user: str, provider_id: str, *, redirect_uri: str,
-                    scopes: list[str] | None = None, return_to: str | None = None) -> str:
-        """Start a flow for ``user``; returns the provider's authorize URL."""
+                    scopes: list[str] | None = None, return_to: str | None = None,
+                    browser: str | None = None) -> str:
+        """Start a flow for ``user``; returns the provider's authorize URL. ``browser``: a
+        nonce the caller also gave the browser (a cookie); the callback must present it."""
         try:
-            return await self._begin(user, provider_id, redirect_uri, scopes, return_to)
+            return await self._begin(user, provider_id, redirect_uri, scopes, return_to,
+                                     browser)
         except ConnectRejected as exc:
             self._audit.record(auditlog.CONNECTION_CREATED, user=user,
                                provider=exc.provider or provider_id, outcome="rejected",
@@ -97,13 +109,14 @@ class Connector:
             raise
 
     async def _begin(self, user: str, provider_id: str, redirect_uri: str,
-                     scopes: list[str] | None, return_to: str | None) -> str:
+                     scopes: list[str] | None, return_to: str | None,
+                     browser: str | None) -> str:
         provider = self._provider(provider_id)
         if provider.authorize_url is None:
             raise ConnectRejected("no_authorize_url",
                                   f"{provider.id} has no authorize_url configured",
                                   user=user, provider=provider.id)
-        if return_to is not None and return_to not in self.settings.connect.return_urls:
+        if return_to is not None and not self.settings.connect.allows_return(return_to):
             raise ConnectRejected("return_url_not_allowed",
                                   "the return URL is not one of connect.return_urls",
                                   user=user, provider=provider.id)
@@ -115,21 +128,25 @@ class Connector:
                                                  code_verifier=verifier)
         record: dict[str, object] = {"u": user, "p": provider.id, "v": verifier, "r": redirect_uri,
                   "s": granted, "t": return_to, "c": self._clock()}
+        if browser is not None:
+            record["b"] = _browser_hash(browser)
         await self._coord.put_once(self._name(state), self._seal(state, record),
                                    self.settings.connect.state_ttl + 60)
         return str(url)
 
-    async def complete(self, params: Mapping[str, str]) -> Connected:
+    async def complete(self, params: Mapping[str, str], *,
+                       browser: str | None = None) -> Connected:
         """Finish a flow from the callback's query parameters (``state``, ``code`` or
-        ``error``). Every rejection is audited and stores nothing."""
+        ``error``); ``browser`` is the nonce the browser presented (its cookie), required
+        when the flow was begun with one. Every rejection is audited and stores nothing."""
         try:
-            return await self._complete(params)
+            return await self._complete(params, browser)
         except ConnectRejected as exc:
             self._audit.record(auditlog.CONNECTION_CREATED, user=exc.user,
                                provider=exc.provider, outcome="rejected", reason=exc.reason)
             raise
 
-    async def _complete(self, params: Mapping[str, str]) -> Connected:
+    async def _complete(self, params: Mapping[str, str], browser: str | None) -> Connected:
         state = params.get("state")
         if not state:
             raise ConnectRejected("missing_state", "the callback carries no state")
@@ -141,6 +158,16 @@ class Connector:
                                   "the state does not belong to a sign-in started here")
         rec = self._unseal(state, taken)
         user, provider_id = str(rec["u"]), str(rec["p"])
+        # A flow begun with a browser nonce needs it back; a caller that passes one (the
+        # admin server) accepts only flows begun with one.
+        bound = rec.get("b")
+        if (bound is not None or browser is not None) and (
+                bound is None or browser is None
+                or not hmac.compare_digest(str(bound), _browser_hash(browser))):
+            raise ConnectRejected("browser_mismatch",
+                                  "this sign-in was started in another browser (or its cookie "
+                                  "is gone); start again from the connect link",
+                                  user=user, provider=provider_id)
         if self._clock() - float(rec["c"]) > self.settings.connect.state_ttl:
             raise ConnectRejected("expired_state", "the sign-in took too long; start again",
                                   user=user, provider=provider_id)
@@ -201,8 +228,6 @@ class Connector:
 
     @staticmethod
     def _name(state: str) -> str:
-        import hashlib
-
         return "state:" + hashlib.sha256(state.encode()).hexdigest()[:40]
 
     def _seal(self, state: str, record: dict[str, object]) -> bytes:
@@ -217,3 +242,7 @@ class Connector:
         if not isinstance(rec, dict):
             raise ConnectRejected("unknown_state", "the state record is unreadable")
         return rec
+
+
+def _browser_hash(nonce: str) -> str:
+    return hashlib.sha256(b"credproxy connect browser\x00" + nonce.encode()).hexdigest()

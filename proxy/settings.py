@@ -107,7 +107,8 @@ class VaultSettings(_Model):
     key_file: str | None = None
     url: str | None = None  # azure: https://<name>.vault.azure.net
     purge_on_delete: bool = False  # azure: purge revoked secrets (refused under purge protection)
-    timeout: Annotated[float, Field(gt=0, le=120)] = 10.0  # azure: per request
+    # azure: one vault call's bound, every try (at most 3) and wait included
+    timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
     ca_file: str | None = None  # azure: extra CA bundle (private endpoints, tests)
     # azure: a file holding a bearer token for Key Vault, re-read on every use, instead of
     # DefaultAzureCredential (for tests and externally provisioned tokens).
@@ -233,7 +234,8 @@ class ConnectSettings(_Model):
     """The OAuth connect flow (`credproxy connect`, the admin server's /connect)."""
 
     state_ttl: Annotated[int, Field(ge=30, le=3600)] = 600  # seconds a started flow stays valid
-    # Where the browser may be sent after a web connect (exact matches only: no open
+    # Where the browser may be sent after a web connect: a return_to must have the same
+    # scheme, host and port as one of these and its path at or below that one's (no open
     # redirect). Without one, a plain success page is shown.
     return_urls: list[str] = Field(default_factory=list)
     # Browsers cannot add headers: also accept the user context as ?context=<jws> on
@@ -244,9 +246,59 @@ class ConnectSettings(_Model):
     @classmethod
     def _returns(cls, v: list[str]) -> list[str]:
         for url in v:
-            if not url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
-                raise ValueError(f"{url!r}: return URLs must be https (or loopback http)")
+            parts = _return_url(url)
+            if parts is None:
+                raise ValueError(f"{url!r}: return URLs must be absolute https URLs (or "
+                                 "loopback http) without user info or fragment")
         return v
+
+    def allows_return(self, url: str) -> bool:
+        """Whether ``url`` is one of :attr:`return_urls` or below one (compared parsed:
+        scheme, host, port, then path at a segment boundary)."""
+        got = _return_url(url)
+        if got is None:
+            return False
+        for allowed in self.return_urls:
+            want = _return_url(allowed)
+            if want is None or got[:3] != want[:3]:
+                continue
+            path, base = got[3], want[3]
+            if path == base or path.startswith(base if base.endswith("/") else base + "/"):
+                return True
+        return False
+
+
+def _return_url(url: str) -> tuple[str, str, int, str] | None:
+    """(scheme, host, port, path) of an acceptable return URL, else None."""
+    from urllib.parse import urlsplit
+
+    if any(c in url for c in "\\ \t\r\n") or not url.isprintable():
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if (scheme not in ("https", "http") or not host or "@" in parts.netloc
+            or parts.fragment or "#" in url):
+        return None
+    if scheme == "http" and not _is_loopback(host):
+        return None
+    path = parts.path or "/"
+    segments = path.lower().replace("%2e", ".").split("/")
+    if "." in segments or ".." in segments or "%2f" in path.lower() or "%5c" in path.lower():
+        return None
+    return scheme, host, port or (443 if scheme == "https" else 80), path
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class RefreshSettings(_Model):

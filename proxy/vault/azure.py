@@ -16,10 +16,17 @@ recovering the deleted secret and overwriting it. With ``purge_on_delete`` the s
 purged right after deletion; with purge protection on, Key Vault refuses the purge and the
 deleted secret (still encrypted, unusable by credproxy) stays until its scheduled purge date.
 
-Reliability: azure-core's retry policy retries 429 (honouring ``Retry-After``), 5xx and
-network errors with exponential backoff; a missing ``Retry-After`` gets our own jittered
-backoff around it. Every failure that remains is :class:`VaultUnavailable`, so a request
-fails closed (503) rather than going out without credentials.
+Reliability (:class:`VaultRetryPolicy`): one vault call makes at most 3 tries and ends
+within ``vault.timeout`` (default 10 s), waits included, since a refresh may be holding the
+user's lock meanwhile. 429, 5xx and network errors are retried after an exponential backoff
+with jitter (0.25 s, then 0.5 s, ... scaled by a random factor in [0.1, 1]: never at once,
+never in step with other replicas); a ``Retry-After`` (seconds or an HTTP date, or
+``x-ms-retry-after-ms``) is honoured when it fits the call's remaining time and 30 s, and
+otherwise fails the call at once. Every failure that remains is :class:`VaultUnavailable`, so
+a request fails closed (503 credential-store-unavailable) rather than going out without
+credentials. A write that meets a name still being deleted (409 ``ObjectIsBeingDeleted``,
+right after a purge) waits with backoff until the name is free, for at most
+``RECLAIM_DEADLINE`` seconds.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ from azure.core.exceptions import (
     HttpResponseError,
     ResourceExistsError,
     ResourceNotFoundError,
+    ServiceResponseTimeoutError,
 )
+from azure.core.pipeline.policies import AsyncRetryPolicy
 
 from proxy.errors import VaultCorruptError, VaultUnavailable
 from proxy.tokenset import TokenSet, TokenSetError
@@ -55,7 +64,58 @@ TAG_PROVIDER = "credproxy-provider"
 TAG_USER = "credproxy-user"
 _PREFIX = "cp-"
 _EPOCH = _PREFIX + "epoch"  # not a grant: grant names are cp- and 40 hex digits
-_WRITE_ATTEMPTS = 3
+TRIES = 3  # per vault call, the first included
+BACKOFF_BASE = 0.25  # seconds before the first retry (at most; jittered)
+BACKOFF_MAX = 4.0
+RETRY_AFTER_MAX = 30.0  # a longer Retry-After fails the call at once
+RECLAIM_DEADLINE = 30.0  # seconds a write waits for a name being deleted (after a purge)
+
+
+class VaultRetryPolicy(AsyncRetryPolicy[Any, Any]):
+    """azure-core's async retry policy, bounded: at most ``tries`` tries within ``deadline``
+    seconds in all; backoff with jitter and a non-zero first delay (azure-core's retries
+    the first failure at once); ``Retry-After`` honoured only up to ``retry_after_max`` and
+    the time left (otherwise the error is returned at once, for the caller to fail fast)."""
+
+    def __init__(self, *, deadline: float, tries: int = TRIES, base: float = BACKOFF_BASE,
+                 backoff_max: float = BACKOFF_MAX,
+                 retry_after_max: float = RETRY_AFTER_MAX) -> None:
+        n = tries - 1
+        super().__init__(retry_total=n, retry_connect=n, retry_read=n, retry_status=n,
+                         retry_backoff_factor=base, retry_backoff_max=backoff_max,
+                         timeout=deadline)
+        self.deadline = deadline
+        self.retry_after_max = retry_after_max
+
+    def configure_retries(self, options: dict[str, Any]) -> dict[str, Any]:
+        settings: dict[str, Any] = super().configure_retries(options)
+        settings["deadline"] = time.monotonic() + float(settings["timeout"])
+        return settings
+
+    @staticmethod
+    def _left(settings: dict[str, Any]) -> float:
+        return max(0.0, float(settings["deadline"]) - time.monotonic())
+
+    def get_backoff_time(self, settings: dict[str, Any]) -> float:
+        failures = max(1, len(settings["history"]))
+        ceiling = min(float(settings["max_backoff"]),
+                      float(settings["backoff"]) * 2.0 ** (failures - 1))
+        delay = ceiling * random.uniform(0.1, 1.0)  # noqa: S311 - jitter, not a secret
+        return min(delay, self._left(settings))
+
+    def is_retry(self, settings: dict[str, Any], response: Any) -> bool:
+        if response.http_response.status_code >= 400:
+            wait = self.get_retry_after(response)
+            if wait is not None and wait > min(self.retry_after_max, self._left(settings)):
+                return False  # the error goes back to the caller now, not in an hour
+        return bool(super().is_retry(settings, response))
+
+    async def send(self, request: Any) -> Any:
+        try:
+            return await asyncio.wait_for(super().send(request), self.deadline)
+        except TimeoutError:
+            raise ServiceResponseTimeoutError(
+                f"no answer within {self.deadline:g} s ({TRIES} tries at most)") from None
 
 
 class FileTokenCredential:
@@ -127,10 +187,11 @@ class AzureKeyVault:
             from azure.identity.aio import DefaultAzureCredential
 
             credential = DefaultAzureCredential()
+        # ``timeout`` bounds a whole call (every try and wait); one try gets half of it.
         client = SecretClient(
             vault_url=url, credential=credential,
-            retry_total=4, retry_backoff_factor=0.5, retry_backoff_max=8,
-            connection_timeout=timeout, read_timeout=timeout,
+            retry_policy=VaultRetryPolicy(deadline=timeout),
+            connection_timeout=timeout / 2, read_timeout=timeout / 2,
             connection_verify=connection_verify,
             **kw)
         return cls(client, vault_key=vault_key, purge_on_delete=purge_on_delete,
@@ -213,14 +274,30 @@ class AzureKeyVault:
         return sorted(out, key=lambda g: (g.user, g.provider))
 
     async def check(self) -> None:
-        """Read and write a probe secret: proves the identity's get and set permissions."""
+        """Write and read back a probe secret: proves the identity's set and get
+        permissions (what a connect and a refresh need)."""
         name = _PREFIX + "probe"
-        try:
-            await self._client.set_secret(name, json.dumps({"probe": self._clock()}),
-                                          content_type="application/json")
-            await self._client.get_secret(name)
-        except (AzureError, OSError) as exc:
-            raise VaultUnavailable(f"key vault probe failed: {_why(exc)}") from exc
+        marker = secrets.token_hex(8)
+        for op in ("set", "get"):
+            try:
+                if op == "set":
+                    await self._client.set_secret(
+                        name, json.dumps({"probe": self._clock(), "marker": marker}),
+                        content_type="application/json")
+                else:
+                    got = await self._client.get_secret(name)
+            except HttpResponseError as exc:
+                if exc.status_code == 403:
+                    raise VaultUnavailable(
+                        f"key vault refused to {op} the probe secret {name}: this identity "
+                        f"lacks the secrets {op} permission (grant the 'Key Vault Secrets "
+                        f"Officer' role or get/set/list/delete access): {_why(exc)}") from exc
+                raise VaultUnavailable(f"key vault probe failed: {_why(exc)}") from exc
+            except (AzureError, OSError) as exc:
+                raise VaultUnavailable(f"key vault probe failed: {_why(exc)}") from exc
+        if marker not in (got.value or ""):
+            raise VaultUnavailable("key vault probe: the secret read back is not the one "
+                                   "just written")
 
     # Without Redis, processes learn of revocations by polling this one small secret (its
     # version changes on every mark and delete); with Redis they are told, and don't poll.
@@ -267,37 +344,41 @@ class AzureKeyVault:
             "tokens": grant.tokens.to_record(),
         })
         tags = {TAG_PROVIDER: grant.provider, TAG_USER: user_tag(self._naming, grant.user)}
-        delay = 0.5
-        last: BaseException | None = None
-        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+        # Transient errors were already retried by VaultRetryPolicy (bounded); this loop
+        # only gets a soft-deleted name back (a revoked grant being reconnected).
+        deadline = time.monotonic() + RECLAIM_DEADLINE
+        delay, reclaims = BACKOFF_BASE, 0
+        while True:
             try:
                 await self._client.set_secret(name, value, content_type="application/json",
                                               tags=tags)
                 return
             except ResourceExistsError as exc:
-                # 409: the name is soft-deleted (a revoked grant being reconnected).
-                await self._reclaim(name, exc)
-                last = exc
+                if _inner_code(exc) != "ObjectIsBeingDeleted" and reclaims < TRIES:
+                    # Deleted but recoverable: purge (when configured) or recover it, then
+                    # overwrite; a purged name is "being deleted" for a while.
+                    reclaims += 1
+                    await self._reclaim(name)
+                    continue
+                wait = delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
+                if time.monotonic() + wait > deadline:
+                    self.writes_failed += 1
+                    raise VaultUnavailable(
+                        f"key vault write failed: the name was still being deleted after "
+                        f"{RECLAIM_DEADLINE:g} s ({_why(exc)})") from exc
+                await self._sleep(wait)
+                delay = min(delay * 2, BACKOFF_MAX)
             except (AzureError, OSError) as exc:
-                last = exc
-                if attempt < _WRITE_ATTEMPTS:
-                    await self._sleep(delay * (0.5 + random.random()))  # noqa: S311
-                    delay *= 2
-        self.writes_failed += 1
-        raise VaultUnavailable(f"key vault write failed after {_WRITE_ATTEMPTS} attempts: "
-                               f"{_why(last) if last else 'unknown'}")
+                self.writes_failed += 1
+                raise VaultUnavailable(f"key vault write failed: {_why(exc)}") from exc
 
-    async def _reclaim(self, name: str, exc: ResourceExistsError) -> None:
-        code = _inner_code(exc)
-        if code == "ObjectIsBeingDeleted":
-            await self._sleep(self._poll)
-            return
+    async def _reclaim(self, name: str) -> None:
         if self._purge and await self._purge_deleted(name):
             return
         try:
             await self._client.recover_deleted_secret(name, _polling_interval=self._poll)
         except ResourceNotFoundError:
-            return  # purged meanwhile: the next set will work
+            return  # purged meanwhile, or not yet listed as deleted: the next set tells
         except (AzureError, OSError) as err:
             raise VaultUnavailable(f"key vault recover failed: {_why(err)}") from err
 
@@ -353,5 +434,12 @@ def _inner_code(exc: HttpResponseError) -> str | None:
 def _why(exc: BaseException) -> str:
     status = getattr(exc, "status_code", None)
     code = getattr(getattr(exc, "error", None), "code", None)
-    return f"{type(exc).__name__}" + (f" {status}" if status else "") + (
+    why = f"{type(exc).__name__}" + (f" {status}" if status else "") + (
         f" {code}" if code else "")
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    after = headers.get("Retry-After") or headers.get("x-ms-retry-after-ms")
+    if status in (429, 503) and after:
+        unit = " s" if "Retry-After" in headers else " ms"
+        why += (f" (Retry-After {after[:40]}{unit}; a vault call waits at most "
+                f"{RETRY_AFTER_MAX:g} s, within vault.timeout)")
+    return why
