@@ -160,3 +160,51 @@ async def test_offboarding_a_provider_without_rfc7009(parts) -> None:  # type: i
     events = [r["event"] for r in _records(out)]
     assert events[-2:] == ["connection.revoked", "user.offboarded"]
     await off.aclose()
+
+
+@pytest.mark.parametrize("begun,presented", [
+    pytest.param("nonce-a", None, id="bound-flow-without-cookie"),
+    pytest.param("nonce-a", "", id="bound-flow-empty-cookie"),
+    pytest.param("nonce-a", "nonce-b", id="bound-flow-other-cookie"),
+    pytest.param(None, "", id="unbound-flow-at-the-web-callback"),
+])
+async def test_browser_binding_refuses_another_browser(parts, begun, presented) -> None:  # type: ignore[no-untyped-def]
+    connector, vault, _, out, _ = parts
+    url = await connector.begin("alice", "docs", redirect_uri="http://127.0.0.1/cb",
+                                browser=begun)
+    from urllib.parse import parse_qs, urlsplit
+
+    state = parse_qs(urlsplit(url).query)["state"][0]
+    with pytest.raises(ConnectRejected) as exc:
+        await connector.complete({"state": state, "code": "c"}, browser=presented)
+    assert exc.value.reason == "browser_mismatch"
+    assert await vault.list() == []
+    rec = _records(out)[-1]
+    assert (rec["user"], rec["outcome"], rec["reason"]) == ("alice", "rejected",
+                                                           "browser_mismatch")
+    # The state is spent: the rightful browser cannot be tricked into finishing it later.
+    with pytest.raises(ConnectRejected, match="already completed"):
+        await connector.complete({"state": state, "code": "c"}, browser=begun)
+
+
+async def test_matching_browser_gets_past_the_binding(parts) -> None:  # type: ignore[no-untyped-def]
+    connector = parts[0]
+    url = await connector.begin("alice", "docs", redirect_uri="http://127.0.0.1/cb",
+                                browser="nonce-a")
+    from urllib.parse import parse_qs, urlsplit
+
+    state = parse_qs(urlsplit(url).query)["state"][0]
+    with pytest.raises(ConnectRejected) as exc:  # the next check: the provider's answer
+        await connector.complete({"state": state, "error": "access_denied"}, browser="nonce-a")
+    assert exc.value.reason == "provider_error:access_denied"
+
+
+async def test_return_to_below_a_configured_url(parts) -> None:  # type: ignore[no-untyped-def]
+    connector = parts[0]
+    url = await connector.begin("alice", "docs", redirect_uri="http://127.0.0.1/cb",
+                                return_to="https://app.example.com/done?tab=docs")
+    assert url.startswith("https://login.example.com/authorize?")
+    with pytest.raises(ConnectRejected) as exc:
+        await connector.begin("alice", "docs", redirect_uri="http://127.0.0.1/cb",
+                              return_to="https://app.example.com.evil.example/done")
+    assert exc.value.reason == "return_url_not_allowed"

@@ -418,3 +418,59 @@ def _write(directory: Path, content: str | bytes) -> Path:
     else:
         path.write_text(content)
     return path
+
+
+@pytest.mark.parametrize("url", [
+    "https://app.example.com/done",
+    "http://127.0.0.1:8000/cb",
+    "http://127.9.9.9/cb",
+    "http://localhost:3000/",
+    "http://[::1]:8080/cb",
+])
+def test_return_urls_accepted(url: str) -> None:
+    assert parse_settings(config(connect={"return_urls": [url]})).connect.return_urls == [url]
+
+
+@pytest.mark.parametrize("url", [
+    pytest.param("http://127.0.0.1.evil.example/cb", id="loopback-lookalike-host"),
+    pytest.param("http://localhost.evil.example/cb", id="localhost-lookalike-host"),
+    pytest.param("http://127.0.0.1@evil.example/cb", id="userinfo-loopback"),
+    pytest.param("https://app.example.com@evil.example/", id="userinfo-https"),
+    pytest.param("http://app.example.com/done", id="plain-http-remote"),
+    pytest.param("javascript:alert(1)//127.0.0.1", id="javascript"),
+    pytest.param("//app.example.com/done", id="scheme-relative"),
+    pytest.param("https:///done", id="no-host"),
+    pytest.param("https://app.example.com:99999/", id="bad-port"),
+    pytest.param("https://app.example.com/done#frag", id="fragment"),
+    pytest.param("https://app.example.com\\@evil.example/", id="backslash"),
+])
+def test_return_urls_rejected(url: str) -> None:
+    with pytest.raises(ConfigError, match="connect.return_urls"):
+        parse_settings(config(connect={"return_urls": [url]}))
+
+
+@pytest.mark.parametrize("candidate,allowed", [
+    ("https://app.example.com/done", True),
+    ("https://APP.example.com:443/done", True),
+    ("https://app.example.com/done?tab=connections", True),
+    ("https://app.example.com/done/docs", True),
+    ("http://127.0.0.1:8000/cb", True),
+    ("https://app.example.com.evil.example/done", False),
+    ("https://app.example.com:8443/done", False),
+    ("http://app.example.com/done", False),
+    ("https://app.example.com/done-evil", False),
+    ("https://app.example.com/", False),
+    ("https://app.example.com/done/../admin", False),
+    ("https://app.example.com/done/%2e%2e/admin", False),
+    ("https://app.example.com/done/%2fevil", False),
+    ("https://app.example.com@evil.example/done", False),
+    ("https://evil.example/?https://app.example.com/done", False),
+    ("http://127.0.0.1.evil.example:8000/cb", False),
+    ("http://127.0.0.1:8001/cb", False),
+    ("//app.example.com/done", False),
+    ("https://app.example.com/done#x", False),
+])
+def test_return_to_is_compared_parsed(candidate: str, allowed: bool) -> None:
+    s = parse_settings(config(connect={"return_urls": ["https://app.example.com/done",
+                                                       "http://127.0.0.1:8000/cb"]}))
+    assert s.connect.allows_return(candidate) is allowed
