@@ -134,7 +134,8 @@ class AdminServer:
         except ConnectRejected as exc:
             return _page("Sign-in not possible", f"{exc.detail} ({exc.reason})", 400)
         state = parse_qs(urlsplit(url).query).get("state", [""])[0]
-        response = web.HTTPFound(url, headers={"Cache-Control": "no-store"})
+        response = web.Response(status=302, headers={"Location": url,
+                                                     "Cache-Control": "no-store"})
         response.set_cookie(_cookie_name(state), nonce, max_age=self.settings.connect.state_ttl,
                             path="/oauth/callback", httponly=True, samesite="Lax",
                             secure=self.settings.connect_base.startswith("https://"))
@@ -151,8 +152,8 @@ class AdminServer:
             response = _page("Connection failed", f"{exc.detail} ({exc.reason})", 400)
         else:
             if done.return_to:
-                response = web.HTTPSeeOther(done.return_to,
-                                            headers={"Cache-Control": "no-store"})
+                response = web.Response(status=303, headers={"Location": done.return_to,
+                                                             "Cache-Control": "no-store"})
             else:
                 response = _page("Connected", f"{done.user} is now connected to "
                                  f"{done.provider}. You can close this window.", 200)

@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx2
@@ -100,7 +102,94 @@ def test_provider_error_is_a_clear_page_and_nothing_is_stored(stack: Stack) -> N
         assert "error=access_denied" in callback
         r = b.get(callback)
     assert r.status_code == 400 and "provider_error:access_denied" in r.text
+    assert "Connection failed" in r.text
     assert stack.vault_get(user) is None
+    assert _rejections(stack, user) == ["provider_error:access_denied"]
+
+
+def _rejections(stack: Stack, user: str) -> list[object]:
+    return [x["reason"] for x in _audit(stack) if x["event"] == "connection.created"
+            and x["user"] == user and x["outcome"] == "rejected"]
+
+
+def _set_cookie(r: httpx2.Response) -> str:
+    return "; ".join(r.headers.get_list("set-cookie"))
+
+
+@pytest.mark.parametrize("victim_cookie", ["none", "own-flow", "forged-same-name"])
+def test_an_authorize_url_sent_to_another_browser_is_refused(stack: Stack,
+                                                             victim_cookie: str) -> None:
+    """Login CSRF / grant injection: A starts a flow and sends B the authorize URL; B
+    consents; B's grant must not end up under A."""
+    from proxy.admin import _cookie_name
+
+    attacker, victim = f"csrf-a-{victim_cookie}", f"csrf-b-{victim_cookie}"
+    with _browser(stack) as a:
+        r = a.get(f"{_admin(stack)}/connect/docs", params={"context": stack.context(attacker)})
+        authorize = r.headers["location"]
+        state = parse_qs(urlsplit(authorize).query)["state"][0]
+        cookie = _set_cookie(r)
+        assert cookie.startswith(f"{_cookie_name(state)}=")
+        assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+        assert "Path=/oauth/callback" in cookie and "Max-Age=600" in cookie
+        assert "Secure" not in cookie  # public_url is http here; https adds Secure
+    with _browser(stack) as b:
+        if victim_cookie == "own-flow":
+            b.get(f"{_admin(stack)}/connect/docs", params={"context": stack.context(victim)})
+        elif victim_cookie == "forged-same-name":
+            b.cookies.set(_cookie_name(state), "guessed", domain="127.0.0.1",
+                          path="/oauth/callback")
+        callback = b.get(authorize + f"&login_hint={victim}").headers["location"]
+        r = b.get(callback)
+    assert r.status_code == 400 and "browser_mismatch" in r.text
+    assert "started in another browser" in r.text
+    assert stack.vault_get(attacker) is None and stack.vault_get(victim) is None
+    assert _rejections(stack, attacker) == ["browser_mismatch"]
+
+
+def test_the_browser_that_started_the_flow_completes_it_and_the_cookie_is_cleared(
+        stack: Stack) -> None:
+    from proxy.admin import _cookie_name
+
+    user = "same-browser"
+    with _browser(stack) as b:
+        authorize = b.get(f"{_admin(stack)}/connect/docs",
+                          params={"context": stack.context(user)}).headers["location"]
+        name = _cookie_name(parse_qs(urlsplit(authorize).query)["state"][0])
+        assert b.cookies.get(name, path="/oauth/callback")
+        r = b.get(b.get(authorize + f"&login_hint={user}").headers["location"])
+        assert r.status_code == 200 and "now connected" in r.text
+        assert f"{name}=" in _set_cookie(r) and "Max-Age=0" in _set_cookie(r)
+        assert name not in b.cookies
+    assert stack.vault_get(user) is not None
+
+
+@pytest.mark.parametrize("tamper,reason", [
+    pytest.param("replace", "token_exchange_failed:invalid_grant", id="challenge-replaced"),
+    pytest.param("drop", "provider_error:invalid_request", id="challenge-dropped"),
+])
+def test_tampered_pkce_is_refused_and_nothing_stored(stack: Stack, tamper: str,
+                                                     reason: str) -> None:
+    """Someone rewrites the authorize URL's PKCE challenge: the code is then not
+    redeemable with the verifier this flow holds (or is never issued)."""
+    from urllib.parse import urlencode
+
+    user = f"pkce-{tamper}"
+    with _browser(stack) as b:
+        authorize = b.get(f"{_admin(stack)}/connect/docs",
+                          params={"context": stack.context(user)}).headers["location"]
+        base, query = authorize.split("?", 1)
+        q = {k: v[0] for k, v in parse_qs(query).items()}
+        if tamper == "replace":
+            q["code_challenge"] = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        else:
+            del q["code_challenge"], q["code_challenge_method"]
+        q["login_hint"] = user
+        callback = b.get(f"{base}?{urlencode(q)}").headers["location"]
+        r = b.get(callback)
+    assert r.status_code == 400 and reason in r.text
+    assert stack.vault_get(user) is None
+    assert _rejections(stack, user) == [reason]
 
 
 @pytest.mark.parametrize("params,status,reason", [
@@ -220,3 +309,121 @@ def test_requests_in_flight_never_get_the_revoked_grant_afterwards(stack: Stack)
     after = [s for ts, s in results if ts > revoked_at]
     assert 200 in [s for _, s in results]  # traffic was flowing
     assert after and set(after) == {401}, after
+
+
+class _Web:
+    """A second admin server in this process, on the stack's real authorization server and
+    vault, with its own clock (to let a started flow expire), audit file, return URL and
+    (optionally) other provider scopes."""
+
+    def __init__(self, stack: Stack, tmp: Path, scopes: list[str] | None = None) -> None:
+        from proxy.settings import load_settings
+
+        self.offset = 0.0
+        self.audit_path = tmp / "audit.jsonl"
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.return_url = f"http://127.0.0.1:{_free_port()}/done"
+        base = load_settings(stack.config_path)
+        self.settings = base.model_copy(update={
+            "admin": f"127.0.0.1:{port}",
+            "audit": base.audit.model_copy(update={"sink": str(self.audit_path)}),
+            "connect": base.connect.model_copy(update={"return_urls": [self.return_url]}),
+            "providers": [p.model_copy(update={"scopes": scopes or p.scopes})
+                          for p in base.providers],
+        })
+        self.stack = stack
+
+    def clock(self) -> float:
+        return time.time() + self.offset
+
+    def audit(self, user: str) -> list[dict[str, Any]]:
+        lines = self.audit_path.read_text().splitlines() if self.audit_path.exists() else []
+        return [r for r in map(json.loads, lines)
+                if r["event"] == "connection.created" and r["user"] == user]
+
+    async def __aenter__(self) -> _Web:
+        from proxy.admin import AdminServer
+        from proxy.app import build
+
+        self.app = build(self.settings, environ={**os.environ, **self.stack.env},
+                         clock=self.clock)
+        a = self.app
+        self.admin = AdminServer(self.settings, a.sidecar.verifier, a.connector, a.vault, [],
+                                 a.sidecar.metrics)
+        await self.admin.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.admin.stop()
+        await self.app.aclose()
+
+    def browser(self) -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(verify=self.stack.admin_tls(), follow_redirects=False,
+                                  timeout=20, trust_env=False)
+
+    async def consent(self, b: httpx2.AsyncClient, user: str,
+                      **params: str) -> str:
+        """/connect, then the provider's consent: the callback URL the browser is sent to."""
+        r = await b.get(f"{self.url}/connect/docs",
+                        params={"context": self.stack.context(user), **params})
+        assert r.status_code == 302, r.text
+        authorize = r.headers["location"]
+        r = await b.get(authorize + f"&login_hint={user}")
+        assert r.status_code == 302
+        return str(r.headers["location"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_an_expired_flow_is_refused_audited_and_stores_nothing(stack: Stack,
+                                                                     tmp_path: Path) -> None:
+    user = "slow-consenter"
+    async with _Web(stack, tmp_path) as web, web.browser() as b:
+        callback = await web.consent(b, user)
+        web.offset = web.settings.connect.state_ttl + 1.0  # the person took too long
+        r = await b.get(callback)
+        assert r.status_code == 400 and "expired_state" in r.text
+        assert "took too long" in r.text
+        assert [x["reason"] for x in web.audit(user)] == ["expired_state"]
+        assert await web.app.vault.get(user, "docs") is None
+
+
+async def test_return_to_redirects_to_the_configured_url(stack: Stack,
+                                                         tmp_path: Path) -> None:
+    user = "returner"
+    async with _Web(stack, tmp_path) as web, web.browser() as b:
+        target = web.return_url + "?tab=connections"
+        r = await b.get(await web.consent(b, user, return_to=target))
+        assert r.status_code == 303 and r.headers["location"] == target
+        assert [x["outcome"] for x in web.audit(user)] == ["connected"]
+        # A lookalike of the configured URL is refused before the provider is involved.
+        r = await b.get(f"{web.url}/connect/docs", params={
+            "context": stack.context(user),
+            "return_to": web.return_url.replace("127.0.0.1", "127.0.0.1.evil.example")})
+        assert r.status_code == 400 and "return_url_not_allowed" in r.text
+        assert await web.app.vault.get(user, "docs") is not None
+
+
+async def test_a_narrower_scope_is_stored_and_listed(stack: Stack, tmp_path: Path) -> None:
+    user = "narrow-scope"
+    # The provider is configured with two scopes; the user asks for one of them.
+    async with _Web(stack, tmp_path, ["documents.read", "profile"]) as web, \
+            web.browser() as b:
+        r = await b.get(f"{web.url}/connect/docs",
+                        params={"context": stack.context(user), "scope": "documents.read"})
+        assert parse_qs(urlsplit(r.headers["location"]).query)["scope"] == ["documents.read"]
+        r = await b.get(await web.consent(b, user, scope="documents.read"))
+        assert r.status_code == 200 and "now connected" in r.text
+        assert [x["reason"] for x in web.audit(user)] == ["scope=documents.read"]
+    listing = subprocess.run([sys.executable, "-m", "proxy.cli", "connections", "--config",
+                              str(stack.config_path), "--user", user, "--json"],
+                             capture_output=True, text=True, env={**os.environ, **stack.env})
+    row = json.loads(listing.stdout)
+    assert (row["user"], row["provider"], row["scope"]) == (user, "docs", "documents.read")
