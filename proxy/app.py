@@ -183,9 +183,12 @@ class App:
         if config_path:
             self._tasks.append(asyncio.create_task(self.watch_config(config_path)))
         if serve_admin and self.settings.admin:
+            # Key Vault is a billed, throttled remote API: reuse a success; the local
+            # vault file is checked on every probe.
+            vault_check: Check = (CachedSuccess(self.vault.ping, VAULT_OK_TTL)
+                                  if self.settings.vault.backend == "azure" else self.vault.ping)
             checks: list[tuple[str, Check]] = [
-                ("proxy", self._listening),
-                ("vault", CachedSuccess(self.vault.ping, VAULT_OK_TTL)),
+                ("proxy", self._listening), ("vault", vault_check),
                 ("coordination", self.coordinator.check), ("draining", self._not_draining)]
             ready: list[tuple[str, object]] = [
                 *ConcurrentChecks(checks, READY_CHECK_TIMEOUT).checks()]

@@ -95,3 +95,37 @@ def test_readiness_follows_redis(redis_server: RedisServer, tmp_path: Path) -> N
         assert _wait_ready(admin, True).status_code == 200
     finally:
         s.close()
+
+
+def _kv_gets(s: Stack) -> int:
+    return int(s.kv_admin("GET", "/_admin/stats")["by_method"].get("GET", 0))
+
+
+def test_readiness_reads_key_vault_sparingly_and_answers_within_the_probe_timeout(
+        tmp_path: Path) -> None:
+    s = build_stack(tmp_path, keyvault=True)
+    try:
+        admin = f"http://{s.config['admin']}"
+        assert _wait_ready(admin, True, timeout=20).status_code == 200
+        # A success is reused for 30 s: probes do not hammer Key Vault (one read per pod
+        # per 30 s at most).
+        before = _kv_gets(s)
+        for _ in range(5):
+            assert httpx2.get(f"{admin}/readyz", trust_env=False).status_code == 200
+        assert _kv_gets(s) == before
+        # A pod without a cached success, with Key Vault hanging: /readyz still answers
+        # within the kubelet's 2 s probe timeout, and says the vault is unavailable.
+        s.kv_admin("POST", "/_admin/faults", {"delay": 6, "count": -1, "methods": ["GET"]})
+        (replica,) = s.start_replicas(1)
+        replica_admin = str(replica.info["admin_url"])
+        started = time.monotonic()
+        r = httpx2.get(f"{replica_admin}/readyz", trust_env=False, timeout=10)
+        assert time.monotonic() - started < 2.0
+        assert r.status_code == 503
+        assert r.json()["checks"]["vault"].startswith("unavailable")
+        assert r.json()["checks"]["coordination"] == "ok"
+        # After a failure every probe reads again, so recovery is seen at once.
+        s.kv_admin("POST", "/_admin/reset")
+        assert _wait_ready(replica_admin, True).status_code == 200
+    finally:
+        s.close()
