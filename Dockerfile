@@ -33,9 +33,15 @@ RUN /opt/venv/bin/pip install --only-binary=:all: --no-binary=credproxy \
 # ---- egress-init: iptables for the optional egress-lockdown init container ----
 # Same base as the runtime (shared layers); runs as root with NET_ADMIN/NET_RAW only in an
 # init container, never as the sidecar. Not built unless asked for with --target.
+# The iptables package is not pinned by default: Debian's mirrors carry only the current
+# version of a suite, so a pinned version stops building at its next security update.
+# Reproducible builds pin the base image by digest (above) and, if needed, the package:
+#   --build-arg IPTABLES_VERSION=<version>   (`apt-cache policy iptables` in the image)
+# together with a snapshot.debian.org source for the base image's date.
 FROM ${PYTHON_IMAGE} AS egress-init
+ARG IPTABLES_VERSION=
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables \
+ && apt-get install -y --no-install-recommends "iptables${IPTABLES_VERSION:+=${IPTABLES_VERSION}}" \
  && rm -rf /var/lib/apt/lists/*
 ENTRYPOINT ["/bin/sh"]
 
@@ -45,7 +51,9 @@ LABEL org.opencontainers.image.title="credproxy" \
       org.opencontainers.image.description="Per-user OAuth credential-injecting forward proxy (mitmproxy addon) sidecar" \
       org.opencontainers.image.licenses="Apache-2.0"
 # A fixed numeric UID/GID (Kubernetes runAsNonRoot can only verify a numeric USER). The
-# egress-lockdown component allows outbound connections by this UID.
+# egress-lockdown component allows outbound connections by this UID. Building with another
+# value means changing the manifests too: runAsUser/runAsGroup/fsGroup of credproxy and
+# credproxy-init and egress-lockdown's PROXY_UID (tests/deploy checks they agree).
 ARG CREDPROXY_UID=10001
 RUN groupadd --system --gid "${CREDPROXY_UID}" credproxy \
  && useradd --system --uid "${CREDPROXY_UID}" --gid credproxy --no-create-home \
@@ -61,7 +69,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     CREDPROXY_CONFIG=/etc/credproxy/config/credproxy.yaml
-USER 10001:10001
+USER ${CREDPROXY_UID}:${CREDPROXY_UID}
 WORKDIR /tmp
 # 8080: the proxy (bind it to loopback in a pod); 9090: the admin server (probes, metrics).
 EXPOSE 8080 9090

@@ -42,6 +42,8 @@ SIDECAR, INIT, EGRESS, AGENT = "credproxy", "credproxy-init", "egress-lockdown",
 CONFIG_KEY = "credproxy.yaml"
 AGENT_PROXY_VARS = ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"]
 AGENT_BUNDLE_VARS = ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"]
+PROVIDER_SECRETS = "credproxy-provider-secrets"
+PROVIDER_SECRETS_DIR = "/etc/credproxy/providers"
 
 Obj = dict[str, Any]
 
@@ -272,15 +274,29 @@ def test_config_in_the_configmap_loads_and_matches_the_pod(
                     if "secret" in volume(spec, m["name"])][0]
     assert secret_mount["readOnly"] is True
     assert volume(spec, secret_mount["name"])["secret"]["secretName"].startswith("credproxy-ca")
-    assert all("secret" not in volume(spec, m["name"]) for m in sidecar["volumeMounts"])
+    # The sidecar mounts one Secret: the providers' client secrets (never the CA Secret).
+    sidecar_secrets = [volume(spec, m["name"])["secret"]["secretName"]
+                       for m in sidecar["volumeMounts"] if "secret" in volume(spec, m["name"])]
+    assert sidecar_secrets == [PROVIDER_SECRETS]
     # Identity keys come from the mounted identity ConfigMap.
     assert s.identity.jwks_file is not None
     assert mount_for(sidecar, s.identity.jwks_file).get("readOnly") is True
     # Every environment variable the config names is given to the sidecar from a Secret.
     needed = {s.vault.key_env, s.coordination.password_env, s.coordination.url_env,
               s.identity.hs256_secret_env}
-    needed |= {p.client_secret_env for p in s.providers}
     needed.discard(None)
+    # Providers' client secrets are files of the mounted provider Secret, never env vars (a
+    # container never re-reads its environment, so a reloaded provider could not get one).
+    for p in s.providers:
+        assert p.client_secret_env is None, p.id
+        assert p.client_secret_file == f"{PROVIDER_SECRETS_DIR}/{p.id}", p.id
+        m = mount_for(sidecar, p.client_secret_file)
+        assert m["mountPath"] == PROVIDER_SECRETS_DIR
+        assert m.get("readOnly") is True and "subPath" not in m
+        v = volume(spec, m["name"])["secret"]
+        # No items list: a key added to the Secret appears in the mount without a restart.
+        assert v["secretName"].startswith(PROVIDER_SECRETS) and "items" not in v
+        assert v["defaultMode"] == 0o440
     env = env_of(sidecar)
     for name in needed:
         assert name in env, f"{target}: the sidecar lacks {name}"
@@ -466,10 +482,12 @@ def test_no_secret_is_rendered_outside_dev(rendered: dict[str, list[Obj]],
     objs = rendered[target]
     assert [o for o in objs if o["kind"] == "Secret"] == []
     # They reference the operator-created Secrets by their plain names.
-    assert _secret_refs(pod_spec(objs)) == {"credproxy-ca", "credproxy-secrets"}
+    assert _secret_refs(pod_spec(objs)) == {"credproxy-ca", "credproxy-secrets",
+                                            PROVIDER_SECRETS}
 
 
-def test_dev_generates_every_referenced_secret_and_key(rendered: dict[str, list[Obj]]) -> None:
+def test_dev_generates_every_referenced_secret_and_key(rendered: dict[str, list[Obj]],
+                                                      tmp_path: Path) -> None:
     objs = rendered["overlays/dev"]
     spec = pod_spec(objs)
     secrets = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
@@ -481,6 +499,14 @@ def test_dev_generates_every_referenced_secret_and_key(rendered: dict[str, list[
             ref = e.get("valueFrom", {}).get("secretKeyRef")
             if ref:
                 assert ref["key"] in secrets[ref["name"]]["data"], ref
+    # Every provider's client_secret_file is a key of the generated provider Secret, which
+    # keeps its plain name (no hash suffix: an update reaches running pods in place).
+    provider_secrets = secrets[PROVIDER_SECRETS]
+    with_secret = [p for p in config_of(objs, tmp_path).providers
+                   if p.token_endpoint_auth_method != "none"]
+    assert with_secret
+    for p in with_secret:
+        assert Path(p.client_secret_file or "").name in provider_secrets["data"], p.id
     ca = next(s for n, s in secrets.items() if n.startswith("credproxy-ca"))
     assert set(ca["data"]) == {"mitmproxy-ca.pem", "mitmproxy-ca-cert.pem",
                                "mitmproxy-dhparam.pem"}
@@ -862,8 +888,14 @@ def test_dockerfile_is_multi_stage_non_root_pinned_and_runs_credproxy() -> None:
     assert final[0][1].split()[-1] == "runtime" or "AS" not in final[0][1]
     users = [rest for i, rest in final if i == "USER"]
     assert users, "the final stage sets no USER"
-    uid = users[-1].split(":")[0]
-    assert uid.isdigit() and int(uid) == SIDECAR_UID  # numeric: runAsNonRoot can verify it
+    # USER comes from the CREDPROXY_UID build arg, the same one the user is created with.
+    stage_args = dict(a.split("=", 1) for i, a in final if i == "ARG" and "=" in a)
+    user = re.sub(r"\$\{?(\w+)\}?", lambda m: stage_args[m.group(1)], users[-1])
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) == SIDECAR_UID == int(gid)  # numeric: runAsNonRoot
+    assert "CREDPROXY_UID" in users[-1]
+    creates = " ".join(rest for i, rest in final if i == "RUN")
+    assert '--uid "${CREDPROXY_UID}"' in creates and '--gid "${CREDPROXY_UID}"' in creates
     entry = [rest for i, rest in final if i == "ENTRYPOINT"]
     assert entry and json.loads(entry[-1]) == ["credproxy", "run"]
     runs = " ".join(rest for i, rest in final if i == "RUN")
@@ -890,3 +922,77 @@ def test_docs_explain_every_agent_variable() -> None:
                    "/healthz", "/readyz", "NET_ADMIN", "ip6tables", "Key Vault Secrets Officer",
                    "purge protection", "skip-containers"):
         assert needed in doc, needed
+
+
+def test_egress_init_iptables_is_pinnable() -> None:
+    (egress,) = [st for st in _stages()[1:] if st[0][1].split()[-1] == "egress-init"]
+    assert ("ARG", "IPTABLES_VERSION=") in egress
+    runs = " ".join(rest for i, rest in egress if i == "RUN")
+    assert '"iptables${IPTABLES_VERSION:+=${IPTABLES_VERSION}}"' in runs
+
+
+# -- shutdown -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_termination_grace_covers_the_sidecar_drain(rendered: dict[str, list[Obj]],
+                                                    target: str) -> None:
+    """The agent stops first, then the sidecar drains for --grace seconds: the pod's
+    grace period must cover the drain plus a margin for the agent's own shutdown and the
+    sidecar's exit, or the kubelet kills in-flight requests."""
+    from proxy.cli import _parser
+
+    spec = pod_spec(rendered[target])
+    args = container(spec, SIDECAR)["args"]
+    parsed = _parser().parse_args(["run", *args])
+    margin = 10
+    assert spec["terminationGracePeriodSeconds"] >= parsed.grace + margin, (
+        spec["terminationGracePeriodSeconds"], parsed.grace)
+
+
+# -- the web connect flow -------------------------------------------------------------------
+
+
+def test_prod_exposes_only_the_connect_paths_of_the_admin_port(
+        rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+    from urllib.parse import urlsplit
+
+    objs = rendered["overlays/prod"]
+    s = config_of(objs, tmp_path)
+    admin_port = port_of(s.admin or "")
+    template = one(objs, "Deployment", "agent")["spec"]["template"]
+    svc = one(objs, "Service", "credproxy-connect")
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] == admin_port
+    ing = one(objs, "Ingress", "credproxy-connect")
+    public = urlsplit(s.public_url or "")
+    assert public.scheme == "https"
+    (rule,) = ing["spec"]["rules"]
+    assert rule["host"] == public.hostname
+    assert public.hostname in ing["spec"]["tls"][0]["hosts"]
+    paths = {(p["path"], p["pathType"]) for p in rule["http"]["paths"]}
+    assert paths == {("/connect", "Prefix"), ("/oauth/callback", "Exact")}
+    for p in rule["http"]["paths"]:
+        backend = p["backend"]["service"]
+        assert backend["name"] == svc["metadata"]["name"]
+        assert backend["port"].get("name") == port["name"] or \
+            backend["port"].get("number") == port["port"]
+    assert "defaultBackend" not in ing["spec"]
+    # What the paths reach: the admin server's connect routes, and the callback is exactly
+    # the redirect URI credproxy registers.
+    routes = _admin_routes()
+    assert {"/connect/{provider}", "/oauth/callback"} <= routes
+    assert s.redirect_uri == f"{s.public_url}/oauth/callback"
+    for private in ("/metrics", "/readyz", "/healthz"):
+        assert not any(private.startswith(p.rstrip("/")) for p, _ in paths), private
+    # The NetworkPolicy admits the ingress controller (and monitoring) to the admin port.
+    np = one(objs, "NetworkPolicy")
+    admitted = {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                for r in np["spec"]["ingress"] for peer in r["from"]
+                if any(p["port"] == admin_port for p in r["ports"])}
+    assert admitted == {"monitoring", "ingress-nginx"}
+    # Base and dev stay cluster-internal (kubectl port-forward).
+    for target in ("base", "overlays/dev"):
+        assert not [o for o in rendered[target] if o["kind"] in ("Service", "Ingress")]
