@@ -114,23 +114,28 @@ class App:
                 log.exception("config reload listener %r failed", listener)
         return restart
 
-    def watched_files(self) -> list[str]:
+    def watched_files(self, settings: Settings | None = None) -> list[str]:
         """The files the live-reloadable config reads besides itself: identity key files
         and providers' client_secret_file (restart-only keys' files are not watched)."""
-        s = self.settings
+        s = settings or self.settings
         files = [s.identity.jwks_file, s.identity.pem_file, s.identity.hs256_secret_file,
                  *(p.client_secret_file for p in s.providers)]
         return [os.path.expanduser(f) for f in files if f]
 
-    def config_digest(self, path: str) -> str | None:
-        """A digest of the config file and every watched file (None: no config file)."""
+    def config_digest(self, path: str, pending: Settings | None = None) -> str | None:
+        """A digest of the config file and every watched file (None: no config file);
+        ``pending``: a config that was rejected, whose files are watched too (a secret
+        file that arrives after the provider naming it retries the reload)."""
         h = hashlib.sha256()
         try:
             with open(path, "rb") as f:
                 h.update(f.read())
         except OSError:
             return None
-        for name in self.watched_files():
+        names = self.watched_files()
+        if pending is not None:
+            names += [n for n in self.watched_files(pending) if n not in names]
+        for name in names:
             h.update(b"\0" + name.encode() + b"\0")
             try:
                 with open(name, "rb") as f:
@@ -145,16 +150,22 @@ class App:
         from proxy.settings import load_settings
 
         metric = self.sidecar.metrics.config_reloads
+        pending: Settings | None = None
         last = self.config_digest(path)
         while True:
             await asyncio.sleep(interval)
-            current = self.config_digest(path)
+            current = self.config_digest(path, pending)
             if current is None or current == last:
                 continue
             last = current
+            pending = None
             try:
-                restart = self.reload(load_settings(path))
+                new = load_settings(path)
+                pending = new
+                restart = self.reload(new)
+                pending = None
             except CredproxyError as exc:
+                last = self.config_digest(path, pending) or last
                 metric.labels("rejected").inc()
                 log.error("config reload rejected, the previous config keeps serving: %s",
                           exc)

@@ -158,6 +158,16 @@ def test_a_rotated_signing_key_file_is_reloaded_and_a_corrupt_one_refused(
         secret.write_text("rotated-" + s.env["DOCS_CLIENT_SECRET"])
         assert _until(lambda: _reloads(s, "applied") == 3)
         assert _status(s, ctx(new_key)) == 200
+        # A provider whose secret file is not there yet (the ConfigMap synced before the
+        # Secret) is rejected; the file arriving retries the reload.
+        late = tmp_path / "late-secret"
+        cfg["providers"].append({**cfg["providers"][0], "id": "late",
+                                 "hosts": ["late.example.com"],
+                                 "client_secret_file": str(late)})
+        s.config_path.write_text(yaml.safe_dump(cfg))
+        assert _until(lambda: _reloads(s, "rejected") == 2)
+        late.write_text("late-secret")
+        assert _until(lambda: _reloads(s, "applied") == 4)
     finally:
         s.close()
 
