@@ -36,9 +36,9 @@ log = logging.getLogger("credproxy.config")
 Check = Callable[[], Awaitable[None]]
 ReloadListener = Callable[[Settings], None]
 
-# Readiness: every check answers within this (the kubelet's probe timeout is 2 s), and a
-# successful Key Vault read is reused for VAULT_OK_TTL seconds (one read per pod per 30 s).
-READY_CHECK_TIMEOUT = 1.5
+# Readiness: a successful Key Vault read is reused for VAULT_OK_TTL seconds (one read per
+# pod per 30 s). The admin server runs the checks concurrently, each bounded below the
+# kubelet's 2 s probe timeout.
 VAULT_OK_TTL = 30.0
 
 
@@ -201,8 +201,7 @@ class App:
             checks: list[tuple[str, Check]] = [
                 ("proxy", self._listening), ("vault", vault_check),
                 ("coordination", self.coordinator.check), ("draining", self._not_draining)]
-            ready: list[tuple[str, object]] = [
-                *ConcurrentChecks(checks, READY_CHECK_TIMEOUT).checks()]
+            ready: list[tuple[str, object]] = [*checks]
             self.admin = AdminServer(self.settings, self.sidecar.verifier, self.connector,
                                      self.vault, ready, self.sidecar.metrics)
             await self.admin.start()
@@ -250,44 +249,6 @@ class CachedSuccess:
         self._ok_at = None
         await self._check()
         self._ok_at = self._clock()
-
-
-class ConcurrentChecks:
-    """Readiness checks, each bounded by ``timeout`` and run concurrently: calling the
-    first one starts them all, the others then collect their results. /readyz answers
-    within ``timeout`` however the admin server awaits them (in turn or at once)."""
-
-    def __init__(self, checks: list[tuple[str, Check]], timeout: float) -> None:
-        self._checks = checks
-        self._timeout = timeout
-        self._pending: dict[str, asyncio.Task[None]] = {}
-
-    async def _bounded(self, name: str, check: Check) -> None:
-        try:
-            await asyncio.wait_for(check(), self._timeout)
-        except TimeoutError as exc:
-            raise CredproxyError(f"{name}: no answer within {self._timeout} s") from exc
-
-    def _start_all(self) -> None:
-        for name, check in self._checks:
-            task = asyncio.create_task(self._bounded(name, check))
-            # A task nobody collects must not log "exception never retrieved".
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._pending[name] = task
-
-    def checks(self) -> list[tuple[str, Check]]:
-        def wrap(index: int, name: str, check: Check) -> Check:
-            async def run() -> None:
-                if index == 0:
-                    self._start_all()
-                task = self._pending.pop(name, None)
-                if task is None:
-                    await self._bounded(name, check)
-                else:
-                    await task
-            return run
-
-        return [(name, wrap(i, name, check)) for i, (name, check) in enumerate(self._checks)]
 
 
 def upstream_ssl_context(settings: Settings) -> ssl.SSLContext:
