@@ -53,7 +53,8 @@ The behaviour is held to recorded Key Vault traffic (tests/fixtures/keyvault/):
 With ``--admin``, a test control API under ``/_admin/`` (loopback callers only):
 
 * ``POST /_admin/faults`` ``{"status": 429|500|503|..., "count": N (-1 = until reset),
-  "retry_after": seconds|null, "delay": seconds, "methods": ["GET", ...]}`` queues a fault
+  "retry_after": seconds|null, "delay": seconds, "methods": ["GET", ...], "path": "/secrets/N"}``
+  (``path``: a prefix; optional) queues a fault
   for the vault API (before the challenge, like a gateway throttle). 429 sends the recorded
   ``Throttled`` body, ``Retry-After`` only when ``retry_after`` is set. ``status`` null with a
   ``delay`` only slows requests down. Several faults queue; the first matching one applies;
@@ -205,9 +206,11 @@ class Fault:
     delay: float
     methods: frozenset[str] | None
     hits: int = 0
+    path: str | None = None  # only requests whose path starts with this
 
-    def matches(self, method: str) -> bool:
-        return self.count != 0 and (self.methods is None or method in self.methods)
+    def matches(self, method: str, path: str = "/") -> bool:
+        return self.count != 0 and (self.methods is None or method in self.methods) and (
+            self.path is None or path.startswith(self.path))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -216,6 +219,7 @@ class Fault:
             "retry_after": self.retry_after,
             "delay": self.delay,
             "methods": sorted(self.methods) if self.methods is not None else None,
+            "path": self.path,
             "hits": self.hits,
         }
 
@@ -667,7 +671,7 @@ class KeyVaultApp:
             # Always read the body (bounded by MAX_CONTENT_LENGTH) so that an early answer
             # never leaves unread bytes on a keep-alive connection.
             raw = request.get_data(cache=True)
-            fault = self._take_fault(method)
+            fault = self._take_fault(method, "/" + path)
             if fault is not None:
                 if fault.delay > 0:
                     time.sleep(fault.delay)
@@ -734,10 +738,10 @@ class KeyVaultApp:
                 "AccessDenied",
             )
 
-    def _take_fault(self, method: str) -> Fault | None:
+    def _take_fault(self, method: str, path: str = "/") -> Fault | None:
         with self.lock:
             for f in self.faults:
-                if f.matches(method):
+                if f.matches(method, path):
                     if f.count > 0:
                         f.count -= 1
                     f.hits += 1
@@ -920,12 +924,16 @@ class KeyVaultApp:
                 not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)
             ):
                 raise AdminError("'methods' must be a list of HTTP methods")
+            path = data.get("path")
+            if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+                raise AdminError("'path' must be a path prefix starting with /")
             fault = Fault(
                 status=status,
                 count=count,
                 retry_after=retry_after,
                 delay=float(delay),
                 methods=frozenset(m.upper() for m in methods) if methods is not None else None,
+                path=path,
             )
             with self.lock:
                 self.faults.append(fault)
