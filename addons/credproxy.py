@@ -11,6 +11,7 @@ from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 
+from addons.sink import RefusalSink
 from proxy.app import App, build
 from proxy.errors import (
     CredproxyError,
@@ -29,6 +30,8 @@ from proxy.sidecar import Injection, Outbound
 log = logging.getLogger("credproxy")
 _META = "credproxy"
 _PROXY_AUTH = "Proxy-Authorization"
+_UNCONFIGURED = ("credproxy_config is not set: credproxy refuses every request (500 "
+                 "internal-error). Load the addon with --set credproxy_config=FILE")
 
 
 class CredentialInjector:
@@ -42,6 +45,8 @@ class CredentialInjector:
         # Flows between requestheaders and their response/error: what a graceful shutdown
         # waits for.
         self.in_flight: set[str] = set()
+        self._sink = RefusalSink()
+        self._reported_unconfigured = False
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -51,18 +56,32 @@ class CredentialInjector:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "credproxy_config" in updated and self.app is None and ctx.options.credproxy_config:
-            try:
-                self.app = build(load_settings(ctx.options.credproxy_config))
-                self._owns_app = True
-            except CredproxyError as exc:
-                raise exceptions.OptionsError(str(exc)) from exc
+        if "credproxy_config" not in updated or self.app is not None:
+            return
+        if not ctx.options.credproxy_config:
+            # An error logged this early makes mitmdump exit before it listens.
+            self._report_unconfigured()
+            return
+        try:
+            self.app = build(load_settings(ctx.options.credproxy_config))
+            self._owns_app = True
+        except CredproxyError as exc:
+            raise exceptions.OptionsError(str(exc)) from exc
 
     async def running(self) -> None:
-        if self.app is not None and self._owns_app:
+        if self.app is None:
+            self._report_unconfigured()  # a host that configured no option at all
+        elif self._owns_app:
             await self.app.start(config_path=ctx.options.credproxy_config)
 
+    def _report_unconfigured(self) -> None:
+        # Fail closed: without an app, requestheaders refuses every request.
+        if not self._reported_unconfigured:
+            self._reported_unconfigured = True
+            log.error(_UNCONFIGURED)
+
     async def done(self) -> None:
+        await self._sink.aclose()
         if self.app is not None and self._owns_app:
             await self.app.aclose()
 
@@ -80,9 +99,13 @@ class CredentialInjector:
             self._conn_context[conn] = context
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or self.app is None:
+        if flow.response or flow.error or not flow.live:
             return
         self.in_flight.add(flow.id)
+        if self.app is None:
+            await self._refuse(flow, InternalError("credproxy is not configured; nothing was "
+                                                   "forwarded", reason="unconfigured"))
+            return
         sidecar = self.app.sidecar
         req = flow.request
         # Strip every user-context credential first, whatever happens next.
@@ -111,15 +134,18 @@ class CredentialInjector:
             )
             decision = await sidecar.decide(outbound)
         except ProxyRefusal as refusal:
-            self._answer(flow, refusal)
+            await self._refuse(flow, refusal)
             return
         except Exception:  # noqa: BLE001
             # mitmproxy would log a hook error and forward the request anyway: fail closed.
             log.exception("internal error deciding %s", flow.id)
-            self._answer(flow, InternalError("internal error; nothing was forwarded"))
+            await self._refuse(flow, InternalError("internal error; nothing was forwarded"))
             return
         if isinstance(decision, Injection):
-            # Replace, never merge: setting a header drops every client-sent variant of it.
+            # Replace, never merge: every client-sent variant of Authorization and of the
+            # inject header goes, then the one credential is set.
+            for name in decision.remove:
+                req.headers.pop(name, None)
             req.headers[decision.header] = decision.value.reveal()
             flow.metadata[_META] = (outbound, decision)
             canonical = outbound.destination.host.strip("[]")
@@ -139,6 +165,7 @@ class CredentialInjector:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         self.in_flight.discard(flow.id)
+        self._sink.forget(flow)
         meta = flow.metadata.pop(_META, None)
         if meta is None or flow.response is None or self.app is None:
             return
@@ -153,18 +180,26 @@ class CredentialInjector:
             log.exception("internal error checking the response to %s", flow.id)
             refusal = InternalError("internal error; the upstream answer was withheld")
         if refusal is not None:
-            self._answer(flow, refusal)
+            # The response body has not been sent (responseheaders kept it from streaming).
+            flow.response = self._problem(flow, refusal)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.in_flight.discard(flow.id)
+        self._sink.forget(flow)
         flow.metadata.pop(_META, None)
 
-    def _answer(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> None:
+    async def _refuse(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> None:
+        """Answer ``flow`` with a problem before anything is sent upstream. mitmproxy may
+        already have decided to stream the body, so the answer comes from the refusal sink
+        (see :mod:`addons.sink`), never from ``flow.response``."""
+        await self._sink.reroute(flow, self._problem(flow, refusal))
+
+    def _problem(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> http.Response:
         p = problem_response(refusal, request_id=flow.id)
-        flow.response = http.Response.make(p.status, p.body, p.headers)
         cause = refusal.__cause__
         log.info("refused %s %s: %s (%s)%s", flow.request.method, flow.request.pretty_host,
                  refusal.slug, refusal.reason, f": {cause}" if cause is not None else "")
+        return http.Response.make(p.status, p.body, p.headers)
 
     def _take_proxy_authorization(self, flow: http.HTTPFlow
                                   ) -> Secret | UserContextInvalid | None:

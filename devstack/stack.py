@@ -28,6 +28,11 @@ from proxy.secret import Secret
 from proxy.vault.keys import generate_key
 
 PROVIDER = "docs"
+# Two more providers on the same authorization server: ``keyed`` injects X-Api-Key into
+# Stack.keyed_upstream(); ``wild`` owns *.wild.test (names that resolve nowhere: routing
+# tests see its decisions in the audit log).
+KEYED_PROVIDER = "keyed"
+WILD_PROVIDER = "wild"
 CLIENT_ID = "credproxy-docs"
 RESOURCE_ID = "docapi"
 
@@ -120,17 +125,17 @@ class Stack:
         self.config.update(overrides)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
-    def echo_server(self, *, tls: bool) -> Running:
-        """An extra document API on a port no provider lists: an *unrouted* upstream that
-        reports what arrived (started on first use)."""
-        name = f"echo-{'https' if tls else 'http'}"
+    def echo_server(self, *, tls: bool, name: str | None = None, port: int = 0) -> Running:
+        """An extra document API that reports what arrived (started on first use): by
+        default on a free port no provider lists, an *unrouted* upstream."""
+        name = name or f"echo-{'https' if tls else 'http'}"
         for r in self.extra:
             if r.name == name:
                 return r
         args = ["-m", "devstack.docapi", "--introspect-url", f"{self.auth.url}/introspect",
                 "--client-id", RESOURCE_ID, "--client-secret-env", "DOCAPI_SECRET",
                 "--permissions", str(self.workdir / "permissions.json"),
-                "--ready-file", str(self.workdir / f"{name}.ready")]
+                "--ready-file", str(self.workdir / f"{name}.ready"), "--port", str(port)]
         if tls:
             args += ["--cert", str(self.workdir / "pki" / "server.pem"),
                      "--key", str(self.workdir / "pki" / "server.key")]
@@ -138,6 +143,13 @@ class Stack:
                          log_dir=self.workdir / "logs", name=name)
         self.extra.append(r)
         return r
+
+    def keyed_upstream(self) -> Running:
+        """The upstream of the ``keyed`` provider (its credential goes in ``X-Api-Key``): a
+        document API on the port the config reserved for it (started on first use)."""
+        keyed = next(p for p in self.config["providers"] if p["id"] == KEYED_PROVIDER)
+        port = int(keyed["hosts"][0].rsplit(":", 1)[1])
+        return self.echo_server(tls=True, name="echo-keyed", port=port)
 
     @property
     def keyvault(self) -> Running | None:
@@ -324,6 +336,12 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
             "refresh_skew": 60,
         }],
     }
+    docs_provider = cfg["providers"][0]
+    cfg["providers"] += [
+        {**docs_provider, "id": KEYED_PROVIDER, "hosts": [f"localhost:{free_port()}"],
+         "inject": {"header": "X-Api-Key", "format": "{access_token}"}},
+        {**docs_provider, "id": WILD_PROVIDER, "hosts": ["*.wild.test"]},
+    ]
     extra: list[Running] = []
     if keyvault:
         kv = start_server(

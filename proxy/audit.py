@@ -6,7 +6,7 @@ a fixed shape::
     {"ts": "2026-11-23T09:40:06.123456Z", "event": "credential.injected",
      "user": "alice", "provider": "github", "context": {"kind": ..., "id": ...},
      "request": {"id": ..., "method": "GET", "host": "api.github.com", "path": "/user"},
-     "outcome": "allowed", "reason": null, "upstream_status": null,
+     "outcome": "injected", "reason": null, "upstream_status": null,
      "token": {"fingerprint": "3f9c0a1b2c3d4e5f", "source": "cache"},
      "instance": "host-1/9f2c4a1e", "seq": 7, "prev": "<hex>", "hash": "<hex>"}
 

@@ -99,6 +99,16 @@ class ReauthRequired(ProxyRefusal):
     def extra(self) -> dict[str, object]:
         return {"reason": self.reason, "provider": self.provider, "connect_url": self.connect_url}
 
+    def headers(self) -> dict[str, str]:
+        # RFC 9110 section 15.5.2: a 401 must carry a challenge. RFC 6750 section 3: the
+        # credential the proxy holds for this user is unusable. The description is built
+        # from the provider id and reason slug only, reduced to the characters RFC 6750
+        # allows inside the quotes (no '"' or '\\').
+        description = _quotable(f"the user must re-authorize {self.provider} "
+                                f"({self.reason}); see connect_url")
+        return {"WWW-Authenticate": f'Bearer realm="credproxy", error="invalid_token", '
+                                    f'error_description="{description}"'}
+
 
 class TokenRefreshFailed(ProxyRefusal):
     slug = "token-refresh-failed"
@@ -132,6 +142,12 @@ class InternalError(ProxyRefusal):
     slug = "internal-error"
     status = 500
     title = "credproxy failed to process the request"
+
+
+def _quotable(text: str) -> str:
+    """``text`` with every character outside RFC 6750's error_description set (%x20-21 /
+    %x23-5B / %x5D-7E) replaced by '?'."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
 
 
 class ConfigError(CredproxyError):

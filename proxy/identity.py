@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import math
 import time
 import warnings
@@ -46,6 +47,13 @@ _REQUIRED = ("iss", "aud", "sub", "exp", "iat")
 # on it; most issuers still send "EdDSA", and an operator who lists it chose it knowingly.
 warnings.filterwarnings("ignore", message="EdDSA is deprecated", category=SecurityWarning)
 _CACHE_SIZE = 10_000
+# A JWKS fetched from a URL is trusted this long (less if its Cache-Control max-age says so)
+# before it is fetched again, so a key the issuer removed stops verifying; if refetching
+# fails, the last good set keeps serving this much longer, then tokens are refused.
+JWKS_MAX_AGE = 600.0
+JWKS_MAX_STALE = 3600.0
+
+log = logging.getLogger("credproxy.identity")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +101,20 @@ class ReplayGuard:
 
 
 class KeySource:
-    """The verification keys: a static set, or a JWKS URL refreshed on unknown ``kid``."""
+    """The verification keys: a static set, or a JWKS URL.
+
+    A fetched JWKS is fresh for ``max_age`` seconds, or for the response's Cache-Control
+    ``max-age`` when that is shorter (``no-cache``/``no-store``: as short as allowed), and
+    is fetched again on the first use after that; a token naming an unknown ``kid`` also
+    triggers a fetch. Fetches happen at most every ``min_refetch`` seconds. When a fetch
+    fails, the last good set keeps serving for at most ``max_stale`` seconds after it went
+    stale; after that every token is refused (``keys-unavailable``) until a fetch succeeds.
+    """
 
     def __init__(self, keys: KeySet | None, *, jwks_url: str | None = None,
                  http: httpx2.AsyncClient | None = None, min_refetch: float = 30.0,
-                 any_kid: bool = False) -> None:
+                 max_age: float = JWKS_MAX_AGE, max_stale: float = JWKS_MAX_STALE,
+                 any_kid: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self._keys = keys
         # A single configured key (PEM, HS secret) has no kid of its own: accept whatever
         # kid the issuer labels its tokens with.
@@ -105,7 +122,11 @@ class KeySource:
         self._url = jwks_url
         self._http = http
         self._min_refetch = min_refetch
-        self._fetched_at = 0.0
+        self._max_age = max_age
+        self._max_stale = max_stale
+        self._clock = clock
+        self._fresh_until = -math.inf  # when the current set goes stale
+        self._attempted_at = -math.inf  # the last fetch, successful or not
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -147,25 +168,48 @@ class KeySource:
             assert self._keys is not None
             return self._keys
         async with self._lock:
-            now = time.monotonic()
-            stale = self._keys is None or (force and now - self._fetched_at > self._min_refetch)
-            if stale:
-                self._keys = await self._fetch()
-                self._fetched_at = now
-            assert self._keys is not None
+            now = self._clock()
+            due = force or now >= self._fresh_until
+            if self._keys is None or (due and now - self._attempted_at >= self._min_refetch):
+                await self._fetch(now)
+            if self._keys is None or now >= self._fresh_until + self._max_stale:
+                raise UserContextInvalid("verification keys are unavailable",
+                                         reason="keys-unavailable")
             return self._keys
 
-    async def _fetch(self) -> KeySet:
+    async def _fetch(self, now: float) -> None:
+        """Replace the key set with the JWKS at the URL; on failure keep the old one."""
         assert self._url is not None and self._http is not None
+        self._attempted_at = now
         try:
             resp = await self._http.get(self._url)
             resp.raise_for_status()
-            return KeySet.import_key_set(resp.json())
+            keys = KeySet.import_key_set(resp.json())
         except (httpx2.HTTPError, ValueError, JoseError) as exc:
-            if self._keys is not None:
-                return self._keys
-            raise UserContextInvalid("verification keys are unavailable",
-                                     reason="keys-unavailable") from exc
+            if self._keys is not None:  # (without keys, each refusal is logged already)
+                log.warning("JWKS fetch failed (%s); the last good keys serve until %.0f s "
+                            "from now", type(exc).__name__,
+                            self._fresh_until + self._max_stale - now)
+            return
+        self._keys = keys
+        self._fresh_until = now + _freshness(resp.headers.get("Cache-Control"),
+                                             self._max_age, self._min_refetch)
+
+
+def _freshness(cache_control: str | None, max_age: float, floor: float) -> float:
+    """Seconds a fetched JWKS stays fresh: ``max_age``, or the response's shorter
+    Cache-Control max-age; never below ``floor`` (the refetch rate limit)."""
+    seconds = max_age
+    for directive in (cache_control or "").split(","):
+        name, _, value = directive.strip().partition("=")
+        if name.lower() in {"no-cache", "no-store"}:
+            seconds = 0.0
+        elif name.lower() == "max-age":
+            try:
+                seconds = min(seconds, float(int(value.strip().strip('"'))))
+            except ValueError:
+                continue
+    return max(seconds, floor, 0.0)
 
 
 def import_pem(data: bytes, source: str) -> Key:

@@ -15,6 +15,7 @@ from typing import Any
 from proxy.audit import AuditLog, RequestInfo, TokenSource
 from proxy.errors import (
     AuditUnavailable,
+    CredentialStoreUnavailable,
     MisdirectedRequest,
     ProviderNotPermitted,
     ProxyRefusal,
@@ -25,7 +26,7 @@ from proxy.errors import (
 )
 from proxy.identity import IdentityVerifier, UserContext
 from proxy.metrics import reason_label
-from proxy.routes import Destination, Router, host_agrees, normalize_host
+from proxy.routes import Destination, Router, host_agrees, normalize_host, parse_authority
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
 from proxy.tokens import TokenBroker
@@ -60,13 +61,22 @@ class Passthrough:
 
 @dataclass(frozen=True, slots=True)
 class Injection:
-    """Set ``header`` to ``value`` (replacing any client value) and forward."""
+    """Remove every client-sent header named in ``remove``, set ``header`` to ``value``,
+    and forward."""
 
     header: str
     value: Secret
     provider: ProviderSettings
     user: UserContext
     tokens: TokenSet
+
+    @property
+    def remove(self) -> tuple[str, ...]:
+        """The client's own credentials for the upstream: Authorization (whatever header the
+        provider injects) and the inject header itself. Replaced, never merged."""
+        if self.header.lower() == "authorization":
+            return ("Authorization",)
+        return ("Authorization", self.header)
 
 
 class Sidecar:
@@ -85,7 +95,7 @@ class Sidecar:
         misdirected = not host_agrees(dest, req.host_header) or not _sni_agrees(dest, req.sni)
         if provider is None:
             try:
-                decision = self._unrouted(dest, misdirected)
+                decision = self._unrouted(req, misdirected)
             except ProxyRefusal as refusal:
                 self._count_refusal("-", refusal)
                 raise
@@ -112,22 +122,38 @@ class Sidecar:
         self.metrics.requests.labels(provider.id, "injected").inc()
         return injection
 
-    def _unrouted(self, dest: Destination, misdirected: bool) -> Passthrough:
-        if misdirected:
-            # mitmproxy connects to the Host header's host: a mismatch would send the
-            # request somewhere other than where the client's TLS/CONNECT pointed.
-            raise MisdirectedRequest("the Host header does not match the destination",
+    def _unrouted(self, req: Outbound, misdirected: bool) -> Passthrough:
+        # mitmproxy connects to the real destination (the CONNECT authority, the
+        # absolute-form authority), never to the Host header's host, so a mismatch alone
+        # cannot misroute an unrouted request (clients CONNECT to IP addresses and name the
+        # site in Host). It matters when the client names a provider: it believes it talks
+        # to the provider while the tunnel goes elsewhere; answer 421 rather than pass the
+        # request on without a credential.
+        if misdirected and self._claims_provider(req):
+            raise MisdirectedRequest("the Host header (or SNI) names a provider host but the "
+                                     f"request goes to {req.destination}",
                                      reason="host_mismatch")
         if self.settings.unrouted == "deny":
-            raise UnroutedDenied(f"{dest} is not a configured provider", reason="unrouted")
+            raise UnroutedDenied(f"{req.destination} is not a configured provider",
+                                 reason="unrouted")
         return Passthrough()
+
+    def _claims_provider(self, req: Outbound) -> bool:
+        """Whether the Host header or the SNI names a provider's host (on any port). A name
+        that cannot be parsed counts: it might."""
+        dest = req.destination
+        try:
+            names = [parse_authority(req.host_header, tls=dest.tls)[0]] if req.host_header else []
+            if dest.tls and req.sni:
+                names.append(normalize_host(req.sni))
+        except ValueError:
+            return True
+        return any(self.router.claims_host(name) for name in names)
 
     def _count_refusal(self, provider: str, refusal: ProxyRefusal) -> None:
         m = self.metrics
         m.requests.labels(provider, "denied").inc()
         m.denials.labels(provider, refusal.slug, reason_label(refusal.reason)).inc()
-        if isinstance(refusal, AuditUnavailable):
-            m.audit_failures.inc()
         if isinstance(refusal, ReauthRequired):
             m.reauth.labels(provider, reason_label(refusal.reason)).inc()
 
@@ -156,29 +182,39 @@ class Sidecar:
         return Injection(provider.inject.header, Secret(value), provider, user, tokens)
 
     async def upstream_response(self, req: Outbound, injection: Injection, status: int,
-                                headers: Mapping[str, str]) -> ReauthRequired | None:
+                                headers: Mapping[str, str]) -> ProxyRefusal | None:
         """Decide on the upstream's answer to a credentialed request. An upstream 401 (or
-        ``error="invalid_token"``) means the grant is dead: mark it, audit, and tell the
-        agent to re-authorize. There is never a retry with another credential."""
+        ``error="invalid_token"``) on the grant's current token means the grant is dead:
+        mark it, audit, and tell the agent to re-authorize (``reauth-required``,
+        ``revoked_upstream``). On a token a concurrent refresh has already replaced it says
+        nothing about the grant: the agent may retry at once (503
+        ``credential-store-unavailable``, ``token_superseded``, Retry-After 1). The proxy
+        itself never retries with another credential."""
         challenge = headers.get("WWW-Authenticate", "")
         if status != 401 and not _INVALID_TOKEN.search(challenge):
             return None
         provider, user = injection.provider, injection.user
         marked = await self.broker.mark_reauth(user.user, provider, "revoked_upstream",
                                                rejected=injection.tokens.access_token)
-        reason = "revoked_upstream" if marked else "token_superseded"
-        self.metrics.reauth.labels(provider.id, reason).inc()
-        self._record("reauth.required", req, provider, user, outcome="denied",
-                     reason=reason, upstream_status=status,
-                     token=injection.tokens.access_token, token_source=None)
-        if not marked:
-            # The grant moved on (a concurrent refresh) while this request was in flight.
-            return self.broker.reauth(provider, reason,
-                                      f"{provider.id} rejected a token that has since been "
-                                      "replaced; the request may be retried")
-        return self.broker.reauth(provider, reason,
-                                  f"{provider.id} rejected the user's token "
-                                  f"(HTTP {status}); the user must re-authorize")
+        refusal: ProxyRefusal
+        if marked:
+            refusal = self.broker.reauth(provider, "revoked_upstream",
+                                         f"{provider.id} rejected the user's token "
+                                         f"(HTTP {status}); the user must re-authorize")
+            event = "reauth.required"
+            self.metrics.reauth.labels(provider.id, refusal.reason).inc()
+        else:
+            refusal = CredentialStoreUnavailable(
+                f"{provider.id} rejected a token that a concurrent refresh has since "
+                "replaced; the grant is valid: retry the request", reason="token_superseded",
+                retry_after=1)
+            event = "credential.denied"
+        # The request was counted as injected; the agent still gets a problem.
+        self.metrics.denials.labels(provider.id, refusal.slug, reason_label(refusal.reason)).inc()
+        self._record(event, req, provider, user, outcome="denied", reason=refusal.reason,
+                     upstream_status=status, token=injection.tokens.access_token,
+                     token_source=None)
+        return refusal
 
     def _audit_refusal(self, req: Outbound, provider: ProviderSettings,
                        user: UserContext | None, refusal: ProxyRefusal) -> None:
@@ -194,18 +230,23 @@ class Sidecar:
                 user: UserContext | None, *, outcome: str, reason: str | None = None,
                 upstream_status: int | None = None, token: Secret | None = None,
                 token_source: TokenSource | None = None) -> dict[str, Any]:
-        return self.audit.record(
-            event,
-            user=user.user if user else None,
-            provider=provider.id,
-            context=user.context() if user else None,
-            request=req.audit_request(),
-            outcome=outcome,
-            reason=reason,
-            upstream_status=upstream_status,
-            token=token,
-            token_source=token_source,
-        )
+        try:
+            return self.audit.record(
+                event,
+                user=user.user if user else None,
+                provider=provider.id,
+                context=user.context() if user else None,
+                request=req.audit_request(),
+                outcome=outcome,
+                reason=reason,
+                upstream_status=upstream_status,
+                token=token,
+                token_source=token_source,
+            )
+        except AuditUnavailable:
+            # Every failed write, whatever the event (injection, denial, re-auth).
+            self.metrics.audit_failures.inc()
+            raise
 
 
 def _sni_agrees(dest: Destination, sni: str | None) -> bool:

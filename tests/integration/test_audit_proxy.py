@@ -76,3 +76,28 @@ def test_audit_failure_refuses_the_request(broken_audit: Stack, marker: str) -> 
     assert r.headers["X-Credproxy-Error"] == "audit-unavailable"
     assert "Retry-After" in r.headers
     assert not s.docs_saw(marker)
+
+
+def _audit_failures(stack: Stack) -> float:
+    import httpx2
+
+    text = httpx2.get(f"http://{stack.config['admin']}/metrics").text
+    [line] = [x for x in text.splitlines()
+              if x.startswith("credproxy_audit_write_failures_total ")]
+    return float(line.split()[1])
+
+
+def test_every_failed_audit_write_is_counted(broken_audit: Stack, marker: str) -> None:
+    """Denials and re-auth decisions are audited too: when those records cannot be written
+    the agent gets audit-unavailable, and the failure metric counts each one."""
+    s = broken_audit
+    before = _audit_failures(s)
+    with s.client() as c:
+        missing = c.get(f"{s.docs_url}/echo/{marker}/missing")
+        noconn = c.get(f"{s.docs_url}/echo/{marker}/noconn",
+                       headers={"X-User-Context": s.context(f"ghost-{marker}")})
+    for r in (missing, noconn):
+        assert r.status_code == 503
+        assert r.headers["X-Credproxy-Error"] == "audit-unavailable"
+    assert _audit_failures(s) == before + 2
+    assert not s.docs_saw(marker)

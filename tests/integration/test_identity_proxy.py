@@ -4,12 +4,15 @@ problem naming the reason, and nothing reaches the upstream."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import time
+from pathlib import Path
 
 import pytest
 from joserfc import jwt
-from joserfc.jwk import OKPKey, RSAKey
+from joserfc.jwk import KeySet, OKPKey, RSAKey
 
 from devstack.stack import Stack
 from tests.integration import rawhttp
@@ -40,6 +43,24 @@ def _sign(stack: Stack, claims: dict[str, object], header: dict[str, object] | N
     h.update(header or {})
     h = {a: b for a, b in h.items() if b is not None}
     return jwt.encode(h, claims, k, algorithms=[str(h["alg"])])  # type: ignore[arg-type]
+
+
+def _hs256(claims: dict[str, object], secret: bytes) -> str:
+    """HS256 by hand, with any bytes as the HMAC secret."""
+    header = _b64({"alg": "HS256", "typ": "user-context+jwt", "kid": "dev-1"})
+    signing_input = f"{header}.{_b64(claims)}"
+    return f"{signing_input}.{_b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"  # noqa: E501
+
+
+def _confusion_secrets(stack: Stack) -> dict[str, bytes]:
+    """The configured public key in every form an attacker might try as an HMAC secret
+    (RFC 8725 section 2.1): the JWKS file, the JWK, its PEM, and the raw key bytes."""
+    jwks = Path(stack.config["identity"]["jwks_file"]).read_bytes()
+    key = KeySet.import_key_set(json.loads(jwks)).keys[0]
+    jwk = key.as_dict(private=False)
+    raw = base64.urlsafe_b64decode(str(jwk["x"]) + "==")
+    return {"jwks-file": jwks, "jwk-json": json.dumps(jwk).encode(),
+            "pem": key.as_pem(private=False), "raw-public-key": raw}
 
 
 def _bad_tokens(stack: Stack, user: str) -> list[tuple[str, str, str]]:
@@ -76,6 +97,8 @@ def _bad_tokens(stack: Stack, user: str) -> list[tuple[str, str, str]]:
         ("missing-sub", _sign(stack, _claims(user, sub=None)), "missing-claim"),
         ("missing-exp", _sign(stack, _claims(user, exp=None)), "missing-claim"),
         ("oversized", _sign(stack, _claims(user, pad="x" * 9000)), "oversized"),
+        *((f"alg-confusion-hs256-{form}", _hs256(_claims(user), secret), "alg-not-allowed")
+          for form, secret in _confusion_secrets(stack).items()),
     ]
 
 
@@ -92,7 +115,8 @@ _IDS = [i for i, _, _ in [
     ("unknown-kid", 0, 0), ("expired", 0, 0), ("not-yet-valid", 0, 0),
     ("issued-in-future", 0, 0), ("lifetime-over-cap", 0, 0), ("wrong-iss", 0, 0),
     ("wrong-aud", 0, 0), ("wrong-typ", 0, 0), ("missing-typ", 0, 0), ("missing-sub", 0, 0),
-    ("missing-exp", 0, 0), ("oversized", 0, 0)]]
+    ("missing-exp", 0, 0), ("oversized", 0, 0)]] + [
+    f"alg-confusion-hs256-{form}" for form in ("jwks-file", "jwk-json", "pem", "raw-public-key")]
 
 
 @pytest.mark.parametrize("case", _IDS)
@@ -130,6 +154,19 @@ def test_missing_user_context_is_407_missing(stack: Stack, marker: str) -> None:
     assert r.status_code == 407
     assert r.headers["X-Credproxy-Error"] == "user-context-missing"
     assert r.headers["Proxy-Authenticate"].startswith("Bearer")
+    assert not stack.docs_saw(marker)
+
+
+def test_user_without_connection_gets_a_bearer_challenge(stack: Stack, marker: str) -> None:
+    """RFC 9110 section 15.5.2: a 401 carries WWW-Authenticate (RFC 6750 section 3 form)."""
+    with stack.client(context=stack.context(f"ghost-{marker}")) as c:
+        r = c.get(f"{stack.docs_url}/echo/{marker}")
+    assert r.status_code == 401
+    assert r.headers["X-Credproxy-Error"] == "reauth-required"
+    assert r.headers["WWW-Authenticate"] == (
+        'Bearer realm="credproxy", error="invalid_token", error_description="the user must '
+        're-authorize docs (no_connection); see connect_url"')
+    assert r.json()["connect_url"].endswith("/connect/docs")
     assert not stack.docs_saw(marker)
 
 

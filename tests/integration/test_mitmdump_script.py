@@ -52,3 +52,74 @@ def test_mitmdump_loads_the_addon_and_injects(stack: Stack, user: str, marker: s
     finally:
         proc.close()
     assert '"event":"credential.injected"' in proc.stdout_text()
+
+
+def test_mitmdump_without_a_config_fails_closed_at_startup(stack: Stack) -> None:
+    """Without credproxy_config the addon logs one clear error, and mitmdump (which exits on
+    an error logged during start-up) stops before it listens: nothing is ever forwarded."""
+    import subprocess
+
+    port = free_port()
+    mitmdump = Path(sys.executable).parent / "mitmdump"
+    proc = subprocess.run(
+        [str(mitmdump), "-q", "-s", str(ROOT / "addons" / "credproxy.py"),
+         "--listen-host", "127.0.0.1", "--listen-port", str(port),
+         "--set", f"confdir={stack.config['ca_dir']}"],
+        capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("credproxy_config is not set") == 1, out
+    assert "Traceback" not in out
+
+
+# A mitmproxy host without mitmdump's start-up error check (any embedder): the addon is
+# loaded with no credproxy_config and keeps serving.
+_UNCONFIGURED_PROXY = """
+import asyncio, logging, sys
+from mitmproxy import master, options
+from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
+from addons.credproxy import CredentialInjector
+
+async def main():
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    port, confdir, upstream_ca = sys.argv[1:4]
+    opts = options.Options(listen_host="127.0.0.1", listen_port=int(port), confdir=confdir)
+    m = master.Master(opts, with_termlog=False)
+    m.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),
+                 tlsconfig.TlsConfig(), CredentialInjector())
+    opts.update(connection_strategy="lazy", stream_large_bodies="1m",
+                ssl_verify_upstream_trusted_ca=upstream_ca)
+    await m.run()
+
+asyncio.run(main())
+"""
+
+
+def test_unconfigured_addon_refuses_every_request(stack: Stack, user: str, marker: str) -> None:
+    import httpx2
+
+    port = free_port()
+    proc = start_server(
+        ["-c", _UNCONFIGURED_PROXY, str(port), stack.config["ca_dir"], str(stack.ca.cert_path)],
+        ready=tcp_check("127.0.0.1", port), name="unconfigured", log_dir=stack.workdir / "logs",
+        timeout=30)
+    echo = stack.echo_server(tls=False)
+    token = stack.context(user)
+    try:
+        with httpx2.Client(proxy=f"http://127.0.0.1:{port}", verify=stack.mitm_tls(),
+                           trust_env=False, timeout=30) as c:
+            answers = [
+                c.get(f"{stack.docs_url}/echo/{marker}", headers={"X-User-Context": token}),
+                c.get(f"{echo.url}/echo/{marker}", headers={"X-User-Context": token}),
+                c.post(f"{stack.docs_url}/echo/{marker}", content=b"x" * (2 << 20)),
+            ]
+    finally:
+        proc.close()
+    for r in answers:
+        assert r.status_code == 500, r.text
+        assert r.headers["X-Credproxy-Error"] == "internal-error"
+        assert r.json()["reason"] == "unconfigured"
+    assert not stack.docs_saw(marker) and marker not in echo.stderr_text()
+    logs = proc.logs()
+    assert logs.count("credproxy_config is not set") == 1, logs
+    assert "Traceback" not in logs and token not in logs

@@ -3,9 +3,11 @@ matches a provider over TLS and the Host header agrees."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from devstack.stack import Stack
+from devstack.stack import KEYED_PROVIDER, WILD_PROVIDER, Stack
 from tests.integration import rawhttp
 
 pytestmark = pytest.mark.integration
@@ -17,6 +19,12 @@ def _port(stack: Stack) -> str:
 
 def _headers(r: rawhttp.RawResponse) -> dict[str, str]:
     return {k.lower(): v for k, v in r.json()["headers"]}
+
+
+def _audit_mentions(stack: Stack, marker: str) -> list[dict[str, object]]:
+    assert stack.proxy is not None
+    return [json.loads(line) for line in stack.proxy.stdout_text().splitlines()
+            if line.startswith("{") and marker in line]
 
 
 def test_routed_request_gets_the_users_token(stack: Stack, user: str, marker: str) -> None:
@@ -132,6 +140,102 @@ def test_client_authorization_is_replaced_never_merged(stack: Stack, user: str,
     auth = [v for k, v in r.json()["headers"] if k.lower() == "authorization"]
     assert auth == [f"Bearer {stack.vault_get(user).tokens.access_token.reveal()}"]
     assert "client-supplied" not in r.body.decode()
+
+
+def test_custom_inject_header_replaces_every_client_credential(stack: Stack,
+                                                              marker: str) -> None:
+    """A provider that injects X-Api-Key: the client's own Authorization (any spelling, any
+    count) and its own X-Api-Key values never reach the upstream; the user's key does."""
+    upstream = stack.keyed_upstream()
+    a = f"localhost:{upstream.url.rsplit(':', 1)[1]}"
+    user = f"keyed-{marker}"
+    grant = stack.grant(user)
+    stack.vault_put(user, grant, provider=KEYED_PROVIDER)
+    r = rawhttp.request(stack.proxy_url, connect=a, host_header=a, path=f"/echo/{marker}",
+                        headers={"X-User-Context": stack.context(user),
+                                 "Authorization": "Bearer client-supplied",
+                                 "authorization": "Basic c2hhcmVkOmFjY291bnQ=",
+                                 "X-Api-Key": "client-key-1", "x-api-key": "client-key-2"},
+                        ca_file=str(stack.mitm_ca))
+    assert r.status == 200, r.body
+    headers = [(k.lower(), v) for k, v in r.json()["headers"]]
+    assert [v for k, v in headers if k == "x-api-key"] == [grant["access_token"]]
+    assert "authorization" not in dict(headers)
+    for leaked in ("client-supplied", "c2hhcmVkOmFjY291bnQ=", "client-key-1", "client-key-2"):
+        assert leaked not in r.body.decode()
+
+
+# A wildcard provider owns *.wild.test (see devstack.stack). Those names resolve nowhere, so
+# mitmproxy cannot connect (502) whatever is decided; what the proxy decided shows in its
+# answer without a user context (407 = routed) and in the audit log (an injection).
+@pytest.mark.parametrize("host", ["api.wild.test", "a.b.wild.test"])
+def test_wildcard_provider_owns_its_subdomains(stack: Stack, marker: str, host: str) -> None:
+    r = rawhttp.request(stack.proxy_url, connect=f"{host}:443", host_header=host,
+                        path=f"/{marker}/none", ca_file=str(stack.mitm_ca))
+    assert r.status == 407 and r.problem == "user-context-missing"
+    user = f"wild-{marker}"
+    stack.vault_put(user, stack.grant(user), provider=WILD_PROVIDER)
+    r = rawhttp.request(stack.proxy_url, connect=f"{host}:443", host_header=host,
+                        path=f"/{marker}/ctx", headers={"X-User-Context": stack.context(user)},
+                        ca_file=str(stack.mitm_ca))
+    assert r.status == 502 and r.problem is None  # injected, then the name did not resolve
+    [record] = _audit_mentions(stack, f"{marker}/ctx")
+    assert (record["event"], record["provider"], record["request"]["host"]) == (  # type: ignore[index]
+        "credential.injected", WILD_PROVIDER, host)
+
+
+@pytest.mark.parametrize("host", [
+    pytest.param("evilwild.test", id="evilprovider"),
+    pytest.param("wild.test", id="the-suffix-itself"),
+    pytest.param("api.wild.test.evil.example", id="provider-as-prefix"),
+    pytest.param("api.wild.testevil", id="suffix-run-on"),
+    pytest.param("api-wild.test", id="dash-not-dot"),
+])
+def test_wildcard_lookalikes_get_no_token(stack: Stack, marker: str, host: str) -> None:
+    user = f"wild-{marker}"
+    stack.vault_put(user, stack.grant(user), provider=WILD_PROVIDER)
+    for context in ({}, {"X-User-Context": stack.context(user)}):
+        r = rawhttp.request(stack.proxy_url, connect=f"{host}:443", host_header=host,
+                            path=f"/{marker}", headers=context, ca_file=str(stack.mitm_ca))
+        assert r.problem is None  # unrouted: neither refused nor credentialed
+        assert r.status == 502
+        assert b"at_" not in r.body
+    assert _audit_mentions(stack, marker) == []  # no injection, no decision at all
+
+
+def test_unrelated_unrouted_traffic_may_name_another_host(stack: Stack, user: str,
+                                                          marker: str) -> None:
+    """mitmproxy connects to the CONNECT target, never to the Host header's host, so an
+    unrouted tunnel to an IP address whose Host names the site is passed through."""
+    echo = stack.echo_server(tls=True)
+    p = echo.url.rsplit(":", 1)[1]
+    token = stack.context(user)
+    r = rawhttp.request(stack.proxy_url, connect=f"127.0.0.1:{p}",
+                        host_header=f"site.example.org:{p}", path=f"/echo/{marker}",
+                        headers={"X-User-Context": token}, ca_file=str(stack.mitm_ca))
+    assert r.status == 200 and r.problem is None, r.body
+    assert _headers(r)["host"] == f"site.example.org:{p}"
+    assert "x-user-context" not in _headers(r) and "authorization" not in _headers(r)
+    assert token not in r.body.decode()
+
+
+@pytest.mark.parametrize("connect,host_header,sni", [
+    pytest.param("127.0.0.1:{e}", "localhost:{p}", None, id="host-names-provider"),
+    pytest.param("127.0.0.1:{e}", "api.wild.test", None, id="host-names-wildcard-provider"),
+    pytest.param("127.0.0.1:{e}", "127.0.0.1:{e}", "localhost", id="sni-names-provider-host"),
+])
+def test_unrouted_mismatch_naming_a_provider_is_still_421(
+        stack: Stack, user: str, marker: str, connect: str, host_header: str,
+        sni: str | None) -> None:
+    echo = stack.echo_server(tls=True)
+    fill = {"e": echo.url.rsplit(":", 1)[1], "p": _port(stack)}
+    r = rawhttp.request(stack.proxy_url, connect=connect.format(**fill),
+                        host_header=host_header.format(**fill), path=f"/echo/{marker}",
+                        headers={"X-User-Context": stack.context(user)}, sni=sni,
+                        ca_file=str(stack.mitm_ca))
+    assert r.status == 421, r.body
+    assert r.problem == "misdirected-request"
+    assert marker not in echo.stderr_text()
 
 
 def test_unrouted_https_passes_through_with_context_stripped(stack: Stack, user: str) -> None:

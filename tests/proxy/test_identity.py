@@ -678,3 +678,129 @@ def test_mint_errors(kwargs: dict[str, str], match: str, monkeypatch: pytest.Mon
     monkeypatch.delenv("CREDPROXY_TEST_UNSET", raising=False)
     with pytest.raises(ConfigError, match=match):
         mint(sub="bob", issuer=ISSUER, audience=AUDIENCE, **kwargs)
+
+
+# --- JWKS URL freshness, against a real local HTTP server --------------------------------------
+
+
+class _JwksServer:
+    """Serves ``keys`` (or ``status``) at /jwks with ``cache_control``; counts requests."""
+
+    def __init__(self, keys: KeySet) -> None:
+        import http.server
+        import threading
+
+        self.keys = keys
+        self.status = 200
+        self.cache_control: str | None = None
+        self.requests = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.requests += 1
+                body = json.dumps(outer.keys.as_dict(private=False)).encode()
+                if outer.status != 200:
+                    body = b"{}"
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if outer.cache_control:
+                    self.send_header("Cache-Control", outer.cache_control)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/jwks"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def jwks_server(keys: Keys) -> Any:
+    server = _JwksServer(keys.public_set())
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def jwks_http() -> Any:
+    async with httpx2.AsyncClient(trust_env=False, timeout=5) as http:
+        yield http
+
+
+def _url_verifier(server: _JwksServer, http: httpx2.AsyncClient,
+                  clock: Clock) -> IdentityVerifier:
+    # The key source has its own clock (monotonic seconds); tokens are checked at NOW.
+    source = KeySource(None, jwks_url=server.url, http=http, min_refetch=30, clock=clock)
+    return IdentityVerifier(identity_settings(jwks_file=None, jwks_url="https://issuer/jwks"),
+                            source, clock=Clock())
+
+
+async def test_jwks_key_removed_by_the_issuer_stops_verifying_after_max_age(
+        jwks_server: _JwksServer, jwks_http: httpx2.AsyncClient, keys: Keys,
+        make_context: MakeContext) -> None:
+    source_clock = Clock(0)
+    verifier = _url_verifier(jwks_server, jwks_http, source_clock)
+    assert (await verifier.verify(Secret(make_context(claims={"jti": "1"})))).user
+    jwks_server.keys = KeySet([keys.public_set().keys[1]])  # the issuer drops ed-1
+    source_clock.advance(599)
+    assert (await verifier.verify(Secret(make_context(claims={"jti": "2"})))).user
+    assert jwks_server.requests == 1
+    source_clock.advance(2)  # past the 600 s default
+    exc = await _reject(verifier, make_context(claims={"jti": "3"}))
+    assert exc.reason == "unknown-kid"
+    assert jwks_server.requests == 2
+    assert (await verifier.verify(Secret(make_context(alg="ES256")))).user
+
+
+@pytest.mark.parametrize(("cache_control", "fresh_for"), [
+    pytest.param("public, max-age=120", 120, id="shorter-max-age-honoured"),
+    pytest.param("max-age=86400", 600, id="longer-max-age-capped"),
+    pytest.param("no-cache", 30, id="no-cache-means-min-refetch"),
+    pytest.param("max-age=5", 30, id="never-below-min-refetch"),
+    pytest.param("max-age=soon", 600, id="unparseable-ignored"),
+])
+async def test_jwks_cache_control_max_age(jwks_server: _JwksServer,
+                                          jwks_http: httpx2.AsyncClient,
+                                          make_context: MakeContext, cache_control: str,
+                                          fresh_for: int) -> None:
+    jwks_server.cache_control = cache_control
+    source_clock = Clock(0)
+    verifier = _url_verifier(jwks_server, jwks_http, source_clock)
+    await verifier.verify(Secret(make_context(claims={"jti": "a"})))
+    source_clock.advance(fresh_for - 1)
+    await verifier.verify(Secret(make_context(claims={"jti": "b"})))
+    assert jwks_server.requests == 1
+    source_clock.advance(1)
+    await verifier.verify(Secret(make_context(claims={"jti": "c"})))
+    assert jwks_server.requests == 2
+
+
+async def test_jwks_outage_keeps_the_last_good_keys_for_a_bounded_time(
+        jwks_server: _JwksServer, jwks_http: httpx2.AsyncClient,
+        make_context: MakeContext) -> None:
+    source_clock = Clock(0)
+    verifier = _url_verifier(jwks_server, jwks_http, source_clock)
+    await verifier.verify(Secret(make_context(claims={"jti": "0"})))
+    jwks_server.status = 503
+    source_clock.advance(600)  # stale: the refetch fails, the old keys keep serving
+    assert (await verifier.verify(Secret(make_context(claims={"jti": "1"})))).user
+    assert jwks_server.requests == 2
+    source_clock.advance(10)  # failed fetches are retried at most every min_refetch
+    assert (await verifier.verify(Secret(make_context(claims={"jti": "2"})))).user
+    assert jwks_server.requests == 2
+    source_clock.advance(3600 - 10)  # max_stale after going stale: refuse
+    exc = await _reject(verifier, make_context(claims={"jti": "3"}))
+    assert exc.reason == "keys-unavailable"
+    assert jwks_server.requests == 3
+    jwks_server.status = 200  # the issuer is back
+    source_clock.advance(30)
+    assert (await verifier.verify(Secret(make_context(claims={"jti": "4"})))).user
+    assert jwks_server.requests == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -34,7 +35,11 @@ REFUSALS = [
     pytest.param(UnroutedDenied("unrouted"), 403, "unrouted-denied", {}, id="unrouted-denied"),
     pytest.param(ReauthRequired("re-authorize", reason="invalid_grant", provider="docs",
                                 connect_url="https://proxy/connect/docs"),
-                 401, "reauth-required", {}, id="reauth-required"),
+                 401, "reauth-required",
+                 {"WWW-Authenticate": 'Bearer realm="credproxy", error="invalid_token", '
+                                      'error_description="the user must re-authorize docs '
+                                      '(invalid_grant); see connect_url"'},
+                 id="reauth-required"),
     pytest.param(TokenRefreshFailed("endpoint down"), 502, "token-refresh-failed", {},
                  id="token-refresh-failed"),
     pytest.param(CredentialStoreUnavailable("vault down"), 503, "credential-store-unavailable",
@@ -101,3 +106,22 @@ def test_body_is_json_even_with_unusual_detail() -> None:
     detail = 'quote " backslash \\ newline \n unicode \u00e9 \u2028'
     body = json.loads(problem_response(InternalError(detail)).body)
     assert body["detail"] == detail
+
+
+# RFC 6750 section 3: error_description is %x20-21 / %x23-5B / %x5D-7E, inside quotes.
+_CHALLENGE = re.compile(r'Bearer realm="credproxy", error="invalid_token", '
+                        r'error_description="([\x20\x21\x23-\x5b\x5d-\x7e]*)"')
+
+
+@pytest.mark.parametrize(("provider", "reason"), [
+    pytest.param("docs", "no_connection", id="plain"),
+    pytest.param('do"cs', 'a\\b"c', id="quote-and-backslash"),
+    pytest.param("d\r\nX-Injected: 1", "r\u00e9\u2028", id="crlf-and-non-ascii"),
+])
+def test_reauth_required_challenge_is_a_well_formed_rfc6750_header(provider: str,
+                                                                   reason: str) -> None:
+    """RFC 9110 section 15.5.2: every 401 carries WWW-Authenticate; the description cannot
+    break out of its quotes or the header line, whatever the provider id and reason hold."""
+    error = ReauthRequired("x", reason=reason, provider=provider, connect_url="https://c")
+    challenge = problem_response(error).headers["WWW-Authenticate"]
+    assert _CHALLENGE.fullmatch(challenge), challenge
