@@ -42,16 +42,23 @@ def test_mitmdump_loads_the_addon_and_injects(stack: Stack, user: str, marker: s
             ok = c.get(f"{stack.docs_url}/echo/{marker}",
                        headers={"X-User-Context": stack.context(user)})
             refused = c.get(f"{stack.docs_url}/echo/{marker}-none")
+            # Above stream_large_bodies: mitmproxy streams the body before the addon decides.
+            streamed = c.post(f"{stack.docs_url}/echo/{marker}-big",
+                              content=b"streamed-refused-body:" * (128 * 1024))
         headers = {k.lower(): v for k, v in ok.json()["headers"]}
         assert headers["authorization"] == (
             f"Bearer {stack.vault_get(user).tokens.access_token.reveal()}")
         assert "x-user-context" not in headers
         assert refused.status_code == 407
+        assert streamed.status_code == 407
+        assert streamed.headers["X-Credproxy-Error"] == "user-context-missing"
+        assert not stack.docs_saw(f"{marker}-big")
         # The addon brings the admin server with it under plain mitmdump too.
         assert httpx2.get(f"http://127.0.0.1:{admin}/healthz").json() == {"status": "ok"}
     finally:
         proc.close()
     assert '"event":"credential.injected"' in proc.stdout_text()
+    assert "streamed-refused-body" not in proc.logs() and "Traceback" not in proc.logs()
 
 
 def test_mitmdump_without_a_config_fails_closed_at_startup(stack: Stack) -> None:
