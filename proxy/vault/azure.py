@@ -63,7 +63,7 @@ log = logging.getLogger("credproxy.vault.azure")
 TAG_PROVIDER = "credproxy-provider"
 TAG_USER = "credproxy-user"
 _PREFIX = "cp-"
-_EPOCH = _PREFIX + "epoch"  # not a grant: grant names are cp- and 40 hex digits
+_EPOCH = "credproxy-epoch"  # outside the cp- names of grants (and of the probe secret)
 TRIES = 3  # per vault call, the first included
 BACKOFF_BASE = 0.25  # seconds before the first retry (at most; jittered)
 BACKOFF_MAX = 4.0
@@ -334,6 +334,10 @@ class AzureKeyVault:
         await self._client.close()
         if self._credential is not None and hasattr(self._credential, "close"):
             await self._credential.close()
+        # aiohttp closes TLS connections without waiting for their shutdown to finish; an
+        # event loop that ends right after (a CLI command) would leak the sockets. A short
+        # pause lets the close_notify round trip complete (aiohttp's own advice).
+        await asyncio.sleep(0.25)
 
     # -- internals -----------------------------------------------------------------------
     async def _write(self, grant: Grant) -> None:
