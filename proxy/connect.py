@@ -205,10 +205,14 @@ class Connector:
             tokens = TokenSet(tokens.access_token, tokens.refresh_token, tokens.token_type,
                               tokens.expires_at, " ".join(rec["s"]))
         try:
-            await self._vault.put(Grant(user=user, provider=provider_id, tokens=tokens))
+            stored = await self._vault.put(Grant(user=user, provider=provider_id,
+                                                 tokens=tokens))
         except VaultError as exc:
             raise ConnectRejected("vault_unavailable", "the grant could not be stored",
                                   user=user, provider=provider_id) from exc
+        # Replaces a shared-cache copy of an earlier grant (its version is newer), so no
+        # replica keeps serving the old token (say, with the wider scope the user dropped).
+        await self._coord.cache_put(stored)
         await self._coord.publish_invalidation(user, provider_id)
         self._audit.record(auditlog.CONNECTION_CREATED, user=user, provider=provider_id,
                            outcome="connected", reason=f"scope={tokens.scope or ''}",

@@ -318,9 +318,14 @@ class TokenBroker:
             self._cache.pop(key, None)
             log.warning("refreshed tokens for %s/%s discarded: the grant was revoked or "
                         "replaced while the refresh ran", grant.user, grant.provider)
-            raise self.reauth(provider, "revoked",
-                              f"the connection to {provider.id} was revoked or replaced "
-                              "while its token was being refreshed") from None
+            # Reconnected meanwhile: the new grant is the one to use. Revoked or marked:
+            # _load says so (no_connection, or the mark's reason).
+            current = await self._load(grant.user, provider)
+            if self._fresh(current, provider) is None:
+                raise self.reauth(provider, "revoked",
+                                  f"the connection to {provider.id} was revoked or replaced "
+                                  "while its token was being refreshed") from None
+            return current
         except VaultError as exc:
             self.metrics.vault_errors.labels("write").inc()
             # Other replicas must not redeem the old (now spent) refresh token: give them

@@ -213,3 +213,28 @@ async def test_unsaved_tokens_are_written_once_the_vault_is_back(tmp_path: Path)
     finally:
         await refresher.aclose()
         await v.close()
+
+
+async def test_a_reconnect_during_a_refresh_wins(tmp_path: Path) -> None:
+    """The user reconnects while a refresh of the old grant is in flight: the refresh's
+    tokens are discarded (the write is conditional) and the new grant is used."""
+    v = LocalVault.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
+
+    class ReconnectMeanwhile(_FixedRefresher):
+        async def refresh(self, provider: ProviderSettings, client_secret: Secret | None,
+                          refresh_token: Secret) -> TokenSet:
+            await v.put(Grant("u", "docs", tokens("reconnected")))
+            return await super().refresh(provider, client_secret, refresh_token)
+
+    refresher = ReconnectMeanwhile(RefreshSettings())
+    b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
+                    connect_url=lambda p: "x", clock=lambda: NOW)
+    try:
+        await v.put(Grant("u", "docs", tokens("old", expires_in=-1)))
+        got = await b.get("u", PROVIDER)
+        assert got.tokens.access_token == Secret("reconnected")
+        stored = await v.get("u", "docs")
+        assert stored is not None and stored.tokens.access_token == Secret("reconnected")
+    finally:
+        await refresher.aclose()
+        await v.close()
