@@ -116,6 +116,11 @@ async def test_vault_outage_is_credential_store_unavailable(tmp_path: Path) -> N
     await v.close()
 
 
+def _broker(vault: LocalVault, refresher: Refresher) -> TokenBroker:
+    return TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
+                       connect_url=lambda p: "x", clock=lambda: NOW)
+
+
 class _SlowReads(LocalVault):
     """Reads wait for a signal: lets a test land an invalidation during a read."""
 
@@ -132,8 +137,7 @@ async def test_a_read_in_flight_during_an_invalidation_is_not_cached(tmp_path: P
     v = _SlowReads.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
     v.gate, v.reading = asyncio.Event(), asyncio.Event()
     refresher = Refresher(RefreshSettings())
-    b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
-                    connect_url=lambda p: "x", clock=lambda: NOW)
+    b = _broker(v, refresher)
     try:
         await LocalVault.put(v, Grant("u", "docs", tokens("a1")))
         pending = asyncio.create_task(b.get("u", PROVIDER))
@@ -173,8 +177,7 @@ async def test_unsaved_tokens_never_bring_back_a_revoked_grant(tmp_path: Path,
     revoked, they must not be written back (whether or not this process heard of it)."""
     v = _FlakyWrites.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
     refresher = _FixedRefresher(RefreshSettings())
-    b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
-                    connect_url=lambda p: "x", clock=lambda: NOW)
+    b = _broker(v, refresher)
     try:
         v.failing = False
         await v.put(Grant("u", "docs", tokens("old", expires_in=-1)))
@@ -197,8 +200,7 @@ async def test_unsaved_tokens_never_bring_back_a_revoked_grant(tmp_path: Path,
 async def test_unsaved_tokens_are_written_once_the_vault_is_back(tmp_path: Path) -> None:
     v = _FlakyWrites.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
     refresher = _FixedRefresher(RefreshSettings())
-    b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
-                    connect_url=lambda p: "x", clock=lambda: NOW)
+    b = _broker(v, refresher)
     try:
         v.failing = False
         await v.put(Grant("u", "docs", tokens("old", expires_in=-1)))
@@ -227,8 +229,7 @@ async def test_a_reconnect_during_a_refresh_wins(tmp_path: Path) -> None:
             return await super().refresh(provider, client_secret, refresh_token)
 
     refresher = ReconnectMeanwhile(RefreshSettings())
-    b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
-                    connect_url=lambda p: "x", clock=lambda: NOW)
+    b = _broker(v, refresher)
     try:
         await v.put(Grant("u", "docs", tokens("old", expires_in=-1)))
         got = await b.get("u", PROVIDER)
