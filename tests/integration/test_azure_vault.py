@@ -212,15 +212,17 @@ def test_slow_vault_times_out_into_a_503(tmp_path: Path) -> None:
         s.close()
 
 
-def test_failed_write_after_rotation_keeps_the_grant(kvstack: Stack) -> None:
+def test_failed_write_after_rotation_keeps_the_grant(kvstack: Stack, marker: str) -> None:
     s = kvstack
     user = "kv-write-fails"
     s.vault_put(user, s.grant(user, expires_in=0))
     s.kv_admin("POST", "/_admin/faults", {"status": 500, "count": -1, "methods": ["PUT"]})
     with s.client(context=s.context(user)) as c:
-        r = c.get(f"{s.docs_url}/echo")
+        r = c.get(f"{s.docs_url}/echo/{marker}")
         assert r.status_code == 503 and r.json()["reason"] == "vault_write_failed"
         assert s.stats()["refresh_by_user"][user] == 1
+        # The new access token is used only once its refresh token is in the vault.
+        assert not s.docs_saw(marker)
         s.kv_admin("POST", "/_admin/reset")
         r = c.get(f"{s.docs_url}/echo")
     assert r.status_code == 200
