@@ -79,17 +79,25 @@ class UserContext:
 
 
 class ReplayStore(Protocol):
-    async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool: ...
+    async def first_use(self, issuer: str, jti: str, expires_at: float,
+                        issued_at: float | None = None) -> bool: ...
 
 
 class ReplayGuard:
-    """One-time use of ``jti`` values in this process (Redis coordination shares them)."""
+    """One-time use of ``jti`` values in this process (Redis coordination shares them).
+
+    A token issued before this process started may have been used by its predecessor,
+    whose records are gone: it is refused rather than accepted unchecked."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._seen: dict[str, float] = {}
         self._clock = clock
+        self._started = int(clock())  # iat has one-second resolution
 
-    async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
+    async def first_use(self, issuer: str, jti: str, expires_at: float,
+                        issued_at: float | None = None) -> bool:
+        if issued_at is not None and issued_at < self._started:
+            return False
         now = self._clock()
         if len(self._seen) > _CACHE_SIZE:
             self._seen = {k: v for k, v in self._seen.items() if v > now}
@@ -283,13 +291,15 @@ class IdentityVerifier:
             try:
                 # Remembered for as long as the token can be accepted: exp plus leeway.
                 first = await self._replay.first_use(ctx.issuer, ctx.jti,
-                                                     ctx.expires_at + self._s.leeway)
+                                                     ctx.expires_at + self._s.leeway,
+                                                     float(ctx.claims["iat"]))
             except CoordinationUnavailable as exc:
                 raise CredentialStoreUnavailable("cannot record the one-time jti",
                                                  reason="coordination_unavailable") from exc
             if not first:
-                raise UserContextInvalid("user context was already used (jti replayed)",
-                                         reason="replayed")
+                raise UserContextInvalid("user context was already used (jti replayed), or "
+                                         "was issued before the replay records were lost "
+                                         "(a restart); mint a new one", reason="replayed")
         else:
             self._cache[digest] = ctx
             if len(self._cache) > _CACHE_SIZE:

@@ -74,8 +74,10 @@ class Coordinator(Protocol):
         expired."""
         ...
 
-    async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
-        """Record a one-time ``jti``; False when it was seen before."""
+    async def first_use(self, issuer: str, jti: str, expires_at: float,
+                        issued_at: float | None = None) -> bool:
+        """Record a one-time ``jti``; False when it was seen before, or when the store
+        lost its records after ``issued_at`` (a restart) and so cannot tell."""
         ...
 
     async def check(self) -> None: ...

@@ -68,8 +68,9 @@ class MemoryCoordinator:
             return entry[0]
         return USED if self._used.get(name, 0.0) > now else None
 
-    async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
-        return await self._jti.first_use(issuer, jti, expires_at)
+    async def first_use(self, issuer: str, jti: str, expires_at: float,
+                        issued_at: float | None = None) -> bool:
+        return await self._jti.first_use(issuer, jti, expires_at, issued_at)
 
     async def check(self) -> None:
         return None

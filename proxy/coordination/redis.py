@@ -93,6 +93,25 @@ end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
+# A one-time jti: SET NX until the token's expiry. A token issued before this Redis lost its
+# data (the boot marker says "restart") may have been used already: refused, not trusted.
+# ARGV: expiry (unix s), issued at (unix s, -1 unknown), kind of marker to plant.
+_JTI = """
+local marker = redis.call('GET', KEYS[2])
+if not marker then
+  local t = redis.call('TIME')
+  marker = (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) .. ':' .. ARGV[3]
+  redis.call('SET', KEYS[2], marker)
+end
+local sep = string.find(marker, ':', 1, true)
+local planted = math.floor(tonumber(string.sub(marker, 1, sep - 1)) / 1000)
+local iat = tonumber(ARGV[2])
+if string.sub(marker, sep + 1) == 'restart' and iat >= 0 and iat < planted then
+  return 0
+end
+if redis.call('SET', KEYS[1], '1', 'NX', 'EXAT', ARGV[1]) then return 1 end
+return 0
+"""
 _FORGET = """
 local g = tonumber(redis.call('GET', KEYS[2]) or '-1')
 if tonumber(ARGV[1]) > g then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) end
@@ -168,6 +187,7 @@ class RedisCoordinator:
         self._forget = self._r.register_script(_FORGET)
         self._take = self._r.register_script(_TAKE)
         self._acquire = self._r.register_script(_ACQUIRE)
+        self._once = self._r.register_script(_JTI)
         self._boot_key = settings.key_prefix + "boot"
         self._seen_redis = False  # this process has talked to this Redis's data before
         self._origin = secrets.token_hex(6)
@@ -411,11 +431,16 @@ class RedisCoordinator:
         return got if isinstance(got, bytes) else None
 
     # -- one-time jti ------------------------------------------------------------------
-    async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
+    async def first_use(self, issuer: str, jti: str, expires_at: float,
+                        issued_at: float | None = None) -> bool:
         digest = hashlib.sha256(f"{issuer}\x00{jti}".encode()).hexdigest()[:40]
+        kind = "restart" if self._seen_redis else "fresh"
         try:
-            return bool(await self._r.set(f"{self._s.key_prefix}jti:{digest}", 1, nx=True,
-                                          exat=int(expires_at) + 1))
+            got = await self._once(keys=[f"{self._s.key_prefix}jti:{digest}", self._boot_key],
+                                   args=[int(expires_at) + 1,
+                                         -1 if issued_at is None else int(issued_at), kind])
+            self._seen_redis = True
+            return bool(got == 1)
         except RedisError as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot record jti") from exc

@@ -207,3 +207,19 @@ async def test_lease_is_lost_when_redis_restarts_under_it(redis_server: RedisSer
             assert not lease.valid()
     finally:
         await a.close()
+
+
+async def test_one_time_jti_after_redis_lost_its_data(redis_server: RedisServer) -> None:
+    """The records of used jti values are gone with a restart: a token issued before it
+    cannot be proven unused, so it is refused; tokens issued afterwards are fine."""
+    a = coordinator(redis_server)
+    try:
+        now = time.time()
+        assert await a.first_use("iss", "j0", now + 60, issued_at=now - 30)  # a fresh Redis
+        redis_server.restart()
+        assert not await a.first_use("iss", "j1", now + 60, issued_at=now - 30)
+        later = time.time() + 1
+        assert await a.first_use("iss", "j2", later + 60, issued_at=later)
+        assert not await a.first_use("iss", "j2", later + 60, issued_at=later)
+    finally:
+        await a.close()

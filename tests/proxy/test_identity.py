@@ -447,7 +447,8 @@ async def test_one_time_jti_cannot_be_replayed_within_leeway(make_context: MakeC
 
 async def test_one_time_jti_store_outage_is_503(make_context: MakeContext, keys: Keys) -> None:
     class Down:
-        async def first_use(self, issuer: str, jti: str, expires_at: float) -> bool:
+        async def first_use(self, issuer: str, jti: str, expires_at: float,
+                            issued_at: float | None = None) -> bool:
             raise CoordinationUnavailable("redis down")
 
     verifier = IdentityVerifier(identity_settings(one_time_jti=True),
@@ -466,6 +467,14 @@ async def test_replay_guard() -> None:
     assert await guard.first_use("other-iss", "j", NOW + 10)
     clock.advance(11)
     assert await guard.first_use("iss", "j", NOW + 100)  # the old entry has expired
+
+
+async def test_replay_guard_refuses_tokens_issued_before_it_started() -> None:
+    """A restarted proxy has forgotten which jti values its predecessor saw."""
+    clock = Clock()
+    guard = ReplayGuard(clock)
+    assert not await guard.first_use("iss", "old", NOW + 100, issued_at=NOW - 5)
+    assert await guard.first_use("iss", "new", NOW + 100, issued_at=NOW)
 
 
 # --- Proxy-Authorization --------------------------------------------------------------------
