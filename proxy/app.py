@@ -281,7 +281,8 @@ def open_vault(settings: Settings, environ: Mapping[str, str] = os.environ,
             polling_interval=v.poll_interval, api_version=v.api_version,
             verify_challenge_resource=v.verify_challenge_resource)
         return vault, key
-    return LocalVault.open(os.path.expanduser(v.path), key, clock=clock), key
+    return LocalVault.open(os.path.expanduser(v.path), key, clock=clock,
+                           timeout=v.timeout), key
 
 
 def client_secrets(settings: Settings,
@@ -297,6 +298,14 @@ def client_secrets(settings: Settings,
     return out
 
 
+def fencing_period(settings: Settings) -> float:
+    """How long refresh locks wait after Redis lost its data: the longest a lock holder can
+    still be at work. Under the lock a refresh reads the shared cache and the vault twice,
+    redeems the refresh token, then writes the vault; each step is bounded."""
+    c, v = settings.coordination, settings.vault
+    return settings.refresh.max_duration() + 3 * v.timeout + 3 * c.op_timeout + 1.0
+
+
 def make_coordinator(settings: Settings, vault_key: bytes,
                      environ: Mapping[str, str] = os.environ,
                      clock: Callable[[], float] = time.time,
@@ -307,7 +316,7 @@ def make_coordinator(settings: Settings, vault_key: bytes,
         redis = RedisCoordinator(settings.coordination,
                                 cache_key=derive_subkey(vault_key, "credproxy shared cache"),
                                 environ=environ, clock=clock,
-                                quiet_period=settings.refresh.max_duration() + 1.0)
+                                quiet_period=fencing_period(settings))
         if metrics is not None:
             redis.on_error = metrics.coordination_errors.inc
         return redis

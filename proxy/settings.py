@@ -107,7 +107,8 @@ class VaultSettings(_Model):
     key_file: str | None = None
     url: str | None = None  # azure: https://<name>.vault.azure.net
     purge_on_delete: bool = False  # azure: purge revoked secrets (refused under purge protection)
-    # azure: one vault call's bound, every try (at most 3) and wait included
+    # One vault call's bound. azure: every try (at most 3) and wait included; local: the
+    # longest wait for another process's write lock on the file.
     timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
     ca_file: str | None = None  # azure: extra CA bundle (private endpoints, tests)
     # azure: a file holding a bearer token for Key Vault, re-read on every use, instead of

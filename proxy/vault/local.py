@@ -99,6 +99,7 @@ class LocalVault:
         key: bytes,
         *,
         clock: Callable[[], float] = time.time,
+        timeout: float = BUSY_TIMEOUT_S,
     ) -> None:
         if len(key) != KEY_BYTES:
             raise VaultKeyError(f"vault key must be {KEY_BYTES} bytes")
@@ -107,6 +108,8 @@ class LocalVault:
         self._uri = self._path.as_uri() + "?mode=rw"
         self._aead = AESGCM(derive_subkey(key, _SUBKEY_PURPOSE))
         self._clock = clock
+        # How long an operation may wait for another process's write lock (vault.timeout).
+        self._timeout = timeout
         self._closed = False
         _create_private_file(self._path)
         self._run(self._initialise)
@@ -118,9 +121,10 @@ class LocalVault:
         key: bytes,
         *,
         clock: Callable[[], float] = time.time,
+        timeout: float = BUSY_TIMEOUT_S,
     ) -> LocalVault:
         """Open (creating if absent) the vault at ``path`` with the 32-byte ``key``."""
-        return cls(path, key, clock=clock)
+        return cls(path, key, clock=clock, timeout=timeout)
 
     @property
     def path(self) -> Path:
@@ -178,7 +182,8 @@ class LocalVault:
         if self._closed:
             raise VaultUnavailable(f"vault {self._path} is closed")
         try:
-            conn = sqlite3.connect(self._uri, uri=True, timeout=BUSY_TIMEOUT_S, autocommit=True)
+            conn = sqlite3.connect(self._uri, uri=True, timeout=self._timeout,
+                                   autocommit=True)
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
         try:

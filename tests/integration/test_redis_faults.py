@@ -28,10 +28,11 @@ from devstack.stack import Stack, build_stack
 pytestmark = pytest.mark.integration
 
 
-# A short refresh bound keeps the quiet period after a Redis restart (the longest a refresh
-# can take: 2 attempts x 2 s + backoff, plus 1 s) short enough for tests.
+# Short bounds keep the fencing period after a Redis restart (the longest a lock holder can
+# still be at work: refresh 2 x 2 s + backoff, 3 vault calls x 1 s, 3 Redis calls x 0.5 s,
+# plus 1 s; proxy.app.fencing_period) short enough for tests.
 _REFRESH = {"attempts": 2, "timeout": 2.0, "backoff": 0.1}
-_QUIET = 2 * 2.0 + 0.1 + 1.0
+_QUIET = 2 * 2.0 + 0.1 + 3 * 1.0 + 3 * 0.5 + 1.0
 
 
 def _stack(tmp: Path, url: str, replicas: int = 2) -> tuple[Stack, list[str]]:
@@ -39,6 +40,8 @@ def _stack(tmp: Path, url: str, replicas: int = 2) -> tuple[Stack, list[str]]:
                     config={"coordination": {"backend": "redis", "url": url,
                                              "op_timeout": 0.5, "lock_wait": 5},
                             "refresh": _REFRESH})
+    s.config["vault"]["timeout"] = 1.0
+    s.write_config()
     try:
         procs = s.start_replicas(replicas)
     except Exception:
