@@ -316,7 +316,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             if args.dry_run:
                 print(f"would revoke: {r.user} / {r.provider}")
             elif not r.ok:
-                done = "removed locally" if r.removed else "marked for re-authorization"
+                done = ("removed locally" if r.removed else
+                        "marked for re-authorization" if r.marked else "not revoked")
                 print(f"{r.provider}: {done}; {', '.join(r.problems)}: {r.detail}")
             else:
                 print(f"{r.provider}: removed; upstream {r.upstream}: {r.detail}")

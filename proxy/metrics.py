@@ -43,7 +43,7 @@ class Metrics:
                                          "Token refresh latency (including retries)",
                                          ["provider"], registry=r,
                                          buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.reauth = Counter("credproxy_reauth_events", "Grants marked for re-authorization",
+        self.reauth = Counter("credproxy_reauth_events", "Requests answered reauth-required",
                               ["provider", "reason"], registry=r)
         self.vault_errors = Counter("credproxy_vault_errors", "Vault operations that failed",
                                     ["kind"], registry=r)

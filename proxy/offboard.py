@@ -1,8 +1,9 @@
 """Offboarding: revoke a user's grants upstream (RFC 7009), delete them, forget them
 everywhere, and audit it.
 
-Order per grant, chosen so nothing can be injected afterwards: under the grant's refresh
-lock, mark it for re-auth in the vault (every process stops serving it: the vault's epoch
+Order per grant, chosen so nothing can be injected afterwards (with Redis, or processes on
+one local vault file; Key Vault without Redis learns of it within 5 s): under the grant's
+refresh lock, mark it for re-auth in the vault (every process stops serving it: the vault's epoch
 changes and, with Redis, the shared cache entry is dropped and an invalidation published),
 then revoke upstream (refresh token first: for most providers that ends the whole grant;
 then the access token, whatever happened to the first), then delete it. Anything that still
@@ -37,10 +38,11 @@ _ATTEMPTS = 3
 class Revocation:
     user: str
     provider: str
-    upstream: str  # "revoked", "pending", "unsupported", "skipped (dry run)"
+    upstream: str  # "revoked", "pending", "unsupported", "not attempted", "skipped (dry run)"
     detail: str
     removed: bool  # deleted from the vault (or already gone)
     invalidated: bool = True  # every replica was told to forget it (Redis reachable)
+    marked: bool = True  # marked revoked in the vault (False: the vault was unreachable)
 
     @property
     def ok(self) -> bool:
@@ -52,6 +54,8 @@ class Revocation:
     def problems(self) -> list[str]:
         """What is still to do, in words, for the CLI and the audit record."""
         out = []
+        if not self.marked:
+            return ["nothing changed (vault unreachable); run it again"]
         if self.upstream == "pending":
             out.append("upstream revocation pending")
         if not self.removed:
@@ -110,9 +114,9 @@ class Offboarder:
             grant, invalidated = await self._mark(user, provider_id)
             invalidated = False
         except VaultError as exc:
-            return self._finish(Revocation(user, provider_id, "pending",
-                                           f"vault unavailable, nothing changed: {exc}",
-                                           removed=False), None)
+            return self._finish(Revocation(user, provider_id, "not attempted",
+                                           f"vault unavailable: {exc}", removed=False,
+                                           marked=False), None)
         if grant is None:
             return Revocation(user, provider_id, "revoked", "already gone", removed=True,
                               invalidated=invalidated)
