@@ -170,6 +170,17 @@ class _FlakyWrites(LocalVault):
         return await super().put(grant, expected_version=expected_version)
 
 
+async def _refresh_whose_write_fails(v: _FlakyWrites, b: TokenBroker
+                                     ) -> CredentialStoreUnavailable:
+    """An expired grant is refreshed, and storing the rotated tokens fails."""
+    v.failing = False
+    await v.put(Grant("u", "docs", tokens("old", expires_in=-1)))
+    v.failing = True
+    with pytest.raises(CredentialStoreUnavailable) as exc:
+        await b.get("u", PROVIDER)
+    return exc.value
+
+
 @pytest.mark.parametrize("told", [True, False], ids=["invalidation-heard", "not-heard"])
 async def test_unsaved_tokens_never_bring_back_a_revoked_grant(tmp_path: Path,
                                                                told: bool) -> None:
@@ -179,12 +190,8 @@ async def test_unsaved_tokens_never_bring_back_a_revoked_grant(tmp_path: Path,
     refresher = _FixedRefresher(RefreshSettings())
     b = _broker(v, refresher)
     try:
-        v.failing = False
-        await v.put(Grant("u", "docs", tokens("old", expires_in=-1)))
-        v.failing = True
-        with pytest.raises(CredentialStoreUnavailable) as exc:
-            await b.get("u", PROVIDER)
-        assert exc.value.reason == "vault_write_failed" and refresher.calls == 1
+        failed = await _refresh_whose_write_fails(v, b)
+        assert failed.reason == "vault_write_failed" and refresher.calls == 1
         assert await v.delete("u", "docs")  # `credproxy revoke` in another process
         if told:
             b.invalidate("u", "docs")
@@ -202,11 +209,7 @@ async def test_unsaved_tokens_are_written_once_the_vault_is_back(tmp_path: Path)
     refresher = _FixedRefresher(RefreshSettings())
     b = _broker(v, refresher)
     try:
-        v.failing = False
-        await v.put(Grant("u", "docs", tokens("old", expires_in=-1)))
-        v.failing = True
-        with pytest.raises(CredentialStoreUnavailable):
-            await b.get("u", PROVIDER)
+        await _refresh_whose_write_fails(v, b)
         v.failing = False
         got = await b.get("u", PROVIDER)
         assert got.tokens.access_token == Secret("rotated") and refresher.calls == 1
