@@ -87,6 +87,7 @@ async def serve(settings: Settings, app: App, *, grace: float = 25.0) -> None:
     m.addons.add(injector)
     update: dict[str, object] = {
         "stream_large_bodies": settings.stream_large_bodies,
+        "http2": settings.http2,
         # No upstream connection before the addon has decided: a refused request never
         # touches the destination.
         "connection_strategy": "lazy",

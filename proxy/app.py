@@ -64,7 +64,7 @@ class App:
 
     # Keys that only take effect on restart (sockets, stores, the audit chain).
     RESTART_KEYS = ("listen", "admin", "public_url", "ca_dir", "upstream_ca_file", "vault",
-                    "coordination", "audit", "stream_large_bodies")
+                    "coordination", "audit", "stream_large_bodies", "http2")
 
     def on_reload(self, listener: ReloadListener) -> None:
         """Call ``listener(settings)`` after every applied reload (the mitmproxy adapter

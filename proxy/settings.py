@@ -322,6 +322,10 @@ class Settings(_Model):
     upstream_ca_file: str | None = None
     unrouted: Literal["passthrough", "deny", "tunnel"] = "passthrough"
     stream_large_bodies: str = "1m"
+    # HTTP/2 between agent and proxy (and on to the provider). Off: mitmproxy turns an
+    # HTTP/2 request without Content-Length into an HTTP/1 request with no framing when the
+    # provider speaks only HTTP/1, and the provider then reads an empty body.
+    http2: bool = False
     identity: IdentitySettings
     vault: VaultSettings = Field(default_factory=VaultSettings)
     coordination: CoordinationSettings = Field(default_factory=CoordinationSettings)

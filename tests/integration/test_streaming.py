@@ -192,3 +192,31 @@ def test_large_download_and_upload_stream_with_bounded_memory(fresh: Stack) -> N
     growth = _peak_rss(fresh.proxy.pid) - before
     print(f"proxy peak RSS growth: {growth >> 20} MiB for 2 x {SIZE >> 20} MiB")
     assert growth < MAX_GROWTH, f"proxy peak RSS grew by {growth >> 20} MiB"
+
+
+def test_http2_agent_upload_without_length_arrives_whole(fresh: Stack,
+                                                         tmp_path: Path) -> None:
+    """An HTTP/2-capable agent (curl --http2, as Go clients do by default) streams an upload
+    of unknown length. mitmproxy would forward it to this HTTP/1 provider with no framing
+    (an empty body upstream), so credproxy offers agents HTTP/1.1 only (`http2: false`)."""
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is needed for this test"
+    user = "h2-uploader"
+    fresh.vault_put(user, fresh.grant(user))
+    body = hashlib.sha256(b"seed").digest() * (3_000_000 // 32)
+    payload = tmp_path / "upload.bin"
+    payload.write_bytes(body)
+    assert fresh.proxy is not None
+    out = subprocess.run(
+        [curl, "-sS", "--http2", "-x", fresh.proxy_url, "--cacert", str(fresh.mitm_ca),
+         "-H", f"X-User-Context: {fresh.context(user)}", "-H", "Transfer-Encoding: chunked",
+         "--data-binary", f"@{payload}", "-w", "\n%{http_version}",
+         f"{fresh.docs_url}/upload"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    answer, version = out.stdout.rsplit("\n", 1)
+    assert version == "1.1"  # the proxy did not offer HTTP/2
+    got = json.loads(answer)
+    assert got == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
