@@ -68,48 +68,40 @@ end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'used'} end
 return false
 """
-# Acquire the refresh lock, unless this Redis lost its data recently. A restart (or a
-# flush, or an eviction) forgets every lock, including one held by a refresh still in
-# flight on some replica: granting the lock again at once could let a second replica
-# redeem the same rotating refresh token. So the first replica to reach Redis after the
-# loss plants a "boot" marker (kind "restart": it had seen the marker before), and locks
-# are refused until every refresh that could have been in flight has ended. A brand-new
-# Redis gets kind "fresh" from a replica that never saw one: no refresh was in flight.
-# ARGV: token ('' = only plant the marker), lease ms, quiet ms, kind to plant.
-_ACQUIRE = """
+# Every script below starts by reading the "boot" marker (KEYS[2]), planting it when absent.
+# A restart (or a flush, or an eviction) forgets every key, including the lock a refresh
+# still in flight relies on and the record of used jti values. The first replica to reach
+# Redis after the loss plants the marker with kind "restart" (it had seen this Redis's data
+# before); a brand-new Redis gets kind "fresh" from a replica that never saw one. ARGV[1]:
+# the kind to plant. Defines now and planted (ms) and restarted.
+_BOOT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local marker = redis.call('GET', KEYS[2])
 if not marker then
-  marker = now .. ':' .. ARGV[4]
+  marker = now .. ':' .. ARGV[1]
   redis.call('SET', KEYS[2], marker)
 end
-if ARGV[1] == '' then return 1 end
 local sep = string.find(marker, ':', 1, true)
 local planted = tonumber(string.sub(marker, 1, sep - 1))
-if string.sub(marker, sep + 1) == 'restart' and now - planted < tonumber(ARGV[3]) then
-  return -1
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local restarted = string.sub(marker, sep + 1) == 'restart'
+"""
+# The refresh lock, refused for a quiet period after a restart: until every refresh that
+# could have been in flight has ended, so no second replica redeems the same rotating
+# refresh token. ARGV: kind, token ('' = only plant the marker), lease ms, quiet ms.
+_ACQUIRE = _BOOT + """
+if ARGV[2] == '' then return 1 end
+if restarted and now - planted < tonumber(ARGV[4]) then return -1 end
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
 return 0
 """
-# A one-time jti: SET NX until the token's expiry. A token issued before this Redis lost its
-# data (the boot marker says "restart") may have been used already: refused, not trusted.
-# ARGV: expiry (unix s), issued at (unix s, -1 unknown), kind of marker to plant.
-_JTI = """
-local marker = redis.call('GET', KEYS[2])
-if not marker then
-  local t = redis.call('TIME')
-  marker = (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) .. ':' .. ARGV[3]
-  redis.call('SET', KEYS[2], marker)
-end
-local sep = string.find(marker, ':', 1, true)
-local planted = math.floor(tonumber(string.sub(marker, 1, sep - 1)) / 1000)
-local iat = tonumber(ARGV[2])
-if string.sub(marker, sep + 1) == 'restart' and iat >= 0 and iat < planted then
-  return 0
-end
-if redis.call('SET', KEYS[1], '1', 'NX', 'EXAT', ARGV[1]) then return 1 end
+# A one-time jti: SET NX until the token's expiry. A token issued before a restart may have
+# been used already: refused, not trusted. ARGV: kind, expiry (unix s), issued at (unix s,
+# -1 unknown).
+_JTI = _BOOT + """
+local iat = tonumber(ARGV[3])
+if restarted and iat >= 0 and iat < math.floor(planted / 1000) then return 0 end
+if redis.call('SET', KEYS[1], '1', 'NX', 'EXAT', ARGV[2]) then return 1 end
 return 0
 """
 _FORGET = """
@@ -267,9 +259,12 @@ class RedisCoordinator:
     async def fenced_acquire(self, name: str, token: str | bytes, lease_ms: int) -> int:
         """Run the acquire script: 1 acquired, 0 held by another, -1 quiet after a restart.
         With an empty token it only plants the boot marker."""
+        return await self._with_marker(self._acquire, name, token, lease_ms, self._quiet_ms)
+
+    async def _with_marker(self, script: Any, key: str, *args: object) -> int:
+        """Run a script that starts with _BOOT, telling it which kind of marker to plant."""
         kind = "restart" if self._seen_redis else "fresh"
-        got = await self._acquire(keys=[name, self._boot_key],
-                                  args=[token, lease_ms, self._quiet_ms, kind])
+        got = await script(keys=[key, self._boot_key], args=[kind, *args])
         self._seen_redis = True
         return int(got)
 
@@ -434,13 +429,10 @@ class RedisCoordinator:
     async def first_use(self, issuer: str, jti: str, expires_at: float,
                         issued_at: float | None = None) -> bool:
         digest = hashlib.sha256(f"{issuer}\x00{jti}".encode()).hexdigest()[:40]
-        kind = "restart" if self._seen_redis else "fresh"
         try:
-            got = await self._once(keys=[f"{self._s.key_prefix}jti:{digest}", self._boot_key],
-                                   args=[int(expires_at) + 1,
-                                         -1 if issued_at is None else int(issued_at), kind])
-            self._seen_redis = True
-            return bool(got == 1)
+            return await self._with_marker(
+                self._once, f"{self._s.key_prefix}jti:{digest}", int(expires_at) + 1,
+                -1 if issued_at is None else int(issued_at)) == 1
         except RedisError as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot record jti") from exc
