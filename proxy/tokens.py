@@ -83,7 +83,7 @@ class TokenBroker:
         self._cache: OrderedDict[tuple[str, str], Grant] = OrderedDict()
         # Tokens obtained by a refresh whose vault write failed, with the version they were
         # based on: the old refresh token may already be spent, so these are kept until a
-        # write succeeds (or the grant is revoked meanwhile).
+        # write succeeds (or the write finds the grant revoked or replaced meanwhile).
         self._unsaved: dict[tuple[str, str], tuple[Grant, int]] = {}
         # Bumped by every invalidation: a vault or shared-cache read that was in flight when
         # one arrived must not put what it read into the memory cache afterwards.
@@ -143,14 +143,12 @@ class TokenBroker:
             except VaultError:
                 epoch = last
             if last is not None and epoch != last:
-                self._generation += 1
-                self._cache.clear()
+                self._forget(None)
             last = epoch
             await asyncio.sleep(interval)
 
     def invalidate(self, user: str, provider_id: str) -> None:
-        self._generation += 1
-        self._cache.pop((user, provider_id), None)
+        self._forget((user, provider_id))
 
     def reauth(self, provider: ProviderSettings, reason: str, detail: str) -> ReauthRequired:
         return ReauthRequired(detail, reason=reason, provider=provider.id,
@@ -158,13 +156,18 @@ class TokenBroker:
 
     # -- internals ---------------------------------------------------------------------
     async def _on_invalidation(self, key: tuple[str, str] | None) -> None:
+        self._forget(key)
+
+    def _forget(self, key: tuple[str, str] | None) -> None:
+        """Drop one grant (None: all) from memory, and make reads in flight not cache what
+        they return. Unsaved refreshed tokens stay: their write is conditional, so a revoked
+        grant cannot come back through them, and dropping them would burn grants whose old
+        refresh token is already spent."""
         self._generation += 1
         if key is None:
             self._cache.clear()
-            self._unsaved.clear()
         else:
             self._cache.pop(key, None)
-            self._unsaved.pop(key, None)
 
     def _fresh(self, grant: Grant | None, provider: ProviderSettings) -> Grant | None:
         if grant is None or grant.status is not GrantStatus.ACTIVE:
@@ -229,8 +232,7 @@ class TokenBroker:
                 current = await self._read_vault(user, provider)
             if current is not None and current.tokens.access_token != rejected:
                 return False
-        self._generation += 1
-        self._cache.pop(key, None)
+        self._forget(key)
         self._unsaved.pop(key, None)
         try:
             marked = await self._vault.mark_reauth(user, provider.id, reason)

@@ -242,3 +242,20 @@ async def test_a_reconnect_during_a_refresh_wins(tmp_path: Path) -> None:
     finally:
         await refresher.aclose()
         await v.close()
+
+
+async def test_a_full_invalidation_keeps_unsaved_tokens(tmp_path: Path) -> None:
+    """A Redis resubscribe drops every memory cache; tokens whose write failed must survive
+    it (the old refresh token is spent: losing them would burn the grant)."""
+    v = _FlakyWrites.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
+    refresher = _FixedRefresher(RefreshSettings())
+    b = _broker(v, refresher)
+    try:
+        await _refresh_whose_write_fails(v, b)
+        await b._on_invalidation(None)
+        v.failing = False
+        got = await b.get("u", PROVIDER)
+        assert got.tokens.access_token == Secret("rotated") and refresher.calls == 1
+    finally:
+        await refresher.aclose()
+        await v.close()
