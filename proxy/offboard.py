@@ -106,13 +106,14 @@ class Offboarder:
         # tokens) first, so the tokens revoked below are the newest ones, and no refresh can
         # start afterwards (it re-reads the vault under the lock and finds the mark).
         try:
-            async with self._coord.lock(user, provider_id):
-                grant, invalidated = await self._mark(user, provider_id)
-        except CoordinationUnavailable:
-            # Without the lock a refresh may still be running: the vault's conditional write
-            # refuses to store its tokens over the mark, so the grant cannot come back.
-            grant, invalidated = await self._mark(user, provider_id)
-            invalidated = False
+            try:
+                async with self._coord.lock(user, provider_id):
+                    grant, invalidated = await self._mark(user, provider_id)
+            except CoordinationUnavailable:
+                # Without the lock a refresh may still be running: the vault's conditional
+                # write refuses to store its tokens over the mark, so it cannot come back.
+                grant, _ = await self._mark(user, provider_id)
+                invalidated = False
         except VaultError as exc:
             return self._finish(Revocation(user, provider_id, "not attempted",
                                            f"vault unavailable: {exc}", removed=False,

@@ -208,3 +208,37 @@ async def test_return_to_below_a_configured_url(parts) -> None:  # type: ignore[
         await connector.begin("alice", "docs", redirect_uri="http://127.0.0.1/cb",
                               return_to="https://app.example.com.evil.example/done")
     assert exc.value.reason == "return_url_not_allowed"
+
+
+class _NoRedis(MemoryCoordinator):
+    """Redis unreachable: no lock, no broadcast."""
+
+    def lock(self, user: str, provider: str):  # type: ignore[no-untyped-def, override]
+        from proxy.errors import CoordinationUnavailable
+
+        raise CoordinationUnavailable("redis down")
+
+
+async def test_offboarding_with_the_vault_down_and_no_redis_changes_nothing_and_says_so(
+        parts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from proxy.errors import VaultUnavailable
+
+    _, vault, _, out, clock = parts
+    await vault.put(Grant("carol", "graph", TokenSet(Secret("at"), Secret("rt"))))
+
+    class Down(LocalVault):
+        async def get(self, user: str, provider: str) -> Grant | None:
+            raise VaultUnavailable("store unreachable")
+
+    down = Down.open(tmp_path / "down.db", KEY, clock=clock)
+    audit = AuditLog(StdoutSink(out), instance="t/3", fingerprint_key=KEY, clock=clock)
+    off = Offboarder(SETTINGS, down, _NoRedis(), audit, client_secret=lambda p: None,
+                     settle=0)
+    try:
+        result = await off._revoke_one("carol", "graph")
+    finally:
+        await off.aclose()
+        await down.close()
+    assert not result.ok and not result.marked and result.upstream == "not attempted"
+    assert result.problems == ["nothing changed (vault unreachable); run it again"]
+    assert _records(out)[-1]["outcome"] == "pending"
