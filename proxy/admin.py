@@ -16,7 +16,7 @@ import html
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -52,7 +52,8 @@ def _page(title: str, body: str, status: int) -> web.Response:
 
 class AdminServer:
     def __init__(self, settings: Settings, verifier: IdentityVerifier, connector: Connector,
-                 vault: Vault, ready_checks: list[tuple[str, object]],
+                 vault: Vault,
+                 ready_checks: Sequence[tuple[str, Callable[[], Awaitable[object]]]],
                  metrics: Metrics, *, ready_timeout: float = READY_CHECK_TIMEOUT) -> None:
         self._metrics = metrics
         self.settings = settings
@@ -96,7 +97,7 @@ class AdminServer:
         checks: dict[str, str] = {}
         ca = Path(os.path.expanduser(self.settings.ca_dir)) / "mitmproxy-ca.pem"
         checks["ca"] = "ok" if ca.is_file() else "missing"
-        results = await asyncio.gather(*(self._check(check)  # type: ignore[arg-type]
+        results = await asyncio.gather(*(self._check(check)
                                          for _, check in self._checks))
         checks.update(zip([name for name, _ in self._checks], results, strict=True))
         ready = all(v == "ok" for v in checks.values())

@@ -201,9 +201,8 @@ class App:
             checks: list[tuple[str, Check]] = [
                 ("proxy", self._listening), ("vault", vault_check),
                 ("coordination", self.coordinator.check), ("draining", self._not_draining)]
-            ready: list[tuple[str, object]] = [*checks]
             self.admin = AdminServer(self.settings, self.sidecar.verifier, self.connector,
-                                     self.vault, ready, self.sidecar.metrics)
+                                     self.vault, checks, self.sidecar.metrics)
             await self.admin.start()
 
     async def _listening(self) -> None:
