@@ -2,6 +2,13 @@
 
 Load it with ``credproxy run --config FILE`` or ``mitmdump -s addons/credproxy.py
 --set credproxy_config=FILE --set stream_large_bodies=1m``.
+
+The hooks read the flow, hand every decision to the core (:class:`proxy.headers.HeaderPolicy`
+for the header section, :func:`proxy.identity.choose_context` for the user context,
+:meth:`proxy.sidecar.Sidecar.decide` for the rest) and apply the result. Per-flow state lives
+in this addon's own maps, keyed by flow id and cleared when the flow ends, never in
+``flow.metadata``: other addons snapshot flows (``flow.get_state()``, ``flow.copy()``), and a
+credential must not be part of a snapshot.
 """
 
 from __future__ import annotations
@@ -11,27 +18,38 @@ from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 
+from addons import compat
 from addons.sink import RefusalSink
 from proxy.app import App, build
 from proxy.errors import (
     CredproxyError,
     InternalError,
+    MalformedRequest,
     MisdirectedRequest,
     ProxyRefusal,
     UserContextInvalid,
 )
-from proxy.identity import context_from_proxy_authorization
+from proxy.headers import HeaderPolicy, ReadHeaders
+from proxy.hosts import normalize_host
+from proxy.identity import ContextCandidate, choose_context, connection_context
 from proxy.problems import problem_response
-from proxy.routes import Destination, normalize_host
+from proxy.routes import Destination
 from proxy.secret import Secret
 from proxy.settings import load_settings
 from proxy.sidecar import Injection, Outbound
 
+compat.install()
+
 log = logging.getLogger("credproxy")
-_META = "credproxy"
-_PROXY_AUTH = "Proxy-Authorization"
 _UNCONFIGURED = ("credproxy_config is not set: credproxy refuses every request (500 "
                  "internal-error). Load the addon with --set credproxy_config=FILE")
+# Read on a CONNECT when no app is configured yet (only Proxy-Authorization matters there).
+_DEFAULT_POLICY = HeaderPolicy("X-User-Context")
+
+
+# What the response hook needs of a credentialed request. (A plain tuple: mitmdump -s loads
+# this file outside sys.modules, where a dataclass cannot be defined.)
+_Injected = tuple[Outbound, Injection]
 
 
 class CredentialInjector:
@@ -41,10 +59,11 @@ class CredentialInjector:
         self._owns_app = False  # an App passed in is closed by whoever built it
         # Per client connection: the CONNECT authority and the Proxy-Authorization context.
         self._tunnels: dict[str, tuple[str, int]] = {}
-        self._conn_context: dict[str, Secret | UserContextInvalid] = {}
-        # Flows between requestheaders and their response/error: what a graceful shutdown
-        # waits for.
+        self._conn_context: dict[str, ContextCandidate] = {}
+        # Per flow, between requestheaders and response/error: what a graceful shutdown
+        # waits for, and what the response hook needs of a credentialed request.
         self.in_flight: set[str] = set()
+        self._injected: dict[str, _Injected] = {}
         self._sink = RefusalSink()
         self._reported_unconfigured = False
 
@@ -88,13 +107,25 @@ class CredentialInjector:
     def client_disconnected(self, client: connection.Client) -> None:
         self._tunnels.pop(client.id, None)
         self._conn_context.pop(client.id, None)
+        compat.forget(client.id)
+
+    def _policy(self) -> HeaderPolicy:
+        return self.app.sidecar.headers if self.app is not None else _DEFAULT_POLICY
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         conn = flow.client_conn.id
+        try:
+            read = self._policy().read(flow.request.headers.fields)
+        except MalformedRequest as refusal:
+            # Answered instead of the 200 that would open the tunnel.
+            flow.response = self._problem(flow, refusal)
+            return
+        # Consumed here: a CONNECT's header section is never forwarded anyway.
+        flow.request.headers = http.Headers(list(read.fields))
         self._tunnels[conn] = (flow.request.host, flow.request.port)
-        context = self._take_proxy_authorization(flow)
+        context = connection_context(read)
         if context is not None:
             self._conn_context[conn] = context
 
@@ -108,30 +139,12 @@ class CredentialInjector:
             return
         sidecar = self.app.sidecar
         req = flow.request
-        # Strip every user-context credential first, whatever happens next.
-        values = req.headers.get_all(sidecar.verifier.header)
-        if values:
-            del req.headers[sidecar.verifier.header]
-        connection_context = self._take_proxy_authorization(flow)
-        if connection_context is None:
-            connection_context = self._conn_context.get(flow.client_conn.id)
-        token: Secret | None = None
-        error: UserContextInvalid | None = None
-        if len(values) > 1:
-            error = UserContextInvalid(f"{sidecar.verifier.header} was sent more than once",
-                                       reason="duplicate-header")
-        elif values:
-            token = Secret(values[0])
-        elif isinstance(connection_context, UserContextInvalid):
-            error = connection_context
-        else:
-            token = connection_context
         try:
-            outbound = Outbound(
-                id=flow.id, method=req.method, destination=self._destination(flow),
-                host_header=req.host_header, path=req.path.split("?", 1)[0],
-                sni=flow.client_conn.sni, context_token=token, context_error=error,
-            )
+            # One reading of the header section, before anything else: malformed fields are
+            # refused, identity headers (every spelling) and Connection-nominated fields go.
+            read = sidecar.read_headers(req.headers.fields)
+            req.headers = http.Headers(list(read.fields))
+            outbound = self._outbound(flow, read)
             decision = await sidecar.decide(outbound)
         except ProxyRefusal as refusal:
             await self._refuse(flow, refusal)
@@ -141,21 +154,45 @@ class CredentialInjector:
             log.exception("internal error deciding %s", flow.id)
             await self._refuse(flow, InternalError("internal error; nothing was forwarded"))
             return
+        if outbound.target is not None:
+            # The absolute-form target named the tunnel's authority: forward in origin-form
+            # (RFC 9112 section 3.2.1), which every server reads the same way.
+            req.authority = ""
         if isinstance(decision, Injection):
-            # Replace, never merge: every client-sent variant of Authorization and of the
+            # Replace, never merge: every client-sent spelling of Authorization and of the
             # inject header goes, then the one credential is set.
-            for name in decision.remove:
-                req.headers.pop(name, None)
+            req.headers = http.Headers(list(HeaderPolicy.without(req.headers.fields,
+                                                                 decision.remove)))
             req.headers[decision.header] = decision.value.reveal()
-            flow.metadata[_META] = (outbound, decision)
+            self._injected[flow.id] = (outbound, decision)
             canonical = outbound.destination.host.strip("[]")
             if req.host != canonical:
                 # "Docs.Example.com." and "docs.example.com" are one host; connect (and send
                 # SNI, which must not end in a dot) using the canonical spelling.
                 req.host = canonical
 
+    def _outbound(self, flow: http.HTTPFlow, read: ReadHeaders) -> Outbound:
+        req = flow.request
+        sidecar = self.app.sidecar if self.app is not None else None
+        assert sidecar is not None
+        conn = flow.client_conn.id
+        context = choose_context(read, sidecar.verifier.header, self._conn_context.get(conn))
+        in_tunnel = conn in self._tunnels
+        # Inside a tunnel mitmproxy keeps an HTTP/1 absolute-form target as it came
+        # (``authority``); for HTTP/2 the authority is :authority, read as the Host header.
+        target = (req.authority if in_tunnel and req.authority
+                  and not (req.is_http2 or req.is_http3) else None)
+        return Outbound(
+            id=flow.id, method=req.method, destination=self._destination(flow),
+            host_header=req.host_header, path=req.path.split("?", 1)[0],
+            sni=flow.client_conn.sni,
+            context_token=context if isinstance(context, Secret) else None,
+            context_error=context if isinstance(context, UserContextInvalid) else None,
+            target=target,
+        )
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(_META) is None or flow.response is None:
+        if flow.id not in self._injected or flow.response is None:
             return
         # A refusal replaces the body in `response`; it must not have streamed out already.
         if flow.response.status_code == 401 or "invalid_token" in flow.response.headers.get(
@@ -166,12 +203,12 @@ class CredentialInjector:
     async def response(self, flow: http.HTTPFlow) -> None:
         self.in_flight.discard(flow.id)
         self._sink.forget(flow)
-        meta = flow.metadata.pop(_META, None)
-        if meta is None or flow.response is None or self.app is None:
+        injected = self._injected.pop(flow.id, None)
+        if injected is None or flow.response is None or self.app is None:
             return
-        outbound, injection = meta
         refusal: ProxyRefusal | None
         try:
+            outbound, injection = injected
             refusal = await self.app.sidecar.upstream_response(
                 outbound, injection, flow.response.status_code, flow.response.headers)
         except ProxyRefusal as exc:
@@ -185,8 +222,20 @@ class CredentialInjector:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.in_flight.discard(flow.id)
-        self._sink.forget(flow)
-        flow.metadata.pop(_META, None)
+        refused = self._sink.forget(flow)
+        injected = self._injected.pop(flow.id, None)
+        # mitmproxy answers the client next (when it still can): name this request there.
+        compat.register_request(flow.client_conn.id, flow.id)
+        if self.app is None or refused:
+            return
+        sent = flow.server_conn.timestamp_start is not None
+        log.info("request %s to %s failed: %s", flow.id, flow.request.pretty_host,
+                 flow.error.msg if flow.error else "-")
+        try:
+            outbound, injection = injected if injected else (None, None)
+            self.app.sidecar.exchange_failed(outbound, injection, reached_upstream=sent)
+        except CredproxyError:
+            log.exception("could not record the failure of %s", flow.id)
 
     async def _refuse(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> None:
         """Answer ``flow`` with a problem before anything is sent upstream. mitmproxy may
@@ -197,31 +246,17 @@ class CredentialInjector:
     def _problem(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> http.Response:
         p = problem_response(refusal, request_id=flow.id)
         cause = refusal.__cause__
-        log.info("refused %s %s: %s (%s)%s", flow.request.method, flow.request.pretty_host,
-                 refusal.slug, refusal.reason, f": {cause}" if cause is not None else "")
+        log.info("refused %s %s %s: %s (%s)%s", flow.id, flow.request.method,
+                 flow.request.pretty_host, refusal.slug, refusal.reason,
+                 f": {cause}" if cause is not None else "")
         return http.Response.make(p.status, p.body, p.headers)
-
-    def _take_proxy_authorization(self, flow: http.HTTPFlow
-                                  ) -> Secret | UserContextInvalid | None:
-        values = flow.request.headers.get_all(_PROXY_AUTH)
-        if not values:
-            return None
-        # Consumed here: it must never be forwarded upstream.
-        del flow.request.headers[_PROXY_AUTH]
-        if len(values) > 1:
-            return UserContextInvalid("Proxy-Authorization was sent more than once",
-                                      reason="duplicate-header")
-        try:
-            return context_from_proxy_authorization(values[0])
-        except UserContextInvalid as exc:
-            return exc
 
     def _destination(self, flow: http.HTTPFlow) -> Destination:
         tunnel = self._tunnels.get(flow.client_conn.id)
         try:
             if tunnel is not None:
                 # Inside a CONNECT tunnel the real destination is the CONNECT authority,
-                # whatever the Host header inside says.
+                # whatever the Host header or the request-target inside says.
                 return Destination(normalize_host(tunnel[0]), tunnel[1],
                                    tls=flow.client_conn.tls_established)
             return Destination(normalize_host(flow.request.host), flow.request.port,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyser
 
 from addons.credproxy import CredentialInjector
 from proxy.app import App
+from proxy.hosts import HostPattern
 from proxy.settings import Settings
 
 log = logging.getLogger("credproxy")
@@ -37,14 +37,9 @@ def upstream_trust_file(settings: Settings, directory: Path) -> str | None:
 
 def intercept_pattern(settings: Settings) -> list[str]:
     """For ``unrouted: tunnel``: regexes of the provider hosts, for mitmproxy's allow_hosts
-    (matched against ``host:port``); everything else is tunnelled without interception."""
-    pats: list[str] = []
-    for p in settings.providers:
-        for h in p.hosts:
-            host, _, port = h.partition(":") if not h.startswith("[") else (h, "", "")
-            rx = (r"(?:[^.:]+\.)+" + re.escape(host[2:])) if host.startswith("*.") else re.escape(
-                host)
-            pats.append(rf"^{rx}\.?:{port or '443'}$")
+    (see :meth:`proxy.hosts.HostPattern.intercept_regex`); everything else is tunnelled
+    without interception."""
+    pats = [HostPattern.parse(h).intercept_regex() for p in settings.providers for h in p.hosts]
     # An empty allow_hosts would intercept everything: with no provider, match nothing.
     return pats or [r"(?!)"]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 
 from mitmproxy import http
@@ -33,7 +34,6 @@ from mitmproxy.net.http.http1 import assemble_response, assemble_response_head
 
 log = logging.getLogger("credproxy.sink")
 
-_META = "credproxy.sink"
 _HEAD_LIMIT = 64 * 1024
 _CHUNK = 64 * 1024
 _NOT_FOUND = (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n"
@@ -41,6 +41,7 @@ _NOT_FOUND = (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n"
 # Request headers mitmproxy itself still reads from the client's request after the hook:
 # Connection (keep-alive towards the client) and Expect (it answers 100-continue).
 _KEEP = frozenset({"connection", "expect"})
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def _drop(_chunk: bytes) -> list[bytes]:
@@ -54,6 +55,9 @@ class RefusalSink:
         self._server: asyncio.Server | None = None
         self._start = asyncio.Lock()
         self._pending: dict[str, http.Response] = {}
+        # flow id -> its one-time path (in the sink's own map: flow.metadata is snapshotted
+        # by other addons).
+        self._keys: dict[str, str] = {}
         self._writers: set[asyncio.StreamWriter] = set()
 
     @property
@@ -69,21 +73,27 @@ class RefusalSink:
                                                           limit=_HEAD_LIMIT)
         key = secrets.token_urlsafe(24)
         self._pending[key] = response
-        flow.metadata[_META] = key
+        self._keys[flow.id] = key
         req = flow.request
-        kept = [(k, v) for k, v in req.headers.fields if k.decode("latin-1").lower() in _KEEP]
+        kept = [(k, v) for k, v in req.headers.fields
+                if k.decode("latin-1").lower() in _KEEP and not _CONTROL.search(v)]
         req.headers = http.Headers(kept)
+        # Origin-form towards the sink, whatever form the client used (an absolute-form
+        # target inside a tunnel keeps its authority in mitmproxy).
+        req.authority = ""
         req.scheme, req.host, req.port = "http", "127.0.0.1", self.port
         req.headers["Host"] = f"127.0.0.1:{self.port}"
         req.headers["Transfer-Encoding"] = "chunked"
         req.path = f"/{key}"
         req.stream = _drop
 
-    def forget(self, flow: http.HTTPFlow) -> None:
-        """The flow ended (answered, or the client went away): drop its registration."""
-        key = flow.metadata.pop(_META, None)
+    def forget(self, flow: http.HTTPFlow) -> bool:
+        """The flow ended (answered, or the client went away): drop its registration.
+        Returns whether the flow was one of the sink's."""
+        key = self._keys.pop(flow.id, None)
         if key is not None:
             self._pending.pop(key, None)
+        return key is not None
 
     async def aclose(self) -> None:
         if self._server is None:

@@ -5,6 +5,7 @@ failure to a problem response in one place (:func:`proxy.problems.problem_respon
 
     CredproxyError
     ├── ProxyRefusal                      answered to the agent as a problem
+    │   ├── MalformedRequest              400 malformed-request
     │   ├── UserContextMissing            407 user-context-missing
     │   ├── UserContextInvalid            407 user-context-invalid
     │   ├── MisdirectedRequest            421 misdirected-request
@@ -12,6 +13,7 @@ failure to a problem response in one place (:func:`proxy.problems.problem_respon
     │   ├── UnroutedDenied                403 unrouted-denied
     │   ├── ReauthRequired                401 reauth-required
     │   ├── TokenRefreshFailed            502 token-refresh-failed
+    │   ├── UpstreamUnreachable           502 upstream-unreachable
     │   ├── CredentialStoreUnavailable    503 credential-store-unavailable
     │   ├── AuditUnavailable              503 audit-unavailable
     │   └── InternalError                 500 internal-error (a bug: fail closed)
@@ -51,6 +53,17 @@ class ProxyRefusal(CredproxyError):
 
     def headers(self) -> dict[str, str]:
         return {}
+
+
+class MalformedRequest(ProxyRefusal):
+    """The request is not well-formed HTTP the way every later hop would read it (a folded
+    header line, a control byte, a field name that is not a token, a request-target the proxy
+    cannot vouch for): refused before any decision (RFC 9112 section 5.2, RFC 9110 section
+    5.5)."""
+
+    slug = "malformed-request"
+    status = 400
+    title = "Malformed request"
 
 
 class UserContextMissing(ProxyRefusal):
@@ -114,6 +127,15 @@ class TokenRefreshFailed(ProxyRefusal):
     slug = "token-refresh-failed"
     status = 502
     title = "Token refresh failed (transient)"
+
+
+class UpstreamUnreachable(ProxyRefusal):
+    """The destination could not be reached (DNS, connect, TLS) or broke off the exchange;
+    the detail says which."""
+
+    slug = "upstream-unreachable"
+    status = 502
+    title = "The destination could not be reached"
 
 
 class CredentialStoreUnavailable(ProxyRefusal):

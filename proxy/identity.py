@@ -35,6 +35,7 @@ from proxy.errors import (
     UserContextInvalid,
     UserContextMissing,
 )
+from proxy.headers import PROXY_AUTHORIZATION, ReadHeaders, field_key
 from proxy.secret import Secret
 from proxy.settings import IdentitySettings, resolve_secret
 
@@ -442,3 +443,52 @@ def context_from_proxy_authorization(value: str) -> Secret | None:
             return Secret(password)
     raise UserContextInvalid("Proxy-Authorization must be Bearer <jws> or Basic with the JWS "
                              "as password", reason="malformed")
+
+
+ContextCandidate = Secret | UserContextInvalid | None
+"""A user context as sent, before verification: the token, why it cannot be one, or none."""
+
+
+def connection_context(read: ReadHeaders) -> ContextCandidate:
+    """The user context a ``Proxy-Authorization`` header carries (on a CONNECT it holds for
+    the whole tunnel; on a request sent straight to the proxy, for that request). A lookalike
+    spelling (``Proxy_Authorization``) or a second copy is refused: a later hop could read
+    either as the credential."""
+    looks = [n for n in read.lookalikes if field_key(n) == field_key(PROXY_AUTHORIZATION)]
+    if looks:
+        return UserContextInvalid(f"{PROXY_AUTHORIZATION} was also sent as {looks[0]}",
+                                  reason="lookalike-header")
+    if not read.proxy_authorization:
+        return None
+    if len(read.proxy_authorization) > 1:
+        return UserContextInvalid(f"{PROXY_AUTHORIZATION} was sent more than once",
+                                  reason="duplicate-header")
+    try:
+        return context_from_proxy_authorization(read.proxy_authorization[0])
+    except UserContextInvalid as exc:
+        return exc
+
+
+def choose_context(read: ReadHeaders, header: str, tunnel: ContextCandidate) -> ContextCandidate:
+    """The one user context a request carries, by these rules in order:
+
+    1. a lookalike spelling of an identity header (``X_User_Context``,
+       ``Proxy_Authorization``) is refused (``lookalike-header``), whatever else was sent: a
+       WSGI next hop would read it as the header (the proxy strips it either way);
+    2. the per-request header sent more than once is refused (``duplicate-header``);
+    3. the per-request header beats any ``Proxy-Authorization``;
+    4. a ``Proxy-Authorization`` on the request itself beats the tunnel's (``tunnel``: what
+       the CONNECT carried, see :func:`connection_context`).
+
+    A refusal is returned, not raised: it matters only for a routed request."""
+    if read.lookalikes:
+        name = header if field_key(read.lookalikes[0]) == field_key(header) else PROXY_AUTHORIZATION
+        return UserContextInvalid(f"{name} was also sent as {read.lookalikes[0]}",
+                                  reason="lookalike-header")
+    if len(read.context) > 1:
+        return UserContextInvalid(f"{header} was sent more than once",
+                                  reason="duplicate-header")
+    if read.context:
+        return Secret(read.context[0])
+    own = connection_context(read)
+    return own if own is not None else tunnel

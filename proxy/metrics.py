@@ -16,7 +16,9 @@ _REASONS = frozenset({
     "invalid_grant", "revoked_upstream", "token_superseded", "revoked",
     "token_endpoint_unavailable", "token_endpoint_error", "vault_unavailable",
     "vault_record_corrupt", "vault_write_failed", "coordination_unavailable",
-    "audit-write-failed", "internal-error",
+    "audit-write-failed", "internal-error", "lookalike-header", "bad-field-name", "obs-fold",
+    "control-character", "bad-connection", "target_mismatch", "bad_target", "trailers",
+    "upstream_unreachable", "upstream_protocol_error", "client_protocol_error",
 })
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -54,6 +56,10 @@ class Metrics:
                                       ["result"], registry=r)
         self.audit_failures = Counter("credproxy_audit_write_failures",
                                       "Audit records that could not be written", registry=r)
+        self.upstream_errors = Counter("credproxy_upstream_errors",
+                                       "Exchanges that failed after the decision: the "
+                                       "destination unreachable, or the exchange broken off",
+                                       ["provider", "kind"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,9 +26,9 @@ from pydantic import (
 )
 
 from proxy.errors import ConfigError
+from proxy.hosts import HostPattern
 from proxy.secret import Secret
 
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _SAFE_ALGS = {"EdDSA", "Ed25519", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256",
               "PS384", "PS512", "HS256", "HS384", "HS512"}
 _SYMMETRIC_ALGS = {"HS256", "HS384", "HS512"}
@@ -374,34 +374,8 @@ class Settings(_Model):
 
 
 def validate_host_pattern(pattern: str) -> str:
-    """Normalise a provider host entry: ``name``, ``name:port``, ``*.suffix`` or an IP."""
-    raw = pattern.strip().lower()
-    host, port = raw, None
-    if raw.startswith("["):
-        end = raw.find("]")
-        host, rest = raw[1:end], raw[end + 1:]
-        if rest:
-            port = rest.removeprefix(":")
-    elif raw.count(":") == 1:
-        host, port = raw.split(":")
-    if port is not None and (not (port.isascii() and port.isdigit()) or
-                             not 0 < int(port) < 65536):
-        raise ValueError(f"{pattern!r}: bad port")
-    if port is not None:
-        port = str(int(port))  # "0443" is 443
-    if host.endswith("."):
-        host = host[:-1]
-    try:
-        ip = ipaddress.ip_address(host)
-        host = f"[{ip}]" if ip.version == 6 else str(ip)
-    except ValueError:
-        labels = host.removeprefix("*.").split(".")
-        if not all(_HOST_LABEL.match(label) for label in labels):
-            raise ValueError(f"{pattern!r}: not a host name, IP or *.suffix") from None
-        if host.startswith("*.") and len(labels) < 2:
-            raise ValueError(
-                f"{pattern!r}: a wildcard needs a suffix of two labels or more") from None
-    return f"{host}:{port}" if port else host
+    """Normalise a provider host entry (see :class:`proxy.hosts.HostPattern`)."""
+    return str(HostPattern.parse(pattern))
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:

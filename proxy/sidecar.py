@@ -8,7 +8,7 @@ forwarded when one is raised.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ from proxy.audit import AuditLog, RequestInfo, TokenSource
 from proxy.errors import (
     AuditUnavailable,
     CredentialStoreUnavailable,
+    MalformedRequest,
     MisdirectedRequest,
     ProviderNotPermitted,
     ProxyRefusal,
@@ -24,9 +25,11 @@ from proxy.errors import (
     UserContextInvalid,
     UserContextMissing,
 )
+from proxy.headers import AUTHORIZATION, HeaderPolicy, ReadHeaders, field_key
+from proxy.hosts import normalize_host, parse_authority
 from proxy.identity import IdentityVerifier, UserContext
 from proxy.metrics import reason_label
-from proxy.routes import Destination, Router, host_agrees, normalize_host, parse_authority
+from proxy.routes import Destination, Router, host_agrees
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
 from proxy.tokens import TokenBroker
@@ -47,6 +50,9 @@ class Outbound:
     sni: str | None = None
     context_token: Secret | None = None  # per-request header or per-connection credential
     context_error: UserContextInvalid | None = None  # e.g. a duplicated header
+    # The authority of an absolute-form request-target sent inside a CONNECT tunnel
+    # (RFC 9112 section 3.2.2): servers route by it, so it must name the tunnel's authority.
+    target: str | None = None
 
     def audit_request(self) -> RequestInfo:
         d = self.destination
@@ -73,10 +79,11 @@ class Injection:
     @property
     def remove(self) -> tuple[str, ...]:
         """The client's own credentials for the upstream: Authorization (whatever header the
-        provider injects) and the inject header itself. Replaced, never merged."""
-        if self.header.lower() == "authorization":
-            return ("Authorization",)
-        return ("Authorization", self.header)
+        provider injects) and the inject header itself, in every spelling
+        (:meth:`proxy.headers.HeaderPolicy.without`). Replaced, never merged."""
+        if field_key(self.header) == field_key(AUTHORIZATION):
+            return (AUTHORIZATION,)
+        return (AUTHORIZATION, self.header)
 
 
 class Sidecar:
@@ -88,10 +95,24 @@ class Sidecar:
         self.router = router
         self.broker = broker
         self.audit = audit
+        self.headers = HeaderPolicy(verifier.header)
 
     async def decide(self, req: Outbound) -> Passthrough | Injection:
+        """Decide on one request: a :class:`Passthrough` for an unrouted destination, an
+        :class:`Injection` for a provider's. Raises :class:`ProxyRefusal` (audited and
+        counted) for everything else; nothing is forwarded then."""
         dest = req.destination
         provider = self.router.match(dest)
+        if req.target is not None and not host_agrees(dest, req.target):
+            # Checked before routing: a server that routes by the request-target would take
+            # the request to another virtual host than the one the proxy decided for.
+            refusal = MisdirectedRequest("the request-target names another authority than "
+                                         f"the tunnel to {dest}; send origin-form requests "
+                                         "inside a tunnel", reason="target_mismatch")
+            self._count_refusal(provider.id if provider else "-", refusal)
+            if provider is not None:
+                self._audit_refusal(req, provider, None, refusal)
+            raise refusal
         misdirected = not host_agrees(dest, req.host_header) or not _sni_agrees(dest, req.sni)
         if provider is None:
             try:
@@ -121,6 +142,30 @@ class Sidecar:
             raise
         self.metrics.requests.labels(provider.id, "injected").inc()
         return injection
+
+    def read_headers(self, fields: Sequence[tuple[bytes, bytes]]) -> ReadHeaders:
+        """:meth:`HeaderPolicy.read`, with a refusal counted. Raises
+        :class:`MalformedRequest`."""
+        try:
+            return self.headers.read(fields)
+        except MalformedRequest as refusal:
+            self._count_refusal("-", refusal)
+            raise
+
+    def exchange_failed(self, req: Outbound | None, injection: Injection | None, *,
+                        reached_upstream: bool) -> None:
+        """The exchange broke after the decision (mitmproxy's ``error``): the destination
+        could not be reached (``reached_upstream`` False: nothing was sent) or the exchange
+        was broken off (by either side). Counted; for a credentialed request also audited as
+        ``request.failed``, so the trail does not end at ``credential.injected``. Raises
+        :class:`AuditUnavailable` when that record cannot be written (counted)."""
+        kind = "exchange_failed" if reached_upstream else "upstream_unreachable"
+        provider = injection.provider if injection is not None else None
+        self.metrics.upstream_errors.labels(provider.id if provider else "-", kind).inc()
+        if req is None or injection is None or provider is None:
+            return
+        self._record("request.failed", req, provider, injection.user, outcome="failed",
+                     reason=kind, token=injection.tokens.access_token, token_source=None)
 
     def _unrouted(self, req: Outbound, misdirected: bool) -> Passthrough:
         # mitmproxy connects to the real destination (the CONNECT authority, the

@@ -86,8 +86,9 @@ def test_lookalike_destinations_are_not_routed(stack: Stack, user: str, authorit
     r = rawhttp.request(stack.proxy_url, connect=a, host_header=a, path="/echo",
                         headers={"X-User-Context": stack.context(user)},
                         ca_file=str(stack.mitm_ca))
-    assert r.problem is None
-    assert r.status == 502  # mitmproxy could not connect: nothing was sent anywhere
+    # Could not connect: nothing was sent anywhere, and the agent is told so as a problem.
+    assert r.status == 502 and r.problem == "upstream-unreachable"
+    assert r.json()["reason"] == "upstream_unreachable"
     assert b"at_" not in r.body
 
 

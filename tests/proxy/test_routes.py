@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.routes import Destination, Router, host_agrees, normalize_host, parse_authority
+from proxy.hosts import normalize_host, parse_authority
+from proxy.routes import Destination, Router, host_agrees
 from proxy.settings import ProviderSettings
 
 

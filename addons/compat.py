@@ -1,0 +1,161 @@
+"""Three corrections to mitmproxy 12's HTTP/1 layer that credproxy depends on for safety.
+
+Applied once by :func:`install` when the addon module is imported (``credproxy run`` and
+``mitmdump -s addons/credproxy.py`` alike). Each one replaces a mitmproxy behaviour that
+would otherwise forward bytes no decision covered, or hang an exchange:
+
+1. **Framing an HTTP/2 request body for an HTTP/1 server.** mitmproxy converts an HTTP/2
+   request for an HTTP/1 upstream but sends a body of unknown length (no ``content-length``,
+   legal in HTTP/2: RFC 9113 section 8.1.1) as raw bytes, with no framing. The HTTP/1 server
+   then parses that body as further requests on the same connection: requests no decision
+   saw (reproduced: ``POST /x ... Content-Length: 400`` inside the body was served). Such a
+   body is now sent with ``Transfer-Encoding: chunked`` (RFC 9112 section 7.1).
+2. **Trailer sections in HTTP/1.** mitmproxy's HTTP/1 reader raises NotImplementedError on
+   a chunked message with trailer fields (``0\\r\\nX-Checksum: abc\\r\\n\\r\\n``); the
+   exchange then hangs until the client gives up and the flow never ends. A request with
+   trailers is now answered at once with 400 ``malformed-request`` and the connection
+   closed; an upstream response with trailers ends the exchange with 502
+   ``upstream-unreachable`` (``upstream_protocol_error``). Either way the flow ends through
+   mitmproxy's ``error`` hook, so nothing stays in flight. HTTP/2 trailers (gRPC's
+   ``grpc-status``) are unaffected: mitmproxy's HTTP/2 layer forwards them.
+3. **Error responses.** mitmproxy answers a failed upstream connection, an unparseable
+   request and the cases above with an HTML page signed ``Server: mitmproxy``. Every such
+   answer to an HTTP/1 client is now an RFC 9457 problem like every other refusal, with
+   ``X-Credproxy-Error`` and, when the addon registered it (:func:`register_request`), the
+   request id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from typing import Any
+
+from mitmproxy import http
+from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import (
+    ErrorCode,
+    RequestHeaders,
+    RequestProtocolError,
+    ResponseProtocolError,
+)
+
+from proxy.errors import InternalError, MalformedRequest, ProxyRefusal, UpstreamUnreachable
+from proxy.problems import problem_response
+
+log = logging.getLogger("credproxy")
+
+_installed = False
+# Request ids the addon's error hook registered, by client connection id, for the next error
+# response on that HTTP/1 connection (one exchange at a time on HTTP/1).
+_pending: dict[str, str] = {}
+
+_CommandGenerator = Generator[Any, Any, None]
+
+
+def register_request(client_id: str, request_id: str) -> None:
+    """Name ``request_id`` in the next mitmproxy error answer on client connection
+    ``client_id`` (the addon calls this from its ``error`` hook, which runs first)."""
+    _pending[client_id] = request_id
+
+
+def forget(client_id: str) -> None:
+    _pending.pop(client_id, None)
+
+
+def refusal_for(code: ErrorCode, message: str) -> ProxyRefusal:
+    """The problem that stands for one of mitmproxy's protocol errors. ``message`` (which
+    may name hosts and addresses, never header values) goes to the log, not to the agent."""
+    if code is ErrorCode.CONNECT_FAILED:
+        return UpstreamUnreachable("the destination could not be reached (DNS, connect or "
+                                   "TLS failed); nothing was sent", reason="upstream_unreachable")
+    if code in (ErrorCode.GENERIC_SERVER_ERROR, ErrorCode.RESPONSE_TOO_LARGE,
+                ErrorCode.RESPONSE_VALIDATION_FAILED):
+        return UpstreamUnreachable("the destination closed the connection or answered with "
+                                   "HTTP credproxy cannot forward",
+                                   reason="upstream_protocol_error")
+    if code in (ErrorCode.GENERIC_CLIENT_ERROR, ErrorCode.REQUEST_VALIDATION_FAILED,
+                ErrorCode.DESTINATION_UNKNOWN, ErrorCode.REQUEST_TOO_LARGE):
+        return MalformedRequest("the request is not HTTP credproxy can forward; nothing was "
+                                "forwarded", reason="client_protocol_error")
+    return InternalError("the exchange failed inside the proxy", reason="internal-error")
+
+
+def problem_bytes(refusal: ProxyRefusal, request_id: str | None = None) -> bytes:
+    p = problem_response(refusal, request_id=request_id)
+    response = http.Response.make(p.status, p.body, {**p.headers, "Connection": "close"})
+    return bytes(http1.assemble_response(response))
+
+
+def _error_response(status_code: int, message: str = "") -> bytes:
+    # mitmproxy's own answer to a request it could not parse (read_headers): the message
+    # names the parse error, never a header value.
+    log.info("refused a request mitmproxy could not parse (%d): %s", status_code, message)
+    return problem_bytes(MalformedRequest("the request is not well-formed HTTP/1.1; nothing "
+                                          "was forwarded", reason="client_protocol_error"))
+
+
+def install() -> None:
+    """Apply the corrections (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+
+    client_send = _http1.Http1Client.send
+
+    def frame_unknown_length(self: _http1.Http1Client, event: Any) -> _CommandGenerator:
+        if isinstance(event, RequestHeaders) and not event.end_stream:
+            request = event.request
+            if ((request.is_http2 or request.is_http3) and "content-length" not in request.headers
+                    and "transfer-encoding" not in request.headers):
+                # Http1Client chunk-encodes the body when the request says chunked.
+                request.headers["transfer-encoding"] = "chunked"
+        yield from client_send(self, event)
+
+    _http1.Http1Client.send = frame_unknown_length  # type: ignore[method-assign]
+
+    read_body = _http1.Http1Connection.read_body
+
+    def refuse_trailers(self: _http1.Http1Connection, event: Any) -> _CommandGenerator:
+        try:
+            yield from read_body(self, event)
+        except NotImplementedError:  # "HTTP trailers are not implemented yet."
+            assert self.stream_id is not None
+            if isinstance(self, _http1.Http1Server):
+                refusal = MalformedRequest("the request carries a trailer section, which "
+                                           "credproxy does not forward over HTTP/1; send the "
+                                           "fields as headers", reason="trailers")
+                yield commands.SendData(self.conn, problem_bytes(refusal))
+                yield commands.CloseConnection(self.conn)
+                yield ReceiveHttp(RequestProtocolError(self.stream_id, "request trailers refused",
+                                                       ErrorCode.GENERIC_CLIENT_ERROR))
+            else:
+                yield commands.CloseConnection(self.conn)
+                yield ReceiveHttp(ResponseProtocolError(
+                    self.stream_id, "the upstream sent HTTP/1 trailers, which credproxy does "
+                    "not forward", ErrorCode.GENERIC_SERVER_ERROR))
+
+    _http1.Http1Connection.read_body = refuse_trailers  # type: ignore[method-assign]
+
+    server_send = _http1.Http1Server.send
+
+    def problem_errors(self: _http1.Http1Server, event: Any) -> _CommandGenerator:
+        if isinstance(event, ResponseProtocolError):
+            request_id = _pending.pop(self.conn.id, None)
+            if not self.conn.state & ConnectionState.CAN_WRITE:
+                return
+            if not self.response and event.code.http_status_code() is not None:
+                log.info("request %s failed: %s", request_id or "-", event.message)
+                yield commands.SendData(
+                    self.conn, problem_bytes(refusal_for(event.code, event.message), request_id))
+            yield commands.CloseConnection(self.conn)
+            return
+        yield from server_send(self, event)
+
+    _http1.Http1Server.send = problem_errors  # type: ignore[method-assign]
+    _http1.make_error_response = _error_response

@@ -1,0 +1,154 @@
+"""The request header policy: what every request must look like before any decision, and
+which fields a client can never send past the proxy under any spelling.
+
+The proxy must read a request the way every later hop will, or a later hop may see what the
+proxy never decided on. Three readings differ in practice:
+
+* **Spelling.** WSGI and CGI servers turn a field name into ``HTTP_`` + upper case with ``-``
+  mapped to ``_`` (PEP 3333, RFC 3875 section 4.1.18), so ``X_User_Context`` and
+  ``X-User-Context`` arrive as one variable, and duplicates are joined with a comma
+  (``HTTP_X_API_KEY = "attacker-key,<token>"``). A protected name is therefore compared by
+  its *key*, :func:`field_key`: case-folded, ``_`` mapped to ``-``. (The oauth2-proxy
+  underscore-header advisory of 2025, GHSA-vjrc-mh2v-45x6 / CVE-2025-64484, is this
+  fault.)
+* **Connection options.** RFC 9110 section 7.6.1: a proxy removes every field its
+  ``Connection`` header nominates and must not forward the nomination; a next hop that
+  honours ``Connection: Authorization`` would drop the injected credential.
+* **Field syntax.** RFC 9112 section 5.2 obsoletes line folding; RFC 9110 section 5.5 allows
+  no CR, LF or NUL in a value, and section 5.1 makes a name a token. mitmproxy joins a folded
+  line into the previous value as ``"\\r\\n "``; a next hop may read that continuation as a
+  header line of its own. Such requests are refused (400) before anything else.
+
+:class:`HeaderPolicy` applies all three in one pass (:meth:`HeaderPolicy.read`); the addon
+only reads the fields and writes back what the policy returns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from proxy.errors import MalformedRequest
+
+Fields = tuple[tuple[bytes, bytes], ...]
+"""Header fields as mitmproxy keeps them: (name, value) byte pairs, in order."""
+
+PROXY_AUTHORIZATION = "Proxy-Authorization"
+AUTHORIZATION = "Authorization"
+
+# RFC 9110 section 5.6.2 token.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 section 5.5: a value is VCHAR, obs-text, SP and HTAB; every other control byte
+# (CR and LF of a folded line, NUL, DEL) is refused.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Connection options that are not a request's own fields to strip: mitmproxy handles them
+# itself (keep-alive and close towards the client, Upgrade for WebSocket).
+_CONNECTION_OPTIONS = frozenset({"close", "keep-alive", "upgrade"})
+
+
+def field_key(name: str | bytes) -> str:
+    """The name as every hop reads it: case-folded, ``_`` mapped to ``-``."""
+    text = name.decode("latin-1") if isinstance(name, bytes) else name
+    return text.casefold().replace("_", "-")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadHeaders:
+    """One request's header section, read once.
+
+    ``context`` and ``proxy_authorization`` hold the values sent under the exact names (any
+    case); ``lookalikes`` the other spellings of those names that were sent (e.g.
+    ``X_User_Context``), which count as one more copy; ``fields`` is what may be forwarded:
+    neither identity header in any spelling, no field the ``Connection`` header nominated,
+    and ``Connection`` itself reduced to close / keep-alive / upgrade."""
+
+    context: tuple[str, ...]
+    proxy_authorization: tuple[str, ...]
+    lookalikes: tuple[str, ...]
+    fields: Fields
+
+
+class HeaderPolicy:
+    """The protected names of one configuration: the user-context header and
+    ``Proxy-Authorization`` (identity: stripped from every request), ``Authorization`` and
+    each provider's inject header (credentials: stripped from every credentialed request,
+    see :meth:`without`)."""
+
+    def __init__(self, context_header: str) -> None:
+        self.context_header = context_header
+        self._context_key = field_key(context_header)
+        self._proxy_key = field_key(PROXY_AUTHORIZATION)
+
+    def read(self, fields: Sequence[tuple[bytes, bytes]]) -> ReadHeaders:
+        """Check and split a request's fields. Raises :class:`MalformedRequest` (400) for a
+        name that is not a token, a value with a control byte (a folded line included), or a
+        ``Connection`` header nominating something that is not a token."""
+        check_fields(fields)
+        nominated: set[str] = set()
+        options: list[str] = []
+        for name, value in fields:
+            if field_key(name) == "connection":
+                for option in value.decode("latin-1").split(","):
+                    option = option.strip()
+                    if not option:
+                        continue
+                    if not _TOKEN.fullmatch(option.encode("latin-1")):
+                        raise MalformedRequest("the Connection header names something that is "
+                                               "not a field name", reason="bad-connection")
+                    key = field_key(option)
+                    if key in _CONNECTION_OPTIONS:
+                        if key not in options:
+                            options.append(key)
+                    else:
+                        nominated.add(key)
+        context: list[str] = []
+        proxy_auth: list[str] = []
+        lookalikes: list[str] = []
+        kept: list[tuple[bytes, bytes]] = []
+        for name, value in fields:
+            key = field_key(name)
+            text = name.decode("latin-1")
+            if key in (self._context_key, self._proxy_key):
+                exact = text.lower() == (self.context_header if key == self._context_key
+                                         else PROXY_AUTHORIZATION).lower()
+                if not exact:
+                    lookalikes.append(text)
+                elif key == self._context_key:
+                    context.append(value.decode("latin-1"))
+                else:
+                    proxy_auth.append(value.decode("latin-1"))
+            elif key == "connection":
+                continue
+            elif key in nominated or (key == "keep-alive" and "keep-alive" in options):
+                continue  # hop-by-hop: addressed to the proxy, never forwarded
+            else:
+                kept.append((name, value))
+        if options:
+            kept.append((b"Connection", ", ".join(options).encode("ascii")))
+        return ReadHeaders(tuple(context), tuple(proxy_auth), tuple(lookalikes), tuple(kept))
+
+    @staticmethod
+    def without(fields: Iterable[tuple[bytes, bytes]], names: Iterable[str]) -> Fields:
+        """``fields`` minus every field whose key (:func:`field_key`) is one of ``names``':
+        ``X_Api_Key`` goes with ``X-Api-Key``."""
+        keys = {field_key(n) for n in names}
+        return tuple((n, v) for n, v in fields if field_key(n) not in keys)
+
+
+def check_fields(fields: Iterable[tuple[bytes, bytes]]) -> None:
+    """Raise :class:`MalformedRequest` unless every name is a token (RFC 9110 section 5.1)
+    and no value holds a control byte other than HTAB (section 5.5; RFC 9112 section 5.2
+    obsoletes line folding). The message names the field, never its value."""
+    for name, value in fields:
+        if not _TOKEN.fullmatch(name):
+            raise MalformedRequest("a header field name is not a token (RFC 9110 section 5.1)",
+                                   reason="bad-field-name")
+        if _BAD_VALUE.search(value):
+            shown = name.decode("latin-1")
+            if b"\r" in value or b"\n" in value:
+                raise MalformedRequest(f"header field {shown} is folded over several lines "
+                                       "(obsolete line folding, RFC 9112 section 5.2)",
+                                       reason="obs-fold")
+            raise MalformedRequest(f"header field {shown} holds a control character "
+                                   "(RFC 9110 section 5.5)", reason="control-character")
