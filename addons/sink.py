@@ -87,6 +87,11 @@ class RefusalSink:
         req.path = f"/{key}"
         req.stream = _drop
 
+    def answer_for(self, flow: http.HTTPFlow) -> http.Response | None:
+        """The problem response registered for ``flow``, if it was rerouted here."""
+        key = self._keys.get(flow.id)
+        return self._pending.get(key) if key is not None else None
+
     def forget(self, flow: http.HTTPFlow) -> bool:
         """The flow ended (answered, or the client went away): drop its registration.
         Returns whether the flow was one of the sink's."""

@@ -130,3 +130,48 @@ def test_unconfigured_addon_refuses_every_request(stack: Stack, user: str, marke
     logs = proc.logs()
     assert logs.count("credproxy_config is not set") == 1, logs
     assert "Traceback" not in logs and token not in logs
+
+
+def test_flow_saving_addons_work_beside_credproxy(stack: Stack, user: str, marker: str,
+                                                 tmp_path: Path) -> None:
+    """mitmdump's own flow writer (``-w``) snapshots every flow with ``flow.get_state()``;
+    credproxy keeps its per-flow state (which holds the credential) out of
+    ``flow.metadata``, so saving neither breaks nor captures credproxy's state. (The saved
+    request headers are what went upstream: ``-w`` is a debugging tool, never for
+    production.)"""
+    import httpx2
+    import yaml
+    from mitmproxy.io import FlowReader
+
+    port, admin = free_port(), free_port()
+    cfg = yaml.safe_load(stack.config_path.read_text())
+    cfg["admin"] = f"127.0.0.1:{admin}"
+    config = tmp_path / "mitmdump.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    saved = tmp_path / "flows.mitm"
+    proc = start_server(
+        [str(Path(sys.executable).parent / "mitmdump"), "-q",
+         "-s", str(ROOT / "addons" / "credproxy.py"), "-w", str(saved),
+         "--listen-host", "127.0.0.1", "--listen-port", str(port),
+         "--set", f"confdir={stack.config['ca_dir']}",
+         "--set", f"credproxy_config={config}",
+         "--set", f"ssl_verify_upstream_trusted_ca={stack.ca.cert_path}",
+         "--set", "connection_strategy=lazy"],
+        ready=tcp_check("127.0.0.1", port), env=stack.env, python=False,
+        name="mitmdump-save", log_dir=tmp_path / "logs", timeout=30)
+    try:
+        with httpx2.Client(proxy=f"http://127.0.0.1:{port}", verify=stack.mitm_tls(),
+                           trust_env=False, timeout=30) as c:
+            ok = c.get(f"{stack.docs_url}/echo/{marker}",
+                       headers={"X-User-Context": stack.context(user)})
+            refused = c.get(f"{stack.docs_url}/echo/{marker}-none")
+    finally:
+        proc.close()
+    assert ok.status_code == 200 and refused.status_code == 407
+    with saved.open("rb") as fh:
+        flows = list(FlowReader(fh).stream())
+    assert len(flows) >= 2
+    for f in flows:
+        assert "credproxy" not in f.metadata
+        assert "x-user-context" not in {k.lower() for k in f.request.headers}
+    assert "Traceback" not in proc.logs() and "TypeError" not in proc.logs()

@@ -1,0 +1,420 @@
+"""The request path holds against how real next hops read headers and targets (issue: header
+spellings, absolute-form targets in a tunnel, Connection nominations, obsolete line folding
+and control bytes, chunked trailers, HTTP/2 bodies of unknown length for an HTTP/1 provider,
+IPv6 providers in tunnel mode). A real ``credproxy run``, real TLS, real clients (raw
+sockets, curl, requests) and upstreams that show what a next hop parsed: a strict HTTP/1.1
+server and a real WSGI server (tests/integration/upstreams.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from devstack.certs import make_leaf
+from devstack.procs import Running, free_port, start_server, tcp_check
+from devstack.stack import Stack, build_stack, wait_until
+from tests.integration import rawhttp
+from tests.integration.upstreams import RawUpstream, WsgiUpstream
+
+pytestmark = pytest.mark.integration
+
+RAW, WSGI = "raw", "wsgi"
+
+
+class Env:
+    def __init__(self, stack: Stack, raw: RawUpstream, wsgi: WsgiUpstream) -> None:
+        self.stack, self.raw, self.wsgi = stack, raw, wsgi
+        self.users = iter(range(1_000_000))
+
+    def user(self) -> str:
+        name = f"u{next(self.users)}"
+        for provider in ("docs", RAW, WSGI):
+            self.stack.vault_put(name, self.stack.grant(name), provider=provider)
+        return name
+
+    def token(self, user: str, provider: str = RAW) -> str:
+        async def get() -> Any:
+            vault = self.stack._open_vault()
+            try:
+                return await vault.get(user, provider)
+            finally:
+                await vault.close()
+
+        import asyncio
+
+        grant = asyncio.run(get())
+        return str(grant.tokens.access_token.reveal())
+
+    @property
+    def raw_authority(self) -> str:
+        return f"localhost:{self.raw.port}"
+
+    def audit(self) -> list[dict[str, Any]]:
+        assert self.stack.proxy is not None
+        return [json.loads(line) for line in self.stack.proxy.stdout_text().splitlines()
+                if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    stack = build_stack(tmp_path_factory.mktemp("request-path"), start_proxy=False)
+    pki = stack.workdir / "pki"
+    raw = RawUpstream(pki / "server.pem", pki / "server.key")
+    wsgi = WsgiUpstream(pki / "server.pem", pki / "server.key")
+    docs = stack.config["providers"][0]
+    stack.config["providers"] += [
+        {**docs, "id": RAW, "hosts": [f"localhost:{raw.port}"]},
+        {**docs, "id": WSGI, "hosts": [f"localhost:{wsgi.port}"],
+         "inject": {"header": "X-Api-Key", "format": "{access_token}"}},
+    ]
+    # HTTP/2 towards agents: every HTTP/1 row below is unaffected; the h2 rows use it.
+    stack.write_config(http2=True)
+    stack.start_proxy()
+    try:
+        yield Env(stack, raw, wsgi)
+    finally:
+        stack.close()
+        raw.close()
+        wsgi.close()
+
+
+def _raw_request(env: Env, head: bytes, *, authority: str | None = None,
+                 timeout: float = 10.0) -> bytes:
+    """CONNECT to ``authority`` (the raw provider by default), TLS, send ``head`` verbatim,
+    return everything the proxy answered until it closed or went quiet."""
+    authority = authority or env.raw_authority
+    host, _, port = env.stack.proxy_url.removeprefix("http://").rpartition(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    with sock:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += sock.recv(4096)
+        assert buf.startswith(b"HTTP/1.1 200"), buf
+        ctx = ssl.create_default_context(cafile=str(env.stack.mitm_ca))
+        with ctx.wrap_socket(sock, server_hostname=authority.rsplit(":", 1)[0]) as tls:
+            return _send_and_read(tls, head)
+
+
+def _send_and_read(tls: ssl.SSLSocket, head: bytes) -> bytes:
+    tls.sendall(head)
+    out = b""
+    try:
+        while chunk := tls.recv(65536):
+            out += chunk
+            if _complete(out):
+                break
+    except (TimeoutError, ssl.SSLError, ConnectionError):
+        pass
+    return out
+
+
+def _complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+        if name.strip().lower() == b"transfer-encoding":
+            return body.endswith(b"\r\n\r\n")
+    return False
+
+
+def _status(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+# --- 1. header-name spellings -----------------------------------------------------------------
+
+@pytest.mark.parametrize("lookalike", ["X_User_Context", "x_user_context", "X-User_Context",
+                                       "Proxy_Authorization"])
+def test_lookalike_identity_headers_are_refused_on_routed_requests(env: Env,
+                                                                   lookalike: str) -> None:
+    user, mallory = env.user(), env.user()
+    marker = f"/m-{lookalike}-{user}"
+    head = (f"GET {marker} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+            f"X-User-Context: {env.stack.context(user)}\r\n"
+            f"{lookalike}: {env.stack.context(mallory)}\r\nConnection: close\r\n\r\n").encode()
+    status, headers, body = _status(_raw_request(env, head))
+    assert (status, headers["x-credproxy-error"]) == (407, "user-context-invalid")
+    assert json.loads(body)["reason"] == "lookalike-header"
+    assert not env.raw.saw(marker)
+
+
+def test_a_wsgi_provider_reads_one_credential_whatever_the_client_spells(env: Env) -> None:
+    """The fault: ``X_Api_Key: attacker-key`` beside the injected ``X-Api-Key`` reached a WSGI
+    server as ``HTTP_X_API_KEY = "attacker-key,<token>"``."""
+    user = env.user()
+    for spoof in ("X_Api_Key", "x_api_key", "X-API-KEY", "X-Api_Key", "Authorization"):
+        r = requests.get(f"https://localhost:{env.wsgi.port}/x",
+                         headers={"X-User-Context": env.stack.context(user),
+                                  spoof: "attacker-key"},
+                         proxies={"https": env.stack.proxy_url},
+                         verify=str(env.stack.mitm_ca), timeout=15)
+        assert r.status_code == 200, r.text
+        seen = r.json()
+        assert seen["HTTP_X_API_KEY"] == env.token(user, WSGI), spoof
+        assert "attacker-key" not in json.dumps(seen)
+        assert "HTTP_AUTHORIZATION" not in seen
+        assert "HTTP_X_USER_CONTEXT" not in seen
+
+
+@pytest.mark.parametrize("lookalike", ["X_User_Context", "x_user_context", "X-USER-CONTEXT",
+                                       "Proxy_Authorization", "proxy_authorization"])
+def test_identity_headers_never_reach_an_unrouted_wsgi_server(env: Env, lookalike: str) -> None:
+    """An unrouted WSGI upstream (the proxy lists it under no provider) never sees a user
+    context under any spelling; the agent's own Authorization passes, as documented."""
+    with socket.socket() as s:  # the wsgi provider's port is routed; use another server
+        s.bind(("127.0.0.1", 0))
+    pki = env.stack.workdir / "pki"
+    other = WsgiUpstream(pki / "server.pem", pki / "server.key")
+    try:
+        r = requests.get(f"https://127.0.0.1:{other.port}/x",
+                         headers={lookalike: env.stack.context("bob"),
+                                  "Authorization": "Bearer agent-own"},
+                         proxies={"https": env.stack.proxy_url},
+                         verify=str(env.stack.mitm_ca), timeout=15)
+        assert r.status_code == 200, r.text
+        seen = r.json()
+        assert "HTTP_X_USER_CONTEXT" not in seen and "HTTP_PROXY_AUTHORIZATION" not in seen
+        assert seen["HTTP_AUTHORIZATION"] == "Bearer agent-own"
+    finally:
+        other.close()
+
+
+# --- 2. absolute-form targets inside the tunnel --------------------------------------------
+
+@pytest.mark.parametrize(("target", "status", "problem"), [
+    ("https://other-tenant.example/x", 421, "misdirected-request"),
+    ("https://other-tenant.example:{port}/x", 421, "misdirected-request"),
+    ("https://localhost:1/x", 421, "misdirected-request"),
+    ("https://localhost/x", 421, "misdirected-request"),  # default port 443, not the tunnel's
+    ("https://LOCALHOST.evil.example:{port}/x", 421, "misdirected-request"),
+    ("https://[::1]:{port}/x", 421, "misdirected-request"),
+    # Userinfo in a request-target: mitmproxy's own parser refuses it, as a problem too.
+    ("https://user@localhost:{port}/x", 400, "malformed-request"),
+])
+def test_an_absolute_form_target_for_another_authority_is_refused(
+        env: Env, target: str, status: int, problem: str) -> None:
+    user = env.user()
+    marker = f"/abs-{user}"
+    absolute = target.format(port=env.raw.port).replace("/x", marker)
+    r = rawhttp.request(env.stack.proxy_url, connect=env.raw_authority,
+                        host_header=env.raw_authority, absolute=absolute,
+                        headers={"X-User-Context": env.stack.context(user)},
+                        ca_file=str(env.stack.mitm_ca))
+    # Not a bare 404: the refusal looks like every other one, whatever the request form.
+    assert r.status == status and r.problem == problem, r.body
+    assert r.headers["Content-Type"] == "application/problem+json"
+    if status == 421:
+        assert r.json()["instance"].startswith("urn:credproxy:request:")
+    assert not env.raw.saw(marker)
+
+
+def test_an_agreeing_absolute_form_target_goes_out_in_origin_form(env: Env) -> None:
+    user = env.user()
+    marker = f"/agree-{user}"
+    r = rawhttp.request(env.stack.proxy_url, connect=env.raw_authority,
+                        host_header=env.raw_authority,
+                        absolute=f"https://{env.raw_authority}{marker}",
+                        headers={"X-User-Context": env.stack.context(user)},
+                        ca_file=str(env.stack.mitm_ca))
+    assert r.status == 200, r.body
+    seen = r.json()
+    assert seen["line"] == f"GET {marker} HTTP/1.1"
+    assert ["Authorization", f"Bearer {env.token(user)}"] in seen["headers"]
+
+
+# --- 3. Connection nominating protected headers ----------------------------------------------
+
+@pytest.mark.parametrize("connection", ["keep-alive, Authorization", "Authorization",
+                                        "close, authorization, X-User-Context", "TE, Keep-Alive"])
+def test_connection_never_nominates_the_credential(env: Env, connection: str) -> None:
+    user = env.user()
+    marker = f"/conn-{user}"
+    head = (f"GET {marker} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+            f"Connection: {connection}\r\nTE: trailers\r\nKeep-Alive: timeout=5\r\n"
+            f"Authorization: Bearer client-value\r\n"
+            f"X-User-Context: {env.stack.context(user)}\r\n\r\n").encode()
+    status, _, body = _status(_raw_request(env, head))
+    assert status == 200, body
+    seen = json.loads(body)
+    names = [k.lower() for k, _ in seen["headers"]]
+    assert ["Authorization", f"Bearer {env.token(user)}"] in seen["headers"]
+    assert names.count("authorization") == 1 and "x-user-context" not in names
+    for value in (v for k, v in seen["headers"] if k.lower() == "connection"):
+        assert {o.strip().lower() for o in value.split(",")} <= {"keep-alive", "close"}
+    if "keep-alive" in connection.lower():
+        assert "keep-alive" not in names  # the nominated Keep-Alive field went too
+
+
+def test_a_grant_survives_a_request_that_tried_to_drop_its_token(env: Env) -> None:
+    """Before: a next hop honouring ``Connection: Authorization`` dropped the token, the API
+    answered 401 and the user's valid grant was marked reauth-required."""
+    user = env.user()
+    head = (f"GET /ok HTTP/1.1\r\nHost: {env.raw_authority}\r\nConnection: Authorization\r\n"
+            f"X-User-Context: {env.stack.context(user)}\r\n\r\n").encode()
+    assert _status(_raw_request(env, head))[0] == 200
+    with env.stack.client_via(env.stack.proxy_url, context=env.stack.context(user)) as c:
+        assert c.get(f"https://{env.raw_authority}/again").status_code == 200
+
+
+# --- 4. obsolete line folding and control bytes ---------------------------------------------
+
+@pytest.mark.parametrize(("field", "reason"), [
+    pytest.param(b"X-Foo: a\r\n Authorization: Bearer client-value\r\n", "obs-fold", id="obs-fold"),
+    pytest.param(b"X-Foo: a\r\n\tX-User-Context: forged\r\n", "obs-fold", id="obs-fold-tab"),
+    pytest.param(b"X-Foo: a\x00b\r\n", "control-character", id="nul"),
+    pytest.param(b"X-Foo: a\x7fb\r\n", "control-character", id="del"),
+    pytest.param(b"X-Foo: a\rb\r\n", "obs-fold", id="bare-cr"),
+    pytest.param(b"X-Foo : v\r\n", "bad-field-name", id="space-before-colon"),
+    pytest.param(b"X\x00Foo: v\r\n", "bad-field-name", id="nul-in-name"),
+])
+@pytest.mark.parametrize("routed", [True, False])
+def test_malformed_header_sections_are_400_before_any_decision(env: Env, field: bytes,
+                                                               reason: str,
+                                                               routed: bool) -> None:
+    user = env.user()
+    marker = f"/malformed-{user}"
+    echo_port = env.stack.echo_server(tls=True).url.rsplit(":", 1)[1]
+    authority = env.raw_authority if routed else f"127.0.0.1:{echo_port}"
+    head = (f"GET {marker} HTTP/1.1\r\nHost: {authority}\r\n"
+            f"X-User-Context: {env.stack.context(user)}\r\n").encode() + field + \
+        b"Connection: close\r\n\r\n"
+    answer = _raw_request(env, head, authority=authority)
+    status, headers, body = _status(answer)
+    assert status == 400, answer[:300]
+    assert headers.get("x-credproxy-error") == "malformed-request"
+    assert headers.get("content-type") == "application/problem+json"
+    assert json.loads(body)["reason"] in (reason, "client_protocol_error")
+    assert not env.raw.saw(marker)
+    assert b"client-value" not in answer and b"forged" not in answer
+
+
+# --- 5. chunked trailers ------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [5, 2 * 1024 * 1024], ids=["small", "streamed"])
+def test_a_request_with_trailers_is_answered_at_once(env: Env, size: int) -> None:
+    user = env.user()
+    marker = f"/trail-{size}-{user}"
+    chunk = b"x" * size
+    head = (f"POST {marker} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+            f"X-User-Context: {env.stack.context(user)}\r\nTransfer-Encoding: chunked\r\n"
+            f"Trailer: X-Checksum\r\n\r\n").encode() + \
+        b"%x\r\n%s\r\n0\r\nX-Checksum: abc\r\nAuthorization: Bearer trailer-value\r\n\r\n" % (
+            len(chunk), chunk)
+    started = time.monotonic()
+    answer = _raw_request(env, head, timeout=20)
+    status, headers, body = _status(answer)
+    assert status == 400 and headers["x-credproxy-error"] == "malformed-request", answer[:300]
+    assert json.loads(body)["reason"] == "trailers"
+    assert time.monotonic() - started < 15  # answered, not left hanging until a timeout
+    # Nothing of the trailer section reached the provider as a field.
+    assert all("trailer-value" not in json.dumps(q.headers) + json.dumps(q.trailers)
+               for q in env.raw.requests)
+    # The audit trail says what happened after the injection record (the problem is sent
+    # before mitmproxy's error hook runs, so the record may follow the answer a moment later).
+    def events() -> list[tuple[str, str | None]]:
+        return [(r["event"], r.get("reason")) for r in env.audit()
+                if (r.get("request") or {}).get("path") == marker]
+
+    wait_until(lambda: len(events()) == 2)
+    assert events() == [("credential.injected", None),
+                        ("request.failed", "exchange_failed" if size > 1024 * 1024
+                         else "upstream_unreachable")]
+
+
+def test_a_response_with_trailers_is_a_502_problem(env: Env) -> None:
+    user = env.user()
+    head = (f"GET /x/trailers HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+            f"X-User-Context: {env.stack.context(user)}\r\nConnection: close\r\n\r\n").encode()
+    answer = _raw_request(env, head, timeout=20)
+    status, headers, body = _status(answer)
+    assert status == 502 and headers["x-credproxy-error"] == "upstream-unreachable", answer
+    assert json.loads(body)["instance"].startswith("urn:credproxy:request:")
+    assert b"mitmproxy" not in answer
+
+
+# --- 6. HTTP/2 agent, HTTP/1 provider, body of unknown length --------------------------------
+
+def test_an_http2_upload_of_unknown_length_is_framed_for_the_http1_provider(
+        env: Env, tmp_path: Path) -> None:
+    user = env.user()
+    marker = f"/h2-{user}"
+    smuggled = (f"POST /smuggled-{user} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+                "Content-Length: 400\r\n\r\n").encode()
+    before = len(env.raw.requests)
+    out = subprocess.run(
+        ["curl", "-sS", "--http2", "-x", env.stack.proxy_url, "--cacert",
+         str(env.stack.mitm_ca), "-H", f"X-User-Context: {env.stack.context(user)}",
+         "-T", "-", "-X", "POST", f"https://{env.raw_authority}{marker}",
+         "-w", "\n%{http_version} %{http_code}"],
+        input=smuggled, capture_output=True, timeout=30, check=True)
+    body, _, status = out.stdout.rpartition(b"\n")
+    assert status == b"2 200", out.stderr
+    seen = json.loads(body)
+    assert seen["line"] == f"POST {marker} HTTP/1.1"
+    assert seen["body"].encode() == smuggled  # the body arrived as a body
+    assert not env.raw.saw(f"/smuggled-{user}")  # and never as a request of its own
+    new = env.raw.requests[before:]
+    assert [q.line for q in new] == [f"POST {marker} HTTP/1.1"]
+    assert new[0].header("Transfer-Encoding") == ["chunked"]
+
+
+def test_an_http2_request_with_content_length_keeps_it(env: Env) -> None:
+    user = env.user()
+    marker = f"/h2cl-{user}"
+    out = subprocess.run(
+        ["curl", "-sS", "--http2", "-x", env.stack.proxy_url, "--cacert",
+         str(env.stack.mitm_ca), "-H", f"X-User-Context: {env.stack.context(user)}",
+         "--data-binary", "hello", f"https://{env.raw_authority}{marker}"],
+        capture_output=True, timeout=30, check=True)
+    seen = json.loads(out.stdout)
+    assert seen["body"] == "hello"
+    assert ["Content-Length", "5"] in [[k.title(), v] for k, v in seen["headers"]]
+
+
+# --- 8. unrouted: tunnel with an IPv6 provider ------------------------------------------------
+
+def test_tunnel_mode_intercepts_an_ipv6_provider(env: Env, tmp_path: Path) -> None:
+    cert, key = make_leaf(env.stack.ca, ["::1"], tmp_path, "v6")
+    v6 = RawUpstream(cert, key, host="::1")
+    port, admin = free_port(), free_port()
+    cfg = {**env.stack.config, "listen": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{admin}",
+           "unrouted": "tunnel"}
+    docs = cfg["providers"][0]
+    cfg["providers"] = [*cfg["providers"], {**docs, "id": "v6", "hosts": [f"[::1]:{v6.port}"]}]
+    path = tmp_path / "tunnel.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc: Running = start_server(["-m", "proxy.cli", "run", "--config", str(path)],
+                                 ready=tcp_check("127.0.0.1", port), env=env.stack.env,
+                                 name="tunnel-v6", log_dir=tmp_path / "logs")
+    try:
+        user = "v6user"
+        env.stack.vault_put(user, env.stack.grant(user), provider="v6")
+        r = rawhttp.request(f"http://127.0.0.1:{port}", connect=f"[::1]:{v6.port}",
+                            host_header=f"[::1]:{v6.port}", path="/v6",
+                            headers={"X-User-Context": env.stack.context(user)},
+                            ca_file=str(env.stack.mitm_ca), sni="::1")
+        assert r.status == 200, r.body
+        assert any(k == "Authorization" and v.startswith("Bearer at_")
+                   for k, v in r.json()["headers"])
+    finally:
+        proc.close()
+        v6.close()
