@@ -20,9 +20,9 @@ would otherwise forward bytes no decision covered, or hang an exchange:
    ``grpc-status``) are unaffected: mitmproxy's HTTP/2 layer forwards them.
 3. **Error responses.** mitmproxy answers a failed upstream connection, an unparseable
    request and the cases above with an HTML page signed ``Server: mitmproxy``. Every such
-   answer to an HTTP/1 client is now an RFC 9457 problem like every other refusal, with
-   ``X-Credproxy-Error`` and, when the addon registered it (:func:`register_request`), the
-   request id.
+   answer is now an RFC 9457 problem like every other refusal, with ``X-Credproxy-Error``;
+   on HTTP/1 also with the request id, which the addon registers from its ``error`` hook
+   (:func:`register_request`; HTTP/2 multiplexes, so there the id is in the log line only).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import (
     ErrorCode,
@@ -159,3 +159,23 @@ def install() -> None:
 
     _http1.Http1Server.send = problem_errors  # type: ignore[method-assign]
     _http1.make_error_response = _error_response
+
+    h2_handle = _http2.Http2Server._handle_event
+
+    def h2_problem_errors(self: _http2.Http2Server, event: Any) -> _CommandGenerator:
+        if isinstance(event, ResponseProtocolError) and not self.is_closed(event.stream_id):
+            stream = self.h2_conn.streams[event.stream_id]
+            if (self.is_open_for_us(event.stream_id) and not stream.state_machine.headers_sent
+                    and event.code.http_status_code() is not None):
+                log.info("request on h2 stream %d failed: %s", event.stream_id, event.message)
+                p = problem_response(refusal_for(event.code, event.message))
+                self.h2_conn.send_headers(
+                    event.stream_id,
+                    [(b":status", b"%d" % p.status),
+                     *((k.lower().encode(), v.encode()) for k, v in p.headers.items())])
+                self.h2_conn.send_data(event.stream_id, p.body, end_stream=True)
+                yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+                return
+        yield from h2_handle(self, event)
+
+    _http2.Http2Server._handle_event = h2_problem_errors  # type: ignore[method-assign]

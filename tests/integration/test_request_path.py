@@ -28,7 +28,7 @@ from tests.integration.upstreams import RawUpstream, WsgiUpstream
 
 pytestmark = pytest.mark.integration
 
-RAW, WSGI = "raw", "wsgi"
+RAW, WSGI, DOWN = "raw", "wsgi", "down"
 
 
 class Env:
@@ -38,7 +38,7 @@ class Env:
 
     def user(self) -> str:
         name = f"u{next(self.users)}"
-        for provider in ("docs", RAW, WSGI):
+        for provider in ("docs", RAW, WSGI, DOWN):
             self.stack.vault_put(name, self.stack.grant(name), provider=provider)
         return name
 
@@ -76,6 +76,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         {**docs, "id": RAW, "hosts": [f"localhost:{raw.port}"]},
         {**docs, "id": WSGI, "hosts": [f"localhost:{wsgi.port}"],
          "inject": {"header": "X-Api-Key", "format": "{access_token}"}},
+        # A provider whose API is down: nothing listens on its port.
+        {**docs, "id": DOWN, "hosts": [f"localhost:{free_port()}"]},
     ]
     # HTTP/2 towards agents: every HTTP/1 row below is unaffected; the h2 rows use it.
     stack.write_config(http2=True)
@@ -349,6 +351,45 @@ def test_a_response_with_trailers_is_a_502_problem(env: Env) -> None:
     assert status == 502 and headers["x-credproxy-error"] == "upstream-unreachable", answer
     assert json.loads(body)["instance"].startswith("urn:credproxy:request:")
     assert b"mitmproxy" not in answer
+
+
+# --- mitmproxy's own failures reach the agent as problems (any client protocol) ---------------
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+@pytest.mark.parametrize("routed", [True, False])
+def test_an_unreachable_destination_is_a_502_problem(env: Env, http: str, routed: bool) -> None:
+    user = env.user()
+    if routed:
+        down = next(p for p in env.stack.config["providers"] if p["id"] == DOWN)
+        authority = down["hosts"][0]
+    else:
+        authority = f"127.0.0.1:{free_port()}"
+    out = subprocess.run(
+        ["curl", "-sS", http, "-x", env.stack.proxy_url, "--cacert", str(env.stack.mitm_ca),
+         "-H", f"X-User-Context: {env.stack.context(user)}", "-D", "-",
+         f"https://{authority}/unreachable-{user}"],
+        capture_output=True, timeout=30, check=True)
+    # curl -D shows the proxy's CONNECT answer first, then the response.
+    _connect, _, rest = out.stdout.partition(b"\r\n\r\n")
+    head, _, body = rest.partition(b"\r\n\r\n")
+    assert b" 502" in head.split(b"\r\n")[0], out.stdout
+    assert b"x-credproxy-error: upstream-unreachable" in head.lower()
+    assert b"mitmproxy" not in out.stdout.lower()
+    problem = json.loads(body)
+    assert problem["reason"] == "upstream_unreachable"
+    if routed:
+        # The trail does not end at credential.injected: it says nothing was sent.
+        def events() -> list[tuple[str, str | None]]:
+            return [(r["event"], r.get("reason")) for r in env.audit()
+                    if (r.get("request") or {}).get("path") == f"/unreachable-{user}"]
+
+        wait_until(lambda: len(events()) == 2)
+        assert events() == [("credential.injected", None),
+                            ("request.failed", "upstream_unreachable")]
+        if http == "--http1.1":
+            request_id = problem["instance"].rsplit(":", 1)[1]
+            assert env.stack.proxy is not None
+            assert request_id in env.stack.proxy.stderr_text()
 
 
 # --- 6. HTTP/2 agent, HTTP/1 provider, body of unknown length --------------------------------
