@@ -35,6 +35,7 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands
+from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import (
@@ -53,6 +54,9 @@ _installed = False
 # Request ids the addon's error hook registered, by client connection id, for the next error
 # response on that HTTP/1 connection (one exchange at a time on HTTP/1).
 _pending: dict[str, str] = {}
+# mitmproxy's ErrorCode for each flow it ends with an error, by flow id, until the addon's
+# error hook reads it (failure_reason).
+_codes: dict[str, ErrorCode] = {}
 
 _CommandGenerator = Generator[Any, Any, None]
 
@@ -65,6 +69,16 @@ def register_request(client_id: str, request_id: str) -> None:
 
 def forget(client_id: str) -> None:
     _pending.pop(client_id, None)
+
+
+def failure_reason(flow_id: str) -> str:
+    """Why mitmproxy ended flow ``flow_id`` with an error, as a reason slug: its own error
+    classification (``ErrorCode``) mapped by :func:`refusal_for`, or ``client_disconnected``.
+    Consumed: call it once, from the ``error`` hook."""
+    code = _codes.pop(flow_id, None)
+    if code in (ErrorCode.CLIENT_DISCONNECTED, ErrorCode.CANCEL):
+        return "client_disconnected"
+    return refusal_for(code, "").reason if code is not None else "exchange_failed"
 
 
 def refusal_for(code: ErrorCode, message: str) -> ProxyRefusal:
@@ -159,6 +173,33 @@ def install() -> None:
 
     _http1.Http1Server.send = problem_errors  # type: ignore[method-assign]
     _http1.make_error_response = _error_response
+
+    handle_protocol_error = http_layer.HttpStream.handle_protocol_error
+
+    def remember_code(self: http_layer.HttpStream, event: Any) -> _CommandGenerator:
+        if getattr(self, "flow", None) is not None:
+            _codes[self.flow.id] = event.code
+        yield from handle_protocol_error(self, event)
+        _codes.pop(self.flow.id, None)  # the error hook has run (or was not needed)
+
+    http_layer.HttpStream.handle_protocol_error = remember_code  # type: ignore[method-assign]
+
+    check_killed = http_layer.HttpStream.check_killed
+
+    def remember_queued_code(self: http_layer.HttpStream,
+                             emit_error_hook: bool) -> Generator[Any, Any, bool]:
+        # A client error that arrived while a hook ran is found here, in the paused queue,
+        # and ends the flow without handle_protocol_error.
+        queued = next((e for e in self._paused_event_queue
+                       if isinstance(e, RequestProtocolError)), None)
+        if queued is not None and getattr(self, "flow", None) is not None:
+            _codes.setdefault(self.flow.id, queued.code)
+        killed = yield from check_killed(self, emit_error_hook)
+        if queued is not None:
+            _codes.pop(self.flow.id, None)
+        return killed
+
+    http_layer.HttpStream.check_killed = remember_queued_code  # type: ignore[method-assign]
 
     h2_handle = _http2.Http2Server._handle_event
 

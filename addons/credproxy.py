@@ -228,12 +228,12 @@ class CredentialInjector:
         compat.register_request(flow.client_conn.id, flow.id)
         if self.app is None or refused:
             return
-        sent = flow.server_conn.timestamp_start is not None
-        log.info("request %s to %s failed: %s", flow.id, flow.request.pretty_host,
-                 flow.error.msg if flow.error else "-")
+        reason = compat.failure_reason(flow.id)
+        log.info("request %s to %s failed (%s): %s", flow.id, flow.request.pretty_host,
+                 reason, flow.error.msg if flow.error else "-")
         try:
             outbound, injection = injected if injected else (None, None)
-            self.app.sidecar.exchange_failed(outbound, injection, reached_upstream=sent)
+            self.app.sidecar.exchange_failed(outbound, injection, reason=reason)
         except CredproxyError:
             log.exception("could not record the failure of %s", flow.id)
 

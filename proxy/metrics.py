@@ -19,6 +19,7 @@ _REASONS = frozenset({
     "audit-write-failed", "internal-error", "lookalike-header", "bad-field-name", "obs-fold",
     "control-character", "bad-connection", "target_mismatch", "bad_target", "trailers",
     "upstream_unreachable", "upstream_protocol_error", "client_protocol_error",
+    "client_disconnected", "exchange_failed",
 })
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

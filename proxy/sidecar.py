@@ -153,19 +153,22 @@ class Sidecar:
             raise
 
     def exchange_failed(self, req: Outbound | None, injection: Injection | None, *,
-                        reached_upstream: bool) -> None:
-        """The exchange broke after the decision (mitmproxy's ``error``): the destination
-        could not be reached (``reached_upstream`` False: nothing was sent) or the exchange
-        was broken off (by either side). Counted; for a credentialed request also audited as
-        ``request.failed``, so the trail does not end at ``credential.injected``. Raises
+                        reason: str) -> None:
+        """The exchange broke after the decision (mitmproxy's ``error``). ``reason``:
+        ``upstream_unreachable`` (DNS, connect or TLS failed: nothing was sent),
+        ``upstream_protocol_error`` (the destination broke off or answered what cannot be
+        forwarded), ``client_protocol_error`` (e.g. a refused trailer section),
+        ``client_disconnected``, or ``exchange_failed``. Counted by reason; for a
+        credentialed request also audited as ``request.failed``, so the trail does not end
+        at ``credential.injected``. Raises
         :class:`AuditUnavailable` when that record cannot be written (counted)."""
-        kind = "exchange_failed" if reached_upstream else "upstream_unreachable"
         provider = injection.provider if injection is not None else None
-        self.metrics.upstream_errors.labels(provider.id if provider else "-", kind).inc()
+        self.metrics.upstream_errors.labels(provider.id if provider else "-",
+                                            reason_label(reason)).inc()
         if req is None or injection is None or provider is None:
             return
         self._record("request.failed", req, provider, injection.user, outcome="failed",
-                     reason=kind, token=injection.tokens.access_token, token_source=None)
+                     reason=reason, token=injection.tokens.access_token, token_source=None)
 
     def _unrouted(self, req: Outbound, misdirected: bool) -> Passthrough:
         # mitmproxy connects to the real destination (the CONNECT authority, the

@@ -294,11 +294,11 @@ async def test_an_error_ends_the_flow_and_is_audited(
                                        ("X-User-Context", make_context())])
     await injector.requestheaders(f)
     f.error = tflow.terr()
-    f.server_conn.timestamp_start = None  # never connected: nothing was sent
     injector.error(f)
     assert f.id not in injector.in_flight and f.id not in injector._injected
     assert audit_lines.events() == ["credential.injected", "request.failed"]
-    assert json.loads(audit_lines.lines[-1])["reason"] == "upstream_unreachable"
+    # Without mitmproxy's classification (no protocol error recorded) the reason is generic.
+    assert json.loads(audit_lines.lines[-1])["reason"] == "exchange_failed"
 
 
 # --- 8. IPv6 provider hosts -------------------------------------------------------------------

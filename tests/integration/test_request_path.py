@@ -338,8 +338,7 @@ def test_a_request_with_trailers_is_answered_at_once(env: Env, size: int) -> Non
 
     wait_until(lambda: len(events()) == 2)
     assert events() == [("credential.injected", None),
-                        ("request.failed", "exchange_failed" if size > 1024 * 1024
-                         else "upstream_unreachable")]
+                        ("request.failed", "client_protocol_error")]
 
 
 def test_a_response_with_trailers_is_a_502_problem(env: Env) -> None:
