@@ -44,10 +44,11 @@ async def test_readiness_checks_run_concurrently_and_a_hanging_one_times_out(
         started.append(time.monotonic())
         raise CredproxyError("redis down")
 
-    checks: list[tuple[str, object]] = [("vault", hangs), ("proxy", slow_ok),
-                                        ("coordination", fails), ("draining", slow_ok)]
+    checks: list[tuple[str, object]] = [("proxy", slow_ok), ("audit", fails)]
+    dependencies: list[tuple[str, object]] = [("vault", hangs), ("coordination", slow_ok)]
     # Only /readyz is exercised: the connect parts are not used by it.
-    admin = AdminServer(settings, None, None, None, checks, Metrics())  # type: ignore[arg-type]
+    admin = AdminServer(settings, None, None, None, checks, Metrics(),  # type: ignore[arg-type]
+                        dependencies=dependencies)  # type: ignore[arg-type]
     await admin.start()
     try:
         async with httpx2.AsyncClient(trust_env=False, timeout=10) as c:
@@ -57,9 +58,9 @@ async def test_readiness_checks_run_concurrently_and_a_hanging_one_times_out(
     finally:
         await admin.stop()
     assert r.status_code == 503
-    assert r.json() == {"ready": False, "checks": {
-        "ca": "ok", "vault": "unavailable: timeout", "proxy": "ok",
-        "coordination": "unavailable: CredproxyError", "draining": "ok"}}
+    assert r.json() == {"ready": False, "status": "unready", "degraded": ["vault"], "checks": {
+        "ca": "ok", "proxy": "ok", "audit": "unavailable: CredproxyError", "draining": "ok",
+        "vault": "unavailable: timeout", "coordination": "ok"}}
     # At once: two 0.8 s checks and a hanging one answer within the bound, not in turn.
     assert READY_CHECK_TIMEOUT - 0.1 <= took < READY_CHECK_TIMEOUT + 0.4, took
     assert max(started) - min(started) < 0.2
