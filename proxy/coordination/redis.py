@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError, LockError, LockNotOwnedError, RedisError
 
 from proxy.coordination.base import USED, CoordinationUnavailable, Invalidation, Lease, Used
@@ -169,8 +169,12 @@ class RedisCoordinator:
             common["ssl_ca_certs"] = str(Path(settings.ca_file).expanduser())
         self._r = Redis.from_url(url, socket_timeout=settings.op_timeout, **common)
         # Pub/sub reads block until a message comes: no socket timeout there; health
-        # checks (PING) notice a dead connection instead.
-        self._sub = Redis.from_url(url, socket_timeout=None, health_check_interval=5, **common)
+        # checks (PING) notice a dead connection instead. No transparent retry: redis-py
+        # would reconnect and resubscribe silently, and _listen must see every loss (to
+        # drop caches that may have missed invalidations, and to learn of the fencing
+        # period after a restart).
+        self._sub = Redis.from_url(url, socket_timeout=None, health_check_interval=5,
+                                   **{**common, "retry": Retry(NoBackoff(), 0)})
         self._aead = AESGCM(cache_key)
         self._name_key = hashlib.sha256(b"credproxy redis names" + cache_key).digest()
         self._clock = clock
