@@ -124,27 +124,6 @@ class TokenBroker:
                 return found
             return await self._refresh_locked(user, provider, on_refreshed)
 
-    async def mark_reauth(self, user: str, provider: ProviderSettings, reason: str,
-                          *, rejected: Secret | None = None) -> bool:
-        """The grant is no longer usable (upstream 401, invalid_grant): forget it everywhere.
-
-        With ``rejected`` (the access token an upstream refused), the grant is marked only if
-        that token is still its current one: a provider may reject an access token it
-        superseded during a concurrent refresh, which says nothing about the new one.
-        Returns whether the grant was marked.
-        """
-        key = (user, provider.id)
-        async with self._local.hold(key):
-            try:
-                async with self._coord.lock(user, provider.id):
-                    return await self._mark(user, provider, reason, rejected)
-            except CoordinationUnavailable:
-                # Marking without the lock is safe (it only ever takes a grant away); the
-                # other replicas learn it from the vault once their caches lapse.
-                log.warning("marking %s/%s for re-auth without the coordination lock",
-                            user, provider.id)
-                return await self._mark(user, provider, reason, rejected)
-
     async def refresh_rejected(self, user: str, provider: ProviderSettings, rejected: Secret,
                                on_refreshed: OnRefreshed | None = None) -> Rejection:
         """An upstream rejected ``rejected`` (HTTP 401 or ``error="invalid_token"``, RFC 6750
@@ -218,7 +197,7 @@ class TokenBroker:
                                 if now - t < FORCED_REFRESH_WINDOW}
             self._forced[key] = now
             return refreshed
-        await self._mark(grant.user, provider, "revoked_upstream", None)
+        await self._mark(grant.user, provider, "revoked_upstream")
         raise self.reauth(provider, "revoked_upstream",
                           f"{provider.id} rejected the user's token {why}; the user must "
                           "re-authorize")
@@ -327,16 +306,10 @@ class TokenBroker:
             "the token needs a refresh and replicas cannot coordinate it right now",
             reason="coordination_unavailable")
 
-    async def _mark(self, user: str, provider: ProviderSettings, reason: str,
-                    rejected: Secret | None) -> bool:
+    async def _mark(self, user: str, provider: ProviderSettings, reason: str) -> None:
+        """Mark the grant ``reauth_required`` in the vault and forget it everywhere. Safe
+        without the coordination lock: it only ever takes a grant away."""
         key = (user, provider.id)
-        if rejected is not None:
-            unsaved = self._unsaved.get(key)
-            current = self._cache.get(key) or (unsaved[0] if unsaved else None)
-            if current is None:
-                current = await self._read_vault(user, provider)
-            if current is not None and current.tokens.access_token != rejected:
-                return False
         self._forget(key)
         self._unsaved.pop(key, None)
         try:
@@ -351,7 +324,6 @@ class TokenBroker:
         except CoordinationUnavailable:
             log.warning("re-auth of %s/%s not broadcast: coordination unavailable",
                         user, provider.id)
-        return True
 
     async def _read_vault(self, user: str, provider: ProviderSettings) -> Grant | None:
         self.stats.vault_reads += 1
@@ -387,7 +359,7 @@ class TokenBroker:
         """Redeem the grant's refresh token and store the result. ``refused``: the re-auth
         reason the grant is marked with when the provider answers invalid_grant."""
         if grant.tokens.refresh_token is None:
-            await self._mark(grant.user, provider, "expired", None)
+            await self._mark(grant.user, provider, "expired")
             raise self.reauth(provider, "expired",
                               f"the access token for {provider.id} expired and cannot be "
                               "refreshed")
@@ -399,7 +371,7 @@ class TokenBroker:
                                                    grant.tokens.refresh_token)
         except InvalidGrant:
             m.refreshes.labels(provider.id, "invalid_grant").inc()
-            await self._mark(grant.user, provider, refused, None)
+            await self._mark(grant.user, provider, refused)
             raise self.reauth(provider, refused,
                               f"{provider.id} rejected the refresh token (invalid_grant)"
                               ) from None

@@ -103,6 +103,24 @@ def test_skewed_provider_expiry_refreshes_once_and_the_retry_succeeds(skewed: St
     assert rejected not in s.proxy.logs()  # type: ignore[union-attr]
 
 
+def test_a_token_of_unknown_expiry_that_ran_out_is_refreshed_once(skewed: Stack) -> None:
+    """The same rule serves a token response without ``expires_in``: the proxy cannot know
+    when it runs out, so the provider's 401 is the signal."""
+    s = skewed
+    user = "bob"
+    grant = s.grant(user, expires_in=0)  # already expired at the provider
+    del grant["expires_in"]
+    s.vault_put(user, grant)
+    assert s.vault_get(user).tokens.expires_at is None
+    with s.client(context=s.context(user)) as c:
+        r = c.get(f"{s.docs_url}/documents")
+        assert r.status_code == 503 and r.json()["reason"] == "token_refreshed"
+        retry = c.get(f"{s.docs_url}/documents")
+        assert retry.status_code == 200 and retry.json()["user"] == user
+    assert _refreshes(s, user) == 1
+    assert s.vault_get(user).status == "active"
+
+
 @pytest.mark.parametrize(("case", "status", "problem", "reason", "grant_status", "refreshes"), [
     pytest.param("invalid_grant", 401, "reauth-required", "revoked_upstream",
                  "reauth_required", 1, id="refresh-refused-invalid_grant"),
