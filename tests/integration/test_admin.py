@@ -107,6 +107,29 @@ def test_build_and_config_info(stack: Stack) -> None:
         assert f"# TYPE {declared}" in text
 
 
+def test_config_info_follows_a_reload(tmp_path: Path) -> None:
+    s = build_stack(tmp_path)
+    try:
+        admin = f"http://{s.config['admin']}"
+
+        def info() -> tuple[str, float]:
+            text = httpx2.get(f"{admin}/metrics", trust_env=False).text
+            digest = next(line.split('digest="')[1].split('"')[0] for line in text.splitlines()
+                          if line.startswith("credproxy_config_info{"))
+            return digest, _metric(text, "credproxy_config_last_reload_timestamp_seconds")
+
+        digest, loaded = info()
+        s.config["refresh"]["attempts"] = 2  # a live key
+        s.write_config()
+        deadline = time.monotonic() + 15
+        while info()[0] == digest and time.monotonic() < deadline:
+            time.sleep(0.2)
+        new_digest, reloaded = info()
+        assert new_digest != digest and reloaded > loaded
+    finally:
+        s.close()
+
+
 def test_a_vault_outage_degrades_readiness(tmp_path: Path) -> None:
     """The vault is shared by every pod: its outage must not take them all out of their
     Services. /readyz stays 200, names it, and the metric says so; fresh cached tokens and
