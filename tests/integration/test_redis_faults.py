@@ -193,6 +193,8 @@ def test_a_refresh_in_the_fencing_period_is_answered_at_once(redis_server: Redis
         assert r.headers["X-Credproxy-Error"] == "credential-store-unavailable"
         assert r.json()["reason"] == "fencing"
         retry_after = int(r.headers["Retry-After"])
+        print(f"fencing: answered in {elapsed:.3f} s, Retry-After {retry_after} "
+              f"(fencing period {_QUIET} s, lock_wait {lock_wait} s)")
         assert 1 <= retry_after <= math.ceil(_QUIET)
         assert f"{retry_after}" in r.json()["detail"] or "retry" in r.json()["detail"]
         assert elapsed < lock_wait / 2  # answered, not held for lock_wait
