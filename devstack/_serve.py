@@ -9,6 +9,10 @@ adjustments made here:
   probe, a stalled proxy) would stop the whole server from accepting.
 * Request logging never shows query strings (authorization codes, ``state``) and scrubs
   anything that looks like one of our tokens, because tests grep the logs for token canaries.
+
+``--clock-offset SECONDS`` runs a server on a skewed clock (a provider whose clock is ahead
+of the proxy's): :func:`clock` is what the servers use for token lifetimes, and the ``Date``
+response header follows it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import resource
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,15 @@ HANDSHAKE_TIMEOUT = 10.0
 # Idle keep-alive connections are closed after this long so that abandoned clients do not pin
 # a thread forever (long enough that no test ever notices).
 IDLE_TIMEOUT = 300.0
+
+# Seconds this server's clock runs ahead of the machine's (negative: behind).
+CLOCK_OFFSET = 0.0
+
+
+def clock() -> float:
+    """This server's idea of the current unix time (the machine's plus ``--clock-offset``)."""
+    return time.time() + CLOCK_OFFSET
+
 
 _TOKEN_RE = re.compile(r"\b(at|rt)_[A-Za-z0-9_\-]{8,}")
 _QUERY_RE = re.compile(r"\?[^\s\"']*")
@@ -64,6 +78,10 @@ class QuietRequestHandler(WSGIRequestHandler):
         environ = super().make_environ()
         environ["devstack.raw_headers"] = [(k, v) for k, v in self.headers.items()]
         return environ
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        # The Date header of every response: on the skewed clock.
+        return super().date_time_string(clock() if timestamp is None else timestamp)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         if not self.log_requests:
@@ -174,6 +192,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--no-request-log", action="store_true", help="do not log one line per request"
     )
     parser.add_argument("--debug", action="store_true", help="debug logging")
+    parser.add_argument("--clock-offset", type=float, default=0.0,
+                        help="run this server's clock that many seconds ahead (negative: "
+                             "behind): token lifetimes and the Date header follow it")
 
 
 def configure_logging(debug: bool) -> None:
@@ -205,6 +226,8 @@ def raise_fd_limit(want: int = 65536) -> int:
 
 def serve(app: Any, args: argparse.Namespace, name: str) -> None:
     """Bind, announce readiness (ready file + one stdout line), then serve until killed."""
+    global CLOCK_OFFSET
+    CLOCK_OFFSET = float(getattr(args, "clock_offset", 0.0))
     raise_fd_limit()
     if bool(args.cert) != bool(args.key):
         raise SystemExit("--cert and --key must be given together")

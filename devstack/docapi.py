@@ -39,7 +39,7 @@ from typing import Any
 import httpx2
 from flask import Flask, Response, request
 
-from devstack._serve import add_server_args, client_tls_context, configure_logging, serve
+from devstack._serve import add_server_args, client_tls_context, clock, configure_logging, serve
 
 log = logging.getLogger("devstack.docapi")
 
@@ -175,7 +175,7 @@ def create_app(
             not info.get("active")
             # A refresh token is "active" too, but it is not a bearer credential.
             or str(info.get("token_type", "Bearer")).lower() != "bearer"
-            or (isinstance(exp, int | float) and exp <= time.time())
+            or (isinstance(exp, int | float) and exp <= clock())
         ):
             return _json(
                 {"error": "invalid_token", "error_description": "token is not active"},

@@ -176,12 +176,16 @@ class Stack:
                     audience=self.config["identity"]["audience"], key_file=str(self.context_key),
                     **kw).reveal()
 
-    def grant(self, user: str, *, expires_in: int = 3600) -> dict[str, Any]:
-        """A fresh grant at the authorization server, as if the user had consented."""
+    def grant(self, user: str, *, expires_in: int = 3600,
+              absolute_expiry: bool = False) -> dict[str, Any]:
+        """A fresh grant at the authorization server, as if the user had consented.
+        ``absolute_expiry``: the response carries ``expires_at`` on the server's clock too
+        (which the vault import prefers over ``expires_in``)."""
         with self.admin() as c:
             r = c.post("/_admin/grants", json={"user": user, "client_id": CLIENT_ID,
                                                "scope": "documents.read",
-                                               "access_expires_in": expires_in})
+                                               "access_expires_in": expires_in,
+                                               "absolute_expiry": absolute_expiry})
             r.raise_for_status()
             token: dict[str, Any] = r.json()
             return token
@@ -271,7 +275,10 @@ class Stack:
 
 def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 3600,
                 audit_sink: str = "stdout", config: Mapping[str, Any] | None = None,
-                introspect_cache_ttl: float = 0.0, keyvault: bool = False) -> Stack:
+                introspect_cache_ttl: float = 0.0, keyvault: bool = False,
+                clock_offset: float = 0.0) -> Stack:
+    """``clock_offset``: seconds the provider's clock (authorization server and document
+    API) runs ahead of this machine's."""
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     pki = workdir / "pki"
@@ -291,7 +298,8 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
     tls = ["--cert", str(cert), "--key", str(key)]
     auth = start_server(
         ["-m", "devstack.authserver", "--clients", str(workdir / "clients.json"), "--admin",
-         "--access-ttl", str(access_ttl), *tls, "--ready-file", str(workdir / "auth.ready")],
+         "--access-ttl", str(access_ttl), *tls, "--ready-file", str(workdir / "auth.ready"),
+         "--clock-offset", str(clock_offset)],
         workdir / "auth.ready", log_dir=logs, name="authserver",
     )
     docs = start_server(
@@ -299,7 +307,7 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
          "--client-id", RESOURCE_ID, "--client-secret-env", "DOCAPI_SECRET",
          "--ca-file", str(ca.cert_path), "--permissions", str(workdir / "permissions.json"),
          "--introspect-cache-ttl", str(introspect_cache_ttl), *tls,
-         "--ready-file", str(workdir / "docs.ready")],
+         "--ready-file", str(workdir / "docs.ready"), "--clock-offset", str(clock_offset)],
         workdir / "docs.ready", env={"DOCAPI_SECRET": resource_secret}, log_dir=logs,
         name="docapi",
     )

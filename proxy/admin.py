@@ -1,5 +1,16 @@
-"""The admin server (a separate port from the proxy): health, readiness, and the web
+"""The admin server (a separate port from the proxy): probes, metrics, and the web
 connect flow (`/connect/{provider}` -> provider -> `/oauth/callback`).
+
+Probes (Kubernetes semantics; docs/operations.md "Probes"):
+
+- ``/healthz`` liveness: the process serves HTTP.
+- ``/startupz`` startup: what this sidecar needs to serve, nothing external: the CA in
+  ``ca_dir`` and the ``ready_checks`` (the proxy port accepts, ...). Config and keys are
+  loaded before the admin port opens (a bad one exits the process).
+- ``/readyz`` readiness: the startup checks, and not draining; 503 when one fails. Shared
+  dependencies (vault, Redis) only *degrade* it: 200 with ``"status": "degraded"`` naming
+  them, since an outage of a store every pod shares would otherwise take every agent pod
+  out of its Service at once, cached tokens and unrouted traffic included.
 
 The web flow is bound to the browser that started it: `/connect` sets a random nonce in a
 cookie scoped to `/oauth/callback` (HttpOnly, SameSite=Lax, Secure behind an https
@@ -50,21 +61,32 @@ def _page(title: str, body: str, status: int) -> web.Response:
                         headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
 
+Checks = Sequence[tuple[str, Callable[[], Awaitable[object]]]]
+
+
 class AdminServer:
     def __init__(self, settings: Settings, verifier: IdentityVerifier, connector: Connector,
-                 vault: Vault,
-                 ready_checks: Sequence[tuple[str, Callable[[], Awaitable[object]]]],
-                 metrics: Metrics, *, ready_timeout: float = READY_CHECK_TIMEOUT) -> None:
+                 vault: Vault, ready_checks: Checks, metrics: Metrics, *,
+                 dependencies: Checks = (), draining: Callable[[], bool] = lambda: False,
+                 ready_timeout: float = READY_CHECK_TIMEOUT) -> None:
+        """``ready_checks``: what the sidecar needs to serve (startup and readiness; a
+        failure is 503). ``dependencies``: shared stores whose outage degrades readiness
+        (200 ``degraded``) and sets ``credproxy_dependency_up``. ``draining``: True once
+        shutdown began (readiness 503). Each check raises CredproxyError or OSError to fail
+        and is bounded by ``ready_timeout`` seconds."""
         self._metrics = metrics
         self.settings = settings
         self.verifier = verifier
         self._connector = connector
         self._vault = vault
         self._checks = ready_checks
+        self._dependencies = dependencies
+        self._draining = draining
         self._ready_timeout = ready_timeout
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/startupz", self.startupz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/connect/{provider}", self.connect)
@@ -91,18 +113,41 @@ class AdminServer:
         return web.Response(body=self._metrics.render(),
                             headers={"Content-Type": METRICS_CONTENT_TYPE})
 
+    async def startupz(self, request: web.Request) -> web.Response:
+        """200 ``{"started": true, "checks": {...}}`` once the sidecar can serve, else 503
+        naming the failing check. Never waits on Redis or the vault."""
+        checks = await self._run([("ca", self._ca_present), *self._checks])
+        started = all(v == "ok" for v in checks.values())
+        return web.json_response({"started": started, "checks": checks},
+                                 status=200 if started else 503)
+
     async def readyz(self, request: web.Request) -> web.Response:
         """Every check at once, each bounded by ``ready_timeout``: the answer comes within
-        that time however many checks hang."""
-        checks: dict[str, str] = {}
+        that time however many checks hang. 200 ``{"ready": true, "status": "ok" |
+        "degraded", "checks": {...}, "degraded": [dependency, ...]}``; 503 with
+        ``"status": "unready"`` when a startup check fails or the proxy is draining."""
+        hard = [("ca", self._ca_present), *self._checks, ("draining", self._not_draining)]
+        checks = await self._run([*hard, *self._dependencies])
+        ready = all(checks[name] == "ok" for name, _ in hard)
+        degraded = [name for name, _ in self._dependencies if checks[name] != "ok"]
+        for name, _ in self._dependencies:
+            self._metrics.dependency_up.labels(name).set(0 if name in degraded else 1)
+        status = "unready" if not ready else "degraded" if degraded else "ok"
+        return web.json_response({"ready": ready, "status": status, "checks": checks,
+                                  "degraded": degraded}, status=200 if ready else 503)
+
+    async def _run(self, checks: Checks) -> dict[str, str]:
+        results = await asyncio.gather(*(self._check(check) for _, check in checks))
+        return dict(zip([name for name, _ in checks], results, strict=True))
+
+    async def _ca_present(self) -> None:
         ca = Path(os.path.expanduser(self.settings.ca_dir)) / "mitmproxy-ca.pem"
-        checks["ca"] = "ok" if ca.is_file() else "missing"
-        results = await asyncio.gather(*(self._check(check)
-                                         for _, check in self._checks))
-        checks.update(zip([name for name, _ in self._checks], results, strict=True))
-        ready = all(v == "ok" for v in checks.values())
-        return web.json_response({"ready": ready, "checks": checks},
-                                 status=200 if ready else 503)
+        if not ca.is_file():
+            raise CredproxyError(f"the CA file {ca} is missing")
+
+    async def _not_draining(self) -> None:
+        if self._draining():
+            raise CredproxyError("shutting down")
 
     async def _check(self, check: Callable[[], Awaitable[object]]) -> str:
         try:

@@ -107,6 +107,7 @@ class App:
         if self.admin is not None:
             self.admin.settings, self.admin.verifier = new, verifier
         self.settings = new
+        sc.metrics.config_applied(settings_digest(new), time.time())
         for listener in self._reload_listeners:
             try:
                 listener(new)
@@ -183,6 +184,7 @@ class App:
 
     async def start(self, *, serve_admin: bool = True, config_path: str | None = None) -> None:
         """Start background work; call once inside the running event loop."""
+        self.sidecar.metrics.config_applied(settings_digest(self.settings), time.time())
         await self.coordinator.start()
         # Revocations by other processes: Redis tells every replica; the vault's epoch tells
         # processes sharing a local vault file, and Key Vault users without Redis.
@@ -198,11 +200,16 @@ class App:
             # vault file is checked on every probe.
             vault_check: Check = (CachedSuccess(self.vault.ping, VAULT_OK_TTL)
                                   if self.settings.vault.backend == "azure" else self.vault.ping)
-            checks: list[tuple[str, Check]] = [
-                ("proxy", self._listening), ("vault", vault_check),
-                ("coordination", self.coordinator.check), ("draining", self._not_draining)]
+            # What this sidecar needs to serve: /startupz and /readyz (503 when one fails).
+            checks: list[tuple[str, Check]] = [("proxy", self._listening)]
+            # Stores every pod shares: an outage degrades /readyz (200, named in the body)
+            # instead of taking every agent pod out of its Service at once.
+            dependencies: list[tuple[str, Check]] = [
+                ("vault", vault_check), ("coordination", self.coordinator.check)]
             self.admin = AdminServer(self.settings, self.sidecar.verifier, self.connector,
-                                     self.vault, checks, self.sidecar.metrics)
+                                     self.vault, checks, self.sidecar.metrics,
+                                     dependencies=dependencies,
+                                     draining=lambda: self.draining)
             await self.admin.start()
 
     async def _listening(self) -> None:
@@ -214,10 +221,6 @@ class App:
         except (OSError, TimeoutError) as exc:
             raise CredproxyError("proxy port not accepting yet") from exc
         writer.close()
-
-    async def _not_draining(self) -> None:
-        if self.draining:
-            raise CredproxyError("shutting down")
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -248,6 +251,13 @@ class CachedSuccess:
         self._ok_at = None
         await self._check()
         self._ok_at = self._clock()
+
+
+def settings_digest(settings: Settings) -> str:
+    """The running configuration's identity for ``credproxy_config_info{digest}``: sha256
+    of its canonical JSON (secrets are referenced by name, never included), first 16 hex
+    digits. Equal on every pod running the same effective config."""
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
 
 
 def upstream_ssl_context(settings: Settings) -> ssl.SSLContext:
@@ -318,6 +328,7 @@ def make_coordinator(settings: Settings, vault_key: bytes,
                                 quiet_period=fencing_period(settings))
         if metrics is not None:
             redis.on_error = metrics.coordination_errors.inc
+            metrics.fencing.set_function(lambda: float(redis.fencing_remaining() > 0))
         return redis
     return MemoryCoordinator(clock)
 

@@ -19,6 +19,7 @@ failure to a problem response in one place (:func:`proxy.problems.problem_respon
     │   └── InternalError                 500 internal-error (a bug: fail closed)
     ├── ConfigError                       bad configuration (names the key)
     ├── CoordinationUnavailable           Redis unreachable or too slow (-> 503)
+    │   └── CoordinationFencing           refresh locks held back after a Redis data loss
     └── VaultError                        local vault problems seen by operators
         ├── VaultKeyError                 wrong or missing vault key
         ├── VaultCorruptError             a record fails authentication
@@ -178,6 +179,15 @@ class ConfigError(CredproxyError):
 
 class CoordinationUnavailable(CredproxyError):
     """The coordination backend (Redis) cannot be reached or answered too slowly."""
+
+
+class CoordinationFencing(CoordinationUnavailable):
+    """Redis lost its data recently: refresh locks are refused for ``remaining`` more
+    seconds, until any refresh that was in flight has ended (-> 503 ``fencing``)."""
+
+    def __init__(self, detail: str, *, remaining: float) -> None:
+        super().__init__(detail)
+        self.remaining = remaining
 
 
 class VaultError(CredproxyError):

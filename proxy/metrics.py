@@ -3,7 +3,20 @@ user ids, hosts of unrouted requests, or anything a client or provider can choos
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import platform
+from importlib import metadata
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Reasons that may appear as label values; anything else is counted as "other".
@@ -15,12 +28,15 @@ _REASONS = frozenset({
     "context_excludes_provider", "method_not_allowed", "unrouted", "no_connection",
     "invalid_grant", "revoked_upstream", "token_superseded", "revoked",
     "token_endpoint_unavailable", "token_endpoint_error", "vault_unavailable",
-    "vault_record_corrupt", "vault_write_failed", "coordination_unavailable",
-    "audit-write-failed", "internal-error", "lookalike-header", "bad-field-name", "obs-fold",
-    "control-character", "bad-connection", "target_mismatch", "bad_target", "trailers",
-    "upstream_unreachable", "upstream_protocol_error", "client_protocol_error",
-    "client_disconnected", "exchange_failed",
+    "vault_record_corrupt", "vault_write_failed", "coordination_unavailable", "fencing",
+    "token_refreshed", "audit-write-failed", "internal-error", "lookalike-header",
+    "bad-field-name", "obs-fold", "control-character", "bad-connection", "target_mismatch",
+    "bad_target", "trailers", "upstream_unreachable", "upstream_protocol_error",
+    "client_protocol_error", "client_disconnected", "exchange_failed",
 })
+# Latency buckets (seconds) for whole requests and upstream exchanges: API calls from tens
+# of milliseconds to long model calls.
+_LATENCY_BUCKETS = (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -29,10 +45,36 @@ def reason_label(reason: str | None) -> str:
     return reason if reason in _REASONS else "other"
 
 
+def code_class(status: int) -> str:
+    """``"2xx"`` ... ``"5xx"`` for an HTTP status; anything else ``"other"``."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 class Metrics:
+    """Every credproxy metric, on one registry (the one the admin server's ``/metrics``
+    exposes), plus prometheus-client's process, platform and GC collectors."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
+        Info("credproxy_build", "Versions of credproxy and what it runs on", registry=r).info(
+            {"version": _version("credproxy"), "mitmproxy": _version("mitmproxy"),
+             "python": platform.python_version()})
+        self.config_info = Info("credproxy_config", "Digest of the running configuration "
+                                "(sha256 of its canonical JSON, first 16 hex digits)",
+                                registry=r)
+        self.config_last_reload = Gauge("credproxy_config_last_reload_timestamp_seconds",
+                                        "When the running configuration was loaded or last "
+                                        "reloaded (unix time)", registry=r)
         self.requests = Counter("credproxy_requests", "Requests seen by the proxy, by provider "
                                 "(\"-\" = unrouted) and outcome", ["provider", "outcome"],
                                 registry=r)
@@ -57,10 +99,42 @@ class Metrics:
                                       ["result"], registry=r)
         self.audit_failures = Counter("credproxy_audit_write_failures",
                                       "Audit records that could not be written", registry=r)
+        self.forced_refreshes = Counter(
+            "credproxy_forced_refreshes", "Refreshes forced by an upstream 401 on a token the "
+            "proxy believed valid, by result (refreshed, superseded, reauth, failed)",
+            ["provider", "result"], registry=r)
+        self.clock_skew = Gauge("credproxy_provider_clock_skew_seconds",
+                                "The provider's clock minus the local clock, from the Date "
+                                "header of its last credentialed response (1 s resolution)",
+                                ["provider"], registry=r)
+        self.fencing = Gauge("credproxy_coordination_fencing",
+                             "1 while token refreshes are held back after Redis lost its data "
+                             "(the fencing period), else 0", registry=r)
+        self.dependency_up = Gauge("credproxy_dependency_up",
+                                   "Whether a shared dependency (vault, coordination) answered "
+                                   "the last /readyz check; 0 = the proxy runs degraded",
+                                   ["dependency"], registry=r)
+        self.upstream_responses = Counter("credproxy_upstream_responses",
+                                          "Upstream answers to credentialed requests, by "
+                                          "status class", ["provider", "code_class"],
+                                          registry=r)
         self.upstream_errors = Counter("credproxy_upstream_errors",
                                        "Exchanges that failed after the decision: the "
                                        "destination unreachable, or the exchange broken off",
                                        ["provider", "kind"], registry=r)
+        self.request_duration = Histogram("credproxy_request_duration_seconds",
+                                          "Whole request through the proxy, from the request "
+                                          "head to the end of the response",
+                                          ["provider"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.upstream_duration = Histogram("credproxy_upstream_duration_seconds",
+                                           "Upstream exchange: request sent to response "
+                                           "headers received", ["provider"], registry=r,
+                                           buckets=_LATENCY_BUCKETS)
+
+    def config_applied(self, digest: str, at: float) -> None:
+        """Record the configuration now running (at start and after every applied reload)."""
+        self.config_info.info({"digest": digest})
+        self.config_last_reload.set(at)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

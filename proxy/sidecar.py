@@ -8,8 +8,11 @@ forwarded when one is raised.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from proxy.audit import AuditLog, RequestInfo, TokenSource
@@ -28,7 +31,7 @@ from proxy.errors import (
 from proxy.headers import AUTHORIZATION, HeaderPolicy, ReadHeaders, field_key
 from proxy.hosts import normalize_host, parse_authority
 from proxy.identity import IdentityVerifier, UserContext
-from proxy.metrics import reason_label
+from proxy.metrics import code_class, reason_label
 from proxy.routes import Destination, Router, host_agrees
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
@@ -231,31 +234,58 @@ class Sidecar:
 
     async def upstream_response(self, req: Outbound, injection: Injection, status: int,
                                 headers: Mapping[str, str]) -> ProxyRefusal | None:
-        """Decide on the upstream's answer to a credentialed request. An upstream 401 (or
-        ``error="invalid_token"``) on the grant's current token means the grant is dead:
-        mark it, audit, and tell the agent to re-authorize (``reauth-required``,
-        ``revoked_upstream``). On a token a concurrent refresh has already replaced it says
-        nothing about the grant: the agent may retry at once (503
-        ``credential-store-unavailable``, ``token_superseded``, Retry-After 1). The proxy
-        itself never retries with another credential."""
+        """Decide on the upstream's answer to a credentialed request; None lets it through.
+
+        Every answer is counted by status class, and its ``Date`` header (RFC 9110 section
+        6.6.1) sets the provider's clock skew gauge. An upstream 401 (or
+        ``error="invalid_token"``, RFC 6750 section 3.1) on a token the proxy believed
+        valid gets one forced refresh (:meth:`TokenBroker.refresh_rejected`) before the
+        grant is declared dead:
+
+        - refreshed: the grant lives; 503 ``credential-store-unavailable``
+          (``token_refreshed``, Retry-After 1): the agent retries with the new token;
+        - the token was already replaced by a concurrent refresh: the same answer with
+          ``token_superseded``;
+        - no refresh token, invalid_grant, or a rejection again right after a forced
+          refresh: ``reauth-required`` (``revoked_upstream``), the grant is marked;
+        - the refresh cannot run now: that refusal (``fencing``, ``coordination_unavailable``,
+          ``token-refresh-failed``, ...), the grant untouched.
+
+        The proxy never replays the request itself (its body may not be repeatable, and a
+        non-idempotent call must not run twice)."""
+        provider, user = injection.provider, injection.user
+        self.metrics.upstream_responses.labels(provider.id, code_class(status)).inc()
+        self._observe_skew(provider, headers)
         challenge = headers.get("WWW-Authenticate", "")
         if status != 401 and not _INVALID_TOKEN.search(challenge):
             return None
-        provider, user = injection.provider, injection.user
-        marked = await self.broker.mark_reauth(user.user, provider, "revoked_upstream",
-                                               rejected=injection.tokens.access_token)
+
+        async def refreshed(tokens: TokenSet) -> None:
+            self._record("credential.refreshed", req, provider, user, outcome="refreshed",
+                         token=tokens.access_token, token_source="refresh")
+
         refusal: ProxyRefusal
-        if marked:
-            refusal = self.broker.reauth(provider, "revoked_upstream",
-                                         f"{provider.id} rejected the user's token "
-                                         f"(HTTP {status}); the user must re-authorize")
-            event = "reauth.required"
-            self.metrics.reauth.labels(provider.id, refusal.reason).inc()
+        try:
+            outcome = await self.broker.refresh_rejected(
+                user.user, provider, injection.tokens.access_token, on_refreshed=refreshed)
+        except ProxyRefusal as exc:
+            refusal = exc
         else:
-            refusal = CredentialStoreUnavailable(
-                f"{provider.id} rejected a token that a concurrent refresh has since "
-                "replaced; the grant is valid: retry the request", reason="token_superseded",
-                retry_after=1)
+            if outcome == "refreshed":
+                refusal = CredentialStoreUnavailable(
+                    f"{provider.id} rejected the user's token (HTTP {status}) although it "
+                    "had not expired by this proxy's clock; a new token was obtained and the "
+                    "grant is valid: retry the request (the proxy does not replay it)",
+                    reason="token_refreshed", retry_after=1)
+            else:
+                refusal = CredentialStoreUnavailable(
+                    f"{provider.id} rejected a token that a concurrent refresh has since "
+                    "replaced; the grant is valid: retry the request",
+                    reason="token_superseded", retry_after=1)
+        if isinstance(refusal, ReauthRequired):
+            event = "reauth.required"
+            self.metrics.reauth.labels(provider.id, reason_label(refusal.reason)).inc()
+        else:
             event = "credential.denied"
         # The request was counted as injected; the agent still gets a problem.
         self.metrics.denials.labels(provider.id, refusal.slug, reason_label(refusal.reason)).inc()
@@ -263,6 +293,20 @@ class Sidecar:
                      upstream_status=status, token=injection.tokens.access_token,
                      token_source=None)
         return refusal
+
+    def _observe_skew(self, provider: ProviderSettings, headers: Mapping[str, str]) -> None:
+        """Set the provider's clock skew gauge (provider minus local, seconds) from a valid
+        ``Date`` header; a missing or malformed one changes nothing."""
+        value = headers.get("Date")
+        if not value:
+            return
+        try:
+            date = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return
+        if date.tzinfo is None:  # RFC 9110 dates are GMT; "-0000" parses as naive
+            date = date.replace(tzinfo=UTC)
+        self.metrics.clock_skew.labels(provider.id).set(date.timestamp() - time.time())
 
     def _audit_refusal(self, req: Outbound, provider: ProviderSettings,
                        user: UserContext | None, refusal: ProxyRefusal) -> None:

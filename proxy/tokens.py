@@ -9,12 +9,18 @@ rotated refresh token is written to the vault *before* the new access token is u
 
 Without the coordinator (Redis down), tokens that are still fresh in memory or in the vault
 keep being served, but nothing is refreshed: redeeming a rotating refresh token without the
-lock could burn the grant.
+lock could burn the grant. During the fencing period after Redis lost its data, a request
+that needs a refresh is answered at once (503 ``fencing``, Retry-After = the seconds left).
+
+An upstream 401 on a token the proxy believed valid (a clock skew, a token of unknown
+expiry that ran out, or a dead grant) gets one forced refresh (:meth:`refresh_rejected`)
+before the grant is declared dead.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -24,6 +30,7 @@ from typing import Literal
 from proxy.coordination.base import Coordinator
 from proxy.coordination.keyed import KeyedLocks
 from proxy.errors import (
+    CoordinationFencing,
     CoordinationUnavailable,
     CredentialStoreUnavailable,
     CredproxyError,
@@ -42,7 +49,13 @@ log = logging.getLogger("credproxy.tokens")
 
 Source = Literal["cache", "vault", "refresh"]
 OnRefreshed = Callable[[TokenSet], Awaitable[None]]
+Rejection = Literal["refreshed", "superseded"]
 _CACHE_MAX = 100_000
+# A provider that rejects every token would get a refresh per request: after a forced
+# refresh of a grant, another rejection within this many seconds (per process) means the
+# grant is dead. A skewed clock or an unannounced expiry needs one refresh per token
+# lifetime, far longer than this.
+FORCED_REFRESH_WINDOW = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +101,8 @@ class TokenBroker:
         # Bumped by every invalidation: a vault or shared-cache read that was in flight when
         # one arrived must not put what it read into the memory cache afterwards.
         self._generation = 0
+        # Monotonic time of the last forced refresh per grant (see FORCED_REFRESH_WINDOW).
+        self._forced: dict[tuple[str, str], float] = {}
         self.stats = BrokerStats()
         coordinator.on_invalidation(self._on_invalidation)
 
@@ -109,26 +124,83 @@ class TokenBroker:
                 return found
             return await self._refresh_locked(user, provider, on_refreshed)
 
-    async def mark_reauth(self, user: str, provider: ProviderSettings, reason: str,
-                          *, rejected: Secret | None = None) -> bool:
-        """The grant is no longer usable (upstream 401, invalid_grant): forget it everywhere.
+    async def refresh_rejected(self, user: str, provider: ProviderSettings, rejected: Secret,
+                               on_refreshed: OnRefreshed | None = None) -> Rejection:
+        """An upstream rejected ``rejected`` (HTTP 401 or ``error="invalid_token"``, RFC 6750
+        section 3.1) although the proxy believed it valid: a clock skew between proxy and
+        provider, a token of unknown expiry that ran out, or a dead grant. One forced
+        refresh, under the same locks and conditional vault write as any refresh, tells
+        them apart. The request itself is never replayed.
 
-        With ``rejected`` (the access token an upstream refused), the grant is marked only if
-        that token is still its current one: a provider may reject an access token it
-        superseded during a concurrent refresh, which says nothing about the new one.
-        Returns whether the grant was marked.
+        Returns ``"superseded"`` when ``rejected`` is no longer the grant's current token (a
+        concurrent refresh replaced it; nothing is done), ``"refreshed"`` when a new token
+        was obtained and stored (the grant lives; the agent may retry).
+
+        Raises :class:`ReauthRequired` (``revoked_upstream``, the grant is marked) when the
+        grant has no refresh token, the provider refuses the refresh token
+        (``invalid_grant``), or this process already forced a refresh of the grant less
+        than :data:`FORCED_REFRESH_WINDOW` seconds ago (a provider that rejects every
+        token). Raises :class:`CredentialStoreUnavailable` (``fencing``,
+        ``coordination_unavailable``, vault reasons) or :class:`TokenRefreshFailed` when the
+        refresh cannot happen now; the grant is left as it is.
         """
         key = (user, provider.id)
-        async with self._local.hold(key):
-            try:
-                async with self._coord.lock(user, provider.id):
-                    return await self._mark(user, provider, reason, rejected)
-            except CoordinationUnavailable:
-                # Marking without the lock is safe (it only ever takes a grant away); the
-                # other replicas learn it from the vault once their caches lapse.
-                log.warning("marking %s/%s for re-auth without the coordination lock",
-                            user, provider.id)
-                return await self._mark(user, provider, reason, rejected)
+        m = self.metrics.forced_refreshes
+        try:
+            async with self._local.hold(key):
+                try:
+                    async with self._coord.lock(user, provider.id) as lease:
+                        grant = await self._load(user, provider)
+                        if grant.tokens.access_token != rejected:
+                            self._forget(key)  # memory may still hold the rejected one
+                            m.labels(provider.id, "superseded").inc()
+                            return "superseded"
+                        if not lease.valid():
+                            raise CoordinationUnavailable("refresh lock lease lost")
+                        refreshed = await self._force_refresh(grant, provider)
+                except CoordinationUnavailable as exc:
+                    # Without the lock a grant without a refresh token can still be marked
+                    # (marking only takes a grant away); nothing may be redeemed.
+                    grant = await self._load(user, provider)
+                    if grant.tokens.access_token != rejected:
+                        m.labels(provider.id, "superseded").inc()
+                        return "superseded"
+                    if grant.tokens.refresh_token is None:
+                        await self._force_refresh(grant, provider)
+                    raise self._uncoordinated(exc) from exc
+        except ReauthRequired:
+            m.labels(provider.id, "reauth").inc()
+            raise
+        except CredproxyError:
+            m.labels(provider.id, "failed").inc()
+            raise
+        m.labels(provider.id, "refreshed").inc()
+        if on_refreshed is not None:
+            await on_refreshed(refreshed.tokens)
+        return "refreshed"
+
+    async def _force_refresh(self, grant: Grant, provider: ProviderSettings) -> Grant:
+        """Refresh ``grant`` whose current access token an upstream rejected, or mark it
+        ``revoked_upstream`` and raise :class:`ReauthRequired`. Call under the locks."""
+        key = (grant.user, provider.id)
+        now = time.monotonic()
+        last = self._forced.get(key)
+        if grant.tokens.refresh_token is None:
+            why = "and the grant has no refresh token"
+        elif last is not None and now - last < FORCED_REFRESH_WINDOW:
+            why = (f"again {now - last:.0f} s after a forced refresh (it rejects new tokens "
+                   "too)")
+        else:
+            refreshed = await self._refresh(grant, provider, refused="revoked_upstream")
+            if len(self._forced) > _CACHE_MAX:
+                self._forced = {k: t for k, t in self._forced.items()
+                                if now - t < FORCED_REFRESH_WINDOW}
+            self._forced[key] = now
+            return refreshed
+        await self._mark(grant.user, provider, "revoked_upstream")
+        raise self.reauth(provider, "revoked_upstream",
+                          f"{provider.id} rejected the user's token {why}; the user must "
+                          "re-authorize")
 
     async def watch_vault(self, interval: float = 0.25) -> None:
         """Drop the memory cache whenever the vault's epoch moves: another process (the
@@ -215,23 +287,29 @@ class TokenBroker:
                 grant = await self._load(user, provider)
                 refreshed = await self._refresh(grant, provider)
         except CoordinationUnavailable as exc:
-            raise CredentialStoreUnavailable(
-                "the token needs a refresh and replicas cannot coordinate it right now",
-                reason="coordination_unavailable") from exc
+            raise self._uncoordinated(exc) from exc
         if on_refreshed is not None:
             await on_refreshed(refreshed.tokens)
         return Issued(refreshed.tokens, "refresh")
 
-    async def _mark(self, user: str, provider: ProviderSettings, reason: str,
-                    rejected: Secret | None) -> bool:
+    @staticmethod
+    def _uncoordinated(exc: CoordinationUnavailable) -> CredentialStoreUnavailable:
+        """The answer to a request whose token needs a refresh the coordinator cannot lock
+        now. In the fencing period after a Redis data loss the wait is known: answer at once
+        with it as Retry-After instead of waiting out ``lock_wait``."""
+        if isinstance(exc, CoordinationFencing):
+            return CredentialStoreUnavailable(
+                "Redis lost its data moments ago; token refreshes resume in "
+                f"{exc.remaining:.0f} s, when any refresh that was in flight has ended: "
+                "retry then", reason="fencing", retry_after=max(1, math.ceil(exc.remaining)))
+        return CredentialStoreUnavailable(
+            "the token needs a refresh and replicas cannot coordinate it right now",
+            reason="coordination_unavailable")
+
+    async def _mark(self, user: str, provider: ProviderSettings, reason: str) -> None:
+        """Mark the grant ``reauth_required`` in the vault and forget it everywhere. Safe
+        without the coordination lock: it only ever takes a grant away."""
         key = (user, provider.id)
-        if rejected is not None:
-            unsaved = self._unsaved.get(key)
-            current = self._cache.get(key) or (unsaved[0] if unsaved else None)
-            if current is None:
-                current = await self._read_vault(user, provider)
-            if current is not None and current.tokens.access_token != rejected:
-                return False
         self._forget(key)
         self._unsaved.pop(key, None)
         try:
@@ -246,7 +324,6 @@ class TokenBroker:
         except CoordinationUnavailable:
             log.warning("re-auth of %s/%s not broadcast: coordination unavailable",
                         user, provider.id)
-        return True
 
     async def _read_vault(self, user: str, provider: ProviderSettings) -> Grant | None:
         self.stats.vault_reads += 1
@@ -277,9 +354,12 @@ class TokenBroker:
                               f"the connection to {provider.id} needs re-authorization")
         return grant
 
-    async def _refresh(self, grant: Grant, provider: ProviderSettings) -> Grant:
+    async def _refresh(self, grant: Grant, provider: ProviderSettings, *,
+                       refused: str = "invalid_grant") -> Grant:
+        """Redeem the grant's refresh token and store the result. ``refused``: the re-auth
+        reason the grant is marked with when the provider answers invalid_grant."""
         if grant.tokens.refresh_token is None:
-            await self._mark(grant.user, provider, "expired", None)
+            await self._mark(grant.user, provider, "expired")
             raise self.reauth(provider, "expired",
                               f"the access token for {provider.id} expired and cannot be "
                               "refreshed")
@@ -291,8 +371,8 @@ class TokenBroker:
                                                    grant.tokens.refresh_token)
         except InvalidGrant:
             m.refreshes.labels(provider.id, "invalid_grant").inc()
-            await self._mark(grant.user, provider, "invalid_grant", None)
-            raise self.reauth(provider, "invalid_grant",
+            await self._mark(grant.user, provider, refused)
+            raise self.reauth(provider, refused,
                               f"{provider.id} rejected the refresh token (invalid_grant)"
                               ) from None
         except CredproxyError:

@@ -41,10 +41,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError, LockError, LockNotOwnedError, RedisError
 
 from proxy.coordination.base import USED, CoordinationUnavailable, Invalidation, Lease, Used
+from proxy.errors import CoordinationFencing
 from proxy.settings import CoordinationSettings, resolve_secret
 from proxy.tokenset import TokenSet, TokenSetError
 from proxy.vault.base import Grant, GrantStatus
@@ -89,9 +90,12 @@ local restarted = string.sub(marker, sep + 1) == 'restart'
 # The refresh lock, refused for a quiet period after a restart: until every refresh that
 # could have been in flight has ended, so no second replica redeems the same rotating
 # refresh token. ARGV: kind, token ('' = only plant the marker), lease ms, quiet ms.
+# Returns 1 acquired (or, without a token, not fencing), 0 held by another, and in the
+# quiet period minus the milliseconds left of it.
 _ACQUIRE = _BOOT + """
+local quiet = tonumber(ARGV[4]) - (now - planted)
+if restarted and quiet > 0 then return -quiet end
 if ARGV[2] == '' then return 1 end
-if restarted and now - planted < tonumber(ARGV[4]) then return -1 end
 if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
 return 0
 """
@@ -131,7 +135,7 @@ class _FencedLock(Lock):
         assert self.timeout is not None
         name = self.name if isinstance(self.name, str) else bytes(self.name).decode()
         got = await self.coordinator.fenced_acquire(name, token, int(self.timeout * 1000))
-        self.quiet = got == -1
+        self.quiet = got < 0
         return got == 1
 
 
@@ -165,8 +169,12 @@ class RedisCoordinator:
             common["ssl_ca_certs"] = str(Path(settings.ca_file).expanduser())
         self._r = Redis.from_url(url, socket_timeout=settings.op_timeout, **common)
         # Pub/sub reads block until a message comes: no socket timeout there; health
-        # checks (PING) notice a dead connection instead.
-        self._sub = Redis.from_url(url, socket_timeout=None, health_check_interval=5, **common)
+        # checks (PING) notice a dead connection instead. No transparent retry: redis-py
+        # would reconnect and resubscribe silently, and _listen must see every loss (to
+        # drop caches that may have missed invalidations, and to learn of the fencing
+        # period after a restart).
+        self._sub = Redis.from_url(url, socket_timeout=None, health_check_interval=5,
+                                   **{**common, "retry": Retry(NoBackoff(), 0)})
         self._aead = AESGCM(cache_key)
         self._name_key = hashlib.sha256(b"credproxy redis names" + cache_key).digest()
         self._clock = clock
@@ -182,6 +190,7 @@ class RedisCoordinator:
         self._once = self._r.register_script(_JTI)
         self._boot_key = settings.key_prefix + "boot"
         self._seen_redis = False  # this process has talked to this Redis's data before
+        self._fenced_until = 0.0  # monotonic end of the fencing period, as last seen
         self._origin = secrets.token_hex(6)
         # Called on every failed Redis operation (the app counts them in a metric).
         self.on_error: Callable[[], None] = lambda: None
@@ -233,14 +242,18 @@ class RedisCoordinator:
                 self.on_error()
                 raise CoordinationUnavailable(
                     f"redis unreachable for the refresh lock: {type(exc).__name__}") from exc
+            fencing = self.fencing_remaining()
+            if lock.quiet and fencing > 0:
+                # Waiting would only hold the agent's request for lock_wait and end in a
+                # 503 anyway: say at once how long the fencing period still runs.
+                raise CoordinationFencing(
+                    "redis lost its data recently: refreshes wait until any refresh that was "
+                    "in flight has ended", remaining=fencing)
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise CoordinationUnavailable(
-                    "redis lost its data recently: refreshes wait until any refresh that was "
-                    "in flight has ended" if lock.quiet
-                    else "timed out waiting for another replica's refresh")
+                raise CoordinationUnavailable("timed out waiting for another replica's refresh")
             # Woken by the holder's "released" message; the timeout covers a missed one.
-            poll = 1.0 if self.subscribed.is_set() and not lock.quiet else 0.25
+            poll = 1.0 if self.subscribed.is_set() else 0.25
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=min(remaining, poll))
         lease = _Lease()
@@ -257,9 +270,18 @@ class RedisCoordinator:
                 await self._r.publish(self._channel, json.dumps({"t": "released", "k": name}))
 
     async def fenced_acquire(self, name: str, token: str | bytes, lease_ms: int) -> int:
-        """Run the acquire script: 1 acquired, 0 held by another, -1 quiet after a restart.
-        With an empty token it only plants the boot marker."""
-        return await self._with_marker(self._acquire, name, token, lease_ms, self._quiet_ms)
+        """Run the acquire script: 1 acquired, 0 held by another, negative in the quiet
+        period after a restart (minus the milliseconds left of it, which
+        :meth:`fencing_remaining` then reports). With an empty token it only plants the boot
+        marker (and learns whether the quiet period runs)."""
+        got = await self._with_marker(self._acquire, name, token, lease_ms, self._quiet_ms)
+        self._fenced_until = time.monotonic() + (-got / 1000 if got < 0 else 0.0)
+        return got
+
+    def fencing_remaining(self) -> float:
+        """Seconds left of the fencing period as last seen in Redis (0: not fencing): the
+        quiet period after Redis lost its data, during which no refresh lock is granted."""
+        return max(0.0, self._fenced_until - time.monotonic())
 
     async def _with_marker(self, script: Any, key: str, *args: object) -> int:
         """Run a script that starts with _BOOT, telling it which kind of marker to plant."""

@@ -242,20 +242,22 @@ def test_readiness_follows_key_vault(kvstack: Stack) -> None:
 
     admin = f"http://{kvstack.config['admin']}/readyz"
 
-    def ready() -> int:
-        return httpx2.get(admin, trust_env=False, timeout=30).status_code
+    def ready() -> str:
+        return str(httpx2.get(admin, trust_env=False, timeout=30).json()["status"])
 
-    assert ready() == 200
+    assert ready() == "ok"
     kvstack.kv_admin("POST", "/_admin/faults", {"status": 403, "count": -1})
     from proxy.app import VAULT_OK_TTL  # a success is reused this long (billed reads)
 
     deadline = time.monotonic() + VAULT_OK_TTL + 10
-    while ready() != 503 and time.monotonic() < deadline:
+    while ready() != "degraded" and time.monotonic() < deadline:
         time.sleep(0.2)
+    # Key Vault is shared by every pod: its outage degrades readiness, never fails it.
     r = httpx2.get(admin, trust_env=False, timeout=30)
-    assert r.status_code == 503 and r.json()["checks"]["vault"].startswith("unavailable")
+    assert r.status_code == 200 and r.json()["degraded"] == ["vault"]
+    assert r.json()["checks"]["vault"].startswith("unavailable")
     kvstack.kv_admin("POST", "/_admin/reset")
-    assert ready() == 200
+    assert ready() == "ok"
 
 
 @pytest.mark.parametrize("protected", [False, True], ids=["purge", "purge-protection"])

@@ -6,13 +6,16 @@
 - lost and restarted mid-traffic (all keys gone): no request ever carries another user's
   token, no rotating refresh token is lost, and service recovers by itself. Refresh locks
   are held back after the restart until any refresh that was in flight has ended, so a
-  second replica cannot redeem the same refresh token.
+  second replica cannot redeem the same refresh token. A request that needs a refresh in
+  that fencing period is answered at once (503 ``fencing``, Retry-After = the seconds left),
+  not after ``lock_wait``; fresh tokens keep being served.
 - slow (stalled): commands time out (op_timeout); cached tokens keep being served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import threading
 import time
@@ -148,6 +151,66 @@ def test_redis_killed_and_restarted_under_load(redis_server: RedisServer,
                         break
                     time.sleep(0.5)
             assert r.status_code == 200 and r.json()["user"] == u
+    finally:
+        s.close()
+
+
+def _fencing(admin: str) -> float:
+    text = httpx2.get(f"{admin}/metrics", trust_env=False).text
+    for line in text.splitlines():
+        if line.startswith("credproxy_coordination_fencing "):
+            return float(line.split()[1])
+    raise AssertionError("no credproxy_coordination_fencing metric")
+
+
+def test_a_refresh_in_the_fencing_period_is_answered_at_once(redis_server: RedisServer,
+                                                             tmp_path: Path) -> None:
+    lock_wait = 30
+    s = build_stack(tmp_path, start_proxy=False,
+                    config={"coordination": {"backend": "redis", "url": redis_server.url,
+                                             "op_timeout": 0.5, "lock_wait": lock_wait},
+                            "refresh": _REFRESH})
+    s.config["vault"]["timeout"] = 1.0
+    s.write_config()
+    try:
+        (replica,) = s.start_replicas(1)
+        proxy, admin = str(replica.info["proxy_url"]), str(replica.info["admin_url"])
+        s.vault_put("fresh", s.grant("fresh"))
+        s.vault_put("stale", s.grant("stale", expires_in=0))
+        with s.client_via(proxy, context=s.context("fresh")) as c:
+            assert c.get(f"{s.docs_url}/echo").status_code == 200
+        assert _fencing(admin) == 0
+        redis_server.restart()  # every key gone, the refresh locks included
+        deadline = time.monotonic() + 15
+        while _fencing(admin) != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the proxy resubscribes and sees the restart marker
+        assert _fencing(admin) == 1
+        started = time.monotonic()
+        with s.client_via(proxy, context=s.context("stale")) as c:
+            r = c.get(f"{s.docs_url}/echo")
+        elapsed = time.monotonic() - started
+        assert r.status_code == 503
+        assert r.headers["X-Credproxy-Error"] == "credential-store-unavailable"
+        assert r.json()["reason"] == "fencing"
+        retry_after = int(r.headers["Retry-After"])
+        print(f"fencing: answered in {elapsed:.3f} s, Retry-After {retry_after} "
+              f"(fencing period {_QUIET} s, lock_wait {lock_wait} s)")
+        assert 1 <= retry_after <= math.ceil(_QUIET)
+        assert f"{retry_after}" in r.json()["detail"] or "retry" in r.json()["detail"]
+        assert elapsed < lock_wait / 2  # answered, not held for lock_wait
+        assert s.stats()["refresh_by_user"].get("stale") is None  # nothing redeemed
+        with s.client_via(proxy, context=s.context("fresh")) as c:
+            assert c.get(f"{s.docs_url}/echo").status_code == 200  # fresh: still served
+        # Retrying after Retry-After gets the refresh.
+        time.sleep(retry_after)
+        deadline = time.monotonic() + 10
+        with s.client_via(proxy, context=s.context("stale")) as c:
+            while (r := c.get(f"{s.docs_url}/echo")).status_code == 503 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+        assert r.status_code == 200
+        assert s.stats()["refresh_by_user"]["stale"] == 1
+        assert _fencing(admin) == 0
     finally:
         s.close()
 

@@ -105,8 +105,8 @@ def test_upstream_401_on_one_replica_stops_the_others_within_a_second(
     ctx = s.context(user)
     with s.client_via(b, context=ctx) as cb:
         assert cb.get(f"{s.docs_url}/documents").status_code == 200  # cached on B
-    with s.admin() as c:
-        c.post("/_admin/revoke", json={"access_token": grant["access_token"]})
+    with s.admin() as c:  # the whole grant: the forced refresh gets invalid_grant
+        c.post("/_admin/revoke", json={"refresh_token": grant["refresh_token"]})
     with s.client_via(a, context=ctx) as ca:
         r = ca.get(f"{s.docs_url}/documents")
     assert r.json()["reason"] == "revoked_upstream"

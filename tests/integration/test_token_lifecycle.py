@@ -133,8 +133,10 @@ def test_upstream_401_becomes_reauth_revoked_upstream(stack: Stack, marker: str)
     stack.vault_put(user, grant)
     with stack.client(context=stack.context(user)) as c:
         assert c.get(f"{stack.docs_url}/documents").status_code == 200
-        with stack.admin() as a:  # revoked at the provider; the proxy's cache still has it
-            a.post("/_admin/revoke", json={"access_token": grant["access_token"]})
+        # Revoked at the provider (the whole grant: access and refresh token); the proxy's
+        # cache still has it. The 401 forces one refresh, which invalid_grant refuses.
+        with stack.admin() as a:
+            a.post("/_admin/revoke", json={"refresh_token": grant["refresh_token"]})
         r = c.get(f"{stack.docs_url}/documents")
         assert r.status_code == 401
         assert r.headers["X-Credproxy-Error"] == "reauth-required"

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from devstack.redisproc import RedisServer
 from proxy.coordination.redis import RedisCoordinator
-from proxy.errors import CoordinationUnavailable
+from proxy.errors import CoordinationFencing, CoordinationUnavailable
 from proxy.secret import Secret
 from proxy.settings import CoordinationSettings
 from proxy.tokenset import TokenSet
@@ -150,29 +150,38 @@ async def test_unreachable_redis_is_coordination_unavailable(redis_server: Redis
 async def test_refresh_locks_are_held_back_after_redis_lost_its_data(
         redis_server: RedisServer) -> None:
     """A restart forgets every lock, including one a slow refresh still relies on: the
-    first replica back plants a marker, and locks wait out the longest possible refresh."""
+    first replica back plants a marker, and locks are refused until the longest possible
+    refresh has ended. A refused lock says so at once, with the time left (no waiting out
+    lock_wait)."""
     a = RedisCoordinator(CoordinationSettings(backend="redis", url=redis_server.url,
-                                              key_prefix="u:", lock_wait=1),
+                                              key_prefix="u:", lock_wait=30),
                          cache_key=KEY, quiet_period=2.5)
     try:
         # A brand-new Redis: nobody can have been refreshing, no wait.
         async with a.lock("alice", "docs") as lease:
             assert lease.valid()
+        assert a.fencing_remaining() == 0
         redis_server.restart()  # every key gone
-        t0 = time.monotonic()
-        with pytest.raises(CoordinationUnavailable, match="lost its data recently"):
+        with pytest.raises(CoordinationFencing, match="lost its data recently") as first:
             async with a.lock("alice", "docs"):
                 pass
+        assert 0 < first.value.remaining <= 2.5
+        assert 0 < a.fencing_remaining() <= 2.5
         # Another replica that never saw this Redis is held back too: the marker says so.
         b = RedisCoordinator(CoordinationSettings(backend="redis", url=redis_server.url,
-                                                  key_prefix="u:", lock_wait=5),
+                                                  key_prefix="u:", lock_wait=30),
                              cache_key=KEY, quiet_period=2.5)
         try:
-            async with b.lock("alice", "docs"):
-                waited = time.monotonic() - t0
+            with pytest.raises(CoordinationFencing) as second:
+                async with b.lock("alice", "docs"):
+                    pass
+            assert 0 < second.value.remaining <= first.value.remaining
+            await asyncio.sleep(second.value.remaining + 0.1)
+            async with b.lock("alice", "docs") as lease:
+                assert lease.valid()
+            assert b.fencing_remaining() == 0
         finally:
             await b.close()
-        assert 2.0 < waited < 4.5
     finally:
         await a.close()
 

@@ -70,23 +70,28 @@ async def test_expired_without_refresh_token_marks_expired(broker: TokenBroker,
     assert stored.reason == "expired"
 
 
-async def test_rejection_of_the_current_token_marks_the_grant(broker: TokenBroker,
-                                                              vault: LocalVault) -> None:
-    await vault.put(Grant("u", "docs", tokens("a1")))
-    await broker.get("u", PROVIDER)
-    assert await broker.mark_reauth("u", PROVIDER, "revoked_upstream", rejected=Secret("a1"))
-    with pytest.raises(ReauthRequired) as exc:
-        await broker.get("u", PROVIDER)
-    assert exc.value.reason == "revoked_upstream"
-
-
-async def test_rejection_of_a_superseded_token_leaves_the_grant(broker: TokenBroker,
-                                                                vault: LocalVault) -> None:
+async def test_forced_refresh_of_a_superseded_token_does_nothing(broker: TokenBroker,
+                                                                  vault: LocalVault) -> None:
     await vault.put(Grant("u", "docs", tokens("a2")))
-    await broker.get("u", PROVIDER)
-    assert not await broker.mark_reauth("u", PROVIDER, "revoked_upstream",
-                                        rejected=Secret("a1"))
-    assert (await broker.get("u", PROVIDER)).tokens.access_token == Secret("a2")
+    assert await broker.refresh_rejected("u", PROVIDER, Secret("a1")) == "superseded"
+    stored = await vault.get("u", "docs")
+    assert stored is not None and stored.status is GrantStatus.ACTIVE
+    assert broker._refresher.calls == 0
+
+
+async def test_forced_refresh_without_a_refresh_token_marks_revoked_upstream(
+        broker: TokenBroker, vault: LocalVault) -> None:
+    await vault.put(Grant("u", "docs", TokenSet(Secret("a1"), None, expires_at=None)))
+    with pytest.raises(ReauthRequired) as exc:
+        await broker.refresh_rejected("u", PROVIDER, Secret("a1"))
+    assert exc.value.reason == "revoked_upstream"
+    assert "no refresh token" in exc.value.detail
+    stored = await vault.get("u", "docs")
+    assert stored is not None and stored.reason == "revoked_upstream"
+    assert broker._refresher.calls == 0
+    with pytest.raises(ReauthRequired) as again:
+        await broker.get("u", PROVIDER)  # dropped from the cache too
+    assert again.value.reason == "revoked_upstream"
 
 
 async def test_invalidation_drops_the_cache(broker: TokenBroker, vault: LocalVault) -> None:
