@@ -202,9 +202,12 @@ class CredentialInjector:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         self.in_flight.discard(flow.id)
-        self._sink.forget(flow)
+        refused = self._sink.forget(flow)
         injected = self._injected.pop(flow.id, None)
-        if injected is None or flow.response is None or self.app is None:
+        if refused or flow.response is None or self.app is None:
+            return
+        self._observe(flow, injected[1].provider.id if injected else "-")
+        if injected is None:
             return
         refusal: ProxyRefusal | None
         try:
@@ -219,6 +222,18 @@ class CredentialInjector:
         if refusal is not None:
             # The response body has not been sent (responseheaders kept it from streaming).
             flow.response = self._problem(flow, refusal)
+
+    def _observe(self, flow: http.HTTPFlow, provider: str) -> None:
+        """Latency of an exchange that went upstream (mitmproxy's timestamps, seconds)."""
+        assert self.app is not None and flow.response is not None
+        metrics = self.app.sidecar.metrics
+        req, resp = flow.request, flow.response
+        if resp.timestamp_end is not None:
+            metrics.request_duration.labels(provider).observe(
+                max(0.0, resp.timestamp_end - req.timestamp_start))
+        if req.timestamp_end is not None:
+            metrics.upstream_duration.labels(provider).observe(
+                max(0.0, resp.timestamp_start - req.timestamp_end))
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.in_flight.discard(flow.id)

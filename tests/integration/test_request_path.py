@@ -458,3 +458,23 @@ def test_tunnel_mode_intercepts_an_ipv6_provider(env: Env, tmp_path: Path) -> No
     finally:
         proc.close()
         v6.close()
+
+
+# --- latency is measured per provider -------------------------------------------
+
+def test_latency_histograms_per_provider(env: Env) -> None:
+    user = env.user()
+    with env.stack.client_via(env.stack.proxy_url, context=env.stack.context(user)) as c:
+        assert c.get(f"https://{env.raw_authority}/timed").status_code == 200
+    echo = env.stack.echo_server(tls=True)
+    with env.stack.client_via(env.stack.proxy_url) as c:
+        assert c.get(f"{echo.url}/healthz").status_code == 200
+    text = requests.get(f"http://{env.stack.config['admin']}/metrics", timeout=10).text
+
+    def sample(name: str, labels: str) -> float:
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"{name}{{{labels}}}"))
+        return float(line.rsplit(" ", 1)[1])
+
+    for provider in (RAW, "-"):
+        assert sample("credproxy_request_duration_seconds_count", f'provider="{provider}"') >= 1
+        assert sample("credproxy_upstream_duration_seconds_count", f'provider="{provider}"') >= 1
