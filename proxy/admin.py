@@ -54,7 +54,8 @@ class AdminServer:
     def __init__(self, settings: Settings, verifier: IdentityVerifier, connector: Connector,
                  vault: Vault,
                  ready_checks: Sequence[tuple[str, Callable[[], Awaitable[object]]]],
-                 metrics: Metrics, *, ready_timeout: float = READY_CHECK_TIMEOUT) -> None:
+                 metrics: Metrics, *, ready_timeout: float = READY_CHECK_TIMEOUT,
+                 liveness: Sequence[tuple[str, Callable[[], str | None]]] = ()) -> None:
         self._metrics = metrics
         self.settings = settings
         self.verifier = verifier
@@ -62,6 +63,7 @@ class AdminServer:
         self._vault = vault
         self._checks = ready_checks
         self._ready_timeout = ready_timeout
+        self._liveness = liveness
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
@@ -85,6 +87,13 @@ class AdminServer:
             await self._runner.cleanup()
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: 200 ``{"status": "ok"}``, or 503 ``{"status": "failing", "checks":
+        {name: what}}`` when a fault only a restart cures has lasted too long (each
+        liveness check is synchronous and cheap)."""
+        failing = {name: problem for name, check in self._liveness
+                   if (problem := check()) is not None}
+        if failing:
+            return web.json_response({"status": "failing", "checks": failing}, status=503)
         return web.json_response({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:
