@@ -549,8 +549,9 @@ class FileSink:
         except OSError:
             return True  # cannot tell (write-only file); an extra junk line is harmless
 
-    def _current_fd(self) -> int:
-        """The descriptor of the file the path names now, reopened if it changed."""
+    def _current_fd(self, *, probe: bool = False) -> int:
+        """The descriptor of the file the path names now, reopened if it changed. A failed
+        open is counted unless ``probe`` (readiness asks every few seconds)."""
         if self._fd is not None and not self._still_named():
             self._drop_fd()
             self._reopen_reason = "rotated"
@@ -559,7 +560,8 @@ class FileSink:
             try:
                 self._fd = self._open()
             except OSError as exc:
-                self.events.failed("open")
+                if not probe:
+                    self.events.failed("open")
                 self._failing(f"cannot open {self.path}: {_describe(exc)}")
                 raise
             if self._opened_once:
@@ -624,7 +626,7 @@ class FileSink:
             if self._closed:
                 return SinkHealth(False, "closed")
             try:
-                self._current_fd()
+                self._current_fd(probe=True)
             except OSError:
                 return SinkHealth(False, self._error or "cannot open", self._failing_since)
             self._recovered()
