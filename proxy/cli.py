@@ -230,7 +230,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     e = report.first_error
     assert e is not None
     where = f"line {e.line}"
-    if files is not None:
+    if files is not None and len(files.paths) > 1:
         name, line = files.where(e.line)
         where = f"{name} line {line}"
     print(f"BROKEN: {where} (instance {e.instance}, seq {e.seq}): {e.reason}")

@@ -41,7 +41,8 @@ def test_health_and_readiness(stack: Stack) -> None:
     r = httpx2.get(f"{admin}/readyz", trust_env=False)
     assert r.status_code == 200
     assert r.json() == {"ready": True, "checks": {"ca": "ok", "proxy": "ok", "vault": "ok",
-                                                  "coordination": "ok", "draining": "ok"}}
+                                                  "coordination": "ok", "draining": "ok",
+                                                  "audit": "ok"}}
 
 
 def test_metrics_follow_traffic_without_user_ids(stack: Stack, user: str) -> None:

@@ -855,3 +855,38 @@ def test_stdout_records_queued_behind_a_reader_that_dies_are_counted_lost() -> N
     assert verify(written).ok  # what did get out still chains; the rest is a visible gap
     sink.close()
     w.close()
+
+
+@pytest.mark.parametrize("content", [None, b"\x1f\x8b\x08\x00truncated", b"not gzip at all"],
+                         ids=["missing", "truncated gz", "not gzip"])
+def test_audit_verify_names_an_unreadable_file(
+        tmp_path: Path, content: bytes | None, capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    good = tmp_path / "audit.jsonl"
+    good.write_text("\n".join(chain_lines(2)) + "\n")
+    bad = tmp_path / "audit.jsonl.1.gz"
+    if content is not None:
+        bad.write_bytes(content)
+    assert main(["audit", "verify", str(bad), str(good)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"credproxy: audit verify: cannot read {bad}: ")
+    assert "Traceback" not in err
+
+
+def test_audit_verify_over_files_names_the_file_of_the_break(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import gzip
+
+    from proxy.cli import main
+
+    lines = chain_lines(4)
+    old, new = tmp_path / "audit.jsonl.1.gz", tmp_path / "audit.jsonl"
+    old.write_bytes(gzip.compress(("\n".join(lines[:2]) + "\n").encode()))
+    new.write_text("\n".join(lines[2:]) + "\n")
+    assert main(["audit", "verify", str(old), str(new)]) == 0
+    assert capsys.readouterr().out == "ok: 4 records in 1 chains verified over 2 files\n"
+    new.write_text(lines[3] + "\n")  # seq 3 lost
+    assert main(["audit", "verify", str(old), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"BROKEN: {new} line 1 (instance host-a/0001, seq 4): ")
