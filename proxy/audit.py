@@ -30,6 +30,14 @@ newest records is invisible. Ship the log off the host to catch those.
 Lines are written as compact, ASCII-only JSON (``ensure_ascii=True``): verification
 re-derives the canonical form from the parsed values, and an ASCII line cannot fail on a
 stdout whose encoding is not UTF-8.
+
+Sinks never lose the trail silently: :class:`FileSink` follows its path across rotation
+(logrotate ``create``, ``mv``, ``rm``) and fails closed while it cannot write;
+:class:`StdoutSink` never blocks the caller for long (a stalled reader fails closed after a
+bound). Both report :class:`SinkHealth` for the probes. A rotated log is verified as one
+stream over its files, oldest first (:class:`LogFiles`, ``.gz`` included); the chain does
+not care where the files were cut. See docs/operations.md, "Audit sinks, rotation and
+signals".
 """
 
 from __future__ import annotations
