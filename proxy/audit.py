@@ -235,11 +235,12 @@ class MonitoredSink(Sink, Protocol):
 class SinkEvents(Protocol):
     """What a sink reports for metrics (called from any thread).
 
-    ``reopened(reason)``: ``"rotated"`` (the path names another file or none), ``"signal"``
-    (SIGHUP/SIGUSR1) or ``"error"`` (after a failed write). ``failed(kind)``: ``"open"``,
-    ``"write"``, ``"stalled"`` or ``"buffer_full"``, once per refused record or failed
-    write. ``dropped(records)``: records accepted into the stdout buffer and then lost to a
-    write error (the chain shows the gap).
+    ``reopened(reason)``: ``"rotated"`` (the path names another file or none), ``"size"``
+    (built-in rotation), ``"signal"`` (SIGHUP/SIGUSR1) or ``"error"`` (after a failed
+    write). ``failed(kind)``: ``"open"``, ``"write"``, ``"stalled"``, ``"buffer_full"``
+    (once per refused record or failed write) or ``"rotate"`` (a size rotation whose rename
+    failed; nothing refused). ``dropped(records)``: records accepted into the stdout buffer
+    and then lost to a write error (the chain shows the gap).
     """
 
     def reopened(self, reason: str) -> None: ...
@@ -512,6 +513,12 @@ class FileSink:
     ``copytruncate`` is not supported: records written between its copy and its truncate are
     lost (``audit verify`` over the copy and the file reports the gap).
 
+    Built-in rotation (``max_bytes``): before a record would take the file past
+    ``max_bytes``, ``PATH.N`` becomes ``PATH.N+1`` (the one beyond ``keep`` is deleted),
+    ``PATH`` becomes ``PATH.1`` and a new ``PATH`` is created; the chain simply continues in
+    the new file. A rename that fails is logged and counted, and records keep going to the
+    current file. Meant for one writing process per file.
+
     ``fsync`` is off by default: a record is in the kernel once ``write`` returns, which
     survives a proxy crash; only a host crash can lose it, and an fsync per proxied request
     would put disk latency on every call. Pass ``fsync=True`` to pay that for durability.
@@ -519,10 +526,15 @@ class FileSink:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False,
+                 max_bytes: int | None = None, keep: int = 5,
                  events: SinkEvents | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
         self.path = os.fspath(path)
         self._fsync = fsync
+        self._max_bytes = max_bytes
+        self._keep = keep
         self.events: SinkEvents = events or _NoEvents()
         self._clock = clock
         self._lock = threading.RLock()
@@ -591,6 +603,9 @@ class FileSink:
                 raise ValueError("audit sink is closed")
             fd = self._current_fd()
             data = (("\n" if self._needs_newline else "") + line + "\n").encode("utf-8")
+            if self._max_bytes is not None and self._rotate_by_size(fd, len(data)):
+                fd = self._current_fd()
+                data = (("\n" if self._needs_newline else "") + line + "\n").encode("utf-8")
             self._needs_newline = True
             try:
                 _write_all(fd, data)
@@ -603,6 +618,28 @@ class FileSink:
                 raise
             self._needs_newline = False
             self._recovered()
+
+    def _rotate_by_size(self, fd: int, size: int) -> bool:
+        """Rotate if ``size`` more bytes would take the file past ``max_bytes``; True if
+        it did (the descriptor is then closed)."""
+        assert self._max_bytes is not None
+        current = os.fstat(fd).st_size
+        if current == 0 or current + size <= self._max_bytes:
+            return False
+        try:
+            for n in range(self._keep - 1, 0, -1):
+                if os.path.lexists(f"{self.path}.{n}"):
+                    os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        except OSError as exc:
+            self.events.failed("rotate")
+            log.error("audit file %s: size rotation failed (%s); records keep going to the "
+                      "current file", self.path, _describe(exc))
+            return False
+        self._drop_fd()
+        self._reopen_reason = "size"
+        self._needs_newline = False
+        return True
 
     def _failing(self, detail: str) -> None:
         if self._error is None:
@@ -655,13 +692,14 @@ class FileSink:
 
 
 def open_sink(spec: str, *, events: SinkEvents | None = None,
-              stall_timeout: float = STALL_TIMEOUT,
-              buffer_bytes: int = BUFFER_BYTES) -> StdoutSink | FileSink:
-    """``"stdout"`` writes to standard output; anything else is a file path."""
+              stall_timeout: float = STALL_TIMEOUT, buffer_bytes: int = BUFFER_BYTES,
+              rotate_bytes: int | None = None, rotate_keep: int = 5) -> StdoutSink | FileSink:
+    """``"stdout"`` writes to standard output (``stall_timeout``, ``buffer_bytes``);
+    anything else is a file path (``rotate_bytes``, ``rotate_keep``: built-in rotation)."""
     if spec == "stdout":
         return StdoutSink(events=events, stall_timeout=stall_timeout,
                           buffer_bytes=buffer_bytes)
-    return FileSink(spec, events=events)
+    return FileSink(spec, events=events, max_bytes=rotate_bytes, keep=rotate_keep)
 
 
 # --- writing -----------------------------------------------------------------------------

@@ -63,10 +63,11 @@ class Metrics:
         self.audit_sink_failures = Counter(
             "credproxy_audit_sink_failures", "Audit sink failures: a file that could not be "
             "(re)opened, a failed write, a record refused because stdout stalled or its buffer "
-            "was full", ["kind"], registry=r)
+            "was full, a size rotation that failed", ["kind"], registry=r)
         self.audit_reopens = Counter(
             "credproxy_audit_reopens", "Audit file reopened: rotated (the path named another "
-            "file or none), signal (SIGHUP/SIGUSR1), error (after a failed write)", ["reason"],
+            "file or none), size (built-in rotation), signal (SIGHUP/SIGUSR1), error (after a "
+            "failed write)", ["reason"],
             registry=r)
         self.audit_dropped = Counter(
             "credproxy_audit_records_dropped", "Audit records accepted into the stdout buffer "

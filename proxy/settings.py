@@ -167,6 +167,9 @@ class AuditSettings(_Model):
     stall_timeout: float = Field(default=2.0, gt=0)
     buffer_bytes: int = Field(default=1 << 20, ge=4096)
     liveness_after: float = Field(default=30.0, gt=0)
+    # file only: built-in size rotation (None: off, use logrotate); files kept besides it.
+    rotate_bytes: int | None = Field(default=None, ge=4096)
+    rotate_keep: int = Field(default=5, ge=1)
 
 
 class InjectSettings(_Model):

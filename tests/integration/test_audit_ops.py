@@ -276,6 +276,33 @@ def test_audit_directory_that_goes_away_fails_closed_then_recovers(
         stack.close()
 
 
+def test_built_in_size_rotation_under_load_keeps_one_chain(
+        tmp_path: Path, load_in: Callable[[Stack, str], Load]) -> None:
+    audit_dir = tmp_path / "audit"
+    audit_dir.mkdir()
+    path = audit_dir / "audit.jsonl"
+    stack = build_stack(tmp_path / "stack", config={"audit": {
+        "sink": str(path), "rotate_bytes": 8192, "rotate_keep": 1000}})
+    try:
+        load = load_in(stack, "size")
+        load.wait_for(60)
+        load.finish()
+        assert all(status == 200 for _, status, _ in load.results)
+        files = sorted(audit_dir.iterdir(), key=lambda f: -int(f.name.rsplit(".", 1)[1])
+                       if f != path else 0)
+        assert len(files) >= 3 and files[-1] == path
+        assert all(f.stat().st_size <= 8192 and stat_mode(f) == 0o600 for f in files)
+        paths = [r["request"]["path"] for f in files for r in _records(f)
+                 if r["event"] == "credential.injected"]
+        assert paths == [p for p, _, _ in load.results]
+        out = _verify(files)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert _metric(stack, "credproxy_audit_reopens_total", 'reason="size"') == \
+            len(files) - 1
+    finally:
+        stack.close()
+
+
 # --- copytruncate: unsupported, and its gap is detected ----------------------------------------
 
 

@@ -890,3 +890,31 @@ def test_audit_verify_over_files_names_the_file_of_the_break(
     assert main(["audit", "verify", str(old), str(new)]) == 1
     out = capsys.readouterr().out
     assert out.startswith(f"BROKEN: {new} line 1 (instance host-a/0001, seq 4): ")
+
+
+@pytest.mark.parametrize("keep", [2, 100])
+def test_filesink_size_rotation_continues_the_chain_across_files(tmp_path: Path,
+                                                                 keep: int) -> None:
+    from proxy.audit import LogFiles
+
+    path = tmp_path / "audit.jsonl"
+    events = RecordingEvents()
+    log = AuditLog(FileSink(path, max_bytes=4096, keep=keep, events=events),
+                   instance="a/1", fingerprint_key=KEY)
+    write_n(log, 60)
+    log.close()
+    rotated = sorted((p for p in tmp_path.iterdir() if p != path),
+                     key=lambda p: -int(p.name.rsplit(".", 1)[1]))
+    files = [str(p) for p in rotated] + [str(path)]
+    sizes = [os.path.getsize(f) for f in files]
+    assert all(0 < size <= 4096 for size in sizes)
+    assert all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in files)
+    assert set(events.reopens) == {"size"}
+    if keep == 100:  # nothing deleted: one unbroken chain over every file
+        assert len(rotated) == len(events.reopens)
+        report = verify(LogFiles(files))
+        assert (report.ok, report.records) == (True, 60)
+    else:  # the oldest files are gone: the rest verifies as a chain cut at its start
+        assert [p.name for p in rotated] == ["audit.jsonl.2", "audit.jsonl.1"]
+        assert not verify(LogFiles(files)).ok
+        assert verify(LogFiles(files), allow_partial=True).ok
