@@ -64,14 +64,16 @@ async def drain(m: master.Master, injector: CredentialInjector, app: App,
 
 def reopen_audit(app: App, sig: str) -> None:
     """Reopen the audit file after a rotation (SIGHUP, SIGUSR1); one log line either way."""
+    reload = "; reloading the configuration" if sig == "SIGHUP" else ""
     try:
-        app.sidecar.audit.reopen()
+        reopened = app.sidecar.audit.reopen()
     except OSError as exc:
         log.error("%s: the audit file cannot be reopened (%s): credentialed requests are "
-                  "refused (503 audit-unavailable) until it can", sig, exc.strerror or exc)
+                  "refused (503 audit-unavailable) until it can%s", sig,
+                  exc.strerror or exc, reload)
         return
-    log.info("%s: audit log reopened%s", sig,
-             "; reloading the configuration" if sig == "SIGHUP" else "")
+    log.info("%s: %s%s", sig, "audit log reopened" if reopened
+             else "audit log is stdout, nothing to reopen", reload)
 
 
 async def serve(settings: Settings, app: App, *, grace: float = 25.0) -> None:

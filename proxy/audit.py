@@ -229,7 +229,7 @@ class MonitoredSink(Sink, Protocol):
 
     def health(self) -> SinkHealth: ...
 
-    def reopen(self) -> None: ...
+    def reopen(self) -> bool: ...
 
 
 class SinkEvents(Protocol):
@@ -268,17 +268,21 @@ def _fileno(stream: TextIO) -> int | None:
         return None
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write every byte, blocking; waits for writability if someone made ``fd``
+def _write_some(fd: int, view: memoryview) -> int:
+    """One blocking ``os.write``; waits for writability if someone made ``fd``
     non-blocking (the flag belongs to the open file, which other processes share)."""
-    view = memoryview(data)
-    while view:
+    while True:
         try:
-            written = os.write(fd, view)
+            return os.write(fd, view)
         except BlockingIOError:
             select.select([], [fd], [])
-            continue
-        view = view[written:]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte, blocking."""
+    view = memoryview(data)
+    while view:
+        view = view[_write_some(fd, view):]
 
 
 def _describe(exc: BaseException) -> str:
@@ -405,8 +409,10 @@ class StdoutSink:
                 self._needs_newline = True
                 self._busy_since = self._clock()
             error: OSError | None = None
+            view, sent = memoryview(prefix + batch), 0
             try:
-                _write_all(self._fd, prefix + batch)
+                while sent < len(view):
+                    sent += _write_some(self._fd, view[sent:])
             except OSError as exc:
                 error = exc
             with self._cond:
@@ -418,8 +424,11 @@ class StdoutSink:
                     self._healthy()
                 else:
                     self._failed(error)
-                    lost = records
-                    if self._waiter is not None and first <= self._waiter <= last:
+                    # Records wholly written before the error are out (in the pipe).
+                    out = batch[:max(0, sent - len(prefix))].count(b"\n")
+                    lost = records - out
+                    waiter = self._waiter
+                    if waiter is not None and first + out <= waiter <= last:
                         self._waiter_error = error
                         lost -= 1  # its caller is told and refuses the request
                     if lost:
@@ -474,8 +483,9 @@ class StdoutSink:
                 return SinkHealth(False, self._error, self._failing_since, restart_helps=True)
             return HEALTHY
 
-    def reopen(self) -> None:
-        """Nothing to reopen: standard output is inherited."""
+    def reopen(self) -> bool:
+        """Nothing to reopen: standard output is inherited (False)."""
+        return False
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting records and wait up to ``timeout`` seconds (default: the stall
@@ -653,15 +663,16 @@ class FileSink:
             log.warning("audit file %s: writing again", self.path)
         self._error, self._failing_since = None, None
 
-    def reopen(self) -> None:
-        """Close the file and open the path again now (a rotation signal). Raises
+    def reopen(self) -> bool:
+        """Close the file and open the path again now (a rotation signal); True. Raises
         :class:`OSError` if it cannot be opened; writes keep failing closed until it can."""
         with self._lock:
             if self._closed:
-                return
+                return False
             self._drop_fd()
             self._reopen_reason = "signal"
             self._current_fd()
+            return True
 
     def health(self) -> SinkHealth:
         """Ok when the path can be opened (reopening it if it was rotated or a write
@@ -805,12 +816,14 @@ class AuditLog:
         the record lock: a probe never waits behind a write."""
         return self._sink.health() if isinstance(self._sink, MonitoredSink) else HEALTHY
 
-    def reopen(self) -> None:
-        """Reopen the sink's file (SIGHUP/SIGUSR1 after a rotation). Raises
-        :class:`OSError` if it cannot be opened: records then fail closed until it can."""
-        if isinstance(self._sink, MonitoredSink):
-            with self._lock:
-                self._sink.reopen()
+    def reopen(self) -> bool:
+        """Reopen the sink's file (SIGHUP/SIGUSR1 after a rotation); False when the sink
+        has no file (stdout). Raises :class:`OSError` if it cannot be opened: records then
+        fail closed until it can."""
+        if not isinstance(self._sink, MonitoredSink):
+            return False
+        with self._lock:
+            return self._sink.reopen()
 
     def close(self) -> None:
         with self._lock:
