@@ -840,19 +840,16 @@ def test_stdout_records_queued_behind_a_reader_that_dies_are_counted_lost() -> N
     events = RecordingEvents()
     sink = StdoutSink(w, events=events)
     log = AuditLog(sink, instance="a/1", fingerprint_key=KEY)
-    for i in range(40):  # the pipe holds a few; the rest wait in the buffer
+    for i in range(100):  # ~35 kB: the one-page pipe holds a few; the rest wait in memory
         _in_thread(lambda i=i: _record(log, i))
-    first = _drain(r)
     os.close(r)  # the reader dies with records still queued
     for _ in range(200):
         if not sink.health().ok:
             break
         threading.Event().wait(0.05)
     assert "EPIPE" in sink.health().detail
-    written = first.decode().splitlines()
-    # Records still in the pipe when it closed die with it (the kernel's, not counted).
-    assert written and events.lost > 0 and len(written) + events.lost <= 40
-    assert verify(written).ok  # what did get out still chains; the rest is a visible gap
+    # Those still in the pipe died in the kernel (not ours to count); the rest are counted.
+    assert 50 < events.lost < 100
     sink.close()
     w.close()
 
