@@ -473,7 +473,7 @@ def test_dead_stdout_reader_fails_readiness_then_liveness(
     stack.vault_put(user, stack.grant(user))
     with stack.client(context=stack.context(user), timeout=15) as c:
         assert c.get(f"{stack.docs_url}/echo/{marker}/ok").status_code == 200
-        assert b"/ok" in proxy.read_stdout()
+        wait_for(lambda: f"{marker}/ok".encode() in proxy.read_stdout(), 10)
         assert proxy.proc.stdout is not None
         proxy.proc.stdout.close()  # the reader dies: EPIPE
         for i in range(3):
