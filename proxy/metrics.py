@@ -17,7 +17,8 @@ _REASONS = frozenset({
     "token_endpoint_unavailable", "token_endpoint_error", "vault_unavailable",
     "vault_record_corrupt", "vault_write_failed", "coordination_unavailable",
     "audit-write-failed", "audit-sink-stalled", "internal-error", "lookalike-header",
-    "bad-field-name", "obs-fold", "control-character", "bad-connection", "target_mismatch", "bad_target", "trailers",
+    "bad-field-name", "obs-fold", "control-character", "bad-connection", "target_mismatch",
+    "bad_target", "trailers",
     "upstream_unreachable", "upstream_protocol_error", "client_protocol_error",
 })
 
