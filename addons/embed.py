@@ -62,8 +62,24 @@ async def drain(m: master.Master, injector: CredentialInjector, app: App,
     m.shutdown()
 
 
+def reopen_audit(app: App, sig: str) -> None:
+    """Reopen the audit file after a rotation (SIGHUP, SIGUSR1); one log line either way."""
+    reload = "; reloading the configuration" if sig == "SIGHUP" else ""
+    try:
+        reopened = app.sidecar.audit.reopen()
+    except OSError as exc:
+        log.error("%s: the audit file cannot be reopened (%s): credentialed requests are "
+                  "refused (503 audit-unavailable) until it can%s", sig,
+                  exc.strerror or exc, reload)
+        return
+    log.info("%s: %s%s", sig, "audit log reopened" if reopened
+             else "audit log is stdout, nothing to reopen", reload)
+
+
 async def serve(settings: Settings, app: App, *, grace: float = 25.0) -> None:
-    """Serve until SIGTERM/SIGINT, then drain (see :func:`drain`)."""
+    """Serve until SIGTERM/SIGINT, then drain (see :func:`drain`). SIGHUP reloads the
+    configuration (as a changed config file does) and reopens the audit file; SIGUSR1 only
+    reopens the audit file."""
     ca_dir = Path(settings.ca_dir).expanduser()
     ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     host, _, port = settings.listen.rpartition(":")
@@ -110,12 +126,18 @@ async def serve(settings: Settings, app: App, *, grace: float = 25.0) -> None:
             return
         stopping.append(asyncio.create_task(drain(m, injector, app, grace)))
 
+    def on_hangup() -> None:
+        reopen_audit(app, "SIGHUP")
+        app.request_reload()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_audit, app, "SIGUSR1")
     log.info("credproxy listening on %s (providers: %s)", settings.listen,
              ", ".join(p.id for p in settings.providers) or "none")
     try:
         await m.run()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)

@@ -68,12 +68,14 @@ class AdminServer:
     def __init__(self, settings: Settings, verifier: IdentityVerifier, connector: Connector,
                  vault: Vault, ready_checks: Checks, metrics: Metrics, *,
                  dependencies: Checks = (), draining: Callable[[], bool] = lambda: False,
-                 ready_timeout: float = READY_CHECK_TIMEOUT) -> None:
+                 ready_timeout: float = READY_CHECK_TIMEOUT,
+                 liveness: Sequence[tuple[str, Callable[[], str | None]]] = ()) -> None:
         """``ready_checks``: what the sidecar needs to serve (startup and readiness; a
         failure is 503). ``dependencies``: shared stores whose outage degrades readiness
         (200 ``degraded``) and sets ``credproxy_dependency_up``. ``draining``: True once
         shutdown began (readiness 503). Each check raises CredproxyError or OSError to fail
-        and is bounded by ``ready_timeout`` seconds."""
+        and is bounded by ``ready_timeout`` seconds. ``liveness``: named functions that
+        return what is wrong (``/healthz`` 503) or None."""
         self._metrics = metrics
         self.settings = settings
         self.verifier = verifier
@@ -83,6 +85,7 @@ class AdminServer:
         self._dependencies = dependencies
         self._draining = draining
         self._ready_timeout = ready_timeout
+        self._liveness = liveness
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
@@ -107,6 +110,13 @@ class AdminServer:
             await self._runner.cleanup()
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: 200 ``{"status": "ok"}``, or 503 ``{"status": "failing", "checks":
+        {name: what}}`` when a fault only a restart cures has lasted too long (each
+        liveness check is synchronous and cheap)."""
+        failing = {name: problem for name, check in self._liveness
+                   if (problem := check()) is not None}
+        if failing:
+            return web.json_response({"status": "failing", "checks": failing}, status=503)
         return web.json_response({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:

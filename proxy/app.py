@@ -17,7 +17,7 @@ from proxy.admin import AdminServer
 from proxy.audit import AuditLog, new_instance_id, open_sink
 from proxy.connect import Connector
 from proxy.coordination import Coordinator, MemoryCoordinator
-from proxy.errors import ConfigError, CredproxyError
+from proxy.errors import AuditUnavailable, ConfigError, CredproxyError
 from proxy.identity import IdentityVerifier, KeySource
 from proxy.metrics import Metrics
 from proxy.offboard import Offboarder
@@ -61,6 +61,8 @@ class App:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     _reload_listeners: list[ReloadListener] = field(default_factory=list)
+    # Set by request_reload (SIGHUP): the config watcher reloads at once, changed or not.
+    _reload_now: asyncio.Event = field(default_factory=asyncio.Event)
 
     # Keys that only take effect on restart (sockets, stores, the audit chain).
     RESTART_KEYS = ("listen", "admin", "public_url", "ca_dir", "upstream_ca_file", "vault",
@@ -115,6 +117,20 @@ class App:
                 log.exception("config reload listener %r failed", listener)
         return restart
 
+    def request_reload(self) -> None:
+        """Have the config watcher reload now, even if no file changed (SIGHUP): the same
+        path, checks, log lines and metrics as a reload on a file change."""
+        self._reload_now.set()
+
+    async def _next_check(self, interval: float) -> bool:
+        """Wait ``interval`` seconds or for :meth:`request_reload`; True for the latter."""
+        try:
+            await asyncio.wait_for(self._reload_now.wait(), interval)
+        except TimeoutError:
+            return False
+        self._reload_now.clear()
+        return True
+
     def watched_files(self, settings: Settings | None = None) -> list[str]:
         """The files the live-reloadable config reads besides itself: identity key files
         and providers' client_secret_file (restart-only keys' files are not watched)."""
@@ -154,9 +170,12 @@ class App:
         pending: Settings | None = None
         last = self.config_digest(path)
         while True:
-            await asyncio.sleep(interval)
+            requested = await self._next_check(interval)
             current = self.config_digest(path, pending)
-            if current is None or current == last:
+            if current is None and requested:
+                log.error("config reload requested but %s cannot be read; the previous "
+                          "config keeps serving", path)
+            if current is None or (current == last and not requested):
                 continue
             last = current
             pending = None
@@ -201,7 +220,8 @@ class App:
             vault_check: Check = (CachedSuccess(self.vault.ping, VAULT_OK_TTL)
                                   if self.settings.vault.backend == "azure" else self.vault.ping)
             # What this sidecar needs to serve: /startupz and /readyz (503 when one fails).
-            checks: list[tuple[str, Check]] = [("proxy", self._listening)]
+            checks: list[tuple[str, Check]] = [("proxy", self._listening),
+                                               ("audit", self._audit_writable)]
             # Stores every pod shares: an outage degrades /readyz (200, named in the body)
             # instead of taking every agent pod out of its Service at once.
             dependencies: list[tuple[str, Check]] = [
@@ -209,7 +229,8 @@ class App:
             self.admin = AdminServer(self.settings, self.sidecar.verifier, self.connector,
                                      self.vault, checks, self.sidecar.metrics,
                                      dependencies=dependencies,
-                                     draining=lambda: self.draining)
+                                     draining=lambda: self.draining,
+                                     liveness=[("audit", self.audit_liveness)])
             await self.admin.start()
 
     async def _listening(self) -> None:
@@ -221,6 +242,26 @@ class App:
         except (OSError, TimeoutError) as exc:
             raise CredproxyError("proxy port not accepting yet") from exc
         writer.close()
+
+    async def _audit_writable(self) -> None:
+        """Readiness: the audit sink can write (a file it can open, a stdout that is
+        neither closed nor stalled); otherwise every credentialed request gets 503."""
+        health = self.sidecar.audit.health()
+        if not health.ok:
+            raise AuditUnavailable(f"audit sink: {health.detail}",
+                                   reason="audit-write-failed")
+
+    def audit_liveness(self) -> str | None:
+        """Liveness: None while live; what is wrong once the audit sink has failed for
+        ``audit.liveness_after`` seconds with a fault only a restart cures (a closed or
+        stuck stdout). A file sink reopens its path by itself and never fails liveness."""
+        health = self.sidecar.audit.health()
+        if health.ok or not health.restart_helps or health.failing_since is None:
+            return None
+        failing = time.monotonic() - health.failing_since
+        if failing < self.settings.audit.liveness_after:
+            return None
+        return f"{health.detail} (for {failing:.0f} s)"
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -353,7 +394,12 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
                          metrics=metrics,
                          connect_url=settings.connect_url, clock=clock)
     audit = AuditLog(open_sink(os.path.expanduser(settings.audit.sink)
-                               if settings.audit.sink != "stdout" else "stdout"),
+                               if settings.audit.sink != "stdout" else "stdout",
+                               events=metrics.audit_events(),
+                               stall_timeout=settings.audit.stall_timeout,
+                               buffer_bytes=settings.audit.buffer_bytes,
+                               rotate_bytes=settings.audit.rotate_bytes,
+                               rotate_keep=settings.audit.rotate_keep),
                      instance=settings.audit.instance or new_instance_id(),
                      fingerprint_key=derive_subkey(key, "credproxy audit fingerprint"),
                      clock=clock)

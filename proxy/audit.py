@@ -30,23 +30,46 @@ newest records is invisible. Ship the log off the host to catch those.
 Lines are written as compact, ASCII-only JSON (``ensure_ascii=True``): verification
 re-derives the canonical form from the parsed values, and an ASCII line cannot fail on a
 stdout whose encoding is not UTF-8.
+
+Sinks never lose the trail silently: :class:`FileSink` follows its path across rotation
+(logrotate ``create``, ``mv``, ``rm``) and fails closed while it cannot write;
+:class:`StdoutSink` never blocks the caller for long (a stalled reader fails closed after a
+bound). Both report :class:`SinkHealth` for the probes. A rotated log is verified as one
+stream over its files, oldest first (:class:`LogFiles`, ``.gz`` included); the chain does
+not care where the files were cut. See docs/operations.md, "Audit sinks, rotation and
+signals".
 """
 
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import select
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, NamedTuple, Protocol, TextIO, get_args
+from typing import (
+    IO,
+    Any,
+    Final,
+    Literal,
+    NamedTuple,
+    Protocol,
+    TextIO,
+    get_args,
+    runtime_checkable,
+)
 
 from proxy.errors import AuditUnavailable
 from proxy.secret import Secret
@@ -162,6 +185,16 @@ def new_instance_id() -> str:
 
 # --- sinks -------------------------------------------------------------------------------
 
+log = logging.getLogger("credproxy.audit")
+
+# Defaults for the stdout sink (config: audit.stall_timeout, audit.buffer_bytes).
+STALL_TIMEOUT = 2.0
+BUFFER_BYTES = 1 << 20
+# How long a record waits for the stdout writer when it was idle: long enough for a healthy
+# pipe (microseconds), short enough that a reader that just stalled costs the event loop
+# one such wait, not one per request.
+SYNC_WAIT = 0.05
+
 
 class Sink(Protocol):
     """Where records go. ``write`` gets one line without its newline and raises on failure."""
@@ -171,39 +204,330 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class StdoutSink:
-    """Writes each record to a text stream (standard output by default) and flushes it."""
+@dataclass(frozen=True, slots=True)
+class SinkHealth:
+    """Whether a sink can write now, for the probes.
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    ``detail``: ``"ok"`` or what is wrong (no secrets; a file path at most).
+    ``failing_since``: ``time.monotonic()`` seconds when the current failure began.
+    ``restart_helps``: only a new process can fix it (a dead or stuck standard output); a
+    file sink reopens its path by itself, so restarting would not help.
+    """
+
+    ok: bool
+    detail: str = "ok"
+    failing_since: float | None = None
+    restart_helps: bool = False
+
+
+HEALTHY: Final = SinkHealth(ok=True)
+
+
+@runtime_checkable
+class MonitoredSink(Sink, Protocol):
+    """A sink that reports its health and can be told to reopen its file."""
+
+    def health(self) -> SinkHealth: ...
+
+    def reopen(self) -> bool: ...
+
+
+class SinkEvents(Protocol):
+    """What a sink reports for metrics (called from any thread).
+
+    ``reopened(reason)``: ``"rotated"`` (the path names another file or none), ``"size"``
+    (built-in rotation), ``"signal"`` (SIGHUP/SIGUSR1) or ``"error"`` (after a failed
+    write). ``failed(kind)``: ``"open"``, ``"write"``, ``"stalled"``, ``"buffer_full"``
+    (once per refused record or failed write) or ``"rotate"`` (a size rotation whose rename
+    failed; nothing refused). ``dropped(records)``: records accepted into the stdout buffer
+    and then lost to a write error (the chain shows the gap).
+    """
+
+    def reopened(self, reason: str) -> None: ...
+
+    def failed(self, kind: str) -> None: ...
+
+    def dropped(self, records: int) -> None: ...
+
+
+class _NoEvents:
+    def reopened(self, reason: str) -> None:
+        pass
+
+    def failed(self, kind: str) -> None:
+        pass
+
+    def dropped(self, records: int) -> None:
+        pass
+
+
+def _fileno(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: in memory
+        return None
+
+
+def _write_some(fd: int, view: memoryview) -> int:
+    """One blocking ``os.write``; waits for writability if someone made ``fd``
+    non-blocking (the flag belongs to the open file, which other processes share)."""
+    while True:
+        try:
+            return os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte, blocking."""
+    view = memoryview(data)
+    while view:
+        view = view[_write_some(fd, view):]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)} ({exc.strerror})"
+    return type(exc).__name__
+
+
+class StdoutSink:
+    """Writes records to standard output (or ``stream``); never blocks its caller for long.
+
+    A stream with a file descriptor (a pipe to the container runtime or a log shipper, a
+    terminal, a file) is written by a background thread, so a reader that stops reading
+    cannot freeze the event loop:
+
+    * ``write`` queues the line. When the writer was idle it waits up to ``sync_wait``
+      seconds for the line to reach the kernel, so normally a record is out when ``write``
+      returns and a write error (EPIPE: the reader is gone) is raised for that record.
+    * While a write is blocked, lines are queued without waiting, up to ``buffer_bytes``
+      (in flight included); they go out in order once the reader reads again.
+    * Once a write has been blocked for ``stall_timeout`` seconds, or the buffer is full,
+      ``write`` raises :class:`TimeoutError` or :class:`BufferError` at once (fail closed).
+    * Records queued behind a write that then fails are lost: logged, reported through
+      ``events.dropped`` and visible to ``audit verify`` as a gap in the chain.
+
+    :meth:`health` is not ok while the last write failed or a write is stalled;
+    ``restart_helps`` is set, because a closed standard output never comes back.
+
+    A stream without a descriptor (``io.StringIO``, pytest's capture) lives in memory and
+    cannot block: it is written in the caller.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, buffer_bytes: int = BUFFER_BYTES,
+                 stall_timeout: float = STALL_TIMEOUT, sync_wait: float = SYNC_WAIT,
+                 events: SinkEvents | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._stream = stream if stream is not None else sys.stdout
+        self._fd = _fileno(self._stream)
+        if self._fd is not None:
+            try:
+                self._stream.flush()  # whatever print() left buffered goes first
+            except (OSError, ValueError):
+                pass
+        self._buffer_bytes = buffer_bytes
+        self._stall_timeout = stall_timeout
+        self._sync_wait = sync_wait
+        self.events: SinkEvents = events or _NoEvents()
+        self._clock = clock
+        self._cond = threading.Condition()
         self._closed = False
         # After a failed write part of a line may already be out; start the next record on
         # a fresh line so it still parses (an empty line is skipped by readers).
         self._needs_newline = False
+        self._queue: deque[bytes] = deque()
+        self._held = 0  # bytes queued or in flight
+        self._tickets = 0  # records accepted
+        self._settled = 0  # records written or failed, in order
+        self._busy_since: float | None = None  # a write in flight since
+        self._waiter: int | None = None  # the ticket whose caller waits for its result
+        self._waiter_error: BaseException | None = None
+        self._error: str | None = None
+        self._failing_since: float | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- writing ---------------------------------------------------------------------------
 
     def write(self, line: str) -> None:
+        if self._fd is None:
+            self._write_inline(line)
+            return
+        data = (line + "\n").encode("utf-8")
+        with self._cond:
+            if self._closed:
+                raise ValueError("audit sink is closed")
+            self._refuse_if_stuck(len(data))
+            idle = not self._queue and self._busy_since is None
+            self._queue.append(data)
+            self._held += len(data)
+            self._tickets += 1
+            ticket = self._tickets
+            self._start_writer()
+            self._cond.notify_all()
+            if not idle:
+                return  # behind a write in flight: accepted, goes out in order
+            self._waiter, self._waiter_error = ticket, None
+            try:
+                self._cond.wait_for(lambda: self._settled >= ticket, timeout=self._sync_wait)
+                error = self._waiter_error
+            finally:
+                self._waiter, self._waiter_error = None, None
+        if error is not None:
+            raise error
+
+    def _refuse_if_stuck(self, size: int) -> None:
+        since = self._busy_since
+        if since is not None and self._clock() - since > self._stall_timeout:
+            self.events.failed("stalled")
+            raise TimeoutError(f"audit stdout: a write has been blocked for "
+                               f"{self._clock() - since:.1f} s (the reader is not reading)")
+        if self._held + size > self._buffer_bytes:
+            self.events.failed("buffer_full")
+            raise BufferError(f"audit stdout: {self._held} bytes waiting for the reader "
+                              f"(buffer {self._buffer_bytes})")
+
+    def _start_writer(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="credproxy-audit-stdout",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._fd is not None
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                records = len(self._queue)
+                batch = b"".join(self._queue)
+                self._queue.clear()
+                first, last = self._settled + 1, self._tickets
+                prefix = b"\n" if self._needs_newline else b""
+                self._needs_newline = True
+                self._busy_since = self._clock()
+            error: OSError | None = None
+            view, sent = memoryview(prefix + batch), 0
+            try:
+                while sent < len(view):
+                    sent += _write_some(self._fd, view[sent:])
+            except OSError as exc:
+                error = exc
+            with self._cond:
+                self._held -= len(batch)
+                self._busy_since = None
+                self._settled = last
+                if error is None:
+                    self._needs_newline = False
+                    self._healthy()
+                else:
+                    self._failed(error)
+                    # Records wholly written before the error are out (in the pipe).
+                    out = batch[:max(0, sent - len(prefix))].count(b"\n")
+                    lost = records - out
+                    waiter = self._waiter
+                    if waiter is not None and first + out <= waiter <= last:
+                        self._waiter_error = error
+                        lost -= 1  # its caller is told and refuses the request
+                    if lost:
+                        self.events.dropped(lost)
+                        log.error("audit stdout: %d accepted records were lost to a failed "
+                                  "write (%s); `audit verify` shows the gap", lost,
+                                  _describe(error))
+                self._cond.notify_all()
+
+    def _write_inline(self, line: str) -> None:
         if self._closed:
             raise ValueError("audit sink is closed")
         prefix = "\n" if self._needs_newline else ""
         self._needs_newline = True
-        self._stream.write(f"{prefix}{line}\n")
-        self._stream.flush()
-        self._needs_newline = False
-
-    def close(self) -> None:
-        """Flush and stop writing; the stream itself is not ours to close."""
-        if not self._closed:
-            self._closed = True
+        try:
+            self._stream.write(f"{prefix}{line}\n")
             self._stream.flush()
+        except Exception as exc:
+            with self._cond:
+                self._failed(exc)
+            raise
+        self._needs_newline = False
+        with self._cond:
+            self._healthy()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.events.failed("write")
+        detail = f"write failed: {_describe(exc)}"
+        if self._error is None:
+            self._failing_since = self._clock()
+            log.error("audit stdout: %s; requests are refused (503 audit-unavailable) until "
+                      "it can be written again", detail)
+        self._error = detail
+
+    def _healthy(self) -> None:
+        if self._error is not None:
+            log.warning("audit stdout: writing again")
+        self._error, self._failing_since = None, None
+
+    # -- state -----------------------------------------------------------------------------
+
+    def health(self) -> SinkHealth:
+        with self._cond:
+            now = self._clock()
+            if self._closed:
+                return SinkHealth(False, "closed")
+            since = self._busy_since
+            if since is not None and now - since > self._stall_timeout:
+                return SinkHealth(False, f"stalled: a write has been blocked for "
+                                  f"{now - since:.0f} s", since, restart_helps=True)
+            if self._error is not None:
+                return SinkHealth(False, self._error, self._failing_since, restart_helps=True)
+            return HEALTHY
+
+    def reopen(self) -> bool:
+        """Nothing to reopen: standard output is inherited (False)."""
+        return False
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting records and wait up to ``timeout`` seconds (default: the stall
+        timeout) for the queued ones; the stream itself is not ours to close."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._queue and self._busy_since is None,
+                                timeout=self._stall_timeout if timeout is None else timeout)
+            left = len(self._queue) + (self._busy_since is not None)
+        if left:
+            log.error("audit stdout: exiting with records still unwritten (the reader is "
+                      "not reading)")
+        if self._fd is None:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass
 
 
 class FileSink:
-    """Appends records to a file created with mode 0600.
+    """Appends records to a file created with mode 0600, following rotation.
 
     Writes go straight to the descriptor (``os.write``, no userspace buffer), so a record
     that failed is never flushed later behind the next one, and ``O_APPEND`` keeps
-    concurrent writers from overwriting each other. The file is opened on first write and
-    reopened after a failed write, so the log recovers once the disk or mount is back.
+    concurrent writers from overwriting each other.
+
+    Before each write the path is compared with the open file (``st_dev``/``st_ino``): when
+    it names another file or none (logrotate ``create``, ``mv``, ``rm``) the path is
+    reopened, created 0600 if missing. The file is also reopened on :meth:`reopen` (SIGHUP,
+    SIGUSR1) and after a failed write. If it cannot be opened the write raises (fail
+    closed); the next write tries again, so the log recovers once the disk or mount is back.
+    ``copytruncate`` is not supported: records written between its copy and its truncate are
+    lost (``audit verify`` over the copy and the file reports the gap).
+
+    Built-in rotation (``max_bytes``): before a record would take the file past
+    ``max_bytes``, ``PATH.N`` becomes ``PATH.N+1`` (the one beyond ``keep`` is deleted),
+    ``PATH`` becomes ``PATH.1`` and a new ``PATH`` is created; the chain simply continues in
+    the new file. A rename that fails is logged and counted, and records keep going to the
+    current file. Meant for one writing process per file.
 
     ``fsync`` is off by default: a record is in the kernel once ``write`` returns, which
     survives a proxy crash; only a host crash can lose it, and an fsync per proxied request
@@ -211,24 +535,40 @@ class FileSink:
     An existing file keeps its mode.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False,
+                 max_bytes: int | None = None, keep: int = 5,
+                 events: SinkEvents | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
         self.path = os.fspath(path)
         self._fsync = fsync
+        self._max_bytes = max_bytes
+        self._keep = keep
+        self.events: SinkEvents = events or _NoEvents()
+        self._clock = clock
+        self._lock = threading.RLock()
         self._fd: int | None = None
+        self._ident: tuple[int, int] | None = None
+        self._opened_once = False
+        self._reopen_reason = "error"
         self._closed = False
         self._needs_newline = False
+        self._error: str | None = None
+        self._failing_since: float | None = None
 
     def _open(self) -> int:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(self.path, flags, 0o600)
         try:
-            size = os.fstat(fd).st_size
-            if size > 0 and not self._ends_with_newline(size):
+            st = os.fstat(fd)
+            if st.st_size > 0 and not self._ends_with_newline(st.st_size):
                 # A previous writer died mid-line; do not glue our first record onto it.
                 self._needs_newline = True
         except OSError:
             os.close(fd)
             raise
+        self._ident = (st.st_dev, st.st_ino)
         return fd
 
     def _ends_with_newline(self, size: int) -> bool:
@@ -239,24 +579,114 @@ class FileSink:
         except OSError:
             return True  # cannot tell (write-only file); an extra junk line is harmless
 
-    def write(self, line: str) -> None:
-        if self._closed:
-            raise ValueError("audit sink is closed")
-        if self._fd is None:
-            self._fd = self._open()
-        data = (("\n" if self._needs_newline else "") + line + "\n").encode("utf-8")
-        self._needs_newline = True
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            if self._fsync:
-                os.fsync(self._fd)
-        except OSError:
+    def _current_fd(self, *, probe: bool = False) -> int:
+        """The descriptor of the file the path names now, reopened if it changed. A failed
+        open is counted unless ``probe`` (readiness asks every few seconds)."""
+        if self._fd is not None and not self._still_named():
             self._drop_fd()
-            raise
+            self._reopen_reason = "rotated"
+            log.info("audit file %s was rotated, moved or removed: reopening it", self.path)
+        if self._fd is None:
+            try:
+                self._fd = self._open()
+            except OSError as exc:
+                if not probe:
+                    self.events.failed("open")
+                self._failing(f"cannot open {self.path}: {_describe(exc)}")
+                raise
+            if self._opened_once:
+                self.events.reopened(self._reopen_reason)
+            self._opened_once = True
+            self._reopen_reason = "error"
+        return self._fd
+
+    def _still_named(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False  # gone, or its directory is: reopen decides
+        return (st.st_dev, st.st_ino) == self._ident
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            if self._closed:
+                raise ValueError("audit sink is closed")
+            fd = self._current_fd()
+            data = (("\n" if self._needs_newline else "") + line + "\n").encode("utf-8")
+            if self._max_bytes is not None and self._rotate_by_size(fd, len(data)):
+                fd = self._current_fd()
+                data = (("\n" if self._needs_newline else "") + line + "\n").encode("utf-8")
+            self._needs_newline = True
+            try:
+                _write_all(fd, data)
+                if self._fsync:
+                    os.fsync(fd)
+            except OSError as exc:
+                self._drop_fd()
+                self.events.failed("write")
+                self._failing(f"write to {self.path} failed: {_describe(exc)}")
+                raise
+            self._needs_newline = False
+            self._recovered()
+
+    def _rotate_by_size(self, fd: int, size: int) -> bool:
+        """Rotate if ``size`` more bytes would take the file past ``max_bytes``; True if
+        it did (the descriptor is then closed)."""
+        assert self._max_bytes is not None
+        current = os.fstat(fd).st_size
+        if current == 0 or current + size <= self._max_bytes:
+            return False
+        try:
+            for n in range(self._keep - 1, 0, -1):
+                if os.path.lexists(f"{self.path}.{n}"):
+                    os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        except OSError as exc:
+            self.events.failed("rotate")
+            log.error("audit file %s: size rotation failed (%s); records keep going to the "
+                      "current file", self.path, _describe(exc))
+            return False
+        self._drop_fd()
+        self._reopen_reason = "size"
         self._needs_newline = False
+        return True
+
+    def _failing(self, detail: str) -> None:
+        if self._error is None:
+            self._failing_since = self._clock()
+            log.error("audit file: %s; requests are refused (503 audit-unavailable) until it "
+                      "can be written", detail)
+        self._error = detail
+
+    def _recovered(self) -> None:
+        if self._error is not None:
+            log.warning("audit file %s: writing again", self.path)
+        self._error, self._failing_since = None, None
+
+    def reopen(self) -> bool:
+        """Close the file and open the path again now (a rotation signal); True. Raises
+        :class:`OSError` if it cannot be opened; writes keep failing closed until it can."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._drop_fd()
+            self._reopen_reason = "signal"
+            self._current_fd()
+            return True
+
+    def health(self) -> SinkHealth:
+        """Ok when the path can be opened (reopening it if it was rotated or a write
+        failed). A disk that accepts the open but not the write (full) shows up with the
+        next record."""
+        with self._lock:
+            if self._closed:
+                return SinkHealth(False, "closed")
+            try:
+                self._current_fd(probe=True)
+            except OSError:
+                return SinkHealth(False, self._error or "cannot open", self._failing_since)
+            self._recovered()
+            return HEALTHY
 
     def _drop_fd(self) -> None:
         fd, self._fd = self._fd, None
@@ -267,15 +697,20 @@ class FileSink:
                 pass  # already broken; the write error is what the caller needs to see
 
     def close(self) -> None:
-        self._closed = True
-        self._drop_fd()
+        with self._lock:
+            self._closed = True
+            self._drop_fd()
 
 
-def open_sink(spec: str) -> StdoutSink | FileSink:
-    """``"stdout"`` writes to standard output; anything else is a file path."""
+def open_sink(spec: str, *, events: SinkEvents | None = None,
+              stall_timeout: float = STALL_TIMEOUT, buffer_bytes: int = BUFFER_BYTES,
+              rotate_bytes: int | None = None, rotate_keep: int = 5) -> StdoutSink | FileSink:
+    """``"stdout"`` writes to standard output (``stall_timeout``, ``buffer_bytes``);
+    anything else is a file path (``rotate_bytes``, ``rotate_keep``: built-in rotation)."""
     if spec == "stdout":
-        return StdoutSink()
-    return FileSink(spec)
+        return StdoutSink(events=events, stall_timeout=stall_timeout,
+                          buffer_bytes=buffer_bytes)
+    return FileSink(spec, events=events, max_bytes=rotate_bytes, keep=rotate_keep)
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -362,6 +797,10 @@ class AuditLog:
             line = json.dumps(rec, separators=(",", ":"), ensure_ascii=True)
             try:
                 self._sink.write(line)
+            except (TimeoutError, BufferError) as exc:
+                raise AuditUnavailable(
+                    "audit log stalled: its reader is not keeping up",
+                    reason="audit-sink-stalled") from exc
             except Exception as exc:
                 # Fail closed on anything (OSError, closed stream, ...): the caller must
                 # not inject a credential it could not account for.
@@ -372,12 +811,67 @@ class AuditLog:
             self._prev = rec["hash"]
         return rec
 
+    def health(self) -> SinkHealth:
+        """The sink's health (a sink that cannot tell is taken as healthy). Does not take
+        the record lock: a probe never waits behind a write."""
+        return self._sink.health() if isinstance(self._sink, MonitoredSink) else HEALTHY
+
+    def reopen(self) -> bool:
+        """Reopen the sink's file (SIGHUP/SIGUSR1 after a rotation); False when the sink
+        has no file (stdout). Raises :class:`OSError` if it cannot be opened: records then
+        fail closed until it can."""
+        if not isinstance(self._sink, MonitoredSink):
+            return False
+        with self._lock:
+            return self._sink.reopen()
+
     def close(self) -> None:
         with self._lock:
             self._sink.close()
 
 
 # --- reading -----------------------------------------------------------------------------
+
+
+class LogFiles:
+    """The lines of several audit files, one after the other in the order given (oldest
+    first: ``audit.jsonl.2.gz audit.jsonl.1 audit.jsonl``); names ending in ``.gz`` are
+    decompressed. Iterate once; :meth:`where` then maps a line number counted over all
+    files (as :func:`verify` reports it) to ``(file, line in that file)``.
+
+    Raises :class:`OSError` (``gzip.BadGzipFile`` included) or :class:`EOFError` (a
+    truncated ``.gz``) while iterating over a file that cannot be read.
+    """
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+        self._starts: list[tuple[int, str]] = []
+
+    @property
+    def reading(self) -> str:
+        """The file being read (the one that failed, after an error)."""
+        return self._starts[-1][1] if self._starts else self.paths[0]
+
+    def __iter__(self) -> Iterator[str]:
+        count = 0
+        for path in self.paths:
+            self._starts.append((count, path))
+            f: IO[str]
+            if path.endswith(".gz"):
+                f = gzip.open(path, "rt", encoding="utf-8", errors="replace")
+            else:
+                f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+            with f:
+                for line in f:
+                    count += 1
+                    yield line
+
+    def where(self, line: int) -> tuple[str, int]:
+        for start, path in reversed(self._starts):
+            if line > start:
+                return path, line - start
+        raise ValueError(f"line {line} is in none of the files read")
+
 
 
 def parse_lines(lines: Iterable[str]) -> Iterator[tuple[int, Record | None, str | None]]:

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -213,15 +213,27 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    report = auditlog.verify(_lines(args.file, False), allow_partial=args.allow_partial)
+    files = auditlog.LogFiles(args.files) if args.files else None
+    lines: Iterable[str] = files if files is not None else sys.stdin
+    try:
+        report = auditlog.verify(lines, allow_partial=args.allow_partial)
+    except (OSError, EOFError) as exc:
+        name = files.reading if files is not None else "stdin"
+        raise CredproxyError(f"audit verify: cannot read {name}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from exc
     if report.ok:
         print(f"ok: {report.records} records in {report.instances} chains verified"
+              + (f" over {len(args.files)} files" if len(args.files) > 1 else "")
               + (f" ({report.skipped_lines} non-record lines ignored)"
                  if report.skipped_lines else ""))
         return EXIT_OK
     e = report.first_error
     assert e is not None
-    print(f"BROKEN: line {e.line} (instance {e.instance}, seq {e.seq}): {e.reason}")
+    where = f"line {e.line}"
+    if files is not None and len(files.paths) > 1:
+        name, line = files.where(e.line)
+        where = f"{name} line {line}"
+    print(f"BROKEN: {where} (instance {e.instance}, seq {e.seq}): {e.reason}")
     return EXIT_FAIL
 
 
@@ -426,9 +438,12 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--json", action="store_true", help="print records as JSON")
     verify = command("verify", cmd_audit_verify, "check the hash chain", parent=audit,
                      config=False)
-    verify.add_argument("file", nargs="?", help="audit file (default: stdin)")
+    verify.add_argument("files", nargs="*", metavar="FILE",
+                        help="audit files, oldest first (rotated ones too, .gz allowed; "
+                             "default: stdin)")
     verify.add_argument("--allow-partial", action="store_true",
-                        help="accept chains that start mid-way (a tailed log)")
+                        help="accept chains that start mid-way (a tailed log, rotated "
+                             "files already deleted)")
 
     context = sub.add_parser("context", help="development helpers for user contexts"
                              ).add_subparsers(metavar="CMD")

@@ -29,7 +29,8 @@ _REASONS = frozenset({
     "invalid_grant", "revoked_upstream", "token_superseded", "revoked",
     "token_endpoint_unavailable", "token_endpoint_error", "vault_unavailable",
     "vault_record_corrupt", "vault_write_failed", "coordination_unavailable", "fencing",
-    "token_refreshed", "audit-write-failed", "internal-error", "lookalike-header",
+    "token_refreshed", "audit-write-failed", "audit-sink-stalled", "internal-error",
+    "lookalike-header",
     "bad-field-name", "obs-fold", "control-character", "bad-connection", "target_mismatch",
     "bad_target", "trailers", "upstream_unreachable", "upstream_protocol_error",
     "client_protocol_error", "client_disconnected", "exchange_failed",
@@ -130,11 +131,44 @@ class Metrics:
                                            "Upstream exchange: request sent to response "
                                            "headers received", ["provider"], registry=r,
                                            buckets=_LATENCY_BUCKETS)
+        self.audit_sink_failures = Counter(
+            "credproxy_audit_sink_failures", "Audit sink failures: a file that could not be "
+            "(re)opened, a failed write, a record refused because stdout stalled or its buffer "
+            "was full, a size rotation that failed", ["kind"], registry=r)
+        self.audit_reopens = Counter(
+            "credproxy_audit_reopens", "Audit file reopened: rotated (the path named another "
+            "file or none), size (built-in rotation), signal (SIGHUP/SIGUSR1), error (after a "
+            "failed write)", ["reason"],
+            registry=r)
+        self.audit_dropped = Counter(
+            "credproxy_audit_records_dropped", "Audit records accepted into the stdout buffer "
+            "and then lost to a failed write (the chain shows the gap)", registry=r)
 
     def config_applied(self, digest: str, at: float) -> None:
         """Record the configuration now running (at start and after every applied reload)."""
         self.config_info.info({"digest": digest})
         self.config_last_reload.set(at)
 
+    def audit_events(self) -> AuditSinkMetrics:
+        """The audit sink's events (proxy.audit.SinkEvents) as these counters."""
+        return AuditSinkMetrics(self)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class AuditSinkMetrics:
+    """Counts what an audit sink reports (called from the sink's writer thread too:
+    prometheus-client counters are thread-safe)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def reopened(self, reason: str) -> None:
+        self._m.audit_reopens.labels(reason).inc()
+
+    def failed(self, kind: str) -> None:
+        self._m.audit_sink_failures.labels(kind).inc()
+
+    def dropped(self, records: int) -> None:
+        self._m.audit_dropped.inc(records)

@@ -161,6 +161,15 @@ class CoordinationSettings(_Model):
 class AuditSettings(_Model):
     sink: str = "stdout"
     instance: str | None = None  # default: hostname + a random suffix per process
+    # stdout only (see proxy.audit.StdoutSink): a write blocked this long refuses new
+    # records; at most this many bytes wait for a slow reader; /healthz fails once stdout
+    # has been unwritable this long (a restart is the only cure for a dead pipe).
+    stall_timeout: float = Field(default=2.0, gt=0)
+    buffer_bytes: int = Field(default=1 << 20, ge=4096)
+    liveness_after: float = Field(default=30.0, gt=0)
+    # file only: built-in size rotation (None: off, use logrotate); files kept besides it.
+    rotate_bytes: int | None = Field(default=None, ge=4096)
+    rotate_keep: int = Field(default=5, ge=1)
 
 
 class InjectSettings(_Model):

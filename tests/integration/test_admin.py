@@ -49,9 +49,8 @@ def test_probes_of_a_healthy_proxy(stack: Stack) -> None:
     assert r.status_code == 200
     body = r.json()
     assert (body["ready"], body["status"], body["degraded"]) == (True, "ok", [])
-    assert {k: body["checks"][k] for k in ("ca", "proxy", "vault", "coordination",
-                                           "draining")} == dict.fromkeys(
-        ("ca", "proxy", "vault", "coordination", "draining"), "ok")
+    names = ("ca", "proxy", "vault", "coordination", "draining", "audit")
+    assert {k: body["checks"][k] for k in names} == dict.fromkeys(names, "ok")
 
 
 def test_metrics_follow_traffic_without_user_ids(stack: Stack, user: str) -> None:

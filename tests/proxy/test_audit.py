@@ -546,3 +546,372 @@ def test_format_record() -> None:
 )
 def test_format_record_is_defensive(record: dict[str, Any], expected: str) -> None:
     assert format_record(record) == expected
+
+
+# --- rotation: the file sink follows its path -----------------------------------------------
+
+
+class RecordingEvents:
+    def __init__(self) -> None:
+        self.reopens: list[str] = []
+        self.failures: list[str] = []
+        self.lost = 0
+
+    def reopened(self, reason: str) -> None:
+        self.reopens.append(reason)
+
+    def failed(self, kind: str) -> None:
+        self.failures.append(kind)
+
+    def dropped(self, records: int) -> None:
+        self.lost += records
+
+
+def _rotate_rm(path: Path) -> list[Path]:
+    path.unlink()
+    return []
+
+
+def _rotate_mv(path: Path) -> list[Path]:
+    old = path.with_name(path.name + ".1")
+    path.rename(old)
+    return [old]
+
+
+def _rotate_create(path: Path) -> list[Path]:
+    """logrotate `create`: rename, then a new empty file in its place."""
+    old = _rotate_mv(path)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)
+    return old
+
+
+def _rotate_gzip(path: Path) -> list[Path]:
+    """logrotate `create` + `compress`: rename, new file, compress the old one."""
+    import gzip
+
+    [old] = _rotate_create(path)
+    gz = old.with_name(old.name + ".gz")
+    gz.write_bytes(gzip.compress(old.read_bytes()))
+    old.unlink()
+    return [gz]
+
+
+@pytest.mark.parametrize("rotate", [_rotate_rm, _rotate_mv, _rotate_create, _rotate_gzip],
+                         ids=["rm", "mv", "create", "create+compress"])
+def test_filesink_follows_its_path_after_rotation(
+        tmp_path: Path, rotate: Callable[[Path], list[Path]]) -> None:
+    from proxy.audit import LogFiles
+
+    path = tmp_path / "audit.jsonl"
+    events = RecordingEvents()
+    log = AuditLog(FileSink(path, events=events), instance="a/1", fingerprint_key=KEY)
+    write_n(log, 3)
+    rotated = rotate(path)
+    write_n(log, 2)  # no signal: the identity check alone notices
+    log.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_text().splitlines()) == 2
+    assert events.reopens == ["rotated"]
+    files = [str(p) for p in rotated] + [str(path)]
+    report = verify(LogFiles(files))
+    if rotated:
+        assert (report.ok, report.records) == (True, 5)
+    else:  # rm: the first three records are gone with the file; the rest still chains
+        assert verify(LogFiles(files), allow_partial=True).ok
+        assert report.first_error is not None and "earlier records missing" in \
+            report.first_error.reason
+
+
+@pytest.mark.parametrize("break_dir", ["replace_with_file", "move_away"])
+def test_filesink_fails_closed_when_its_directory_goes_then_recovers(
+        tmp_path: Path, break_dir: str) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = logs / "audit.jsonl"
+    events = RecordingEvents()
+    sink = FileSink(path, events=events)
+    log = AuditLog(sink, instance="a/1", fingerprint_key=KEY)
+    write_n(log, 2)
+    if break_dir == "replace_with_file":
+        # A file where the directory was: fails even for root (unlike chmod).
+        logs.rename(tmp_path / "logs.old")
+        logs.write_text("not a directory")
+    else:
+        logs.rename(tmp_path / "logs.old")
+    with pytest.raises(AuditUnavailable, match="audit log write failed") as info:
+        write_n(log, 1)
+    assert info.value.slug == "audit-unavailable"
+    health = log.health()
+    assert not health.ok and "cannot open" in health.detail and not health.restart_helps
+    assert events.failures == ["open"]
+    if logs.is_file():
+        logs.unlink()
+    logs.mkdir()
+    assert log.health().ok  # the readiness probe reopens (creates) the file
+    write_n(log, 1)
+    log.close()
+    assert events.reopens == ["rotated"]
+    old = (tmp_path / "logs.old" / "audit.jsonl").read_text().splitlines()
+    report = verify(old + path.read_text().splitlines())
+    assert (report.ok, report.records) == (True, 3)  # the refused record left no gap
+
+
+def test_filesink_reopen_on_signal(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    events = RecordingEvents()
+    log = AuditLog(FileSink(path, events=events), instance="a/1", fingerprint_key=KEY)
+    write_n(log, 1)
+    log.reopen()
+    assert events.reopens == ["signal"]
+    write_n(log, 1)
+    assert verify(path.read_text().splitlines()).ok
+    (tmp_path / "blocked").write_text("")
+    sink = FileSink(tmp_path / "blocked" / "audit.jsonl")
+    with pytest.raises(NotADirectoryError):
+        sink.reopen()
+
+
+def test_copytruncate_gap_is_reported(tmp_path: Path) -> None:
+    """copytruncate is unsupported: a record written between the copy and the truncate
+    is lost, and `audit verify` over the copy and the file names the gap."""
+    import shutil
+
+    from proxy.audit import LogFiles
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(FileSink(path), instance="a/1", fingerprint_key=KEY)
+    write_n(log, 3)
+    shutil.copyfile(path, tmp_path / "audit.jsonl.1")
+    write_n(log, 1)  # lands in the file after the copy ...
+    os.truncate(path, 0)  # ... and is cut away
+    write_n(log, 2)
+    report = verify(LogFiles([str(tmp_path / "audit.jsonl.1"), str(path)]))
+    assert not report.ok and report.first_error is not None
+    assert report.first_error.seq == 5
+    assert "records missing" in report.first_error.reason
+
+
+def test_logfiles_reads_gz_in_order_and_locates_lines(tmp_path: Path) -> None:
+    import gzip
+
+    from proxy.audit import LogFiles
+
+    lines = chain_lines(5)
+    (tmp_path / "a.1.gz").write_bytes(gzip.compress(("\n".join(lines[:2]) + "\n").encode()))
+    (tmp_path / "a").write_text("\n".join(lines[2:]) + "\n")
+    files = LogFiles([str(tmp_path / "a.1.gz"), str(tmp_path / "a")])
+    assert verify(files).ok
+    assert files.where(2) == (str(tmp_path / "a.1.gz"), 2)
+    assert files.where(3) == (str(tmp_path / "a"), 1)
+    # Wrong order: the second file's chain comes first.
+    report = verify(LogFiles([str(tmp_path / "a"), str(tmp_path / "a.1.gz")]))
+    assert not report.ok
+
+
+# --- stdout: a real pipe whose reader stalls or dies ------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _pipe(size: int = 4096) -> tuple[int, Any]:
+    """A real pipe, shrunk to one page so a stalled reader shows after a few records."""
+    import fcntl
+
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
+    return r, os.fdopen(w, "w")
+
+
+def _record(log: AuditLog, i: int) -> None:
+    log.record("credential.injected", user="u", provider="p", outcome="injected",
+               request=RequestInfo(f"r{i}", "GET", "api.example", f"/{i}"))
+
+
+def _in_thread(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Run ``fn``; fail (instead of hanging the suite) if it does not return."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller
+            result.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "the call blocked"
+    if isinstance(result[0], Exception):
+        raise result[0]
+    return result[0]
+
+
+def _drain(r: int) -> bytes:
+    os.set_blocking(r, False)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(r, 65536)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+@pytest.mark.parametrize("bound", ["stall_timeout", "buffer_bytes"])
+def test_stdout_stalled_reader_never_blocks_and_fails_closed(bound: str) -> None:
+    r, w = _pipe()
+    clock, events = FakeClock(), RecordingEvents()
+    sink = StdoutSink(w, clock=clock, events=events, stall_timeout=2.0,
+                      buffer_bytes=8192 if bound == "buffer_bytes" else 1 << 20)
+    log = AuditLog(sink, instance="a/1", fingerprint_key=KEY)
+    accepted = 0
+    refused: AuditUnavailable | None = None
+    # Nobody reads: the pipe fills, then the writer thread blocks in write().
+    for i in range(2000):
+        try:
+            _in_thread(lambda i=i: _record(log, i))
+            accepted += 1
+        except AuditUnavailable as exc:
+            refused = exc
+            break
+        if accepted > 20 and bound == "stall_timeout":
+            clock.now += 3.0  # the blocked write is now older than the stall bound
+    assert refused is not None, "a stalled reader never made the sink refuse"
+    assert refused.reason == "audit-sink-stalled"
+    assert events.failures == (["stalled"] if bound == "stall_timeout" else ["buffer_full"])
+    health = sink.health()
+    if bound == "stall_timeout":
+        assert not health.ok and "stalled" in health.detail and health.restart_helps
+    # The reader reads again: every accepted record comes out, in order, chained.
+    out = b""
+    deadline = threading.Event()
+    for _ in range(200):
+        out += _drain(r)
+        if out.count(b"\n") >= accepted:
+            break
+        deadline.wait(0.05)
+    lines = out.decode().splitlines()
+    assert len(lines) == accepted
+    assert verify(lines).ok
+    assert sink.health().ok
+    _in_thread(lambda: _record(log, 9999))  # and new records are accepted again
+    sink.close()
+    w.close()
+    os.close(r)
+
+
+def test_stdout_dead_reader_fails_closed_and_reports_it() -> None:
+    r, w = _pipe()
+    events = RecordingEvents()
+    sink = StdoutSink(w, events=events)
+    log = AuditLog(sink, instance="a/1", fingerprint_key=KEY)
+    _record(log, 1)
+    assert json.loads(os.read(r, 65536))["seq"] == 1
+    os.close(r)  # the reader dies: EPIPE from now on
+    for i in range(3):
+        with pytest.raises(AuditUnavailable, match="BrokenPipeError") as info:
+            _in_thread(lambda i=i: _record(log, i))
+        assert info.value.reason == "audit-write-failed"
+    health = sink.health()
+    assert not health.ok and "EPIPE" in health.detail and health.restart_helps
+    assert health.failing_since is not None
+    assert events.failures == ["write"] * 3 and events.lost == 0
+    sink.close()
+    w.close()
+
+
+def test_stdout_sink_without_a_descriptor_writes_inline() -> None:
+    log, out = make_log()
+    write_n(log, 2)
+    assert len(out.getvalue().splitlines()) == 2  # at once, no writer thread
+
+
+def test_stdout_records_queued_behind_a_reader_that_dies_are_counted_lost() -> None:
+    r, w = _pipe()
+    events = RecordingEvents()
+    sink = StdoutSink(w, events=events)
+    log = AuditLog(sink, instance="a/1", fingerprint_key=KEY)
+    for i in range(100):  # ~35 kB: the one-page pipe holds a few; the rest wait in memory
+        _in_thread(lambda i=i: _record(log, i))
+    os.close(r)  # the reader dies with records still queued
+    for _ in range(200):
+        if not sink.health().ok:
+            break
+        threading.Event().wait(0.05)
+    assert "EPIPE" in sink.health().detail
+    # Those still in the pipe died in the kernel (not ours to count); the rest are counted.
+    assert 50 < events.lost < 100
+    sink.close()
+    w.close()
+
+
+@pytest.mark.parametrize("content", [None, b"\x1f\x8b\x08\x00truncated", b"not gzip at all"],
+                         ids=["missing", "truncated gz", "not gzip"])
+def test_audit_verify_names_an_unreadable_file(
+        tmp_path: Path, content: bytes | None, capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    good = tmp_path / "audit.jsonl"
+    good.write_text("\n".join(chain_lines(2)) + "\n")
+    bad = tmp_path / "audit.jsonl.1.gz"
+    if content is not None:
+        bad.write_bytes(content)
+    assert main(["audit", "verify", str(bad), str(good)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"credproxy: audit verify: cannot read {bad}: ")
+    assert "Traceback" not in err
+
+
+def test_audit_verify_over_files_names_the_file_of_the_break(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import gzip
+
+    from proxy.cli import main
+
+    lines = chain_lines(4)
+    old, new = tmp_path / "audit.jsonl.1.gz", tmp_path / "audit.jsonl"
+    old.write_bytes(gzip.compress(("\n".join(lines[:2]) + "\n").encode()))
+    new.write_text("\n".join(lines[2:]) + "\n")
+    assert main(["audit", "verify", str(old), str(new)]) == 0
+    assert capsys.readouterr().out == "ok: 4 records in 1 chains verified over 2 files\n"
+    new.write_text(lines[3] + "\n")  # seq 3 lost
+    assert main(["audit", "verify", str(old), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"BROKEN: {new} line 1 (instance host-a/0001, seq 4): ")
+
+
+@pytest.mark.parametrize("keep", [2, 100])
+def test_filesink_size_rotation_continues_the_chain_across_files(tmp_path: Path,
+                                                                 keep: int) -> None:
+    from proxy.audit import LogFiles
+
+    path = tmp_path / "audit.jsonl"
+    events = RecordingEvents()
+    log = AuditLog(FileSink(path, max_bytes=4096, keep=keep, events=events),
+                   instance="a/1", fingerprint_key=KEY)
+    write_n(log, 60)
+    log.close()
+    rotated = sorted((p for p in tmp_path.iterdir() if p != path),
+                     key=lambda p: -int(p.name.rsplit(".", 1)[1]))
+    files = [str(p) for p in rotated] + [str(path)]
+    sizes = [os.path.getsize(f) for f in files]
+    assert all(0 < size <= 4096 for size in sizes)
+    assert all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in files)
+    assert set(events.reopens) == {"size"}
+    if keep == 100:  # nothing deleted: one unbroken chain over every file
+        assert len(rotated) == len(events.reopens)
+        report = verify(LogFiles(files))
+        assert (report.ok, report.records) == (True, 60)
+    else:  # the oldest files are gone: the rest verifies as a chain cut at its start
+        assert [p.name for p in rotated] == ["audit.jsonl.2", "audit.jsonl.1"]
+        assert not verify(LogFiles(files)).ok
+        assert verify(LogFiles(files), allow_partial=True).ok
