@@ -134,10 +134,12 @@ def _story(d: _Demo) -> None:
     d.expect("carol gets 401 reauth-required (no_connection), never a shared fallback",
              rc.status_code == 401 and rc.json().get("reason") == "no_connection")
 
-    d.step("5. The provider revokes alice's token")
+    d.step("5. The provider revokes alice's grant")
     with s.admin() as c:
-        c.post("/_admin/revoke", json={"access_token": alice["access_token"]})
-    d.say("   (revoked at the authorization server; the proxy still has it cached)")
+        c.post("/_admin/revoke", json={"refresh_token": alice["refresh_token"]})
+    d.say("   (revoked at the authorization server, access and refresh token; the proxy still\n"
+          "    has the access token cached: the upstream's 401 gets one forced refresh, which\n"
+          "    the provider refuses with invalid_grant)")
     ra2 = d.agent_get("alice", "/documents")
     d.say("      " + json.dumps(ra2.json()))
     d.expect("the upstream 401 became reauth-required (revoked_upstream)",
