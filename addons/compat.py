@@ -57,6 +57,10 @@ _pending: dict[str, str] = {}
 # mitmproxy's ErrorCode for each flow it ends with an error, by flow id, until the addon's
 # error hook reads it (failure_reason).
 _codes: dict[str, ErrorCode] = {}
+# A client connection this module refused (a trailer section): the cause of whatever error
+# mitmproxy reports next for its flow (closing the client also aborts a server connection
+# still being opened, which mitmproxy would report as a connect failure).
+_client_faults: dict[str, ErrorCode] = {}
 
 _CommandGenerator = Generator[Any, Any, None]
 
@@ -68,14 +72,18 @@ def register_request(client_id: str, request_id: str) -> None:
 
 
 def forget(client_id: str) -> None:
+    # (_client_faults is consumed by failure_reason: mitmproxy may report the client's
+    # disconnect before the flow's error.)
     _pending.pop(client_id, None)
 
 
-def failure_reason(flow_id: str) -> str:
-    """Why mitmproxy ended flow ``flow_id`` with an error, as a reason slug: its own error
-    classification (``ErrorCode``) mapped by :func:`refusal_for`, or ``client_disconnected``.
-    Consumed: call it once, from the ``error`` hook."""
-    code = _codes.pop(flow_id, None)
+def failure_reason(flow_id: str, client_id: str) -> str:
+    """Why mitmproxy ended flow ``flow_id`` (on client connection ``client_id``) with an
+    error, as a reason slug: a client fault this module refused first, else mitmproxy's own
+    classification (``ErrorCode``), mapped by :func:`refusal_for`, or
+    ``client_disconnected``. Consumed: call it once, from the ``error`` hook."""
+    code = _client_faults.pop(client_id, None) or _codes.pop(flow_id, None)
+    _codes.pop(flow_id, None)
     if code in (ErrorCode.CLIENT_DISCONNECTED, ErrorCode.CANCEL):
         return "client_disconnected"
     return refusal_for(code, "").reason if code is not None else "exchange_failed"
@@ -144,6 +152,7 @@ def install() -> None:
                 refusal = MalformedRequest("the request carries a trailer section, which "
                                            "credproxy does not forward over HTTP/1; send the "
                                            "fields as headers", reason="trailers")
+                _client_faults[self.conn.id] = ErrorCode.GENERIC_CLIENT_ERROR
                 yield commands.SendData(self.conn, problem_bytes(refusal))
                 yield commands.CloseConnection(self.conn)
                 yield ReceiveHttp(RequestProtocolError(self.stream_id, "request trailers refused",

@@ -243,7 +243,7 @@ class CredentialInjector:
         compat.register_request(flow.client_conn.id, flow.id)
         if self.app is None or refused:
             return
-        reason = compat.failure_reason(flow.id)
+        reason = compat.failure_reason(flow.id, flow.client_conn.id)
         log.info("request %s to %s failed (%s): %s", flow.id, flow.request.pretty_host,
                  reason, flow.error.msg if flow.error else "-")
         try:

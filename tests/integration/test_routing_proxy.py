@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from devstack.stack import KEYED_PROVIDER, WILD_PROVIDER, Stack
+from devstack.stack import KEYED_PROVIDER, WILD_PROVIDER, Stack, wait_until
 from tests.integration import rawhttp
 
 pytestmark = pytest.mark.integration
@@ -167,8 +167,9 @@ def test_custom_inject_header_replaces_every_client_credential(stack: Stack,
 
 
 # A wildcard provider owns *.wild.test (see devstack.stack). Those names resolve nowhere, so
-# mitmproxy cannot connect (502) whatever is decided; what the proxy decided shows in its
-# answer without a user context (407 = routed) and in the audit log (an injection).
+# mitmproxy cannot connect (502 upstream-unreachable) whatever is decided; what the proxy
+# decided shows in its answer without a user context (407 = routed) and in the audit log
+# (an injection, then request.failed: nothing was sent).
 @pytest.mark.parametrize("host", ["api.wild.test", "a.b.wild.test"])
 def test_wildcard_provider_owns_its_subdomains(stack: Stack, marker: str, host: str) -> None:
     r = rawhttp.request(stack.proxy_url, connect=f"{host}:443", host_header=host,
@@ -179,10 +180,13 @@ def test_wildcard_provider_owns_its_subdomains(stack: Stack, marker: str, host: 
     r = rawhttp.request(stack.proxy_url, connect=f"{host}:443", host_header=host,
                         path=f"/{marker}/ctx", headers={"X-User-Context": stack.context(user)},
                         ca_file=str(stack.mitm_ca))
-    assert r.status == 502 and r.problem is None  # injected, then the name did not resolve
-    [record] = _audit_mentions(stack, f"{marker}/ctx")
+    # Injected, then the name did not resolve.
+    assert r.status == 502 and r.problem == "upstream-unreachable"
+    wait_until(lambda: len(_audit_mentions(stack, f"{marker}/ctx")) == 2)
+    record, failed = _audit_mentions(stack, f"{marker}/ctx")
     assert (record["event"], record["provider"], record["request"]["host"]) == (  # type: ignore[index]
         "credential.injected", WILD_PROVIDER, host)
+    assert (failed["event"], failed["reason"]) == ("request.failed", "upstream_unreachable")
 
 
 @pytest.mark.parametrize("host", [
@@ -198,8 +202,8 @@ def test_wildcard_lookalikes_get_no_token(stack: Stack, marker: str, host: str) 
     for context in ({}, {"X-User-Context": stack.context(user)}):
         r = rawhttp.request(stack.proxy_url, connect=f"{host}:443", host_header=host,
                             path=f"/{marker}", headers=context, ca_file=str(stack.mitm_ca))
-        assert r.problem is None  # unrouted: neither refused nor credentialed
-        assert r.status == 502
+        # Unrouted: neither refused nor credentialed; the name resolves nowhere.
+        assert r.status == 502 and r.problem == "upstream-unreachable"
         assert b"at_" not in r.body
     assert _audit_mentions(stack, marker) == []  # no injection, no decision at all
 
