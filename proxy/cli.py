@@ -344,7 +344,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             return EXIT_OK
         for r in results:
             if args.dry_run:
-                print(f"would revoke: {r.user} / {r.provider}")
+                print(f"would revoke: {r.user} / {r.provider}"
+                      + (" (corrupt record: would be deleted; its tokens are unreadable, "
+                         "revoke them at the provider)" if r.corrupt else ""))
             elif not r.ok:
                 done = ("removed locally" if r.removed else
                         "marked for re-authorization" if r.marked else "not revoked")
