@@ -500,14 +500,13 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
     preflight(settings)
     tls = upstream_ssl_context(settings)
     secrets = client_secrets(settings, environ)
-    vault, key = open_vault(settings, environ, clock)
     http = httpx2.AsyncClient(verify=tls, timeout=10.0, trust_env=False)
+    keys = KeySource.from_settings(settings.identity, http, environ)  # before the vault:
+    vault, key = open_vault(settings, environ, clock)  # every config error comes first
     metrics = Metrics()
     coordinator = make_coordinator(settings, key, environ, clock, metrics)
     refresher = Refresher(settings.refresh, verify=tls, clock=clock)
-    verifier = IdentityVerifier(settings.identity,
-                                KeySource.from_settings(settings.identity, http, environ),
-                                replay=coordinator, clock=clock)
+    verifier = IdentityVerifier(settings.identity, keys, replay=coordinator, clock=clock)
 
     def secret_for(p: ProviderSettings) -> Secret | None:
         return secrets[p.id]
