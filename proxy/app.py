@@ -378,9 +378,12 @@ def open_vault(settings: Settings, environ: Mapping[str, str] = os.environ,
             polling_interval=v.poll_interval, api_version=v.api_version,
             verify_challenge_resource=v.verify_challenge_resource)
         return vault, key
-    # Never created here: a missing or emptied vault file is an error (init_vault makes one).
-    return LocalVault.open(os.path.expanduser(v.path), key, clock=clock,
-                           timeout=v.timeout, create=False), key
+    # A missing or emptied vault file is an error (init_vault makes the first one), unless
+    # vault.create says this vault starts empty whenever its volume is new: then only a
+    # missing file is created; an existing empty one is refused all the same.
+    path = os.path.expanduser(v.path)
+    create = v.create and not os.path.lexists(path)
+    return LocalVault.open(path, key, clock=clock, timeout=v.timeout, create=create), key
 
 
 def init_vault(settings: Settings, environ: Mapping[str, str] = os.environ) -> str:

@@ -101,6 +101,11 @@ class IdentitySettings(_Model):
 class VaultSettings(_Model):
     backend: Literal["local", "azure"] = "local"
     path: str = "~/.credproxy/vault.db"  # local
+    # local: create the file when it does not exist. Only for a vault that is meant to start
+    # empty whenever its volume is new (a per-pod emptyDir); otherwise a deleted vault would
+    # silently come back empty. An existing empty or damaged file is an error either way.
+    # Without it the first vault is made by `credproxy vault init`.
+    create: bool = False
     # The vault key: encrypts the local vault; for every backend, other keys derive from it
     # (audit fingerprints, shared-cache encryption, Key Vault secret names).
     key_env: str | None = "CREDPROXY_VAULT_KEY"

@@ -436,3 +436,21 @@ def test_context_mint_with_a_missing_key_file_names_it(stack: Stack, tmp_path: P
     missing = tmp_path / "no-key.jwk"
     r = cli(stack, "context", "mint", "--user", "u", "--key", str(missing))
     _refused(r, f"cannot read signing key file {missing}", "credproxy context keygen")
+
+
+def test_vault_create_makes_only_a_missing_file(stack: Stack, tmp_path: Path) -> None:
+    """vault.create: true (a per-pod emptyDir) creates a missing vault; an existing empty
+    one is still refused."""
+    import yaml
+
+    cfg = yaml.safe_load(_own_config(stack, tmp_path).read_text())
+    cfg["vault"]["create"] = True
+    config = tmp_path / "create.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    vault = tmp_path / "vault.db"
+    r = cli_at(stack, config, "check")
+    assert r.returncode == 0, r.stderr
+    assert vault.stat().st_size > 0
+    vault.write_bytes(b"")
+    _refused(cli_at(stack, config, "check"), f"vault file {vault} is empty")
+    assert vault.read_bytes() == b""
