@@ -94,4 +94,5 @@ def test_removed_hosts_are_refused_until_listed_again() -> None:
     refuse_retired(back, _dest("docs.example.com"))
     with pytest.raises(UnroutedDenied):
         refuse_retired(back, _dest("a.docs.example.com"))
-    assert [(p.id, p.hosts) for p in back.retired] == [("docs", ["*.docs.example.com"])]
+    assert [(p.id, p.hosts) for p in back.retired] == [("docs", ["*.docs.example.com"]),
+                                                        ("x", ["x.example.com"])]
