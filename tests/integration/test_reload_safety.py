@@ -73,7 +73,8 @@ def _assert_docs_injects(s: Stack, marker: str) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = build_stack(tmp_path_factory.mktemp("reload-safety"))
+    # settle 3 s: the two-part write below pauses 2 s, two polls (one per second) long.
+    s = build_stack(tmp_path_factory.mktemp("reload-safety"), config={"reload": {"settle": 3}})
     s.vault_put(USER, s.grant(USER))
     s.info_original = s.config_path.read_bytes()  # type: ignore[attr-defined]
     yield s
@@ -136,7 +137,7 @@ def test_a_reload_that_removes_providers_is_refused(stack: Stack, make: Any, why
         s.config_path.write_bytes(_original(s))
         # Going back to the running config is no removal: applied (or a no-op when the
         # refused file's digest is what the watcher saw last).
-        _until(lambda: _reloads(s, "applied") > applied, timeout=6)
+        _until(lambda: _reloads(s, "applied") > applied, timeout=15)
 
 
 def _write_in_two_parts(path: Path, data: bytes, pause: float) -> None:
@@ -157,9 +158,9 @@ def test_a_half_written_file_is_not_read_until_it_settles(stack: Stack, marker: 
     new = yaml.safe_dump(cfg, sort_keys=False).encode()
     rejected, applied = _reloads(s, "rejected"), _reloads(s, "applied")
     waiting = _stderr(s).count("is still changing")
-    # The half-written state lasts longer than one poll (1 s) but less than the settle
-    # interval (reload.settle, 2 s): the watcher sees it, waits, sees it change, waits on.
-    _write_in_two_parts(s.config_path, new, pause=1.5)
+    # The half-written state lasts longer than a poll (1 s) but less than the settle
+    # interval (reload.settle, 3 s): the watcher sees it, waits, sees it change, waits on.
+    _write_in_two_parts(s.config_path, new, pause=2.0)
     assert _until(lambda: _reloads(s, "applied") == applied + 1)
     assert _stderr(s).count("is still changing") > waiting
     assert _reloads(s, "rejected") == rejected  # the half file was never parsed
