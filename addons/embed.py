@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import certifi
@@ -18,7 +19,7 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyser
 from addons.credproxy import CredentialInjector
 from proxy.app import App
 from proxy.hosts import HostPattern
-from proxy.settings import Settings
+from proxy.settings import ProviderSettings, Settings
 
 log = logging.getLogger("credproxy")
 
@@ -35,11 +36,14 @@ def upstream_trust_file(settings: Settings, directory: Path) -> str | None:
     return str(bundle)
 
 
-def intercept_pattern(settings: Settings) -> list[str]:
+def intercept_pattern(settings: Settings,
+                      retired: Sequence[ProviderSettings] = ()) -> list[str]:
     """For ``unrouted: tunnel``: regexes of the provider hosts, for mitmproxy's allow_hosts
     (see :meth:`proxy.hosts.HostPattern.intercept_regex`); everything else is tunnelled
-    without interception."""
-    pats = [HostPattern.parse(h).intercept_regex() for p in settings.providers for h in p.hosts]
+    without interception. ``retired``: providers a reload removed, kept intercepted so the
+    core refuses them."""
+    pats = [HostPattern.parse(h).intercept_regex()
+            for p in (*settings.providers, *retired) for h in p.hosts]
     # An empty allow_hosts would intercept everything: with no provider, match nothing.
     return pats or [r"(?!)"]
 
@@ -113,7 +117,8 @@ async def serve(settings: Settings, app: App, *, grace: float = 25.0) -> None:
             # Switching to or from tunnel needs a restart (App.reload keeps the old mode),
             # so this stays tunnel: intercept the reloaded providers' hosts.
             if new.unrouted == "tunnel":
-                m.options.update(allow_hosts=intercept_pattern(new))
+                m.options.update(allow_hosts=intercept_pattern(new,
+                                                               app.sidecar.router.retired))
 
         app.on_reload(follow_providers)
     opts.update(**update)

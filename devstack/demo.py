@@ -79,8 +79,7 @@ def run_demo(workdir: Path, keep: bool = False) -> int:
         _finish(d)
     finally:
         if keep:
-            print(f"\nServers left running (--keep). Proxy: {s.proxy_url}; config: "
-                  f"{s.config_path}", flush=True)
+            _kept(s)
         else:
             s.close()
     if d.failures:
@@ -88,6 +87,21 @@ def run_demo(workdir: Path, keep: bool = False) -> int:
         return 1
     print("\nDemo complete: every expectation held.", flush=True)
     return 0
+
+
+def _kept(s: Stack) -> None:
+    """--keep: say what is left running and how to stop it (the process ids are also in
+    ``<workdir>/pids``)."""
+    procs = [r for r in (s.proxy, s.auth, s.docs, *s.extra) if r is not None and r.alive()]
+    pids = s.workdir.resolve() / "pids"
+    pids.write_text("".join(f"{r.pid}\n" for r in procs))
+    print("\nServers left running (--keep): "
+          + ", ".join(f"{r.name} (pid {r.pid})" for r in procs)
+          + f".\nProxy: {s.proxy_url}; admin: http://{s.config['admin']}; config: "
+          f"{s.config_path}\nThe environment they use (vault key, client secrets) is not "
+          "saved; the proxy's audit log is in "
+          f"{s.workdir / 'logs' / 'credproxy.stdout'}.\n"
+          f"Stop them with:  kill $(cat {pids})", flush=True)
 
 
 def _story(d: _Demo) -> None:

@@ -367,6 +367,8 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
     stack = Stack(workdir, ca, auth, docs, env, context_key, workdir / "credproxy.yaml", cfg,
                   extra=extra)
     stack.write_config()
+    if cfg["vault"].get("backend", "local") == "local":
+        _init_vault(stack)  # the explicit first run (`credproxy vault init`)
     if start_proxy:
         try:
             stack.start_proxy()
@@ -374,6 +376,13 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
             stack.close()
             raise
     return stack
+
+
+def _init_vault(stack: Stack) -> None:
+    from proxy.app import init_vault
+    from proxy.settings import load_settings
+
+    init_vault(load_settings(stack.config_path), environ=stack.env)
 
 
 def wait_until(predicate: Any, timeout: float = 10.0) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx2
 
@@ -17,7 +20,7 @@ from proxy.admin import AdminServer
 from proxy.audit import AuditLog, new_instance_id, open_sink
 from proxy.connect import Connector
 from proxy.coordination import Coordinator, MemoryCoordinator
-from proxy.errors import AuditUnavailable, ConfigError, CredproxyError
+from proxy.errors import AuditUnavailable, ConfigError, CredproxyError, VaultUnavailable
 from proxy.identity import IdentityVerifier, KeySource
 from proxy.metrics import Metrics
 from proxy.offboard import Offboarder
@@ -77,10 +80,12 @@ class App:
         """Apply a new configuration to the running proxy: providers, identity, refresh and
         connect settings change live. Everything is built first, so a bad config (say a
         provider whose client secret is missing, or an unreadable key file) raises and
-        leaves the old one serving. Restart-only keys keep their running values (the
-        sockets, stores and connect URLs in use); returns those that changed, which need a
-        restart to take effect."""
+        leaves the old one serving. A config that removes a provider, or a host from one,
+        is refused unless the new file allows it (:func:`refuse_provider_removal`).
+        Restart-only keys keep their running values (the sockets, stores and connect URLs
+        in use); returns those that changed, which need a restart to take effect."""
         old = self.settings
+        refuse_provider_removal(old, new)
         restart = [k for k in self.RESTART_KEYS if getattr(new, k) != getattr(old, k)]
         keep: dict[str, object] = {k: getattr(old, k) for k in self.RESTART_KEYS}
         if new.unrouted != old.unrouted and "tunnel" in (new.unrouted, old.unrouted):
@@ -88,7 +93,9 @@ class App:
             keep["unrouted"] = old.unrouted
         new = new.model_copy(update=keep)
         secrets = client_secrets(new, self.environ)
-        router = Router(new.providers)
+        # Hosts of removed providers stay known: requests to them are refused, never
+        # passed through with the agent's own credentials (routes.refuse_retired).
+        router = self.sidecar.router.after_reload(old.providers, new.providers)
         verifier = self.sidecar.verifier
         # Key files and secrets are re-read on every reload: the watcher reloads when one
         # of them changes (a rotated signing key). A JWKS URL refetches by itself.
@@ -177,6 +184,17 @@ class App:
                           "config keeps serving", path)
             if current is None or (current == last and not requested):
                 continue
+            # Settle: a file written in place (an editor, `cat > FILE`) is read only once
+            # it has stopped changing, never half-way. Atomic replacement (write a temporary
+            # file, rename it over; a ConfigMap's symlink swap) needs no wait but gets one.
+            # A requested reload of unchanged files has nothing to wait for.
+            settle = self.settings.reload.settle
+            if settle > 0 and current != last:
+                await asyncio.sleep(settle)
+                if self.config_digest(path, pending) != current:
+                    log.info("config file %s is still changing; reloading once it has not "
+                             "changed for %.1f s", path, settle)
+                    continue
             last = current
             pending = None
             try:
@@ -301,6 +319,35 @@ def settings_digest(settings: Settings) -> str:
     return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
 
 
+def refuse_provider_removal(old: Settings, new: Settings) -> None:
+    """Raise :class:`ConfigError` when ``new`` removes a provider of ``old``, or a host no
+    provider of ``new`` lists any more, unless ``new.reload.allow_provider_removal`` names
+    that provider. A truncated or half-written file parses as exactly such a config (fewer
+    providers, or none), and a removed provider's host would become unrouted: the agent's
+    own ``Authorization`` would go there unaudited."""
+    new_ids = {p.id for p in new.providers}
+    new_hosts = {h for p in new.providers for h in p.hosts}
+    allowed = set(new.reload.allow_provider_removal)
+    removed: list[str] = []
+    ids: list[str] = []
+    for p in old.providers:
+        lost = [h for h in p.hosts if h not in new_hosts]
+        if p.id in allowed or (p.id in new_ids and not lost):
+            continue
+        ids.append(p.id)
+        if p.id not in new_ids:
+            removed.append(f"provider {p.id!r}")
+        else:
+            removed.append(f"host{'s' if len(lost) > 1 else ''} {', '.join(lost)} of "
+                           f"provider {p.id!r}")
+    if removed:
+        raise ConfigError(
+            f"refused: the new config removes {'; '.join(removed)} ({len(new.providers)} "
+            "providers left). A truncated or half-written file looks like this, so the "
+            "running config keeps serving. To remove them on purpose, add to the new file: "
+            f"reload: {{allow_provider_removal: [{', '.join(ids)}]}}")
+
+
 def upstream_ssl_context(settings: Settings) -> ssl.SSLContext:
     """System trust plus ``upstream_ca_file`` (private CAs, tests)."""
     ctx = ssl.create_default_context()
@@ -331,8 +378,85 @@ def open_vault(settings: Settings, environ: Mapping[str, str] = os.environ,
             polling_interval=v.poll_interval, api_version=v.api_version,
             verify_challenge_resource=v.verify_challenge_resource)
         return vault, key
-    return LocalVault.open(os.path.expanduser(v.path), key, clock=clock,
-                           timeout=v.timeout), key
+    # A missing or emptied vault file is an error (init_vault makes the first one), unless
+    # vault.create says this vault starts empty whenever its volume is new: then only a
+    # missing file is created; an existing empty one is refused all the same.
+    path = os.path.expanduser(v.path)
+    create = v.create and not os.path.lexists(path)
+    return LocalVault.open(path, key, clock=clock, timeout=v.timeout, create=create), key
+
+
+def init_vault(settings: Settings, environ: Mapping[str, str] = os.environ) -> str:
+    """Create the local vault file ``vault.path`` (0600, empty, sealed with the vault key):
+    the explicit first run (``credproxy vault init``). Returns its path. Raises
+    :class:`ConfigError` for a Key Vault backend (nothing to create), :class:`VaultError`
+    when the file already exists, even empty (a truncated vault must be restored, not
+    replaced), or cannot be created."""
+    v = settings.vault
+    if v.backend != "local":
+        raise ConfigError(f"vault.backend: {v.backend} has no file to create; vault init is "
+                          "for the local backend")
+    path = os.path.expanduser(v.path)
+    key = load_key(key_env=v.key_env if not v.key_file else None, key_file=v.key_file,
+                   environ=environ)
+    if os.path.lexists(path):
+        raise VaultUnavailable(f"vault file {path} already exists; nothing changed (vault "
+                               "init only creates a new vault)")
+    LocalVault.open(path, key, timeout=v.timeout, create=True)  # holds nothing open
+    return path
+
+
+def preflight(settings: Settings) -> None:
+    """Check, before anything is created on disk, what would otherwise fail only once the
+    proxy runs: the audit file's directory, the CA directory. Raises :class:`ConfigError`
+    naming the key and the path."""
+    sink = settings.audit.sink
+    if sink != "stdout":
+        path = Path(sink).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"audit.sink: {sink} is a directory; name a file")
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                raise ConfigError(f"audit.sink: {sink} is not writable")
+        elif not path.parent.is_dir():
+            raise ConfigError(f"audit.sink: directory {path.parent} does not exist; create "
+                              "it (the file itself is created, mode 0600)")
+        elif not os.access(path.parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"audit.sink: cannot create {sink}: directory {path.parent} "
+                              "is not writable")
+    ca = Path(settings.ca_dir).expanduser()
+    if ca.exists() and not ca.is_dir():
+        raise ConfigError(f"ca_dir: {settings.ca_dir} is not a directory")
+    existing = ca
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not ca.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"ca_dir: cannot create {settings.ca_dir}: {existing} is not "
+                          "writable")
+
+
+def check_ports(settings: Settings) -> None:
+    """Raise :class:`ConfigError` naming the key when ``listen`` or ``admin`` cannot be
+    bound (in use, or an address this host does not have). A best effort before start-up;
+    the servers' own bind errors are reported the same way."""
+    for key, addr in (("listen", settings.listen), ("admin", settings.admin)):
+        if not addr:
+            continue
+        host, _, port = addr.rpartition(":")
+        try:
+            infos = socket.getaddrinfo(host.strip("[]") or None, int(port),
+                                       type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConfigError(f"{key}: cannot resolve {host!r}: {exc.strerror}") from None
+        for family, kind, proto, _, sockaddr in infos:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(sockaddr)
+                except OSError as exc:
+                    raise ConfigError(f"{key}: cannot listen on {addr}: {exc.strerror}"
+                                      + (" (another process is using the port)"
+                                         if exc.errno == errno.EADDRINUSE else "")) from None
 
 
 def client_secrets(settings: Settings,
@@ -376,16 +500,16 @@ def make_coordinator(settings: Settings, vault_key: bytes,
 
 def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
           clock: Callable[[], float] = time.time) -> App:
+    preflight(settings)
     tls = upstream_ssl_context(settings)
     secrets = client_secrets(settings, environ)
-    vault, key = open_vault(settings, environ, clock)
     http = httpx2.AsyncClient(verify=tls, timeout=10.0, trust_env=False)
+    keys = KeySource.from_settings(settings.identity, http, environ)  # before the vault:
+    vault, key = open_vault(settings, environ, clock)  # every config error comes first
     metrics = Metrics()
     coordinator = make_coordinator(settings, key, environ, clock, metrics)
     refresher = Refresher(settings.refresh, verify=tls, clock=clock)
-    verifier = IdentityVerifier(settings.identity,
-                                KeySource.from_settings(settings.identity, http, environ),
-                                replay=coordinator, clock=clock)
+    verifier = IdentityVerifier(settings.identity, keys, replay=coordinator, clock=clock)
 
     def secret_for(p: ProviderSettings) -> Secret | None:
         return secrets[p.id]

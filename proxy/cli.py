@@ -35,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CredproxyError as exc:
         print(f"credproxy: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    except OSError as exc:
+        # A file or socket the command needed, not caught nearer: name it, no traceback.
+        what = f"{exc.filename}: " if exc.filename else ""
+        print(f"credproxy: {what}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
 
@@ -50,20 +55,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
     from addons.embed import serve  # mitmproxy is imported only when serving
-    from proxy.app import build
+    from proxy.app import build, check_ports
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
     settings = _settings(args)
     config_path = args.config or os.environ["CREDPROXY_CONFIG"]
-    ensure_ca(settings.ca_dir)
+    check_ports(settings)
     _raise_fd_limit()
+    if not settings.providers:
+        logging.getLogger("credproxy").warning(
+            "no providers configured: every destination is unrouted (%s)", settings.unrouted)
 
     async def go() -> None:
+        # Everything build checks (keys, secrets, vault, audit directory) is checked
+        # before anything is created on disk (the CA).
         app = build(settings)
         try:
-            await app.start(config_path=str(Path(config_path).expanduser()))
+            ensure_ca(settings.ca_dir)
+            try:
+                await app.start(config_path=str(Path(config_path).expanduser()))
+            except OSError as exc:
+                raise CredproxyError(f"admin: cannot listen on {settings.admin}: "
+                                     f"{exc.strerror}") from None
             await serve(settings, app, grace=args.grace)
         finally:
             st = app.sidecar.broker.stats
@@ -94,6 +109,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     print(f"config: ok ({len(settings.providers)} providers)")
+    if not settings.providers:
+        print("warning: no providers configured: every destination is unrouted",
+              file=sys.stderr)
 
     async def go() -> None:
         app = build(settings)  # resolves secrets and keys, opens the vault
@@ -326,7 +344,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             return EXIT_OK
         for r in results:
             if args.dry_run:
-                print(f"would revoke: {r.user} / {r.provider}")
+                print(f"would revoke: {r.user} / {r.provider}"
+                      + (" (corrupt record: would be deleted; its tokens are unreadable, "
+                         "revoke them at the provider)" if r.corrupt else ""))
             elif not r.ok:
                 done = ("removed locally" if r.removed else
                         "marked for re-authorization" if r.marked else "not revoked")
@@ -336,6 +356,15 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL
 
     return asyncio.run(go())
+
+
+def cmd_vault_init(args: argparse.Namespace) -> int:
+    from proxy.app import init_vault
+
+    path = init_vault(_settings(args))
+    print(f"created an empty vault: {path} (back it up with the vault key; credproxy "
+          "refuses to start if it goes missing or empty)", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_vault_keygen(args: argparse.Namespace) -> int:
@@ -406,6 +435,8 @@ def _parser() -> argparse.ArgumentParser:
     put.add_argument("--provider", required=True)
     command("keygen", cmd_vault_keygen, "print a new random vault key", parent=vault,
             config=False)
+    command("init", cmd_vault_init, "create the local vault file (first run only; an "
+            "existing file, even empty, is never replaced)", parent=vault)
 
     conn = command("connect", cmd_connect,
                    "connect a user to a provider (authorization code + PKCE, loopback redirect)")

@@ -38,7 +38,13 @@ def write_dev_keys(out_dir: Path, *, alg: str = "EdDSA", kid: str = "dev-1") -> 
 
 
 def load_signing_key(path: str) -> Key:
-    data = Path(path).expanduser().read_bytes()
+    """The private key in ``path`` (a JWK or PEM). Raises :class:`ConfigError` naming the
+    file when it cannot be read or holds no usable key."""
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read signing key file {path}: {exc.strerror} (make one "
+                          "with `credproxy context keygen --out-dir DIR`)") from None
     try:
         if data.lstrip().startswith(b"{"):
             return import_key(json.loads(data))

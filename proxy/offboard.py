@@ -25,11 +25,11 @@ import httpx2
 from proxy import audit as auditlog
 from proxy.audit import AuditLog
 from proxy.coordination.base import Coordinator
-from proxy.errors import CoordinationUnavailable, VaultError
+from proxy.errors import CoordinationUnavailable, VaultCorruptError, VaultError
 from proxy.refresh import oauth_client
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
-from proxy.vault.base import Grant, GrantInfo, Vault
+from proxy.vault.base import Grant, GrantInfo, GrantStatus, Vault
 
 _ATTEMPTS = 3
 
@@ -43,6 +43,7 @@ class Revocation:
     removed: bool  # deleted from the vault (or already gone)
     invalidated: bool = True  # every replica was told to forget it (Redis reachable)
     marked: bool = True  # marked revoked in the vault (False: the vault was unreachable)
+    corrupt: bool = False  # the record failed authentication: its tokens were unreadable
 
     @property
     def ok(self) -> bool:
@@ -56,6 +57,9 @@ class Revocation:
         out = []
         if not self.marked:
             return ["nothing changed (vault unreachable); run it again"]
+        if self.corrupt:
+            out.append("corrupt record: its tokens could not be read, revoke them at the "
+                       "provider")
         if self.upstream == "pending":
             out.append("upstream revocation pending")
         if not self.removed:
@@ -87,11 +91,15 @@ class Offboarder:
                      dry_run: bool = False) -> list[Revocation]:
         results = []
         for info in await self.plan(user, provider):
+            corrupt = info.status is GrantStatus.CORRUPT
             if dry_run:
                 results.append(Revocation(user, info.provider, "skipped (dry run)",
-                                          "would revoke", removed=False))
+                                          "would delete the corrupt record" if corrupt
+                                          else "would revoke", removed=False, corrupt=corrupt))
                 continue
-            results.append(await self._revoke_one(user, info.provider))
+            results.append(await (self._remove_corrupt(user, info.provider, info.version)
+                                  if corrupt else
+                                  self._revoke_one(user, info.provider, info.version)))
         if provider is None and not dry_run:
             pending = [f"{r.provider} ({', '.join(r.problems)})" for r in results if not r.ok]
             self._audit.record(auditlog.USER_OFFBOARDED, user=user,
@@ -100,7 +108,7 @@ class Offboarder:
                                if pending else None)
         return results
 
-    async def _revoke_one(self, user: str, provider_id: str) -> Revocation:
+    async def _revoke_one(self, user: str, provider_id: str, version: int = 0) -> Revocation:
         # 1. Stop every process from using it, before anything else. Under the grant's
         # refresh lock: a refresh in flight on any replica finishes (and stores its rotated
         # tokens) first, so the tokens revoked below are the newest ones, and no refresh can
@@ -114,6 +122,8 @@ class Offboarder:
                 # write refuses to store its tokens over the mark, so it cannot come back.
                 grant, _ = await self._mark(user, provider_id)
                 invalidated = False
+        except VaultCorruptError:  # it failed authentication after it was listed
+            return await self._remove_corrupt(user, provider_id, version)
         except VaultError as exc:
             return self._finish(Revocation(user, provider_id, "not attempted",
                                            f"vault unavailable: {exc}", removed=False,
@@ -156,13 +166,47 @@ class Offboarder:
         if grant is None:
             return None, True
         marked = await self._vault.mark_reauth(user, provider_id, "revoked")
+        return grant, await self._forget(user, provider_id,
+                                         marked.version if marked else grant.version)
+
+    async def _forget(self, user: str, provider_id: str, version: int) -> bool:
+        """Drop the grant from the shared cache and tell every replica; False when Redis
+        could not be reached."""
         try:
-            await self._coord.cache_forget((user, provider_id),
-                                           marked.version if marked else grant.version)
+            await self._coord.cache_forget((user, provider_id), version)
             await self._coord.publish_invalidation(user, provider_id)
         except CoordinationUnavailable:
-            return grant, False
-        return grant, True
+            return False
+        return True
+
+    async def _remove_corrupt(self, user: str, provider_id: str, version: int) -> Revocation:
+        """A record that fails authentication cannot be marked (that re-seals it) and its
+        tokens cannot be revoked upstream (they are unreadable): delete it, make every
+        replica forget any copy it still holds, and report the tokens as the operator's to
+        revoke at the provider. Exits non-zero (``ok`` is False). ``version``: the record's
+        (unauthenticated) version, for the shared cache to refuse anything not newer."""
+
+        async def remove() -> bool:
+            await self._vault.delete(user, provider_id)
+            return await self._forget(user, provider_id, version)
+
+        try:
+            try:
+                async with self._coord.lock(user, provider_id):
+                    invalidated = await remove()
+            except CoordinationUnavailable:  # no lock, and no replica can be told
+                await remove()
+                invalidated = False
+        except VaultError as exc:
+            return self._finish(Revocation(user, provider_id, "not attempted",
+                                           f"corrupt record; vault unavailable: {exc}",
+                                           removed=False, marked=False, corrupt=True), None)
+        detail = ("the vault record failed authentication (tampered or damaged), so its "
+                  "tokens could not be read or revoked at the provider: revoke them there "
+                  "by its own means; the record was deleted")
+        return self._finish(Revocation(user, provider_id, "not attempted", detail,
+                                       removed=True, invalidated=invalidated, corrupt=True),
+                            None)
 
     def _finish(self, result: Revocation, token: Secret | None) -> Revocation:
         self._audit.record(auditlog.CONNECTION_REVOKED, user=result.user,

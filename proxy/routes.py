@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from proxy.errors import UnroutedDenied
 from proxy.hosts import HostPattern, parse_authority
 from proxy.settings import ProviderSettings
 
-__all__ = ["Destination", "Router", "host_agrees"]
+__all__ = ["Destination", "Router", "host_agrees", "refuse_retired"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,25 +29,80 @@ class Destination:
 
 
 class Router:
-    """Matches destinations to providers by their ``hosts`` patterns (:class:`HostPattern`)."""
+    """Matches destinations to providers by their ``hosts`` patterns (:class:`HostPattern`).
 
-    def __init__(self, providers: list[ProviderSettings]) -> None:
-        self._patterns: list[tuple[HostPattern, ProviderSettings]] = [
-            (HostPattern.parse(h), p) for p in providers for h in p.hosts]
-        # Exact names first, then the longest wildcard suffix: the most specific wins.
-        self._patterns.sort(key=lambda e: (e[0].wildcard, -len(e[0].host)))
+    ``retired``: providers a config reload removed (each with only the host patterns that
+    no current provider lists any more). Their hosts are not routed, but they are not
+    ordinary unrouted hosts either: see :func:`refuse_retired`."""
+
+    def __init__(self, providers: Sequence[ProviderSettings],
+                 retired: Sequence[ProviderSettings] = ()) -> None:
+        self._patterns = _index(providers)
+        self.retired = tuple(retired)
+        self._retired = _index(self.retired)
 
     def match(self, dest: Destination) -> ProviderSettings | None:
         """The provider owning ``dest``. A pattern without a port matches only the scheme's
         default port, so a credential never goes to another service on the same host."""
-        for pattern, provider in self._patterns:
-            if pattern.matches(dest.host, dest.port, tls=dest.tls):
-                return provider
-        return None
+        return _lookup(self._patterns, dest)
+
+    def retired_match(self, dest: Destination) -> ProviderSettings | None:
+        """The removed provider whose (removed) host pattern matches ``dest``, if any."""
+        return _lookup(self._retired, dest)
+
+    def after_reload(self, old: Sequence[ProviderSettings],
+                     new: Sequence[ProviderSettings]) -> Router:
+        """The router for ``new`` providers replacing ``old``: every host pattern ``old``
+        listed and ``new`` does not is retired (added to those retired before); a pattern
+        ``new`` lists again is routed again."""
+        current = {h for p in new for h in p.hosts}
+        retired: dict[str, list[str]] = {}
+        for p in (*self.retired, *old):
+            for h in p.hosts:
+                if h not in current and h not in retired.setdefault(p.id, []):
+                    retired[p.id].append(h)
+        by_id = {p.id: p for p in (*self.retired, *old)}
+        ghosts = [by_id[pid].model_copy(update={"hosts": hosts})
+                  for pid, hosts in retired.items() if hosts]
+        return Router(new, ghosts)
 
     def claims_host(self, host: str) -> bool:
         """Whether any provider lists ``host`` (any port); used to spot Host-header spoofing."""
         return any(pattern.names(host) for pattern, _ in self._patterns)
+
+
+_Patterns = list[tuple[HostPattern, ProviderSettings]]
+
+
+def _index(providers: Sequence[ProviderSettings]) -> _Patterns:
+    patterns = [(HostPattern.parse(h), p) for p in providers for h in p.hosts]
+    # Exact names first, then the longest wildcard suffix: the most specific wins.
+    patterns.sort(key=lambda e: (e[0].wildcard, -len(e[0].host)))
+    return patterns
+
+
+def _lookup(patterns: _Patterns, dest: Destination) -> ProviderSettings | None:
+    for pattern, provider in patterns:
+        if pattern.matches(dest.host, dest.port, tls=dest.tls):
+            return provider
+    return None
+
+
+def refuse_retired(router: Router, dest: Destination) -> None:
+    """Refuse an unrouted request to a host that was a provider's until a config reload
+    removed it: the agent may still send that provider a credential of its own (a shared
+    service account's ``Authorization``), which credproxy must never pass on. Until the
+    process restarts (or a reload lists the host again) every request there is refused.
+
+    Raises :class:`proxy.errors.UnroutedDenied` (403 ``unrouted-denied``, reason
+    ``provider_removed``) naming the provider."""
+    ghost = router.retired_match(dest)
+    if ghost is not None:
+        raise UnroutedDenied(
+            f"{dest} belonged to provider {ghost.id!r}, which a config reload removed; "
+            "credproxy does not pass requests there (the agent's own credentials would "
+            "reach it). Restore the provider, or restart credproxy to treat the host as "
+            "unrouted", reason="provider_removed")
 
 
 def host_agrees(dest: Destination, host_header: str | None) -> bool:

@@ -101,6 +101,11 @@ class IdentitySettings(_Model):
 class VaultSettings(_Model):
     backend: Literal["local", "azure"] = "local"
     path: str = "~/.credproxy/vault.db"  # local
+    # local: create the file when it does not exist. Only for a vault that is meant to start
+    # empty whenever its volume is new (a per-pod emptyDir); otherwise a deleted vault would
+    # silently come back empty. An existing empty or damaged file is an error either way.
+    # Without it the first vault is made by `credproxy vault init`.
+    create: bool = False
     # The vault key: encrypts the local vault; for every backend, other keys derive from it
     # (audit fingerprints, shared-cache encryption, Key Vault secret names).
     key_env: str | None = "CREDPROXY_VAULT_KEY"
@@ -323,6 +328,20 @@ class RefreshSettings(_Model):
         return float(self.attempts * self.timeout + backoff)
 
 
+class ReloadSettings(_Model):
+    """How ``credproxy run`` takes a changed config file (docs/operations.md)."""
+
+    # Provider ids this file removes on purpose. A reload that removes a provider, or a
+    # host from one, is refused unless every such provider is listed here (in the new
+    # file): a truncated or half-written file must never turn provider hosts into
+    # unrouted ones, which would pass the agent's own Authorization through.
+    allow_provider_removal: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]] = (
+        Field(default_factory=list))
+    # Seconds the file (and the files it names) must stay unchanged before it is parsed,
+    # so a file being written in place is never read half-way.
+    settle: Annotated[float, Field(ge=0, le=60)] = 2.0
+
+
 class Settings(_Model):
     listen: str = "127.0.0.1:8080"
     admin: str | None = "127.0.0.1:9090"  # null: no admin server
@@ -341,10 +360,40 @@ class Settings(_Model):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     refresh: RefreshSettings = Field(default_factory=RefreshSettings)
     connect: ConnectSettings = Field(default_factory=ConnectSettings)
+    reload: ReloadSettings = Field(default_factory=ReloadSettings)
     providers: list[ProviderSettings] = Field(default_factory=list)
 
     _addr = field_validator("listen", "admin")(
         classmethod(lambda cls, v: v if v is None else _address(v)))
+
+    @field_validator("stream_large_bodies")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        # mitmproxy's size syntax (mitmproxy.utils.human.parse_size), checked here so a
+        # bad value is a config error, not a traceback when the proxy starts.
+        if not re.fullmatch(r"[0-9]+[bkmgt]?", v):
+            raise ValueError("must be a size: a number of bytes with an optional unit "
+                             "b, k, m, g or t (e.g. 1m)")
+        return v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is None:
+            return v
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            parts = None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                or parts.query or parts.fragment or parts.username is not None
+                or any(c.isspace() for c in v)):
+            raise ValueError("must be an absolute http(s) URL (scheme and host, no query, "
+                             "fragment or user info), e.g. https://credproxy.example.com")
+        return v
 
     @model_validator(mode="after")
     def _unique(self) -> Self:
@@ -387,17 +436,48 @@ def validate_host_pattern(pattern: str) -> str:
     return str(HostPattern.parse(pattern))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (plain YAML
+    lets the last one win silently, so a stray duplicate would override the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode,
+                          deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first})",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_settings(path: str | os.PathLike[str]) -> Settings:
-    """Read and validate a YAML config file."""
+    """Read and validate a YAML config file. Raises :class:`ConfigError` naming the file
+    and the key (or the line, for YAML errors such as a key given twice)."""
     p = Path(path).expanduser()
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text") from None
+    except yaml.MarkedYAMLError as exc:
+        # "FILE: not valid YAML: line N: what", without the quoted snippet of the file.
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        what = exc.problem or str(exc)
+        if exc.context and "duplicate key" not in what:
+            what = f"{exc.context}: {what}"
+        raise ConfigError(f"{p}: not valid YAML: {where}{what}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     return parse_settings(data, source=str(p))
 
 

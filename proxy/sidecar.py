@@ -32,7 +32,7 @@ from proxy.headers import AUTHORIZATION, HeaderPolicy, ReadHeaders, field_key
 from proxy.hosts import normalize_host, parse_authority
 from proxy.identity import IdentityVerifier, UserContext
 from proxy.metrics import code_class, reason_label
-from proxy.routes import Destination, Router, host_agrees
+from proxy.routes import Destination, Router, host_agrees, refuse_retired
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
 from proxy.tokens import TokenBroker
@@ -180,6 +180,7 @@ class Sidecar:
         # site in Host). It matters when the client names a provider: it believes it talks
         # to the provider while the tunnel goes elsewhere; answer 421 rather than pass the
         # request on without a credential.
+        refuse_retired(self.router, req.destination)  # once a provider: never pass through
         if misdirected and self._claims_provider(req):
             raise MisdirectedRequest("the Host header (or SNI) names a provider host but the "
                                      f"request goes to {req.destination}",

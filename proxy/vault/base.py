@@ -23,6 +23,10 @@ def next_version(previous: int | None, now: float) -> int:
 class GrantStatus(StrEnum):
     ACTIVE = "active"
     REAUTH_REQUIRED = "reauth_required"
+    # Only in listings (:meth:`Vault.list`), never stored: a record that fails
+    # authentication (tampered or damaged), whose tokens cannot be read. Listing it
+    # instead of failing lets operators see it and `credproxy revoke` delete it.
+    CORRUPT = "corrupt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +75,11 @@ class Vault(Protocol):
 
     async def delete(self, user: str, provider: str) -> bool: ...
 
-    async def list(self, user: str | None = None) -> list[GrantInfo]: ...
+    async def list(self, user: str | None = None) -> list[GrantInfo]:
+        """The grants (of ``user``, or everyone's), sorted by user and provider. A record
+        that fails authentication is listed with status ``corrupt`` (see
+        :func:`corrupt_info`) rather than failing the whole listing."""
+        ...
 
     async def ping(self) -> None:
         """Raise if the vault cannot be read right now (readiness; no writes)."""
@@ -102,3 +110,11 @@ def info(grant: Grant) -> GrantInfo:
         updated_at=grant.updated_at,
         version=grant.version,
     )
+
+
+def corrupt_info(user: str, provider: str, *, updated_at: float, version: int) -> GrantInfo:
+    """The listing of a record that fails authentication: who and what it is for (from its
+    unauthenticated columns, for display and for deleting it), nothing from inside it."""
+    return GrantInfo(user=user, provider=provider, status=GrantStatus.CORRUPT,
+                     reason="vault_record_corrupt", scope=None, expires_at=None,
+                     has_refresh_token=False, updated_at=updated_at, version=version)

@@ -39,7 +39,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.errors import VaultCorruptError, VaultError, VaultKeyError, VaultUnavailable
 from proxy.tokenset import TokenSet
-from proxy.vault.base import Grant, GrantChanged, GrantInfo, GrantStatus, info, next_version
+from proxy.vault.base import (
+    Grant,
+    GrantChanged,
+    GrantInfo,
+    GrantStatus,
+    corrupt_info,
+    info,
+    next_version,
+)
 from proxy.vault.keys import KEY_BYTES, derive_subkey
 
 __all__ = ["FORMAT", "LocalVault"]
@@ -87,10 +95,17 @@ class LocalVault:
     """A :class:`proxy.vault.base.Vault` in one encrypted SQLite file.
 
     Open with ``LocalVault.open(path, key)`` (or the constructor; they are the same). Opening
-    is synchronous and blocking: it creates the file (0600, parent directory 0700) if absent,
-    initialises it, and checks the key, raising :class:`VaultKeyError` at once if the key
-    does not open this file. Call it at start-up, or through :func:`asyncio.to_thread`.
-    Existing files are used as they are; their permissions are the operator's business.
+    is synchronous and blocking: with ``create`` (the default) it creates the file (0600,
+    parent directory 0700) if absent and initialises an empty one; it checks the key,
+    raising :class:`VaultKeyError` at once if the key does not open this file. Call it at
+    start-up, or through :func:`asyncio.to_thread`. Existing files are used as they are;
+    their permissions are the operator's business.
+
+    ``create=False`` (how ``credproxy`` opens the configured vault): a missing file, or an
+    empty one (0 bytes, or SQLite without a vault in it), raises :class:`VaultUnavailable`
+    naming the file: a vault that was deleted or truncated must never come back as an empty
+    vault, which would silently drop every user's connections. ``credproxy vault init``
+    creates the first one (:func:`proxy.app.init_vault`).
     """
 
     def __init__(
@@ -100,6 +115,7 @@ class LocalVault:
         *,
         clock: Callable[[], float] = time.time,
         timeout: float = BUSY_TIMEOUT_S,
+        create: bool = True,
     ) -> None:
         if len(key) != KEY_BYTES:
             raise VaultKeyError(f"vault key must be {KEY_BYTES} bytes")
@@ -111,8 +127,14 @@ class LocalVault:
         # How long an operation may wait for another process's write lock (vault.timeout).
         self._timeout = timeout
         self._closed = False
-        _create_private_file(self._path)
-        self._run(self._initialise)
+        if create:
+            _create_private_file(self._path)
+        elif not self._path.exists():
+            raise VaultUnavailable(
+                f"vault file {self._path} does not exist. For a first run create it with "
+                "`credproxy vault init --config FILE`; if it existed before, restore it from "
+                "a backup (an empty vault would drop every user's connections)")
+        self._run(partial(self._initialise, create=create))
 
     @classmethod
     def open(
@@ -122,9 +144,11 @@ class LocalVault:
         *,
         clock: Callable[[], float] = time.time,
         timeout: float = BUSY_TIMEOUT_S,
+        create: bool = True,
     ) -> LocalVault:
-        """Open (creating if absent) the vault at ``path`` with the 32-byte ``key``."""
-        return cls(path, key, clock=clock, timeout=timeout)
+        """Open the vault at ``path`` with the 32-byte ``key`` (``create``: creating it if
+        absent or empty; else that is an error)."""
+        return cls(path, key, clock=clock, timeout=timeout, create=create)
 
     @property
     def path(self) -> Path:
@@ -195,7 +219,7 @@ class LocalVault:
         finally:
             conn.close()  # also rolls back a transaction an exception left open
 
-    def _initialise(self, conn: sqlite3.Connection) -> None:
+    def _initialise(self, conn: sqlite3.Connection, create: bool = True) -> None:
         mode = conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
         if str(mode).lower() != "delete":
             raise VaultUnavailable(f"vault {self._path}: cannot leave journal mode {mode}")
@@ -209,6 +233,11 @@ class LocalVault:
                     raise VaultCorruptError(
                         f"{self._path} is a SQLite database but not a credproxy vault"
                     )
+                if not create:
+                    raise VaultUnavailable(
+                        f"vault file {self._path} is empty (truncated, or never "
+                        "initialised). If it held grants, restore it from a backup; for a "
+                        "first run delete it and run `credproxy vault init --config FILE`")
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute("INSERT INTO meta VALUES ('keycheck', ?)", (self._keycheck(),))
@@ -311,8 +340,15 @@ class LocalVault:
             rows = conn.execute(_SELECT_ALL)
         else:
             rows = conn.execute(_SELECT_USER, (user,))
-        # Decrypting gives scope and expiry, and authenticates every listed record.
-        return [info(self._unseal(row)) for row in rows.fetchall()]
+        # Decrypting gives scope and expiry, and authenticates every listed record; one
+        # that fails is listed as corrupt, so the others stay visible.
+        out = []
+        for row in rows.fetchall():
+            try:
+                out.append(info(self._unseal(row)))
+            except VaultCorruptError:
+                out.append(corrupt_info(row[0], row[1], updated_at=row[4], version=row[5]))
+        return out
 
     def _check(self, conn: sqlite3.Connection) -> None:
         self._verify_key(conn)
@@ -367,7 +403,7 @@ class LocalVault:
         if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
             return VaultCorruptError(
                 f"{self._path} is not a readable SQLite database ({name}): "
-                "not a credproxy vault, or damaged"
+                "not a credproxy vault, or damaged; restore it from a backup"
             )
         # SQLite messages carry codes and names of schema objects, never bound values.
         return VaultUnavailable(f"vault {self._path} unavailable: {exc} ({name})")

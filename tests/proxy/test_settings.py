@@ -205,7 +205,44 @@ BAD: list[Any] = [
     pytest.param(config(coordination={"backend": "redis", "url": "http://h"}),
                  "coordination: url must start with redis://", id="redis-url-scheme"),
     pytest.param(config(refresh={"attempts": 0}), r"refresh\.attempts", id="refresh-attempts"),
+    pytest.param(config(stream_large_bodies="lots"), "stream_large_bodies: must be a size",
+                 id="size-word"),
+    pytest.param(config(stream_large_bodies="1M"), "stream_large_bodies:", id="size-upper"),
+    pytest.param(config(stream_large_bodies="1.5m"), "stream_large_bodies:", id="size-fraction"),
+    pytest.param(config(stream_large_bodies=""), "stream_large_bodies:", id="size-empty"),
+    pytest.param(config(public_url="not a url"), "public_url: must be an absolute",
+                 id="public-url-words"),
+    pytest.param(config(public_url="credproxy.example.com"), "public_url:",
+                 id="public-url-no-scheme"),
+    pytest.param(config(public_url="https://"), "public_url:", id="public-url-no-host"),
+    pytest.param(config(public_url="https://a.example.com:99999"), "public_url:",
+                 id="public-url-bad-port"),
+    pytest.param(config(public_url="https://u@a.example.com"), "public_url:",
+                 id="public-url-userinfo"),
+    pytest.param(config(public_url="https://a.example.com/#x"), "public_url:",
+                 id="public-url-fragment"),
+    pytest.param(config(reload={"settle": 61}), r"reload\.settle", id="settle-too-long"),
+    pytest.param(config(reload={"allow_provider_removal": "docs"}),
+                 r"reload\.allow_provider_removal", id="removal-not-a-list"),
+    pytest.param(config(reload={"allow": ["docs"]}), r"reload\.allow: unknown key",
+                 id="reload-unknown-key"),
 ]
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1024", "1b", "64k", "1m", "2g", "1t"])
+def test_stream_large_bodies_takes_mitmproxys_sizes(value: str) -> None:
+    assert parse_settings(config(stream_large_bodies=value)).stream_large_bodies == value
+
+
+@pytest.mark.parametrize("url", ["https://credproxy.example.com",
+                                 "http://127.0.0.1:9090", "https://x.example.com/base/"])
+def test_public_url_accepts_absolute_http_urls(url: str) -> None:
+    assert parse_settings(config(public_url=url)).public_url == url
+
+
+def test_reload_defaults() -> None:
+    r = parse_settings(config()).reload
+    assert r.allow_provider_removal == [] and r.settle == 2.0
 
 
 @pytest.mark.parametrize(("data", "match"), BAD)
@@ -405,6 +442,16 @@ LoadCase = Callable[[Path], Path]
                  r"c\.yaml: x: unknown key", id="unknown-key"),
     pytest.param(
         lambda d: _write(d, b"identity: \xff\n"), r"c\.yaml", id="not-utf8"),
+    pytest.param(lambda d: _write(d, "listen: a:1\nadmin: null\nlisten: b:2\n"),
+                 r"c\.yaml: not valid YAML: line 3: duplicate key 'listen' \(first given on "
+                 r"line 1\)$", id="duplicate-top-level-key"),
+    pytest.param(lambda d: _write(d, "identity:\n  issuer: a\n  audience: b\n  issuer: c\n"),
+                 r"line 4: duplicate key 'issuer' \(first given on line 2\)",
+                 id="duplicate-nested-key"),
+    pytest.param(lambda d: _write(d, "providers:\n  - id: a\n    id: b\n"),
+                 r"line 3: duplicate key 'id'", id="duplicate-key-in-a-list-item"),
+    pytest.param(lambda d: _write(d, "a: &x {k: 1}\nb: {<<: *x, j: 2}\nb: 3\n"),
+                 r"line 3: duplicate key 'b'", id="duplicate-after-merge"),
 ])
 def test_load_settings_errors(write: LoadCase, match: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=match):

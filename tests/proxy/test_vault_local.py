@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import multiprocessing
+import re
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -296,6 +297,27 @@ def test_new_file_is_owner_only_in_an_owner_only_directory(vault: LocalVault) ->
     assert stat.S_IMODE(vault.path.parent.stat().st_mode) == 0o700
 
 
+@pytest.mark.parametrize("damage", ["missing", "zero-bytes", "empty-sqlite"])
+def test_without_create_a_missing_or_empty_vault_is_an_error(tmp_path: Path,
+                                                              damage: str) -> None:
+    path = tmp_path / "vault.db"
+    if damage == "zero-bytes":
+        path.touch()
+    elif damage == "empty-sqlite":
+        sqlite3.connect(path).execute("PRAGMA user_version = 0").connection.close()
+    what = "does not exist" if damage == "missing" else "is empty"
+    with pytest.raises(VaultUnavailable, match=f"vault file {re.escape(str(path))} {what}"):
+        LocalVault.open(path, KEY, create=False)
+    assert path.exists() == (damage != "missing")  # nothing created
+    if path.exists():
+        assert path.stat().st_size == 0 or damage == "empty-sqlite"
+
+
+def test_without_create_an_existing_vault_opens(vault_path: Path) -> None:
+    LocalVault.open(vault_path, KEY)
+    LocalVault.open(vault_path, KEY, create=False)
+
+
 def test_existing_file_permissions_are_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "vault.db"
     path.touch(mode=0o640)
@@ -345,10 +367,16 @@ async def test_corrupted_ciphertext_byte(vault: LocalVault, offset: int) -> None
     with pytest.raises(VaultCorruptError, match="user 'alice' provider 'docs' fails auth") as e:
         await vault.get("alice", "docs")
     assert ACCESS not in str(e.value) and e.value.__context__ is None
-    with pytest.raises(VaultCorruptError, match="'alice'"):
-        await vault.list()
+    # Listings show the damaged record as corrupt instead of failing as a whole.
+    listed = {g.user: g for g in await vault.list()}
+    assert listed["alice"].status is GrantStatus.CORRUPT
+    assert listed["alice"].reason == "vault_record_corrupt" and listed["alice"].version > 0
+    assert listed["bob"].status is GrantStatus.ACTIVE
+    assert [g.status for g in await vault.list("alice")] == [GrantStatus.CORRUPT]
     with pytest.raises(VaultCorruptError, match="'alice'"):
         await vault.mark_reauth("alice", "docs", "x")
+    assert await vault.delete("alice", "docs")  # a corrupt record can still be deleted
+    assert [g.user for g in await vault.list()] == ["bob"]
 
 
 async def test_truncated_ciphertext(vault: LocalVault) -> None:
