@@ -24,21 +24,22 @@ from devstack.certs import make_leaf
 from devstack.procs import Running, free_port, start_server, tcp_check
 from devstack.stack import Stack, build_stack, wait_until
 from tests.integration import rawhttp
-from tests.integration.upstreams import RawUpstream, WsgiUpstream
+from tests.integration.upstreams import NginxUpstream, RawUpstream, WsgiUpstream
 
 pytestmark = pytest.mark.integration
 
-RAW, WSGI, DOWN = "raw", "wsgi", "down"
+RAW, WSGI, DOWN, NGINX = "raw", "wsgi", "down", "nginx"
 
 
 class Env:
-    def __init__(self, stack: Stack, raw: RawUpstream, wsgi: WsgiUpstream) -> None:
-        self.stack, self.raw, self.wsgi = stack, raw, wsgi
+    def __init__(self, stack: Stack, raw: RawUpstream, wsgi: WsgiUpstream,
+                 nginx: NginxUpstream) -> None:
+        self.stack, self.raw, self.wsgi, self.nginx = stack, raw, wsgi, nginx
         self.users = iter(range(1_000_000))
 
     def user(self) -> str:
         name = f"u{next(self.users)}"
-        for provider in ("docs", RAW, WSGI, DOWN):
+        for provider in ("docs", RAW, WSGI, DOWN, NGINX):
             self.stack.vault_put(name, self.stack.grant(name), provider=provider)
         return name
 
@@ -71,10 +72,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     pki = stack.workdir / "pki"
     raw = RawUpstream(pki / "server.pem", pki / "server.key")
     wsgi = WsgiUpstream(pki / "server.pem", pki / "server.key")
+    nginx = NginxUpstream(pki / "server.pem", pki / "server.key", stack.workdir / "nginx")
     docs = stack.config["providers"][0]
     stack.config["providers"] += [
         {**docs, "id": RAW, "hosts": [f"localhost:{raw.port}"]},
         {**docs, "id": WSGI, "hosts": [f"localhost:{wsgi.port}"],
+         "inject": {"header": "X-Api-Key", "format": "{access_token}"}},
+        {**docs, "id": NGINX, "hosts": [f"localhost:{nginx.port}"],
          "inject": {"header": "X-Api-Key", "format": "{access_token}"}},
         # A provider whose API is down: nothing listens on its port.
         {**docs, "id": DOWN, "hosts": [f"localhost:{free_port()}"]},
@@ -83,11 +87,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     stack.write_config(http2=True)
     stack.start_proxy()
     try:
-        yield Env(stack, raw, wsgi)
+        yield Env(stack, raw, wsgi, nginx)
     finally:
         stack.close()
         raw.close()
         wsgi.close()
+        nginx.close()
 
 
 def _raw_request(env: Env, head: bytes, *, authority: str | None = None,
@@ -227,6 +232,43 @@ def test_an_absolute_form_target_for_another_authority_is_refused(
     if status == 421:
         assert r.json()["instance"].startswith("urn:credproxy:request:")
     assert not env.raw.saw(marker)
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    # Before: nginx served this from the other virtual host, with the user's credential.
+    ("https://other-tenant.example:{port}/x", None),
+    ("https://other-tenant.example/x", None),
+    ("https://localhost:{port}/x", "vhost=provider"),
+])
+def test_nginx_front_end_never_gets_a_credential_for_another_virtual_host(
+        env: Env, target: str, expected: str | None) -> None:
+    user = env.user()
+    authority = f"localhost:{env.nginx.port}"
+    before = env.nginx.access_log().count("\n")
+    r = rawhttp.request(env.stack.proxy_url, connect=authority, host_header=authority,
+                        absolute=target.format(port=env.nginx.port),
+                        headers={"X-User-Context": env.stack.context(user),
+                                 "X_Api_Key": "attacker-key"},
+                        ca_file=str(env.stack.mitm_ca))
+    if expected is None:
+        assert r.status == 421 and r.problem == "misdirected-request", r.body
+        assert env.nginx.access_log().count("\n") == before  # nothing reached nginx
+        # The next hop really routes by the target: the same bytes sent to nginx directly
+        # are served by the other virtual host.
+        direct = _direct_tls(env.nginx.port, f"GET {target.format(port=env.nginx.port)} "
+                             f"HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")
+        assert b"vhost=other-tenant" in direct
+    else:
+        assert r.status == 200, r.body
+        assert r.body.decode().strip() == (f"{expected} auth= key={env.token(user, NGINX)}")
+
+
+def _direct_tls(port: int, request: str) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the test's own server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
+            ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+        return _send_and_read(tls, request.encode())
 
 
 def test_an_agreeing_absolute_form_target_goes_out_in_origin_form(env: Env) -> None:

@@ -6,6 +6,10 @@
   up as extra requests, exactly as a real server would see it. Paths choose the answer:
   ``/trailers`` answers chunked with a trailer section, anything else ``200`` with the record
   as JSON.
+* :class:`NginxUpstream`: nginx as a shared TLS front end with two virtual hosts (the
+  provider's name and ``other-tenant.example``), routing by the request-target as RFC 9112
+  section 3.2.2 says; each answers with the virtual host that served it and the credential
+  headers it read (``$http_authorization``, ``$http_x_api_key``, underscores allowed).
 * :class:`WsgiUpstream`: a real WSGI server (the standard library's wsgiref) that answers with
   the ``HTTP_*`` environ a WSGI application reads: ``X_Api_Key`` and ``X-Api-Key`` both land
   in ``HTTP_X_API_KEY``, joined with a comma.
@@ -14,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import socketserver
 import ssl
@@ -22,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from devstack.procs import Running, free_port, start_server, tcp_check
 
 
 @dataclass
@@ -166,3 +173,59 @@ class WsgiUpstream:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+_NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    underscores_in_headers on;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    default_type text/plain;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name localhost;
+        location / {{
+            return 200 "vhost=provider auth=$http_authorization key=$http_x_api_key\\n";
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name other-tenant.example;
+        location / {{
+            return 200 "vhost=other-tenant auth=$http_authorization key=$http_x_api_key\\n";
+        }}
+    }}
+}}
+"""
+
+
+class NginxUpstream:
+    def __init__(self, cert: Path, key: Path, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.workdir = workdir
+        conf = workdir / "nginx.conf"
+        conf.write_text(_NGINX_CONF.format(d=workdir, cert=cert, key=key, port=self.port))
+        self.proc: Running = start_server(
+            [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(workdir)],
+            ready=tcp_check("127.0.0.1", self.port),
+            python=False, name="nginx", log_dir=workdir / "logs")
+
+    def access_log(self) -> str:
+        path = self.workdir / "access.log"
+        return path.read_text() if path.exists() else ""
+
+    def close(self) -> None:
+        self.proc.close()
