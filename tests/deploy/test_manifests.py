@@ -44,6 +44,8 @@ AGENT_PROXY_VARS = ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"]
 AGENT_BUNDLE_VARS = ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"]
 PROVIDER_SECRETS = "credproxy-provider-secrets"
 PROVIDER_SECRETS_DIR = "/etc/credproxy/providers"
+RESTART_SECRETS = "credproxy-secrets"
+RESTART_SECRETS_DIR = "/etc/credproxy/secrets"
 
 Obj = dict[str, Any]
 
@@ -274,17 +276,16 @@ def test_config_in_the_configmap_loads_and_matches_the_pod(
                     if "secret" in volume(spec, m["name"])][0]
     assert secret_mount["readOnly"] is True
     assert volume(spec, secret_mount["name"])["secret"]["secretName"].startswith("credproxy-ca")
-    # The sidecar mounts one Secret: the providers' client secrets (never the CA Secret).
+    # The sidecar mounts two Secrets: the providers' client secrets and the restart-only
+    # secrets (vault key, Redis password); never the CA Secret.
     sidecar_secrets = [volume(spec, m["name"])["secret"]["secretName"]
                        for m in sidecar["volumeMounts"] if "secret" in volume(spec, m["name"])]
-    assert sidecar_secrets == [PROVIDER_SECRETS]
+    # (dev's generated credproxy-secrets carries a hash suffix)
+    assert sorted(re.sub(r"-[a-z0-9]{10}$", "", n) for n in sidecar_secrets) == \
+        [PROVIDER_SECRETS, RESTART_SECRETS]
     # Identity keys come from the mounted identity ConfigMap.
     assert s.identity.jwks_file is not None
     assert mount_for(sidecar, s.identity.jwks_file).get("readOnly") is True
-    # Every environment variable the config names is given to the sidecar from a Secret.
-    needed = {s.vault.key_env, s.coordination.password_env, s.coordination.url_env,
-              s.identity.hs256_secret_env}
-    needed.discard(None)
     # Providers' client secrets are files of the mounted provider Secret, never env vars (a
     # container never re-reads its environment, so a reloaded provider could not get one).
     for p in s.providers:
@@ -297,18 +298,70 @@ def test_config_in_the_configmap_loads_and_matches_the_pod(
         # No items list: a key added to the Secret appears in the mount without a restart.
         assert v["secretName"].startswith(PROVIDER_SECRETS) and "items" not in v
         assert v["defaultMode"] == 0o440
-    env = env_of(sidecar)
-    for name in needed:
-        assert name in env, f"{target}: the sidecar lacks {name}"
-        ref = env[name]["valueFrom"]["secretKeyRef"]
-        assert ref["name"].startswith("credproxy-secrets") and ref["key"] == name
+
+
+def _secret_files(s: Settings) -> dict[str, str]:
+    """Every secret the config names as a file: setting -> path."""
+    files = {"vault.key_file": s.vault.key_file,
+             "coordination.password_file": s.coordination.password_file,
+             "identity.hs256_secret_file": s.identity.hs256_secret_file}
+    files |= {f"providers[{p.id}].client_secret_file": p.client_secret_file
+              for p in s.providers}
+    return {k: v for k, v in files.items() if v}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_secrets_reach_the_sidecar_only_as_read_only_files(rendered: dict[str, list[Obj]],
+                                                           target: str,
+                                                           tmp_path: Path) -> None:
+    """Environment variables are readable in /proc/<pid>/environ, crash dumps and `kubectl
+    describe`: no secret travels that way. Each one is a file of a Secret volume, mounted
+    read-only into the sidecar alone, readable by owner (root) and the pod's fsGroup (the
+    sidecar's group) only."""
+    objs = rendered[target]
+    s = config_of(objs, tmp_path)
+    spec = pod_spec(objs)
+    sidecar = container(spec, SIDECAR)
+    # The config names no secret by environment variable.
+    assert (s.vault.key_env, s.coordination.password_env, s.coordination.url_env,
+            s.identity.hs256_secret_env) == (None, None, None, None)
+    assert all(p.client_secret_env is None for p in s.providers)
+    # No container gets a Secret through its environment.
+    for c in all_containers(spec):
+        assert "envFrom" not in c, c["name"]
+        refs = [e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+        assert refs == [], (c["name"], refs)
+    files = _secret_files(s)
+    assert "vault.key_file" in files
+    fs_group = spec["securityContext"]["fsGroup"]
+    assert sidecar["securityContext"]["runAsGroup"] == fs_group
+    for setting, path in files.items():
+        m = mount_for(sidecar, path)
+        assert m.get("readOnly") is True and "subPath" not in m, setting
+        v = volume(spec, m["name"])
+        assert "secret" in v, f"{setting}: {path} is not on a Secret volume"
+        mode = v["secret"]["defaultMode"]
+        assert mode & 0o037 == 0 and mode & 0o040, (setting, oct(mode))
+        assert "items" not in v["secret"], setting  # the file is named by the Secret's key
+        # Only the sidecar mounts it.
+        for c in all_containers(spec):
+            if c["name"] != SIDECAR:
+                assert all(cm["name"] != m["name"] for cm in c.get("volumeMounts", [])), \
+                    (setting, c["name"])
+    restart = {k: v for k, v in files.items() if not k.startswith("providers[")}
+    for setting, path in restart.items():
+        m = mount_for(sidecar, path)
+        assert m["mountPath"] == RESTART_SECRETS_DIR, setting
+        name = volume(spec, m["name"])["secret"]["secretName"]
+        assert re.fullmatch(rf"{RESTART_SECRETS}(-[a-z0-9]{{10}})?", name), setting
 
 
 def test_prod_coordinates_through_redis_and_base_does_not(rendered: dict[str, list[Obj]],
                                                           tmp_path: Path) -> None:
     prod = config_of(rendered["overlays/prod"], tmp_path)
     assert prod.coordination.backend == "redis"
-    assert prod.coordination.password_env == "REDIS_PASSWORD"
+    assert prod.coordination.password_env is None
+    assert prod.coordination.password_file == f"{RESTART_SECRETS_DIR}/REDIS_PASSWORD"
     assert prod.coordination.url and prod.coordination.url.startswith("rediss://")
     # README "Known limit": the lease must outlive a whole refresh with its retries.
     assert prod.coordination.lock_lease > prod.refresh.timeout * prod.refresh.attempts
@@ -326,9 +379,10 @@ def test_vault_backend_per_overlay(rendered: dict[str, list[Obj]], target: str,
     s = config_of(objs, tmp_path)
     spec = pod_spec(objs)
     sidecar = container(spec, SIDECAR)
-    # Every overlay needs the vault key (secret names, fingerprints, shared-cache key); the
-    # config test checks it is wired from credproxy-secrets.
-    assert s.vault.key_env == "CREDPROXY_VAULT_KEY" and s.vault.key_file is None
+    # Every overlay needs the vault key (secret names, fingerprints, shared-cache key): a
+    # file of the credproxy-secrets Secret (test_secrets_reach_the_sidecar_only_as_files).
+    assert s.vault.key_env is None
+    assert s.vault.key_file == f"{RESTART_SECRETS_DIR}/CREDPROXY_VAULT_KEY"
     assert all(o["kind"] != "PersistentVolumeClaim" for o in objs)
     assert all("persistentVolumeClaim" not in v for v in spec["volumes"])
     if target != "overlays/prod":
@@ -494,11 +548,11 @@ def test_dev_generates_every_referenced_secret_and_key(rendered: dict[str, list[
     assert _secret_refs(spec) == set(secrets)
     for s in secrets.values():
         assert s["metadata"]["labels"]["credproxy/dev-only"] == "true"
-    for c in all_containers(spec):
-        for e in c.get("env", []):
-            ref = e.get("valueFrom", {}).get("secretKeyRef")
-            if ref:
-                assert ref["key"] in secrets[ref["name"]]["data"], ref
+    # Every secret file the config names is a key of the Secret mounted there.
+    sidecar = container(spec, SIDECAR)
+    for setting, path in _secret_files(config_of(objs, tmp_path)).items():
+        name = volume(spec, mount_for(sidecar, path)["name"])["secret"]["secretName"]
+        assert Path(path).name in secrets[name]["data"], setting
     # Every provider's client_secret_file is a key of the generated provider Secret, which
     # keeps its plain name (no hash suffix: an update reaches running pods in place).
     provider_secrets = secrets[PROVIDER_SECRETS]
