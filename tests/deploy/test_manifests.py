@@ -684,6 +684,24 @@ def _mib(q: str) -> float:
     return float(q) / 2**20
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_disruption_budget_keeps_replicas_serving_and_never_blocks_a_drain(
+        rendered: dict[str, list[Obj]], target: str) -> None:
+    objs = rendered[target]
+    dep = one(objs, "Deployment", "agent")
+    pdb = one(objs, "PodDisruptionBudget")
+    # It selects exactly the agent pods.
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= \
+        dep["spec"]["template"]["metadata"]["labels"].items()
+    assert pdb["metadata"].get("namespace") == dep["metadata"].get("namespace")
+    # One pod at a time; a single replica can still be drained (no minAvailable).
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    # An unready pod serves nothing: evicting it must not wait for the budget.
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    if target == "overlays/prod":
+        assert dep["spec"]["replicas"] - pdb["spec"]["maxUnavailable"] >= 2
+
+
 def test_dev_namespace_enforces_the_restricted_pod_security_standard(
         rendered: dict[str, list[Obj]]) -> None:
     ns = one(rendered["overlays/dev"], "Namespace")
