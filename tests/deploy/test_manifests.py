@@ -1056,6 +1056,33 @@ def test_manifest_images_are_pinned(rendered: dict[str, list[Obj]]) -> None:
             assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
 
 
+DIGEST_REF = re.compile(r"[a-z0-9.\-/:]+@sha256:[0-9a-f]{64}")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_one_pull_policy_and_one_reference_for_one_build(rendered: dict[str, list[Obj]],
+                                                         target: str) -> None:
+    """Containers with different pull policies can run two builds of one tag on a node
+    with a stale cache: credproxy-init's CA check from one build, the sidecar from another.
+    So every container of the pod has the same policy, and the two containers of the
+    credproxy image use the very same reference."""
+    spec = pod_spec(rendered[target])
+    policies = {c["name"]: c.get("imagePullPolicy") for c in all_containers(spec)}
+    assert len(set(policies.values())) == 1, policies
+    assert container(spec, INIT)["image"] == container(spec, SIDECAR)["image"]
+
+
+def test_prod_pins_every_image_by_digest(rendered: dict[str, list[Obj]]) -> None:
+    """A digest names one build (a tag can be moved or rebuilt); with it IfNotPresent can
+    never run another build. Prod's digests are placeholders until the operator sets them
+    (docs/kubernetes.md, "Images"), but never absent."""
+    spec = pod_spec(rendered["overlays/prod"])
+    for c in all_containers(spec):
+        assert DIGEST_REF.fullmatch(c["image"]), (c["name"], c["image"])
+    doc = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    assert "kustomize edit set image credproxy=" in doc and "@sha256:" in doc
+
+
 def test_docs_explain_every_agent_variable() -> None:
     doc = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
     for var in AGENT_PROXY_VARS[:2] + ["NO_PROXY", "NODE_USE_ENV_PROXY", "NODE_EXTRA_CA_CERTS",
