@@ -484,6 +484,9 @@ def test_security_context_of_every_container(rendered: dict[str, list[Obj]],
             continue  # the one exception, checked in test_egress_lockdown_init_container
         assert _effective(c, spec, "runAsNonRoot") is True, name
         assert isinstance(sc["runAsUser"], int) and sc["runAsUser"] > 0, name
+        # High UIDs/GIDs: never a system or human user of the node (an escape would act
+        # as that user on the host).
+        assert sc["runAsUser"] >= 10000 and sc["runAsGroup"] >= 10000, name
         assert "add" not in sc["capabilities"], name
     sidecar_uid = container(spec, SIDECAR)["securityContext"]["runAsUser"]
     assert sidecar_uid == container(spec, INIT)["securityContext"]["runAsUser"] == SIDECAR_UID
