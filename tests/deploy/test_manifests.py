@@ -215,28 +215,78 @@ def _admin_routes() -> set[str]:
             if r.method == "GET" and r.resource is not None}
 
 
+PROBE_PATHS = {"startupProbe": "/startupz", "readinessProbe": "/readyz",
+               "livenessProbe": "/healthz"}
+
+
+def _probe(rendered: dict[str, list[Obj]], target: str, probe: str) -> Obj:
+    found: Obj = container(pod_spec(rendered[target]), SIDECAR)[probe]
+    return found
+
+
+def _budget(probe: Obj) -> int:
+    """Seconds of consecutive failures before the kubelet acts (Kubernetes defaults)."""
+    return int(probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3))
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_probes_hit_paths_the_admin_server_serves_on_the_admin_port(
-        rendered: dict[str, list[Obj]], target: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("probe", PROBE_PATHS)
+def test_each_probe_hits_its_path_on_the_admin_port(
+        rendered: dict[str, list[Obj]], target: str, probe: str, tmp_path: Path) -> None:
+    """startup -> /startupz (what the sidecar needs to serve), readiness -> /readyz (what
+    it can serve), liveness -> /healthz (alive); each a GET route the admin server
+    registers, on the port the config's `admin` listens on."""
     settings = config_of(rendered[target], tmp_path)
     assert settings.admin is not None
     # The kubelet probes the pod IP: the admin server cannot be on loopback.
     assert not ipaddress.ip_address(host_of(settings.admin)).is_loopback
     sidecar = container(pod_spec(rendered[target]), SIDECAR)
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
-    routes = _admin_routes()
-    assert {"/healthz", "/readyz"} <= routes
-    expected = {"startupProbe": "/readyz", "readinessProbe": "/readyz",
-                "livenessProbe": "/healthz"}
-    for probe, path in expected.items():
-        get = sidecar[probe]["httpGet"]
-        assert get["path"] == path and get["path"] in routes, probe
-        port = get["port"]
-        assert (ports[port] if isinstance(port, str) else port) == port_of(settings.admin)
-        assert get.get("scheme", "HTTP") == "HTTP"
-    # Startup may wait (a Redis still starting); liveness never restarts on a dependency.
-    startup = sidecar["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    get = sidecar[probe]["httpGet"]
+    assert get["path"] == PROBE_PATHS[probe]
+    assert get["path"] in _admin_routes(), f"the admin server does not serve {get['path']}"
+    port = get["port"]
+    assert (ports[port] if isinstance(port, str) else port) == port_of(settings.admin)
+    assert get.get("scheme", "HTTP") == "HTTP"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_startup_probe_allows_a_slow_cold_start_but_not_forever(
+        rendered: dict[str, list[Obj]], target: str) -> None:
+    """/startupz needs nothing remote, so its budget covers a cold start on a throttled
+    CPU (at least 30 s) and no dependency outage (at most 2 minutes: a sidecar that cannot
+    start is restarted and visible, not left pending)."""
+    startup = _probe(rendered, target, "startupProbe")
+    assert 30 <= _budget(startup) <= 120
+    assert startup["periodSeconds"] <= 2  # the agent starts within ~1 s of the sidecar
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_readiness_probe_answers_before_its_timeout_and_acts_within_15s(
+        rendered: dict[str, list[Obj]], target: str) -> None:
+    """Every readiness check is bounded below the probe's timeout (a hanging dependency
+    reads as unready, never as a probe timeout), and an outage takes the pod out of
+    service within 15 s."""
+    from proxy.admin import READY_CHECK_TIMEOUT
+
+    ready = _probe(rendered, target, "readinessProbe")
+    assert ready["timeoutSeconds"] > READY_CHECK_TIMEOUT
+    assert _budget(ready) <= 15
+    assert ready.get("successThreshold", 1) == 1
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_liveness_probe_restarts_a_dead_sidecar_within_a_minute_but_not_on_one_blip(
+        rendered: dict[str, list[Obj]], target: str) -> None:
+    """/healthz fails when the event loop is stuck or the audit sink has been dead past
+    its bound; the kubelet must then restart the sidecar within a minute, while one slow
+    answer (a GC pause, a busy node) never does. Never /readyz: a Redis or Key Vault
+    outage must not restart pods (a restart fixes neither)."""
+    live = _probe(rendered, target, "livenessProbe")
+    assert live["httpGet"]["path"] != _probe(rendered, target, "readinessProbe")["httpGet"]["path"]
+    assert live["failureThreshold"] >= 2
+    assert _budget(live) <= 60
+    assert live["timeoutSeconds"] >= 2
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -1092,8 +1142,8 @@ def test_docs_explain_every_agent_variable() -> None:
                                        *AGENT_BUNDLE_VARS]:
         assert f"`{var}`" in doc, var
     for needed in ("create secret generic credproxy-ca", "mitmproxy-dhparam.pem",
-                   "/healthz", "/readyz", "NET_ADMIN", "ip6tables", "Key Vault Secrets Officer",
-                   "purge protection", "skip-containers"):
+                   "/startupz", "/healthz", "/readyz", "NET_ADMIN", "ip6tables",
+                   "Key Vault Secrets Officer", "purge protection", "skip-containers"):
         assert needed in doc, needed
 
 
@@ -1158,7 +1208,7 @@ def test_prod_exposes_only_the_connect_paths_of_the_admin_port(
     routes = _admin_routes()
     assert {"/connect/{provider}", "/oauth/callback"} <= routes
     assert s.redirect_uri == f"{s.public_url}/oauth/callback"
-    for private in ("/metrics", "/readyz", "/healthz"):
+    for private in ("/metrics", "/startupz", "/readyz", "/healthz"):
         assert not any(private.startswith(p.rstrip("/")) for p, _ in paths), private
     # The NetworkPolicy admits the ingress controller (and monitoring) to the admin port.
     np = one(objs, "NetworkPolicy")
