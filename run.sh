@@ -2,7 +2,7 @@
 # One entry point for a fresh machine:
 #   ./run.sh demo   set up .venv and run the end-to-end demo on the embedded default
 #   ./run.sh test   set up .venv and run the whole test suite (what CI runs)
-#   ./run.sh setup  only set up .venv (and .venv-tools: checkov, for tests/deploy)
+#   ./run.sh setup  only set up .venv and .venv-tools (checkov, for tests/deploy)
 # Any further arguments are passed on (to `credproxy demo` or to pytest).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -49,7 +49,6 @@ setup() {
       -e ".[dev]" 2> >(grep -v "is neither a file nor a directory" >&2)
     touch "$stamp"
   fi
-  setup_tools
 }
 
 setup_tools() {
@@ -72,10 +71,11 @@ setup_tools() {
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  setup) setup ;;
+  setup) setup; setup_tools ;;
   demo) setup; exec .venv/bin/credproxy demo "$@" ;;
   test)
     setup
+    setup_tools
     .venv/bin/python -m ruff check proxy addons devstack tests bench
     .venv/bin/python -m mypy
     exec .venv/bin/python -m pytest "$@"
