@@ -19,7 +19,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
+# LICENSE: setuptools puts it in the package's .dist-info/licenses/, so the image ships
+# the text its org.opencontainers.image.licenses label names.
+COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY proxy ./proxy
 COPY addons ./addons
 # Every dependency ships binary wheels for CPython 3.13 on manylinux, so no compiler is

@@ -2,7 +2,7 @@
 # One entry point for a fresh machine:
 #   ./run.sh demo   set up .venv and run the end-to-end demo on the embedded default
 #   ./run.sh test   set up .venv and run the whole test suite (what CI runs)
-#   ./run.sh setup  only set up .venv
+#   ./run.sh setup  only set up .venv and .venv-tools (checkov, for tests/deploy)
 # Any further arguments are passed on (to `credproxy demo` or to pytest).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -51,13 +51,31 @@ setup() {
   fi
 }
 
+setup_tools() {
+  # Test tools whose pins clash with the project's (checkov needs packaging<24): their own
+  # venv with their own pins, so constraints.txt stays what the proxy is tested with.
+  local stamp=.venv-tools/.installed
+  if [ ! -x .venv-tools/bin/python ]; then
+    local py; py=$(find_python)
+    echo "==> creating .venv-tools with $py" >&2
+    "$py" -m venv .venv-tools
+  fi
+  if [ ! -f "$stamp" ] || [ constraints-tools.txt -nt "$stamp" ]; then
+    echo "==> installing pinned test tools (constraints-tools.txt)" >&2
+    .venv-tools/bin/python -m pip install -q --disable-pip-version-check \
+      -c constraints-tools.txt checkov 2> >(grep -v "is neither a file nor a directory" >&2)
+    touch "$stamp"
+  fi
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  setup) setup ;;
+  setup) setup; setup_tools ;;
   demo) setup; exec .venv/bin/credproxy demo "$@" ;;
   test)
     setup
+    setup_tools
     .venv/bin/python -m ruff check proxy addons devstack tests bench
     .venv/bin/python -m mypy
     exec .venv/bin/python -m pytest "$@"

@@ -44,6 +44,8 @@ AGENT_PROXY_VARS = ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"]
 AGENT_BUNDLE_VARS = ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"]
 PROVIDER_SECRETS = "credproxy-provider-secrets"
 PROVIDER_SECRETS_DIR = "/etc/credproxy/providers"
+RESTART_SECRETS = "credproxy-secrets"
+RESTART_SECRETS_DIR = "/etc/credproxy/secrets"
 
 Obj = dict[str, Any]
 
@@ -213,28 +215,78 @@ def _admin_routes() -> set[str]:
             if r.method == "GET" and r.resource is not None}
 
 
+PROBE_PATHS = {"startupProbe": "/startupz", "readinessProbe": "/readyz",
+               "livenessProbe": "/healthz"}
+
+
+def _probe(rendered: dict[str, list[Obj]], target: str, probe: str) -> Obj:
+    found: Obj = container(pod_spec(rendered[target]), SIDECAR)[probe]
+    return found
+
+
+def _budget(probe: Obj) -> int:
+    """Seconds of consecutive failures before the kubelet acts (Kubernetes defaults)."""
+    return int(probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3))
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_probes_hit_paths_the_admin_server_serves_on_the_admin_port(
-        rendered: dict[str, list[Obj]], target: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("probe", PROBE_PATHS)
+def test_each_probe_hits_its_path_on_the_admin_port(
+        rendered: dict[str, list[Obj]], target: str, probe: str, tmp_path: Path) -> None:
+    """startup -> /startupz (what the sidecar needs to serve), readiness -> /readyz (what
+    it can serve), liveness -> /healthz (alive); each a GET route the admin server
+    registers, on the port the config's `admin` listens on."""
     settings = config_of(rendered[target], tmp_path)
     assert settings.admin is not None
     # The kubelet probes the pod IP: the admin server cannot be on loopback.
     assert not ipaddress.ip_address(host_of(settings.admin)).is_loopback
     sidecar = container(pod_spec(rendered[target]), SIDECAR)
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
-    routes = _admin_routes()
-    assert {"/healthz", "/readyz"} <= routes
-    expected = {"startupProbe": "/readyz", "readinessProbe": "/readyz",
-                "livenessProbe": "/healthz"}
-    for probe, path in expected.items():
-        get = sidecar[probe]["httpGet"]
-        assert get["path"] == path and get["path"] in routes, probe
-        port = get["port"]
-        assert (ports[port] if isinstance(port, str) else port) == port_of(settings.admin)
-        assert get.get("scheme", "HTTP") == "HTTP"
-    # Startup may wait (a Redis still starting); liveness never restarts on a dependency.
-    startup = sidecar["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    get = sidecar[probe]["httpGet"]
+    assert get["path"] == PROBE_PATHS[probe]
+    assert get["path"] in _admin_routes(), f"the admin server does not serve {get['path']}"
+    port = get["port"]
+    assert (ports[port] if isinstance(port, str) else port) == port_of(settings.admin)
+    assert get.get("scheme", "HTTP") == "HTTP"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_startup_probe_allows_a_slow_cold_start_but_not_forever(
+        rendered: dict[str, list[Obj]], target: str) -> None:
+    """/startupz needs nothing remote, so its budget covers a cold start on a throttled
+    CPU (at least 30 s) and no dependency outage (at most 2 minutes: a sidecar that cannot
+    start is restarted and visible, not left pending)."""
+    startup = _probe(rendered, target, "startupProbe")
+    assert 30 <= _budget(startup) <= 120
+    assert startup["periodSeconds"] <= 2  # the agent starts within ~1 s of the sidecar
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_readiness_probe_answers_before_its_timeout_and_acts_within_15s(
+        rendered: dict[str, list[Obj]], target: str) -> None:
+    """Every readiness check is bounded below the probe's timeout (a hanging dependency
+    reads as unready, never as a probe timeout), and an outage takes the pod out of
+    service within 15 s."""
+    from proxy.admin import READY_CHECK_TIMEOUT
+
+    ready = _probe(rendered, target, "readinessProbe")
+    assert ready["timeoutSeconds"] > READY_CHECK_TIMEOUT
+    assert _budget(ready) <= 15
+    assert ready.get("successThreshold", 1) == 1
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_liveness_probe_restarts_a_dead_sidecar_within_a_minute_but_not_on_one_blip(
+        rendered: dict[str, list[Obj]], target: str) -> None:
+    """/healthz fails when the event loop is stuck or the audit sink has been dead past
+    its bound; the kubelet must then restart the sidecar within a minute, while one slow
+    answer (a GC pause, a busy node) never does. Never /readyz: a Redis or Key Vault
+    outage must not restart pods (a restart fixes neither)."""
+    live = _probe(rendered, target, "livenessProbe")
+    assert live["httpGet"]["path"] != _probe(rendered, target, "readinessProbe")["httpGet"]["path"]
+    assert live["failureThreshold"] >= 2
+    assert _budget(live) <= 60
+    assert live["timeoutSeconds"] >= 2
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -274,17 +326,16 @@ def test_config_in_the_configmap_loads_and_matches_the_pod(
                     if "secret" in volume(spec, m["name"])][0]
     assert secret_mount["readOnly"] is True
     assert volume(spec, secret_mount["name"])["secret"]["secretName"].startswith("credproxy-ca")
-    # The sidecar mounts one Secret: the providers' client secrets (never the CA Secret).
+    # The sidecar mounts two Secrets: the providers' client secrets and the restart-only
+    # secrets (vault key, Redis password); never the CA Secret.
     sidecar_secrets = [volume(spec, m["name"])["secret"]["secretName"]
                        for m in sidecar["volumeMounts"] if "secret" in volume(spec, m["name"])]
-    assert sidecar_secrets == [PROVIDER_SECRETS]
+    # (dev's generated credproxy-secrets carries a hash suffix)
+    assert sorted(re.sub(r"-[a-z0-9]{10}$", "", n) for n in sidecar_secrets) == \
+        [PROVIDER_SECRETS, RESTART_SECRETS]
     # Identity keys come from the mounted identity ConfigMap.
     assert s.identity.jwks_file is not None
     assert mount_for(sidecar, s.identity.jwks_file).get("readOnly") is True
-    # Every environment variable the config names is given to the sidecar from a Secret.
-    needed = {s.vault.key_env, s.coordination.password_env, s.coordination.url_env,
-              s.identity.hs256_secret_env}
-    needed.discard(None)
     # Providers' client secrets are files of the mounted provider Secret, never env vars (a
     # container never re-reads its environment, so a reloaded provider could not get one).
     for p in s.providers:
@@ -297,18 +348,70 @@ def test_config_in_the_configmap_loads_and_matches_the_pod(
         # No items list: a key added to the Secret appears in the mount without a restart.
         assert v["secretName"].startswith(PROVIDER_SECRETS) and "items" not in v
         assert v["defaultMode"] == 0o440
-    env = env_of(sidecar)
-    for name in needed:
-        assert name in env, f"{target}: the sidecar lacks {name}"
-        ref = env[name]["valueFrom"]["secretKeyRef"]
-        assert ref["name"].startswith("credproxy-secrets") and ref["key"] == name
+
+
+def _secret_files(s: Settings) -> dict[str, str]:
+    """Every secret the config names as a file: setting -> path."""
+    files = {"vault.key_file": s.vault.key_file,
+             "coordination.password_file": s.coordination.password_file,
+             "identity.hs256_secret_file": s.identity.hs256_secret_file}
+    files |= {f"providers[{p.id}].client_secret_file": p.client_secret_file
+              for p in s.providers}
+    return {k: v for k, v in files.items() if v}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_secrets_reach_the_sidecar_only_as_read_only_files(rendered: dict[str, list[Obj]],
+                                                           target: str,
+                                                           tmp_path: Path) -> None:
+    """Environment variables are readable in /proc/<pid>/environ, crash dumps and `kubectl
+    describe`: no secret travels that way. Each one is a file of a Secret volume, mounted
+    read-only into the sidecar alone, readable by owner (root) and the pod's fsGroup (the
+    sidecar's group) only."""
+    objs = rendered[target]
+    s = config_of(objs, tmp_path)
+    spec = pod_spec(objs)
+    sidecar = container(spec, SIDECAR)
+    # The config names no secret by environment variable.
+    assert (s.vault.key_env, s.coordination.password_env, s.coordination.url_env,
+            s.identity.hs256_secret_env) == (None, None, None, None)
+    assert all(p.client_secret_env is None for p in s.providers)
+    # No container gets a Secret through its environment.
+    for c in all_containers(spec):
+        assert "envFrom" not in c, c["name"]
+        refs = [e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+        assert refs == [], (c["name"], refs)
+    files = _secret_files(s)
+    assert "vault.key_file" in files
+    fs_group = spec["securityContext"]["fsGroup"]
+    assert sidecar["securityContext"]["runAsGroup"] == fs_group
+    for setting, path in files.items():
+        m = mount_for(sidecar, path)
+        assert m.get("readOnly") is True and "subPath" not in m, setting
+        v = volume(spec, m["name"])
+        assert "secret" in v, f"{setting}: {path} is not on a Secret volume"
+        mode = v["secret"]["defaultMode"]
+        assert mode & 0o037 == 0 and mode & 0o040, (setting, oct(mode))
+        assert "items" not in v["secret"], setting  # the file is named by the Secret's key
+        # Only the sidecar mounts it.
+        for c in all_containers(spec):
+            if c["name"] != SIDECAR:
+                assert all(cm["name"] != m["name"] for cm in c.get("volumeMounts", [])), \
+                    (setting, c["name"])
+    restart = {k: v for k, v in files.items() if not k.startswith("providers[")}
+    for setting, path in restart.items():
+        m = mount_for(sidecar, path)
+        assert m["mountPath"] == RESTART_SECRETS_DIR, setting
+        name = volume(spec, m["name"])["secret"]["secretName"]
+        assert re.fullmatch(rf"{RESTART_SECRETS}(-[a-z0-9]{{10}})?", name), setting
 
 
 def test_prod_coordinates_through_redis_and_base_does_not(rendered: dict[str, list[Obj]],
                                                           tmp_path: Path) -> None:
     prod = config_of(rendered["overlays/prod"], tmp_path)
     assert prod.coordination.backend == "redis"
-    assert prod.coordination.password_env == "REDIS_PASSWORD"
+    assert prod.coordination.password_env is None
+    assert prod.coordination.password_file == f"{RESTART_SECRETS_DIR}/REDIS_PASSWORD"
     assert prod.coordination.url and prod.coordination.url.startswith("rediss://")
     # README "Known limit": the lease must outlive a whole refresh with its retries.
     assert prod.coordination.lock_lease > prod.refresh.timeout * prod.refresh.attempts
@@ -326,9 +429,10 @@ def test_vault_backend_per_overlay(rendered: dict[str, list[Obj]], target: str,
     s = config_of(objs, tmp_path)
     spec = pod_spec(objs)
     sidecar = container(spec, SIDECAR)
-    # Every overlay needs the vault key (secret names, fingerprints, shared-cache key); the
-    # config test checks it is wired from credproxy-secrets.
-    assert s.vault.key_env == "CREDPROXY_VAULT_KEY" and s.vault.key_file is None
+    # Every overlay needs the vault key (secret names, fingerprints, shared-cache key): a
+    # file of the credproxy-secrets Secret (test_secrets_reach_the_sidecar_only_as_files).
+    assert s.vault.key_env is None
+    assert s.vault.key_file == f"{RESTART_SECRETS_DIR}/CREDPROXY_VAULT_KEY"
     assert all(o["kind"] != "PersistentVolumeClaim" for o in objs)
     assert all("persistentVolumeClaim" not in v for v in spec["volumes"])
     if target != "overlays/prod":
@@ -430,6 +534,9 @@ def test_security_context_of_every_container(rendered: dict[str, list[Obj]],
             continue  # the one exception, checked in test_egress_lockdown_init_container
         assert _effective(c, spec, "runAsNonRoot") is True, name
         assert isinstance(sc["runAsUser"], int) and sc["runAsUser"] > 0, name
+        # High UIDs/GIDs: never a system or human user of the node (an escape would act
+        # as that user on the host).
+        assert sc["runAsUser"] >= 10000 and sc["runAsGroup"] >= 10000, name
         assert "add" not in sc["capabilities"], name
     sidecar_uid = container(spec, SIDECAR)["securityContext"]["runAsUser"]
     assert sidecar_uid == container(spec, INIT)["securityContext"]["runAsUser"] == SIDECAR_UID
@@ -494,11 +601,11 @@ def test_dev_generates_every_referenced_secret_and_key(rendered: dict[str, list[
     assert _secret_refs(spec) == set(secrets)
     for s in secrets.values():
         assert s["metadata"]["labels"]["credproxy/dev-only"] == "true"
-    for c in all_containers(spec):
-        for e in c.get("env", []):
-            ref = e.get("valueFrom", {}).get("secretKeyRef")
-            if ref:
-                assert ref["key"] in secrets[ref["name"]]["data"], ref
+    # Every secret file the config names is a key of the Secret mounted there.
+    sidecar = container(spec, SIDECAR)
+    for setting, path in _secret_files(config_of(objs, tmp_path)).items():
+        name = volume(spec, mount_for(sidecar, path)["name"])["secret"]["secretName"]
+        assert Path(path).name in secrets[name]["data"], setting
     # Every provider's client_secret_file is a key of the generated provider Secret, which
     # keeps its plain name (no hash suffix: an update reaches running pods in place).
     provider_secrets = secrets[PROVIDER_SECRETS]
@@ -628,6 +735,24 @@ def _mib(q: str) -> float:
         if q.endswith(u):
             return float(q[:-2]) * f
     return float(q) / 2**20
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_disruption_budget_keeps_replicas_serving_and_never_blocks_a_drain(
+        rendered: dict[str, list[Obj]], target: str) -> None:
+    objs = rendered[target]
+    dep = one(objs, "Deployment", "agent")
+    pdb = one(objs, "PodDisruptionBudget")
+    # It selects exactly the agent pods.
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= \
+        dep["spec"]["template"]["metadata"]["labels"].items()
+    assert pdb["metadata"].get("namespace") == dep["metadata"].get("namespace")
+    # One pod at a time; a single replica can still be drained (no minAvailable).
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    # An unready pod serves nothing: evicting it must not wait for the budget.
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    if target == "overlays/prod":
+        assert dep["spec"]["replicas"] - pdb["spec"]["maxUnavailable"] >= 2
 
 
 def test_dev_namespace_enforces_the_restricted_pod_security_standard(
@@ -906,11 +1031,109 @@ def test_dockerfile_is_multi_stage_non_root_pinned_and_runs_credproxy() -> None:
     assert "latest" not in (ROOT / "Dockerfile").read_text(encoding="utf-8")
 
 
+# sha256 of https://www.apache.org/licenses/LICENSE-2.0.txt, the text the license names.
+APACHE_2_SHA256 = "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
+
+
+def _dockerignore_includes(path: str) -> bool:
+    """Whether ``path`` (relative to the repository) reaches the build context: the last
+    .dockerignore pattern matching it or one of its parent folders decides, as in Docker."""
+    import fnmatch
+
+    rules = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    parts = Path(path).parts
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    included = True
+    for rule in rules:
+        negated = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/")
+        alternatives = [pattern, pattern[3:]] if pattern.startswith("**/") else [pattern]
+        if any(fnmatch.fnmatchcase(p, a) for p in prefixes for a in alternatives):
+            included = negated
+    return included
+
+
+def test_dockerignore_matcher_follows_the_allowlist() -> None:
+    """Guards the helper above on this repository's .dockerignore."""
+    assert _dockerignore_includes("proxy/settings.py")
+    assert not _dockerignore_includes("proxy/__pycache__/settings.cpython-313.pyc")
+    assert not _dockerignore_includes("deploy/k8s/overlays/dev/dev-only/context-key.jwk")
+    assert not _dockerignore_includes(".venv/bin/python")
+
+
+def test_every_file_the_dockerfile_copies_is_in_the_build_context() -> None:
+    """No Docker engine here: the build is checked statically. Every COPY from the build
+    context names a path that exists and that .dockerignore lets through (a missing one
+    fails the build at that step)."""
+    copied = 0
+    for stage in _stages()[1:]:
+        for instr, rest in stage:
+            if instr != "COPY" or "--from=" in rest:
+                continue
+            *sources, _dest = [w for w in shlex.split(rest) if not w.startswith("--")]
+            for src in sources:
+                assert (ROOT / src).exists(), f"COPY {src}: no such file in the repository"
+                assert _dockerignore_includes(src.rstrip("/")), \
+                    f"COPY {src}: excluded from the build context by .dockerignore"
+                copied += 1
+    assert copied >= 5
+
+
+def test_license_is_the_apache_text_that_metadata_and_image_label_name() -> None:
+    import hashlib
+    import tomllib
+
+    text = (ROOT / "LICENSE").read_bytes()
+    assert hashlib.sha256(text).hexdigest() == APACHE_2_SHA256, \
+        "LICENSE is not the unmodified Apache License 2.0 text"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "Apache-2.0"
+    runtime = _stages()[-1]
+    labels: dict[str, str] = {}
+    for instr, rest in runtime:
+        if instr == "LABEL":
+            labels.update(w.split("=", 1) for w in shlex.split(rest))
+    assert labels["org.opencontainers.image.licenses"] == project["license"]
+    # The text ships inside the image: the builder copies it next to pyproject.toml, so
+    # setuptools puts it in the installed package's .dist-info/licenses/.
+    (builder,) = [st for st in _stages()[1:] if st[0][1].split()[-1] == "builder"]
+    copies = [shlex.split(rest) for i, rest in builder if i == "COPY"]
+    assert any("LICENSE" in c and "pyproject.toml" in c for c in copies)
+
+
 def test_manifest_images_are_pinned(rendered: dict[str, list[Obj]]) -> None:
     for target in TARGETS:
         for c in all_containers(pod_spec(rendered[target])):
             image = c["image"]
             assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
+
+
+DIGEST_REF = re.compile(r"[a-z0-9.\-/:]+@sha256:[0-9a-f]{64}")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_one_pull_policy_and_one_reference_for_one_build(rendered: dict[str, list[Obj]],
+                                                         target: str) -> None:
+    """Containers with different pull policies can run two builds of one tag on a node
+    with a stale cache: credproxy-init's CA check from one build, the sidecar from another.
+    So every container of the pod has the same policy, and the two containers of the
+    credproxy image use the very same reference."""
+    spec = pod_spec(rendered[target])
+    policies = {c["name"]: c.get("imagePullPolicy") for c in all_containers(spec)}
+    assert len(set(policies.values())) == 1, policies
+    assert container(spec, INIT)["image"] == container(spec, SIDECAR)["image"]
+
+
+def test_prod_pins_every_image_by_digest(rendered: dict[str, list[Obj]]) -> None:
+    """A digest names one build (a tag can be moved or rebuilt); with it IfNotPresent can
+    never run another build. Prod's digests are placeholders until the operator sets them
+    (docs/kubernetes.md, "Images"), but never absent."""
+    spec = pod_spec(rendered["overlays/prod"])
+    for c in all_containers(spec):
+        assert DIGEST_REF.fullmatch(c["image"]), (c["name"], c["image"])
+    doc = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    assert "kustomize edit set image credproxy=" in doc and "@sha256:" in doc
 
 
 def test_docs_explain_every_agent_variable() -> None:
@@ -919,8 +1142,8 @@ def test_docs_explain_every_agent_variable() -> None:
                                        *AGENT_BUNDLE_VARS]:
         assert f"`{var}`" in doc, var
     for needed in ("create secret generic credproxy-ca", "mitmproxy-dhparam.pem",
-                   "/healthz", "/readyz", "NET_ADMIN", "ip6tables", "Key Vault Secrets Officer",
-                   "purge protection", "skip-containers"):
+                   "/startupz", "/healthz", "/readyz", "NET_ADMIN", "ip6tables",
+                   "Key Vault Secrets Officer", "purge protection", "skip-containers"):
         assert needed in doc, needed
 
 
@@ -985,7 +1208,7 @@ def test_prod_exposes_only_the_connect_paths_of_the_admin_port(
     routes = _admin_routes()
     assert {"/connect/{provider}", "/oauth/callback"} <= routes
     assert s.redirect_uri == f"{s.public_url}/oauth/callback"
-    for private in ("/metrics", "/readyz", "/healthz"):
+    for private in ("/metrics", "/startupz", "/readyz", "/healthz"):
         assert not any(private.startswith(p.rstrip("/")) for p, _ in paths), private
     # The NetworkPolicy admits the ingress controller (and monitoring) to the admin port.
     np = one(objs, "NetworkPolicy")
