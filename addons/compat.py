@@ -31,10 +31,17 @@ import logging
 from collections.abc import Generator
 from typing import Any
 
+import h11
+from h11._events import Data, EndOfMessage
+from h11._readers import ChunkedReader
+from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import commands, layers
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layer import Layer
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
@@ -89,6 +96,23 @@ def failure_reason(flow_id: str, client_id: str) -> str:
     return refusal_for(code, "").reason if code is not None else "exchange_failed"
 
 
+def http_layer_for(context: Context) -> Layer:
+    """The layer that reads a connection's bytes as HTTP (mitmproxy's transparent HTTP
+    layer inside a tunnel): bytes that are not HTTP get a 400 problem, never a relay."""
+    return layers.HttpLayer(context, http_layer.HTTPMode.transparent)
+
+
+def intercept_layer(context: Context, data_client: bytes) -> Layer:
+    """The layers mitmproxy's NextLayer builds for an intercepted tunnel (its steps 3a and
+    5: TLS when the client starts TLS, else HTTP), for a connection it would have left
+    alone."""
+    if starts_like_tls_record(data_client):
+        server_tls = layers.ServerTLSLayer(context)
+        server_tls.child_layer = layers.ClientTLSLayer(context)
+        return server_tls
+    return http_layer_for(context)
+
+
 def refusal_for(code: ErrorCode, message: str) -> ProxyRefusal:
     """The problem that stands for one of mitmproxy's protocol errors. ``message`` (which
     may name hosts and addresses, never header values) goes to the log, not to the agent."""
@@ -121,6 +145,61 @@ def _error_response(status_code: int, message: str = "") -> bytes:
                                           "was forwarded", reason="client_protocol_error"))
 
 
+def _refuse_trailers(self: _http1.Http1Connection) -> _CommandGenerator:
+    assert self.stream_id is not None
+    if isinstance(self, _http1.Http1Server):
+        refusal = MalformedRequest("the request carries a trailer section, which credproxy "
+                                   "does not forward over HTTP/1; send the fields as headers",
+                                   reason="trailers")
+        _client_faults[self.conn.id] = ErrorCode.GENERIC_CLIENT_ERROR
+        yield commands.SendData(self.conn, problem_bytes(refusal))
+        yield commands.CloseConnection(self.conn)
+        yield ReceiveHttp(RequestProtocolError(self.stream_id, "request trailers refused",
+                                               ErrorCode.GENERIC_CLIENT_ERROR))
+    else:
+        yield commands.CloseConnection(self.conn)
+        yield ReceiveHttp(ResponseProtocolError(
+            self.stream_id, "the upstream sent HTTP/1 trailers, which credproxy does not "
+            "forward", ErrorCode.GENERIC_SERVER_ERROR))
+
+
+# A chunk-size line longer than this without CRLF is refused (h11 would wait for ever).
+_MAX_CHUNK_LINE = 4096
+# Chunk sizes at or above 2**63 overflow a signed 64-bit parser: a next hop would read
+# another size than the proxy did (request smuggling).
+_MAX_CHUNK_SIZE = 2**63
+
+
+class _StrictChunkedReader(ChunkedReader):
+    """h11's chunked reader, refusing what it would otherwise wait on for ever or read
+    differently from a next hop: a chunk-size line ended by a bare LF (RFC 9112 section
+    7.1 requires CRLF) or longer than 4 KiB, and a size that overflows 64-bit parsers."""
+
+    def __call__(self, buf: ReceiveBuffer) -> Data | EndOfMessage | None:
+        if (self._bytes_in_chunk == 0 and not self._bytes_to_discard
+                and not self._reading_trailer and len(buf)):
+            head = bytes(getattr(buf, "_data", b"")[:_MAX_CHUNK_LINE])
+            end = head.find(b"\r\n")
+            line = head if end < 0 else head[:end]
+            if b"\n" in line or b"\r" in line:
+                raise h11.RemoteProtocolError("chunk-size line ended by a bare LF or CR")
+            if end < 0 and len(head) >= _MAX_CHUNK_LINE:
+                raise h11.RemoteProtocolError("chunk-size line too long")
+            size = line.split(b";", 1)[0].strip()
+            if end >= 0 and size and all(c in b"0123456789abcdefABCDEF" for c in size) \
+                    and int(size, 16) >= _MAX_CHUNK_SIZE:
+                raise h11.RemoteProtocolError("chunk size overflows 64 bits")
+        return super().__call__(buf)
+
+
+def _make_body_reader(expected_size: int | None) -> Any:
+    return _StrictChunkedReader() if expected_size is None else \
+        _original_make_body_reader(expected_size)
+
+
+_original_make_body_reader = _http1.make_body_reader
+
+
 def install() -> None:
     """Apply the corrections (idempotent)."""
     global _installed
@@ -143,27 +222,32 @@ def install() -> None:
 
     read_body = _http1.Http1Connection.read_body
 
-    def refuse_trailers(self: _http1.Http1Connection, event: Any) -> _CommandGenerator:
-        try:
-            yield from read_body(self, event)
-        except NotImplementedError:  # "HTTP trailers are not implemented yet."
-            assert self.stream_id is not None
-            if isinstance(self, _http1.Http1Server):
-                refusal = MalformedRequest("the request carries a trailer section, which "
-                                           "credproxy does not forward over HTTP/1; send the "
-                                           "fields as headers", reason="trailers")
+    def read_body_strictly(self: _http1.Http1Connection, event: Any) -> _CommandGenerator:
+        inner = read_body(self, event)
+        answered = False
+        value: Any = None
+        while True:
+            try:
+                command = inner.send(value)
+            except StopIteration:
+                return
+            except NotImplementedError:  # "HTTP trailers are not implemented yet."
+                yield from _refuse_trailers(self)
+                return
+            if (isinstance(self, _http1.Http1Server) and not answered
+                    and isinstance(command, commands.CloseConnection)
+                    and command.connection is self.conn and self.response is None):
+                # mitmproxy closes a client whose body framing h11 refused (a bare LF, a
+                # bad chunk size, more data than the chunk said) without a word: answer first.
+                answered = True
                 _client_faults[self.conn.id] = ErrorCode.GENERIC_CLIENT_ERROR
-                yield commands.SendData(self.conn, problem_bytes(refusal))
-                yield commands.CloseConnection(self.conn)
-                yield ReceiveHttp(RequestProtocolError(self.stream_id, "request trailers refused",
-                                                       ErrorCode.GENERIC_CLIENT_ERROR))
-            else:
-                yield commands.CloseConnection(self.conn)
-                yield ReceiveHttp(ResponseProtocolError(
-                    self.stream_id, "the upstream sent HTTP/1 trailers, which credproxy does "
-                    "not forward", ErrorCode.GENERIC_SERVER_ERROR))
+                yield commands.SendData(self.conn, problem_bytes(MalformedRequest(
+                    "the request body's framing is malformed (chunked encoding, RFC 9112 "
+                    "section 7.1); nothing more was forwarded", reason="bad-framing")))
+            value = yield command
 
-    _http1.Http1Connection.read_body = refuse_trailers  # type: ignore[method-assign]
+    _http1.Http1Connection.read_body = read_body_strictly  # type: ignore[method-assign]
+    _http1.make_body_reader = _make_body_reader
 
     server_send = _http1.Http1Server.send
 

@@ -17,6 +17,8 @@ import logging
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import layer, layers
 
 from addons import compat
 from addons.sink import RefusalSink
@@ -112,6 +114,39 @@ class CredentialInjector:
     def _policy(self) -> HeaderPolicy:
         return self.app.sidecar.headers if self.app is not None else _DEFAULT_POLICY
 
+    def next_layer(self, data: layer.NextLayer) -> None:
+        """After mitmproxy's NextLayer chose how to handle a connection (it runs first):
+        never relay bytes no decision covered.
+
+        * mitmproxy relays a tunnel as raw TCP when its first bytes do not look like HTTP
+          (a leading CRLF or space, a tab for a space); the user context and any header would
+          pass undecided. Read it as HTTP instead: what is not HTTP gets a 400 problem.
+        * ``unrouted: tunnel`` leaves alone what its intercept list does not match; a
+          provider's address under another spelling (``[0::1]``, ``127.1``) would be
+          tunnelled with no decision. The router decides instead, on the normalised
+          address (:mod:`proxy.hosts`)."""
+        chosen = data.layer
+        if not isinstance(chosen, layers.TCPLayer):
+            return
+        address = data.context.server.address
+        where = f"{address[0]}:{address[1]}" if address else "-"
+        if chosen.flow is not None:
+            log.info("connection to %s is not HTTP at its start; read as HTTP (no raw relay)",
+                     where)
+            data.layer = compat.http_layer_for(data.context)
+            return
+        if self.app is None or address is None:
+            return
+        try:
+            tls = starts_like_tls_record(data.data_client())
+            dest = Destination(normalize_host(address[0]), address[1], tls=tls)
+        except ValueError:
+            return
+        if self.app.sidecar.router.match(dest) is not None:
+            log.info("tunnel to %s is a provider's address (%s): intercepted, not tunnelled",
+                     where, dest)
+            data.layer = compat.intercept_layer(data.context, data.data_client())
+
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -188,8 +223,33 @@ class CredentialInjector:
             sni=flow.client_conn.sni,
             context_token=context if isinstance(context, Secret) else None,
             context_error=context if isinstance(context, UserContextInvalid) else None,
-            target=target,
+            target=target, target_path=req.path,
         )
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The whole request has arrived. Its trailer section is never forwarded (HTTP/1's
+        is refused earlier, in addons/compat.py): trailer fields are a second header section
+        that next hops merge differently, and no decision covered them. A buffered request
+        with trailers is answered 400 (nothing was sent upstream); a streamed one already
+        sent its head and body, so its trailers are dropped."""
+        if not flow.request.trailers or flow.response or flow.error or not flow.live:
+            return
+        if self._sink.answer_for(flow) is not None:
+            return  # already refused; the sink answers it
+        if flow.request.stream:
+            log.info("request %s: trailer section after a streamed body dropped", flow.id)
+            flow.request.trailers = None
+            return
+        injected = self._injected.pop(flow.id, None)
+        if self.app is not None and injected is not None:
+            try:
+                self.app.sidecar.exchange_failed(*injected, reason="client_protocol_error")
+            except CredproxyError:
+                log.exception("could not record the failure of %s", flow.id)
+        self.in_flight.discard(flow.id)
+        flow.response = self._problem(flow, MalformedRequest(
+            "the request carries a trailer section, which credproxy does not forward; send "
+            "the fields as headers", reason="trailers"))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.id not in self._injected or flow.response is None:
@@ -206,7 +266,8 @@ class CredentialInjector:
         injected = self._injected.pop(flow.id, None)
         if refused or flow.response is None or self.app is None:
             return
-        self._observe(flow, injected[1].provider.id if injected else "-")
+        if flow.server_conn.timestamp_start is not None:  # it went upstream
+            self._observe(flow, injected[1].provider.id if injected else "-")
         if injected is None:
             return
         refusal: ProxyRefusal | None

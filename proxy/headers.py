@@ -45,6 +45,10 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Connection options that are not a request's own fields to strip: mitmproxy handles them
 # itself (keep-alive and close towards the client, Upgrade for WebSocket).
 _CONNECTION_OPTIONS = frozenset({"close", "keep-alive", "upgrade"})
+# Fields that frame or route the message: mitmproxy has already read them, so removing one
+# because Connection nominated it would forward a body with no framing (the next hop then
+# parses it as further requests) or a request with no Host. Such a nomination is refused.
+_NEVER_NOMINATED = frozenset({"content-length", "transfer-encoding", "host"})
 
 
 def field_key(name: str | bytes) -> str:
@@ -83,7 +87,8 @@ class HeaderPolicy:
     def read(self, fields: Sequence[tuple[bytes, bytes]]) -> ReadHeaders:
         """Check and split a request's fields. Raises :class:`MalformedRequest` (400) for a
         name that is not a token, a value with a control byte (a folded line included), or a
-        ``Connection`` header nominating something that is not a token."""
+        ``Connection`` header nominating something that is not a token or that frames or
+        routes the message (Content-Length, Transfer-Encoding, Host)."""
         check_fields(fields)
         nominated: set[str] = set()
         options: list[str] = []
@@ -97,6 +102,10 @@ class HeaderPolicy:
                         raise MalformedRequest("the Connection header names something that is "
                                                "not a field name", reason="bad-connection")
                     key = field_key(option)
+                    if key in _NEVER_NOMINATED:
+                        raise MalformedRequest(f"the Connection header nominates {option}, "
+                                               "which frames or routes the request; remove "
+                                               "it from Connection", reason="bad-connection")
                     if key in _CONNECTION_OPTIONS:
                         if key not in options:
                             options.append(key)
@@ -134,6 +143,26 @@ class HeaderPolicy:
         ``X_Api_Key`` goes with ``X-Api-Key``."""
         keys = {field_key(n) for n in names}
         return tuple((n, v) for n, v in fields if field_key(n) not in keys)
+
+
+def check_target(path: str, method: str, *, credentialed: bool) -> None:
+    """Raise :class:`MalformedRequest` unless ``path`` (the request-target as forwarded:
+    path and query) is origin-form, which every later hop reads the same way: it starts with
+    ``/`` (RFC 9112 section 3.2.1), or is ``*`` for OPTIONS (section 3.2.4). An HTTP/2
+    ``:path`` holding a whole URL (RFC 9113 section 8.3.1 forbids it) would reach an HTTP/1
+    provider as an absolute-form target that servers route by (``bad-target``). On a
+    credentialed request a target starting with ``//`` is refused too
+    (``ambiguous-target``): URL libraries read it as a network-path reference to another host
+    (``new URL("//other.example/x", base)``)."""
+    if path == "*" and method.upper() == "OPTIONS":
+        return
+    if not path.startswith("/"):
+        raise MalformedRequest("the request-target must be a path starting with '/' (origin-"
+                               "form); send the authority in Host or :authority",
+                               reason="bad-target")
+    if credentialed and path.startswith("//"):
+        raise MalformedRequest("a request-target starting with '//' can be read as another "
+                               "host; remove the extra slash", reason="ambiguous-target")
 
 
 def check_fields(fields: Iterable[tuple[bytes, bytes]]) -> None:

@@ -5,7 +5,9 @@ Routing (:mod:`proxy.routes`), settings validation (:mod:`proxy.settings`) and t
 what a host is (an IPv6 provider once matched in routing but never in the intercept list).
 
 * A **host** is normalised by :func:`normalize_host`: lower case, one trailing dot dropped,
-  IDNA for non-ASCII names, IP literals canonical (IPv6 in brackets, RFC 5952 form).
+  IDNA for non-ASCII names, IP literals canonical (IPv6 in brackets, RFC 5952 form; an
+  IPv4-mapped IPv6 address and the numeric IPv4 spellings the system resolver accepts,
+  such as ``127.1``, as the dotted quad they reach).
 * An **authority** (RFC 9110 section 4.2.3, RFC 3986 section 3.2: ``host[:port]``) is read by
   :func:`parse_authority`; userinfo is refused.
 * A **host pattern** (a provider's ``hosts`` entry) is ``name``, ``name:port``, ``*.suffix``
@@ -17,9 +19,23 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_NUMERIC = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}$")
+
+
+def _numeric_ipv4(host: str) -> str | None:
+    """The dotted quad a numeric host spelling names for the system resolver, which reads
+    ``127.1``, ``2130706433``, ``0x7f000001`` and ``0177.0.0.1`` with inet_aton (POSIX
+    ``inet_addr`` forms): these connect to 127.0.0.1, so they must route as 127.0.0.1."""
+    if not _NUMERIC.match(host):
+        return None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def normalize_host(host: str) -> str:
@@ -27,7 +43,7 @@ def normalize_host(host: str) -> str:
     value cannot be a host (userinfo, spaces, empty labels)."""
     h = host.strip()
     if h.startswith("[") and h.endswith("]"):
-        return f"[{ipaddress.IPv6Address(h[1:-1])}]"
+        return _ip_text(ipaddress.IPv6Address(h[1:-1]))
     h = h.lower()
     if h.endswith("."):
         h = h[:-1]
@@ -38,8 +54,19 @@ def normalize_host(host: str) -> str:
     try:
         ip = ipaddress.ip_address(h)
     except ValueError:
+        numeric = _numeric_ipv4(h)
+        if numeric is not None:
+            return numeric
         return h.encode("idna").decode("ascii") if not h.isascii() else h
-    return f"[{ip}]" if ip.version == 6 else str(ip)
+    return _ip_text(ip)
+
+
+def _ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Canonical text of an address: IPv6 in brackets (RFC 5952), an IPv4-mapped IPv6
+    address as the IPv4 address it reaches."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else f"[{ip}]"
+    return str(ip)
 
 
 def _port(text: str) -> int:
@@ -106,7 +133,7 @@ class HostPattern:
         if host.endswith("."):
             host = host[:-1]
         try:
-            ip = ipaddress.ip_address(host)
+            ip = ipaddress.ip_address(_numeric_ipv4(host) or host)
         except ValueError:
             if bracketed:
                 raise ValueError(f"{pattern!r}: not an IPv6 literal") from None
@@ -117,7 +144,7 @@ class HostPattern:
                 raise ValueError(
                     f"{pattern!r}: a wildcard needs a suffix of two labels or more") from None
             return cls(host, port)
-        return cls(f"[{ip}]" if ip.version == 6 else str(ip), port)
+        return cls(_ip_text(ip), port)
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}" if self.port is not None else self.host

@@ -28,7 +28,7 @@ from proxy.errors import (
     UserContextInvalid,
     UserContextMissing,
 )
-from proxy.headers import AUTHORIZATION, HeaderPolicy, ReadHeaders, field_key
+from proxy.headers import AUTHORIZATION, HeaderPolicy, ReadHeaders, check_target, field_key
 from proxy.hosts import normalize_host, parse_authority
 from proxy.identity import IdentityVerifier, UserContext
 from proxy.metrics import code_class, reason_label
@@ -56,6 +56,8 @@ class Outbound:
     # The authority of an absolute-form request-target sent inside a CONNECT tunnel
     # (RFC 9112 section 3.2.2): servers route by it, so it must name the tunnel's authority.
     target: str | None = None
+    # The request-target as it will be forwarded (path and query; checked, never logged).
+    target_path: str = "/"
 
     def audit_request(self) -> RequestInfo:
         d = self.destination
@@ -106,6 +108,13 @@ class Sidecar:
         counted) for everything else; nothing is forwarded then."""
         dest = req.destination
         provider = self.router.match(dest)
+        try:
+            check_target(req.target_path, req.method, credentialed=provider is not None)
+        except MalformedRequest as bad:
+            self._count_refusal(provider.id if provider else "-", bad)
+            if provider is not None:
+                self._audit_refusal(req, provider, None, bad)
+            raise
         if req.target is not None and not host_agrees(dest, req.target):
             # Checked before routing: a server that routes by the request-target would take
             # the request to another virtual host than the one the proxy decided for.

@@ -520,3 +520,199 @@ def test_latency_histograms_per_provider(env: Env) -> None:
     for provider in (RAW, "-"):
         assert sample("credproxy_request_duration_seconds_count", f'provider="{provider}"') >= 1
         assert sample("credproxy_upstream_duration_seconds_count", f'provider="{provider}"') >= 1
+
+
+# --- found by a break test: framing, request-targets, raw relays, chunk syntax ----------------
+
+@pytest.mark.parametrize("nominated", ["Content-Length", "content-length",
+                                       "keep-alive, Content-Length", "Transfer-Encoding",
+                                       "Host"])
+@pytest.mark.parametrize("routed", [True, False])
+def test_connection_can_never_nominate_framing_or_routing(env: Env, nominated: str,
+                                                          routed: bool) -> None:
+    """``Connection: Content-Length`` once made the proxy drop the framing and forward the
+    body raw: the provider parsed an attacker's second request."""
+    user = env.user()
+    marker, smuggled = f"/frame-{user}", f"/smuggled-{user}"
+    inner = (f"DELETE {smuggled} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+             "Authorization: Bearer attacker-chosen\r\nContent-Length: 0\r\n\r\n").encode()
+    if "transfer" in nominated.lower():
+        framing, body = "Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (
+            len(inner), inner)
+    else:
+        framing, body = f"Content-Length: {len(inner)}\r\n", inner
+    authority = env.raw_authority if routed else f"127.0.0.1:{env.raw.port}"
+    head = (f"POST {marker} HTTP/1.1\r\nHost: {authority}\r\n"
+            f"X-User-Context: {env.stack.context(user)}\r\nConnection: {nominated}\r\n"
+            f"{framing}\r\n").encode()
+    status, headers, answer = _status(_raw_request(env, head + body, authority=authority))
+    assert (status, headers.get("x-credproxy-error")) == (400, "malformed-request"), answer
+    assert json.loads(answer)["reason"] == "bad-connection"
+    assert not env.raw.saw(marker) and not env.raw.saw(smuggled)
+
+
+@pytest.mark.parametrize(("target", "reason"), [
+    ("https://other-tenant.example/x", "bad-target"),
+    ("other-tenant.example/x", "bad-target"),
+    ("//other-tenant.example/x", "ambiguous-target"),
+])
+def test_an_http2_path_must_be_origin_form(env: Env, target: str, reason: str) -> None:
+    """An HTTP/2 ``:path`` holding a URL reached the HTTP/1 provider as an absolute-form
+    target, which nginx routed to the other virtual host with the user's credential."""
+    user = env.user()
+    before = env.nginx.access_log().count("\n")
+    out = subprocess.run(
+        ["curl", "-sS", "--http2", "-x", env.stack.proxy_url, "--cacert",
+         str(env.stack.mitm_ca), "-H", f"X-User-Context: {env.stack.context(user)}",
+         "--request-target", target, "-w", "\n%{http_code}",
+         f"https://localhost:{env.nginx.port}/"],
+        capture_output=True, timeout=30, check=True)
+    body, _, status = out.stdout.rpartition(b"\n")
+    assert status == b"400", out.stdout
+    assert json.loads(body)["reason"] == reason
+    assert env.nginx.access_log().count("\n") == before
+
+
+def test_a_double_slash_target_on_a_credentialed_request_is_refused(env: Env) -> None:
+    user = env.user()
+    head = (f"GET //other-tenant.example/x-{user} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+            f"X-User-Context: {env.stack.context(user)}\r\nConnection: close\r\n\r\n").encode()
+    status, _, body = _status(_raw_request(env, head))
+    assert status == 400 and json.loads(body)["reason"] == "ambiguous-target"
+    assert not env.raw.saw(f"x-{user}")
+
+
+@pytest.mark.parametrize("prefix,line", [
+    pytest.param(b"\r\n", "GET {p} HTTP/1.1", id="leading-crlf"),
+    pytest.param(b" ", "GET {p} HTTP/1.1", id="leading-space"),
+    pytest.param(b"\x00", "GET {p} HTTP/1.1", id="leading-nul"),
+    pytest.param(b"", "GET\t{p}\tHTTP/1.1", id="tabs"),
+    pytest.param(b"", "G3T {p} HTTP/1.1", id="digit-in-method"),
+])
+@pytest.mark.parametrize("routed", [True, False])
+def test_bytes_that_do_not_start_like_http_are_never_relayed_raw(
+        env: Env, prefix: bytes, line: str, routed: bool) -> None:
+    """mitmproxy relayed such a tunnel as raw TCP: the user context and a client-chosen
+    Authorization reached the upstream with no decision."""
+    user = env.user()
+    marker = f"/raw-{user}"
+    authority = env.raw_authority if routed else f"127.0.0.1:{env.raw.port}"
+    head = prefix + (f"{line.format(p=marker)}\r\nHost: {authority}\r\n"
+                     f"X-User-Context: {env.stack.context(user)}\r\n"
+                     "Authorization: Bearer client-chosen\r\nConnection: close\r\n\r\n").encode()
+    answer = _raw_request(env, head, authority=authority)
+    for q in env.raw.requests:
+        text = json.dumps(q.headers).lower()
+        assert "x-user-context" not in text
+        if routed:
+            assert "client-chosen" not in text
+    if not env.raw.saw(marker):
+        # Not HTTP mitmproxy can read: answered with a problem, or the connection closed.
+        assert answer == b"" or b"malformed-request" in answer, answer[:200]
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(b"5\nhello\n0\n\n", id="bare-lf"),
+    pytest.param(b"5\rhello\r0\r\r", id="bare-cr"),
+    pytest.param(b"1ffffffffffffffff5\r\nhello\r\n0\r\n\r\n", id="size-overflows-64-bits"),
+    pytest.param(b"8000000000000000\r\nhello\r\n0\r\n\r\n", id="size-2-to-the-63"),
+    pytest.param(b"f" * 5000, id="endless-size-line"),
+    pytest.param(b"5\r\nhelloEXTRA\r\n0\r\n\r\n", id="more-data-than-the-size"),
+    pytest.param(b"+5\r\nhello\r\n0\r\n\r\n", id="signed-size"),
+])
+def test_malformed_chunked_framing_is_answered_at_once(env: Env, body: bytes) -> None:
+    user = env.user()
+    marker = f"/chunk-{user}"
+    head = (f"POST {marker} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+            f"X-User-Context: {env.stack.context(user)}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    started = time.monotonic()
+    answer = _raw_request(env, head + body, timeout=20)
+    status, headers, problem = _status(answer)
+    assert (status, headers.get("x-credproxy-error")) == (400, "malformed-request"), answer
+    assert json.loads(problem)["reason"] in ("bad-framing", "client_protocol_error")
+    assert time.monotonic() - started < 15  # answered, not left hanging
+    assert not env.raw.saw(marker) or all(not q.body for q in env.raw.requests
+                                          if marker in q.line)
+
+
+def _h2_request(env: Env, authority: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                trailers: list[tuple[bytes, bytes]] | None) -> dict[bytes, bytes]:
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, _, port = env.stack.proxy_url.removeprefix("http://").rpartition(":")
+    sock = socket.create_connection((host, int(port)), timeout=15)
+    with sock:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += sock.recv(4096)
+        ctx = ssl.create_default_context(cafile=str(env.stack.mitm_ca))
+        ctx.set_alpn_protocols(["h2"])
+        with ctx.wrap_socket(sock, server_hostname=authority.rsplit(":", 1)[0]) as tls:
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                     header_encoding=None))
+            c.initiate_connection()
+            c.send_headers(1, [(b":method", b"POST"), (b":scheme", b"https"),
+                               (b":authority", authority.encode()), *headers])
+            c.send_data(1, body, end_stream=trailers is None)
+            if trailers is not None:
+                c.send_headers(1, trailers, end_stream=True)
+            tls.sendall(c.data_to_send())
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                data = tls.recv(65536)
+                if not data:
+                    break
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        return dict(ev.headers)
+                    if isinstance(ev, h2.events.StreamReset):
+                        return {b":status": b"reset"}
+                tls.sendall(c.data_to_send())
+    raise AssertionError("no answer from the proxy")
+
+
+def test_an_http2_request_trailer_section_is_refused_at_once(env: Env) -> None:
+    user = env.user()
+    marker = f"/h2trail-{user}"
+    got = _h2_request(env, env.raw_authority,
+                      [(b":path", marker.encode()),
+                       (b"x-user-context", env.stack.context(user).encode())],
+                      b"hello", [(b"x-checksum", b"abc"), (b"authorization", b"Bearer t")])
+    assert (got[b":status"], got.get(b"x-credproxy-error")) == (b"400", b"malformed-request")
+    assert not env.raw.saw(marker)
+
+
+@pytest.mark.parametrize("spelling", ["[0:0:0:0:0:0:0:1]", "[0::1]", "[::0001]"])
+def test_tunnel_mode_intercepts_every_spelling_of_an_ipv6_provider(
+        env: Env, tmp_path: Path, spelling: str) -> None:
+    cert, key = make_leaf(env.stack.ca, ["::1"], tmp_path, "v6")
+    v6 = RawUpstream(cert, key, host="::1")
+    port, admin = free_port(), free_port()
+    cfg = {**env.stack.config, "listen": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{admin}",
+           "unrouted": "tunnel"}
+    docs = cfg["providers"][0]
+    cfg["providers"] = [*cfg["providers"], {**docs, "id": "v6", "hosts": [f"[::1]:{v6.port}"]}]
+    path = tmp_path / "tunnel.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = start_server(["-m", "proxy.cli", "run", "--config", str(path)],
+                        ready=tcp_check("127.0.0.1", port), env=env.stack.env,
+                        name="tunnel-v6b", log_dir=tmp_path / "logs")
+    try:
+        user = f"v6-{spelling}"
+        env.stack.vault_put(user, env.stack.grant(user), provider="v6")
+        authority = f"{spelling}:{v6.port}"
+        r = rawhttp.request(f"http://127.0.0.1:{port}", connect=authority,
+                            host_header=f"[::1]:{v6.port}", path="/v6",
+                            headers={"X-User-Context": env.stack.context(user)},
+                            ca_file=str(env.stack.mitm_ca), sni="::1")
+        assert r.status == 200, r.body
+        assert any(k == "Authorization" and v.startswith("Bearer at_")
+                   for k, v in r.json()["headers"])
+        assert not any(k.lower() == "x-user-context" for k, _ in r.json()["headers"])
+    finally:
+        proc.close()
+        v6.close()

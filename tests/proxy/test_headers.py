@@ -9,7 +9,7 @@ import base64
 import pytest
 
 from proxy.errors import MalformedRequest, UserContextInvalid
-from proxy.headers import HeaderPolicy, ReadHeaders, field_key
+from proxy.headers import HeaderPolicy, ReadHeaders, check_target, field_key
 from proxy.hosts import HostPattern
 from proxy.identity import choose_context, connection_context
 from proxy.secret import Secret
@@ -134,6 +134,16 @@ def test_two_connection_headers_are_both_honoured() -> None:
     assert _names(read) == ["X-C"]
 
 
+@pytest.mark.parametrize("nominated", ["Content-Length", "content_length", "Transfer-Encoding",
+                                       "keep-alive, TRANSFER-ENCODING", "Host", "host"])
+def test_connection_can_never_nominate_framing_or_routing(nominated: str) -> None:
+    """Removing Content-Length or Transfer-Encoding after mitmproxy read the body's framing
+    would forward the body unframed: the next hop parses it as further requests."""
+    with pytest.raises(MalformedRequest, match="frames or routes") as err:
+        POLICY.read(_f(("Connection", nominated), ("Content-Length", "5")))
+    assert err.value.reason == "bad-connection"
+
+
 def test_connection_naming_a_non_token_is_refused() -> None:
     with pytest.raises(MalformedRequest, match="Connection") as err:
         POLICY.read(_f(("Connection", "keep-alive, X Foo")))
@@ -175,6 +185,30 @@ def test_malformed_fields_are_refused(name: bytes, value: bytes, reason: str) ->
 ])
 def test_well_formed_values_pass(value: bytes) -> None:
     assert POLICY.read([(b"X-Foo", value)]).fields == ((b"X-Foo", value),)
+
+
+# --- request-targets: origin-form only ---------------------------------------------------------
+
+@pytest.mark.parametrize(("path", "method", "credentialed", "reason"), [
+    pytest.param("/x?a=1", "GET", True, None, id="origin-form"),
+    pytest.param("/", "GET", True, None, id="root"),
+    pytest.param("*", "OPTIONS", True, None, id="asterisk-options"),
+    pytest.param("/a//b", "GET", True, None, id="inner-double-slash"),
+    pytest.param("//other.example/x", "GET", False, None, id="double-slash-unrouted"),
+    pytest.param("//other.example/x", "GET", True, "ambiguous-target", id="double-slash"),
+    pytest.param("https://other.example/x", "GET", True, "bad-target", id="absolute-url"),
+    pytest.param("https://other.example/x", "GET", False, "bad-target", id="url-unrouted"),
+    pytest.param("other.example/x", "GET", True, "bad-target", id="no-leading-slash"),
+    pytest.param("*", "GET", True, "bad-target", id="asterisk-not-options"),
+    pytest.param("", "GET", True, "bad-target", id="empty"),
+])
+def test_check_target(path: str, method: str, credentialed: bool, reason: str | None) -> None:
+    if reason is None:
+        check_target(path, method, credentialed=credentialed)
+        return
+    with pytest.raises(MalformedRequest) as err:
+        check_target(path, method, credentialed=credentialed)
+    assert err.value.reason == reason
 
 
 # --- choose_context: the identity rules in one place ----------------------------------------
