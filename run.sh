@@ -56,7 +56,8 @@ setup_tools() {
   # venv with their own pins, so constraints.txt stays what the proxy is tested with.
   local stamp=.venv-tools/.installed
   if [ ! -x .venv-tools/bin/python ]; then
-    local py; py=$(find_python)
+    # The interpreter .venv was made with (setup runs first): no second search.
+    local py; py=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')
     echo "==> creating .venv-tools with $py" >&2
     "$py" -m venv .venv-tools
   fi
@@ -78,7 +79,9 @@ case "$cmd" in
     setup_tools
     .venv/bin/python -m ruff check proxy addons devstack tests bench
     .venv/bin/python -m mypy
-    exec .venv/bin/python -m pytest "$@"
+    # Two workers (pytest-xdist), each running whole test files: the suite's servers and
+    # module fixtures stay per file. Pass -n 0 to run serially.
+    exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"
     ;;
   *) echo "usage: ./run.sh demo|test|setup [args...]" >&2; exit 2 ;;
 esac

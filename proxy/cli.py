@@ -53,13 +53,27 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import logging
+    import signal
+
+    from proxy import logs
+
+    listener = logs.configure(sys.stderr)
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    # SIGHUP reloads once serving (addons/embed.py); before that it must not kill the process.
+    signal.signal(signal.SIGHUP, lambda *_: logging.getLogger("credproxy").warning(
+        "SIGHUP during start-up ignored; send it again once credproxy is listening"))
+    try:
+        return _run(args)
+    finally:
+        listener.stop()
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
 
     from addons.embed import serve  # mitmproxy is imported only when serving
     from proxy.app import build, check_ports
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
     settings = _settings(args)
     config_path = args.config or os.environ["CREDPROXY_CONFIG"]
     check_ports(settings)

@@ -229,3 +229,45 @@ def test_tunnel_mode_intercepts_a_provider_added_by_reload(tmp_path: Path) -> No
         assert _until(injected)
     finally:
         s.close()
+
+
+def test_a_stalled_stderr_reader_never_freezes_the_proxy(tmp_path: Path) -> None:
+    """Every refusal writes a log line. With stderr a pipe nobody reads, the pipe fills
+    (64 KiB) after a few hundred lines; a blocking log write would then freeze the event
+    loop, and every request and probe with it. Lines beyond the bounded queue are dropped
+    and counted instead; requests and probes keep being answered."""
+    import subprocess
+    import sys
+
+    stack = build_stack(tmp_path, start_proxy=False)
+    try:
+        env = {**os.environ, **stack.env}
+        proc = subprocess.Popen(  # stderr is a pipe this test never reads
+            [sys.executable, "-m", "proxy.cli", "run", "--config", str(stack.config_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        try:
+            admin = f"http://{stack.config['admin']}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx2.get(f"{admin}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx2.HTTPError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+            with stack.client_via(stack.proxy_url) as c:
+                for i in range(1500):  # ~300 KB of refusal lines, far past the pipe buffer
+                    r = c.get(f"{stack.docs_url}/documents?n={i}", timeout=10)
+                    assert r.status_code == 407
+            assert httpx2.get(f"{admin}/healthz", timeout=5).status_code == 200
+            assert httpx2.get(f"{admin}/readyz", timeout=5).status_code == 200
+        finally:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+    finally:
+        stack.close()
