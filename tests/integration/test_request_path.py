@@ -21,7 +21,7 @@ import requests
 import yaml
 
 from devstack.certs import make_leaf
-from devstack.procs import Running, free_port, start_server, tcp_check
+from devstack.procs import free_port, start_server, tcp_check
 from devstack.stack import Stack, build_stack, wait_until
 from tests.integration import rawhttp
 from tests.integration.upstreams import NginxUpstream, RawUpstream, WsgiUpstream
@@ -472,36 +472,6 @@ def test_an_http2_request_with_content_length_keeps_it(env: Env) -> None:
     assert ["Content-Length", "5"] in [[k.title(), v] for k, v in seen["headers"]]
 
 
-# --- 8. unrouted: tunnel with an IPv6 provider ------------------------------------------------
-
-def test_tunnel_mode_intercepts_an_ipv6_provider(env: Env, tmp_path: Path) -> None:
-    cert, key = make_leaf(env.stack.ca, ["::1"], tmp_path, "v6")
-    v6 = RawUpstream(cert, key, host="::1")
-    port, admin = free_port(), free_port()
-    cfg = {**env.stack.config, "listen": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{admin}",
-           "unrouted": "tunnel"}
-    docs = cfg["providers"][0]
-    cfg["providers"] = [*cfg["providers"], {**docs, "id": "v6", "hosts": [f"[::1]:{v6.port}"]}]
-    path = tmp_path / "tunnel.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    proc: Running = start_server(["-m", "proxy.cli", "run", "--config", str(path)],
-                                 ready=tcp_check("127.0.0.1", port), env=env.stack.env,
-                                 name="tunnel-v6", log_dir=tmp_path / "logs")
-    try:
-        user = "v6user"
-        env.stack.vault_put(user, env.stack.grant(user), provider="v6")
-        r = rawhttp.request(f"http://127.0.0.1:{port}", connect=f"[::1]:{v6.port}",
-                            host_header=f"[::1]:{v6.port}", path="/v6",
-                            headers={"X-User-Context": env.stack.context(user)},
-                            ca_file=str(env.stack.mitm_ca), sni="::1")
-        assert r.status == 200, r.body
-        assert any(k == "Authorization" and v.startswith("Bearer at_")
-                   for k, v in r.json()["headers"])
-    finally:
-        proc.close()
-        v6.close()
-
-
 # --- latency is measured per provider -------------------------------------------
 
 def test_latency_histograms_per_provider(env: Env) -> None:
@@ -686,7 +656,9 @@ def test_an_http2_request_trailer_section_is_refused_at_once(env: Env) -> None:
     assert not env.raw.saw(marker)
 
 
-@pytest.mark.parametrize("spelling", ["[0:0:0:0:0:0:0:1]", "[0::1]", "[::0001]"])
+# unrouted: tunnel with an IPv6 provider: the intercept list once matched nothing for it, and
+# then only its canonical spelling.
+@pytest.mark.parametrize("spelling", ["[::1]", "[0:0:0:0:0:0:0:1]", "[0::1]", "[::0001]"])
 def test_tunnel_mode_intercepts_every_spelling_of_an_ipv6_provider(
         env: Env, tmp_path: Path, spelling: str) -> None:
     cert, key = make_leaf(env.stack.ca, ["::1"], tmp_path, "v6")
