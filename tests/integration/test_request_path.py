@@ -688,3 +688,20 @@ def test_tunnel_mode_intercepts_every_spelling_of_an_ipv6_provider(
     finally:
         proc.close()
         v6.close()
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_response_trailers_are_a_502_problem_for_every_agent_protocol(env: Env,
+                                                                      http: str) -> None:
+    user = env.user()
+    out = subprocess.run(
+        ["curl", "-sS", http, "-x", env.stack.proxy_url, "--cacert", str(env.stack.mitm_ca),
+         "-H", f"X-User-Context: {env.stack.context(user)}", "-D", "-",
+         f"https://{env.raw_authority}/t-{user}/trailers"],
+        capture_output=True, timeout=30)
+    _connect, _, rest = out.stdout.partition(b"\r\n\r\n")
+    head, _, body = rest.partition(b"\r\n\r\n")
+    assert b" 502" in head.split(b"\r\n")[0], out.stdout
+    assert b"x-credproxy-error: upstream-unreachable" in head.lower()
+    assert json.loads(body)["reason"] == "upstream_protocol_error"
+    assert b"mitmproxy" not in out.stdout.lower()
