@@ -1,8 +1,9 @@
-"""Three corrections to mitmproxy 12's HTTP/1 layer that credproxy depends on for safety.
+"""Corrections to mitmproxy 12's HTTP layers that credproxy depends on for safety.
 
 Applied once by :func:`install` when the addon module is imported (``credproxy run`` and
 ``mitmdump -s addons/credproxy.py`` alike). Each one replaces a mitmproxy behaviour that
-would otherwise forward bytes no decision covered, or hang an exchange:
+would otherwise forward bytes no decision covered, hang an exchange, or answer the agent in
+another format than every other refusal:
 
 1. **Framing an HTTP/2 request body for an HTTP/1 server.** mitmproxy converts an HTTP/2
    request for an HTTP/1 upstream but sends a body of unknown length (no ``content-length``,
@@ -16,13 +17,24 @@ would otherwise forward bytes no decision covered, or hang an exchange:
    trailers is now answered at once with 400 ``malformed-request`` and the connection
    closed; an upstream response with trailers ends the exchange with 502
    ``upstream-unreachable`` (``upstream_protocol_error``). Either way the flow ends through
-   mitmproxy's ``error`` hook, so nothing stays in flight. HTTP/2 trailers (gRPC's
+   mitmproxy's ``error`` hook, so nothing stays in flight. HTTP/2 response trailers (gRPC's
    ``grpc-status``) are unaffected: mitmproxy's HTTP/2 layer forwards them.
-3. **Error responses.** mitmproxy answers a failed upstream connection, an unparseable
+3. **Strict chunked framing** (:class:`_StrictChunkedReader`): h11's reader waits for ever
+   on a chunk-size line ended by a bare LF, and accepts sizes a 64-bit next hop reads
+   differently; both are refused, and a client whose body framing is refused gets a 400
+   problem instead of a silent close.
+4. **Error responses.** mitmproxy answers a failed upstream connection, an unparseable
    request and the cases above with an HTML page signed ``Server: mitmproxy``. Every such
-   answer is now an RFC 9457 problem like every other refusal, with ``X-Credproxy-Error``;
-   on HTTP/1 also with the request id, which the addon registers from its ``error`` hook
-   (:func:`register_request`; HTTP/2 multiplexes, so there the id is in the log line only).
+   answer, HTTP/1 or HTTP/2, is now an RFC 9457 problem like every other refusal, with
+   ``X-Credproxy-Error``; on HTTP/1 also with the request id, which the addon registers from
+   its ``error`` hook (:func:`register_request`; HTTP/2 multiplexes, so there the id is in
+   the log line only).
+5. **Why a flow failed.** mitmproxy's own classification of a failure (``ErrorCode``) is kept
+   for the addon's ``error`` hook (:func:`failure_reason`), so the audit record says what
+   happened (``upstream_unreachable``, ``client_protocol_error``, ...).
+
+:func:`http_layer_for` and :func:`intercept_layer` build the layers the addon's
+``next_layer`` hook substitutes for a raw TCP relay or a tunnel that would bypass a decision.
 """
 
 from __future__ import annotations
