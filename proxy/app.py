@@ -86,6 +86,7 @@ class App:
         in use); returns those that changed, which need a restart to take effect."""
         old = self.settings
         refuse_provider_removal(old, new)
+        refuse_loosening(old, new)
         restart = [k for k in self.RESTART_KEYS if getattr(new, k) != getattr(old, k)]
         keep: dict[str, object] = {k: getattr(old, k) for k in self.RESTART_KEYS}
         if new.unrouted != old.unrouted and "tunnel" in (new.unrouted, old.unrouted):
@@ -346,6 +347,32 @@ def refuse_provider_removal(old: Settings, new: Settings) -> None:
             "providers left). A truncated or half-written file looks like this, so the "
             "running config keeps serving. To remove them on purpose, add to the new file: "
             f"reload: {{allow_provider_removal: [{', '.join(ids)}]}}")
+
+
+def refuse_loosening(old: Settings, new: Settings) -> None:
+    """Raise :class:`ConfigError` when ``new`` relaxes a guard of ``old`` that a file cut
+    short would also relax (its defaults are looser), unless ``new.reload.allow_loosening``
+    names it: ``unrouted: deny`` becoming ``passthrough``; ``identity.one_time_jti`` turned
+    off; a provider's ``methods`` allowlist dropped or widened."""
+    allowed = set(new.reload.allow_loosening)
+    loosened: list[str] = []
+    if old.unrouted == "deny" and new.unrouted == "passthrough":
+        loosened.append("unrouted")
+    if old.identity.one_time_jti and not new.identity.one_time_jti:
+        loosened.append("identity.one_time_jti")
+    now = {p.id: p for p in new.providers}
+    for p in old.providers:
+        q = now.get(p.id)
+        if q is not None and p.methods is not None and (
+                q.methods is None or not set(q.methods) <= set(p.methods)):
+            loosened.append(f"providers.{p.id}.methods")
+    refused = [k for k in loosened if k not in allowed]
+    if refused:
+        raise ConfigError(
+            f"refused: the new config relaxes {', '.join(refused)}. A file cut short drops "
+            "trailing keys, whose defaults are looser, so the running config keeps serving. "
+            "To relax them on purpose, add to the new file: reload: {allow_loosening: "
+            f"[{', '.join(refused)}]}}")
 
 
 def upstream_ssl_context(settings: Settings) -> ssl.SSLContext:

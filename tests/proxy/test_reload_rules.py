@@ -96,3 +96,55 @@ def test_removed_hosts_are_refused_until_listed_again() -> None:
         refuse_retired(back, _dest("a.docs.example.com"))
     assert [(p.id, p.hosts) for p in back.retired] == [("docs", ["*.docs.example.com"]),
                                                         ("x", ["x.example.com"])]
+
+
+# --- guards a file cut short would relax (its trailing keys gone, their defaults looser) ---
+
+def _guarded(methods: list[str] | None = None, **top: Any) -> Settings:
+    provider: dict[str, Any] = {"id": "raw", "hosts": ["raw.example.com"],
+                                "token_url": "https://t.example.com/token", "client_id": "c",
+                                "token_endpoint_auth_method": "none"}
+    if methods is not None:
+        provider["methods"] = methods
+    return parse_settings({"identity": {"issuer": "i", "audience": "a", "jwks_file": "j.json",
+                                        **top.pop("identity", {})},
+                           "providers": [provider], **top})
+
+
+GUARDED = _guarded(["GET"], unrouted="deny", identity={"one_time_jti": True})
+
+
+@pytest.mark.parametrize(("new", "relaxed"), [
+    pytest.param(_guarded(["GET"], identity={"one_time_jti": True}), "unrouted",
+                 id="unrouted-deny-dropped"),
+    pytest.param(_guarded(["GET"], unrouted="deny"), "identity.one_time_jti",
+                 id="one-time-jti-dropped"),
+    pytest.param(_guarded(None, unrouted="deny", identity={"one_time_jti": True}),
+                 "providers.raw.methods", id="methods-dropped"),
+    pytest.param(_guarded(["GET", "DELETE"], unrouted="deny", identity={"one_time_jti": True}),
+                 "providers.raw.methods", id="methods-widened"),
+    pytest.param(_guarded(None, unrouted="deny", identity={"one_time_jti": True},
+                          reload={"allow_loosening": ["unrouted"]}),
+                 "providers.raw.methods", id="allowed-the-wrong-one"),
+])
+def test_a_reload_that_relaxes_a_guard_is_refused(new: Settings, relaxed: str) -> None:
+    from proxy.app import refuse_loosening
+
+    with pytest.raises(ConfigError, match="allow_loosening") as e:
+        refuse_loosening(GUARDED, new)
+    assert relaxed in str(e.value)
+
+
+@pytest.mark.parametrize("new", [
+    pytest.param(GUARDED, id="unchanged"),
+    pytest.param(_guarded([], unrouted="deny", identity={"one_time_jti": True}),
+                 id="methods-narrowed"),
+    pytest.param(_guarded(None, identity={"one_time_jti": False},
+                          reload={"allow_loosening": ["unrouted", "identity.one_time_jti",
+                                                      "providers.raw.methods"]}),
+                 id="all-relaxed-on-purpose"),
+])
+def test_reloads_that_keep_or_tighten_guards_pass(new: Settings) -> None:
+    from proxy.app import refuse_loosening
+
+    refuse_loosening(GUARDED, new)
