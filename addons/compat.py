@@ -29,7 +29,14 @@ another format than every other refusal:
    ``X-Credproxy-Error``; on HTTP/1 also with the request id, which the addon registers from
    its ``error`` hook (:func:`register_request`; HTTP/2 multiplexes, so there the id is in
    the log line only).
-5. **Why a flow failed.** mitmproxy's own classification of a failure (``ErrorCode``) is kept
+5. **Interim and switching responses** from an HTTP/1 upstream: mitmproxy takes a 1xx
+   (``103 Early Hints``, ``102``, an unasked ``100``) for the final response, so the agent
+   never gets the real one; they are dropped. (RFC 9110 section 15.2 has a proxy forward
+   1xx responses; mitmproxy 12 cannot forward an interim response at all, and taking it for
+   the final one is worse.) A ``101`` to anything but
+   WebSocket would make mitmproxy relay raw bytes no decision covers; it ends the exchange
+   with 502 ``upstream-unreachable`` and closes that upstream connection.
+6. **Why a flow failed.** mitmproxy's own classification of a failure (``ErrorCode``) is kept
    for the addon's ``error`` hook (:func:`failure_reason`), so the audit record says what
    happened (``upstream_unreachable``, ``client_protocol_error``, ...).
 
@@ -65,6 +72,7 @@ from mitmproxy.proxy.layers.http._events import (
 )
 
 from proxy.errors import InternalError, MalformedRequest, ProxyRefusal, UpstreamUnreachable
+from proxy.headers import is_websocket_upgrade
 from proxy.problems import problem_response
 
 log = logging.getLogger("credproxy")
@@ -204,6 +212,19 @@ class _StrictChunkedReader(ChunkedReader):
         return super().__call__(buf)
 
 
+def _complete_head(data: bytes) -> tuple[int, list[tuple[bytes, bytes]]] | None:
+    """(status, fields) of the complete response head at the start of ``data``, if any."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or not data.startswith(b"HTTP/1."):
+        return None
+    lines = data[:end].split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    fields = [(n.strip(), v.strip()) for n, _, v in (ln.partition(b":") for ln in lines[1:])]
+    return int(parts[1]), fields
+
+
 def _make_body_reader(expected_size: int | None) -> Any:
     return _StrictChunkedReader() if expected_size is None else \
         _original_make_body_reader(expected_size)
@@ -260,6 +281,33 @@ def install() -> None:
 
     _http1.Http1Connection.read_body = read_body_strictly  # type: ignore[method-assign]
     _http1.make_body_reader = _make_body_reader
+
+    client_read_headers = _http1.Http1Client.read_headers
+
+    def read_response_head(self: _http1.Http1Client, event: Any) -> _CommandGenerator:
+        # Looked at before mitmproxy parses the head: interim (1xx) answers, which it would
+        # take for the final response (the real one then never reaches the agent), are
+        # dropped (mitmproxy cannot forward them); a 101 to anything but WebSocket, after
+        # which mitmproxy would relay raw bytes no decision covers, ends the exchange.
+        while True:
+            head = _complete_head(bytes(self.buf))
+            if head is None:
+                break
+            status, fields = head
+            if 100 <= status < 200 and status != 101:
+                self.buf.maybe_extract_lines()
+                continue
+            if status == 101 and not is_websocket_upgrade(status, fields):
+                assert self.stream_id is not None
+                yield commands.CloseConnection(self.conn)
+                yield ReceiveHttp(ResponseProtocolError(
+                    self.stream_id, "the upstream switched to a protocol credproxy does not "
+                    "read (only WebSocket)", ErrorCode.GENERIC_SERVER_ERROR))
+                return
+            break
+        yield from client_read_headers(self, event)
+
+    _http1.Http1Client.read_headers = read_response_head  # type: ignore[method-assign]
 
     server_send = _http1.Http1Server.send
 

@@ -252,7 +252,9 @@ class CredentialInjector:
             "the fields as headers", reason="trailers"))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.id not in self._injected or flow.response is None:
+        if flow.response is None:
+            return
+        if flow.id not in self._injected:
             return
         # A refusal replaces the body in `response`; it must not have streamed out already.
         if flow.response.status_code == 401 or "invalid_token" in flow.response.headers.get(
@@ -322,7 +324,9 @@ class CredentialInjector:
     def _problem(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> http.Response:
         p = problem_response(refusal, request_id=flow.id)
         cause = refusal.__cause__
-        log.info("refused %s %s %s: %s (%s)%s", flow.id, flow.request.method,
+        method = flow.request.method
+        log.info("refused %s %s %s: %s (%s)%s", flow.id,
+                 method if method.isascii() and method.isalpha() else "?",
                  flow.request.pretty_host, refusal.slug, refusal.reason,
                  f": {cause}" if cause is not None else "")
         return http.Response.make(p.status, p.body, p.headers)

@@ -42,6 +42,7 @@ _NOT_FOUND = (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n"
 # Connection (keep-alive towards the client) and Expect (it answers 100-continue).
 _KEEP = frozenset({"connection", "expect"})
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _drop(_chunk: bytes) -> list[bytes]:
@@ -82,6 +83,8 @@ class RefusalSink:
         # target inside a tunnel keeps its authority in mitmproxy).
         req.authority = ""
         req.scheme, req.host, req.port = "http", "127.0.0.1", self.port
+        if not _METHOD.fullmatch(req.method):
+            req.method = "POST"  # a refused request's method may be anything (HTTP/2)
         req.headers["Host"] = f"127.0.0.1:{self.port}"
         req.headers["Transfer-Encoding"] = "chunked"
         req.path = f"/{key}"

@@ -6,6 +6,7 @@ failure to a problem response in one place (:func:`proxy.problems.problem_respon
     CredproxyError
     ├── ProxyRefusal                      answered to the agent as a problem
     │   ├── MalformedRequest              400 malformed-request
+    │   │   └── ExpectationFailed         417 expectation-failed
     │   ├── UserContextMissing            407 user-context-missing
     │   ├── UserContextInvalid            407 user-context-invalid
     │   ├── MisdirectedRequest            421 misdirected-request
@@ -65,6 +66,15 @@ class MalformedRequest(ProxyRefusal):
     slug = "malformed-request"
     status = 400
     title = "Malformed request"
+
+
+class ExpectationFailed(MalformedRequest):
+    """An ``Expect`` other than ``100-continue`` (RFC 9110 section 10.1.1: the only
+    expectation defined; mitmproxy answers that one itself and would pass any other on)."""
+
+    slug = "expectation-failed"
+    status = 417
+    title = "Expectation not supported"
 
 
 class UserContextMissing(ProxyRefusal):

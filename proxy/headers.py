@@ -14,6 +14,9 @@ proxy never decided on. Three readings differ in practice:
 * **Connection options.** RFC 9110 section 7.6.1: a proxy removes every field its
   ``Connection`` header nominates and must not forward the nomination; a next hop that
   honours ``Connection: Authorization`` would drop the injected credential.
+* **Upgrades.** Only an upgrade to WebSocket is forwarded (mitmproxy reads WebSocket frames
+  after the 101; any other protocol would be relayed as raw bytes no decision covers): the
+  ``Upgrade`` field and option go from every other request.
 * **Field syntax.** RFC 9112 section 5.2 obsoletes line folding; RFC 9110 section 5.5 allows
   no CR, LF or NUL in a value, and section 5.1 makes a name a token. mitmproxy joins a folded
   line into the previous value as ``"\\r\\n "``; a next hop may read that continuation as a
@@ -29,7 +32,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from proxy.errors import MalformedRequest
+from proxy.errors import ExpectationFailed, MalformedRequest
 
 Fields = tuple[tuple[bytes, bytes], ...]
 """Header fields as mitmproxy keeps them: (name, value) byte pairs, in order."""
@@ -42,6 +45,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 9110 section 5.5: a value is VCHAR, obs-text, SP and HTAB; every other control byte
 # (CR and LF of a folded line, NUL, DEL) is refused.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# What a request-target can never hold (RFC 9112 section 3.2, RFC 3986 section 3.3): an
+# HTTP/2 :path is not parsed the way an HTTP/1 request line is, so it is checked here.
+_TARGET_BAD = re.compile(r"[\x00-\x20\x7f#]")
 # Connection options that are not a request's own fields to strip: mitmproxy handles them
 # itself (keep-alive and close towards the client, Upgrade for WebSocket).
 _CONNECTION_OPTIONS = frozenset({"close", "keep-alive", "upgrade"})
@@ -129,10 +135,20 @@ class HeaderPolicy:
                     proxy_auth.append(value.decode("latin-1"))
             elif key == "connection":
                 continue
+            elif key == "expect" and value.decode("latin-1").strip().lower() != "100-continue":
+                raise ExpectationFailed("Expect may only be 100-continue (RFC 9110 section "
+                                        "10.1.1); send the request without it",
+                                        reason="bad-expect")
             elif key in nominated or (key == "keep-alive" and "keep-alive" in options):
                 continue  # hop-by-hop: addressed to the proxy, never forwarded
             else:
                 kept.append((name, value))
+        if not _websocket_only(kept):
+            # An upgrade to anything but WebSocket would turn the connection into a raw relay
+            # after the 101 (mitmproxy decodes only WebSocket): no later byte decided on.
+            kept = [(n, v) for n, v in kept if field_key(n) != "upgrade"]
+            if "upgrade" in options:
+                options.remove("upgrade")
         if options:
             kept.append((b"Connection", ", ".join(options).encode("ascii")))
         return ReadHeaders(tuple(context), tuple(proxy_auth), tuple(lookalikes), tuple(kept))
@@ -145,15 +161,42 @@ class HeaderPolicy:
         return tuple((n, v) for n, v in fields if field_key(n) not in keys)
 
 
+def _websocket_only(fields: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether every ``Upgrade`` value names only WebSocket (RFC 6455 section 4.1), or
+    there is none."""
+    for name, value in fields:
+        if field_key(name) == "upgrade":
+            tokens = {t.strip().lower() for t in value.decode("latin-1").split(",")}
+            if tokens != {"websocket"}:
+                return False
+    return True
+
+
+def is_websocket_upgrade(status: int, fields: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a ``101 Switching Protocols`` response switches to WebSocket (the only
+    protocol whose bytes mitmproxy still reads after a 101)."""
+    fields = list(fields)
+    return status == 101 and any(field_key(n) == "upgrade" for n, _ in fields) and \
+        _websocket_only(fields)
+
+
 def check_target(path: str, method: str, *, credentialed: bool) -> None:
-    """Raise :class:`MalformedRequest` unless ``path`` (the request-target as forwarded:
-    path and query) is origin-form, which every later hop reads the same way: it starts with
+    """Raise :class:`MalformedRequest` unless ``method`` is a token (``bad-method``) and
+    ``path`` (the request-target as forwarded: path and query), free of spaces, control
+    characters and ``#``, is origin-form, which every later hop reads the same way: it starts with
     ``/`` (RFC 9112 section 3.2.1), or is ``*`` for OPTIONS (section 3.2.4). An HTTP/2
     ``:path`` holding a whole URL (RFC 9113 section 8.3.1 forbids it) would reach an HTTP/1
     provider as an absolute-form target that servers route by (``bad-target``). On a
     credentialed request a target starting with ``//`` is refused too
     (``ambiguous-target``): URL libraries read it as a network-path reference to another host
     (``new URL("//other.example/x", base)``)."""
+    if not _TOKEN.fullmatch(method.encode("latin-1", "replace")):
+        raise MalformedRequest("the method is not a token (RFC 9110 section 9.1)",
+                               reason="bad-method")
+    if _TARGET_BAD.search(path):
+        raise MalformedRequest("the request-target holds a space, a control character or a "
+                               "'#' (RFC 9112 section 3.2); percent-encode it",
+                               reason="bad-target")
     if path == "*" and method.upper() == "OPTIONS":
         return
     if not path.startswith("/"):

@@ -34,7 +34,7 @@ _REASONS = frozenset({
     "bad-field-name", "obs-fold", "control-character", "bad-connection", "target_mismatch",
     "bad_target", "trailers", "upstream_unreachable", "upstream_protocol_error",
     "client_protocol_error", "client_disconnected", "exchange_failed", "bad-target",
-    "ambiguous-target", "not-http", "bad-framing",
+    "ambiguous-target", "not-http", "bad-framing", "bad-expect", "bad-method",
 })
 # Latency buckets (seconds) for whole requests and upstream exchanges: API calls from tens
 # of milliseconds to long model calls.

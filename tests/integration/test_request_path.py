@@ -607,7 +607,8 @@ def test_malformed_chunked_framing_is_answered_at_once(env: Env, body: bytes) ->
 
 
 def _h2_request(env: Env, authority: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                trailers: list[tuple[bytes, bytes]] | None) -> dict[bytes, bytes]:
+                trailers: list[tuple[bytes, bytes]] | None,
+                method: bytes = b"POST") -> dict[bytes, bytes]:
     import h2.config
     import h2.connection
     import h2.events
@@ -622,10 +623,12 @@ def _h2_request(env: Env, authority: str, headers: list[tuple[bytes, bytes]], bo
         ctx = ssl.create_default_context(cafile=str(env.stack.mitm_ca))
         ctx.set_alpn_protocols(["h2"])
         with ctx.wrap_socket(sock, server_hostname=authority.rsplit(":", 1)[0]) as tls:
-            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
-                                                                     header_encoding=None))
+            # Validation off: the test sends what a well-behaved client library would not.
+            c = h2.connection.H2Connection(h2.config.H2Configuration(
+                client_side=True, header_encoding=None, validate_outbound_headers=False,
+                normalize_outbound_headers=False))
             c.initiate_connection()
-            c.send_headers(1, [(b":method", b"POST"), (b":scheme", b"https"),
+            c.send_headers(1, [(b":method", method), (b":scheme", b"https"),
                                (b":authority", authority.encode()), *headers])
             c.send_data(1, body, end_stream=trailers is None)
             if trailers is not None:
@@ -705,3 +708,90 @@ def test_response_trailers_are_a_502_problem_for_every_agent_protocol(env: Env,
     assert b"x-credproxy-error: upstream-unreachable" in head.lower()
     assert json.loads(body)["reason"] == "upstream_protocol_error"
     assert b"mitmproxy" not in out.stdout.lower()
+
+
+@pytest.mark.parametrize("upgrade", ["foo", "websocket, foo", "h2c", None])
+@pytest.mark.parametrize("routed", [True, False])
+def test_only_websocket_upgrades_and_no_raw_relay_after_a_101(env: Env, upgrade: str | None,
+                                                              routed: bool) -> None:
+    """An upstream that answered 101 to ``Upgrade: foo`` turned the connection into a raw
+    relay: a second user's context and the agent's own Authorization went through
+    undecided. Now no Upgrade but WebSocket is forwarded, and a 101 to anything else is a
+    502 problem: the connection stays HTTP, so the next request is decided."""
+    alice, bob = env.user(), env.user()
+    authority = env.raw_authority if routed else f"127.0.0.1:{env.raw.port}"
+    first = (f"GET /u-{alice}/switch HTTP/1.1\r\nHost: {authority}\r\n"
+             f"X-User-Context: {env.stack.context(alice)}\r\n"
+             + (f"Upgrade: {upgrade}\r\nConnection: Upgrade\r\n" if upgrade else "")
+             + "\r\n")
+    second = (f"GET /after-{bob} HTTP/1.1\r\nHost: {authority}\r\n"
+              f"X-User-Context: {env.stack.context(bob)}\r\n"
+              "Authorization: Bearer agent-own\r\nConnection: close\r\n\r\n")
+    answer = _raw_request(env, (first + second).encode(), authority=authority)
+    status, headers, body = _status(answer)
+    assert (status, headers.get("x-credproxy-error")) == (502, "upstream-unreachable"), answer
+    switched = next(q for q in env.raw.requests if f"/u-{alice}/" in q.line)
+    assert not switched.header("Upgrade")  # never forwarded
+    for q in env.raw.requests:
+        assert "x-user-context" not in json.dumps(q.headers).lower()
+    after = [q for q in env.raw.requests if f"/after-{bob}" in q.line]
+    if after:  # decided like any request: bob's own token, never the agent's
+        assert after[0].header("Authorization") == (
+            [f"Bearer {env.token(bob)}"] if routed else ["Bearer agent-own"])
+
+
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
+def test_interim_responses_never_stand_in_for_the_final_one(env: Env, http: str) -> None:
+    user = env.user()
+    out = subprocess.run(
+        ["curl", "-sS", http, "-x", env.stack.proxy_url, "--cacert", str(env.stack.mitm_ca),
+         "-H", f"X-User-Context: {env.stack.context(user)}", "-w", "\n%{http_code}",
+         f"https://{env.raw_authority}/i-{user}/early"],
+        capture_output=True, timeout=30, check=True)
+    assert out.stdout == b"final\n200"
+
+
+@pytest.mark.parametrize(("expect", "status"), [
+    ("100-continue, foo", 417), ("foo", 417), ("100-continue;x=1", 417),
+    ("100-Continue", 200), (" 100-continue ", 200),
+])
+def test_only_the_100_continue_expectation_is_accepted(env: Env, expect: str,
+                                                       status: int) -> None:
+    user = env.user()
+    marker = f"/expect-{user}"
+    head = (f"POST {marker} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+            f"X-User-Context: {env.stack.context(user)}\r\nExpect: {expect}\r\n"
+            "Content-Length: 5\r\nConnection: close\r\n\r\nhello").encode()
+    answer = _raw_request(env, head)
+    if answer.startswith(b"HTTP/1.1 100"):
+        answer = answer.partition(b"\r\n\r\n")[2]
+    got, headers, _ = _status(answer)
+    assert got == status, answer
+    if status == 417:
+        assert headers["x-credproxy-error"] == "expectation-failed"
+        assert not env.raw.saw(marker)
+
+
+@pytest.mark.parametrize(("method", "path", "reason"), [
+    pytest.param(b"GET", b"/x https://other-tenant.example/y", "bad-target", id="space-in-path"),
+    pytest.param(b"GET", b"/x\x01y", "bad-target", id="control-in-path"),
+    pytest.param(b"GET", b"/x\ty", "bad-target", id="tab-in-path"),
+    pytest.param(b"GET", b"/x#frag", "bad-target", id="fragment"),
+    pytest.param(b"GET /evil HTTP/1.1", b"/x", "bad-method", id="request-line-in-method"),
+    pytest.param(b"G\x7fET", b"/x", "bad-method", id="control-in-method"),
+])
+@pytest.mark.parametrize("with_context", [True, False])
+def test_http2_pseudo_headers_never_become_another_request_line(
+        env: Env, method: bytes, path: bytes, reason: str, with_context: bool) -> None:
+    """An HTTP/2 request is sent to an HTTP/1 provider as a request line built from
+    :method and :path: a space or control byte in either made another request line."""
+    user = env.user()
+    before = len(env.raw.requests)
+    headers = [(b":path", path)]
+    if with_context:
+        headers.append((b"x-user-context", env.stack.context(user).encode()))
+    got = _h2_request(env, env.raw_authority, headers, b"", None, method=method)
+    # Refused before any decision, with or without a user context, as a problem (never a
+    # bare 404 from the refusal sink).
+    assert (got[b":status"], got.get(b"x-credproxy-error")) == (b"400", b"malformed-request")
+    assert len(env.raw.requests) == before

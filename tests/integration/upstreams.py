@@ -4,8 +4,9 @@
   connection the way RFC 9112 says (Content-Length, chunked with trailers) and records every
   request it parsed: request line, raw header fields, body. A body sent without framing shows
   up as extra requests, exactly as a real server would see it. Paths choose the answer:
-  ``/trailers`` answers chunked with a trailer section, anything else ``200`` with the record
-  as JSON.
+  ``/trailers`` answers chunked with a trailer section, ``/early`` answers 103 and 102
+  before its 200, ``/switch`` answers ``101`` to a protocol named ``foo`` whatever was
+  asked, anything else ``200`` with the record as JSON.
 * :class:`NginxUpstream`: nginx as a shared TLS front end with two virtual hosts (the
   provider's name and ``other-tenant.example``), routing by the request-target as RFC 9112
   section 3.2.2 says; each answers with the virtual host that served it and the credential
@@ -130,6 +131,17 @@ class RawUpstream:
                 parsed.body = reader.exactly(int(parsed.header("Content-Length")[0]))
             self.requests.append(parsed)
             path = line.split(" ")[1] if " " in line else ""
+            if path.endswith("/early"):
+                sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+                             b"HTTP/1.1 102 Processing\r\n\r\n"
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal")
+                continue
+            if path.endswith("/switch"):
+                # Switches to "foo" whatever the request asked for (a lax or hostile server);
+                # what follows on the connection is still recorded as requests.
+                sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\n"
+                             b"Connection: Upgrade\r\n\r\n")
+                continue
             if path.endswith("/trailers"):
                 sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
                              b"Content-Type: text/plain\r\n\r\n5\r\nhello\r\n"
