@@ -309,6 +309,18 @@ def install() -> None:
 
     _http1.Http1Client.read_headers = read_response_head  # type: ignore[method-assign]
 
+    server_read_headers = _http1.Http1Server.read_headers
+
+    def skip_leading_empty_lines(self: _http1.Http1Server, event: Any) -> _CommandGenerator:
+        # RFC 9112 section 2.2: a server SHOULD ignore at least one empty line (CRLF)
+        # received before the request-line. h11's buffer returns such a line as an empty
+        # head, which mitmproxy then waits on for ever.
+        while bytes(self.buf).startswith(b"\r\n"):
+            self.buf.maybe_extract_next_line()
+        yield from server_read_headers(self, event)
+
+    _http1.Http1Server.read_headers = skip_leading_empty_lines  # type: ignore[method-assign]
+
     server_send = _http1.Http1Server.send
 
     def problem_errors(self: _http1.Http1Server, event: Any) -> _CommandGenerator:

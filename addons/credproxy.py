@@ -137,10 +137,13 @@ class CredentialInjector:
             return
         if self.app is None or address is None:
             return
+        tls = starts_like_tls_record(data.data_client())
         try:
-            tls = starts_like_tls_record(data.data_client())
             dest = Destination(normalize_host(address[0]), address[1], tls=tls)
         except ValueError:
+            # No destination a decision can name (``0.0.0.0``, which Linux connects to
+            # loopback): intercept, and the request path refuses it (421).
+            data.layer = compat.intercept_layer(data.context, data.data_client())
             return
         if self.app.sidecar.router.match(dest) is not None:
             log.info("tunnel to %s is a provider's address (%s): intercepted, not tunnelled",
@@ -235,7 +238,10 @@ class CredentialInjector:
         if not flow.request.trailers or flow.response or flow.error or not flow.live:
             return
         if self._sink.answer_for(flow) is not None:
-            return  # already refused; the sink answers it
+            # Already refused; the sink answers it. Its trailers go nowhere (mitmproxy's
+            # HTTP/1 side towards the sink cannot send them, and would stall).
+            flow.request.trailers = None
+            return
         if flow.request.stream:
             log.info("request %s: trailer section after a streamed body dropped", flow.id)
             flow.request.trailers = None

@@ -56,14 +56,18 @@ def normalize_host(host: str) -> str:
     except ValueError:
         numeric = _numeric_ipv4(h)
         if numeric is not None:
-            return numeric
+            return _ip_text(ipaddress.IPv4Address(numeric))
         return h.encode("idna").decode("ascii") if not h.isascii() else h
     return _ip_text(ip)
 
 
 def _ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """Canonical text of an address: IPv6 in brackets (RFC 5952), an IPv4-mapped IPv6
-    address as the IPv4 address it reaches."""
+    address as the IPv4 address it reaches. The unspecified address (``0.0.0.0``, ``::``)
+    is no destination (connecting to it reaches this host's loopback on Linux): ValueError."""
+    if ip.is_unspecified or (isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped
+                             is not None and ip.ipv4_mapped.is_unspecified):
+        raise ValueError("the unspecified address is not a destination")
     if isinstance(ip, ipaddress.IPv6Address):
         return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else f"[{ip}]"
     return str(ip)

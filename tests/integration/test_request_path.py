@@ -552,33 +552,67 @@ def test_a_double_slash_target_on_a_credentialed_request_is_refused(env: Env) ->
     assert not env.raw.saw(f"x-{user}")
 
 
-@pytest.mark.parametrize("prefix,line", [
-    pytest.param(b"\r\n", "GET {p} HTTP/1.1", id="leading-crlf"),
-    pytest.param(b" ", "GET {p} HTTP/1.1", id="leading-space"),
-    pytest.param(b"\x00", "GET {p} HTTP/1.1", id="leading-nul"),
-    pytest.param(b"", "GET\t{p}\tHTTP/1.1", id="tabs"),
-    pytest.param(b"", "G3T {p} HTTP/1.1", id="digit-in-method"),
+@pytest.mark.parametrize("prefix,line,decided", [
+    # RFC 9112 section 2.2: a server SHOULD ignore an empty line before the request-line.
+    pytest.param(b"\r\n", "GET {p} HTTP/1.1", True, id="leading-crlf"),
+    pytest.param(b"\r\n\r\n", "GET {p} HTTP/1.1", True, id="two-leading-crlfs"),
+    # Either decided or refused (mitmproxy's parser reads some of these as requests):
+    pytest.param(b" ", "GET {p} HTTP/1.1", None, id="leading-space"),
+    pytest.param(b"\x00", "GET {p} HTTP/1.1", None, id="leading-nul"),
+    pytest.param(b"", "GET\t{p}\tHTTP/1.1", None, id="tabs"),
+    pytest.param(b"", "G3T {p} HTTP/1.1", None, id="digit-in-method"),
 ])
 @pytest.mark.parametrize("routed", [True, False])
 def test_bytes_that_do_not_start_like_http_are_never_relayed_raw(
-        env: Env, prefix: bytes, line: str, routed: bool) -> None:
+        env: Env, prefix: bytes, line: str, decided: bool | None, routed: bool) -> None:
     """mitmproxy relayed such a tunnel as raw TCP: the user context and a client-chosen
-    Authorization reached the upstream with no decision."""
+    Authorization reached the upstream with no decision. Now every such connection is read
+    as HTTP: decided like any request, or refused at once (never left hanging)."""
     user = env.user()
     marker = f"/raw-{user}"
     authority = env.raw_authority if routed else f"127.0.0.1:{env.raw.port}"
     head = prefix + (f"{line.format(p=marker)}\r\nHost: {authority}\r\n"
                      f"X-User-Context: {env.stack.context(user)}\r\n"
                      "Authorization: Bearer client-chosen\r\nConnection: close\r\n\r\n").encode()
+    started = time.monotonic()
     answer = _raw_request(env, head, authority=authority)
+    assert time.monotonic() - started < 8, "no answer: the connection hung"
     for q in env.raw.requests:
         text = json.dumps(q.headers).lower()
         assert "x-user-context" not in text
         if routed:
             assert "client-chosen" not in text
-    if not env.raw.saw(marker):
-        # Not HTTP mitmproxy can read: answered with a problem, or the connection closed.
+    if decided or (decided is None and env.raw.saw(marker)):
+        assert _status(answer)[0] == 200 and env.raw.saw(marker), answer[:200]
+        if routed:  # decided: the user's own token, and only it
+            seen = next(q for q in env.raw.requests if marker in q.line)
+            assert seen.header("Authorization") == [f"Bearer {env.token(user)}"]
+    else:
+        assert not env.raw.saw(marker)
         assert answer == b"" or b"malformed-request" in answer, answer[:200]
+
+
+def test_an_empty_line_between_pipelined_requests_is_ignored(env: Env) -> None:
+    user = env.user()
+    one = (f"GET /p1-{user} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+           f"X-User-Context: {env.stack.context(user)}\r\n\r\n")
+    two = (f"\r\nGET /p2-{user} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
+           f"X-User-Context: {env.stack.context(user)}\r\nConnection: close\r\n\r\n")
+    host, _, port = env.stack.proxy_url.removeprefix("http://").rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"CONNECT {env.raw_authority} HTTP/1.1\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += sock.recv(4096)
+        ctx = ssl.create_default_context(cafile=str(env.stack.mitm_ca))
+        with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+            tls.sendall((one + two).encode())
+            out = b""
+            while out.count(b"HTTP/1.1 200") < 2:
+                chunk = tls.recv(65536)
+                assert chunk, out
+                out += chunk
+    assert env.raw.saw(f"/p1-{user}") and env.raw.saw(f"/p2-{user}")
 
 
 @pytest.mark.parametrize("body", [
@@ -795,3 +829,46 @@ def test_http2_pseudo_headers_never_become_another_request_line(
     # bare 404 from the refusal sink).
     assert (got[b":status"], got.get(b"x-credproxy-error")) == (b"400", b"malformed-request")
     assert len(env.raw.requests) == before
+
+
+def test_a_refused_http2_request_with_trailers_is_still_answered(env: Env) -> None:
+    """Refused (no user context) and rerouted to the refusal sink: its trailer section
+    once stalled mitmproxy's HTTP/1 side towards the sink, so the agent never got an answer
+    and the flow stayed in flight through a shutdown."""
+    got = _h2_request(env, env.raw_authority, [(b":path", b"/refused-trailers")], b"hello",
+                      [(b"x-checksum", b"abc")])
+    assert (got[b":status"], got.get(b"x-credproxy-error")) == (b"407",
+                                                                 b"user-context-missing")
+
+
+@pytest.mark.parametrize("spelling", ["0.0.0.0", "0", "[::]"])
+@pytest.mark.parametrize("mode", ["passthrough", "tunnel"])
+def test_the_unspecified_address_is_no_destination(env: Env, tmp_path: Path, spelling: str,
+                                                   mode: str) -> None:
+    """Linux connects 0.0.0.0 to loopback: in tunnel mode a loopback provider once got the
+    agent's Authorization and user context this way, tunnelled with no decision."""
+    proxy_url = env.stack.proxy_url
+    proc = None
+    if mode == "tunnel":
+        port, admin = free_port(), free_port()
+        cfg = {**env.stack.config, "listen": f"127.0.0.1:{port}",
+               "admin": f"127.0.0.1:{admin}", "unrouted": "tunnel"}
+        path = tmp_path / "tunnel.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        proc = start_server(["-m", "proxy.cli", "run", "--config", str(path)],
+                            ready=tcp_check("127.0.0.1", port), env=env.stack.env,
+                            name="tunnel-zero", log_dir=tmp_path / "logs")
+        proxy_url = f"http://127.0.0.1:{port}"
+    try:
+        user = env.user()
+        marker = f"/zero-{user}"
+        authority = f"{spelling}:{env.raw.port}"
+        r = rawhttp.request(proxy_url, connect=authority, host_header=authority, path=marker,
+                            headers={"X-User-Context": env.stack.context(user),
+                                     "Authorization": "Bearer agent-own"},
+                            ca_file=str(env.stack.mitm_ca), sni="localhost")
+        assert r.status == 421 and r.problem == "misdirected-request", r.body
+        assert not env.raw.saw(marker)
+    finally:
+        if proc is not None:
+            proc.close()

@@ -227,6 +227,10 @@ def test_normalize_host(host: str, expected: str) -> None:
     pytest.param(".example.com", id="leading-dot"),
     pytest.param("[zz]", id="bad-ipv6"),
     pytest.param("[::1]x", id="bracket-junk"),
+    pytest.param("0.0.0.0", id="unspecified-ipv4"),
+    pytest.param("0", id="unspecified-one-number"),
+    pytest.param("[::]", id="unspecified-ipv6"),
+    pytest.param("[::ffff:0.0.0.0]", id="unspecified-mapped"),
     pytest.param(
         "example.com..", id="two-trailing-dots"),
 ])
