@@ -52,6 +52,7 @@ import os
 import secrets
 import select
 import socket
+import stat
 import sys
 import threading
 import time
@@ -558,10 +559,18 @@ class FileSink:
         self._failing_since: float | None = None
 
     def _open(self) -> int:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        # O_NONBLOCK: a FIFO put in the file's place would block the open (and the event
+        # loop) until a reader came; it fails at once instead, and is refused below.
+        flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+                 | getattr(os, "O_CLOEXEC", 0))
         fd = os.open(self.path, flags, 0o600)
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                # /dev/null (a symlink to it), a FIFO, a socket: records would vanish or
+                # block. Only a regular file keeps the trail.
+                raise OSError(errno.EINVAL, f"{self.path} is not a regular file")
+            os.set_blocking(fd, True)
             if st.st_size > 0 and not self._ends_with_newline(st.st_size):
                 # A previous writer died mid-line; do not glue our first record onto it.
                 self._needs_newline = True

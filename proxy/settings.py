@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from proxy.errors import ConfigError
+from proxy.headers import field_key
 from proxy.hosts import HostPattern
 from proxy.secret import Secret
 
@@ -226,7 +227,13 @@ class ProviderSettings(_Model):
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else [m.upper() for m in v]
+        if v is None:
+            return None
+        for m in v:
+            # A method is a token (RFC 9110 section 9.1): "GET " or "" would never match.
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", m):
+                raise ValueError(f"{m!r} is not an HTTP method")
+        return [m.upper() for m in v]
 
     @model_validator(mode="after")
     def _urls(self) -> Self:
@@ -407,6 +414,13 @@ class Settings(_Model):
         dupes = {i for i in ids if ids.count(i) > 1}
         if dupes:
             raise ValueError(f"duplicate provider ids: {sorted(dupes)}")
+        identity = {field_key(self.identity.header), field_key("Proxy-Authorization")}
+        for p in self.providers:
+            # Identity headers are stripped from every request under every spelling: a
+            # credential injected under one of those names would never arrive.
+            if field_key(p.inject.header) in identity:
+                raise ValueError(f"providers {p.id!r}: inject.header {p.inject.header!r} "
+                                 "is the user-context header or Proxy-Authorization")
         seen: dict[str, str] = {}
         for p in self.providers:
             for h in p.hosts:

@@ -389,6 +389,28 @@ def test_filesink_full_disk_raises_audit_unavailable() -> None:
     assert isinstance(info.value.__cause__, OSError)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "symlink-to-dev-null", "dev-null"])
+def test_filesink_refuses_what_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    """A FIFO put in the audit file's place once blocked the open, and with it the event
+    loop, until a reader came; a symlink to /dev/null took every record silently. Only a
+    regular file keeps the trail: the write fails closed at once, and recovers when the
+    path is a file again."""
+    path = tmp_path / "audit.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink-to-dev-null":
+        path.symlink_to("/dev/null")
+    sink = FileSink(path if kind != "dev-null" else Path("/dev/null"))
+    log = AuditLog(sink, instance="a/1", fingerprint_key=KEY, clock=lambda: TS)
+    with pytest.raises(AuditUnavailable):
+        log.record("credential.injected", outcome="allowed")
+    assert not log.health().ok
+    if kind != "dev-null":
+        path.unlink()
+        assert log.record("credential.injected", outcome="allowed")["seq"] == 1
+        assert verify(path.read_text().splitlines()).ok
+
+
 def test_filesink_unwritable_location_then_recovers(tmp_path: Path) -> None:
     # A regular file where the directory should be: fails even for root (unlike chmod).
     blocker = tmp_path / "logs"
