@@ -292,6 +292,11 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+# A write of fewer bytes to a pipe is atomic (POSIX): it never blocks once the pipe polls
+# writable, and never interleaves with another writer's.
+PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
+
+
 class StdoutSink:
     """Writes records to standard output (or ``stream``); never blocks its caller for long.
 
@@ -299,7 +304,10 @@ class StdoutSink:
     terminal, a file) is written by a background thread, so a reader that stops reading
     cannot freeze the event loop:
 
-    * ``write`` queues the line. When the writer was idle it waits up to ``sync_wait``
+    * When nothing is queued and the descriptor polls writable, ``write`` writes the line
+      itself (under PIPE_BUF bytes: it cannot block); a write error is raised for that
+      record.
+    * Otherwise ``write`` queues the line. When the writer was idle it waits up to ``sync_wait``
       seconds for the line to reach the kernel, so normally a record is out when ``write``
       returns and a write error (EPIPE: the reader is gone) is raised for that record.
     * While a write is blocked, lines are queued without waiting, up to ``buffer_bytes``
@@ -347,6 +355,7 @@ class StdoutSink:
         self._error: str | None = None
         self._failing_since: float | None = None
         self._thread: threading.Thread | None = None
+        self._poll: select.poll | None = None
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -360,6 +369,11 @@ class StdoutSink:
                 raise ValueError("audit sink is closed")
             self._refuse_if_stuck(len(data))
             idle = not self._queue and self._busy_since is None
+            if idle and len(data) < PIPE_BUF and self._writable_now():
+                rest = self._write_now(data)
+                if not rest:
+                    return
+                data = rest  # a partial write (a full disk): the thread writes the rest
             self._queue.append(data)
             self._held += len(data)
             self._tickets += 1
@@ -376,6 +390,39 @@ class StdoutSink:
                 self._waiter, self._waiter_error = None, None
         if error is not None:
             raise error
+
+    def _writable_now(self) -> bool:
+        """Whether a write of under PIPE_BUF bytes cannot block now: the descriptor polls
+        writable (a pipe then has a free page; a file always does)."""
+        assert self._fd is not None
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self._fd, select.POLLOUT)
+        return any(ev & select.POLLOUT for _, ev in self._poll.poll(0))
+
+    def _write_now(self, data: bytes) -> bytes:
+        """Write one record in the caller (the common case: no thread hand-off, whose cost
+        was most of a record's). Returns what is left to write (a partial write), raises
+        the write's OSError after recording the failure. Called with the lock held."""
+        assert self._fd is not None
+        prefix = b"\n" if self._needs_newline else b""
+        self._needs_newline = True
+        self._tickets += 1
+        try:
+            sent = os.write(self._fd, prefix + data)
+        except OSError as exc:
+            self._settled += 1
+            self._failed(exc)
+            raise
+        if sent >= len(prefix) + len(data):
+            self._settled += 1
+            self._needs_newline = False
+            self._healthy()
+            return b""
+        # The line is partly out: the rest continues it, with no newline before it.
+        self._tickets -= 1
+        self._needs_newline = False
+        return data[max(0, sent - len(prefix)):]
 
     def _refuse_if_stuck(self, size: int) -> None:
         since = self._busy_since
