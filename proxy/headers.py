@@ -8,7 +8,8 @@ proxy never decided on. Three readings differ in practice:
   mapped to ``_`` (PEP 3333, RFC 3875 section 4.1.18), so ``X_User_Context`` and
   ``X-User-Context`` arrive as one variable, and duplicates are joined with a comma
   (``HTTP_X_API_KEY = "attacker-key,<token>"``). A protected name is therefore compared by
-  its *key*, :func:`field_key`: case-folded, ``_`` mapped to ``-``. (The oauth2-proxy
+  its *key*, :func:`field_key`: case-folded, every run of ``-``, ``_`` and ``.`` read as one
+  ``-``. (The oauth2-proxy
   underscore-header advisory of 2025, GHSA-vjrc-mh2v-45x6 / CVE-2025-64484, is this
   fault.)
 * **Connection options.** RFC 9110 section 7.6.1: a proxy removes every field its
@@ -40,6 +41,7 @@ Fields = tuple[tuple[bytes, bytes], ...]
 PROXY_AUTHORIZATION = "Proxy-Authorization"
 AUTHORIZATION = "Authorization"
 
+_SEPARATORS = re.compile(r"[-_.]+")
 # RFC 9110 section 5.6.2 token.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 9110 section 5.5: a value is VCHAR, obs-text, SP and HTAB; every other control byte
@@ -58,9 +60,11 @@ _NEVER_NOMINATED = frozenset({"content-length", "transfer-encoding", "host"})
 
 
 def field_key(name: str | bytes) -> str:
-    """The name as every hop reads it: case-folded, ``_`` mapped to ``-``."""
+    """The name as any hop may read it: case-folded, and every run of the separators a next
+    hop may normalise (``-``, ``_``, ``.``) read as one ``-``: ``X_User_Context``,
+    ``x.user.context`` and ``X--User-Context`` are all ``x-user-context``."""
     text = name.decode("latin-1") if isinstance(name, bytes) else name
-    return text.casefold().replace("_", "-")
+    return _SEPARATORS.sub("-", text.casefold())
 
 
 @dataclass(frozen=True, slots=True)

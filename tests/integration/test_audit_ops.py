@@ -274,7 +274,9 @@ def test_audit_directory_that_goes_away_fails_closed_then_recovers(
         assert injected == good
         out = _verify(files)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert stack.proxy is not None and "audit.jsonl" in stack.proxy.stderr_text()
+        assert stack.proxy is not None
+        proxy_ = stack.proxy
+        wait_for(lambda: "audit.jsonl" in proxy_.stderr_text(), 10)
     finally:
         stack.close()
 
@@ -512,8 +514,8 @@ def test_sighup_reloads_the_config_reopens_the_audit_file_and_keeps_serving(
         proxy.signal(signal.SIGHUP)
         wait_for(lambda: _metric(stack, "credproxy_config_reloads_total",
                                  'result="applied"') == applied + 1, 10)
-        assert "SIGHUP: audit log reopened; reloading the configuration" in \
-            proxy.stderr_text()
+        wait_for(lambda: "SIGHUP: audit log reopened; reloading the configuration" in
+                 proxy.stderr_text(), 10)
         assert get("after-hup") == 200
         # 2. A config change applied after SIGHUP (a new unrouted mode).
         stack.write_config(unrouted="deny")
@@ -530,7 +532,7 @@ def test_sighup_reloads_the_config_reopens_the_audit_file_and_keeps_serving(
         path.rename(path.with_name("audit.jsonl.2"))
         proxy.signal(signal.SIGUSR1)
         wait_for(path.exists, 10)
-        assert "SIGUSR1: audit log reopened" in proxy.stderr_text()
+        wait_for(lambda: "SIGUSR1: audit log reopened" in proxy.stderr_text(), 10)
         assert get("last") == 200
         assert proxy.alive()
         assert _metric(stack, "credproxy_audit_reopens_total", 'reason="signal"') == 4

@@ -429,8 +429,9 @@ def test_an_unreachable_destination_is_a_502_problem(env: Env, http: str, routed
                             ("request.failed", "upstream_unreachable")]
         if http == "--http1.1":
             request_id = problem["instance"].rsplit(":", 1)[1]
-            assert env.stack.proxy is not None
-            assert request_id in env.stack.proxy.stderr_text()
+            proxy = env.stack.proxy
+            assert proxy is not None  # log lines are written by a thread: wait for it
+            wait_until(lambda: request_id in proxy.stderr_text())
 
 
 # --- 6. HTTP/2 agent, HTTP/1 provider, body of unknown length --------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from devstack.stack import Stack, build_stack
+from devstack.stack import Stack, build_stack, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -214,4 +214,5 @@ def test_corrupted_vault_record_fails_closed_with_a_clear_error(stack: Stack,
     assert "Retry-After" in r.headers
     assert not stack.docs_saw(marker)
     assert stack.proxy is not None
-    assert user in stack.proxy.stderr_text()  # the operator learns which record
+    proxy = stack.proxy  # the operator learns which record (log lines are written by a thread)
+    wait_until(lambda: user in proxy.stderr_text())

@@ -33,6 +33,10 @@ def _names(read: ReadHeaders) -> list[str]:
     ("Proxy_Authorization", "proxy-authorization"),
     ("AUTHORIZATION", "authorization"),
     (b"X_Api_Key", "x-api-key"),
+    ("X.User.Context", "x-user-context"),
+    ("X--User-Context", "x-user-context"),
+    ("x_.user-_context", "x-user-context"),
+    ("X-Forwarded-For", "x-forwarded-for"),
 ])
 def test_field_key_folds_case_and_underscore(name: str | bytes, key: str) -> None:
     assert field_key(name) == key
@@ -48,6 +52,8 @@ def test_field_key_folds_case_and_underscore(name: str | bytes, key: str) -> Non
                  ("X_User_Context",), id="underscore-beside-exact"),
     pytest.param([("x_user_context", "b")], (), ("x_user_context",), id="underscore-alone"),
     pytest.param([("X_User-Context", "b")], (), ("X_User-Context",), id="mixed-separators"),
+    pytest.param([("X.User.Context", "b")], (), ("X.User.Context",), id="dots"),
+    pytest.param([("X--User-Context", "b")], (), ("X--User-Context",), id="double-dash"),
     pytest.param([("Proxy_Authorization", "Bearer b")], (), ("Proxy_Authorization",),
                  id="proxy-authorization-underscore"),
     pytest.param([("proxy_authorization", "Bearer b")], (), ("proxy_authorization",),
