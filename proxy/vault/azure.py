@@ -55,7 +55,15 @@ from azure.core.pipeline.policies import AsyncRetryPolicy
 
 from proxy.errors import VaultCorruptError, VaultUnavailable
 from proxy.tokenset import TokenSet, TokenSetError
-from proxy.vault.base import Grant, GrantChanged, GrantInfo, GrantStatus, info, next_version
+from proxy.vault.base import (
+    Grant,
+    GrantChanged,
+    GrantInfo,
+    GrantStatus,
+    corrupt_info,
+    info,
+    next_version,
+)
 from proxy.vault.keys import derive_subkey
 
 log = logging.getLogger("credproxy.vault.azure")
@@ -265,9 +273,20 @@ class AzureKeyVault:
                 if want is not None and tags.get(TAG_USER) != want:
                     continue
                 secret = await self._client.get_secret(props.name)
-                data = self._json(secret.value)
-                grant = self._decode(secret.value, str(data.get("user")),
-                                     str(data.get("provider")))
+                try:
+                    data = self._json(secret.value)
+                    grant = self._decode(secret.value, str(data.get("user")),
+                                         str(data.get("provider")))
+                except VaultCorruptError:
+                    # One damaged secret must not hide the others, nor block the fix
+                    # (revoke deletes it): listed as corrupt, nothing read from inside it.
+                    # Its tags still say whose (a keyed hash) and which provider.
+                    log.error("key vault secret %s is corrupt; listed as such", props.name)
+                    updated = props.updated_on.timestamp() if props.updated_on else 0.0
+                    out.append(corrupt_info(f"#{tags.get(TAG_USER, '?')}",
+                                            tags.get(TAG_PROVIDER, "?"),
+                                            updated_at=updated, version=0))
+                    continue
                 out.append(info(grant))
         except (AzureError, OSError) as exc:
             raise VaultUnavailable(f"key vault list failed: {_why(exc)}") from exc

@@ -22,7 +22,7 @@ from devstack.stack import Stack, build_stack
 from proxy.errors import VaultUnavailable
 from proxy.secret import Secret
 from proxy.tokenset import TokenSet
-from proxy.vault.azure import BACKOFF_BASE, TAG_PROVIDER, TAG_USER, TRIES
+from proxy.vault.azure import BACKOFF_BASE, TAG_PROVIDER, TAG_USER, TRIES, user_tag
 from proxy.vault.base import Grant, GrantChanged, GrantStatus
 
 pytestmark = pytest.mark.integration
@@ -511,3 +511,35 @@ def test_check_fails_clearly_for_an_identity_that_may_not_write(kvstack: Stack,
     assert "lacks the secrets set permission" in r.stderr, r.stderr
     assert _probe_versions(kvstack) == before
     assert _check(kvstack, kvstack.config_path).returncode == 0  # the proxy's identity may
+
+
+@pytest.mark.parametrize("damage", ["not-json", "another-users-record"])
+def test_a_corrupt_secret_is_listed_as_corrupt_not_a_failed_listing(kvstack: Stack,
+                                                                     damage: str) -> None:
+    """One damaged secret made the whole listing fail (`credproxy connections`, offboarding
+    by listing): it is listed as corrupt, with its provider and the keyed user tag, and the
+    other grants are listed as usual."""
+    good, bad = f"kv-good-{damage}", f"kv-bad-{damage}"
+
+    async def go() -> list[Any]:
+        vault = kvstack._open_vault()
+        try:
+            await vault.put(Grant(good, "docs", TokenSet(Secret("at-good"), expires_at=2e9)))
+            await vault.put(Grant(bad, "docs", TokenSet(Secret("at-bad"), expires_at=2e9)))
+            name, tags = vault.name(bad, "docs"), {TAG_PROVIDER: "docs",
+                                                  TAG_USER: user_tag(vault._naming, bad)}
+            if damage == "not-json":
+                value = "garbage{"
+            else:  # a valid record of another grant copied under this name
+                value = (await vault._client.get_secret(vault.name(good, "docs"))).value
+            await vault._client.set_secret(name, value, tags=tags,
+                                           content_type="application/json")
+            return await vault.list()
+        finally:
+            await vault.close()
+
+    listed = {(i.user, i.provider): i for i in _run(go())}
+    assert listed[(good, "docs")].status is GrantStatus.ACTIVE
+    corrupt = [i for i in listed.values() if i.status is GrantStatus.CORRUPT]
+    assert [(i.provider, i.user.startswith("#")) for i in corrupt] == [("docs", True)]
+    assert bad not in {i.user for i in corrupt}  # the name is a keyed hash, never the id
