@@ -113,7 +113,7 @@ def failure_reason(flow_id: str, client_id: str) -> str:
     _codes.pop(flow_id, None)
     if code in (ErrorCode.CLIENT_DISCONNECTED, ErrorCode.CANCEL):
         return "client_disconnected"
-    return refusal_for(code, "").reason if code is not None else "exchange_failed"
+    return refusal_for(code).reason if code is not None else "exchange_failed"
 
 
 def http_layer_for(context: Context) -> Layer:
@@ -133,9 +133,9 @@ def intercept_layer(context: Context, data_client: bytes) -> Layer:
     return http_layer_for(context)
 
 
-def refusal_for(code: ErrorCode, message: str) -> ProxyRefusal:
-    """The problem that stands for one of mitmproxy's protocol errors. ``message`` (which
-    may name hosts and addresses, never header values) goes to the log, not to the agent."""
+def refusal_for(code: ErrorCode) -> ProxyRefusal:
+    """The problem that stands for one of mitmproxy's protocol errors (its message, which
+    may name hosts and addresses, goes to the log, not to the agent)."""
     if code is ErrorCode.CONNECT_FAILED:
         return UpstreamUnreachable("the destination could not be reached (DNS, connect or "
                                    "TLS failed); nothing was sent", reason="upstream_unreachable")
@@ -165,14 +165,25 @@ def _error_response(status_code: int, message: str = "") -> bytes:
                                           "was forwarded", reason="client_protocol_error"))
 
 
+def _answer_client(self: _http1.Http1Server, refusal: MalformedRequest) -> _CommandGenerator:
+    """Answer the client with ``refusal``, and make its fault the reason of the failure
+    mitmproxy reports next for this connection (:func:`failure_reason`)."""
+    _client_faults[self.conn.id] = ErrorCode.GENERIC_CLIENT_ERROR
+    yield commands.SendData(self.conn, problem_bytes(refusal))
+
+
+def _peek(buf: ReceiveBuffer, size: int) -> bytes:
+    """The first ``size`` bytes waiting in an h11 buffer, left in place, without copying
+    the rest (h11 has no public peek; it keeps the bytes in ``_data``)."""
+    return bytes(buf._data[:size])
+
+
 def _refuse_trailers(self: _http1.Http1Connection) -> _CommandGenerator:
     assert self.stream_id is not None
     if isinstance(self, _http1.Http1Server):
-        refusal = MalformedRequest("the request carries a trailer section, which credproxy "
-                                   "does not forward over HTTP/1; send the fields as headers",
-                                   reason="trailers")
-        _client_faults[self.conn.id] = ErrorCode.GENERIC_CLIENT_ERROR
-        yield commands.SendData(self.conn, problem_bytes(refusal))
+        yield from _answer_client(self, MalformedRequest(
+            "the request carries a trailer section, which credproxy does not forward over "
+            "HTTP/1; send the fields as headers", reason="trailers"))
         yield commands.CloseConnection(self.conn)
         yield ReceiveHttp(RequestProtocolError(self.stream_id, "request trailers refused",
                                                ErrorCode.GENERIC_CLIENT_ERROR))
@@ -198,7 +209,7 @@ class _StrictChunkedReader(ChunkedReader):
     def __call__(self, buf: ReceiveBuffer) -> Data | EndOfMessage | None:
         if (self._bytes_in_chunk == 0 and not self._bytes_to_discard
                 and not self._reading_trailer and len(buf)):
-            head = bytes(getattr(buf, "_data", b"")[:_MAX_CHUNK_LINE])
+            head = _peek(buf, _MAX_CHUNK_LINE)
             end = head.find(b"\r\n")
             line = head if end < 0 else head[:end]
             if b"\n" in line or b"\r" in line:
@@ -273,10 +284,9 @@ def install() -> None:
                 # mitmproxy closes a client whose body framing h11 refused (a bare LF, a
                 # bad chunk size, more data than the chunk said) without a word: answer first.
                 answered = True
-                _client_faults[self.conn.id] = ErrorCode.GENERIC_CLIENT_ERROR
-                yield commands.SendData(self.conn, problem_bytes(MalformedRequest(
+                yield from _answer_client(self, MalformedRequest(
                     "the request body's framing is malformed (chunked encoding, RFC 9112 "
-                    "section 7.1); nothing more was forwarded", reason="bad-framing")))
+                    "section 7.1); nothing more was forwarded", reason="bad-framing"))
             value = yield command
 
     _http1.Http1Connection.read_body = read_body_strictly  # type: ignore[method-assign]
@@ -289,8 +299,8 @@ def install() -> None:
         # take for the final response (the real one then never reaches the agent), are
         # dropped (mitmproxy cannot forward them); a 101 to anything but WebSocket, after
         # which mitmproxy would relay raw bytes no decision covers, ends the exchange.
-        while True:
-            head = _complete_head(bytes(self.buf))
+        while _peek(self.buf, 10)[:7] == b"HTTP/1." and _peek(self.buf, 10)[9:10] == b"1":
+            head = _complete_head(bytes(self.buf))  # a 1xx head: rare, read it whole
             if head is None:
                 break
             status, fields = head
@@ -315,7 +325,7 @@ def install() -> None:
         # RFC 9112 section 2.2: a server SHOULD ignore at least one empty line (CRLF)
         # received before the request-line. h11's buffer returns such a line as an empty
         # head, which mitmproxy then waits on for ever.
-        while bytes(self.buf).startswith(b"\r\n"):
+        while _peek(self.buf, 2) == b"\r\n":
             self.buf.maybe_extract_next_line()
         yield from server_read_headers(self, event)
 
@@ -331,7 +341,7 @@ def install() -> None:
             if not self.response and event.code.http_status_code() is not None:
                 log.info("request %s failed: %s", request_id or "-", event.message)
                 yield commands.SendData(
-                    self.conn, problem_bytes(refusal_for(event.code, event.message), request_id))
+                    self.conn, problem_bytes(refusal_for(event.code), request_id))
             yield commands.CloseConnection(self.conn)
             return
         yield from server_send(self, event)
@@ -374,7 +384,7 @@ def install() -> None:
             if (self.is_open_for_us(event.stream_id) and not stream.state_machine.headers_sent
                     and event.code.http_status_code() is not None):
                 log.info("request on h2 stream %d failed: %s", event.stream_id, event.message)
-                p = problem_response(refusal_for(event.code, event.message))
+                p = problem_response(refusal_for(event.code))
                 self.h2_conn.send_headers(
                     event.stream_id,
                     [(b":status", b"%d" % p.status),

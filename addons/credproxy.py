@@ -38,7 +38,7 @@ from proxy.problems import problem_response
 from proxy.routes import Destination
 from proxy.secret import Secret
 from proxy.settings import load_settings
-from proxy.sidecar import Injection, Outbound
+from proxy.sidecar import Injection, Outbound, Sidecar
 
 compat.install()
 
@@ -182,7 +182,7 @@ class CredentialInjector:
             # refused, identity headers (every spelling) and Connection-nominated fields go.
             read = sidecar.read_headers(req.headers.fields)
             req.headers = http.Headers(list(read.fields))
-            outbound = self._outbound(flow, read)
+            outbound = self._outbound(flow, read, sidecar)
             decision = await sidecar.decide(outbound)
         except ProxyRefusal as refusal:
             await self._refuse(flow, refusal)
@@ -209,10 +209,8 @@ class CredentialInjector:
                 # SNI, which must not end in a dot) using the canonical spelling.
                 req.host = canonical
 
-    def _outbound(self, flow: http.HTTPFlow, read: ReadHeaders) -> Outbound:
+    def _outbound(self, flow: http.HTTPFlow, read: ReadHeaders, sidecar: Sidecar) -> Outbound:
         req = flow.request
-        sidecar = self.app.sidecar if self.app is not None else None
-        assert sidecar is not None
         conn = flow.client_conn.id
         context = choose_context(read, sidecar.verifier.header, self._conn_context.get(conn))
         in_tunnel = conn in self._tunnels
@@ -222,11 +220,11 @@ class CredentialInjector:
                   and not (req.is_http2 or req.is_http3) else None)
         return Outbound(
             id=flow.id, method=req.method, destination=self._destination(flow),
-            host_header=req.host_header, path=req.path.split("?", 1)[0],
+            host_header=req.host_header, path=req.path,
             sni=flow.client_conn.sni,
             context_token=context if isinstance(context, Secret) else None,
             context_error=context if isinstance(context, UserContextInvalid) else None,
-            target=target, target_path=req.path,
+            target=target,
         )
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -247,20 +245,15 @@ class CredentialInjector:
             flow.request.trailers = None
             return
         injected = self._injected.pop(flow.id, None)
-        if self.app is not None and injected is not None:
-            try:
-                self.app.sidecar.exchange_failed(*injected, reason="client_protocol_error")
-            except CredproxyError:
-                log.exception("could not record the failure of %s", flow.id)
+        if injected is not None:
+            self._failed(flow, injected, "client_protocol_error")
         self.in_flight.discard(flow.id)
         flow.response = self._problem(flow, MalformedRequest(
             "the request carries a trailer section, which credproxy does not forward; send "
             "the fields as headers", reason="trailers"))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None:
-            return
-        if flow.id not in self._injected:
+        if flow.response is None or flow.id not in self._injected:
             return
         # A refusal replaces the body in `response`; it must not have streamed out already.
         if flow.response.status_code == 401 or "invalid_token" in flow.response.headers.get(
@@ -315,8 +308,15 @@ class CredentialInjector:
         reason = compat.failure_reason(flow.id, flow.client_conn.id)
         log.info("request %s to %s failed (%s): %s", flow.id, flow.request.pretty_host,
                  reason, flow.error.msg if flow.error else "-")
+        self._failed(flow, injected, reason)
+
+    def _failed(self, flow: http.HTTPFlow, injected: _Injected | None, reason: str) -> None:
+        """Count (and, for a credentialed request, audit) an exchange that broke after the
+        decision; an audit failure here is logged (the request is over)."""
+        if self.app is None:
+            return
+        outbound, injection = injected if injected else (None, None)
         try:
-            outbound, injection = injected if injected else (None, None)
             self.app.sidecar.exchange_failed(outbound, injection, reason=reason)
         except CredproxyError:
             log.exception("could not record the failure of %s", flow.id)

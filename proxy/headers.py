@@ -40,6 +40,7 @@ Fields = tuple[tuple[bytes, bytes], ...]
 
 PROXY_AUTHORIZATION = "Proxy-Authorization"
 AUTHORIZATION = "Authorization"
+_PROXY_AUTHORIZATION_LOWER = PROXY_AUTHORIZATION.lower()
 
 _SEPARATORS = re.compile(r"[-_.]+")
 # RFC 9110 section 5.6.2 token.
@@ -92,6 +93,7 @@ class HeaderPolicy:
     def __init__(self, context_header: str) -> None:
         self.context_header = context_header
         self._context_key = field_key(context_header)
+        self._context_lower = context_header.lower()
         self._proxy_key = field_key(PROXY_AUTHORIZATION)
 
     def read(self, fields: Sequence[tuple[bytes, bytes]]) -> ReadHeaders:
@@ -100,10 +102,11 @@ class HeaderPolicy:
         ``Connection`` header nominating something that is not a token or that frames or
         routes the message (Content-Length, Transfer-Encoding, Host)."""
         check_fields(fields)
+        keyed = [(field_key(name), name, value) for name, value in fields]
         nominated: set[str] = set()
         options: list[str] = []
-        for name, value in fields:
-            if field_key(name) == "connection":
+        for key, _, value in keyed:
+            if key == "connection":
                 for option in value.decode("latin-1").split(","):
                     option = option.strip()
                     if not option:
@@ -111,26 +114,25 @@ class HeaderPolicy:
                     if not _TOKEN.fullmatch(option.encode("latin-1")):
                         raise MalformedRequest("the Connection header names something that is "
                                                "not a field name", reason="bad-connection")
-                    key = field_key(option)
-                    if key in _NEVER_NOMINATED:
+                    option_key = field_key(option)
+                    if option_key in _NEVER_NOMINATED:
                         raise MalformedRequest(f"the Connection header nominates {option}, "
                                                "which frames or routes the request; remove "
                                                "it from Connection", reason="bad-connection")
-                    if key in _CONNECTION_OPTIONS:
-                        if key not in options:
-                            options.append(key)
+                    if option_key in _CONNECTION_OPTIONS:
+                        if option_key not in options:
+                            options.append(option_key)
                     else:
-                        nominated.add(key)
+                        nominated.add(option_key)
         context: list[str] = []
         proxy_auth: list[str] = []
         lookalikes: list[str] = []
-        kept: list[tuple[bytes, bytes]] = []
-        for name, value in fields:
-            key = field_key(name)
-            text = name.decode("latin-1")
+        kept: list[tuple[str, bytes, bytes]] = []
+        for key, name, value in keyed:
             if key in (self._context_key, self._proxy_key):
-                exact = text.lower() == (self.context_header if key == self._context_key
-                                         else PROXY_AUTHORIZATION).lower()
+                text = name.decode("latin-1")
+                exact = text.lower() == (self._context_lower if key == self._context_key
+                                         else _PROXY_AUTHORIZATION_LOWER)
                 if not exact:
                     lookalikes.append(text)
                 elif key == self._context_key:
@@ -146,16 +148,18 @@ class HeaderPolicy:
             elif key in nominated or (key == "keep-alive" and "keep-alive" in options):
                 continue  # hop-by-hop: addressed to the proxy, never forwarded
             else:
-                kept.append((name, value))
-        if not _websocket_only(kept):
+                kept.append((key, name, value))
+        if not _websocket_only((key, value) for key, _, value in kept):
             # An upgrade to anything but WebSocket would turn the connection into a raw relay
             # after the 101 (mitmproxy decodes only WebSocket): no later byte decided on.
-            kept = [(n, v) for n, v in kept if field_key(n) != "upgrade"]
+            kept = [field for field in kept if field[0] != "upgrade"]
             if "upgrade" in options:
                 options.remove("upgrade")
+        forwarded = [(name, value) for _, name, value in kept]
         if options:
-            kept.append((b"Connection", ", ".join(options).encode("ascii")))
-        return ReadHeaders(tuple(context), tuple(proxy_auth), tuple(lookalikes), tuple(kept))
+            forwarded.append((b"Connection", ", ".join(options).encode("ascii")))
+        return ReadHeaders(tuple(context), tuple(proxy_auth), tuple(lookalikes),
+                           tuple(forwarded))
 
     @staticmethod
     def without(fields: Iterable[tuple[bytes, bytes]], names: Iterable[str]) -> Fields:
@@ -165,11 +169,11 @@ class HeaderPolicy:
         return tuple((n, v) for n, v in fields if field_key(n) not in keys)
 
 
-def _websocket_only(fields: Iterable[tuple[bytes, bytes]]) -> bool:
+def _websocket_only(keyed: Iterable[tuple[str, bytes]]) -> bool:
     """Whether every ``Upgrade`` value names only WebSocket (RFC 6455 section 4.1), or
-    there is none."""
-    for name, value in fields:
-        if field_key(name) == "upgrade":
+    there is none. ``keyed``: (:func:`field_key` of the name, value) pairs."""
+    for key, value in keyed:
+        if key == "upgrade":
             tokens = {t.strip().lower() for t in value.decode("latin-1").split(",")}
             if tokens != {"websocket"}:
                 return False
@@ -179,9 +183,9 @@ def _websocket_only(fields: Iterable[tuple[bytes, bytes]]) -> bool:
 def is_websocket_upgrade(status: int, fields: Iterable[tuple[bytes, bytes]]) -> bool:
     """Whether a ``101 Switching Protocols`` response switches to WebSocket (the only
     protocol whose bytes mitmproxy still reads after a 101)."""
-    fields = list(fields)
-    return status == 101 and any(field_key(n) == "upgrade" for n, _ in fields) and \
-        _websocket_only(fields)
+    keyed = [(field_key(n), v) for n, v in fields]
+    return status == 101 and any(key == "upgrade" for key, _ in keyed) and \
+        _websocket_only(keyed)
 
 
 def check_target(path: str, method: str, *, credentialed: bool) -> None:

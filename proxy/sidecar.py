@@ -38,6 +38,7 @@ from proxy.settings import ProviderSettings, Settings
 from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 
+_SKEW_EVERY = 1.0  # seconds between two readings of one provider's Date header
 _INVALID_TOKEN = re.compile(r'error\s*=\s*"?invalid_token"?', re.IGNORECASE)
 
 
@@ -49,20 +50,19 @@ class Outbound:
     method: str
     destination: Destination
     host_header: str | None
-    path: str
+    path: str  # the request-target as forwarded (path and query): checked, never logged
     sni: str | None = None
     context_token: Secret | None = None  # per-request header or per-connection credential
     context_error: UserContextInvalid | None = None  # e.g. a duplicated header
     # The authority of an absolute-form request-target sent inside a CONNECT tunnel
     # (RFC 9112 section 3.2.2): servers route by it, so it must name the tunnel's authority.
     target: str | None = None
-    # The request-target as it will be forwarded (path and query; checked, never logged).
-    target_path: str = "/"
 
     def audit_request(self) -> RequestInfo:
         d = self.destination
         host = d.host if d.default_port else f"{d.host}:{d.port}"
-        return RequestInfo(id=self.id, method=self.method, host=host, path=self.path)
+        return RequestInfo(id=self.id, method=self.method, host=host,
+                           path=self.path.split("?", 1)[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +101,7 @@ class Sidecar:
         self.broker = broker
         self.audit = audit
         self.headers = HeaderPolicy(verifier.header)
+        self._skew_seen: dict[str, float] = {}  # provider id -> when its Date was last read
 
     async def decide(self, req: Outbound) -> Passthrough | Injection:
         """Decide on one request: a :class:`Passthrough` for an unrouted destination, an
@@ -109,28 +110,16 @@ class Sidecar:
         dest = req.destination
         provider = self.router.match(dest)
         try:
-            check_target(req.target_path, req.method, credentialed=provider is not None)
-        except MalformedRequest as bad:
-            self._count_refusal(provider.id if provider else "-", bad)
-            if provider is not None:
-                self._audit_refusal(req, provider, None, bad)
+            self._check_target(req, credentialed=provider is not None)
+        except ProxyRefusal as refusal:
+            self._refused(req, provider, None, refusal)
             raise
-        if req.target is not None and not host_agrees(dest, req.target):
-            # Checked before routing: a server that routes by the request-target would take
-            # the request to another virtual host than the one the proxy decided for.
-            refusal = MisdirectedRequest("the request-target names another authority than "
-                                         f"the tunnel to {dest}; send origin-form requests "
-                                         "inside a tunnel", reason="target_mismatch")
-            self._count_refusal(provider.id if provider else "-", refusal)
-            if provider is not None:
-                self._audit_refusal(req, provider, None, refusal)
-            raise refusal
         misdirected = not host_agrees(dest, req.host_header) or not _sni_agrees(dest, req.sni)
         if provider is None:
             try:
                 decision = self._unrouted(req, misdirected)
             except ProxyRefusal as refusal:
-                self._count_refusal("-", refusal)
+                self._refused(req, None, None, refusal)
                 raise
             self.metrics.requests.labels("-", "passthrough").inc()
             return decision
@@ -148,12 +137,29 @@ class Sidecar:
             user = await self.verifier.verify(req.context_token)
             injection = await self._inject(req, provider, user)
         except ProxyRefusal as refusal:
-            self._count_refusal(provider.id, refusal)
-            if not isinstance(refusal, AuditUnavailable):
-                self._audit_refusal(req, provider, user, refusal)
+            self._refused(req, provider, user, refusal)
             raise
         self.metrics.requests.labels(provider.id, "injected").inc()
         return injection
+
+    def _check_target(self, req: Outbound, *, credentialed: bool) -> None:
+        """The request-target every later hop reads the same way (:func:`check_target`);
+        inside a tunnel an absolute-form target must name the tunnel's authority, checked
+        before routing: a server that routes by the request-target would take the request
+        to another virtual host than the one the proxy decided for."""
+        check_target(req.path, req.method, credentialed=credentialed)
+        if req.target is not None and not host_agrees(req.destination, req.target):
+            raise MisdirectedRequest("the request-target names another authority than the "
+                                     f"tunnel to {req.destination}; send origin-form "
+                                     "requests inside a tunnel", reason="target_mismatch")
+
+    def _refused(self, req: Outbound, provider: ProviderSettings | None,
+                 user: UserContext | None, refusal: ProxyRefusal) -> None:
+        """Count a refusal; audit it too when it concerns a provider (a failed audit write
+        is counted where it failed, not audited again)."""
+        self._count_refusal(provider.id if provider else "-", refusal)
+        if provider is not None and not isinstance(refusal, AuditUnavailable):
+            self._audit_refusal(req, provider, user, refusal)
 
     def read_headers(self, fields: Sequence[tuple[bytes, bytes]]) -> ReadHeaders:
         """:meth:`HeaderPolicy.read`, with a refusal counted. Raises
@@ -306,10 +312,16 @@ class Sidecar:
 
     def _observe_skew(self, provider: ProviderSettings, headers: Mapping[str, str]) -> None:
         """Set the provider's clock skew gauge (provider minus local, seconds) from a valid
-        ``Date`` header; a missing or malformed one changes nothing."""
+        ``Date`` header; a missing or malformed one changes nothing. At most once a second
+        per provider: ``Date`` has a resolution of one second, and parsing it on every
+        response would only cost time on the request path."""
+        now = time.monotonic()
+        if now - self._skew_seen.get(provider.id, -_SKEW_EVERY) < _SKEW_EVERY:
+            return
         value = headers.get("Date")
         if not value:
             return
+        self._skew_seen[provider.id] = now
         try:
             date = parsedate_to_datetime(value)
         except (TypeError, ValueError):

@@ -184,6 +184,8 @@ def test_restart_only_keys_keep_their_running_values(tmp_path: Path) -> None:
         cfg["refresh"]["attempts"] = 2  # live
         s.config_path.write_text(yaml.safe_dump(cfg))
         assert _until(lambda: _reloads(s, "applied_restart_required") == 1)
+        # Log lines are written by a thread: the metric may be ahead of the log.
+        assert _until(lambda: "NOT applied until a restart" in s.proxy.stderr_text())  # type: ignore[union-attr]
         log = s.proxy.stderr_text()
         assert "NOT applied until a restart: listen, public_url, ca_dir" in log
         assert _reloads(s, "applied") == 0
