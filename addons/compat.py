@@ -11,14 +11,16 @@ another format than every other refusal:
    then parses that body as further requests on the same connection: requests no decision
    saw (reproduced: ``POST /x ... Content-Length: 400`` inside the body was served). Such a
    body is now sent with ``Transfer-Encoding: chunked`` (RFC 9112 section 7.1).
-2. **Trailer sections in HTTP/1.** mitmproxy's HTTP/1 reader raises NotImplementedError on
-   a chunked message with trailer fields (``0\\r\\nX-Checksum: abc\\r\\n\\r\\n``); the
-   exchange then hangs until the client gives up and the flow never ends. A request with
-   trailers is now answered at once with 400 ``malformed-request`` and the connection
-   closed; an upstream response with trailers ends the exchange with 502
-   ``upstream-unreachable`` (``upstream_protocol_error``). Either way the flow ends through
-   mitmproxy's ``error`` hook, so nothing stays in flight. HTTP/2 response trailers (gRPC's
-   ``grpc-status``) are unaffected: mitmproxy's HTTP/2 layer forwards them.
+2. **Trailer sections.** mitmproxy's HTTP/1 reader raises NotImplementedError on a chunked
+   message with trailer fields (``0\\r\\nX-Checksum: abc\\r\\n\\r\\n``); the exchange
+   then hangs until the client gives up and the flow never ends. A request with trailers is
+   now answered at once with 400 ``malformed-request`` and the connection closed. An HTTP/1
+   upstream's response trailers are dropped and the response ends normally (its head and
+   body have streamed to the agent by then; RFC 9110 section 6.5.1 lets a recipient discard
+   trailer fields). An HTTP/2 request whose body streams upstream (unknown length) and then
+   ends in a trailer section is aborted towards the upstream (the upstream never gets a
+   complete request) and answered 400 like the HTTP/1 one: no decision covered those
+   fields. HTTP/2 response trailers (gRPC's ``grpc-status``) are forwarded by mitmproxy.
 3. **Strict chunked framing** (:class:`_StrictChunkedReader`): h11's reader waits for ever
    on a chunk-size line ended by a bare LF, and accepts sizes a 64-bit next hop reads
    differently; both are refused, and a client whose body framing is refused gets a 400
@@ -89,6 +91,8 @@ from mitmproxy.proxy.layers.http._events import (
     HttpEvent,
     RequestHeaders,
     RequestProtocolError,
+    RequestTrailers,
+    ResponseEndOfMessage,
     ResponseHeaders,
     ResponseProtocolError,
 )
@@ -234,10 +238,12 @@ def _refuse_trailers(self: _http1.Http1Connection) -> _CommandGenerator:
         yield ReceiveHttp(RequestProtocolError(self.stream_id, "request trailers refused",
                                                ErrorCode.GENERIC_CLIENT_ERROR))
     else:
-        yield commands.CloseConnection(self.conn)
-        yield ReceiveHttp(ResponseProtocolError(
-            self.stream_id, "the upstream sent HTTP/1 trailers, which credproxy does not "
-            "forward", ErrorCode.GENERIC_SERVER_ERROR))
+        # The body has streamed to the agent already: end the response as the original
+        # reader would have, without the trailer fields.
+        log.info("dropped the trailer section of an HTTP/1 upstream response (stream %d)",
+                 self.stream_id)
+        yield ReceiveHttp(ResponseEndOfMessage(self.stream_id))
+        yield from self.mark_done(response=True)
 
 
 # A chunk-size line longer than this without CRLF is refused (h11 would wait for ever).
@@ -554,3 +560,20 @@ def install() -> None:
         yield from flow_done(self)
 
     http_layer.HttpStream.flow_done = forget_stream  # type: ignore[method-assign]
+
+    stream_request_body = http_layer.HttpStream.state_stream_request_body
+
+    def refuse_streamed_trailers(self: http_layer.HttpStream, event: Any) -> _CommandGenerator:
+        if isinstance(event, RequestTrailers):
+            # Item 2: abort the upstream's copy of the request and answer 400.
+            message = ("the request carries a trailer section, which credproxy does not "
+                       "forward; send the fields as headers")
+            yield from self.handle_protocol_error(RequestProtocolError(
+                self.stream_id, message, ErrorCode.GENERIC_CLIENT_ERROR))
+            yield http_layer.SendHttp(ResponseProtocolError(
+                self.stream_id, message, ErrorCode.GENERIC_CLIENT_ERROR), self.context.client)
+            return
+        yield from stream_request_body(self, event)
+
+    http_layer.HttpStream.state_stream_request_body = (  # type: ignore[method-assign]
+        refuse_streamed_trailers)

@@ -242,20 +242,20 @@ class CredentialInjector:
         )
 
     def request(self, flow: http.HTTPFlow) -> None:
-        """The whole request has arrived. Its trailer section is never forwarded (HTTP/1's
-        is refused earlier, in addons/compat.py): trailer fields are a second header section
-        that next hops merge differently, and no decision covered them. A buffered request
-        with trailers is answered 400 (nothing was sent upstream); a streamed one already
-        sent its head and body, so its trailers are dropped."""
+        """The whole request has arrived. Its trailer section is never forwarded: trailer
+        fields are a second header section that next hops merge differently, and no decision
+        covered them. A buffered request with trailers is answered 400 (nothing was sent
+        upstream); HTTP/1 trailers and those after a streamed body are refused earlier, in
+        :mod:`addons.compat` (item 2)."""
         if not flow.request.trailers or flow.response or flow.error or not flow.live:
             return
-        if flow.request.stream:
-            log.info("request %s: trailer section after a streamed body dropped", flow.id)
+        if flow.request.stream:  # (compat refuses these before this hook; never forward)
             flow.request.trailers = None
             return
         injected = self._injected.pop(flow.id, None)
         if injected is not None:
             self._failed(flow, injected, "client_protocol_error")
+        self._refused.add(flow.id)
         self.in_flight.discard(flow.id)
         flow.response = self._problem(flow, MalformedRequest(
             "the request carries a trailer section, which credproxy does not forward; send "
