@@ -11,14 +11,16 @@ another format than every other refusal:
    then parses that body as further requests on the same connection: requests no decision
    saw (reproduced: ``POST /x ... Content-Length: 400`` inside the body was served). Such a
    body is now sent with ``Transfer-Encoding: chunked`` (RFC 9112 section 7.1).
-2. **Trailer sections in HTTP/1.** mitmproxy's HTTP/1 reader raises NotImplementedError on
-   a chunked message with trailer fields (``0\\r\\nX-Checksum: abc\\r\\n\\r\\n``); the
-   exchange then hangs until the client gives up and the flow never ends. A request with
-   trailers is now answered at once with 400 ``malformed-request`` and the connection
-   closed; an upstream response with trailers ends the exchange with 502
-   ``upstream-unreachable`` (``upstream_protocol_error``). Either way the flow ends through
-   mitmproxy's ``error`` hook, so nothing stays in flight. HTTP/2 response trailers (gRPC's
-   ``grpc-status``) are unaffected: mitmproxy's HTTP/2 layer forwards them.
+2. **Trailer sections.** mitmproxy's HTTP/1 reader raises NotImplementedError on a chunked
+   message with trailer fields (``0\\r\\nX-Checksum: abc\\r\\n\\r\\n``); the exchange
+   then hangs until the client gives up and the flow never ends. A request with trailers is
+   now answered at once with 400 ``malformed-request`` and the connection closed. An HTTP/1
+   upstream's response trailers are dropped and the response ends normally (its head and
+   body have streamed to the agent by then; RFC 9110 section 6.5.1 lets a recipient discard
+   trailer fields). An HTTP/2 request whose body streams upstream (unknown length) and then
+   ends in a trailer section is aborted towards the upstream (the upstream never gets a
+   complete request) and answered 400 like the HTTP/1 one: no decision covered those
+   fields. HTTP/2 response trailers (gRPC's ``grpc-status``) are forwarded by mitmproxy.
 3. **Strict chunked framing** (:class:`_StrictChunkedReader`): h11's reader waits for ever
    on a chunk-size line ended by a bare LF, and accepts sizes a 64-bit next hop reads
    differently; both are refused, and a client whose body framing is refused gets a 400
@@ -39,6 +41,21 @@ another format than every other refusal:
 6. **Why a flow failed.** mitmproxy's own classification of a failure (``ErrorCode``) is kept
    for the addon's ``error`` hook (:func:`failure_reason`), so the audit record says what
    happened (``upstream_unreachable``, ``client_protocol_error``, ...).
+7. **An answer set before the body goes out at once.** mitmproxy sends ``100 Continue``
+   after ``requestheaders`` whatever the hook decided, then either reads a whole request body
+   into memory before sending an answer the hook set, or (a body it streams) raises
+   NotImplementedError. A response set in ``requestheaders`` (every credproxy refusal) is
+   now sent at once, with no ``100 Continue``, no upstream connection, and the body never
+   read into memory (:func:`_answer_at_once`). A body still to come is not waited for:
+   over HTTP/1, when it is large (over 64 KiB), of unknown length (chunked) or held back by
+   ``Expect: 100-continue``, the answer says ``Connection: close`` and the proxy discards
+   what the client still sends for at most :data:`LINGER_SECONDS` before closing (so the
+   answer is not lost to a TCP reset while the client is still writing: RFC 9112 section
+   9.6); a small body is read and discarded and the connection kept. Over HTTP/2 the
+   complete answer is followed by ``RST_STREAM(NO_ERROR)`` (RFC 9113 section 8.1).
+8. **Refusals in gRPC.** mitmproxy's own error answers (an upstream that cannot be reached)
+   to a gRPC request are a gRPC status (:func:`proxy.problems.grpc_response`), like every
+   other refusal.
 
 :func:`http_layer_for` and :func:`intercept_layer` build the layers the addon's
 ``next_layer`` hook substitutes for a raw TCP relay or a tunnel that would bypass a decision.
@@ -47,9 +64,14 @@ another format than every other refusal:
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from collections.abc import Generator
+from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
+import h2.errors
 import h11
 from h11._events import Data, EndOfMessage
 from h11._readers import ChunkedReader
@@ -58,7 +80,7 @@ from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import commands, layers
+from mitmproxy.proxy import commands, events, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layer import Layer
 from mitmproxy.proxy.layers import http as http_layer
@@ -66,14 +88,19 @@ from mitmproxy.proxy.layers.http import _http1, _http2
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import (
     ErrorCode,
+    HttpEvent,
     RequestHeaders,
     RequestProtocolError,
+    RequestTrailers,
+    ResponseEndOfMessage,
+    ResponseHeaders,
     ResponseProtocolError,
 )
+from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 
 from proxy.errors import InternalError, MalformedRequest, ProxyRefusal, UpstreamUnreachable
 from proxy.headers import is_websocket_upgrade
-from proxy.problems import problem_response
+from proxy.problems import is_grpc, refusal_response
 
 log = logging.getLogger("credproxy")
 
@@ -89,7 +116,29 @@ _codes: dict[str, ErrorCode] = {}
 # still being opened, which mitmproxy would report as a connect failure).
 _client_faults: dict[str, ErrorCode] = {}
 
+# gRPC requests in flight, (client connection id, stream id) -> their content type: a
+# mitmproxy error answer on that stream is a gRPC status (item 8).
+_grpc: dict[tuple[str, int], str] = {}
+
+# Per HTTP stream, from its request head: (end_stream, Expect: 100-continue), for item 7.
+_heads: weakref.WeakKeyDictionary[http_layer.HttpStream, tuple[bool, bool]] = \
+    weakref.WeakKeyDictionary()
+
 _CommandGenerator = Generator[Any, Any, None]
+
+# Item 7: a refused HTTP/1 request body larger than this (or of unknown length, or behind
+# Expect: 100-continue) is not read; the connection closes after the answer.
+SMALL_BODY = 64 * 1024
+# How long a closing HTTP/1 connection keeps discarding what the client still sends after
+# the answer, before it closes (a client that writes its whole body before it reads the
+# answer gets it meanwhile; one that reads early has closed already).
+LINGER_SECONDS = 5.0
+
+
+@dataclass
+class StopReading(HttpEvent):
+    """To a client connection layer: the answer on this stream is complete; stop the client
+    sending the rest of its request (HTTP/2: RST_STREAM NO_ERROR; HTTP/1: linger, close)."""
 
 
 def register_request(client_id: str, request_id: str) -> None:
@@ -151,8 +200,9 @@ def refusal_for(code: ErrorCode) -> ProxyRefusal:
     return InternalError("the exchange failed inside the proxy", reason="internal-error")
 
 
-def problem_bytes(refusal: ProxyRefusal, request_id: str | None = None) -> bytes:
-    p = problem_response(refusal, request_id=request_id)
+def problem_bytes(refusal: ProxyRefusal, request_id: str | None = None,
+                  content_type: str = "") -> bytes:
+    p = refusal_response(refusal, request_id=request_id, content_type=content_type)
     response = http.Response.make(p.status, p.body, {**p.headers, "Connection": "close"})
     return bytes(http1.assemble_response(response))
 
@@ -188,10 +238,12 @@ def _refuse_trailers(self: _http1.Http1Connection) -> _CommandGenerator:
         yield ReceiveHttp(RequestProtocolError(self.stream_id, "request trailers refused",
                                                ErrorCode.GENERIC_CLIENT_ERROR))
     else:
-        yield commands.CloseConnection(self.conn)
-        yield ReceiveHttp(ResponseProtocolError(
-            self.stream_id, "the upstream sent HTTP/1 trailers, which credproxy does not "
-            "forward", ErrorCode.GENERIC_SERVER_ERROR))
+        # The body has streamed to the agent already: end the response as the original
+        # reader would have, without the trailer fields.
+        log.info("dropped the trailer section of an HTTP/1 upstream response (stream %d)",
+                 self.stream_id)
+        yield ReceiveHttp(ResponseEndOfMessage(self.stream_id))
+        yield from self.mark_done(response=True)
 
 
 # A chunk-size line longer than this without CRLF is refused (h11 would wait for ever).
@@ -242,6 +294,50 @@ def _make_body_reader(expected_size: int | None) -> Any:
 
 
 _original_make_body_reader = _http1.make_body_reader
+
+
+def _answer_at_once(self: http_layer.HttpStream, end_stream: bool,
+                    expect_continue: bool) -> _CommandGenerator:
+    """Send the response an addon set in ``requestheaders`` now (item 7): the
+    ``responseheaders`` and ``response`` hooks run as for any answer, nothing is sent
+    upstream, and the request body is never read into the flow."""
+    flow = self.flow
+    assert flow.response is not None
+    request = flow.request
+    h1 = not (request.is_http2 or request.is_http3)
+    try:
+        declared = http1.expected_http_body_size(request) if h1 else None
+    except ValueError:
+        declared = None
+    stop = not end_stream and (not h1 or expect_continue or declared is None
+                               or declared < 0 or declared > SMALL_BODY)
+    if stop and h1:
+        flow.response.headers["connection"] = "close"
+    # The request is over for this stream: what the client still sends is dropped by the
+    # HTTP layer (no stream takes it) or, with ``stop``, by the connection layer.
+    self.client_state = self.state_done
+    flow.response.timestamp_start = time.time()
+    yield HttpResponseHeadersHook(flow)
+    if (yield from self.check_killed(True)):
+        return
+    yield from self.send_response()  # the response hook, the answer, end of stream
+    # Request events queued while the hooks ran (HTTP/2 delivers the body and its end with
+    # the head) still reach this stream: consumed silently, never parsed or logged.
+    self.client_state = self.state_errored
+    if stop and not request.is_http3:
+        yield http_layer.SendHttp(StopReading(self.stream_id), self.context.client)
+
+
+def _linger(self: _http1.Http1Server, event: events.Event) -> _CommandGenerator:
+    """Connection state after an answer that said ``Connection: close`` while the request
+    body was still coming: discard what arrives, close when the client does or after
+    :data:`LINGER_SECONDS`."""
+    if isinstance(event, events.DataReceived):
+        self.buf = ReceiveBuffer()  # discarded: memory stays flat
+        return
+    if self.conn.state is not ConnectionState.CLOSED:
+        yield commands.CloseConnection(self.conn)
+    self.state = self.done
 
 
 def install() -> None:
@@ -334,14 +430,22 @@ def install() -> None:
     server_send = _http1.Http1Server.send
 
     def problem_errors(self: _http1.Http1Server, event: Any) -> _CommandGenerator:
+        if isinstance(event, StopReading):
+            if not self.request_done and self.conn.state is not ConnectionState.CLOSED:
+                self.state = MethodType(_linger, self)
+                self.buf = ReceiveBuffer()
+                yield commands.RequestWakeup(LINGER_SECONDS)
+            return
         if isinstance(event, ResponseProtocolError):
             request_id = _pending.pop(self.conn.id, None)
+            content_type = _grpc.pop((self.conn.id, event.stream_id), "")
             if not self.conn.state & ConnectionState.CAN_WRITE:
                 return
             if not self.response and event.code.http_status_code() is not None:
                 log.info("request %s failed: %s", request_id or "-", event.message)
                 yield commands.SendData(
-                    self.conn, problem_bytes(refusal_for(event.code), request_id))
+                    self.conn, problem_bytes(refusal_for(event.code), request_id,
+                                             content_type))
             yield commands.CloseConnection(self.conn)
             return
         yield from server_send(self, event)
@@ -379,12 +483,21 @@ def install() -> None:
     h2_handle = _http2.Http2Server._handle_event
 
     def h2_problem_errors(self: _http2.Http2Server, event: Any) -> _CommandGenerator:
+        if isinstance(event, StopReading):
+            if not self.is_closed(event.stream_id):
+                # RFC 9113 section 8.1: after a complete response, "a server MAY request
+                # that the client abort transmission of a request without error by sending
+                # a RST_STREAM with an error code of NO_ERROR".
+                self.h2_conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+            return
         if isinstance(event, ResponseProtocolError) and not self.is_closed(event.stream_id):
             stream = self.h2_conn.streams[event.stream_id]
+            content_type = _grpc.pop((self.conn.id, event.stream_id), "")
             if (self.is_open_for_us(event.stream_id) and not stream.state_machine.headers_sent
                     and event.code.http_status_code() is not None):
                 log.info("request on h2 stream %d failed: %s", event.stream_id, event.message)
-                p = problem_response(refusal_for(event.code))
+                p = refusal_response(refusal_for(event.code), content_type=content_type)
                 self.h2_conn.send_headers(
                     event.stream_id,
                     [(b":status", b"%d" % p.status),
@@ -395,3 +508,72 @@ def install() -> None:
         yield from h2_handle(self, event)
 
     _http2.Http2Server._handle_event = h2_problem_errors  # type: ignore[method-assign]
+
+    wait_for_request_headers = http_layer.HttpStream.state_wait_for_request_headers
+
+    def answer_before_body(self: http_layer.HttpStream, event: Any) -> _CommandGenerator:
+        expect_continue = "100-continue" in event.request.headers.get("expect", "").lower()
+        _heads[self] = (event.end_stream, expect_continue)
+        content_type = event.request.headers.get("content-type", "")
+        if is_grpc(content_type):
+            _grpc[(self.context.client.id, self.stream_id)] = content_type
+        inner = wait_for_request_headers(self, event)
+        value: Any = None
+        while True:
+            try:
+                command = inner.send(value)
+            except StopIteration:
+                break
+            if (isinstance(command, http_layer.SendHttp)
+                    and isinstance(command.event, ResponseHeaders)
+                    and command.event.response.status_code == 100
+                    and self.flow.response is not None):
+                # Answered already: no "100 Continue" invites a body nobody reads.
+                value = None
+                continue
+            value = yield command
+        if (self.flow.response is not None and self.flow.request.method != "CONNECT"
+                and self.client_state == self.state_consume_request_body):
+            yield from _answer_at_once(self, end_stream=event.end_stream,
+                                       expect_continue=expect_continue)
+
+    http_layer.HttpStream.state_wait_for_request_headers = (  # type: ignore[method-assign]
+        answer_before_body)
+
+    start_request_stream = http_layer.HttpStream.start_request_stream
+
+    def answer_instead_of_stream(self: http_layer.HttpStream) -> _CommandGenerator:
+        if self.flow.response is not None:
+            # mitmproxy raises NotImplementedError here; answer instead.
+            end_stream, expect_continue = _heads.get(self, (False, False))
+            yield from _answer_at_once(self, end_stream, expect_continue)
+            return
+        yield from start_request_stream(self)
+
+    http_layer.HttpStream.start_request_stream = (  # type: ignore[method-assign]
+        answer_instead_of_stream)
+
+    flow_done = http_layer.HttpStream.flow_done
+
+    def forget_stream(self: http_layer.HttpStream) -> _CommandGenerator:
+        _grpc.pop((self.context.client.id, self.stream_id), None)
+        yield from flow_done(self)
+
+    http_layer.HttpStream.flow_done = forget_stream  # type: ignore[method-assign]
+
+    stream_request_body = http_layer.HttpStream.state_stream_request_body
+
+    def refuse_streamed_trailers(self: http_layer.HttpStream, event: Any) -> _CommandGenerator:
+        if isinstance(event, RequestTrailers):
+            # Item 2: abort the upstream's copy of the request and answer 400.
+            message = ("the request carries a trailer section, which credproxy does not "
+                       "forward; send the fields as headers")
+            yield from self.handle_protocol_error(RequestProtocolError(
+                self.stream_id, message, ErrorCode.GENERIC_CLIENT_ERROR))
+            yield http_layer.SendHttp(ResponseProtocolError(
+                self.stream_id, message, ErrorCode.GENERIC_CLIENT_ERROR), self.context.client)
+            return
+        yield from stream_request_body(self, event)
+
+    http_layer.HttpStream.state_stream_request_body = (  # type: ignore[method-assign]
+        refuse_streamed_trailers)

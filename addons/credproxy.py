@@ -3,6 +3,14 @@
 Load it with ``credproxy run --config FILE`` or ``mitmdump -s addons/credproxy.py
 --set credproxy_config=FILE --set stream_large_bodies=1m``.
 
+Bodies stream. Every response goes to the agent as it arrives (SSE, NDJSON, gRPC, long
+polls, downloads), except an upstream's answer the proxy replaces (a credentialed request
+answered 401 or ``error="invalid_token"``: the agent gets ``reauth-required`` and the
+upstream's body is read and dropped, never forwarded). A request body of unknown length
+(chunked, HTTP/2 without ``content-length``: gRPC, uploads) streams to the upstream once the
+decision is made; one of known length up to ``stream_large_bodies`` is read whole first. A
+refusal is answered before the request body is read (:mod:`addons.compat`, item 7).
+
 The hooks read the flow, hand every decision to the core (:class:`proxy.headers.HeaderPolicy`
 for the header section, :func:`proxy.identity.choose_context` for the user context,
 :meth:`proxy.sidecar.Sidecar.decide` for the rest) and apply the result. Per-flow state lives
@@ -21,7 +29,6 @@ from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import layer, layers
 
 from addons import compat
-from addons.sink import RefusalSink
 from proxy.app import App, build
 from proxy.errors import (
     CredproxyError,
@@ -34,7 +41,7 @@ from proxy.errors import (
 from proxy.headers import HeaderPolicy, ReadHeaders
 from proxy.hosts import normalize_host
 from proxy.identity import ContextCandidate, choose_context, connection_context
-from proxy.problems import problem_response
+from proxy.problems import ProblemResponse, refusal_response
 from proxy.routes import Destination
 from proxy.secret import Secret
 from proxy.settings import load_settings
@@ -66,7 +73,10 @@ class CredentialInjector:
         # waits for, and what the response hook needs of a credentialed request.
         self.in_flight: set[str] = set()
         self._injected: dict[str, _Injected] = {}
-        self._sink = RefusalSink()
+        # Flows this addon answered itself: refused before forwarding, or whose upstream
+        # answer it replaced (flow id -> the replacement, set again in `response`).
+        self._refused: set[str] = set()
+        self._replaced: dict[str, ProblemResponse] = {}
         self._reported_unconfigured = False
 
     def load(self, loader: Any) -> None:
@@ -102,7 +112,6 @@ class CredentialInjector:
             log.error(_UNCONFIGURED)
 
     async def done(self) -> None:
-        await self._sink.aclose()
         if self.app is not None and self._owns_app:
             await self.app.aclose()
 
@@ -208,6 +217,11 @@ class CredentialInjector:
                 # "Docs.Example.com." and "docs.example.com" are one host; connect (and send
                 # SNI, which must not end in a dot) using the canonical spelling.
                 req.host = canonical
+        if "content-length" not in req.headers:
+            # A body of unknown length is a stream (gRPC client and bidirectional streams,
+            # chunked uploads): forward it as it comes. (With no body at all mitmproxy
+            # ignores this.)
+            req.stream = True
 
     def _outbound(self, flow: http.HTTPFlow, read: ReadHeaders, sidecar: Sidecar) -> Outbound:
         req = flow.request
@@ -228,62 +242,65 @@ class CredentialInjector:
         )
 
     def request(self, flow: http.HTTPFlow) -> None:
-        """The whole request has arrived. Its trailer section is never forwarded (HTTP/1's
-        is refused earlier, in addons/compat.py): trailer fields are a second header section
-        that next hops merge differently, and no decision covered them. A buffered request
-        with trailers is answered 400 (nothing was sent upstream); a streamed one already
-        sent its head and body, so its trailers are dropped."""
+        """The whole request has arrived. Its trailer section is never forwarded: trailer
+        fields are a second header section that next hops merge differently, and no decision
+        covered them. A buffered request with trailers is answered 400 (nothing was sent
+        upstream); HTTP/1 trailers and those after a streamed body are refused earlier, in
+        :mod:`addons.compat` (item 2)."""
         if not flow.request.trailers or flow.response or flow.error or not flow.live:
             return
-        if self._sink.answer_for(flow) is not None:
-            # Already refused; the sink answers it. Its trailers go nowhere (mitmproxy's
-            # HTTP/1 side towards the sink cannot send them, and would stall).
-            flow.request.trailers = None
-            return
-        if flow.request.stream:
-            log.info("request %s: trailer section after a streamed body dropped", flow.id)
+        if flow.request.stream:  # (compat refuses these before this hook; never forward)
             flow.request.trailers = None
             return
         injected = self._injected.pop(flow.id, None)
         if injected is not None:
             self._failed(flow, injected, "client_protocol_error")
+        self._refused.add(flow.id)
         self.in_flight.discard(flow.id)
         flow.response = self._problem(flow, MalformedRequest(
             "the request carries a trailer section, which credproxy does not forward; send "
             "the fields as headers", reason="trailers"))
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None or flow.id not in self._injected:
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """The upstream's status and header section arrived: decide on them now, so that the
+        body can stream. A credentialed request answered 401 or ``error="invalid_token"``
+        (:meth:`Sidecar.upstream_response`) gets its problem instead: the replacement is sent
+        in place of the upstream's head, and the upstream's body is dropped chunk by chunk
+        (memory stays flat, nothing of it reaches the agent). Everything else streams."""
+        response = flow.response
+        if response is None or flow.id in self._refused:
             return
-        # A refusal replaces the body in `response`; it must not have streamed out already.
-        if flow.response.status_code == 401 or "invalid_token" in flow.response.headers.get(
-            "WWW-Authenticate", ""
-        ):
-            flow.response.stream = False
+        injected = self._injected.get(flow.id)
+        if injected is not None and self.app is not None:
+            refusal: ProxyRefusal | None
+            try:
+                refusal = await self.app.sidecar.upstream_response(
+                    injected[0], injected[1], response.status_code, response.headers)
+            except ProxyRefusal as exc:
+                refusal = exc
+            except Exception:  # noqa: BLE001
+                log.exception("internal error checking the response to %s", flow.id)
+                refusal = InternalError("internal error; the upstream answer was withheld")
+            if refusal is not None:
+                answer = self._answer(flow, refusal)
+                self._replaced[flow.id] = answer
+                flow.response = _make(answer)
+                flow.response.stream = _Replacement(answer.body)
+                return
+        response.stream = True
 
     async def response(self, flow: http.HTTPFlow) -> None:
         self.in_flight.discard(flow.id)
-        refused = self._sink.forget(flow)
         injected = self._injected.pop(flow.id, None)
-        if refused or flow.response is None or self.app is None:
+        replaced = self._replaced.pop(flow.id, None)
+        if self._forget_refused(flow) or flow.response is None or self.app is None:
             return
+        if replaced is not None:
+            # A head with no body after it was not streamed: mitmproxy set the (empty)
+            # upstream body on the replacement; and upstream trailers never go out.
+            flow.response = _make(replaced)
         if flow.server_conn.timestamp_start is not None:  # it went upstream
             self._observe(flow, injected[1].provider.id if injected else "-")
-        if injected is None:
-            return
-        refusal: ProxyRefusal | None
-        try:
-            outbound, injection = injected
-            refusal = await self.app.sidecar.upstream_response(
-                outbound, injection, flow.response.status_code, flow.response.headers)
-        except ProxyRefusal as exc:
-            refusal = exc
-        except Exception:  # noqa: BLE001
-            log.exception("internal error checking the response to %s", flow.id)
-            refusal = InternalError("internal error; the upstream answer was withheld")
-        if refusal is not None:
-            # The response body has not been sent (responseheaders kept it from streaming).
-            flow.response = self._problem(flow, refusal)
 
     def _observe(self, flow: http.HTTPFlow, provider: str) -> None:
         """Latency of an exchange that went upstream (mitmproxy's timestamps, seconds)."""
@@ -299,7 +316,8 @@ class CredentialInjector:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.in_flight.discard(flow.id)
-        refused = self._sink.forget(flow)
+        refused = self._forget_refused(flow)
+        self._replaced.pop(flow.id, None)
         injected = self._injected.pop(flow.id, None)
         # mitmproxy answers the client next (when it still can): name this request there.
         compat.register_request(flow.client_conn.id, flow.id)
@@ -321,21 +339,33 @@ class CredentialInjector:
         except CredproxyError:
             log.exception("could not record the failure of %s", flow.id)
 
+    def _forget_refused(self, flow: http.HTTPFlow) -> bool:
+        if flow.id in self._refused:
+            self._refused.discard(flow.id)
+            return True
+        return False
+
     async def _refuse(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> None:
-        """Answer ``flow`` with a problem before anything is sent upstream. mitmproxy may
-        already have decided to stream the body, so the answer comes from the refusal sink
-        (see :mod:`addons.sink`), never from ``flow.response``."""
-        await self._sink.reroute(flow, self._problem(flow, refusal))
+        """Answer ``flow`` with a problem before anything is sent upstream: at once, before
+        its body (:mod:`addons.compat`, item 7)."""
+        self._refused.add(flow.id)
+        self.in_flight.discard(flow.id)
+        flow.response = _make(self._answer(flow, refusal))
 
     def _problem(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> http.Response:
-        p = problem_response(refusal, request_id=flow.id)
+        return _make(self._answer(flow, refusal))
+
+    def _answer(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> ProblemResponse:
+        """The refusal in the client's protocol (a gRPC status or an RFC 9457 problem),
+        logged without any header value or body byte."""
         cause = refusal.__cause__
         method = flow.request.method
         log.info("refused %s %s %s: %s (%s)%s", flow.id,
                  method if method.isascii() and method.isalpha() else "?",
                  flow.request.pretty_host, refusal.slug, refusal.reason,
                  f": {cause}" if cause is not None else "")
-        return http.Response.make(p.status, p.body, p.headers)
+        return refusal_response(refusal, request_id=flow.id,
+                                content_type=flow.request.headers.get("content-type", ""))
 
     def _destination(self, flow: http.HTTPFlow) -> Destination:
         tunnel = self._tunnels.get(flow.client_conn.id)
@@ -350,6 +380,23 @@ class CredentialInjector:
         except ValueError:
             raise MisdirectedRequest("the destination is not a valid host",
                                      reason="bad_destination") from None
+
+
+def _make(answer: ProblemResponse) -> http.Response:
+    return http.Response.make(answer.status, answer.body, answer.headers)
+
+
+class _Replacement:
+    """``Response.stream`` of a replaced upstream answer: the replacement's body goes out
+    once, at the first chunk (or the end) of the upstream's body; the upstream's bytes go
+    nowhere."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body: bytes | None = body
+
+    def __call__(self, _chunk: bytes) -> list[bytes]:
+        body, self._body = self._body, None
+        return [body] if body else []
 
 
 addons = [CredentialInjector()]

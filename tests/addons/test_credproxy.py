@@ -123,13 +123,14 @@ def _sent(f: http.HTTPFlow) -> list[tuple[str, str]]:
 
 
 def _refused(injector: CredentialInjector, f: http.HTTPFlow) -> http.Response | None:
-    return injector._sink.answer_for(f)
+    # A refusal is the flow's response, set in requestheaders: mitmproxy then sends it at
+    # once and never connects upstream (addons/compat.py, item 7).
+    return f.response
 
 
 def _problem(injector: CredentialInjector, f: http.HTTPFlow) -> tuple[int, str, str]:
     answer = _refused(injector, f)
     assert answer is not None, "expected a refusal"
-    assert f.request.host == "127.0.0.1"  # rerouted to the sink: nothing goes upstream
     body = json.loads(answer.content or b"{}")
     return answer.status_code, answer.headers["X-Credproxy-Error"], body["reason"]
 
