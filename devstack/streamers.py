@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 import h2.config
 import h2.connection
 import h2.events

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 import pytest
 
 from devstack.procs import free_port
@@ -606,7 +606,7 @@ async def _mcp_countdown(url: str, *, proxy: str | None, ca: str,
             Client(streamable_http_client(url, http_client=http)) as client:
         start = time.monotonic()
 
-        async def progress(value: float, total: float | None, message: str | None) -> None:
+        async def progress(progress: float, total: float | None, message: str | None) -> None:
             run.progress.append(time.monotonic() - start)
 
         result = await client.call_tool("countdown", {"steps": steps, "every": EVERY},
@@ -989,7 +989,7 @@ def test_refused_h2_upload_gets_the_answer_then_rst_stream_no_error(env: Env) ->
                 break
             for ev in c.receive_data(data or b""):
                 if isinstance(ev, h2.events.ResponseReceived):
-                    got["headers"] = dict(ev.headers or [])
+                    got["headers"] = {str(k): str(v) for k, v in ev.headers or []}
                     got["at"] = time.monotonic() - start
                 elif isinstance(ev, h2.events.DataReceived):
                     got["body"] += ev.data or b""
@@ -1167,7 +1167,7 @@ def test_a_grpc_refusal_is_trailers_only_on_the_wire(env: Env, case: str) -> Non
             frames += c.receive_data(data)
             tls.sendall(c.data_to_send())
     (response,) = [f for f in frames if isinstance(f, h2.events.ResponseReceived)]
-    got = dict(response.headers or [])
+    got = {str(k): str(v) for k, v in response.headers or []}
     print(f"\ngrpc frames {case}: {[type(f).__name__ for f in frames]}; {got}")
     slug = "user-context-missing" if case == "no-context" else "upstream-unreachable"
     assert got[":status"] == "200"
