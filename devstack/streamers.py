@@ -1,0 +1,560 @@
+"""Stream peers: real servers that answer the way agents' upstreams do (issue 12), each with
+a TLS listener on the stack's server certificate, recording what they received so a test can
+assert what reached them (credential injected, user context stripped, nothing at all).
+
+* :class:`EventServer`: timed events over HTTP/1.1 (``h11``) and HTTP/2 (``h2``, chosen by
+  ALPN). ``GET /sse`` (or ``/sse/<marker>``: what follows the first segment only
+  names the request) answers ``text/event-stream``, ``/ndjson`` ``application/x-ndjson``,
+  ``/close`` a read-until-close body (HTTP/1.0 style: no length, no chunking; over HTTP/2
+  plain DATA frames), ``POST /mcp-like`` an MCP-style JSON-RPC POST answered with
+  ``text/event-stream``. Query: ``n`` events (``0``: endless, until the client goes),
+  ``every`` seconds apart, ``size`` bytes of padding per event, ``status`` (a ``401``, or
+  any status with ``challenge=1``, also carries ``WWW-Authenticate: Bearer
+  error="invalid_token"``, and such a body is marked with :data:`UNAUTHORIZED_BODY_MARK`
+  throughout). Every event is one line
+  holding ``"seq": i`` (SSE: ``data: {...}``), so clients can time each one.
+* :class:`GrpcStreamServer`: grpcio over TLS with generic handlers on raw bytes (no protoc):
+  server streaming ``Tick`` (one message every ``every`` s) and a bidi ``Echo``; records the
+  metadata of every call.
+* :class:`WebSocketEcho`: ``websockets`` over TLS, echoing every message; records the
+  upgrade request's header fields.
+* :class:`McpProgressServer`: the MCP SDK's server (``MCPServer``, formerly FastMCP) over
+  Streamable HTTP under uvicorn with TLS; its ``countdown`` tool reports a progress
+  notification every ``every`` s before its result; records request header fields.
+
+Each runs in daemon threads of the calling process, starts listening in its constructor
+(``port`` is then known) and stops with :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import grpc  # type: ignore[import-untyped]
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h11
+from mcp.server.mcpserver import Context
+
+# Marks a body the peers send with a 401 or an invalid_token challenge (every byte of its
+# padding, and every event), so a test can tell that none of it reached the client.
+UNAUTHORIZED_BODY_MARK = "UPSTREAM-401-BODY"
+
+
+def server_tls(cert: Path, key: Path, alpn: Sequence[str]) -> ssl.SSLContext:
+    """A server TLS context on ``cert``/``key`` offering ``alpn``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run[T](self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self.run(cancel_all(), timeout=5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+# --- timed events -----------------------------------------------------------------------------
+
+@dataclass
+class Seen:
+    """One request as a peer received it (header names lower-cased)."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    http_version: str  # "1.1" or "2"
+    body_bytes: int = 0
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name.lower()]
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a request asked for (see the module docstring)."""
+
+    kind: str  # "sse", "ndjson", "close", "mcp-like"
+    n: int
+    every: float
+    size: int
+    status: int
+    challenge: bool = False
+
+    @classmethod
+    def parse(cls, method: str, target: str) -> StreamSpec | None:
+        url = urlsplit(target)
+        kind = url.path.lstrip("/").split("/", 1)[0]  # /sse/<anything>: a marker
+        if kind not in ("sse", "ndjson", "close", "mcp-like"):
+            return None
+        if (kind == "mcp-like") != (method == "POST"):
+            return None
+        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        status = int(q.get("status", "200"))
+        return cls(kind, int(q.get("n", "5")), float(q.get("every", "0.2")),
+                   int(q.get("size", "0")), status, status == 401 or q.get("challenge") == "1")
+
+    @property
+    def content_type(self) -> str:
+        return "application/x-ndjson" if self.kind == "ndjson" else "text/event-stream"
+
+    def headers(self) -> list[tuple[str, str]]:
+        out = [("content-type", self.content_type), ("cache-control", "no-cache")]
+        if self.challenge:
+            out.append(("www-authenticate", 'Bearer error="invalid_token"'))
+        return out
+
+    def event(self, seq: int) -> bytes:
+        unit = UNAUTHORIZED_BODY_MARK if self.challenge else "p"
+        record: dict[str, Any] = {"seq": seq, "t": time.time(),
+                                  "pad": (unit * (self.size // len(unit) + 1))[:self.size]}
+        if self.challenge:
+            record["mark"] = UNAUTHORIZED_BODY_MARK
+        line = json.dumps(record)
+        if self.kind == "ndjson":
+            return line.encode() + b"\n"
+        if self.kind == "mcp-like":
+            msg = {"jsonrpc": "2.0", "method": "notifications/progress",
+                   "params": {"progressToken": 1, "progress": seq, "seq": seq}}
+            return f"event: message\ndata: {json.dumps(msg)}\n\n".encode()
+        return f"id: {seq}\ndata: {line}\n\n".encode()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Event ``i`` at ``start + i * every`` (no drift); endless when ``n`` is 0."""
+        start = time.monotonic()
+        seq = 0
+        while self.n == 0 or seq < self.n:
+            # Always through the loop, even when late (every=0): a writer whose client left
+            # learns it from a callback, and a loop that never yields never runs it.
+            await asyncio.sleep(max(0.0, start + seq * self.every - time.monotonic()))
+            yield self.event(seq)
+            seq += 1
+        if self.kind == "mcp-like":
+            result = {"jsonrpc": "2.0", "id": 1, "result": {"done": True}}
+            yield f"event: message\ndata: {json.dumps(result)}\n\n".encode()
+
+
+class EventServer:
+    """Timed events over TLS, HTTP/1.1 and HTTP/2 (see the module docstring).
+
+    ``alpn``: the protocols offered, in order of preference (``("http/1.1",)`` makes an
+    HTTP/1-only upstream). :attr:`connections` counts accepted TCP connections (a refused
+    request must not open one), :attr:`requests` every request head, as received."""
+
+    def __init__(self, cert: Path, key: Path, *, alpn: Sequence[str] = ("h2", "http/1.1"),
+                 host: str = "127.0.0.1") -> None:
+        self.connections = 0
+        self.requests: list[Seen] = []
+        self._active: list[str] = []  # paths whose answer is being sent
+        self._tls = server_tls(cert, key, alpn)
+        self._loop = _LoopThread("event-server")
+        self._server = self._loop.run(asyncio.start_server(
+            self._accept, host, 0, ssl=self._tls, ssl_handshake_timeout=10))
+        self.port: int = self._server.sockets[0].getsockname()[1]
+
+    def saw(self, marker: str) -> bool:
+        return any(marker in r.path for r in self.requests)
+
+    def matching(self, marker: str) -> list[Seen]:
+        return [r for r in self.requests if marker in r.path]
+
+    def streaming(self, marker: str) -> bool:
+        """Whether an answer to a path containing ``marker`` is still being sent (an endless
+        stream stops once its client, or the proxy, let go of it)."""
+        return any(marker in path for path in list(self._active))
+
+    @contextlib.asynccontextmanager
+    async def _sending(self, path: str) -> AsyncIterator[None]:
+        self._active.append(path)
+        try:
+            yield
+        finally:
+            self._active.remove(path)
+
+    def close(self) -> None:
+        self._server.close()
+        self._loop.stop()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        alpn = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+        try:
+            if alpn == "h2":
+                await _H2Session(self, reader, writer).serve()
+            else:
+                await self._serve_h1(reader, writer)
+        except (OSError, EOFError, h11.ProtocolError, h2.exceptions.ProtocolError,
+                asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # HTTP/1.1 -----------------------------------------------------------------------------
+    async def _serve_h1(self, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            request = await self._h1_next(conn, reader)
+            if request is None:
+                return
+            seen = Seen(request.method.decode(), request.target.decode("latin-1"),
+                        [(k.decode().lower(), v.decode("latin-1")) for k, v in request.headers],
+                        request.http_version.decode())
+            self.requests.append(seen)
+            while True:  # the body, counted (a refused upload must not arrive here)
+                ev = await self._h1_next(conn, reader)
+                if ev is None:
+                    return
+                if isinstance(ev, h11.Data):
+                    seen.body_bytes += len(ev.data)
+                elif isinstance(ev, h11.EndOfMessage):
+                    break
+            spec = StreamSpec.parse(seen.method, seen.path)
+            if spec is None:
+                writer.write(conn.send(h11.Response(status_code=404, headers=[
+                    ("content-length", "0")])) or b"")
+                writer.write(conn.send(h11.EndOfMessage()) or b"")
+                await writer.drain()
+            elif spec.kind == "close":
+                async with self._sending(seen.path):
+                    await self._h1_until_close(spec, writer)
+                return
+            else:
+                async with self._sending(seen.path):
+                    writer.write(conn.send(h11.Response(
+                        status_code=spec.status,
+                        headers=[*spec.headers(), ("transfer-encoding", "chunked")])) or b"")
+                    async for chunk in spec.events():
+                        writer.write(conn.send(h11.Data(data=chunk)) or b"")
+                        await writer.drain()
+                    writer.write(conn.send(h11.EndOfMessage()) or b"")
+                    await writer.drain()
+            if conn.our_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+
+    @staticmethod
+    async def _h1_next(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+                continue
+            if isinstance(ev, h11.ConnectionClosed):
+                return None
+            return ev
+
+    @staticmethod
+    async def _h1_until_close(spec: StreamSpec, writer: asyncio.StreamWriter) -> None:
+        """No Content-Length, no chunking: the body ends when the connection does (RFC 9112
+        section 6.3, item 8), which h11 only does for HTTP/1.0 peers; written by hand."""
+        head = [f"HTTP/1.1 {spec.status} X"] + [f"{k}: {v}" for k, v in spec.headers()]
+        writer.write(("\r\n".join([*head, "Connection: close"]) + "\r\n\r\n").encode())
+        async for chunk in spec.events():
+            writer.write(chunk)
+            await writer.drain()
+
+
+class _H2Session:
+    """One HTTP/2 connection of an :class:`EventServer` (the ``h2`` library's state machine;
+    every stream is answered by its own task, with flow control)."""
+
+    def __init__(self, owner: EventServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.owner, self.reader, self.writer = owner, reader, writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8"))
+        self.seen: dict[int, Seen] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.window = asyncio.Event()
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def serve(self) -> None:
+        self.conn.initiate_connection()
+        await self.flush()
+        try:
+            while data := await self.reader.read(65536):
+                for ev in self.conn.receive_data(data):
+                    self._on(ev)
+                await self.flush()
+        finally:
+            for task in self.tasks.values():
+                task.cancel()
+
+    def _on(self, ev: h2.events.Event) -> None:
+        if isinstance(ev, h2.events.RequestReceived):
+            assert ev.headers is not None and ev.stream_id is not None
+            fields = [(str(k).lower(), str(v)) for k, v in ev.headers]
+            pseudo = dict(f for f in fields if f[0].startswith(":"))
+            seen = Seen(pseudo.get(":method", ""), pseudo.get(":path", ""),
+                        [f for f in fields if not f[0].startswith(":")], "2")
+            self.seen[ev.stream_id] = seen
+            self.owner.requests.append(seen)
+            if ev.stream_ended is not None:
+                self._respond(ev.stream_id)
+        elif isinstance(ev, h2.events.DataReceived):
+            assert ev.stream_id is not None and ev.data is not None
+            self.seen[ev.stream_id].body_bytes += len(ev.data)
+            self.conn.acknowledge_received_data(ev.flow_controlled_length or 0, ev.stream_id)
+            if ev.stream_ended is not None:
+                self._respond(ev.stream_id)
+        elif isinstance(ev, h2.events.StreamEnded):
+            assert ev.stream_id is not None
+            if ev.stream_id not in self.tasks:
+                self._respond(ev.stream_id)
+        elif isinstance(ev, h2.events.StreamReset):
+            task = self.tasks.get(ev.stream_id or 0)
+            if task is not None:
+                task.cancel()
+        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self.window.set()
+
+    def _respond(self, stream_id: int) -> None:
+        if stream_id not in self.tasks:
+            self.tasks[stream_id] = asyncio.create_task(self._answer(stream_id))
+
+    async def _answer(self, stream_id: int) -> None:
+        seen = self.seen[stream_id]
+        spec = StreamSpec.parse(seen.method, seen.path)
+        try:
+            if spec is None:
+                self.conn.send_headers(stream_id, [(":status", "404"),
+                                                   ("content-length", "0")], end_stream=True)
+                await self.flush()
+                return
+            async with self.owner._sending(seen.path):
+                self.conn.send_headers(stream_id, [(":status", str(spec.status)),
+                                                   *spec.headers()])
+                await self.flush()
+                async for chunk in spec.events():
+                    await self._send(stream_id, chunk)
+                self.conn.end_stream(stream_id)
+                await self.flush()
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, OSError):
+            pass
+
+    async def _send(self, stream_id: int, data: bytes) -> None:
+        while data:
+            room = min(self.conn.local_flow_control_window(stream_id),
+                       self.conn.max_outbound_frame_size, len(data))
+            if room <= 0:
+                self.window.clear()
+                await self.window.wait()
+                continue
+            self.conn.send_data(stream_id, data[:room])
+            data = data[room:]
+            await self.flush()
+
+
+# --- gRPC -------------------------------------------------------------------------------------
+
+GRPC_SERVICE = "credproxy.test.Streams"
+GRPC_TICK = f"/{GRPC_SERVICE}/Tick"
+GRPC_ECHO = f"/{GRPC_SERVICE}/Echo"
+
+
+@dataclass
+class GrpcCall:
+    method: str
+    metadata: dict[str, str]
+    messages_in: list[bytes] = field(default_factory=list)
+
+
+def tick_request(n: int, every: float) -> bytes:
+    """The request message of ``Tick`` (raw bytes: JSON)."""
+    return json.dumps({"n": n, "every": every}).encode()
+
+
+class GrpcStreamServer:
+    """gRPC over TLS (ALPN h2), raw-bytes messages. ``Tick``: server streaming, message ``i``
+    (``b"tick <i>"``) at ``i * every`` s; ``Echo``: bidi, each request message answered with
+    ``b"echo " + message`` at once. :attr:`calls` records each call's metadata."""
+
+    def __init__(self, cert: Path, key: Path, *, host: str = "127.0.0.1") -> None:
+        self.calls: list[GrpcCall] = []
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"))
+        handler = grpc.method_handlers_generic_handler(GRPC_SERVICE, {
+            "Tick": grpc.unary_stream_rpc_method_handler(self._tick),
+            "Echo": grpc.stream_stream_rpc_method_handler(self._echo),
+        })
+        self._server.add_generic_rpc_handlers((handler,))
+        creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+        self.port: int = self._server.add_secure_port(f"{host}:0", creds)
+        self._server.start()
+
+    def _record(self, method: str, context: grpc.ServicerContext) -> GrpcCall:
+        call = GrpcCall(method, {k: str(v) for k, v in context.invocation_metadata()})
+        self.calls.append(call)
+        return call
+
+    def _tick(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._record(GRPC_TICK, context).messages_in.append(request)
+        spec = json.loads(request)
+        start = time.monotonic()
+        for i in range(int(spec["n"])):
+            delay = start + i * float(spec["every"]) - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if not context.is_active():
+                return
+            yield b"tick %d" % i
+
+    def _echo(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        call = self._record(GRPC_ECHO, context)
+        for message in requests:
+            call.messages_in.append(message)
+            yield b"echo " + message
+
+    def close(self) -> None:
+        self._server.stop(grace=None).wait(5)
+
+
+# --- WebSocket --------------------------------------------------------------------------------
+
+class WebSocketEcho:
+    """A WebSocket echo server over TLS (``websockets``); :attr:`upgrades` holds every
+    upgrade request's header fields (names lower-cased)."""
+
+    def __init__(self, cert: Path, key: Path, *, host: str = "127.0.0.1") -> None:
+        from websockets.asyncio.server import serve
+
+        self.upgrades: list[list[tuple[str, str]]] = []
+        self._loop = _LoopThread("ws-echo")
+        tls = server_tls(cert, key, ("http/1.1",))
+
+        async def start() -> Any:
+            return await serve(self._echo, host, 0, ssl=tls, process_request=self._record)
+
+        self._server = self._loop.run(start())
+        self.port: int = next(iter(self._server.sockets)).getsockname()[1]
+
+    def _record(self, connection: Any, request: Any) -> None:
+        self.upgrades.append([(k.lower(), v) for k, v in request.headers.raw_items()])
+
+    @staticmethod
+    async def _echo(ws: Any) -> None:
+        with contextlib.suppress(Exception):
+            async for message in ws:
+                await ws.send(message)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+            await self._server.wait_closed()
+
+        with contextlib.suppress(Exception):
+            self._loop.run(stop())
+        self._loop.stop()
+
+
+# --- MCP Streamable HTTP ----------------------------------------------------------------------
+
+ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
+                    Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
+
+class McpProgressServer:
+    """An MCP server (the SDK's ``MCPServer``) on Streamable HTTP at ``/mcp``, under uvicorn
+    with TLS. Tool ``countdown(steps, every)`` sends ``steps`` progress notifications
+    ``every`` s apart (on the POST's ``text/event-stream`` answer), then returns ``"done"``.
+    :attr:`requests` records each HTTP request's method and header fields."""
+
+    def __init__(self, cert: Path, key: Path, *, host: str = "127.0.0.1") -> None:
+        import uvicorn
+        from mcp.server.mcpserver import MCPServer
+        from mcp.server.transport_security import TransportSecuritySettings
+
+        self.requests: list[Seen] = []
+        mcp = MCPServer("credproxy-streams", log_level="WARNING")
+
+        @mcp.tool()
+        async def countdown(steps: int, every: float, ctx: Context) -> str:
+            """Report progress ``steps`` times, ``every`` seconds apart."""
+            for i in range(steps):
+                await ctx.report_progress(i + 1, steps, f"step {i + 1}")
+                await asyncio.sleep(every)
+            return "done"
+
+        # Reached as localhost:<port> or through a proxy: the Host check is not under test.
+        app = mcp.streamable_http_app(transport_security=TransportSecuritySettings(
+            enable_dns_rebinding_protection=False))
+        self._sock = socket.create_server((host, 0))
+        self.port: int = self._sock.getsockname()[1]
+        config = uvicorn.Config(self._recording(app), log_level="warning",
+                                ssl_certfile=str(cert), ssl_keyfile=str(key),
+                                lifespan="on", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run,
+                                        kwargs={"sockets": [self._sock]}, daemon=True,
+                                        name="mcp-server")
+        self._thread.start()
+        deadline = time.monotonic() + 15
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the MCP server did not start")
+            time.sleep(0.02)
+
+    def _recording(self, app: Any) -> ASGIApp:
+        async def wrapped(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                          send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+            if scope["type"] == "http":
+                self.requests.append(Seen(
+                    scope["method"], scope["path"],
+                    [(k.decode().lower(), v.decode("latin-1")) for k, v in scope["headers"]],
+                    scope.get("http_version", "1.1")))
+            await app(scope, receive, send)
+
+        return wrapped
+
+    def close(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(5)
+        self._sock.close()
+
+
+__all__ = ["GRPC_ECHO", "GRPC_TICK", "UNAUTHORIZED_BODY_MARK", "EventServer", "GrpcCall",
+           "GrpcStreamServer", "McpProgressServer", "Seen", "StreamSpec", "WebSocketEcho",
+           "server_tls", "tick_request"]
