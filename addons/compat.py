@@ -68,7 +68,11 @@ another format than every other refusal:
    connection, so an HTTP/2 agent's sixth stream to an HTTP/1 provider waited for one of
    five endless streams to end; the limit is now :data:`UPSTREAM_CONNECTIONS`, the number of
    streams an HTTP/2 agent may open at once.
-10. **Refusals in gRPC.** mitmproxy's own error answers (an upstream that cannot be reached)
+10. **HTTP/2 when both sides can.** With ``http2: true`` mitmproxy gives an agent the first
+    protocol in the agent's ALPN list; httpx (``http2=True``) lists ``http/1.1`` first, so
+    it got HTTP/1.1 through the proxy and HTTP/2 from any server that prefers it (nginx).
+    An agent that offers ``h2`` now gets it (RFC 7301 section 3.2: the server selects).
+11. **Refusals in gRPC.** mitmproxy's own error answers (an upstream that cannot be reached)
    to a gRPC request are a gRPC status (:func:`proxy.problems.grpc_response`), like every
    other refusal.
 
@@ -95,6 +99,7 @@ from h11._events import Data, EndOfMessage
 from h11._readers import ChunkedReader
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http
+from mitmproxy.addons import tlsconfig
 from mitmproxy.connection import Connection, ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.net.tls import starts_like_tls_record
@@ -136,7 +141,7 @@ _codes: dict[str, ErrorCode] = {}
 _client_faults: dict[str, ErrorCode] = {}
 
 # gRPC requests in flight, (client connection id, stream id) -> their content type: a
-# mitmproxy error answer on that stream is a gRPC status (item 10).
+# mitmproxy error answer on that stream is a gRPC status (item 11).
 _grpc: dict[tuple[str, int], str] = {}
 
 # Per HTTP stream, from its request head: (end_stream, Expect: 100-continue), for item 7.
@@ -684,3 +689,14 @@ def install() -> None:
         _h2_agents.setdefault(context.client.id, weakref.WeakSet()).add(self.h2_conn)
 
     _http2.Http2Server.__init__ = track_h2_agent  # type: ignore[method-assign]
+
+    alpn_select = tlsconfig.alpn_select_callback
+
+    def prefer_h2(conn: Any, options: list[bytes]) -> Any:
+        app_data = conn.get_app_data()
+        if (app_data["http2"] and app_data["client_alpn"] is None
+                and not app_data["server_alpn"] and b"h2" in options):
+            return b"h2"
+        return alpn_select(conn, options)
+
+    tlsconfig.alpn_select_callback = prefer_h2
