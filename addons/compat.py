@@ -460,6 +460,7 @@ def install() -> None:
             _codes[self.flow.id] = event.code
         yield from handle_protocol_error(self, event)
         _codes.pop(self.flow.id, None)  # the error hook has run (or was not needed)
+        _grpc.pop((self.context.client.id, self.stream_id), None)  # answered (or not needed)
 
     http_layer.HttpStream.handle_protocol_error = remember_code  # type: ignore[method-assign]
 

@@ -8,8 +8,10 @@ assert what reached them (credential injected, user context stripped, nothing at
   ``/close`` a read-until-close body (HTTP/1.0 style: no length, no chunking; over HTTP/2
   plain DATA frames), ``POST /mcp-like`` an MCP-style JSON-RPC POST answered with
   ``text/event-stream``. Query: ``n`` events (``0``: endless, until the client goes),
-  ``every`` seconds apart, ``size`` bytes of padding per event, ``status`` (a ``401`` also
-  carries ``WWW-Authenticate: Bearer error="invalid_token"``). Every event is one line
+  ``every`` seconds apart, ``size`` bytes of padding per event, ``status`` (a ``401``, or
+  any status with ``challenge=1``, also carries ``WWW-Authenticate: Bearer
+  error="invalid_token"``, and such a body is marked with :data:`UNAUTHORIZED_BODY_MARK`
+  throughout). Every event is one line
   holding ``"seq": i`` (SSE: ``data: {...}``), so clients can time each one.
 * :class:`GrpcStreamServer`: grpcio over TLS with generic handlers on raw bytes (no protoc):
   server streaming ``Tick`` (one message every ``every`` s) and a bidi ``Echo``; records the
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 import h2.config
 import h2.connection
 import h2.events
@@ -48,8 +50,8 @@ import h2.exceptions
 import h11
 from mcp.server.mcpserver import Context
 
-# Marks every byte of a body the peers send with status 401, so a test can tell that none of
-# it reached the client.
+# Marks a body the peers send with a 401 or an invalid_token challenge (every byte of its
+# padding, and every event), so a test can tell that none of it reached the client.
 UNAUTHORIZED_BODY_MARK = "UPSTREAM-401-BODY"
 
 
@@ -113,6 +115,7 @@ class StreamSpec:
     every: float
     size: int
     status: int
+    challenge: bool = False
 
     @classmethod
     def parse(cls, method: str, target: str) -> StreamSpec | None:
@@ -123,8 +126,9 @@ class StreamSpec:
         if (kind == "mcp-like") != (method == "POST"):
             return None
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        status = int(q.get("status", "200"))
         return cls(kind, int(q.get("n", "5")), float(q.get("every", "0.2")),
-                   int(q.get("size", "0")), int(q.get("status", "200")))
+                   int(q.get("size", "0")), status, status == 401 or q.get("challenge") == "1")
 
     @property
     def content_type(self) -> str:
@@ -132,15 +136,15 @@ class StreamSpec:
 
     def headers(self) -> list[tuple[str, str]]:
         out = [("content-type", self.content_type), ("cache-control", "no-cache")]
-        if self.status == 401:
+        if self.challenge:
             out.append(("www-authenticate", 'Bearer error="invalid_token"'))
         return out
 
     def event(self, seq: int) -> bytes:
-        unit = UNAUTHORIZED_BODY_MARK if self.status == 401 else "p"
+        unit = UNAUTHORIZED_BODY_MARK if self.challenge else "p"
         record: dict[str, Any] = {"seq": seq, "t": time.time(),
                                   "pad": (unit * (self.size // len(unit) + 1))[:self.size]}
-        if self.status == 401:
+        if self.challenge:
             record["mark"] = UNAUTHORIZED_BODY_MARK
         line = json.dumps(record)
         if self.kind == "ndjson":
@@ -156,9 +160,9 @@ class StreamSpec:
         start = time.monotonic()
         seq = 0
         while self.n == 0 or seq < self.n:
-            delay = start + seq * self.every - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # Always through the loop, even when late (every=0): a writer whose client left
+            # learns it from a callback, and a loop that never yields never runs it.
+            await asyncio.sleep(max(0.0, start + seq * self.every - time.monotonic()))
             yield self.event(seq)
             seq += 1
         if self.kind == "mcp-like":

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 import pytest
 
 from devstack.procs import free_port
@@ -291,11 +291,29 @@ def via_requests(req: Request) -> Arrivals:
     return out
 
 
+class H2First(ssl.SSLContext):
+    """httpx (httpcore) offers ALPN ``http/1.1, h2`` in that order, and mitmproxy, which
+    has no upstream answer yet to mirror, takes the client's first choice: an
+    ``http2=True`` httpx client gets HTTP/1.1 from the proxy. This context puts h2 first,
+    as curl and Go do, so httpx's HTTP/2 rows really speak HTTP/2 to the proxy."""
+
+    def set_alpn_protocols(self, alpn_protocols: Any) -> None:
+        super().set_alpn_protocols(sorted(alpn_protocols, key=lambda p: p != "h2"))
+
+
+def client_tls(ca: str, *, h2_first: bool = False) -> ssl.SSLContext:
+    if not h2_first:
+        return ssl.create_default_context(cafile=ca)
+    ctx = H2First(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=ca)
+    return ctx
+
+
 def via_httpx(req: Request) -> Arrivals:
     import httpx
 
     start = time.monotonic()
-    ctx = ssl.create_default_context(cafile=req.ca)
+    ctx = client_tls(req.ca, h2_first=req.http2)
     out = Arrivals(0)
     with httpx.Client(proxy=req.proxy, verify=ctx, http2=req.http2, trust_env=False,
                       timeout=httpx.Timeout(10, read=req.timeout)) as c, \
@@ -330,6 +348,9 @@ def via_aiohttp(req: Request) -> Arrivals:
                         out.add(line, now)
                         if req.read_for and now >= req.read_for:
                             break
+        # aiohttp's advice for TLS: let the transports' closing handshakes finish before
+        # the loop goes (else "unclosed transport" warnings surface in a later test).
+        await asyncio.sleep(0.25)
         return out
 
     return asyncio.run(run())
@@ -504,7 +525,7 @@ def test_streams_arrive_as_they_are_sent(env: Env, v: Variant,
     print(f"\n{v.id}: direct {direct.summary()}; proxied {proxied.summary()}; upstream "
           f"HTTP/{seen.http_version}")
     assert_live(direct, proxied, endless=v.kind == "endless")
-    if v.client == "curl":  # curl offers only what it is told: the agent side is as asked
+    if v.client in ("curl", "httpx"):  # the agent side speaks what the row says
         assert proxied.version == ("2" if v.http2 else "1.1")
     assert seen.header("x-user-context") == []
     if v.routed:
@@ -585,7 +606,7 @@ async def _mcp_countdown(url: str, *, proxy: str | None, ca: str,
             Client(streamable_http_client(url, http_client=http)) as client:
         start = time.monotonic()
 
-        async def progress(value: float, total: float | None, message: str | None) -> None:
+        async def progress(progress: float, total: float | None, message: str | None) -> None:
             run.progress.append(time.monotonic() - start)
 
         result = await client.call_tool("countdown", {"steps": steps, "every": EVERY},
@@ -801,7 +822,7 @@ def test_refused_upload_with_curl_is_answered_at_once(env: Env, mode: str,
     marker = f"m-{uuid.uuid4().hex[:10]}"
     argv = ["curl", "-sS", "--http1.1", "--proxy", env.stack.proxy_url, "--cacert",
             env.mitm_ca, "-T", "-", "-X", "POST", "-D", "-", "-o", "/dev/null",
-            "-w", "@@%{http_code} %{size_upload} %{time_total}\n",
+            "-w", "##%{http_code} %{size_upload} %{time_total}\n",
             "-H", "Expect: 100-continue" if mode.startswith("expect") else "Expect:"]
     if mode.endswith("length"):
         argv += ["-H", f"Content-Length: {UPLOAD}", "-H", "Transfer-Encoding:"]
@@ -824,7 +845,7 @@ def test_refused_upload_with_curl_is_answered_at_once(env: Env, mode: str,
         stdout.seek(0)
         stderr.seek(0)
         out, err = stdout.read(), stderr.read()
-    head, _, tail = out.rpartition(b"@@")
+    head, _, tail = out.rpartition(b"##")  # (curl reads a -w starting with @ from a file)
     status, uploaded, _total = tail.decode().split()
     statuses = re.findall(rb"^HTTP/\S+ (\d{3})", head, re.M)
     print(f"\ncurl {mode}: statuses {statuses} in {elapsed * 1000:.0f} ms, curl sent "
@@ -847,23 +868,36 @@ def _lazy_body(size: int) -> Iterator[bytes]:
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
-def test_refused_upload_with_httpx_is_answered_at_once(env: Env, http2: bool) -> None:
-    """httpx streams 200 MB of unknown length (chunked / h2 DATA) with no user context: the
-    407 comes long before the body could have been sent."""
+def test_refused_upload_with_httpx_is_refused_cleanly(env: Env, http2: bool) -> None:
+    """httpx streams 200 MB of unknown length (chunked / h2 DATA) with no user context and
+    gets the 407 problem. httpx reads the answer only once it has sent the whole body, and
+    the proxy discards what arrives in the meantime (HTTP/1: for up to its linger, 5 s;
+    h2: after RST_STREAM NO_ERROR, which httpcore does not act on): so no promptness is
+    asserted here (the raw socket, h2 and curl tests do), only that the upload is refused,
+    reaches nothing, keeps memory flat and logs nothing."""
     import httpx
 
     connections = env.events.connections
     with RssWatch(env) as watch, httpx.Client(
-            proxy=env.stack.proxy_url, verify=env.stack.mitm_tls(), http2=http2,
-            trust_env=False, timeout=30) as c:
+            proxy=env.stack.proxy_url, verify=client_tls(env.mitm_ca, h2_first=http2),
+            http2=http2, trust_env=False, timeout=30) as c:
+        pulled = [0]
+
+        def body() -> Iterator[bytes]:
+            for block in _lazy_body(UPLOAD):
+                pulled[0] += len(block)
+                yield block
+
         start = time.monotonic()
-        r = c.post(f"https://localhost:{env.events.port}/up/httpx", content=_lazy_body(UPLOAD))
+        r = c.post(f"https://localhost:{env.events.port}/up/httpx", content=body())
         elapsed = time.monotonic() - start
     print(f"\nhttpx {'h2' if http2 else 'h1'}: {r.status_code} {r.http_version} in "
-          f"{elapsed * 1000:.0f} ms, RSS growth {watch.growth >> 20} MiB")
+          f"{elapsed * 1000:.0f} ms after httpx took {pulled[0] >> 20} MiB of the body, "
+          f"RSS growth {watch.growth >> 20} MiB")
+    assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
     assert r.status_code == 407 and r.headers["x-credproxy-error"] == "user-context-missing"
     assert r.headers["content-type"] == "application/problem+json"
-    assert elapsed < 2.0
+    assert elapsed < 10.0
     _assert_refused_cleanly(env, connections, watch)
 
 
@@ -955,7 +989,7 @@ def test_refused_h2_upload_gets_the_answer_then_rst_stream_no_error(env: Env) ->
                 break
             for ev in c.receive_data(data or b""):
                 if isinstance(ev, h2.events.ResponseReceived):
-                    got["headers"] = dict(ev.headers or [])
+                    got["headers"] = {str(k): str(v) for k, v in ev.headers or []}
                     got["at"] = time.monotonic() - start
                 elif isinstance(ev, h2.events.DataReceived):
                     got["body"] += ev.data or b""
@@ -982,26 +1016,51 @@ def test_refused_h2_upload_gets_the_answer_then_rst_stream_no_error(env: Env) ->
 
 # --- the one response still held -------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", ["slow", "large"])
-def test_an_upstream_401_is_replaced_promptly_with_none_of_its_body(env: Env,
-                                                                    shape: str) -> None:
-    """A credentialed request answered 401 (invalid_token) with a slow (4 s) or large
-    (32 MB) body: the agent gets the retry or reauth problem at once, never the upstream's
-    body."""
-    user = env.new_user(providers=(STREAMS,))
-    query = "n=20&every=0.2" if shape == "slow" else "n=1&size=33554432"
-    url = f"https://localhost:{env.events.port}/sse/m-401-{shape}?{query}&status=401"
-    with env.stack.client(context=env.context(user), timeout=30) as c:
+@pytest.mark.parametrize(("shape", "agent", "upstream"), [
+    ("slow", "h1", "h1"), ("large", "h1", "h1"), ("slow-403-invalid-token", "h1", "h1"),
+    ("slow", "h2", "h2"), ("large", "h2", "h2"), ("slow", "h2", "h1"), ("slow", "h1", "h2"),
+])
+def test_an_upstream_401_is_replaced_promptly_with_none_of_its_body(
+        env: Env, shape: str, agent: str, upstream: str) -> None:
+    """A credentialed request answered 401 (or 403 with ``error="invalid_token"``) with a
+    slow endless body (an event every 0.2 s) or a large one (32 MB): the agent gets the
+    retry or reauth problem at once, never the upstream's body, and the proxy lets go of
+    the upstream (an endless body it kept reading would hold the connection for ever).
+    HTTP/1 and HTTP/2 on either side: an httpx client offering ``http/1.1, h2`` (its own
+    order) gets HTTP/1.1 from the proxy while the proxy offers both upstream."""
+    import httpx
+
+    user = env.new_user(providers=(STREAMS, STREAMS_H1))
+    query = {"slow": "n=0&every=0.2&status=401", "large": "n=1&size=33554432&status=401",
+             "slow-403-invalid-token": "n=0&every=0.2&status=403&challenge=1"}[shape]
+    marker = f"m-{uuid.uuid4().hex[:10]}"
+    peer = env.events_h1 if upstream == "h1" else env.events
+    url = f"https://localhost:{peer.port}/sse/{marker}?{query}"
+    offers_h2 = agent == "h2" or upstream == "h2"
+    with httpx.Client(proxy=env.stack.proxy_url,
+                      verify=client_tls(env.mitm_ca, h2_first=agent == "h2"),
+                      http2=offers_h2, trust_env=False, timeout=3) as c:
         start = time.monotonic()
-        r = c.get(url, headers={"Accept": "text/event-stream"})
+        try:
+            r = c.get(url, headers={"Accept": "text/event-stream",
+                                    "X-User-Context": env.context(user)})
+        except httpx.ReadTimeout:
+            # Seen with HTTP/2 agents: the problem's HEADERS and DATA come at once, but the
+            # stream's END_STREAM only when the upstream body ends (never, for this one).
+            pytest.fail(f"no complete answer within 3 s (agent {agent}, upstream {upstream})")
         elapsed = time.monotonic() - start
-    print(f"\nheld 401 {shape}: {r.status_code} {r.headers.get('x-credproxy-error')} "
-          f"in {elapsed * 1000:.0f} ms, {len(r.content)} bytes")
+    (seen,) = peer.matching(marker)
+    print(f"\nheld {shape} agent {r.http_version} upstream HTTP/{seen.http_version}: "
+          f"{r.status_code} {r.headers.get('x-credproxy-error')} in {elapsed * 1000:.0f} ms, "
+          f"{len(r.content)} bytes")
+    assert r.http_version == ("HTTP/2" if agent == "h2" else "HTTP/1.1")
+    assert seen.http_version == ("2" if upstream == "h2" else "1.1")
     assert (r.status_code, r.headers["x-credproxy-error"]) in (
         (401, "reauth-required"), (503, "credential-store-unavailable"))
     assert r.headers["content-type"] == "application/problem+json"
     assert UNAUTHORIZED_BODY_MARK.encode() not in r.content
     assert elapsed < 2.0
+    wait_until(lambda: not peer.streaming(marker), timeout=5)
 
 
 # --- WebSocket and SSE refusals ---------------------------------------------------------------
@@ -1031,12 +1090,14 @@ def test_a_refused_sse_client_gets_a_problem(env: Env, http2: bool) -> None:
     import httpx
 
     connections = env.events.connections
-    with httpx.Client(proxy=env.stack.proxy_url, verify=env.stack.mitm_tls(), http2=http2,
-                      trust_env=False, timeout=15) as c:
+    with httpx.Client(proxy=env.stack.proxy_url, verify=client_tls(env.mitm_ca,
+                                                                   h2_first=http2),
+                      http2=http2, trust_env=False, timeout=15) as c:
         start = time.monotonic()
         r = c.get(f"https://localhost:{env.events.port}/sse/refused?n=0",
                   headers={"Accept": "text/event-stream"})
         elapsed = time.monotonic() - start
+    assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
     assert r.status_code == 407
     assert r.headers["content-type"] == "application/problem+json"
     assert r.headers["x-credproxy-error"] == "user-context-missing"
@@ -1044,3 +1105,98 @@ def test_a_refused_sse_client_gets_a_problem(env: Env, http2: bool) -> None:
     assert elapsed < 2.0
     assert env.events.connections == connections
 
+
+
+def test_a_refused_small_upload_keeps_the_connection(env: Env) -> None:
+    """A refused request whose small body has a known length is read and discarded: the
+    answer has no ``Connection: close`` and the next request on the same connection is
+    decided and served (here with a user context: the peer gets the user's token)."""
+    authority = f"localhost:{env.events.port}"
+    marker = f"m-{uuid.uuid4().hex[:10]}"
+    with _tunnel(env, authority) as tls:
+        tls.sendall(f"POST /up/small HTTP/1.1\r\nHost: {authority}\r\n"
+                    "Content-Length: 5\r\n\r\nhello".encode())
+        first = _read_response(tls)
+        tls.sendall(f"GET /sse/{marker}?n=2&every=0.05 HTTP/1.1\r\nHost: {authority}\r\n"
+                    f"X-User-Context: {env.context()}\r\nConnection: close\r\n\r\n"
+                    .encode())
+        second = _read_response(tls)
+    assert first.startswith(b"HTTP/1.1 407 "), first[:200]
+    assert b"\r\nconnection: close\r\n" not in first.lower()
+    assert second.startswith(b"HTTP/1.1 200 "), second[:200]
+    assert second.count(b'"seq"') == 2
+    (seen,) = env.events.matching(marker)
+    assert seen.header("authorization") == [f"Bearer {env.token()}"]
+
+
+def _read_response(tls: ssl.SSLSocket) -> bytes:
+    """One HTTP/1.1 response off ``tls``: Content-Length, chunked, or until close."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = tls.recv(65536)
+        if not chunk:
+            return buf
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in
+              (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+    def done() -> bool:
+        if b"content-length" in fields:
+            return len(body) >= int(fields[b"content-length"])
+        if b"chunked" in fields.get(b"transfer-encoding", b""):
+            return body.endswith(b"0\r\n\r\n")
+        return False
+
+    while not done():
+        chunk = tls.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("case", ["no-context", "upstream-down"])
+def test_a_grpc_refusal_is_trailers_only_on_the_wire(env: Env, case: str) -> None:
+    """The frames of a refused gRPC call: one HEADERS frame that ends the stream (gRPC's
+    "Trailers-Only"), ``:status`` 200, ``content-type: application/grpc``, ``grpc-status``
+    and a percent-encoded ``grpc-message`` "<slug>: ...", and no DATA. grpcio reports an
+    END_STREAM on a separate DATA frame as UNKNOWN ("Stream removed")."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    down = next(p for p in env.stack.config["providers"] if p["id"] == GRPC_DOWN)
+    authority = down["hosts"][0] if case == "upstream-down" else f"localhost:{env.grpc.port}"
+    headers = [(":method", "POST"), (":scheme", "https"), (":authority", authority),
+               (":path", GRPC_TICK), ("content-type", "application/grpc"), ("te", "trailers")]
+    if case == "upstream-down":
+        env.stack.vault_put(env.user, env.stack.grant(env.user), provider=GRPC_DOWN)
+        headers.append(("x-user-context", env.context()))
+    message = tick_request(1, 0.0)
+    frames: list[Any] = []
+    with _tunnel(env, authority, ["h2"]) as tls:
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                 header_encoding="utf-8"))
+        c.initiate_connection()
+        c.send_headers(1, headers)
+        c.send_data(1, b"\x00" + len(message).to_bytes(4, "big") + message, end_stream=True)
+        tls.sendall(c.data_to_send())
+        tls.settimeout(10)
+        while not any(isinstance(f, h2.events.StreamEnded | h2.events.StreamReset)
+                      for f in frames):
+            data = tls.recv(65536)
+            assert data, frames
+            frames += c.receive_data(data)
+            tls.sendall(c.data_to_send())
+    (response,) = [f for f in frames if isinstance(f, h2.events.ResponseReceived)]
+    got = {str(k): str(v) for k, v in response.headers or []}
+    print(f"\ngrpc frames {case}: {[type(f).__name__ for f in frames]}; {got}")
+    slug = "user-context-missing" if case == "no-context" else "upstream-unreachable"
+    assert got[":status"] == "200"
+    assert got["content-type"] == "application/grpc"
+    assert got["grpc-status"] == ("16" if case == "no-context" else "14")
+    assert got["grpc-message"].startswith(f"{slug}%3A ") or got["grpc-message"].startswith(
+        f"{slug}: ")
+    assert got["x-credproxy-error"] == slug
+    assert response.stream_ended is not None, "END_STREAM not on the HEADERS frame"
+    assert not [f for f in frames if isinstance(f, h2.events.DataReceived) and f.data]

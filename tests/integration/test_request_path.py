@@ -827,16 +827,15 @@ def test_http2_pseudo_headers_never_become_another_request_line(
     if with_context:
         headers.append((b"x-user-context", env.stack.context(user).encode()))
     got = _h2_request(env, env.raw_authority, headers, b"", None, method=method)
-    # Refused before any decision, with or without a user context, as a problem (never a
-    # bare 404 from the refusal sink).
+    # Refused before any decision, with or without a user context, as a problem.
     assert (got[b":status"], got.get(b"x-credproxy-error")) == (b"400", b"malformed-request")
     assert len(env.raw.requests) == before
 
 
 def test_a_refused_http2_request_with_trailers_is_still_answered(env: Env) -> None:
-    """Refused (no user context) and rerouted to the refusal sink: its trailer section
-    once stalled mitmproxy's HTTP/1 side towards the sink, so the agent never got an answer
-    and the flow stayed in flight through a shutdown."""
+    """Refused (no user context) before its body: the body and its trailer section are
+    discarded (they once stalled the exchange, so the agent never got an answer and the
+    flow stayed in flight through a shutdown)."""
     got = _h2_request(env, env.raw_authority, [(b":path", b"/refused-trailers")], b"hello",
                       [(b"x-checksum", b"abc")])
     assert (got[b":status"], got.get(b"x-credproxy-error")) == (b"407",
