@@ -53,7 +53,13 @@ another format than every other refusal:
    answer is not lost to a TCP reset while the client is still writing: RFC 9112 section
    9.6); a small body is read and discarded and the connection kept. Over HTTP/2 the
    complete answer is followed by ``RST_STREAM(NO_ERROR)`` (RFC 9113 section 8.1).
-8. **Refusals in gRPC.** mitmproxy's own error answers (an upstream that cannot be reached)
+8. **A response replaced at its head goes out at once.** mitmproxy reads the upstream's
+   whole body into a response an addon put in place of the upstream's in
+   ``responseheaders`` (overwriting its body), or streams into it until the upstream's body
+   ends. The replacement is now sent complete at once (:func:`_send_replacement`), and the
+   upstream's body is never read: its exchange is cancelled (HTTP/2 ``RST_STREAM``; HTTP/1
+   closes that connection), so an endless or slow 401 body holds nothing open.
+9. **Refusals in gRPC.** mitmproxy's own error answers (an upstream that cannot be reached)
    to a gRPC request are a gRPC status (:func:`proxy.problems.grpc_response`), like every
    other refusal.
 
@@ -117,7 +123,7 @@ _codes: dict[str, ErrorCode] = {}
 _client_faults: dict[str, ErrorCode] = {}
 
 # gRPC requests in flight, (client connection id, stream id) -> their content type: a
-# mitmproxy error answer on that stream is a gRPC status (item 8).
+# mitmproxy error answer on that stream is a gRPC status (item 9).
 _grpc: dict[tuple[str, int], str] = {}
 
 # Per HTTP stream, from its request head: (end_stream, Expect: 100-continue), for item 7.
@@ -328,6 +334,22 @@ def _answer_at_once(self: http_layer.HttpStream, end_stream: bool,
         yield http_layer.SendHttp(StopReading(self.stream_id), self.context.client)
 
 
+def _send_replacement(self: http_layer.HttpStream, upstream_done: bool) -> _CommandGenerator:
+    """Send the response an addon put in place of the upstream's in ``responseheaders``
+    now (item 8), and stop the upstream's (and, if still coming, the client's) body."""
+    if not upstream_done:
+        yield http_layer.SendHttp(RequestProtocolError(
+            self.stream_id, "the upstream's answer was replaced", ErrorCode.CANCEL),
+            self.context.server)
+    request_done = self.client_state == self.state_done
+    self.client_state = self.state_done  # so that the answer ends the stream
+    yield from self.send_response()
+    # Events still queued for this stream (the rest of either body) are consumed silently.
+    self.client_state = self.server_state = self.state_errored
+    if not request_done and not self.flow.request.is_http3:
+        yield http_layer.SendHttp(StopReading(self.stream_id), self.context.client)
+
+
 def _linger(self: _http1.Http1Server, event: events.Event) -> _CommandGenerator:
     """Connection state after an answer that said ``Connection: close`` while the request
     body was still coming: discard what arrives, close when the client does or after
@@ -502,8 +524,10 @@ def install() -> None:
                 self.h2_conn.send_headers(
                     event.stream_id,
                     [(b":status", b"%d" % p.status),
-                     *((k.lower().encode(), v.encode()) for k, v in p.headers.items())])
-                self.h2_conn.send_data(event.stream_id, p.body, end_stream=True)
+                     *((k.lower().encode(), v.encode()) for k, v in p.headers.items())],
+                    end_stream=not p.body)  # gRPC's Trailers-Only: one HEADERS frame
+                if p.body:
+                    self.h2_conn.send_data(event.stream_id, p.body, end_stream=True)
                 yield commands.SendData(self.conn, self.h2_conn.data_to_send())
                 return
         yield from h2_handle(self, event)
@@ -561,6 +585,18 @@ def install() -> None:
         yield from flow_done(self)
 
     http_layer.HttpStream.flow_done = forget_stream  # type: ignore[method-assign]
+
+    wait_for_response_headers = http_layer.HttpStream.state_wait_for_response_headers
+
+    def replace_at_once(self: http_layer.HttpStream, event: Any) -> _CommandGenerator:
+        upstream = event.response
+        yield from wait_for_response_headers(self, event)
+        if (self.flow.response is not upstream and self.flow.response is not None
+                and self.server_state == self.state_consume_response_body):
+            yield from _send_replacement(self, upstream_done=event.end_stream)
+
+    http_layer.HttpStream.state_wait_for_response_headers = (  # type: ignore[method-assign]
+        replace_at_once)
 
     stream_request_body = http_layer.HttpStream.state_stream_request_body
 

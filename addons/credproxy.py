@@ -264,9 +264,9 @@ class CredentialInjector:
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         """The upstream's status and header section arrived: decide on them now, so that the
         body can stream. A credentialed request answered 401 or ``error="invalid_token"``
-        (:meth:`Sidecar.upstream_response`) gets its problem instead: the replacement is sent
-        in place of the upstream's head, and the upstream's body is dropped chunk by chunk
-        (memory stays flat, nothing of it reaches the agent). Everything else streams."""
+        (:meth:`Sidecar.upstream_response`) gets its problem instead: the replacement goes
+        out at once in place of the upstream's answer, whose body is never read
+        (:mod:`addons.compat`, item 8). Everything else streams."""
         response = flow.response
         if response is None or flow.id in self._refused:
             return
@@ -285,7 +285,6 @@ class CredentialInjector:
                 answer = self._answer(flow, refusal)
                 self._replaced[flow.id] = answer
                 flow.response = _make(answer)
-                flow.response.stream = _Replacement(answer.body)
                 return
         response.stream = True
 
@@ -296,9 +295,7 @@ class CredentialInjector:
         if self._forget_refused(flow) or flow.response is None or self.app is None:
             return
         if replaced is not None:
-            # A head with no body after it was not streamed: mitmproxy set the (empty)
-            # upstream body on the replacement; and upstream trailers never go out.
-            flow.response = _make(replaced)
+            flow.response = _make(replaced)  # as sent; never the upstream's trailers
         if flow.server_conn.timestamp_start is not None:  # it went upstream
             self._observe(flow, injected[1].provider.id if injected else "-")
 
@@ -384,19 +381,6 @@ class CredentialInjector:
 
 def _make(answer: ProblemResponse) -> http.Response:
     return http.Response.make(answer.status, answer.body, answer.headers)
-
-
-class _Replacement:
-    """``Response.stream`` of a replaced upstream answer: the replacement's body goes out
-    once, at the first chunk (or the end) of the upstream's body; the upstream's bytes go
-    nowhere."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body: bytes | None = body
-
-    def __call__(self, _chunk: bytes) -> list[bytes]:
-        body, self._body = self._body, None
-        return [body] if body else []
 
 
 addons = [CredentialInjector()]
