@@ -506,7 +506,7 @@ def report_uploads(ups: dict[str, list[dict[str, float]]], direct: list[float],
 
 
 def report_ws(rtts: dict[str, list[float]], rep: Report, trips: int) -> None:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     d50 = statistics.median(rtts["direct"])
     for path in PATHS:
         r = rtts[path]
@@ -602,14 +602,15 @@ def machine() -> str:
 
 
 def tool_versions() -> str:
+    from importlib.metadata import version
+
     import httpx
     import mitmproxy.version
-    import websockets
 
     curl = subprocess.run(["curl", "--version"], capture_output=True, text=True,
                           check=True).stdout.split()[1]
     return (f"Python {platform.python_version()}, mitmproxy {mitmproxy.version.VERSION}, "
-            f"curl {curl}, httpx {httpx.__version__}, websockets {websockets.__version__}")
+            f"curl {curl}, httpx {httpx.__version__}, websockets {version("websockets")}")
 
 
 def render(rep: Report, *, markdown: bool, header: list[str]) -> str:
