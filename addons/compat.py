@@ -59,7 +59,16 @@ another format than every other refusal:
    ends. The replacement is now sent complete at once (:func:`_send_replacement`), and the
    upstream's body is never read: its exchange is cancelled (HTTP/2 ``RST_STREAM``; HTTP/1
    closes that connection), so an endless or slow 401 body holds nothing open.
-9. **Refusals in gRPC.** mitmproxy's own error answers (an upstream that cannot be reached)
+9. **HTTP/2 agents: backpressure and concurrency.** mitmproxy buffers what an HTTP/2 agent
+   cannot take yet (its flow-control window is exhausted) without bound while it keeps
+   reading the upstream: an agent that stops reading an endless stream grew the proxy by
+   about 32 MiB/s. The proxy now stops reading upstream connections while more than
+   :data:`H2_BACKLOG_LIMIT` waits for the agent's HTTP/2 connection, as TCP does for
+   HTTP/1. And mitmproxy opens at most five connections to one upstream per agent
+   connection, so an HTTP/2 agent's sixth stream to an HTTP/1 provider waited for one of
+   five endless streams to end; the limit is now :data:`UPSTREAM_CONNECTIONS`, the number of
+   streams an HTTP/2 agent may open at once.
+10. **Refusals in gRPC.** mitmproxy's own error answers (an upstream that cannot be reached)
    to a gRPC request are a gRPC status (:func:`proxy.problems.grpc_response`), like every
    other refusal.
 
@@ -69,6 +78,9 @@ another format than every other refusal:
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextvars
 import logging
 import time
 import weakref
@@ -83,10 +95,10 @@ from h11._events import Data, EndOfMessage
 from h11._readers import ChunkedReader
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http
-from mitmproxy.connection import ConnectionState
+from mitmproxy.connection import Connection, ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import commands, events, layers
+from mitmproxy.proxy import commands, events, layers, server
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layer import Layer
 from mitmproxy.proxy.layers import http as http_layer
@@ -103,6 +115,7 @@ from mitmproxy.proxy.layers.http._events import (
     ResponseProtocolError,
 )
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 
 from proxy.errors import InternalError, MalformedRequest, ProxyRefusal, UpstreamUnreachable
 from proxy.headers import is_websocket_upgrade
@@ -123,7 +136,7 @@ _codes: dict[str, ErrorCode] = {}
 _client_faults: dict[str, ErrorCode] = {}
 
 # gRPC requests in flight, (client connection id, stream id) -> their content type: a
-# mitmproxy error answer on that stream is a gRPC status (item 9).
+# mitmproxy error answer on that stream is a gRPC status (item 10).
 _grpc: dict[tuple[str, int], str] = {}
 
 # Per HTTP stream, from its request head: (end_stream, Expect: 100-continue), for item 7.
@@ -139,6 +152,25 @@ SMALL_BODY = 64 * 1024
 # the answer, before it closes (a client that writes its whole body before it reads the
 # answer gets it meanwhile; one that reads early has closed already).
 LINGER_SECONDS = 5.0
+
+
+# Item 9: bytes waiting for an HTTP/2 agent beyond which upstream connections are not read,
+# and connections to one upstream per agent connection (h2's default
+# SETTINGS_MAX_CONCURRENT_STREAMS, which mitmproxy advertises).
+H2_BACKLOG_LIMIT = 4 * 1024 * 1024
+UPSTREAM_CONNECTIONS = 100
+# Per agent connection id: its HTTP/2 connection state (send buffers), for item 9.
+_h2_agents: dict[str, weakref.WeakSet[BufferedH2Connection]] = {}
+# The connection whose bytes the current task reads (mitmproxy reads each in its own loop).
+_reading: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+    "credproxy_reading", default=None)
+
+
+def _h2_backlog(client_id: str) -> int:
+    """Bytes mitmproxy holds for the agent connection ``client_id`` until its HTTP/2
+    flow-control window opens."""
+    return sum(len(chunk.data) for conn in _h2_agents.get(client_id, ())
+               for buffer in list(conn.stream_buffers.values()) for chunk in buffer)
 
 
 @dataclass
@@ -157,6 +189,7 @@ def forget(client_id: str) -> None:
     # (_client_faults is consumed by failure_reason: mitmproxy may report the client's
     # disconnect before the flow's error.)
     _pending.pop(client_id, None)
+    _h2_agents.pop(client_id, None)
 
 
 def failure_reason(flow_id: str, client_id: str) -> str:
@@ -614,3 +647,40 @@ def install() -> None:
 
     http_layer.HttpStream.state_stream_request_body = (  # type: ignore[method-assign]
         refuse_streamed_trailers)
+
+    handler_init = server.ConnectionHandler.__init__
+
+    def more_upstream_connections(self: server.ConnectionHandler, context: Context) -> None:
+        handler_init(self, context)
+        self.max_conns = collections.defaultdict(
+            lambda: asyncio.Semaphore(UPSTREAM_CONNECTIONS))
+
+    server.ConnectionHandler.__init__ = more_upstream_connections  # type: ignore[method-assign]
+
+    handle_connection = server.ConnectionHandler.handle_connection
+
+    async def reading(self: server.ConnectionHandler, connection: Connection) -> None:
+        _reading.set(connection)
+        await handle_connection(self, connection)
+
+    server.ConnectionHandler.handle_connection = reading  # type: ignore[method-assign]
+
+    drain_writers = server.ConnectionHandler.drain_writers
+
+    async def drain_h2_backlog(self: server.ConnectionHandler) -> None:
+        await drain_writers(self)
+        connection = _reading.get()
+        if connection is None or connection is self.client:
+            return  # the agent's own loop must go on reading its WINDOW_UPDATEs
+        while _h2_backlog(self.client.id) > H2_BACKLOG_LIMIT:
+            await asyncio.sleep(0.005)
+
+    server.ConnectionHandler.drain_writers = drain_h2_backlog  # type: ignore[method-assign]
+
+    h2_server_init = _http2.Http2Server.__init__
+
+    def track_h2_agent(self: _http2.Http2Server, context: Context) -> None:
+        h2_server_init(self, context)
+        _h2_agents.setdefault(context.client.id, weakref.WeakSet()).add(self.h2_conn)
+
+    _http2.Http2Server.__init__ = track_h2_agent  # type: ignore[method-assign]

@@ -72,6 +72,10 @@ class CredentialInjector:
         # Per flow, between requestheaders and response/error: what a graceful shutdown
         # waits for, and what the response hook needs of a credentialed request.
         self.in_flight: set[str] = set()
+        # Per client connection: its flows still in flight (mitmproxy runs no response or
+        # error hook for a flow still waiting for an upstream connection when the client
+        # goes; client_disconnected closes them).
+        self._client_flows: dict[str, set[str]] = {}
         self._injected: dict[str, _Injected] = {}
         # Flows this addon answered itself: refused before forwarding, or whose upstream
         # answer it replaced (flow id -> the replacement, set again in `response`).
@@ -119,6 +123,18 @@ class CredentialInjector:
         self._tunnels.pop(client.id, None)
         self._conn_context.pop(client.id, None)
         compat.forget(client.id)
+        for flow_id in self._client_flows.pop(client.id, set()) & self.in_flight:
+            # A flow mitmproxy ended without a response or error hook (it was still waiting
+            # for an upstream connection): not in flight any more, and its audit trail ends.
+            self.in_flight.discard(flow_id)
+            self._replaced.pop(flow_id, None)
+            injected = self._injected.pop(flow_id, None)
+            if self.app is not None and injected is not None:
+                try:
+                    self.app.sidecar.exchange_failed(injected[0], injected[1],
+                                                     reason="client_disconnected")
+                except CredproxyError:
+                    log.exception("could not record the failure of %s", flow_id)
 
     def _policy(self) -> HeaderPolicy:
         return self.app.sidecar.headers if self.app is not None else _DEFAULT_POLICY
@@ -180,6 +196,7 @@ class CredentialInjector:
         if flow.response or flow.error or not flow.live:
             return
         self.in_flight.add(flow.id)
+        self._client_flows.setdefault(flow.client_conn.id, set()).add(flow.id)
         if self.app is None:
             await self._refuse(flow, InternalError("credproxy is not configured; nothing was "
                                                    "forwarded", reason="unconfigured"))
@@ -256,7 +273,7 @@ class CredentialInjector:
         if injected is not None:
             self._failed(flow, injected, "client_protocol_error")
         self._refused.add(flow.id)
-        self.in_flight.discard(flow.id)
+        self._finish(flow)
         flow.response = self._problem(flow, MalformedRequest(
             "the request carries a trailer section, which credproxy does not forward; send "
             "the fields as headers", reason="trailers"))
@@ -284,18 +301,19 @@ class CredentialInjector:
             if refusal is not None:
                 answer = self._answer(flow, refusal)
                 self._replaced[flow.id] = answer
-                flow.response = _make(answer)
+                flow.response = _make(answer, req_method(flow))
                 return
         response.stream = True
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        self.in_flight.discard(flow.id)
+        self._finish(flow)
         injected = self._injected.pop(flow.id, None)
         replaced = self._replaced.pop(flow.id, None)
         if self._forget_refused(flow) or flow.response is None or self.app is None:
             return
         if replaced is not None:
-            flow.response = _make(replaced)  # as sent; never the upstream's trailers
+            # As sent; never the upstream's trailers.
+            flow.response = _make(replaced, req_method(flow))
         if flow.server_conn.timestamp_start is not None:  # it went upstream
             self._observe(flow, injected[1].provider.id if injected else "-")
 
@@ -312,7 +330,7 @@ class CredentialInjector:
                 max(0.0, resp.timestamp_start - req.timestamp_end))
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.in_flight.discard(flow.id)
+        self._finish(flow)
         refused = self._forget_refused(flow)
         self._replaced.pop(flow.id, None)
         injected = self._injected.pop(flow.id, None)
@@ -336,6 +354,13 @@ class CredentialInjector:
         except CredproxyError:
             log.exception("could not record the failure of %s", flow.id)
 
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        """``flow`` is no longer in flight."""
+        self.in_flight.discard(flow.id)
+        flows = self._client_flows.get(flow.client_conn.id)
+        if flows is not None:
+            flows.discard(flow.id)
+
     def _forget_refused(self, flow: http.HTTPFlow) -> bool:
         if flow.id in self._refused:
             self._refused.discard(flow.id)
@@ -346,11 +371,11 @@ class CredentialInjector:
         """Answer ``flow`` with a problem before anything is sent upstream: at once, before
         its body (:mod:`addons.compat`, item 7)."""
         self._refused.add(flow.id)
-        self.in_flight.discard(flow.id)
-        flow.response = _make(self._answer(flow, refusal))
+        self._finish(flow)
+        flow.response = _make(self._answer(flow, refusal), req_method(flow))
 
     def _problem(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> http.Response:
-        return _make(self._answer(flow, refusal))
+        return _make(self._answer(flow, refusal), req_method(flow))
 
     def _answer(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> ProblemResponse:
         """The refusal in the client's protocol (a gRPC status or an RFC 9457 problem),
@@ -379,7 +404,19 @@ class CredentialInjector:
                                      reason="bad_destination") from None
 
 
-def _make(answer: ProblemResponse) -> http.Response:
+def req_method(flow: http.HTTPFlow) -> str:
+    return flow.request.method.upper()
+
+
+def _make(answer: ProblemResponse, method: str) -> http.Response:
+    """The response for ``answer``; to a HEAD request without its body (RFC 9110 section
+    9.3.2: mitmproxy would send the body anyway, and the client would read it as the next
+    response)."""
+    if method == "HEAD":
+        headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-length"}
+        response = http.Response.make(answer.status, b"", headers)
+        response.headers.pop("content-length", None)
+        return response
     return http.Response.make(answer.status, answer.body, answer.headers)
 
 
