@@ -570,7 +570,10 @@ def test_a_grpc_call_answered_401_upstream_gets_a_grpc_status(env: Env, shape: s
     assert elapsed < QUICK + 1.0  # (grpcio's own connection setup through the proxy)
     (seen,) = peer.matching(m)
     assert seen.method == "POST" and seen.header("content-type") == ["application/grpc"]
-    _wait_let_go(seen)
+    if shape == "small":  # (its body may well be complete before the proxy reads the head)
+        wait_until(lambda: not peer.streaming(m), timeout=3)
+    else:
+        _wait_let_go(seen)
 
 
 def _grpc_frames(env: Env, authority: str, path: str, context: str | None) -> tuple[
@@ -592,9 +595,10 @@ def test_a_replaced_grpc_answer_is_one_headers_frame(env: Env, case: str) -> Non
     Trailers-Only: ``:status`` 200, ``grpc-status``, ``grpc-message`` "<slug>: ..."), no
     DATA frame and no trailers, at once; the connection then serves another request."""
     m = f"m-{uuid.uuid4().hex[:10]}"
-    context: str | None = env.context(env.new_user())
+    context: str | None = env.context()
     peer: EventServer | None = None
     if case.startswith("401"):
+        context = env.context(env.new_user())
         upstream = case.rsplit("-", 1)[1]
         peer = env.peer(upstream)
         shape = GRPC_SHAPES[case.split("-")[1]]
@@ -605,7 +609,7 @@ def test_a_replaced_grpc_answer_is_one_headers_frame(env: Env, case: str) -> Non
         authority, path = f"localhost:{env.closing.port}", "/t.S/Unary"
     agent, sid, st = _grpc_frames(env, authority, path, context)
     try:
-        nxt = agent.get(f"/sse/{m}-next?n=1&every=0") if peer is not None else None
+        nxt = agent.get(f"/sse/{m}-next?n=1&every=0", env.context()) if peer else None
         after = agent.wait_done(nxt, timeout=5) if nxt is not None else None
     finally:
         agent.close()
@@ -772,7 +776,33 @@ def test_an_h2_agent_gets_many_concurrent_streams_to_an_http1_upstream(env: Env,
     assert sh.headers is not None and sh.headers[":status"] == "200"
     assert sh.seqs == [0] and sh.ended_at is not None
     assert len(peer.matching(m)) == 10
-    wait_until(lambda: not peer.streaming(m), timeout=5)  # the agent left: all let go
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+@pytest.mark.parametrize("rst", [False, True], ids=["fin", "rst"])
+def test_an_h2_agent_leaving_lets_every_http1_upstream_connection_go(env: Env, streams: int,
+                                                                     rst: bool) -> None:
+    """An HTTP/2 agent with endless streams to an HTTP/1-only provider (one upstream
+    connection each) goes away (TCP FIN, or RST): the proxy closes every one of those
+    upstream connections (an endless upstream left connected holds a socket and the
+    upstream's work for ever)."""
+    peer = env.events_h1
+    m = f"m-{uuid.uuid4().hex[:10]}"
+    agent = H2Agent(env, f"localhost:{peer.port}")
+    sids = [agent.get(f"/sse/{m}-{i}?n=0&every=0.05", env.context()) for i in range(streams)]
+    try:
+        assert agent.pump(lambda: all(agent.streams[s].seqs for s in sids), 5)
+    finally:
+        agent.close(rst=rst)
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: not peer.streaming(m), timeout=3)
+    seen = peer.matching(m)
+    outcomes = [s.outcome or "still sent" for s in seen]
+    print(f"\nh2 agent with {streams} streams to an HTTP/1 upstream left "
+          f"({'rst' if rst else 'fin'}): upstream answers {outcomes}, "
+          f"{[s.sent_bytes for s in seen]} bytes sent")
+    assert len(seen) == streams
+    assert all(s.let_go for s in seen), "upstream connections kept after the agent left"
 
 
 # --- 5. nothing left in flight ---------------------------------------------------------------
@@ -807,8 +837,13 @@ def test_sigterm_after_agents_left_exits_at_once_with_nothing_in_flight(env: Env
         assert h2_streams.pump(lambda: all(h2_streams.streams[s].seqs for s in sids), 5)
         assert h2_to_h1.pump(lambda: all(h2_to_h1.streams[s].seqs for s in sids_h1), 5)
         h2_streams.run_for(0.5)  # the fast stream's backlog builds
-        wait_until(lambda: env.silent.connections - silent_before >= 4, timeout=5)
-        assert b"data:" in h1_stream.tls.recv(65536)
+        # (the two streams to the silent peer on one connection wait for one connection)
+        wait_until(lambda: env.silent.connections - silent_before >= 3, timeout=5)
+        got = b""
+        while b"data:" not in got:
+            chunk = h1_stream.tls.recv(65536)
+            assert chunk, got
+            got += chunk
     finally:
         agents: list[H1Agent | H2Agent] = [h1_stream, h1_waiting, h1_unrouted, h2_streams,
                                            h2_to_h1, h2_waiting]
@@ -818,10 +853,15 @@ def test_sigterm_after_agents_left_exits_at_once_with_nothing_in_flight(env: Env
             else:
                 agent.tls.close()
     try:
-        wait_until(lambda: not env.events.streaming(m) and not env.events_h1.streaming(m),
-                   timeout=5)
-        wait_until(lambda: env.silent.open == 0, timeout=5)  # upstream attempts let go
+        # The agents' leaving has been handled: their HTTP/2 upstream streams are reset, the
+        # upstream connections still in their TLS handshake closed. (HTTP/1 upstreams of an
+        # HTTP/2 agent are not: see the test after this one.)
+        wait_until(lambda: not env.events.streaming(m), timeout=5)
+        wait_until(lambda: env.silent.open == 0, timeout=5)
         time.sleep(0.3)
+        print(f"\nat SIGTERM: {sum(s.outcome == '' for s in env.events_h1.matching(m))} "
+              f"HTTP/1 upstream answers still being sent, {env.silent.open} connections to "
+              f"the silent peer still open")
         start = time.monotonic()
         proxy.signal(signal.SIGTERM)
         code = proxy.proc.wait(30)
@@ -830,7 +870,7 @@ def test_sigterm_after_agents_left_exits_at_once_with_nothing_in_flight(env: Env
         proxy.close()
     logs = proxy.logs()
     shutdown = [line for line in logs.splitlines() if "in flight" in line]
-    print(f"\nSIGTERM after the agents left: exit {code} after {elapsed * 1000:.0f} ms; "
+    print(f"SIGTERM after the agents left: exit {code} after {elapsed * 1000:.0f} ms; "
           f"{shutdown}")
     assert code == 0
     assert elapsed < 5.0, f"exit took {elapsed:.1f} s: the grace was waited out"
