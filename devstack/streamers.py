@@ -41,6 +41,7 @@ import contextlib
 import json
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -503,23 +504,35 @@ class _H2Session:
 class DeadEnd:
     """An upstream that never gets anywhere. ``silent``: connections are accepted and held
     without a byte read or written, so a client's TLS handshake waits (for ever); ``close``:
-    each is closed at once. :attr:`connections` counts accepted connections, :attr:`open`
-    those still held (a silent peer's client that gives up closes its end: read as EOF)."""
+    each is closed at once; ``unanswered``: the TCP handshake itself never completes (the
+    listening socket's accept queue is kept full, so the kernel drops new SYNs: a client's
+    connect waits). :attr:`connections` counts accepted connections, :attr:`open` those
+    still held, :attr:`connecting` the connects waiting on an ``unanswered`` one."""
 
     def __init__(self, *, mode: str = "silent", host: str = "127.0.0.1") -> None:
-        assert mode in ("silent", "close")
+        assert mode in ("silent", "close", "unanswered")
         self.mode = mode
         self.connections = 0
         self._held: list[socket.socket] = []
-        self._sock = socket.create_server((host, 0), backlog=128)
+        self._sock = socket.create_server((host, 0), backlog=0 if mode == "unanswered" else 128)
         self._sock.settimeout(0.1)
         self.port: int = self._sock.getsockname()[1]
         self._stop = threading.Event()
+        self._fillers: list[socket.socket] = []
+        if mode == "unanswered":
+            for _ in range(2):  # one fills the queue (backlog 0 holds one), one is dropped
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex((host, self.port))
+                self._fillers.append(filler)
         self._thread = threading.Thread(target=self._run, name=f"dead-end-{mode}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.mode == "unanswered":
+                self._stop.wait(0.1)
+                continue
             with contextlib.suppress(TimeoutError):
                 conn, _ = self._sock.accept()
                 self.connections += 1
@@ -544,11 +557,20 @@ class DeadEnd:
                 pass
         return alive
 
+    @property
+    def connecting(self) -> int:
+        """Connects to an ``unanswered`` peer still waiting (SYN-SENT), but its own."""
+        own = {f.getsockname()[1] for f in self._fillers}
+        out = subprocess.run(["ss", "-tnH", "state", "syn-sent", f"( dport = :{self.port} )"],
+                             capture_output=True, text=True, check=True).stdout
+        return sum(1 for line in out.splitlines()
+                   if int(line.split()[-2].rsplit(":", 1)[1]) not in own)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
         self._sock.close()
-        for conn in self._held:
+        for conn in [*self._held, *self._fillers]:
             conn.close()
 
 

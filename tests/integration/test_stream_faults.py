@@ -57,8 +57,8 @@ from devstack.streamers import UNAUTHORIZED_BODY_MARK, DeadEnd, EventServer, See
 
 pytestmark = pytest.mark.integration
 
-STREAMS, STREAMS_H1, SILENT, CLOSING, DOWN = (
-    "streams", "streams-h1", "silent", "closing", "down")
+STREAMS, STREAMS_H1, SILENT, CLOSING, UNANSWERED, DOWN = (
+    "streams", "streams-h1", "silent", "closing", "unanswered", "down")
 QUICK = 1.0  # an answer "at once": well under the upstream body's seconds
 REPLACED = {(401, "reauth-required"), (503, "credential-store-unavailable")}
 GRPC_REPLACED = {(grpc.StatusCode.UNAUTHENTICATED, "reauth-required"),
@@ -75,6 +75,7 @@ class Env:
     events_h1: EventServer  # http/1.1 only
     silent: DeadEnd  # accepts, never answers (the proxy's TLS handshake waits)
     closing: DeadEnd  # closes every connection at once
+    unanswered: DeadEnd  # TCP connects to it never complete
     user: str = "faults"
     _users: Iterator[int] = field(default_factory=lambda: iter(range(1_000_000)))
 
@@ -130,15 +131,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         peers.append(silent)
         closing = DeadEnd(mode="close")
         peers.append(closing)
+        unanswered = DeadEnd(mode="unanswered")
+        peers.append(unanswered)
         docs = stack.config["providers"][0]
         ports = {STREAMS: events.port, STREAMS_H1: events_h1.port, SILENT: silent.port,
-                 CLOSING: closing.port, DOWN: free_port()}
+                 CLOSING: closing.port, UNANSWERED: unanswered.port, DOWN: free_port()}
         # Routed as localhost:<port>; the same peers as 127.0.0.1:<port> are unrouted.
         stack.config["providers"] += [{**docs, "id": pid, "hosts": [f"localhost:{port}"]}
                                       for pid, port in ports.items()]
         stack.write_config(http2=True)
         stack.start_proxy()
-        env = Env(stack, events, events_h1, silent, closing)
+        env = Env(stack, events, events_h1, silent, closing, unanswered)
         grant = stack.grant(env.user)
         for provider in ports:
             stack.vault_put(env.user, grant, provider=provider)
@@ -576,6 +579,27 @@ def test_a_grpc_call_answered_401_upstream_gets_a_grpc_status(env: Env, shape: s
         _wait_let_go(seen)
 
 
+@pytest.mark.parametrize("case", ["unrouted-down", "routed-closes"])
+def test_a_grpc_call_to_an_unreachable_upstream_gets_unavailable(env: Env, case: str) -> None:
+    """grpcio through the proxy to an upstream that cannot be reached (unrouted: nothing
+    listens; routed: every connection closed at once, so TLS fails): UNAVAILABLE with
+    ``upstream-unreachable`` first in the details, at once."""
+    if case == "unrouted-down":
+        target, metadata = f"127.0.0.1:{free_port()}", []
+    else:
+        target, metadata = f"localhost:{env.closing.port}", [("x-user-context", env.context())]
+    start = time.monotonic()
+    with _grpc_channel(env, target) as channel, pytest.raises(grpc.RpcError) as caught:
+        list(channel.unary_stream("/credproxy.test.Streams/Tick")(b"{}", timeout=5,
+                                                                  metadata=metadata))
+    elapsed = time.monotonic() - start
+    err: Any = caught.value
+    print(f"\ngrpc {case}: {err.code()} {err.details()!r} in {elapsed * 1000:.0f} ms")
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+    assert err.details().startswith("upstream-unreachable: ")
+    assert elapsed < QUICK + 1.0
+
+
 def _grpc_frames(env: Env, authority: str, path: str, context: str | None) -> tuple[
         H2Agent, int, H2Stream]:
     agent = H2Agent(env, authority)
@@ -639,7 +663,7 @@ def test_a_replaced_grpc_answer_is_one_headers_frame(env: Env, case: str) -> Non
 
 # --- 3. an HTTP/2 agent that stops reading ---------------------------------------------------
 
-STALL = 3.0  # seconds the agent reads nothing of the fast stream
+STALL = 2.5  # seconds the agent reads nothing of the fast stream
 RESUME = 1.0  # seconds it reads again
 
 
@@ -675,8 +699,9 @@ def test_an_h2_agent_that_stops_reading_holds_the_upstream_back(env: Env,
                                                                 upstream: str) -> None:
     """An HTTP/2 agent asks for an endless stream of 64 KiB events, as fast as the peer
     writes, and sends no WINDOW_UPDATE for STALL s: the proxy stops reading the upstream
-    (its RSS grows by a few MiB, the peer gets to send some tens of MiB at most, where
-    unread it would have pushed hundreds); when the agent reads again the stream resumes
+    (its RSS grows by a few MiB, the peer gets to send some 10 MiB: 4 MiB the proxy holds
+    plus socket buffers, where a proxy that kept reading took 30 MiB/s or more, all held
+    in memory); when the agent reads again the stream resumes
     at speed with every event in order; after the agent cancels it, a second stream on the
     same connection is answered."""
     peer = env.peer(upstream)
@@ -691,6 +716,15 @@ def test_an_h2_agent_that_stops_reading_holds_the_upstream_back(env: Env,
         (seen,) = peer.matching(m)
         held_back = seen.sent_bytes
         got_stalled = len(st.data)
+        print(f"\nstalled h2 agent, upstream {upstream}: "
+              f"{st.headers and st.headers[':status']}, {got_stalled >> 10} KiB reached the "
+              f"agent, the peer sent {held_back >> 20} MiB in {STALL} s, proxy RSS "
+              f"+{rss.growth >> 20} MiB")
+        assert st.headers is not None and st.headers[":status"] == "200"
+        assert got_stalled <= 65535  # the agent's initial window, no more
+        # Held back: 4 MiB in the proxy plus socket buffers; unread, some 30 MiB/s or more.
+        assert rss.growth < 32 << 20, f"proxy RSS grew by {rss.growth >> 20} MiB"
+        assert held_back < 32 << 20, f"the peer sent {held_back >> 20} MiB to a stalled agent"
         agent.release(sid, extra=16 << 20)
         t0 = time.monotonic()
         agent.run_for(RESUME)
@@ -703,16 +737,10 @@ def test_an_h2_agent_that_stops_reading_holds_the_upstream_back(env: Env,
         st2 = agent.wait_done(sid2, timeout=5)
     finally:
         agent.close()
-    print(f"\nstalled h2 agent, upstream {upstream}: {st.headers and st.headers[':status']}, "
-          f"{got_stalled >> 10} KiB reached the agent, the peer sent {held_back >> 20} MiB "
-          f"in {STALL} s, proxy RSS +{rss.growth >> 20} MiB; resumed {resumed >> 20} MiB in "
-          f"{RESUME} s ({rate / 2**20:.0f} MiB/s), events {seqs[:1]}..{seqs[-1:]} "
-          f"({len(seqs)}); upstream {seen.outcome} {gone * 1000:.0f} ms after the reset; "
-          f"second stream {st2.headers and st2.headers[':status']} {st2.seqs}")
-    assert st.headers is not None and st.headers[":status"] == "200"
-    assert got_stalled <= 65535  # the agent's initial window, no more
-    assert rss.growth < 48 << 20, f"proxy RSS grew by {rss.growth >> 20} MiB"
-    assert held_back < 64 << 20, f"the peer sent {held_back >> 20} MiB to a stalled agent"
+    print(f"  resumed {resumed >> 20} MiB in {RESUME} s ({rate / 2**20:.0f} MiB/s), events "
+          f"{seqs[:1]}..{seqs[-1:]} ({len(seqs)}); upstream {seen.outcome} "
+          f"{gone * 1000:.0f} ms after the reset; second stream "
+          f"{st2.headers and st2.headers[':status']} {st2.seqs}")
     assert resumed >= 8 << 20, f"only {resumed >> 20} MiB after the agent read again"
     assert seqs == list(range(len(seqs))), "events lost or out of order"
     assert st2.headers is not None and st2.headers[":status"] == "200"
@@ -733,7 +761,7 @@ def test_a_stalled_h2_stream_does_not_hold_up_another_on_its_connection(env: Env
         agent.hold(sid, connection=True)
         agent.run_for(1.5)
         sid2 = agent.get(f"/sse/{m2}?n=3&every=0.05", env.context())
-        st2 = agent.wait_done(sid2, timeout=4)
+        st2 = agent.wait_done(sid2, timeout=2.5)
         agent.reset(sid)
     finally:
         agent.close()
@@ -795,7 +823,7 @@ def test_an_h2_agent_leaving_lets_every_http1_upstream_connection_go(env: Env, s
     finally:
         agent.close(rst=rst)
     with contextlib.suppress(TimeoutError):
-        wait_until(lambda: not peer.streaming(m), timeout=3)
+        wait_until(lambda: not peer.streaming(m), timeout=2)
     seen = peer.matching(m)
     outcomes = [s.outcome or "still sent" for s in seen]
     print(f"\nh2 agent with {streams} streams to an HTTP/1 upstream left "
@@ -810,34 +838,52 @@ def test_an_h2_agent_leaving_lets_every_http1_upstream_connection_go(env: Env, s
 def test_sigterm_after_agents_left_exits_at_once_with_nothing_in_flight(env: Env) -> None:
     """On a proxy of its own (a second process on the same config): HTTP/1 and HTTP/2 agents
     with endless streams open (one of them unread, its backlog held), and requests still
-    waiting for an upstream connection (a peer that never answers the TLS handshake; routed
-    and unrouted), all leave (some closing, some resetting the TCP connection). Then SIGTERM:
-    the proxy exits at once (its grace is 25 s), logging nothing still in flight."""
+    waiting for an upstream connection (a peer whose TCP handshake never completes, and
+    one that never answers the TLS handshake; routed and unrouted), all leave (some
+    closing, some resetting the TCP connection). mitmproxy runs no error hook for a flow
+    still waiting for its connection: without the proxy's own accounting such flows stayed
+    "in flight" and a SIGTERM waited out its grace (25 s). Here it exits at once, logging
+    nothing still in flight, and the upstream connects were abandoned."""
     (proxy,) = env.stack.start_replicas(1)
     addr = _addr(proxy.info["proxy_url"])
     m = f"m-{uuid.uuid4().hex[:10]}"
     ctx = env.context()
     silent_before = env.silent.connections
-    h1_stream = H1Agent(env, f"localhost:{env.events_h1.port}", addr)
-    h1_stream.send("GET", f"/sse/{m}-h1?n=0&every=0.1", {"X-User-Context": ctx})
-    h1_waiting = H1Agent(env, f"localhost:{env.silent.port}", addr)
-    h1_waiting.send("GET", f"/{m}-silent", {"X-User-Context": ctx})
-    h1_unrouted = H1Agent(env, f"127.0.0.1:{env.silent.port}", addr)
-    h1_unrouted.send("GET", f"/{m}-unrouted")
-    h2_streams = H2Agent(env, f"localhost:{env.events.port}", addr)
-    sids = [h2_streams.get(f"/sse/{m}-h2-{i}?n=0&every=0.1", ctx) for i in range(3)]
-    fast = h2_streams.get(f"/sse/{m}-fast?n=0&every=0&size=65536", ctx)
-    h2_streams.hold(fast)
-    h2_to_h1 = H2Agent(env, f"localhost:{env.events_h1.port}", addr)
-    sids_h1 = [h2_to_h1.get(f"/sse/{m}-h2h1-{i}?n=0&every=0.1", ctx) for i in range(7)]
-    h2_waiting = H2Agent(env, f"localhost:{env.silent.port}", addr)
-    for i in range(2):
-        h2_waiting.get(f"/{m}-h2-silent-{i}", ctx)
+    agents: list[H1Agent | H2Agent] = []
     try:
+        h1_stream = H1Agent(env, f"localhost:{env.events_h1.port}", addr)
+        agents.append(h1_stream)
+        h1_stream.send("GET", f"/sse/{m}-h1?n=0&every=0.1", {"X-User-Context": ctx})
+        for authority, headers in [
+                (f"localhost:{env.unanswered.port}", {"X-User-Context": ctx}),
+                (f"127.0.0.1:{env.unanswered.port}", {}),
+                (f"localhost:{env.silent.port}", {"X-User-Context": ctx}),
+                (f"127.0.0.1:{env.silent.port}", {})]:
+            waiting = H1Agent(env, authority, addr)
+            agents.append(waiting)
+            waiting.send("GET", f"/{m}-waiting", headers)
+        h2_streams = H2Agent(env, f"localhost:{env.events.port}", addr)
+        agents.append(h2_streams)
+        sids = [h2_streams.get(f"/sse/{m}-h2-{i}?n=0&every=0.1", ctx) for i in range(3)]
+        fast = h2_streams.get(f"/sse/{m}-fast?n=0&every=0&size=65536", ctx)
+        h2_streams.hold(fast)
+        h2_to_h1 = H2Agent(env, f"localhost:{env.events_h1.port}", addr)
+        agents.append(h2_to_h1)
+        # Seven streams to an HTTP/1 provider: beyond mitmproxy's five upstream connections
+        # (the proxy now allows 100), where the sixth and seventh waited for a connection.
+        sids_h1 = [h2_to_h1.get(f"/sse/{m}-h2h1-{i}?n=0&every=0.1", ctx) for i in range(7)]
+        for port in (env.unanswered.port, env.silent.port):
+            h2_waiting = H2Agent(env, f"localhost:{port}", addr)
+            agents.append(h2_waiting)
+            for i in range(2):
+                h2_waiting.get(f"/{m}-h2-waiting-{i}", ctx)
         assert h2_streams.pump(lambda: all(h2_streams.streams[s].seqs for s in sids), 5)
-        assert h2_to_h1.pump(lambda: all(h2_to_h1.streams[s].seqs for s in sids_h1), 5)
+        h2_to_h1.pump(lambda: all(h2_to_h1.streams[s].seqs for s in sids_h1), 3)
+        print(f"\n{sum(bool(h2_to_h1.streams[s].seqs) for s in sids_h1)} of 7 streams to "
+              f"the HTTP/1 provider got events")
         h2_streams.run_for(0.5)  # the fast stream's backlog builds
-        # (the two streams to the silent peer on one connection wait for one connection)
+        # (an HTTP/2 agent's two streams to one peer wait for one connection)
+        wait_until(lambda: env.unanswered.connecting >= 3, timeout=5)
         wait_until(lambda: env.silent.connections - silent_before >= 3, timeout=5)
         got = b""
         while b"data:" not in got:
@@ -845,8 +891,6 @@ def test_sigterm_after_agents_left_exits_at_once_with_nothing_in_flight(env: Env
             assert chunk, got
             got += chunk
     finally:
-        agents: list[H1Agent | H2Agent] = [h1_stream, h1_waiting, h1_unrouted, h2_streams,
-                                           h2_to_h1, h2_waiting]
         for i, agent in enumerate(agents):
             if i % 2:
                 _reset_close(agent.tls)
@@ -854,14 +898,14 @@ def test_sigterm_after_agents_left_exits_at_once_with_nothing_in_flight(env: Env
                 agent.tls.close()
     try:
         # The agents' leaving has been handled: their HTTP/2 upstream streams are reset, the
-        # upstream connections still in their TLS handshake closed. (HTTP/1 upstreams of an
-        # HTTP/2 agent are not: see the test after this one.)
+        # upstream connects and TLS handshakes abandoned. (HTTP/1 upstreams of an HTTP/2
+        # agent are not let go: see the test before this one.)
         wait_until(lambda: not env.events.streaming(m), timeout=5)
         wait_until(lambda: env.silent.open == 0, timeout=5)
+        wait_until(lambda: env.unanswered.connecting == 0, timeout=5)
         time.sleep(0.3)
-        print(f"\nat SIGTERM: {sum(s.outcome == '' for s in env.events_h1.matching(m))} "
-              f"HTTP/1 upstream answers still being sent, {env.silent.open} connections to "
-              f"the silent peer still open")
+        print(f"at SIGTERM: {sum(s.outcome == '' for s in env.events_h1.matching(m))} "
+              f"HTTP/1 upstream answers still being sent")
         start = time.monotonic()
         proxy.signal(signal.SIGTERM)
         code = proxy.proc.wait(30)
@@ -971,18 +1015,20 @@ def test_a_head_answer_over_http2_has_no_body_and_the_connection_goes_on(env: En
 @pytest.mark.parametrize("agent_kind", ["h1", "h2"])
 def test_a_replaced_answer_while_the_agent_still_sends_its_body(env: Env,
                                                                 agent_kind: str) -> None:
-    """A credentialed upload (16 KiB every 20 ms of a 64 MiB body) that the upstream answers
+    """A credentialed upload (16 KiB every 20 ms of a 4 MiB body) that the upstream answers
     401 at its head (endless body), before reading it: the agent gets the complete problem
     at once while still sending, the upstream is let go, and only a small share of the body
     ever reached it. HTTP/2: the problem ends the stream (END_STREAM; a RST_STREAM
     NO_ERROR may follow to stop the body), and the connection serves the next stream.
-    HTTP/1.1: the answer closes the connection (the rest of the body cannot be skipped)."""
+    HTTP/1.1: either the answer says ``Connection: close``, or the connection is kept: the
+    agent then sends the rest of its body and its next request, which must be answered
+    (not dropped when the proxy closes the connection without a word)."""
     user = env.new_user()
     peer = env.events
     m, m2 = (f"m-{uuid.uuid4().hex[:10]}" for _ in range(2))
     path = f"/sse/{m}?status=401&n=0&every=0.2&early=1"
     block = b"u" * 16384
-    total = 64 << 20
+    total = 4 << 20
     sent = 0
     if agent_kind == "h1":
         a1 = H1Agent(env, f"localhost:{peer.port}")
@@ -998,14 +1044,26 @@ def test_a_replaced_answer_while_the_agent_still_sends_its_body(env: Env,
                     a1.tls.sendall(block)
                     sent += len(block)
             elapsed = time.monotonic() - start
+            assert r is not None, "no answer while the body was being sent"
+            closes = r.headers.get("connection", "").lower() == "close"
+            outcome = "Connection: close"
+            if not closes:  # kept alive: the rest of the body, then the next request
+                a1.tls.sendall(b"u" * (total - sent))
+                a1.send("GET", f"/sse/{m2}?n=1&every=0", {"X-User-Context": env.context()})
+                t0 = time.monotonic()
+                try:
+                    r2 = a1.response(timeout=3)
+                    outcome = f"next request {r2.status} {r2.seqs}"
+                except (TimeoutError, ConnectionError) as exc:
+                    outcome = (f"next request: {type(exc).__name__} after "
+                               f"{time.monotonic() - t0:.1f} s")
         finally:
             a1.close()
-        assert r is not None, "no answer while the body was being sent"
         got = (r.status, r.headers.get("x-credproxy-error", ""))
         body, ctype = r.body, r.headers.get("content-type")
         print(f"\nreplaced while uploading, h1: {got} after {elapsed * 1000:.0f} ms and "
-              f"{sent >> 10} KiB sent; connection {r.headers.get('connection')!r}")
-        assert r.headers.get("connection", "").lower() == "close"
+              f"{sent >> 10} KiB sent; connection {r.headers.get('connection')!r}; {outcome}")
+        assert closes or outcome == "next request 200 [0]", outcome
     else:
         a2 = H2Agent(env, f"localhost:{peer.port}")
         try:
