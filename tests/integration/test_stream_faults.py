@@ -14,8 +14,9 @@ and grpcio.
    HEADERS frame with END_STREAM (Trailers-Only); an upstream that cannot be reached too.
 3. An HTTP/2 agent that stops reading an endless fast stream: the proxy stops reading the
    upstream (bounded RSS, the peer held back), and the stream resumes intact when the agent
-   reads again.
-4. An HTTP/2 agent with more than five concurrent endless streams to one HTTP/1 upstream.
+   reads again; another stream of the same connection is not held up meanwhile.
+4. An HTTP/2 agent with more than five concurrent endless streams to one HTTP/1 upstream;
+   when it leaves, every one of those upstream connections is closed.
 5. Agents that leave with streams open (or still waiting for an upstream connection) leave
    nothing in flight: SIGTERM exits at once.
 6. HEAD: refused, or answered 401 upstream: no body, and the connection goes on.
@@ -49,6 +50,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import pytest
 
 from devstack.procs import Running, free_port
@@ -57,8 +59,8 @@ from devstack.streamers import UNAUTHORIZED_BODY_MARK, DeadEnd, EventServer, See
 
 pytestmark = pytest.mark.integration
 
-STREAMS, STREAMS_H1, SILENT, CLOSING, UNANSWERED, DOWN = (
-    "streams", "streams-h1", "silent", "closing", "unanswered", "down")
+STREAMS, STREAMS_H1, SILENT, CLOSING, UNANSWERED = (
+    "streams", "streams-h1", "silent", "closing", "unanswered")
 QUICK = 1.0  # an answer "at once": well under the upstream body's seconds
 REPLACED = {(401, "reauth-required"), (503, "credential-store-unavailable")}
 GRPC_REPLACED = {(grpc.StatusCode.UNAUTHENTICATED, "reauth-required"),
@@ -135,7 +137,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         peers.append(unanswered)
         docs = stack.config["providers"][0]
         ports = {STREAMS: events.port, STREAMS_H1: events_h1.port, SILENT: silent.port,
-                 CLOSING: closing.port, UNANSWERED: unanswered.port, DOWN: free_port()}
+                 CLOSING: closing.port, UNANSWERED: unanswered.port}
         # Routed as localhost:<port>; the same peers as 127.0.0.1:<port> are unrouted.
         stack.config["providers"] += [{**docs, "id": pid, "hosts": [f"localhost:{port}"]}
                                       for pid, port in ports.items()]
