@@ -11,13 +11,21 @@ assert what reached them (credential injected, user context stripped, nothing at
   ``every`` seconds apart, ``size`` bytes of padding per event, ``status`` (a ``401``, or
   any status with ``challenge=1``, also carries ``WWW-Authenticate: Bearer
   error="invalid_token"``, and such a body is marked with :data:`UNAUTHORIZED_BODY_MARK`
-  throughout). Every event is one line
-  holding ``"seq": i`` (SSE: ``data: {...}``), so clients can time each one.
+  throughout), ``delay`` seconds before the first event (a large one: the head, then
+  nothing), ``early=1`` to answer at the request head without waiting for its body.
+  Every event is one line holding ``"seq": i`` (SSE: ``data: {...}``), so clients can
+  time each one. ``/blob`` answers ``n`` chunks of ``size`` bytes (``content-length``
+  declared when ``n`` is not 0). Any method but ``/mcp-like``'s (POST only); ``HEAD`` gets
+  the head alone. Each request's :class:`Seen` records how its answer ended
+  (``complete``; ``reset`` by an HTTP/2 ``RST_STREAM``; ``closed``: the client's
+  connection went) and the bytes sent, so a test can tell the proxy let go of it.
 * :class:`GrpcStreamServer`: grpcio over TLS with generic handlers on raw bytes (no protoc):
   server streaming ``Tick`` (one message every ``every`` s) and a bidi ``Echo``; records the
   metadata of every call.
 * :class:`WebSocketEcho`: ``websockets`` over TLS, echoing every message; records the
   upgrade request's header fields.
+* :class:`DeadEnd`: a TLS upstream that never answers (connections accepted and held
+  silent) or that closes every connection at once.
 * :class:`McpProgressServer`: the MCP SDK's server (``MCPServer``, formerly FastMCP) over
   Streamable HTTP under uvicorn with TLS; its ``countdown`` tool reports a progress
   notification every ``every`` s before its result; records request header fields.
@@ -33,6 +41,7 @@ import contextlib
 import json
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -101,47 +110,76 @@ class Seen:
     headers: list[tuple[str, str]]
     http_version: str  # "1.1" or "2"
     body_bytes: int = 0
+    sent_bytes: int = 0  # of the answer's body, as handed to the connection
+    # How the answer ended: "" while it is being sent (or before), "complete", "reset" (an
+    # HTTP/2 RST_STREAM from the client, reset_code), "closed" (the connection went).
+    outcome: str = ""
+    reset_code: int | None = None
+    ended_at: float | None = None  # time.monotonic() when the answer ended
 
     def header(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k == name.lower()]
+
+    @property
+    def let_go(self) -> bool:
+        """The client (the proxy) stopped the answer before it was complete."""
+        return self.outcome in ("reset", "closed")
 
 
 @dataclass(frozen=True)
 class StreamSpec:
     """What a request asked for (see the module docstring)."""
 
-    kind: str  # "sse", "ndjson", "close", "mcp-like"
+    kind: str  # "sse", "ndjson", "close", "mcp-like", "blob"
     n: int
     every: float
     size: int
     status: int
     challenge: bool = False
+    delay: float = 0.0  # before the first event
+    early: bool = False  # answer at the request head, not after its body
+    head_only: bool = False  # a HEAD request: the head, no body
 
     @classmethod
     def parse(cls, method: str, target: str) -> StreamSpec | None:
         url = urlsplit(target)
         kind = url.path.lstrip("/").split("/", 1)[0]  # /sse/<anything>: a marker
-        if kind not in ("sse", "ndjson", "close", "mcp-like"):
+        if kind not in ("sse", "ndjson", "close", "mcp-like", "blob"):
             return None
-        if (kind == "mcp-like") != (method == "POST"):
+        if kind == "mcp-like" and method != "POST":
             return None
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         status = int(q.get("status", "200"))
         return cls(kind, int(q.get("n", "5")), float(q.get("every", "0.2")),
-                   int(q.get("size", "0")), status, status == 401 or q.get("challenge") == "1")
+                   int(q.get("size", "0")), status, status == 401 or q.get("challenge") == "1",
+                   float(q.get("delay", "0")), q.get("early") == "1", method == "HEAD")
 
     @property
     def content_type(self) -> str:
-        return "application/x-ndjson" if self.kind == "ndjson" else "text/event-stream"
+        return {"ndjson": "application/x-ndjson",
+                "blob": "application/octet-stream"}.get(self.kind, "text/event-stream")
+
+    @property
+    def blob_size(self) -> int:
+        return self.size or 1024
+
+    @property
+    def length(self) -> int | None:
+        """The declared ``content-length`` (a ``/blob`` of ``n`` chunks), else None."""
+        return self.n * self.blob_size if self.kind == "blob" and self.n else None
 
     def headers(self) -> list[tuple[str, str]]:
         out = [("content-type", self.content_type), ("cache-control", "no-cache")]
         if self.challenge:
             out.append(("www-authenticate", 'Bearer error="invalid_token"'))
+        if self.length is not None:
+            out.append(("content-length", str(self.length)))
         return out
 
     def event(self, seq: int) -> bytes:
         unit = UNAUTHORIZED_BODY_MARK if self.challenge else "p"
+        if self.kind == "blob":
+            return (unit * (self.blob_size // len(unit) + 1))[:self.blob_size].encode()
         record: dict[str, Any] = {"seq": seq, "t": time.time(),
                                   "pad": (unit * (self.size // len(unit) + 1))[:self.size]}
         if self.challenge:
@@ -156,8 +194,11 @@ class StreamSpec:
         return f"id: {seq}\ndata: {line}\n\n".encode()
 
     async def events(self) -> AsyncIterator[bytes]:
-        """Event ``i`` at ``start + i * every`` (no drift); endless when ``n`` is 0."""
-        start = time.monotonic()
+        """Event ``i`` at ``start + delay + i * every`` (no drift); endless when ``n`` is
+        0; nothing for a HEAD request."""
+        if self.head_only:
+            return
+        start = time.monotonic() + self.delay
         seq = 0
         while self.n == 0 or seq < self.n:
             # Always through the loop, even when late (every=0): a writer whose client left
@@ -181,7 +222,7 @@ class EventServer:
                  host: str = "127.0.0.1") -> None:
         self.connections = 0
         self.requests: list[Seen] = []
-        self._active: list[str] = []  # paths whose answer is being sent
+        self._active: list[Seen] = []  # requests whose answer is being sent
         self._tls = server_tls(cert, key, alpn)
         self._loop = _LoopThread("event-server")
         self._server = self._loop.run(asyncio.start_server(
@@ -197,15 +238,25 @@ class EventServer:
     def streaming(self, marker: str) -> bool:
         """Whether an answer to a path containing ``marker`` is still being sent (an endless
         stream stops once its client, or the proxy, let go of it)."""
-        return any(marker in path for path in list(self._active))
+        return any(marker in seen.path for seen in list(self._active))
 
     @contextlib.asynccontextmanager
-    async def _sending(self, path: str) -> AsyncIterator[None]:
-        self._active.append(path)
+    async def _sending(self, seen: Seen) -> AsyncIterator[None]:
+        """While ``seen``'s answer is being sent; records how it ended."""
+        self._active.append(seen)
         try:
             yield
+        except h2.exceptions.StreamClosedError:
+            seen.outcome = seen.outcome or "reset"
+            raise
+        except BaseException:  # the connection went (or a reset cancelled the task)
+            seen.outcome = seen.outcome or "closed"
+            raise
+        else:
+            seen.outcome = seen.outcome or "complete"
         finally:
-            self._active.remove(path)
+            seen.ended_at = time.monotonic()
+            self._active.remove(seen)
 
     def close(self) -> None:
         self._server.close()
@@ -239,37 +290,86 @@ class EventServer:
                         [(k.decode().lower(), v.decode("latin-1")) for k, v in request.headers],
                         request.http_version.decode())
             self.requests.append(seen)
-            while True:  # the body, counted (a refused upload must not arrive here)
-                ev = await self._h1_next(conn, reader)
-                if ev is None:
-                    return
-                if isinstance(ev, h11.Data):
-                    seen.body_bytes += len(ev.data)
-                elif isinstance(ev, h11.EndOfMessage):
-                    break
             spec = StreamSpec.parse(seen.method, seen.path)
+            if (spec is None or not spec.early) and not await self._h1_body(conn, reader,
+                                                                               seen):
+                return
             if spec is None:
                 writer.write(conn.send(h11.Response(status_code=404, headers=[
                     ("content-length", "0")])) or b"")
                 writer.write(conn.send(h11.EndOfMessage()) or b"")
                 await writer.drain()
             elif spec.kind == "close":
-                async with self._sending(seen.path):
-                    await self._h1_until_close(spec, writer)
+                async with self._sending(seen):
+                    await self._h1_until_close(spec, seen, writer)
                 return
-            else:
-                async with self._sending(seen.path):
-                    writer.write(conn.send(h11.Response(
-                        status_code=spec.status,
-                        headers=[*spec.headers(), ("transfer-encoding", "chunked")])) or b"")
-                    async for chunk in spec.events():
-                        writer.write(conn.send(h11.Data(data=chunk)) or b"")
-                        await writer.drain()
-                    writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
-            if conn.our_state is h11.MUST_CLOSE:
+            elif not await self._h1_answer(spec, seen, conn, reader, writer):
                 return
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+                return  # (an early answer leaves the rest of the request body unread)
             conn.start_next_cycle()
+
+    async def _h1_body(self, conn: h11.Connection, reader: asyncio.StreamReader,
+                       seen: Seen) -> bool:
+        """Read the request body, counted (a refused upload must not arrive here); False
+        if the connection ended first."""
+        while True:
+            ev = await self._h1_next(conn, reader)
+            if ev is None:
+                return False
+            if isinstance(ev, h11.Data):
+                seen.body_bytes += len(ev.data)
+            elif isinstance(ev, h11.EndOfMessage):
+                return True
+
+    async def _h1_answer(self, spec: StreamSpec, seen: Seen, conn: h11.Connection,
+                         reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Send the answer while watching the connection: if the client closes it (a proxy
+        letting go of an answer it will not forward), the answer stops there. False if the
+        connection is gone."""
+        async with self._sending(seen):
+            sender = asyncio.create_task(self._h1_send(spec, seen, conn, writer))
+            watcher = asyncio.create_task(self._h1_watch(conn, reader, seen))
+            await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not sender.done():
+                seen.outcome = "closed"
+                sender.cancel()
+            watcher.cancel()
+            await asyncio.gather(sender, watcher, return_exceptions=True)
+            if seen.outcome == "closed":
+                return False
+            sender.result()  # a failed write raises here
+        return True
+
+    @staticmethod
+    async def _h1_send(spec: StreamSpec, seen: Seen, conn: h11.Connection,
+                       writer: asyncio.StreamWriter) -> None:
+        framing = [] if spec.length is not None else [("transfer-encoding", "chunked")]
+        writer.write(conn.send(h11.Response(status_code=spec.status,
+                                            headers=[*spec.headers(), *framing])) or b"")
+        await writer.drain()
+        async for chunk in spec.events():
+            writer.write(conn.send(h11.Data(data=chunk)) or b"")
+            seen.sent_bytes += len(chunk)
+            await writer.drain()
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await writer.drain()
+
+    @staticmethod
+    async def _h1_watch(conn: h11.Connection, reader: asyncio.StreamReader,
+                        seen: Seen) -> None:
+        """Returns when the client closes the connection; the rest of the request body is
+        counted, a pipelined next request kept for the next cycle."""
+        while data := await reader.read(65536):
+            conn.receive_data(data)
+            while True:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                    break
+                if isinstance(ev, h11.Data):
+                    seen.body_bytes += len(ev.data)
+                elif isinstance(ev, h11.ConnectionClosed):
+                    return
 
     @staticmethod
     async def _h1_next(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
@@ -283,13 +383,15 @@ class EventServer:
             return ev
 
     @staticmethod
-    async def _h1_until_close(spec: StreamSpec, writer: asyncio.StreamWriter) -> None:
+    async def _h1_until_close(spec: StreamSpec, seen: Seen,
+                              writer: asyncio.StreamWriter) -> None:
         """No Content-Length, no chunking: the body ends when the connection does (RFC 9112
         section 6.3, item 8), which h11 only does for HTTP/1.0 peers; written by hand."""
         head = [f"HTTP/1.1 {spec.status} X"] + [f"{k}: {v}" for k, v in spec.headers()]
         writer.write(("\r\n".join([*head, "Connection: close"]) + "\r\n\r\n").encode())
         async for chunk in spec.events():
             writer.write(chunk)
+            seen.sent_bytes += len(chunk)
             await writer.drain()
 
 
@@ -333,7 +435,8 @@ class _H2Session:
                         [f for f in fields if not f[0].startswith(":")], "2")
             self.seen[ev.stream_id] = seen
             self.owner.requests.append(seen)
-            if ev.stream_ended is not None:
+            spec = StreamSpec.parse(seen.method, seen.path)
+            if ev.stream_ended is not None or (spec is not None and spec.early):
                 self._respond(ev.stream_id)
         elif isinstance(ev, h2.events.DataReceived):
             assert ev.stream_id is not None and ev.data is not None
@@ -346,8 +449,11 @@ class _H2Session:
             if ev.stream_id not in self.tasks:
                 self._respond(ev.stream_id)
         elif isinstance(ev, h2.events.StreamReset):
+            stream_seen = self.seen.get(ev.stream_id or 0)
             task = self.tasks.get(ev.stream_id or 0)
-            if task is not None:
+            if stream_seen is not None and task is not None and not task.done():
+                stream_seen.outcome = stream_seen.outcome or "reset"
+                stream_seen.reset_code = int(ev.error_code or 0)
                 task.cancel()
         elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self.window.set()
@@ -365,12 +471,16 @@ class _H2Session:
                                                    ("content-length", "0")], end_stream=True)
                 await self.flush()
                 return
-            async with self.owner._sending(seen.path):
+            async with self.owner._sending(seen):
                 self.conn.send_headers(stream_id, [(":status", str(spec.status)),
-                                                   *spec.headers()])
+                                                   *spec.headers()],
+                                       end_stream=spec.head_only)
                 await self.flush()
+                if spec.head_only:
+                    return
                 async for chunk in spec.events():
                     await self._send(stream_id, chunk)
+                    seen.sent_bytes += len(chunk)
                 self.conn.end_stream(stream_id)
                 await self.flush()
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, OSError):
@@ -387,6 +497,81 @@ class _H2Session:
             self.conn.send_data(stream_id, data[:room])
             data = data[room:]
             await self.flush()
+
+
+# --- upstreams that go nowhere ----------------------------------------------------------------
+
+class DeadEnd:
+    """An upstream that never gets anywhere. ``silent``: connections are accepted and held
+    without a byte read or written, so a client's TLS handshake waits (for ever); ``close``:
+    each is closed at once; ``unanswered``: the TCP handshake itself never completes (the
+    listening socket's accept queue is kept full, so the kernel drops new SYNs: a client's
+    connect waits). :attr:`connections` counts accepted connections, :attr:`open` those
+    still held, :attr:`connecting` the connects waiting on an ``unanswered`` one."""
+
+    def __init__(self, *, mode: str = "silent", host: str = "127.0.0.1") -> None:
+        assert mode in ("silent", "close", "unanswered")
+        self.mode = mode
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._sock = socket.create_server((host, 0), backlog=0 if mode == "unanswered" else 128)
+        self._sock.settimeout(0.1)
+        self.port: int = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._fillers: list[socket.socket] = []
+        if mode == "unanswered":
+            for _ in range(2):  # one fills the queue (backlog 0 holds one), one is dropped
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex((host, self.port))
+                self._fillers.append(filler)
+        self._thread = threading.Thread(target=self._run, name=f"dead-end-{mode}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.mode == "unanswered":
+                self._stop.wait(0.1)
+                continue
+            with contextlib.suppress(TimeoutError):
+                conn, _ = self._sock.accept()
+                self.connections += 1
+                if self.mode == "close":
+                    conn.close()
+                else:
+                    self._held.append(conn)
+
+    @property
+    def open(self) -> int:
+        """Held connections whose client has not closed its end (what it sent, a TLS
+        ClientHello, is read and dropped on the way to its end)."""
+        alive = 0
+        for conn in list(self._held):
+            conn.setblocking(False)
+            try:
+                while conn.recv(65536):
+                    pass
+            except BlockingIOError:
+                alive += 1
+            except OSError:
+                pass
+        return alive
+
+    @property
+    def connecting(self) -> int:
+        """Connects to an ``unanswered`` peer still waiting (SYN-SENT), but its own."""
+        own = {f.getsockname()[1] for f in self._fillers}
+        out = subprocess.run(["ss", "-tnH", "state", "syn-sent", f"( dport = :{self.port} )"],
+                             capture_output=True, text=True, check=True).stdout
+        return sum(1 for line in out.splitlines()
+                   if int(line.split()[-2].rsplit(":", 1)[1]) not in own)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+        for conn in [*self._held, *self._fillers]:
+            conn.close()
 
 
 # --- gRPC -------------------------------------------------------------------------------------
@@ -555,6 +740,6 @@ class McpProgressServer:
         self._sock.close()
 
 
-__all__ = ["GRPC_ECHO", "GRPC_TICK", "UNAUTHORIZED_BODY_MARK", "EventServer", "GrpcCall",
+__all__ = ["GRPC_ECHO", "GRPC_TICK", "UNAUTHORIZED_BODY_MARK", "DeadEnd", "EventServer", "GrpcCall",
            "GrpcStreamServer", "McpProgressServer", "Seen", "StreamSpec", "WebSocketEcho",
            "server_tls", "tick_request"]
