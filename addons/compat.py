@@ -62,17 +62,16 @@ another format than every other refusal:
 9. **HTTP/2 agents: backpressure and concurrency.** mitmproxy buffers what an HTTP/2 agent
    cannot take yet (its flow-control window is exhausted) without bound while it keeps
    reading the upstream: an agent that stops reading an endless stream grew the proxy by
-   about 32 MiB/s. The proxy now stops reading upstream connections while more than
-   :data:`H2_BACKLOG_LIMIT` waits for the agent's HTTP/2 connection, as TCP does for
-   HTTP/1. And mitmproxy opens at most five connections to one upstream per agent
-   connection, so an HTTP/2 agent's sixth stream to an HTTP/1 provider waited for one of
-   five endless streams to end; the limit is now :data:`UPSTREAM_CONNECTIONS`, the number of
-   streams an HTTP/2 agent may open at once.
-10. **HTTP/2 when both sides can.** With ``http2: true`` mitmproxy gives an agent the first
-    protocol in the agent's ALPN list; httpx (``http2=True``) lists ``http/1.1`` first, so
-    it got HTTP/1.1 through the proxy and HTTP/2 from any server that prefers it (nginx).
-    An agent that offers ``h2`` now gets it (RFC 7301 section 3.2: the server selects).
-11. **Refusals in gRPC.** mitmproxy's own error answers (an upstream that cannot be reached)
+   about 32 MiB/s. The proxy now stops reading an upstream connection while more than
+   :data:`H2_STREAM_BACKLOG` waits for the agent on a stream that connection feeds (or
+   :data:`H2_BACKLOG_LIMIT` on the agent's whole connection), as TCP does for HTTP/1; the
+   agent's other streams go on. mitmproxy opens at most five connections to one upstream
+   per agent connection, so an HTTP/2 agent's sixth stream to an HTTP/1 provider waited for
+   one of five endless streams to end; the limit is now :data:`UPSTREAM_CONNECTIONS`, the
+   number of streams an HTTP/2 agent may open at once. And an upstream connection whose
+   read loop mitmproxy cancels twice (an HTTP/2 agent leaving with several streams open)
+   was never closed; it is now (:func:`_close_transport`).
+10. **Refusals in gRPC.** mitmproxy's own error answers (an upstream that cannot be reached)
    to a gRPC request are a gRPC status (:func:`proxy.problems.grpc_response`), like every
    other refusal.
 
@@ -99,7 +98,6 @@ from h11._events import Data, EndOfMessage
 from h11._readers import ChunkedReader
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http
-from mitmproxy.addons import tlsconfig
 from mitmproxy.connection import Connection, ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.net.tls import starts_like_tls_record
@@ -141,7 +139,7 @@ _codes: dict[str, ErrorCode] = {}
 _client_faults: dict[str, ErrorCode] = {}
 
 # gRPC requests in flight, (client connection id, stream id) -> their content type: a
-# mitmproxy error answer on that stream is a gRPC status (item 11).
+# mitmproxy error answer on that stream is a gRPC status (item 10).
 _grpc: dict[tuple[str, int], str] = {}
 
 # Per HTTP stream, from its request head: (end_stream, Expect: 100-continue), for item 7.
@@ -159,23 +157,55 @@ SMALL_BODY = 64 * 1024
 LINGER_SECONDS = 5.0
 
 
-# Item 9: bytes waiting for an HTTP/2 agent beyond which upstream connections are not read,
-# and connections to one upstream per agent connection (h2's default
-# SETTINGS_MAX_CONCURRENT_STREAMS, which mitmproxy advertises).
-H2_BACKLOG_LIMIT = 4 * 1024 * 1024
+# Item 9: bytes waiting for an HTTP/2 agent on one stream, or on its whole connection,
+# beyond which the upstream connections feeding it are not read; and connections to one
+# upstream per agent connection (h2's default SETTINGS_MAX_CONCURRENT_STREAMS, which
+# mitmproxy advertises).
+H2_STREAM_BACKLOG = 1024 * 1024
+H2_BACKLOG_LIMIT = 16 * 1024 * 1024
 UPSTREAM_CONNECTIONS = 100
 # Per agent connection id: its HTTP/2 connection state (send buffers), for item 9.
 _h2_agents: dict[str, weakref.WeakSet[BufferedH2Connection]] = {}
+# Per upstream connection id: the agent streams it feeds now, (agent connection id, stream).
+_feeds: dict[str, set[tuple[str, int]]] = {}
 # The connection whose bytes the current task reads (mitmproxy reads each in its own loop).
 _reading: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
     "credproxy_reading", default=None)
 
 
-def _h2_backlog(client_id: str) -> int:
+def _h2_backlog(client_id: str, streams: set[tuple[str, int]] | None = None) -> int:
     """Bytes mitmproxy holds for the agent connection ``client_id`` until its HTTP/2
-    flow-control window opens."""
-    return sum(len(chunk.data) for conn in _h2_agents.get(client_id, ())
-               for buffer in list(conn.stream_buffers.values()) for chunk in buffer)
+    flow-control window opens: on every stream, or on ``streams`` only."""
+    total = 0
+    for conn in list(_h2_agents.get(client_id, ())):
+        for stream_id, buffer in list(conn.stream_buffers.items()):
+            if streams is None or (client_id, stream_id) in streams:
+                total += sum(len(chunk.data) for chunk in buffer)
+    return total
+
+
+def _congested(client_id: str, upstream_id: str) -> bool:
+    """Whether the upstream connection ``upstream_id`` must wait for the agent (item 9)."""
+    if client_id not in _h2_agents:
+        return False
+    streams = _feeds.get(upstream_id)
+    return bool(streams and _h2_backlog(client_id, streams) > H2_STREAM_BACKLOG) or \
+        _h2_backlog(client_id) > H2_BACKLOG_LIMIT
+
+
+def _close_transport(handler: server.ConnectionHandler, connection: Connection) -> None:
+    """What mitmproxy's read loop does last, for one a second cancellation cut short
+    (item 9): close the socket and forget it."""
+    io = handler.transports.get(connection)
+    if io is None:
+        return
+    connection.state = ConnectionState.CLOSED
+    if io.writer is not None:
+        try:
+            io.writer.close()
+        except OSError:
+            pass
+    handler.transports.pop(connection, None)
 
 
 @dataclass
@@ -372,6 +402,12 @@ def _answer_at_once(self: http_layer.HttpStream, end_stream: bool,
         yield http_layer.SendHttp(StopReading(self.stream_id), self.context.client)
 
 
+def _unfeed(stream: http_layer.HttpStream) -> None:
+    streams = _feeds.get(stream.context.server.id)
+    if streams is not None:
+        streams.discard((stream.context.client.id, stream.stream_id))
+
+
 def _send_replacement(self: http_layer.HttpStream, upstream_done: bool) -> _CommandGenerator:
     """Send the response an addon put in place of the upstream's in ``responseheaders``
     now (item 8), and stop the upstream's (and, if still coming, the client's) body."""
@@ -379,7 +415,11 @@ def _send_replacement(self: http_layer.HttpStream, upstream_done: bool) -> _Comm
         yield http_layer.SendHttp(RequestProtocolError(
             self.stream_id, "the upstream's answer was replaced", ErrorCode.CANCEL),
             self.context.server)
+    assert self.flow.response is not None
     request_done = self.client_state == self.state_done
+    if not request_done and not (self.flow.request.is_http2 or self.flow.request.is_http3):
+        # The rest of the request body will not be read (StopReading below).
+        self.flow.response.headers["connection"] = "close"
     self.client_state = self.state_done  # so that the answer ends the stream
     yield from self.send_response()
     # Events still queued for this stream (the rest of either body) are consumed silently.
@@ -521,6 +561,7 @@ def install() -> None:
         yield from handle_protocol_error(self, event)
         _codes.pop(self.flow.id, None)  # the error hook has run (or was not needed)
         _grpc.pop((self.context.client.id, self.stream_id), None)  # answered (or not needed)
+        _unfeed(self)
 
     http_layer.HttpStream.handle_protocol_error = remember_code  # type: ignore[method-assign]
 
@@ -620,7 +661,19 @@ def install() -> None:
 
     def forget_stream(self: http_layer.HttpStream) -> _CommandGenerator:
         _grpc.pop((self.context.client.id, self.stream_id), None)
+        _unfeed(self)
         yield from flow_done(self)
+
+    make_server_connection = http_layer.HttpStream.make_server_connection
+
+    def feed(self: http_layer.HttpStream) -> Generator[Any, Any, bool]:
+        ok = yield from make_server_connection(self)
+        if ok:
+            _feeds.setdefault(self.context.server.id, set()).add(
+                (self.context.client.id, self.stream_id))
+        return ok
+
+    http_layer.HttpStream.make_server_connection = feed  # type: ignore[method-assign]
 
     http_layer.HttpStream.flow_done = forget_stream  # type: ignore[method-assign]
 
@@ -666,7 +719,12 @@ def install() -> None:
 
     async def reading(self: server.ConnectionHandler, connection: Connection) -> None:
         _reading.set(connection)
-        await handle_connection(self, connection)
+        try:
+            await handle_connection(self, connection)
+        finally:
+            _feeds.pop(connection.id, None)
+            if connection is not self.client:
+                _close_transport(self, connection)
 
     server.ConnectionHandler.handle_connection = reading  # type: ignore[method-assign]
 
@@ -677,7 +735,7 @@ def install() -> None:
         connection = _reading.get()
         if connection is None or connection is self.client:
             return  # the agent's own loop must go on reading its WINDOW_UPDATEs
-        while _h2_backlog(self.client.id) > H2_BACKLOG_LIMIT:
+        while _congested(self.client.id, connection.id):
             await asyncio.sleep(0.005)
 
     server.ConnectionHandler.drain_writers = drain_h2_backlog  # type: ignore[method-assign]
@@ -689,14 +747,3 @@ def install() -> None:
         _h2_agents.setdefault(context.client.id, weakref.WeakSet()).add(self.h2_conn)
 
     _http2.Http2Server.__init__ = track_h2_agent  # type: ignore[method-assign]
-
-    alpn_select = tlsconfig.alpn_select_callback
-
-    def prefer_h2(conn: Any, options: list[bytes]) -> Any:
-        app_data = conn.get_app_data()
-        if (app_data["http2"] and app_data["client_alpn"] is None
-                and not app_data["server_alpn"] and b"h2" in options):
-            return b"h2"
-        return alpn_select(conn, options)
-
-    tlsconfig.alpn_select_callback = prefer_h2

@@ -308,12 +308,9 @@ class CredentialInjector:
     async def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
         injected = self._injected.pop(flow.id, None)
-        replaced = self._replaced.pop(flow.id, None)
+        self._replaced.pop(flow.id, None)
         if self._forget_refused(flow) or flow.response is None or self.app is None:
             return
-        if replaced is not None:
-            # As sent; never the upstream's trailers.
-            flow.response = _make(replaced, req_method(flow))
         if flow.server_conn.timestamp_start is not None:  # it went upstream
             self._observe(flow, injected[1].provider.id if injected else "-")
 

@@ -753,9 +753,12 @@ def test_a_stalled_h2_stream_does_not_hold_up_another_on_its_connection(env: Env
     """HTTP/2 flow control is per stream: an agent that stops reading one stream (its
     window shut; the connection's window kept open, as a client that reads its other
     streams does) still gets the others. Stream 1: endless 64 KiB events, unread; after
-    1.5 s (the proxy holds 4 MiB of it and stops reading upstream), stream 3 asks for three
-    events 50 ms apart: they must come, and the stream end, within a second or so."""
-    peer = env.events
+    1.5 s (the proxy holds 1 MiB of it and stops reading that stream's upstream
+    connection), stream 3 asks for three events 50 ms apart: they must come, and the
+    stream end, within a second or so. The provider speaks HTTP/1, so each stream has its
+    own upstream connection; streams that share one HTTP/2 upstream connection wait
+    together (README, "Streams")."""
+    peer = env.events_h1
     m, m2 = (f"m-{uuid.uuid4().hex[:10]}" for _ in range(2))
     agent = H2Agent(env, f"localhost:{peer.port}")
     try:
