@@ -21,16 +21,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Reasons that may appear as label values; anything else is counted as "other".
 _REASONS = frozenset({
-    "missing", "malformed", "bad-signature", "alg-not-allowed", "alg-key-mismatch",
-    "unknown-kid", "expired", "not-yet-valid", "lifetime-too-long", "wrong-issuer",
-    "wrong-audience", "wrong-typ", "missing-claim", "duplicate-header", "oversized",
-    "replayed", "keys-unavailable", "host_mismatch", "bad_destination", "insecure_transport",
+    "missing", "malformed", "bad_signature", "alg_not_allowed", "alg_key_mismatch",
+    "unknown_kid", "expired", "not_yet_valid", "lifetime_too_long", "wrong_issuer",
+    "wrong_audience", "wrong_typ", "missing_claim", "duplicate_header", "oversized",
+    "replayed", "keys_unavailable", "host_mismatch", "bad_destination", "insecure_transport",
     "context_excludes_provider", "method_not_allowed", "unrouted", "provider_removed",
     "no_connection", "invalid_grant", "revoked_upstream", "token_superseded", "revoked",
     "token_endpoint_unavailable", "token_endpoint_error", "vault_unavailable",
     "vault_record_corrupt", "vault_write_failed", "coordination_unavailable", "fencing",
     "token_refreshed", "audit-write-failed", "audit-sink-stalled", "internal-error",
-    "lookalike-header",
+    "lookalike_header",
     "bad-field-name", "obs-fold", "control-character", "bad-connection", "target_mismatch",
     "bad_target", "trailers", "upstream_unreachable", "upstream_protocol_error",
     "client_protocol_error", "client_disconnected", "exchange_failed", "bad-target",
