@@ -23,18 +23,21 @@ class TokenSet:
     token_type: str = "Bearer"
     expires_at: float | None = None  # unix seconds; None = the provider did not say
     scope: str | None = None
-    # When the token set was received (unix seconds); with expires_at it gives the access
-    # token's lifetime, which caps the refresh margin (:meth:`refresh_margin`). None for
-    # records stored before it was kept.
+    # When the token set was received from the token endpoint (unix seconds); with
+    # expires_at it gives the access token's lifetime, which caps the refresh margin
+    # (:meth:`refresh_margin`). None when unknown: imported token sets, and records stored
+    # before it was kept.
     issued_at: float | None = None
 
     @classmethod
     def from_response(cls, data: Mapping[str, Any], *, now: float) -> TokenSet:
         """Build from a token endpoint response (or `vault put` input).
 
-        ``expires_in`` is relative to ``now``; ``expires_at`` is absolute. ``issued_at`` is
-        ``now``. Strict: a malformed field is an error (operator input, ``vault put``);
-        provider answers are read leniently by :func:`proxy.dialect.read_token_response`.
+        ``expires_in`` is relative to ``now``; ``expires_at`` is absolute. ``issued_at``
+        stays unknown: an imported token set (``vault put``) may have been issued long
+        before (its remaining lifetime is not its lifetime). Strict: a malformed field is
+        an error (operator input); provider answers are read leniently, with ``issued_at``
+        set, by :func:`proxy.dialect.read_token_response`.
         """
         if not isinstance(data, Mapping):
             raise TokenSetError("token set must be a JSON object")
@@ -64,7 +67,6 @@ class TokenSet:
             token_type=token_type,
             expires_at=expires_at,
             scope=scope,
-            issued_at=now,
         )
 
     def merged_refresh(self, previous: TokenSet) -> TokenSet:
