@@ -560,6 +560,34 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fill(entry: dict[str, Any], *, where: str, catalog_hosts: bool) -> dict[str, Any]:
+    """``entry`` with its ``{name}`` placeholders filled (see :func:`expand_provider`)."""
+    values = _parameter_values(entry, where)
+    _require_parameters(_templated_texts(entry), values, where)
+
+    def fill(text: object) -> object:
+        if not isinstance(text, str):
+            return text
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+    for key in _TEMPLATED:
+        if key in entry:
+            entry[key] = fill(entry[key])
+    revocation = entry.get("revocation")
+    if isinstance(revocation, Mapping) and "console_url" in revocation:
+        entry["revocation"] = {**revocation, "console_url": fill(revocation["console_url"])}
+    hosts = entry.get("hosts")
+    if isinstance(hosts, list):
+        entry["hosts"] = [fill(h) for h in hosts]
+        for i, host in enumerate(entry["hosts"]):
+            if catalog_hosts and isinstance(host, str) and "*" in host:
+                raise ConfigError(
+                    f"{where}.hosts[{i}]: the catalog entry would route {host!r}, a "
+                    "wildcard (any tenant's host would get the user's token); list your "
+                    "tenant's host under hosts, or set its parameter")
+    return entry
+
+
+def _parameter_values(entry: Mapping[str, Any], where: str) -> dict[str, str]:
     params = entry.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"{where}.parameters: must be a mapping of names to strings")
@@ -572,37 +600,34 @@ def _fill(entry: dict[str, Any], *, where: str, catalog_hosts: bool) -> dict[str
     client_id = entry.get("client_id")
     if isinstance(client_id, str) and "client_id" not in values:
         values["client_id"] = client_id
+    return values
 
-    def fill(text: object, key: str) -> object:
-        if not isinstance(text, str):
-            return text
-        missing = [m for m in _PLACEHOLDER.findall(text) if m not in values]
-        if missing:
-            raise ConfigError(f"{where}.parameters: {key} needs "
-                              + ", ".join(repr(m) for m in sorted(set(missing)))
-                              + " (set them under parameters)")
-        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
 
-    for key in _TEMPLATED:
-        if key in entry:
-            entry[key] = fill(entry[key], key)
+def _templated_texts(entry: Mapping[str, Any]) -> list[tuple[str, object]]:
+    """(key, text) of every value that may hold placeholders."""
+    texts: list[tuple[str, object]] = [(k, entry[k]) for k in _TEMPLATED if k in entry]
     revocation = entry.get("revocation")
     if isinstance(revocation, Mapping) and "console_url" in revocation:
-        entry["revocation"] = {**revocation,
-                               "console_url": fill(revocation["console_url"],
-                                                   "revocation.console_url")}
+        texts.append(("revocation.console_url", revocation["console_url"]))
     hosts = entry.get("hosts")
     if isinstance(hosts, list):
-        filled = [fill(h, f"hosts[{i}]") for i, h in enumerate(hosts)]
-        if catalog_hosts:
-            for i, host in enumerate(filled):
-                if isinstance(host, str) and "*" in host:
-                    raise ConfigError(
-                        f"{where}.hosts[{i}]: the catalog entry would route {host!r}, a "
-                        "wildcard (any tenant's host would get the user's token); list "
-                        "your tenant's host under hosts, or set its parameter")
-        entry["hosts"] = filled
-    return entry
+        texts += [(f"hosts[{i}]", h) for i, h in enumerate(hosts)]
+    return texts
+
+
+def _require_parameters(texts: list[tuple[str, object]], values: Mapping[str, str],
+                        where: str) -> None:
+    """One error naming every parameter the texts use and ``values`` lacks, and where."""
+    missing: dict[str, list[str]] = {}
+    for key, text in texts:
+        for name in _PLACEHOLDER.findall(text) if isinstance(text, str) else ():
+            if name not in values:
+                missing.setdefault(name, []).append(key)
+    if missing:
+        needed = "; ".join(f"{name!r} (used in {', '.join(keys)})"
+                           for name, keys in sorted(missing.items()))
+        raise ConfigError(f"{where}.parameters: this provider needs {needed}: set "
+                          f"{'it' if len(missing) == 1 else 'them'} under parameters")
 
 
 def describe_catalog(catalog: Catalog | None = None) -> list[dict[str, Any]]:
