@@ -165,6 +165,9 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("exchange_failed", (FAILED,), "the exchange failed for another reason"),
     # -- connecting a user (connection.created, outcome rejected) ----------------------
     ("unknown_provider", (CONNECT,), "no provider with that id"),
+    ("provider_not_permitted", (CONNECT,), "the user context's providers claim excludes "
+     "the provider being connected"),
+    ("imported", (CONNECT,), "a token set imported by credproxy vault put"),
     ("no_authorize_url", (CONNECT,), "the provider has no authorize_url"),
     ("scope_not_allowed", (CONNECT,), "a requested scope is not configured"),
     ("return_url_not_allowed", (CONNECT,), "return_to is not under connect.return_urls"),
