@@ -216,10 +216,12 @@ def read_token_response(dialect: TokenDialect, status: int, content_type: str | 
 
     Pure: the same answer always reads the same. The order:
 
-    1. an error code (the first of ``token_errors.error_fields`` present, or a false
-       ``success_field``), at any HTTP status, is looked up in ``reauth``, ``operator``,
-       ``transient``; a code in none of them is ``failed`` (or ``transient`` with a 5xx/429);
-    2. 5xx and 429 are ``transient``; another non-2xx is ``failed``;
+    1. 5xx and 429 are ``transient``, whatever the body says (an outage never marks a
+       grant dead);
+    2. an error code (the first of ``token_errors.error_fields`` present, or a false
+       ``success_field``), at any other HTTP status (GitHub and Slack answer errors with
+       200), is looked up in ``reauth``, ``operator``, ``transient``; a code in none of
+       them is ``failed``; another non-2xx without a code is ``failed``;
     3. a 2xx needs the user's token set at ``token_response.user_token_path`` (a refresh
        answer may carry it at the top level: the refresh token redeemed was the user's);
        a code exchange whose answer has only a top-level (app or bot) token is ``failed``
@@ -232,11 +234,13 @@ def read_token_response(dialect: TokenDialect, status: int, content_type: str | 
     code = _error_code(data, errors.error_fields) if data is not None else None
     unsuccessful = (data is not None and errors.success_field is not None
                     and data.get(errors.success_field) is False)
-    retryable_status = status >= 500 or status == 429
+    if status >= 500 or status == 429:
+        # Whatever the body says: an outage must never mark grants dead (a failing
+        # backend may well answer "invalid_grant" for a token it could not look up).
+        said = f"HTTP {status}" + (f", {_printable(code)}" if code else "")
+        return TokenAnswer("transient", "token_endpoint_unavailable", said, code)
     if code is not None or unsuccessful:
-        return _classify_code(errors, code, status, data or {}, retryable_status)
-    if retryable_status:
-        return TokenAnswer("transient", "token_endpoint_unavailable", f"HTTP {status}")
+        return _classify_code(errors, code, status, data or {})
     if not 200 <= status < 300:
         return TokenAnswer("failed", "token_endpoint_error",
                            f"HTTP {status} without an error code")
@@ -247,7 +251,7 @@ def read_token_response(dialect: TokenDialect, status: int, content_type: str | 
 
 
 def _classify_code(errors: TokenErrors, code: str | None, status: int,
-                   data: Mapping[str, Any], retryable_status: bool) -> TokenAnswer:
+                   data: Mapping[str, Any]) -> TokenAnswer:
     shown = _printable(code) if code is not None else f"{errors.success_field}: false"
     description = data.get("error_description") or data.get("message")
     said = f"HTTP {status}, {shown}"
@@ -263,7 +267,7 @@ def _classify_code(errors: TokenErrors, code: str | None, status: int,
         if reason not in reasons.REGISTRY:
             reason = "provider_misconfigured"
         return TokenAnswer("operator", reason, said, code)
-    if kind == "transient" or retryable_status:
+    if kind == "transient":
         return TokenAnswer("transient", "token_endpoint_unavailable", said, code)
     return TokenAnswer("failed", "token_endpoint_error", said, code)
 
