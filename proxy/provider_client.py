@@ -151,7 +151,7 @@ class ProviderClient:
         except _Transient as exc:
             raise TokenRequestFailed(str(exc), None) from None
         if answer.outcome != "success" or answer.tokens is None:
-            raise TokenRequestFailed(answer.detail, answer)
+            raise TokenRequestFailed(_scrub(answer.detail, client_secret), answer)
         return answer.tokens
 
     async def refresh(self, provider: ProviderSettings, client_secret: Secret | None,
@@ -172,21 +172,22 @@ class ProviderClient:
                 f"attempts: {exc}", reason="token_endpoint_unavailable") from None
         if answer.outcome == "success" and answer.tokens is not None:
             return answer.tokens
+        # The provider's own words, without anything secret it may have echoed.
+        said = _scrub(answer.detail, refresh_token, client_secret)
         if answer.outcome == "reauth":
-            raise InvalidGrant(f"{provider.id} refused the refresh token ({answer.detail})",
+            raise InvalidGrant(f"{provider.id} refused the refresh token ({said})",
                                reason=answer.reason or "invalid_grant", code=answer.code)
         if answer.outcome == "operator":
             refusal: TokenRefreshFailed = ProviderMisconfigured(
                 f"the token endpoint of {provider.id} refused credproxy's client "
-                f"({answer.detail}): check providers[{provider.id}].client_id, its client "
+                f"({said}): check providers[{provider.id}].client_id, its client "
                 "secret (client_secret_env / client_secret_file) and "
                 "token_endpoint_auth_method; the user's grant is unaffected",
                 reason=answer.reason)
             self._hold(keys[1], refusal)
         else:
-            refusal = TokenRefreshFailed(
-                f"token endpoint of {provider.id} answered {answer.detail}",
-                reason=answer.reason)
+            refusal = TokenRefreshFailed(f"token endpoint of {provider.id} answered {said}",
+                                         reason=answer.reason)
             self._hold(keys[0], refusal)
         raise refusal
 
@@ -319,7 +320,7 @@ class ProviderClient:
                     return await once()
             except TimeoutError:
                 last = "timed out"
-            except httpx2.TransportError as exc:
+            except httpx2.HTTPError as exc:  # network, protocol, decoding
                 last = type(exc).__name__
             except _Transient as exc:
                 last = str(exc)
@@ -388,6 +389,15 @@ def _client_auth(provider: ProviderSettings, client_secret: Secret | None
     if method == "client_secret_post":
         return None, {"client_id": provider.client_id, "client_secret": secret}
     return None, {"client_id": provider.client_id}
+
+
+def _scrub(text: str, *secrets: Secret | None) -> str:
+    """``text`` (a provider's error description) with any of ``secrets`` it echoes
+    replaced: problem details and logs never carry a token or a client secret."""
+    for secret in secrets:
+        if secret is not None and len(secret.reveal()) >= 4:
+            text = text.replace(secret.reveal(), "<redacted>")
+    return text
 
 
 def _digest(*parts: str) -> str:

@@ -202,3 +202,53 @@ async def test_offboarding_without_upstream_revocation_says_so(tmp_path: Path,
     assert record["event"] == "connection.revoked" and record["outcome"] == "revoked"
     assert expected in record["reason"]
 
+
+
+@pytest.mark.parametrize(("authed_user", "stored"), [
+    pytest.param({"id": "U1", "access_token": "xoxp-user", "token_type": "user",
+                  "refresh_token": "xoxe-1-user", "expires_in": 43200}, "xoxp-user",
+                 id="user-token-stored"),
+    pytest.param({"id": "U1"}, None, id="bot-token-only-refused"),
+])
+async def test_connecting_stores_the_users_token_never_the_bot_token(
+        fake: FakeOAuth, tmp_path: Path, clock: Clock, authed_user: dict[str, Any],
+        stored: str | None) -> None:
+    """Fault 8 through the connect flow: Slack's top-level token is the app's bot token,
+    shared by every user. With the user's own token under authed_user, that one is
+    stored; without it the connect is refused (no_user_token) and nothing is stored."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from proxy.connect import Connector, ConnectRejected
+
+    settings = parse_settings({
+        "identity": {"issuer": "i", "audience": "a", "hs256_secret_env": "X",
+                     "algorithms": ["HS256"]},
+        "providers": [dialect("slack", fake.base).model_dump(exclude_none=True)]})
+    fake.script("/token", Answer.json(ok=True, access_token="xoxb-bot", token_type="bot",
+                                      authed_user=authed_user))
+    vault = LocalVault.open(tmp_path / "v.db", KEY, clock=clock)
+    out = io.StringIO()
+    audit = AuditLog(StdoutSink(out), instance="t/1", fingerprint_key=KEY, clock=clock)
+    connector = Connector(settings, vault, MemoryCoordinator(clock), audit,
+                          client_secret=lambda p: Secret("s3cret"), state_key=KEY, clock=clock)
+    try:
+        url = await connector.begin("alice", "slack", redirect_uri="http://127.0.0.1:9/cb")
+        query = parse_qs(urlsplit(url).query)
+        assert query["user_scope"] == ["read,write"] and "scope" not in query
+        state = query["state"][0]
+        if stored is None:
+            with pytest.raises(ConnectRejected) as exc:
+                await connector.complete({"state": state, "code": "c-1"})
+            assert exc.value.reason == "no_user_token"
+            assert await vault.list() == []
+        else:
+            await connector.complete({"state": state, "code": "c-1"})
+            grant = await vault.get("alice", "slack")
+            assert grant is not None and grant.tokens.access_token == Secret(stored)
+            assert grant.tokens.refresh_token == Secret("xoxe-1-user")
+    finally:
+        await connector.aclose()
+        await vault.close()
+    record = json.loads(out.getvalue().splitlines()[-1])
+    assert record["outcome"] == ("rejected" if stored is None else "connected")
+    assert "xoxb-bot" not in out.getvalue()

@@ -286,3 +286,15 @@ async def test_a_failing_revocation_endpoint_is_pending_after_the_retries(
     assert "refresh_token revocation failed after 3 attempts (HTTP 503)" in got.detail
     assert "access_token revocation failed" in got.detail  # each token on its own
     assert len(fake.requests("/revoke")) == 6
+
+
+async def test_a_provider_echoing_a_secret_never_gets_it_into_the_problem(
+        fake: FakeOAuth, client: ProviderClient) -> None:
+    """Details reach the agent and the log: whatever the provider's error description
+    echoes of the refresh token or the client secret is redacted."""
+    fake.script("/token", Answer.json(400, error="invalid_grant",
+                                      error_description="rt-1 is unknown (client s3cret)"))
+    with pytest.raises(InvalidGrant) as exc:
+        await client.refresh(at(fake, "textbook"), SECRET, Secret("rt-1"))
+    assert "rt-1" not in exc.value.detail and "s3cret" not in exc.value.detail
+    assert "<redacted> is unknown" in exc.value.detail
