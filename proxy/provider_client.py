@@ -172,23 +172,12 @@ class ProviderClient:
                 f"attempts: {exc}", reason="token_endpoint_unavailable") from None
         if answer.outcome == "success" and answer.tokens is not None:
             return answer.tokens
-        # The provider's own words, without anything secret it may have echoed.
-        said = _scrub(answer.detail, refresh_token, client_secret)
         if answer.outcome == "reauth":
+            said = _scrub(answer.detail, refresh_token, client_secret)
             raise InvalidGrant(f"{provider.id} refused the refresh token ({said})",
                                reason=answer.reason or "invalid_grant", code=answer.code)
-        if answer.outcome == "operator":
-            refusal: TokenRefreshFailed = ProviderMisconfigured(
-                f"the token endpoint of {provider.id} refused credproxy's client "
-                f"({said}): check providers[{provider.id}].client_id, its client "
-                "secret (client_secret_env / client_secret_file) and "
-                "token_endpoint_auth_method; the user's grant is unaffected",
-                reason=answer.reason)
-            self._hold(keys[1], refusal)
-        else:
-            refusal = TokenRefreshFailed(f"token endpoint of {provider.id} answered {said}",
-                                         reason=answer.reason)
-            self._hold(keys[0], refusal)
+        refusal = _refusal(provider, answer, refresh_token, client_secret)
+        self._hold(keys[1] if isinstance(refusal, ProviderMisconfigured) else keys[0], refusal)
         raise refusal
 
     async def _token_request(self, provider: ProviderSettings, client_secret: Secret | None,
@@ -364,6 +353,21 @@ class ProviderClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+def _refusal(provider: ProviderSettings, answer: TokenAnswer, refresh_token: Secret,
+             client_secret: Secret | None) -> TokenRefreshFailed:
+    """The 502 for a refresh answered with an operator error or an unclassified one. The
+    provider's own words go in the detail, without anything secret it may have echoed."""
+    said = _scrub(answer.detail, refresh_token, client_secret)
+    if answer.outcome == "operator":
+        return ProviderMisconfigured(
+            f"the token endpoint of {provider.id} refused credproxy's client ({said}): "
+            f"check providers[{provider.id}].client_id, its client secret "
+            "(client_secret_env / client_secret_file) and token_endpoint_auth_method; the "
+            "user's grant is unaffected", reason=answer.reason)
+    return TokenRefreshFailed(f"token endpoint of {provider.id} answered {said}",
+                              reason=answer.reason)
 
 
 def _tokens_to_revoke(provider: ProviderSettings,
