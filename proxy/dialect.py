@@ -133,11 +133,14 @@ class Revocation(_Model):
     GitHub ``/applications/{client_id}/grant``), ``slack`` (form ``token``; revoked only
     when the JSON says ``ok: true``), ``none`` (no upstream revocation exists).
 
-    ``token``: ``refresh_token`` (default) and ``both``: the refresh token first, then the
-    access token, each on its own (RFC 7009 section 2.1: revoking a refresh token should
-    end its access tokens, so the second is often answered as already dead);
-    ``access_token``: the access token only. ``bearer``, ``github-grant`` and ``slack``
-    always revoke with the access token (their one call ends the grant).
+    ``token``: ``both`` (the default, RFC 7009's textbook and credproxy's behaviour
+    before dialects): the refresh token first, then the access token, each on its own
+    (RFC 7009 section 2.1: revoking a refresh token should end its access tokens, so the
+    second is often answered as already dead); ``refresh_token``: the refresh token only
+    (endpoints that take nothing else: Xero, HubSpot; the access token when the grant has
+    no refresh token); ``access_token``: the access token only (Zoom). ``bearer``,
+    ``github-grant`` and ``slack`` always revoke with the access token (their one call
+    ends the grant).
 
     ``already_revoked``: error codes (or an HTTP status, as digits) meaning the token is
     already dead, counted as revoked (Google and Salesforce answer 400 ``invalid_token``
@@ -145,7 +148,7 @@ class Revocation(_Model):
     """
 
     style: RevocationStyle = "rfc7009"
-    token: Literal["refresh_token", "access_token", "both"] = "refresh_token"
+    token: Literal["refresh_token", "access_token", "both"] = "both"
     already_revoked: list[_Code] = Field(default_factory=lambda: ["invalid_token"])
     console_url: str | None = None  # style none: where an admin revokes the app's access
 

@@ -375,11 +375,11 @@ def _tokens_to_revoke(provider: ProviderSettings,
     """Which tokens, in which order (see :class:`proxy.dialect.Revocation`)."""
     rev = provider.revocation
     access = (tokens.access_token, "access_token")
-    if rev.style in ("bearer", "github-grant", "slack") or rev.token == "access_token":
+    if (rev.style in ("bearer", "github-grant", "slack") or rev.token == "access_token"
+            or tokens.refresh_token is None):
         return [access]
-    if tokens.refresh_token is None:
-        return [access]
-    return [(tokens.refresh_token, "refresh_token"), access]
+    refresh = (tokens.refresh_token, "refresh_token")
+    return [refresh] if rev.token == "refresh_token" else [refresh, access]
 
 
 def _client_auth(provider: ProviderSettings, client_secret: Secret | None

@@ -66,7 +66,7 @@ DIALECTS: dict[str, dict[str, Any]] = {
     # again); 400 invalid_token revoking a token already dead
     # (https://developers.google.com/identity/protocols/oauth2/web-server#offline)
     "google": {"authorize_params": {"access_type": "offline", "prompt": "consent"},
-               "revocation": {"token": "refresh_token", "already_revoked": ["invalid_token"]}},
+               "revocation": {"token": "both", "already_revoked": ["invalid_token"]}},
     # Dropbox: token_access_type=offline; revocation is a bearer call with no body
     # (https://www.dropbox.com/developers/documentation/http/documentation#auth-token-revoke)
     "dropbox": {"authorize_params": {"token_access_type": "offline"},
@@ -77,8 +77,12 @@ DIALECTS: dict[str, dict[str, Any]] = {
     # Shopify: expiring offline tokens need expiring=1 on the token request
     # (https://shopify.dev/docs/apps/build/authentication-authorization/access-token-types/offline-access-tokens)
     "shopify": {"token_params": {"expiring": "1"}, "scope_separator": ","},
-    # Zoom: comma-separated scopes (https://developers.zoom.us/docs/integrations/oauth/)
-    "zoom": {"scope_separator": ","},
+    # Zoom: comma-separated scopes; revoke takes the access token
+    # (https://developers.zoom.us/docs/integrations/oauth/)
+    "zoom": {"scope_separator": ",", "revocation": {"token": "access_token"}},
+    # Xero: the revocation endpoint takes the refresh token only
+    # (https://developer.xero.com/documentation/guides/oauth2/auth-flow/#revoking-tokens)
+    "xero": {"revocation": {"token": "refresh_token"}},
 }
 
 

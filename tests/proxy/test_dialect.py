@@ -259,7 +259,7 @@ def test_an_entry_without_dialect_keys_is_the_textbook() -> None:
     assert p.token_errors.reauth == ["invalid_grant"]
     assert p.token_errors.error_fields == ["error"] and p.token_errors.success_field is None
     assert p.token_response.user_token_path == []
-    assert (p.revocation.style, p.revocation.token) == ("rfc7009", "refresh_token")
+    assert (p.revocation.style, p.revocation.token) == ("rfc7009", "both")
     assert p.api_signals.reauth == []
 
 

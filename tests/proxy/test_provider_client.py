@@ -226,6 +226,24 @@ async def test_google_already_dead_access_token_counts_as_revoked(
     assert got.upstream == "revoked"
 
 
+@pytest.mark.parametrize(("name", "sent"), [
+    pytest.param("xero", [("rt-1", "refresh_token")], id="refresh-token-only"),
+    pytest.param("zoom", [("at-1", "access_token")], id="access-token-only"),
+    pytest.param("textbook", [("rt-1", "refresh_token"), ("at-1", "access_token")],
+                 id="both-by-default"),
+])
+async def test_which_tokens_are_revoked(fake: FakeOAuth, client: ProviderClient, name: str,
+                                        sent: list[tuple[str, str]]) -> None:
+    fake.script("/revoke", Answer(200, b""))
+    assert (await client.revoke(at(fake, name), SECRET, GRANT)).upstream == "revoked"
+    assert [(s.form["token"], s.form["token_type_hint"])
+            for s in fake.requests("/revoke")] == sent
+    fake.seen.clear()
+    no_refresh = TokenSet(Secret("at-1"))  # a grant without a refresh token
+    assert (await client.revoke(at(fake, name), SECRET, no_refresh)).upstream == "revoked"
+    assert [s.form["token"] for s in fake.requests("/revoke")] == ["at-1"]
+
+
 @pytest.mark.parametrize(("name", "answer", "method", "check"), [
     pytest.param("quickbooks", Answer(200, b""), "POST",
                  lambda s: s.json == {"token": "rt-1"} and s.headers["authorization"] == BASIC
