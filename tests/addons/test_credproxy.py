@@ -147,7 +147,7 @@ async def test_a_lookalike_identity_header_on_a_routed_request_is_refused(
                                        ("X-User-Context", make_context()),
                                        (lookalike, make_context(claims={"sub": "mallory"}))])
     await injector.requestheaders(f)
-    assert _problem(injector, f) == (407, "user-context-invalid", "lookalike-header")
+    assert _problem(injector, f) == (407, "user-context-invalid", "lookalike_header")
     assert not any(k.lower().replace("_", "-") in ("x-user-context", "proxy-authorization")
                    for k, _ in _sent(f))
 

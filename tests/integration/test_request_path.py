@@ -160,7 +160,7 @@ def test_lookalike_identity_headers_are_refused_on_routed_requests(env: Env,
             f"{lookalike}: {env.stack.context(mallory)}\r\nConnection: close\r\n\r\n").encode()
     status, headers, body = _status(_raw_request(env, head))
     assert (status, headers["x-credproxy-error"]) == (407, "user-context-invalid")
-    assert json.loads(body)["reason"] == "lookalike-header"
+    assert json.loads(body)["reason"] == "lookalike_header"
     assert not env.raw.saw(marker)
 
 
