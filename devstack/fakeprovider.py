@@ -25,7 +25,10 @@ the real ones do); the ready file maps catalog ids to ports. On each port:
 * ``/_fake/...`` (loopback only): ``GET requests`` (every request recorded: query, form,
   JSON body, headers, the client authentication used), ``POST kill`` ``{"user": U}`` (the
   provider ends the user's grant: every token dead, as when the user removes the app),
-  ``POST knobs`` ``{"revoke_answer": [status, body]}`` (the next revocation's answer).
+  ``POST end_sessions`` ``{"user": U}`` (the user's access tokens time out, the refresh
+  token lives: Salesforce's session timeout), ``POST knobs`` ``{"revoke_answer": [status,
+  body]}`` (the next revocation's answer), ``{"expires_in": N}`` (the lifetime of the
+  tokens issued from now on, for providers that send one).
 
 The behaviour per provider is the table :data:`QUIRKS`, each row with the source it
 reproduces (the URLs of the catalog entries' comments). It is deliberately written apart
@@ -270,6 +273,7 @@ class Provider:
     access: dict[str, Family] = field(default_factory=dict)
     refresh: dict[str, Family] = field(default_factory=dict)
     rotated: set[str] = field(default_factory=set)
+    ended: set[str] = field(default_factory=set)  # access tokens whose session ended
     requests: list[dict[str, Any]] = field(default_factory=list)
     knobs: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -310,7 +314,7 @@ class Provider:
         tokens: dict[str, Any] = {"access_token": at, "token_type": "Bearer",
                                   "scope": family.scope}
         if q.expires_in is not None:
-            tokens["expires_in"] = q.expires_in
+            tokens["expires_in"] = int(self.knobs.get("expires_in", q.expires_in))
         if rt is not None:
             tokens["refresh_token"] = rt
         if q.shape == "github":
@@ -393,6 +397,8 @@ class App:
                 for family in {*p.access.values(), *p.refresh.values()}:
                     if family.user == data["user"]:
                         family.dead = True
+            elif what == "end_sessions":  # access tokens time out, refresh tokens live
+                p.ended |= {t for t, f in p.access.items() if f.user == data["user"]}
             elif what == "knobs":
                 p.knobs.update(data)
             else:
@@ -517,7 +523,7 @@ class App:
         token = value.removeprefix(prefix) if value.startswith(prefix) else ""
         with p.lock:
             family = p.access.get(token)
-            live = family is not None and not family.dead
+            live = family is not None and not family.dead and token not in p.ended
         self.record(req, "api", live=live)
         if not live:
             return p.json(p.quirks.api_revoked)
