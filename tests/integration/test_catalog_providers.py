@@ -351,7 +351,10 @@ def test_revoke_reports_the_upstream_truthfully(env: Env, pid: str) -> None:
     calls = env.requests(pid, "revoke")
     if style == "none":
         console = str(catalog["revocation"]["console_url"])
-        for name, value in (_entry(pid, "", 0).get("parameters") or {}).items():
+        described = next(e for e in describe_catalog() if e["id"] == pid)
+        values = {**described["parameter_defaults"],
+                  **(_entry(pid, "", 0).get("parameters") or {})}
+        for name, value in values.items():
             console = console.replace(f"{{{name}}}", value)
         assert "no upstream revocation exists for this provider" in out
         assert "local removal done" in out and console in out
