@@ -856,12 +856,12 @@ class AuditLog:
             except (TimeoutError, BufferError) as exc:
                 raise AuditUnavailable(
                     "audit log stalled: its reader is not keeping up",
-                    reason="audit-sink-stalled") from exc
+                    reason="audit_sink_stalled") from exc
             except Exception as exc:
                 # Fail closed on anything (OSError, closed stream, ...): the caller must
                 # not inject a credential it could not account for.
                 raise AuditUnavailable(
-                    f"audit log write failed: {type(exc).__name__}", reason="audit-write-failed"
+                    f"audit log write failed: {type(exc).__name__}", reason="audit_write_failed"
                 ) from exc
             self._seq = rec["seq"]
             self._prev = rec["hash"]

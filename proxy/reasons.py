@@ -84,16 +84,16 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("replayed", (IDENTITY,), "a one-time jti was used before"),
     ("keys_unavailable", (IDENTITY,), "the verification keys cannot be fetched"),
     # -- request syntax (400 malformed-request, 417) -----------------------------------
-    ("obs-fold", (DENIED,), "a folded header line"),
-    ("control-character", (DENIED,), "a control character in a header value"),
-    ("bad-field-name", (DENIED,), "a header name that is not a token"),
-    ("bad-connection", (DENIED,), "Connection nominates a framing/routing field or a "
+    ("obs_fold", (DENIED,), "a folded header line"),
+    ("control_character", (DENIED,), "a control character in a header value"),
+    ("bad_field_name", (DENIED,), "a header name that is not a token"),
+    ("bad_connection", (DENIED,), "Connection nominates a framing/routing field or a "
      "non-token"),
-    ("bad-method", (DENIED,), "the method is not a token"),
-    ("bad-target", (DENIED,), "the request-target is not origin-form"),
-    ("ambiguous-target", (DENIED,), "a credentialed request-target starting with //"),
-    ("bad-framing", (DENIED,), "malformed chunked framing"),
-    ("bad-expect", (DENIED,), "an Expect other than 100-continue"),
+    ("bad_method", (DENIED,), "the method is not a token"),
+    ("bad_target", (DENIED,), "the request-target is not origin-form"),
+    ("ambiguous_target", (DENIED,), "a credentialed request-target starting with //"),
+    ("bad_framing", (DENIED,), "malformed chunked framing"),
+    ("bad_expect", (DENIED,), "an Expect other than 100-continue"),
     ("trailers", (DENIED, FAILED), "an HTTP/1 trailer section (cannot be forwarded)"),
     # -- routing (403, 421) ------------------------------------------------------------
     ("host_mismatch", (DENIED,), "Host or SNI disagrees with the real destination"),
@@ -152,9 +152,9 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("token_refreshed", (DENIED,), "an upstream 401; a forced refresh obtained a new "
      "token: retry"),
     # -- audit and internal (503, 500) -------------------------------------------------
-    ("audit-write-failed", (DENIED,), "the audit sink failed a write"),
-    ("audit-sink-stalled", (DENIED,), "stdout stalled beyond audit.stall_timeout"),
-    ("internal-error", (DENIED, FAILED), "a bug (fail closed)"),
+    ("audit_write_failed", (DENIED,), "the audit sink failed a write"),
+    ("audit_sink_stalled", (DENIED,), "stdout stalled beyond audit.stall_timeout"),
+    ("internal_error", (DENIED, FAILED), "a bug (fail closed)"),
     ("unconfigured", (DENIED,), "the addon runs without credproxy_config"),
     # -- exchanges that broke after the decision (request.failed, 502) -----------------
     ("upstream_unreachable", (DENIED, FAILED), "DNS, connect or TLS failed; nothing sent"),
