@@ -107,8 +107,8 @@ class Offboarder:
             pending = [f"{r.provider} ({', '.join(r.problems)})" for r in results if not r.ok]
             self._audit.record(auditlog.USER_OFFBOARDED, user=user,
                                outcome="pending" if pending else "offboarded",
-                               reason=f"pending: {'; '.join(pending)}"[:300]
-                               if pending else None)
+                               reason="pending" if pending else None,
+                               detail="; ".join(pending) if pending else None)
         return results
 
     async def _revoke_one(self, user: str, provider_id: str, version: int = 0) -> Revocation:
@@ -221,7 +221,8 @@ class Offboarder:
         self._audit.record(auditlog.CONNECTION_REVOKED, user=result.user,
                            provider=result.provider,
                            outcome="revoked" if result.ok else "pending",
-                           reason=f"upstream {result.upstream}: {result.detail}"[:300],
+                           reason="upstream_" + result.upstream.replace(" ", "_"),
+                           detail=result.detail,
                            token=token, token_source="vault" if token else None)
         return result
 

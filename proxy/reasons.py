@@ -38,6 +38,7 @@ REAUTH = "reauth.required"
 FAILED = "request.failed"
 CONNECT = "connection.created"
 REVOKED = "connection.revoked"
+OFFBOARDED = "user.offboarded"
 GRANT = "grant mark"  # the reason stored on a grant marked reauth_required
 METRIC = "metric only"  # counted, never answered
 
@@ -61,6 +62,14 @@ def _table(*rows: tuple[str, tuple[str, ...], str]) -> Mapping[str, Reason]:
 
 
 REGISTRY: Final[Mapping[str, Reason]] = _table(
+    # -- offboarding (connection.revoked, user.offboarded); what remains is in detail --
+    ("upstream_revoked", (REVOKED,), "the provider revoked the grant (or it was dead)"),
+    ("upstream_pending", (REVOKED,), "upstream revocation failed after retries: to redo"),
+    ("upstream_unsupported", (REVOKED,), "no revocation endpoint is configured"),
+    ("upstream_none", (REVOKED,),
+     "the provider has no per-grant revocation; detail names the admin console"),
+    ("upstream_not_attempted", (REVOKED,), "a corrupt record: its tokens were unreadable"),
+    ("pending", (OFFBOARDED,), "some of the user's grants are not fully offboarded"),
     # -- the user context (407 user-context-missing / user-context-invalid) -------------
     ("missing", (IDENTITY,), "no user context on a request to a provider"),
     ("malformed", (IDENTITY,), "the user context is not a well-formed JWS / JWT"),

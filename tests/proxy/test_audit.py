@@ -42,6 +42,7 @@ KEYS = [
     "request",
     "outcome",
     "reason",
+    "detail",
     "upstream_status",
     "token",
     "instance",
