@@ -31,6 +31,11 @@ from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
 from proxy.vault.base import Grant, GrantInfo, GrantStatus, Vault
 
+# Revocation.upstream -> the audit record's reason (proxy/reasons.py).
+_UPSTREAM_REASONS = {"revoked": "upstream_revoked", "pending": "upstream_pending",
+                     "unsupported": "upstream_unsupported", "none": "upstream_none",
+                     "not attempted": "upstream_not_attempted"}
+
 
 @dataclass(frozen=True, slots=True)
 class Revocation:
@@ -221,7 +226,7 @@ class Offboarder:
         self._audit.record(auditlog.CONNECTION_REVOKED, user=result.user,
                            provider=result.provider,
                            outcome="revoked" if result.ok else "pending",
-                           reason="upstream_" + result.upstream.replace(" ", "_"),
+                           reason=_UPSTREAM_REASONS.get(result.upstream, "upstream_pending"),
                            detail=result.detail,
                            token=token, token_source="vault" if token else None)
         return result
