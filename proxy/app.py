@@ -268,7 +268,7 @@ class App:
         health = self.sidecar.audit.health()
         if not health.ok:
             raise AuditUnavailable(f"audit sink: {health.detail}",
-                                   reason="audit-write-failed")
+                                   reason="audit_write_failed")
 
     def audit_liveness(self) -> str | None:
         """Liveness: None while live; what is wrong once the audit sink has failed for

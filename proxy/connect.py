@@ -207,7 +207,7 @@ class Connector:
         await self._coord.cache_put(stored)
         await self._coord.publish_invalidation(user, provider_id)
         self._audit.record(auditlog.CONNECTION_CREATED, user=user, provider=provider_id,
-                           outcome="connected", reason=f"scope={tokens.scope or ''}",
+                           outcome="connected", detail=f"scope={tokens.scope or ''}",
                            token=tokens.access_token, token_source="vault")
         return_to = rec.get("t")
         return Connected(user, provider_id, tokens.scope,

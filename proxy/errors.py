@@ -48,7 +48,7 @@ class ProxyRefusal(CredproxyError):
         super().__init__(detail)
         self.detail = detail
         # A short machine-readable cause, used in the audit record and problem body.
-        self.reason = reason or self.slug
+        self.reason = reason or self.slug.replace("-", "_")
 
     def extra(self) -> dict[str, object]:
         """Extension members for the problem body."""

@@ -18,7 +18,9 @@ provider; local removal done; revoke the app's access at <console_url>" (CLI and
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,10 +28,18 @@ from proxy import audit as auditlog
 from proxy.audit import AuditLog
 from proxy.coordination.base import Coordinator
 from proxy.errors import CoordinationUnavailable, VaultCorruptError, VaultError
-from proxy.provider_client import ProviderClient
+from proxy.provider_client import ProviderClient, revokes_with_access_token
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
+from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant, GrantInfo, GrantStatus, Vault
+
+# Revocation.upstream -> the audit record's reason (proxy/reasons.py).
+log = logging.getLogger("credproxy.offboard")
+
+_UPSTREAM_REASONS = {"revoked": "upstream_revoked", "pending": "upstream_pending",
+                     "unsupported": "upstream_unsupported", "none": "upstream_none",
+                     "not attempted": "upstream_not_attempted"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +117,8 @@ class Offboarder:
             pending = [f"{r.provider} ({', '.join(r.problems)})" for r in results if not r.ok]
             self._audit.record(auditlog.USER_OFFBOARDED, user=user,
                                outcome="pending" if pending else "offboarded",
-                               reason=f"pending: {'; '.join(pending)}"[:300]
-                               if pending else None)
+                               reason="pending" if pending else None,
+                               detail="; ".join(pending) if pending else None)
         return results
 
     async def _revoke_one(self, user: str, provider_id: str, version: int = 0) -> Revocation:
@@ -145,8 +155,9 @@ class Offboarder:
                 "the provider is no longer configured; revoke at the provider by its own "
                 "means")
         else:
+            tokens = await self._live_tokens(provider, grant)
             revoked = await self._provider_client.revoke(provider, self._client_secret(provider),
-                                                         grant.tokens)
+                                                         tokens)
             upstream, detail, console = revoked.upstream, revoked.detail, revoked.console_url
         # 3. Remove it locally, whatever the provider said.
         removed = True  # deleted now, or already gone
@@ -169,6 +180,27 @@ class Offboarder:
                      "shared-cache copy lapses at the access token's expiry"
         return self._finish(Revocation(user, provider_id, upstream, detail, removed,
                                        invalidated), grant.tokens.access_token)
+
+    async def _live_tokens(self, provider: ProviderSettings, grant: Grant) -> TokenSet:
+        """The tokens to revoke. A provider that revokes with the access token only
+        (:func:`proxy.provider_client.revokes_with_access_token`) would refuse an expired
+        one and leave the refresh token alive: refresh it first (the grant is already
+        marked, so nothing injects the new token), and revoke the new access token. A
+        refresh that fails (the grant is dead already) leaves the old tokens to revoke."""
+        tokens = grant.tokens
+        if not (revokes_with_access_token(provider, tokens)
+                and tokens.expires_within(0, now=time.time())):
+            return tokens
+        assert tokens.refresh_token is not None
+        try:
+            fresh = await self._provider_client.refresh(
+                provider, self._client_secret(provider), tokens.refresh_token)
+        except Exception as exc:  # noqa: BLE001 - any failure: revoke what there is
+            log.info("offboarding %s/%s: refreshing the expired access token before "
+                     "revocation failed (%s); revoking the stored one", grant.user,
+                     provider.id, type(exc).__name__)
+            return tokens
+        return fresh.merged_refresh(tokens)
 
     async def _mark(self, user: str, provider_id: str) -> tuple[Grant | None, bool]:
         grant = await self._vault.get(user, provider_id)
@@ -221,7 +253,8 @@ class Offboarder:
         self._audit.record(auditlog.CONNECTION_REVOKED, user=result.user,
                            provider=result.provider,
                            outcome="revoked" if result.ok else "pending",
-                           reason=f"upstream {result.upstream}: {result.detail}"[:300],
+                           reason=_UPSTREAM_REASONS.get(result.upstream, "upstream_pending"),
+                           detail=result.detail,
                            token=token, token_source="vault" if token else None)
         return result
 

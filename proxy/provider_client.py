@@ -370,6 +370,14 @@ def _refusal(provider: ProviderSettings, answer: TokenAnswer, refresh_token: Sec
                               reason=answer.reason)
 
 
+def revokes_with_access_token(provider: ProviderSettings, tokens: TokenSet) -> bool:
+    """Whether revoking ``tokens`` presents the access token only (Dropbox's bearer call,
+    GitHub's grant DELETE, Slack's auth.revoke, ``revocation.token: access_token``), so
+    that an expired one must be refreshed first or the refresh token stays alive."""
+    return _tokens_to_revoke(provider, tokens) == [(tokens.access_token, "access_token")] \
+        and tokens.refresh_token is not None
+
+
 def _tokens_to_revoke(provider: ProviderSettings,
                       tokens: TokenSet) -> list[tuple[Secret, str]]:
     """Which tokens, in which order (see :class:`proxy.dialect.Revocation`)."""

@@ -38,6 +38,7 @@ REAUTH = "reauth.required"
 FAILED = "request.failed"
 CONNECT = "connection.created"
 REVOKED = "connection.revoked"
+OFFBOARDED = "user.offboarded"
 GRANT = "grant mark"  # the reason stored on a grant marked reauth_required
 METRIC = "metric only"  # counted, never answered
 
@@ -61,6 +62,14 @@ def _table(*rows: tuple[str, tuple[str, ...], str]) -> Mapping[str, Reason]:
 
 
 REGISTRY: Final[Mapping[str, Reason]] = _table(
+    # -- offboarding (connection.revoked, user.offboarded); what remains is in detail --
+    ("upstream_revoked", (REVOKED,), "the provider revoked the grant (or it was dead)"),
+    ("upstream_pending", (REVOKED,), "upstream revocation failed after retries: to redo"),
+    ("upstream_unsupported", (REVOKED,), "no revocation endpoint is configured"),
+    ("upstream_none", (REVOKED,),
+     "the provider has no per-grant revocation; detail names the admin console"),
+    ("upstream_not_attempted", (REVOKED,), "a corrupt record: its tokens were unreadable"),
+    ("pending", (OFFBOARDED,), "some of the user's grants are not fully offboarded"),
     # -- the user context (407 user-context-missing / user-context-invalid) -------------
     ("missing", (IDENTITY,), "no user context on a request to a provider"),
     ("malformed", (IDENTITY,), "the user context is not a well-formed JWS / JWT"),
@@ -84,16 +93,16 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("replayed", (IDENTITY,), "a one-time jti was used before"),
     ("keys_unavailable", (IDENTITY,), "the verification keys cannot be fetched"),
     # -- request syntax (400 malformed-request, 417) -----------------------------------
-    ("obs-fold", (DENIED,), "a folded header line"),
-    ("control-character", (DENIED,), "a control character in a header value"),
-    ("bad-field-name", (DENIED,), "a header name that is not a token"),
-    ("bad-connection", (DENIED,), "Connection nominates a framing/routing field or a "
+    ("obs_fold", (DENIED,), "a folded header line"),
+    ("control_character", (DENIED,), "a control character in a header value"),
+    ("bad_field_name", (DENIED,), "a header name that is not a token"),
+    ("bad_connection", (DENIED,), "Connection nominates a framing/routing field or a "
      "non-token"),
-    ("bad-method", (DENIED,), "the method is not a token"),
-    ("bad-target", (DENIED,), "the request-target is not origin-form"),
-    ("ambiguous-target", (DENIED,), "a credentialed request-target starting with //"),
-    ("bad-framing", (DENIED,), "malformed chunked framing"),
-    ("bad-expect", (DENIED,), "an Expect other than 100-continue"),
+    ("bad_method", (DENIED,), "the method is not a token"),
+    ("bad_target", (DENIED,), "the request-target is not origin-form"),
+    ("ambiguous_target", (DENIED,), "a credentialed request-target starting with //"),
+    ("bad_framing", (DENIED,), "malformed chunked framing"),
+    ("bad_expect", (DENIED,), "an Expect other than 100-continue"),
     ("trailers", (DENIED, FAILED), "an HTTP/1 trailer section (cannot be forwarded)"),
     # -- routing (403, 421) ------------------------------------------------------------
     ("host_mismatch", (DENIED,), "Host or SNI disagrees with the real destination"),
@@ -152,9 +161,9 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("token_refreshed", (DENIED,), "an upstream 401; a forced refresh obtained a new "
      "token: retry"),
     # -- audit and internal (503, 500) -------------------------------------------------
-    ("audit-write-failed", (DENIED,), "the audit sink failed a write"),
-    ("audit-sink-stalled", (DENIED,), "stdout stalled beyond audit.stall_timeout"),
-    ("internal-error", (DENIED, FAILED), "a bug (fail closed)"),
+    ("audit_write_failed", (DENIED,), "the audit sink failed a write"),
+    ("audit_sink_stalled", (DENIED,), "stdout stalled beyond audit.stall_timeout"),
+    ("internal_error", (DENIED, FAILED), "a bug (fail closed)"),
     ("unconfigured", (DENIED,), "the addon runs without credproxy_config"),
     # -- exchanges that broke after the decision (request.failed, 502) -----------------
     ("upstream_unreachable", (DENIED, FAILED), "DNS, connect or TLS failed; nothing sent"),

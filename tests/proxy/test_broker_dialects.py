@@ -200,7 +200,44 @@ async def test_offboarding_without_upstream_revocation_says_so(tmp_path: Path,
     assert (result.upstream, result.detail, result.ok) == ("none", expected, True)
     record = json.loads(out.getvalue().splitlines()[-1])
     assert record["event"] == "connection.revoked" and record["outcome"] == "revoked"
-    assert expected in record["reason"]
+    assert record["reason"] == "upstream_none" and expected in record["detail"]
+
+
+@pytest.mark.parametrize("expired", [True, False], ids=["expired", "live"])
+async def test_offboarding_refreshes_an_expired_access_token_a_provider_revokes_with(
+        fake: FakeOAuth, tmp_path: Path, clock: Clock, expired: bool) -> None:
+    """Dropbox revokes a grant with its access token (a bearer call, no body): an expired
+    one is refused and the refresh token would stay alive. Offboarding refreshes it first
+    and revokes the new one; a live one is revoked as it is, with no refresh."""
+    import time
+
+    p = dialect("dropbox", fake.base)
+    settings = parse_settings({
+        "identity": {"issuer": "i", "audience": "a", "hs256_secret_env": "X",
+                     "algorithms": ["HS256"]},
+        "providers": [p.model_dump(exclude_none=True)]})
+    fake.script("/token", Answer.json(access_token="at-new", expires_in=14400))
+    fake.script("/revoke", Answer(200, b"null"))
+    vault = LocalVault.open(tmp_path / "v.db", KEY, clock=clock)
+    out = io.StringIO()
+    audit = AuditLog(StdoutSink(out), instance="t/1", fingerprint_key=KEY, clock=clock)
+    off = Offboarder(settings, vault, MemoryCoordinator(clock), audit,
+                     client_secret=lambda p: Secret("s"), settle=0)
+    expires_at = time.time() + (-60 if expired else 3600)
+    try:
+        await vault.put(Grant("bob", p.id, TokenSet(Secret("at-old"), Secret("rt-1"),
+                                                    expires_at=expires_at)))
+        (result,) = await off.revoke("bob", p.id)
+    finally:
+        await off.aclose()
+        await vault.close()
+    assert result.ok and result.upstream == "revoked", result
+    assert len(fake.requests("/token")) == (1 if expired else 0)
+    if expired:
+        assert fake.requests("/token")[0].form["refresh_token"] == "rt-1"
+    (revoke,) = fake.requests("/revoke")
+    want = "at-new" if expired else "at-old"
+    assert revoke.headers["authorization"] == f"Bearer {want}" and revoke.body == b""
 
 
 

@@ -83,9 +83,11 @@ def test_every_slug_and_title_is_distinct_per_class(error: ProxyRefusal, status:
     assert all(o.slug != slug for o in others)
 
 
-def test_reason_defaults_to_the_slug() -> None:
+def test_reason_defaults_to_the_slug_in_snake_case() -> None:
+    # Reasons are one spelling, snake_case (proxy/reasons.py); slugs stay kebab-case (they
+    # name the problem type URN).
     body = json.loads(problem_response(UnroutedDenied("x")).body)
-    assert body["reason"] == "unrouted-denied"
+    assert body["reason"] == "unrouted_denied" and body["type"].endswith(":unrouted-denied")
 
 
 def test_reauth_required_names_provider_and_connect_url() -> None:

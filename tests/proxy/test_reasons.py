@@ -36,7 +36,7 @@ def _reasons_in_source() -> dict[str, list[str]]:
 
 def test_the_source_is_scanned() -> None:
     found = _reasons_in_source()
-    assert {"revoked_upstream", "unknown_kid", "no_user_token", "bad-framing"} <= set(found)
+    assert {"revoked_upstream", "unknown_kid", "no_user_token", "bad_framing"} <= set(found)
 
 
 def test_every_reason_in_the_code_is_registered() -> None:
