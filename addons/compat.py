@@ -271,7 +271,7 @@ def refusal_for(code: ErrorCode) -> ProxyRefusal:
                 ErrorCode.DESTINATION_UNKNOWN, ErrorCode.REQUEST_TOO_LARGE):
         return MalformedRequest("the request is not HTTP credproxy can forward; nothing was "
                                 "forwarded", reason="client_protocol_error")
-    return InternalError("the exchange failed inside the proxy", reason="internal-error")
+    return InternalError("the exchange failed inside the proxy", reason="internal_error")
 
 
 def problem_bytes(refusal: ProxyRefusal, request_id: str | None = None,
@@ -482,7 +482,7 @@ def install() -> None:
                 answered = True
                 yield from _answer_client(self, MalformedRequest(
                     "the request body's framing is malformed (chunked encoding, RFC 9112 "
-                    "section 7.1); nothing more was forwarded", reason="bad-framing"))
+                    "section 7.1); nothing more was forwarded", reason="bad_framing"))
             value = yield command
 
     _http1.Http1Connection.read_body = read_body_strictly  # type: ignore[method-assign]

@@ -30,6 +30,7 @@ from mitmproxy.proxy import layer, layers
 
 from addons import compat
 from proxy.app import App, build
+from proxy.dialect import ApiSignals, api_signal
 from proxy.errors import (
     CredproxyError,
     InternalError,
@@ -81,6 +82,8 @@ class CredentialInjector:
         # answer it replaced (flow id -> the replacement, set again in `response`).
         self._refused: set[str] = set()
         self._replaced: dict[str, ProblemResponse] = {}
+        # Flows whose small JSON answer is read whole for a revoked-token signal.
+        self._held: set[str] = set()
         self._reported_unconfigured = False
 
     def load(self, loader: Any) -> None:
@@ -128,6 +131,7 @@ class CredentialInjector:
             # for an upstream connection): not in flight any more, and its audit trail ends.
             self.in_flight.discard(flow_id)
             self._replaced.pop(flow_id, None)
+            self._held.discard(flow_id)
             injected = self._injected.pop(flow_id, None)
             if self.app is not None and injected is not None:
                 try:
@@ -283,7 +287,10 @@ class CredentialInjector:
         body can stream. A credentialed request answered 401 or ``error="invalid_token"``
         (:meth:`Sidecar.upstream_response`) gets its problem instead: the replacement goes
         out at once in place of the upstream's answer, whose body is never read
-        (:mod:`addons.compat`, item 8). Everything else streams."""
+        (:mod:`addons.compat`, item 8). A small JSON answer from a provider that declares
+        revoked-token signals in bodies (``api_signals``: Slack's HTTP 200
+        ``{"ok": false, "error": "token_revoked"}``) is read whole and examined in
+        ``response``. Everything else streams."""
         response = flow.response
         if response is None or flow.id in self._refused:
             return
@@ -303,16 +310,50 @@ class CredentialInjector:
                 self._replaced[flow.id] = answer
                 flow.response = _make(answer, req_method(flow))
                 return
+            if _may_signal(injected[1].provider.api_signals, response):
+                self._held.add(flow.id)
+                return
         response.stream = True
 
     async def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
         injected = self._injected.pop(flow.id, None)
         self._replaced.pop(flow.id, None)
+        held = flow.id in self._held
+        self._held.discard(flow.id)
         if self._forget_refused(flow) or flow.response is None or self.app is None:
             return
+        if held and injected is not None:
+            await self._check_signal(flow, injected)
         if flow.server_conn.timestamp_start is not None:  # it went upstream
             self._observe(flow, injected[1].provider.id if injected else "-")
+
+    async def _check_signal(self, flow: http.HTTPFlow, injected: _Injected) -> None:
+        """A held JSON answer (see ``responseheaders``) carrying one of the provider's
+        revoked-token signals is answered exactly like an upstream 401
+        (:meth:`Sidecar.token_rejected`); any other goes out unchanged."""
+        assert self.app is not None and flow.response is not None
+        outbound, injection = injected
+        signals = injection.provider.api_signals
+        response = flow.response
+        raw = response.raw_content
+        if raw is None or len(raw) > signals.max_bytes:
+            return  # streamed after all (longer than stream_large_bodies), or too long
+        body = response.get_content(strict=False) or b""
+        reason = api_signal(signals, response.status_code,
+                            response.headers.get("content-type"), body)
+        if reason is None:
+            return
+        refusal: ProxyRefusal
+        try:
+            refusal = await self.app.sidecar.token_rejected(
+                outbound, injection, response.status_code, signal=reason)
+        except ProxyRefusal as exc:
+            refusal = exc
+        except Exception:  # noqa: BLE001
+            log.exception("internal error checking the response to %s", flow.id)
+            refusal = InternalError("internal error; the upstream answer was withheld")
+        flow.response = _make(self._answer(flow, refusal), req_method(flow))
 
     def _observe(self, flow: http.HTTPFlow, provider: str) -> None:
         """Latency of an exchange that went upstream (mitmproxy's timestamps, seconds)."""
@@ -330,6 +371,7 @@ class CredentialInjector:
         self._finish(flow)
         refused = self._forget_refused(flow)
         self._replaced.pop(flow.id, None)
+        self._held.discard(flow.id)
         injected = self._injected.pop(flow.id, None)
         # mitmproxy answers the client next (when it still can): name this request there.
         compat.register_request(flow.client_conn.id, flow.id)
@@ -399,6 +441,19 @@ class CredentialInjector:
         except ValueError:
             raise MisdirectedRequest("the destination is not a valid host",
                                      reason="bad_destination") from None
+
+
+def _may_signal(signals: ApiSignals, response: http.Response) -> bool:
+    """Whether an answer may carry one of ``signals`` and is small enough to hold: JSON
+    with a declared length up to ``max_bytes``, or no declared length (mitmproxy
+    streams it anyway past ``stream_large_bodies``)."""
+    if not signals.reauth:
+        return False
+    media = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if not (media == "application/json" or media.endswith("+json")):
+        return False
+    length = response.headers.get("content-length")
+    return length is None or (length.isdigit() and int(length) <= signals.max_bytes)
 
 
 def req_method(flow: http.HTTPFlow) -> str:

@@ -24,7 +24,7 @@ from proxy.errors import AuditUnavailable, ConfigError, CredproxyError, VaultUna
 from proxy.identity import IdentityVerifier, KeySource
 from proxy.metrics import Metrics
 from proxy.offboard import Offboarder
-from proxy.refresh import Refresher
+from proxy.provider_client import ProviderClient
 from proxy.routes import Router
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings, resolve_secret
@@ -53,7 +53,7 @@ class App:
     sidecar: Sidecar
     vault: Vault
     coordinator: Coordinator
-    refresher: Refresher
+    refresher: ProviderClient  # the one provider client (refresh, connect, revoke)
     http: httpx2.AsyncClient
     connector: Connector
     offboarder: Offboarder
@@ -268,7 +268,7 @@ class App:
         health = self.sidecar.audit.health()
         if not health.ok:
             raise AuditUnavailable(f"audit sink: {health.detail}",
-                                   reason="audit-write-failed")
+                                   reason="audit_write_failed")
 
     def audit_liveness(self) -> str | None:
         """Liveness: None while live; what is wrong once the audit sink has failed for
@@ -535,7 +535,7 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
     vault, key = open_vault(settings, environ, clock)  # every config error comes first
     metrics = Metrics()
     coordinator = make_coordinator(settings, key, environ, clock, metrics)
-    refresher = Refresher(settings.refresh, verify=tls, clock=clock)
+    refresher = ProviderClient(settings.refresh, verify=tls, clock=clock)
     verifier = IdentityVerifier(settings.identity, keys, replay=coordinator, clock=clock)
 
     def secret_for(p: ProviderSettings) -> Secret | None:
@@ -557,8 +557,8 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
     sidecar = Sidecar(settings, verifier, Router(settings.providers), broker, audit)
     connector = Connector(settings, vault, coordinator, audit, client_secret=secret_for,
                           state_key=derive_subkey(key, "credproxy connect state"), verify=tls,
-                          clock=clock)
+                          clock=clock, client=refresher)
     offboarder = Offboarder(settings, vault, coordinator, audit, client_secret=secret_for,
-                            verify=tls)
+                            verify=tls, client=refresher)
     return App(settings, sidecar, vault, coordinator, refresher, http, connector, offboarder,
                secrets, environ)

@@ -6,7 +6,7 @@ a fixed shape::
     {"ts": "2026-11-23T09:40:06.123456Z", "event": "credential.injected",
      "user": "alice", "provider": "github", "context": {"kind": ..., "id": ...},
      "request": {"id": ..., "method": "GET", "host": "api.github.com", "path": "/user"},
-     "outcome": "injected", "reason": null, "upstream_status": null,
+     "outcome": "injected", "reason": null, "detail": null, "upstream_status": null,
      "token": {"fingerprint": "3f9c0a1b2c3d4e5f", "source": "cache"},
      "instance": "host-1/9f2c4a1e", "seq": 7, "prev": "<hex>", "hash": "<hex>"}
 
@@ -813,11 +813,14 @@ class AuditLog:
         request: RequestInfo | None = None,
         outcome: str,
         reason: str | None = None,
+        detail: str | None = None,
         upstream_status: int | None = None,
         token: Secret | None = None,
         token_source: TokenSource | None = None,
     ) -> Record:
-        """Write one record and return it.
+        """Write one record and return it. ``reason`` is a registered code
+        (:mod:`proxy.reasons`); free text (what a provider said, what is still to do) goes in
+        ``detail`` (at most 300 characters).
 
         Raises :class:`AuditUnavailable` if the sink fails; the chain is then left where it
         was, so the next successful record follows the last one actually written.
@@ -843,6 +846,7 @@ class AuditLog:
                 "request": request.as_dict() if request is not None else None,
                 "outcome": _clean(outcome),
                 "reason": _opt(reason),
+                "detail": _opt(detail[:300]) if detail is not None else None,
                 "upstream_status": upstream_status,
                 "token": token_info,
                 "instance": self.instance,
@@ -856,12 +860,12 @@ class AuditLog:
             except (TimeoutError, BufferError) as exc:
                 raise AuditUnavailable(
                     "audit log stalled: its reader is not keeping up",
-                    reason="audit-sink-stalled") from exc
+                    reason="audit_sink_stalled") from exc
             except Exception as exc:
                 # Fail closed on anything (OSError, closed stream, ...): the caller must
                 # not inject a credential it could not account for.
                 raise AuditUnavailable(
-                    f"audit log write failed: {type(exc).__name__}", reason="audit-write-failed"
+                    f"audit log write failed: {type(exc).__name__}", reason="audit_write_failed"
                 ) from exc
             self._seq = rec["seq"]
             self._prev = rec["hash"]

@@ -118,6 +118,28 @@ def _raise_fd_limit() -> None:
             pass  # keep the soft limit; not fatal
 
 
+def cmd_providers(args: argparse.Namespace) -> int:
+    """List the built-in provider catalog (proxy/catalog/*.yaml; docs/providers.md)."""
+    from proxy.dialect import describe_catalog
+
+    entries = describe_catalog()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return EXIT_OK
+    for e in entries:
+        if "error" in e:
+            print(f"{e['id']}: unreadable catalog entry: {e['error']}")
+            continue
+        needs = ", ".join(e["parameters"]) or "-"
+        defaults = ", ".join(f"{k}={v}" for k, v in e["parameter_defaults"].items()) or "-"
+        print(f"{e['id']:<16} {e['title']}\n{'':<16} hosts: {', '.join(e['hosts'])}\n"
+              f"{'':<16} parameters needed: {needs}; defaults: {defaults}; "
+              f"revocation: {e['revocation']}")
+    print("\nUse one with `- provider: <id>` plus client_id, client_secret_env (or _file) "
+          "and the parameters it needs (docs/providers.md).")
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from proxy.app import build
 
@@ -440,6 +462,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--grace", type=float, default=25.0,
                      help="seconds in-flight requests may take to finish after SIGTERM")
     command("check", cmd_check, "validate config, keys, secrets, vault and coordination")
+    providers = command("providers", cmd_providers, "list the built-in provider catalog",
+                        config=False)
+    providers.add_argument("--json", action="store_true", help="as JSON")
     command("ca", cmd_ca, "print the CA certificate agents must trust (created if absent)")
 
     vault = sub.add_parser("vault", help="manage stored grants").add_subparsers(metavar="CMD")

@@ -1,6 +1,12 @@
 """Connecting a user to a provider: OAuth 2.0 authorization code with PKCE (RFC 6749 4.1,
 RFC 7636 S256), via authlib.
 
+The HTTP is :class:`proxy.provider_client.ProviderClient`'s (the provider's dialect:
+``authorize_params``, ``scope_param`` / ``scope_separator``, ``token_params``, where the
+user's token set is). A token response carrying only an app or bot token (Slack's
+top-level ``access_token`` without ``authed_user``) is refused (``no_user_token``): a
+token shared by every user is never stored as one user's credential.
+
 The flow is framework-free: :meth:`Connector.begin` returns the authorize URL and keeps the
 flow's state (user, provider, PKCE verifier, redirect URI, scopes, return URL) single-use
 and short-lived in the coordinator, encrypted; :meth:`Connector.complete` takes the
@@ -24,11 +30,9 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx2
-from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -36,10 +40,10 @@ from proxy import audit as auditlog
 from proxy.audit import AuditLog
 from proxy.coordination.base import Coordinator, Used
 from proxy.errors import CredproxyError, VaultError
-from proxy.refresh import oauth_client
+from proxy.provider_client import ProviderClient, TokenRequestFailed
+from proxy.reasons import from_provider_code
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
-from proxy.tokenset import TokenSet, TokenSetError
 from proxy.vault.base import Grant, Vault
 
 
@@ -67,21 +71,20 @@ class Connector:
     def __init__(self, settings: Settings, vault: Vault, coordinator: Coordinator,
                  audit: AuditLog, *, client_secret: Callable[[ProviderSettings], Secret | None],
                  state_key: bytes, verify: ssl.SSLContext | bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 client: ProviderClient | None = None) -> None:
+        """``client``: the process's provider client (shared with the broker and the
+        offboarder); without one, the connector makes and closes its own."""
         self.settings = settings
         self._vault = vault
         self._coord = coordinator
         self._audit = audit
         self._client_secret = client_secret
         self._aead = AESGCM(state_key)
-        self._transport = httpx2.AsyncHTTPTransport(verify=verify, retries=0)
+        self._owns_client = client is None
+        self._provider_client = client or ProviderClient(settings.refresh, verify=verify,
+                                                         clock=clock)
         self._clock = clock
-
-    def _client(self, provider: ProviderSettings, redirect_uri: str,
-                scope: str | None = None) -> AsyncOAuth2Client:
-        return oauth_client(provider, self._client_secret(provider), self._transport,
-                            self.settings.refresh.timeout, redirect_uri=redirect_uri,
-                            scope=scope, code_challenge_method="S256")
 
     def scopes_for(self, provider: ProviderSettings, requested: list[str] | None) -> list[str]:
         """The configured scopes, or a narrower set the user asked for (never wider)."""
@@ -123,9 +126,9 @@ class Connector:
         granted = self.scopes_for(provider, scopes)
         state = secrets.token_urlsafe(32)
         verifier = secrets.token_urlsafe(64)  # 86 chars: within RFC 7636's 43..128
-        client = self._client(provider, redirect_uri, " ".join(granted) or None)
-        url, _ = client.create_authorization_url(provider.authorize_url, state=state,
-                                                 code_verifier=verifier)
+        url = self._provider_client.authorization_url(
+            provider, redirect_uri=redirect_uri, scopes=granted, state=state,
+            code_verifier=verifier)
         record: dict[str, object] = {"u": user, "p": provider.id, "v": verifier, "r": redirect_uri,
                   "s": granted, "t": return_to, "c": self._clock()}
         if browser is not None:
@@ -184,26 +187,15 @@ class Connector:
             raise ConnectRejected("missing_pkce_verifier", "the PKCE verifier is missing",
                                   user=user, provider=provider_id)
         provider = self._provider(provider_id)
-        client = self._client(provider, str(rec["r"]))
         try:
-            data = await client.fetch_token(provider.token_url, code=code,
-                                            code_verifier=verifier)
-            response = dict(data)
-            if "expires_in" in response:
-                response.pop("expires_at", None)
-            tokens = TokenSet.from_response(response, now=self._clock())
-        except OAuthError as exc:
-            raise ConnectRejected(f"token_exchange_failed:{exc.error}",
-                                  f"the provider refused the code ({exc.error})",
-                                  user=user, provider=provider_id) from None
-        except (httpx2.HTTPError, ValueError, TokenSetError):
-            raise ConnectRejected("token_exchange_failed",
-                                  "the token endpoint could not be used",
-                                  user=user, provider=provider_id) from None
+            tokens = await self._provider_client.exchange_code(
+                provider, self._client_secret(provider), code=code, code_verifier=verifier,
+                redirect_uri=str(rec["r"]))
+        except TokenRequestFailed as exc:
+            raise _exchange_rejected(exc, provider, user) from None
         if tokens.scope is None and rec.get("s"):
             # RFC 6749 5.1: an omitted scope means the requested one was granted.
-            tokens = TokenSet(tokens.access_token, tokens.refresh_token, tokens.token_type,
-                              tokens.expires_at, " ".join(rec["s"]))
+            tokens = replace(tokens, scope=" ".join(rec["s"]))
         try:
             stored = await self._vault.put(Grant(user=user, provider=provider_id,
                                                  tokens=tokens))
@@ -215,14 +207,15 @@ class Connector:
         await self._coord.cache_put(stored)
         await self._coord.publish_invalidation(user, provider_id)
         self._audit.record(auditlog.CONNECTION_CREATED, user=user, provider=provider_id,
-                           outcome="connected", reason=f"scope={tokens.scope or ''}",
+                           outcome="connected", detail=f"scope={tokens.scope or ''}",
                            token=tokens.access_token, token_source="vault")
         return_to = rec.get("t")
         return Connected(user, provider_id, tokens.scope,
                          return_to if isinstance(return_to, str) else None)
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        if self._owns_client:
+            await self._provider_client.aclose()
 
     def _provider(self, provider_id: str) -> ProviderSettings:
         for p in self.settings.providers:
@@ -246,6 +239,33 @@ class Connector:
         if not isinstance(rec, dict):
             raise ConnectRejected("unknown_state", "the state record is unreadable")
         return rec
+
+
+def _exchange_rejected(exc: TokenRequestFailed, provider: ProviderSettings,
+                       user: str) -> ConnectRejected:
+    """The connect rejection for a code exchange that got no user token set."""
+    answer = exc.answer
+    if answer is None:
+        return ConnectRejected("token_exchange_failed",
+                               f"the token endpoint could not be used ({exc.detail})",
+                               user=user, provider=provider.id)
+    if answer.outcome == "operator":
+        return ConnectRejected(answer.reason or "provider_misconfigured",
+                               f"the token endpoint of {provider.id} refused credproxy's "
+                               f"client ({answer.detail}): check providers[{provider.id}]"
+                               ".client_id, its client secret and token_endpoint_auth_method",
+                               user=user, provider=provider.id)
+    if answer.reason == "no_user_token":
+        return ConnectRejected("no_user_token", f"{provider.id}: {answer.detail}",
+                               user=user, provider=provider.id)
+    if answer.code is not None:
+        code = from_provider_code(answer.code)
+        return ConnectRejected(f"token_exchange_failed:{code}",
+                               f"the provider refused the code ({answer.detail})",
+                               user=user, provider=provider.id)
+    return ConnectRejected("token_exchange_failed",
+                           f"the token endpoint could not be used ({answer.detail})",
+                           user=user, provider=provider.id)
 
 
 def _browser_hash(nonce: str) -> str:

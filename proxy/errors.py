@@ -14,6 +14,7 @@ failure to a problem response in one place (:func:`proxy.problems.problem_respon
     │   ├── UnroutedDenied                403 unrouted-denied
     │   ├── ReauthRequired                401 reauth-required
     │   ├── TokenRefreshFailed            502 token-refresh-failed
+    │   │   └── ProviderMisconfigured     502 provider-misconfigured (the operator's to fix)
     │   ├── UpstreamUnreachable           502 upstream-unreachable
     │   ├── CredentialStoreUnavailable    503 credential-store-unavailable
     │   ├── AuditUnavailable              503 audit-unavailable
@@ -47,7 +48,7 @@ class ProxyRefusal(CredproxyError):
         super().__init__(detail)
         self.detail = detail
         # A short machine-readable cause, used in the audit record and problem body.
-        self.reason = reason or self.slug
+        self.reason = reason or self.slug.replace("-", "_")
 
     def extra(self) -> dict[str, object]:
         """Extension members for the problem body."""
@@ -135,9 +136,32 @@ class ReauthRequired(ProxyRefusal):
 
 
 class TokenRefreshFailed(ProxyRefusal):
+    """The token endpoint could not refresh the token now; the grant is untouched.
+    ``retry_after``: set when the proxy will not ask the provider again for that long
+    (an answer retrying cannot fix soon), sent as ``Retry-After``."""
+
     slug = "token-refresh-failed"
     status = 502
     title = "Token refresh failed (transient)"
+
+    def __init__(self, detail: str, *, reason: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(detail, reason=reason)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+class ProviderMisconfigured(TokenRefreshFailed):
+    """The provider refused credproxy's own client (``invalid_client``,
+    ``unauthorized_client``, ``unsupported_grant_type``: RFC 6749 section 5.2): a problem
+    of the configuration, which the detail names, not of the user's grant, which stays
+    valid and unmarked. The operator fixes it (client id, secret, auth method)."""
+
+    slug = "provider-misconfigured"
+    status = 502
+    title = "The provider refused credproxy's client configuration"
 
 
 class UpstreamUnreachable(ProxyRefusal):

@@ -113,12 +113,12 @@ class HeaderPolicy:
                         continue
                     if not _TOKEN.fullmatch(option.encode("latin-1")):
                         raise MalformedRequest("the Connection header names something that is "
-                                               "not a field name", reason="bad-connection")
+                                               "not a field name", reason="bad_connection")
                     option_key = field_key(option)
                     if option_key in _NEVER_NOMINATED:
                         raise MalformedRequest(f"the Connection header nominates {option}, "
                                                "which frames or routes the request; remove "
-                                               "it from Connection", reason="bad-connection")
+                                               "it from Connection", reason="bad_connection")
                     if option_key in _CONNECTION_OPTIONS:
                         if option_key not in options:
                             options.append(option_key)
@@ -144,7 +144,7 @@ class HeaderPolicy:
             elif key == "expect" and value.decode("latin-1").strip().lower() != "100-continue":
                 raise ExpectationFailed("Expect may only be 100-continue (RFC 9110 section "
                                         "10.1.1); send the request without it",
-                                        reason="bad-expect")
+                                        reason="bad_expect")
             elif key in nominated or (key == "keep-alive" and "keep-alive" in options):
                 continue  # hop-by-hop: addressed to the proxy, never forwarded
             else:
@@ -189,31 +189,31 @@ def is_websocket_upgrade(status: int, fields: Iterable[tuple[bytes, bytes]]) -> 
 
 
 def check_target(path: str, method: str, *, credentialed: bool) -> None:
-    """Raise :class:`MalformedRequest` unless ``method`` is a token (``bad-method``) and
+    """Raise :class:`MalformedRequest` unless ``method`` is a token (``bad_method``) and
     ``path`` (the request-target as forwarded: path and query), free of spaces, control
     characters and ``#``, is origin-form, which every later hop reads the same way: it starts with
     ``/`` (RFC 9112 section 3.2.1), or is ``*`` for OPTIONS (section 3.2.4). An HTTP/2
     ``:path`` holding a whole URL (RFC 9113 section 8.3.1 forbids it) would reach an HTTP/1
-    provider as an absolute-form target that servers route by (``bad-target``). On a
+    provider as an absolute-form target that servers route by (``bad_target``). On a
     credentialed request a target starting with ``//`` is refused too
-    (``ambiguous-target``): URL libraries read it as a network-path reference to another host
+    (``ambiguous_target``): URL libraries read it as a network-path reference to another host
     (``new URL("//other.example/x", base)``)."""
     if not _TOKEN.fullmatch(method.encode("latin-1", "replace")):
         raise MalformedRequest("the method is not a token (RFC 9110 section 9.1)",
-                               reason="bad-method")
+                               reason="bad_method")
     if _TARGET_BAD.search(path):
         raise MalformedRequest("the request-target holds a space, a control character or a "
                                "'#' (RFC 9112 section 3.2); percent-encode it",
-                               reason="bad-target")
+                               reason="bad_target")
     if path == "*" and method.upper() == "OPTIONS":
         return
     if not path.startswith("/"):
         raise MalformedRequest("the request-target must be a path starting with '/' (origin-"
                                "form); send the authority in Host or :authority",
-                               reason="bad-target")
+                               reason="bad_target")
     if credentialed and path.startswith("//"):
         raise MalformedRequest("a request-target starting with '//' can be read as another "
-                               "host; remove the extra slash", reason="ambiguous-target")
+                               "host; remove the extra slash", reason="ambiguous_target")
 
 
 def check_fields(fields: Iterable[tuple[bytes, bytes]]) -> None:
@@ -223,12 +223,12 @@ def check_fields(fields: Iterable[tuple[bytes, bytes]]) -> None:
     for name, value in fields:
         if not _TOKEN.fullmatch(name):
             raise MalformedRequest("a header field name is not a token (RFC 9110 section 5.1)",
-                                   reason="bad-field-name")
+                                   reason="bad_field_name")
         if _BAD_VALUE.search(value):
             shown = name.decode("latin-1")
             if b"\r" in value or b"\n" in value:
                 raise MalformedRequest(f"header field {shown} is folded over several lines "
                                        "(obsolete line folding, RFC 9112 section 5.2)",
-                                       reason="obs-fold")
+                                       reason="obs_fold")
             raise MalformedRequest(f"header field {shown} holds a control character "
-                                   "(RFC 9110 section 5.5)", reason="control-character")
+                                   "(RFC 9110 section 5.5)", reason="control_character")

@@ -1,7 +1,7 @@
 """Verification of the signed user context (a compact JWS) carried by each request.
 
 Every rejection is a :class:`proxy.errors.UserContextInvalid` whose ``reason`` is a short
-slug (``expired``, ``bad-signature``, ...) and whose detail says what was wrong without
+slug (``expired``, ``bad_signature``, ...) and whose detail says what was wrong without
 echoing the token.
 """
 
@@ -117,7 +117,7 @@ class KeySource:
     is fetched again on the first use after that; a token naming an unknown ``kid`` also
     triggers a fetch. Fetches happen at most every ``min_refetch`` seconds. When a fetch
     fails, the last good set keeps serving for at most ``max_stale`` seconds after it went
-    stale; after that every token is refused (``keys-unavailable``) until a fetch succeeds.
+    stale; after that every token is refused (``keys_unavailable``) until a fetch succeeds.
     """
 
     def __init__(self, keys: KeySet | None, *, jwks_url: str | None = None,
@@ -183,7 +183,7 @@ class KeySource:
                 await self._fetch(now)
             if self._keys is None or now >= self._fresh_until + self._max_stale:
                 raise UserContextInvalid("verification keys are unavailable",
-                                         reason="keys-unavailable")
+                                         reason="keys_unavailable")
             return self._keys
 
     async def _fetch(self, now: float) -> None:
@@ -245,11 +245,11 @@ def _pick(keys: KeySet, kid: str | None) -> Key:
         if len(keys.keys) == 1:
             return keys.keys[0]
         raise UserContextInvalid("token has no kid and several keys are configured",
-                                 reason="unknown-kid")
+                                 reason="unknown_kid")
     for key in keys.keys:
         if key.kid == kid:
             return key
-    raise UserContextInvalid("token kid does not name a configured key", reason="unknown-kid")
+    raise UserContextInvalid("token kid does not name a configured key", reason="unknown_kid")
 
 
 class IdentityVerifier:
@@ -288,7 +288,7 @@ class IdentityVerifier:
         ctx = await self._verify(raw, now)
         if self._s.one_time_jti:
             if ctx.jti is None:
-                raise UserContextInvalid("missing claims: jti", reason="missing-claim")
+                raise UserContextInvalid("missing claims: jti", reason="missing_claim")
             try:
                 # Remembered for as long as the token can be accepted: exp plus leeway.
                 first = await self._replay.first_use(ctx.issuer, ctx.jti,
@@ -312,13 +312,13 @@ class IdentityVerifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg.lower() == "none":
             raise UserContextInvalid("unsigned tokens (alg none) are not accepted",
-                                     reason="alg-not-allowed")
+                                     reason="alg_not_allowed")
         if alg not in self._s.algorithms:
-            raise UserContextInvalid(f"algorithm {alg} is not allowed", reason="alg-not-allowed")
+            raise UserContextInvalid(f"algorithm {alg} is not allowed", reason="alg_not_allowed")
         typ = header.get("typ")
         if self._s.typ is not None and (not isinstance(typ, str) or
                                         _media(typ) != _media(self._s.typ)):
-            raise UserContextInvalid(f"typ must be {self._s.typ}", reason="wrong-typ")
+            raise UserContextInvalid(f"typ must be {self._s.typ}", reason="wrong_typ")
         if "crit" in header:
             raise UserContextInvalid("critical header parameters are not supported",
                                      reason="malformed")
@@ -330,11 +330,11 @@ class IdentityVerifier:
         if not isinstance(key, expected):
             # e.g. HS256 "signed" with an RSA public key: algorithm confusion (RFC 8725 2.1).
             raise UserContextInvalid(f"algorithm {alg} does not match the key type",
-                                     reason="alg-key-mismatch")
+                                     reason="alg_key_mismatch")
         try:
             token = jwt.decode(raw, key, algorithms=[alg])
         except JoseError as exc:
-            reason = "bad-signature" if exc.error in {"bad_signature"} else "malformed"
+            reason = "bad_signature" if exc.error in {"bad_signature"} else "malformed"
             raise UserContextInvalid(f"signature verification failed ({exc.error})",
                                      reason=reason) from None
         return self._claims(token.claims, now)
@@ -346,7 +346,7 @@ class IdentityVerifier:
             missing.append("jti")
         if missing:
             raise UserContextInvalid(f"missing claims: {', '.join(missing)}",
-                                     reason="missing-claim")
+                                     reason="missing_claim")
         exp, iat, nbf = claims["exp"], claims["iat"], claims.get("nbf")
         for name, value in (("exp", exp), ("iat", iat), ("nbf", nbf)):
             # JSON parsers accept NaN/Infinity, and every comparison with NaN is false.
@@ -355,18 +355,18 @@ class IdentityVerifier:
                                       not math.isfinite(value)):
                 raise UserContextInvalid(f"{name} must be a finite number", reason="malformed")
         if claims["iss"] != s.issuer:
-            raise UserContextInvalid("issuer is not the configured one", reason="wrong-issuer")
+            raise UserContextInvalid("issuer is not the configured one", reason="wrong_issuer")
         aud = claims["aud"]
         auds = [aud] if isinstance(aud, str) else aud
         if not isinstance(auds, list) or s.audience not in auds:
             raise UserContextInvalid("audience does not include this proxy",
-                                     reason="wrong-audience")
+                                     reason="wrong_audience")
         self._check_time(float(exp), float(nbf) if nbf is not None else None, now)
         if iat > now + s.leeway:
-            raise UserContextInvalid("issued in the future", reason="not-yet-valid")
+            raise UserContextInvalid("issued in the future", reason="not_yet_valid")
         if exp - iat > s.max_lifetime:
             raise UserContextInvalid(f"lifetime exceeds {s.max_lifetime} seconds",
-                                     reason="lifetime-too-long")
+                                     reason="lifetime_too_long")
         sub = claims["sub"]
         if not isinstance(sub, str) or len(sub) > 256:
             raise UserContextInvalid("sub must be a string of at most 256 chars",
@@ -402,7 +402,7 @@ class IdentityVerifier:
         if exp + self._s.leeway < now:
             raise UserContextInvalid("user context has expired", reason="expired")
         if nbf is not None and nbf > now + self._s.leeway:
-            raise UserContextInvalid("user context is not valid yet", reason="not-yet-valid")
+            raise UserContextInvalid("user context is not valid yet", reason="not_yet_valid")
 
 
 def _media(typ: str) -> str:
@@ -457,12 +457,12 @@ def connection_context(read: ReadHeaders) -> ContextCandidate:
     looks = [n for n in read.lookalikes if field_key(n) == field_key(PROXY_AUTHORIZATION)]
     if looks:
         return UserContextInvalid(f"{PROXY_AUTHORIZATION} was also sent as {looks[0]}",
-                                  reason="lookalike-header")
+                                  reason="lookalike_header")
     if not read.proxy_authorization:
         return None
     if len(read.proxy_authorization) > 1:
         return UserContextInvalid(f"{PROXY_AUTHORIZATION} was sent more than once",
-                                  reason="duplicate-header")
+                                  reason="duplicate_header")
     try:
         return context_from_proxy_authorization(read.proxy_authorization[0])
     except UserContextInvalid as exc:
@@ -473,9 +473,9 @@ def choose_context(read: ReadHeaders, header: str, tunnel: ContextCandidate) -> 
     """The one user context a request carries, by these rules in order:
 
     1. a lookalike spelling of an identity header (``X_User_Context``,
-       ``Proxy_Authorization``) is refused (``lookalike-header``), whatever else was sent: a
+       ``Proxy_Authorization``) is refused (``lookalike_header``), whatever else was sent: a
        WSGI next hop would read it as the header (the proxy strips it either way);
-    2. the per-request header sent more than once is refused (``duplicate-header``);
+    2. the per-request header sent more than once is refused (``duplicate_header``);
     3. the per-request header beats any ``Proxy-Authorization``;
     4. a ``Proxy-Authorization`` on the request itself beats the tunnel's (``tunnel``: what
        the CONNECT carried, see :func:`connection_context`).
@@ -484,10 +484,10 @@ def choose_context(read: ReadHeaders, header: str, tunnel: ContextCandidate) -> 
     if read.lookalikes:
         name = header if field_key(read.lookalikes[0]) == field_key(header) else PROXY_AUTHORIZATION
         return UserContextInvalid(f"{name} was also sent as {read.lookalikes[0]}",
-                                  reason="lookalike-header")
+                                  reason="lookalike_header")
     if len(read.context) > 1:
         return UserContextInvalid(f"{header} was sent more than once",
-                                  reason="duplicate-header")
+                                  reason="duplicate_header")
     if read.context:
         return Secret(read.context[0])
     own = connection_context(read)

@@ -19,23 +19,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-# Reasons that may appear as label values; anything else is counted as "other".
-_REASONS = frozenset({
-    "missing", "malformed", "bad-signature", "alg-not-allowed", "alg-key-mismatch",
-    "unknown-kid", "expired", "not-yet-valid", "lifetime-too-long", "wrong-issuer",
-    "wrong-audience", "wrong-typ", "missing-claim", "duplicate-header", "oversized",
-    "replayed", "keys-unavailable", "host_mismatch", "bad_destination", "insecure_transport",
-    "context_excludes_provider", "method_not_allowed", "unrouted", "provider_removed",
-    "no_connection", "invalid_grant", "revoked_upstream", "token_superseded", "revoked",
-    "token_endpoint_unavailable", "token_endpoint_error", "vault_unavailable",
-    "vault_record_corrupt", "vault_write_failed", "coordination_unavailable", "fencing",
-    "token_refreshed", "audit-write-failed", "audit-sink-stalled", "internal-error",
-    "lookalike-header",
-    "bad-field-name", "obs-fold", "control-character", "bad-connection", "target_mismatch",
-    "bad_target", "trailers", "upstream_unreachable", "upstream_protocol_error",
-    "client_protocol_error", "client_disconnected", "exchange_failed", "bad-target",
-    "ambiguous-target", "not-http", "bad-framing", "bad-expect", "bad-method",
-})
+from proxy import reasons
+
 # Latency buckets (seconds) for whole requests and upstream exchanges: API calls from tens
 # of milliseconds to long model calls.
 _LATENCY_BUCKETS = (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -44,7 +29,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 def reason_label(reason: str | None) -> str:
-    return reason if reason in _REASONS else "other"
+    """A reason as a label value: a code of the one registry (:mod:`proxy.reasons`), a
+    family's name for ``<family>:<code>``, anything else ``"other"``."""
+    return reasons.label(reason)
 
 
 def code_class(status: int) -> str:

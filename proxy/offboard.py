@@ -1,5 +1,5 @@
-"""Offboarding: revoke a user's grants upstream (RFC 7009), delete them, forget them
-everywhere, and audit it.
+"""Offboarding: revoke a user's grants upstream (RFC 7009, or the provider's own style:
+:class:`proxy.dialect.Revocation`), delete them, forget them everywhere, and audit it.
 
 Order per grant, chosen so nothing can be injected afterwards (with Redis, or processes on
 one local vault file; Key Vault without Redis learns of it within 5 s): under the grant's
@@ -9,36 +9,46 @@ then revoke upstream (refresh token first: for most providers that ends the whol
 then the access token, whatever happened to the first), then delete it. Anything that still
 fails after retries (upstream revocation, local delete, the Redis broadcast) leaves the
 rest done and is reported as pending, with a non-zero exit status and an audit record.
+
+A provider without per-grant revocation (``revocation.style: none``: Entra ID, Atlassian)
+is reported as exactly that, and counts as done: "no upstream revocation exists for this
+provider; local removal done; revoke the app's access at <console_url>" (CLI and audit).
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import httpx2
 
 from proxy import audit as auditlog
 from proxy.audit import AuditLog
 from proxy.coordination.base import Coordinator
 from proxy.errors import CoordinationUnavailable, VaultCorruptError, VaultError
-from proxy.refresh import oauth_client
+from proxy.provider_client import ProviderClient, revokes_with_access_token
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
+from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant, GrantInfo, GrantStatus, Vault
 
-_ATTEMPTS = 3
+# Revocation.upstream -> the audit record's reason (proxy/reasons.py).
+log = logging.getLogger("credproxy.offboard")
+
+_UPSTREAM_REASONS = {"revoked": "upstream_revoked", "pending": "upstream_pending",
+                     "unsupported": "upstream_unsupported", "none": "upstream_none",
+                     "not attempted": "upstream_not_attempted"}
 
 
 @dataclass(frozen=True, slots=True)
 class Revocation:
     user: str
     provider: str
-    upstream: str  # "revoked", "pending", "unsupported", "not attempted", "skipped (dry run)"
+    # "revoked", "pending", "unsupported" (no endpoint configured), "none" (the provider
+    # has no per-grant revocation), "not attempted", "skipped (dry run)"
+    upstream: str
     detail: str
     removed: bool  # deleted from the vault (or already gone)
     invalidated: bool = True  # every replica was told to forget it (Redis reachable)
@@ -49,7 +59,8 @@ class Revocation:
     def ok(self) -> bool:
         if self.upstream == "skipped (dry run)":
             return True
-        return self.upstream in ("revoked", "unsupported") and self.removed and self.invalidated
+        return (self.upstream in ("revoked", "unsupported", "none") and self.removed
+                and self.invalidated)
 
     @property
     def problems(self) -> list[str]:
@@ -72,16 +83,18 @@ class Revocation:
 class Offboarder:
     def __init__(self, settings: Settings, vault: Vault, coordinator: Coordinator,
                  audit: AuditLog, *, client_secret: Callable[[ProviderSettings], Secret | None],
-                 verify: ssl.SSLContext | bool = True, backoff: float = 0.5,
-                 settle: float = 0.6) -> None:
+                 verify: ssl.SSLContext | bool = True, settle: float = 0.6,
+                 client: ProviderClient | None = None) -> None:
+        """``client``: the process's provider client; without one, the offboarder makes
+        and closes its own. Retries follow ``settings.refresh``."""
         self._settle = settle
         self.settings = settings
         self._vault = vault
         self._coord = coordinator
         self._audit = audit
         self._client_secret = client_secret
-        self._transport = httpx2.AsyncHTTPTransport(verify=verify, retries=0)
-        self._backoff = backoff
+        self._owns_client = client is None
+        self._provider_client = client or ProviderClient(settings.refresh, verify=verify)
 
     async def plan(self, user: str, provider: str | None = None) -> list[GrantInfo]:
         grants = await self._vault.list(user)
@@ -104,8 +117,8 @@ class Offboarder:
             pending = [f"{r.provider} ({', '.join(r.problems)})" for r in results if not r.ok]
             self._audit.record(auditlog.USER_OFFBOARDED, user=user,
                                outcome="pending" if pending else "offboarded",
-                               reason=f"pending: {'; '.join(pending)}"[:300]
-                               if pending else None)
+                               reason="pending" if pending else None,
+                               detail="; ".join(pending) if pending else None)
         return results
 
     async def _revoke_one(self, user: str, provider_id: str, version: int = 0) -> Revocation:
@@ -136,13 +149,16 @@ class Offboarder:
         await asyncio.sleep(self._settle)
         provider = next((p for p in self.settings.providers if p.id == provider_id), None)
         # 2. Revoke upstream.
-        if provider is None or provider.revocation_url is None:
+        console: str | None = None
+        if provider is None:
             upstream, detail = "unsupported", (
-                "no RFC 7009 revocation endpoint configured; revoke at the provider by its "
-                "own means (e.g. Microsoft Entra: revokeSignInSessions)")
+                "the provider is no longer configured; revoke at the provider by its own "
+                "means")
         else:
-            upstream, detail = await self._revoke_upstream(provider, grant.tokens.refresh_token,
-                                                           grant.tokens.access_token)
+            tokens = await self._live_tokens(provider, grant)
+            revoked = await self._provider_client.revoke(provider, self._client_secret(provider),
+                                                         tokens)
+            upstream, detail, console = revoked.upstream, revoked.detail, revoked.console_url
         # 3. Remove it locally, whatever the provider said.
         removed = True  # deleted now, or already gone
         try:
@@ -151,6 +167,10 @@ class Offboarder:
             removed = False
             detail = f"{detail}; local delete failed ({exc}): the grant stays marked " \
                      "for re-authorization and is never injected"
+        else:
+            if upstream == "none":
+                detail = (f"{detail}; local removal done; revoke the app's access at "
+                          f"{console or 'the provider admin console'}")
         # Key Vault says whether the secret was purged or is retained (soft delete).
         disposal = getattr(self._vault, "disposal", {}).pop((user, provider_id), None)
         if disposal:
@@ -160,6 +180,27 @@ class Offboarder:
                      "shared-cache copy lapses at the access token's expiry"
         return self._finish(Revocation(user, provider_id, upstream, detail, removed,
                                        invalidated), grant.tokens.access_token)
+
+    async def _live_tokens(self, provider: ProviderSettings, grant: Grant) -> TokenSet:
+        """The tokens to revoke. A provider that revokes with the access token only
+        (:func:`proxy.provider_client.revokes_with_access_token`) would refuse an expired
+        one and leave the refresh token alive: refresh it first (the grant is already
+        marked, so nothing injects the new token), and revoke the new access token. A
+        refresh that fails (the grant is dead already) leaves the old tokens to revoke."""
+        tokens = grant.tokens
+        if not (revokes_with_access_token(provider, tokens)
+                and tokens.expires_within(0, now=time.time())):
+            return tokens
+        assert tokens.refresh_token is not None
+        try:
+            fresh = await self._provider_client.refresh(
+                provider, self._client_secret(provider), tokens.refresh_token)
+        except Exception as exc:  # noqa: BLE001 - any failure: revoke what there is
+            log.info("offboarding %s/%s: refreshing the expired access token before "
+                     "revocation failed (%s); revoking the stored one", grant.user,
+                     provider.id, type(exc).__name__)
+            return tokens
+        return fresh.merged_refresh(tokens)
 
     async def _mark(self, user: str, provider_id: str) -> tuple[Grant | None, bool]:
         grant = await self._vault.get(user, provider_id)
@@ -212,47 +253,11 @@ class Offboarder:
         self._audit.record(auditlog.CONNECTION_REVOKED, user=result.user,
                            provider=result.provider,
                            outcome="revoked" if result.ok else "pending",
-                           reason=f"upstream {result.upstream}: {result.detail}"[:300],
+                           reason=_UPSTREAM_REASONS.get(result.upstream, "upstream_pending"),
+                           detail=result.detail,
                            token=token, token_source="vault" if token else None)
         return result
 
-    async def _revoke_upstream(self, provider: ProviderSettings, refresh: Secret | None,
-                               access: Secret) -> tuple[str, str]:
-        assert provider.revocation_url is not None
-        client = oauth_client(provider, self._client_secret(provider), self._transport,
-                              self.settings.refresh.timeout)
-        tokens = [(t, hint) for t, hint in ((refresh, "refresh_token"), (access, "access_token"))
-                  if t is not None]
-        failures = []
-        # Each token on its own: a failed refresh-token revocation must not leave the
-        # access token unrevoked (the local copies are deleted next, so there is no later).
-        for token, hint in tokens:
-            failure = await self._revoke_token(client, provider.revocation_url, token, hint)
-            if failure:
-                failures.append(failure)
-        if failures:
-            return "pending", "; ".join(failures)
-        return "revoked", "refresh and access tokens revoked (RFC 7009)"
-
-    async def _revoke_token(self, client: Any, url: str, token: Secret, hint: str) -> str | None:
-        """None when revoked, else why not (after retries for 5xx, 429 and network errors)."""
-        last = ""
-        delay = self._backoff
-        for attempt in range(1, _ATTEMPTS + 1):
-            try:
-                resp = await client.revoke_token(url, token=token.reveal(), token_type_hint=hint)
-                # RFC 7009 2.2: 200 for revoked and for unknown tokens alike.
-                if resp.status_code == 200:
-                    return None
-                last = f"HTTP {resp.status_code}"
-                if resp.status_code < 500 and resp.status_code != 429:
-                    return f"{hint} revocation refused ({last})"
-            except httpx2.HTTPError as exc:
-                last = type(exc).__name__
-            if attempt < _ATTEMPTS:
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
-                delay *= 2
-        return f"{hint} revocation failed after {_ATTEMPTS} attempts ({last})"
-
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        if self._owns_client:
+            await self._provider_client.aclose()

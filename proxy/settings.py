@@ -20,11 +20,22 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from proxy.dialect import (
+    RESERVED_AUTHORIZE_PARAMS,
+    RESERVED_TOKEN_PARAMS,
+    ApiSignals,
+    Catalog,
+    Revocation,
+    TokenErrors,
+    TokenResponse,
+    expand_provider,
+)
 from proxy.errors import ConfigError
 from proxy.headers import field_key
 from proxy.hosts import HostPattern
@@ -223,6 +234,38 @@ class ProviderSettings(_Model):
     methods: list[str] | None = None  # allowlist of HTTP methods; null = all
     allow_http: bool = False  # plain-http upstreams, for local tests only
     connect_url: str | None = None  # where users re-authorize; default <public_url>/connect/<id>
+    # -- the provider's OAuth dialect (proxy.dialect; textbook defaults) ------------------
+    provider: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")] | None = None
+    parameters: dict[str, str] = Field(default_factory=dict)  # {name} values (catalog)
+    authorize_params: dict[str, str] = Field(default_factory=dict)  # extra authorize params
+    token_params: dict[str, str] = Field(default_factory=dict)  # every token request
+    refresh_params: dict[str, str] = Field(default_factory=dict)  # refresh requests only
+    # Slack, Zoom: ",". Not stripped: " " is a separator.
+    scope_separator: Annotated[str, StringConstraints(strip_whitespace=False, min_length=1,
+                                                      max_length=3)] = " "
+    scope_param: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "scope"
+    # Seconds, for a token response with no usable expiry (Salesforce sends none).
+    default_expires_in: Annotated[int, Field(gt=0, le=31_536_000)] | None = None
+    token_response: TokenResponse = Field(default_factory=TokenResponse)
+    token_errors: TokenErrors = Field(default_factory=TokenErrors)
+    api_signals: ApiSignals = Field(default_factory=ApiSignals)
+    revocation: Revocation = Field(default_factory=Revocation)
+
+    @field_validator("authorize_params")
+    @classmethod
+    def _authorize_params(cls, v: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(set(v) & RESERVED_AUTHORIZE_PARAMS)
+        if reserved:
+            raise ValueError(f"{reserved} are set by credproxy and cannot be overridden")
+        return v
+
+    @field_validator("token_params", "refresh_params")
+    @classmethod
+    def _token_params(cls, v: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(set(v) & RESERVED_TOKEN_PARAMS)
+        if reserved:
+            raise ValueError(f"{reserved} are set by credproxy and cannot be overridden")
+        return v
 
     @field_validator("methods")
     @classmethod
@@ -249,6 +292,8 @@ class ProviderSettings(_Model):
         ):
             raise ValueError("client_secret_env or client_secret_file is required "
                              "(or token_endpoint_auth_method: none)")
+        if self.scope_param in self.authorize_params:
+            raise ValueError(f"authorize_params: {self.scope_param!r} is the scope_param")
         return self
 
 
@@ -478,7 +523,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_settings(path: str | os.PathLike[str]) -> Settings:
+def load_settings(path: str | os.PathLike[str], *, catalog: Catalog | None = None) -> Settings:
     """Read and validate a YAML config file. Raises :class:`ConfigError` naming the file
     and the key (or the line, for YAML errors such as a key given twice)."""
     p = Path(path).expanduser()
@@ -498,12 +543,24 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{p}: not valid YAML: {where}{what}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    return parse_settings(data, source=str(p))
+    return parse_settings(data, source=str(p), catalog=catalog)
 
 
-def parse_settings(data: Any, *, source: str = "config") -> Settings:
+def parse_settings(data: Any, *, source: str = "config",
+                   catalog: Catalog | None = None) -> Settings:
+    """Validate a parsed config. Provider entries with ``provider: <id>`` start from the
+    catalog entry (:func:`proxy.dialect.expand_provider`; ``catalog``: another catalog
+    directory than the built-in one, for tests)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping")
+    providers = data.get("providers")
+    if isinstance(providers, list):
+        try:
+            expanded = [expand_provider(p, where=f"providers[{i}]", catalog=catalog)
+                        if isinstance(p, Mapping) else p for i, p in enumerate(providers)]
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        data = {**data, "providers": expanded}
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

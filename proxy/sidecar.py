@@ -269,12 +269,24 @@ class Sidecar:
 
         The proxy never replays the request itself (its body may not be repeatable, and a
         non-idempotent call must not run twice)."""
-        provider, user = injection.provider, injection.user
+        provider = injection.provider
         self.metrics.upstream_responses.labels(provider.id, code_class(status)).inc()
         self._observe_skew(provider, headers)
         challenge = headers.get("WWW-Authenticate", "")
         if status != 401 and not _INVALID_TOKEN.search(challenge):
             return None
+        return await self.token_rejected(req, injection, status)
+
+    async def token_rejected(self, req: Outbound, injection: Injection, status: int, *,
+                             signal: str | None = None) -> ProxyRefusal:
+        """The upstream rejected the injected token: by its status (401,
+        ``error="invalid_token"``) or, with ``signal`` (a reason code from
+        :func:`proxy.dialect.api_signal`), by a revoked-token signal in a small JSON body
+        (Slack's HTTP 200 ``{"ok": false, "error": "token_revoked"}``). Either is answered
+        the same way (:meth:`upstream_response`): one forced refresh, then
+        ``reauth-required``. Returns the refusal for the agent; it is audited."""
+        provider, user = injection.provider, injection.user
+        said = f"HTTP {status}" if signal is None else f"HTTP {status} saying {signal}"
 
         async def refreshed(tokens: TokenSet) -> None:
             self._record("credential.refreshed", req, provider, user, outcome="refreshed",
@@ -289,7 +301,7 @@ class Sidecar:
         else:
             if outcome == "refreshed":
                 refusal = CredentialStoreUnavailable(
-                    f"{provider.id} rejected the user's token (HTTP {status}) although it "
+                    f"{provider.id} rejected the user's token ({said}) although it "
                     "had not expired by this proxy's clock; a new token was obtained and the "
                     "grant is valid: retry the request (the proxy does not replay it)",
                     reason="token_refreshed", retry_after=1)

@@ -12,9 +12,15 @@ keep being served, but nothing is refreshed: redeeming a rotating refresh token 
 lock could burn the grant. During the fencing period after Redis lost its data, a request
 that needs a refresh is answered at once (503 ``fencing``, Retry-After = the seconds left).
 
-An upstream 401 on a token the proxy believed valid (a clock skew, a token of unknown
+An access token is refreshed when it expires within ``min(refresh_skew, lifetime / 2)``
+(:meth:`proxy.tokenset.TokenSet.refresh_margin`): once per lifetime, however short.
+
+Grants of unknown expiry (the provider sent no usable ``expires_in`` and the provider
+entry has no ``default_expires_in``: Salesforce sends none) are never refreshed ahead of
+time. An upstream 401 on a token the proxy believed valid (a clock skew, a token of unknown
 expiry that ran out, or a dead grant) gets one forced refresh (:meth:`refresh_rejected`)
-before the grant is declared dead.
+before the grant is declared dead: the agent gets a retryable 503 (``token_refreshed``)
+and the request is never replayed by the proxy (it may not be idempotent).
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ from proxy.errors import (
     CoordinationUnavailable,
     CredentialStoreUnavailable,
     CredproxyError,
+    ProviderMisconfigured,
     ReauthRequired,
     VaultCorruptError,
     VaultError,
 )
 from proxy.metrics import Metrics
-from proxy.refresh import InvalidGrant, Refresher
+from proxy.provider_client import InvalidGrant, ProviderClient
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings
 from proxy.tokenset import TokenSet
@@ -78,7 +85,7 @@ class TokenBroker:
         self,
         vault: Vault,
         coordinator: Coordinator,
-        refresher: Refresher,
+        refresher: ProviderClient,
         *,
         client_secret: Callable[[ProviderSettings], Secret | None],
         connect_url: Callable[[ProviderSettings], str],
@@ -138,7 +145,8 @@ class TokenBroker:
 
         Raises :class:`ReauthRequired` (``revoked_upstream``, the grant is marked) when the
         grant has no refresh token, the provider refuses the refresh token
-        (``invalid_grant``), or this process already forced a refresh of the grant less
+        (``invalid_grant`` or another code of the dialect's ``token_errors.reauth``), or
+        this process already forced a refresh of the grant less
         than :data:`FORCED_REFRESH_WINDOW` seconds ago (a provider that rejects every
         token). Raises :class:`CredentialStoreUnavailable` (``fencing``,
         ``coordination_unavailable``, vault reasons) or :class:`TokenRefreshFailed` when the
@@ -191,7 +199,7 @@ class TokenBroker:
             why = (f"again {now - last:.0f} s after a forced refresh (it rejects new tokens "
                    "too)")
         else:
-            refreshed = await self._refresh(grant, provider, refused="revoked_upstream")
+            refreshed = await self._refresh(grant, provider, forced=True)
             if len(self._forced) > _CACHE_MAX:
                 self._forced = {k: t for k, t in self._forced.items()
                                 if now - t < FORCED_REFRESH_WINDOW}
@@ -244,7 +252,10 @@ class TokenBroker:
     def _fresh(self, grant: Grant | None, provider: ProviderSettings) -> Grant | None:
         if grant is None or grant.status is not GrantStatus.ACTIVE:
             return None
-        if grant.tokens.expires_within(provider.refresh_skew, now=self._clock()):
+        # Margin min(refresh_skew, lifetime / 2): one refresh per lifetime even for tokens
+        # shorter than the skew. Unknown expiry (and no default_expires_in): never due here;
+        # an upstream 401 gets one forced refresh (refresh_rejected).
+        if grant.tokens.needs_refresh(provider.refresh_skew, now=self._clock()):
             return None
         return grant
 
@@ -355,9 +366,16 @@ class TokenBroker:
         return grant
 
     async def _refresh(self, grant: Grant, provider: ProviderSettings, *,
-                       refused: str = "invalid_grant") -> Grant:
-        """Redeem the grant's refresh token and store the result. ``refused``: the re-auth
-        reason the grant is marked with when the provider answers invalid_grant."""
+                       forced: bool = False) -> Grant:
+        """Redeem the grant's refresh token and store the result.
+
+        When the provider says the grant is dead (:class:`InvalidGrant`: ``invalid_grant``
+        or another code of the dialect's ``token_errors.reauth``), the grant is marked at
+        once, in the vault and every cache, with the provider's code as the reason
+        (``revoked_upstream`` for a refresh ``forced`` by an upstream 401), and this
+        request gets ``reauth-required``: the dead refresh token is never presented again.
+        An operator error (:class:`ProviderMisconfigured`) or any other failure leaves the
+        grant as it is."""
         if grant.tokens.refresh_token is None:
             await self._mark(grant.user, provider, "expired")
             raise self.reauth(provider, "expired",
@@ -369,12 +387,15 @@ class TokenBroker:
         try:
             tokens = await self._refresher.refresh(provider, self._client_secret(provider),
                                                    grant.tokens.refresh_token)
-        except InvalidGrant:
+        except InvalidGrant as exc:
             m.refreshes.labels(provider.id, "invalid_grant").inc()
-            await self._mark(grant.user, provider, refused)
-            raise self.reauth(provider, refused,
-                              f"{provider.id} rejected the refresh token (invalid_grant)"
+            reason = "revoked_upstream" if forced else exc.reason
+            await self._mark(grant.user, provider, reason)
+            raise self.reauth(provider, reason, f"{exc.detail}; the user must re-authorize"
                               ) from None
+        except ProviderMisconfigured:
+            m.refreshes.labels(provider.id, "misconfigured").inc()
+            raise
         except CredproxyError:
             m.refreshes.labels(provider.id, "failed").inc()
             raise

@@ -23,12 +23,21 @@ class TokenSet:
     token_type: str = "Bearer"
     expires_at: float | None = None  # unix seconds; None = the provider did not say
     scope: str | None = None
+    # When the token set was received from the token endpoint (unix seconds); with
+    # expires_at it gives the access token's lifetime, which caps the refresh margin
+    # (:meth:`refresh_margin`). None when unknown: imported token sets, and records stored
+    # before it was kept.
+    issued_at: float | None = None
 
     @classmethod
     def from_response(cls, data: Mapping[str, Any], *, now: float) -> TokenSet:
         """Build from a token endpoint response (or `vault put` input).
 
-        ``expires_in`` is relative to ``now``; ``expires_at`` is absolute.
+        ``expires_in`` is relative to ``now``; ``expires_at`` is absolute. ``issued_at``
+        stays unknown: an imported token set (``vault put``) may have been issued long
+        before (its remaining lifetime is not its lifetime). Strict: a malformed field is
+        an error (operator input); provider answers are read leniently, with ``issued_at``
+        set, by :func:`proxy.dialect.read_token_response`.
         """
         if not isinstance(data, Mapping):
             raise TokenSetError("token set must be a JSON object")
@@ -69,6 +78,28 @@ class TokenSet:
     def expires_within(self, seconds: float, *, now: float) -> bool:
         return self.expires_at is not None and self.expires_at - now <= seconds
 
+    @property
+    def lifetime(self) -> float | None:
+        """The access token's lifetime as issued (seconds), when both ends are known."""
+        if self.expires_at is None or self.issued_at is None:
+            return None
+        return max(0.0, self.expires_at - self.issued_at)
+
+    def refresh_margin(self, skew: float) -> float:
+        """How long before expiry to refresh: ``min(skew, lifetime / 2)``. With 30 s tokens
+        and a skew of 60 s a margin of ``skew`` would refresh on every request (each new
+        token is already "within 60 s of expiry"); half the lifetime refreshes once per
+        lifetime. Unknown lifetime (records stored before ``issued_at`` was kept): ``skew``.
+        """
+        lifetime = self.lifetime
+        return skew if lifetime is None else min(skew, lifetime / 2)
+
+    def needs_refresh(self, skew: float, *, now: float) -> bool:
+        """Whether the access token expires within :meth:`refresh_margin`. A token of
+        unknown expiry never does: an upstream 401 gets one forced refresh instead
+        (:meth:`proxy.tokens.TokenBroker.refresh_rejected`)."""
+        return self.expires_within(self.refresh_margin(skew), now=now)
+
     def to_record(self) -> dict[str, Any]:
         """The plaintext record for encryption at rest. Reveals secrets: vault use only."""
         return {
@@ -77,11 +108,15 @@ class TokenSet:
             "token_type": self.token_type,
             "expires_at": self.expires_at,
             "scope": self.scope,
+            "issued_at": self.issued_at,
         }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> TokenSet:
-        return cls.from_response(record, now=0.0)
+        tokens = cls.from_response(record, now=0.0)
+        issued = record.get("issued_at")
+        return replace(tokens, issued_at=None if issued is None else
+                       _number(issued, "issued_at"))
 
 
 def _number(value: object, name: str) -> float:

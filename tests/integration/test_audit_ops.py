@@ -253,7 +253,7 @@ def test_audit_directory_that_goes_away_fails_closed_then_recovers(
             r = c.get(f"{stack.docs_url}/echo/{marker}/refused")
             assert r.status_code == 503
             assert r.headers["X-Credproxy-Error"] == "audit-unavailable"
-            assert r.json()["reason"] == "audit-write-failed"
+            assert r.json()["reason"] == "audit_write_failed"
             assert not stack.docs_saw(f"{marker}/refused")
             assert _metric(stack, "credproxy_audit_write_failures_total") == failures + 1
             assert _metric(stack, "credproxy_audit_sink_failures_total", 'kind="open"') >= 1
@@ -441,7 +441,7 @@ def test_stalled_stdout_reader_never_freezes_the_proxy(
                 time.sleep(0.1)  # let the stall bound pass
         assert refused is not None, "a stalled reader never made the proxy refuse"
         assert refused.headers["X-Credproxy-Error"] == "audit-unavailable"
-        assert refused.json()["reason"] == "audit-sink-stalled"
+        assert refused.json()["reason"] == "audit_sink_stalled"
         assert not stack.docs_saw(f"{marker}/{len(served)}")
         # The event loop is free: unaudited traffic and both probes answer.
         assert c.get(f"{echo.url}/echo/unrouted").status_code == 200

@@ -454,3 +454,24 @@ def test_vault_create_makes_only_a_missing_file(stack: Stack, tmp_path: Path) ->
     vault.write_bytes(b"")
     _refused(cli_at(stack, config, "check"), f"vault file {vault} is empty")
     assert vault.read_bytes() == b""
+
+
+def test_providers_lists_the_whole_catalog_with_what_each_entry_needs() -> None:
+    """`credproxy providers` needs no config: every shipped catalog entry, its hosts (never
+    a bare wildcard: per-tenant hosts are parameters), the parameters a config must give
+    and the revocation style."""
+    shipped = sorted(p.stem for p in (Path(__file__).parents[2] / "proxy" / "catalog")
+                     .glob("*.yaml"))
+    r = cli(None, "providers", "--json")
+    assert r.returncode == 0, r.stderr
+    entries = {e["id"]: e for e in json.loads(r.stdout)}
+    assert sorted(entries) == shipped and len(shipped) >= 17
+    for e in entries.values():
+        assert "error" not in e, e
+        assert e["hosts"] and not any(h.startswith("*") for h in e["hosts"]), e
+        assert e["revocation"] in {"rfc7009", "json", "bearer", "github-grant", "slack",
+                                   "none"}
+    assert entries["salesforce"]["parameters"] == ["instance"]
+    assert entries["slack"]["revocation"] == "slack"
+    text = cli(None, "providers")
+    assert text.returncode == 0 and "provider: <id>" in text.stdout

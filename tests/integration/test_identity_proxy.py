@@ -74,30 +74,30 @@ def _bad_tokens(stack: Stack, user: str) -> list[tuple[str, str, str]]:
         ("malformed-two-parts", f"{h}.{p}", "malformed"),
         ("malformed-garbage", "not-a-jwt", "malformed"),
         ("malformed-header", f"{_b64(b'{nope')}.{p}.{s}", "malformed"),
-        ("bad-signature-tampered", f"{h}.{_b64(_claims('mallory'))}.{s}", "bad-signature"),
-        ("bad-signature-other-key", _sign(stack, _claims(user), key=other), "bad-signature"),
+        ("bad-signature-tampered", f"{h}.{_b64(_claims('mallory'))}.{s}", "bad_signature"),
+        ("bad-signature-other-key", _sign(stack, _claims(user), key=other), "bad_signature"),
         ("alg-none", f"{_b64({'alg': 'none', 'typ': 'user-context+jwt'})}.{p}.",
-         "alg-not-allowed"),
+         "alg_not_allowed"),
         ("alg-none-sig", f"{_b64({'alg': 'none', 'typ': 'user-context+jwt'})}.{p}.{s}",
-         "alg-not-allowed"),
+         "alg_not_allowed"),
         ("alg-hs256-not-allowed", f"{_b64({'alg': 'HS256', 'typ': 'user-context+jwt', 'kid': 'dev-1'})}.{p}.{s}",  # noqa: E501
-         "alg-not-allowed"),
+         "alg_not_allowed"),
         ("alg-rs256-with-okp-key", _sign(stack, _claims(user), {"alg": "RS256"}, key=rsa),
-         "alg-key-mismatch"),
-        ("unknown-kid", _sign(stack, _claims(user), {"kid": "nope"}), "unknown-kid"),
+         "alg_key_mismatch"),
+        ("unknown_kid", _sign(stack, _claims(user), {"kid": "nope"}), "unknown_kid"),
         ("expired", _sign(stack, _claims(user, iat=now - 600, exp=now - 120)), "expired"),
-        ("not-yet-valid", _sign(stack, _claims(user, nbf=now + 600)), "not-yet-valid"),
+        ("not_yet_valid", _sign(stack, _claims(user, nbf=now + 600)), "not_yet_valid"),
         ("issued-in-future", _sign(stack, _claims(user, iat=now + 600, exp=now + 900)),
-         "not-yet-valid"),
-        ("lifetime-over-cap", _sign(stack, _claims(user, exp=now + 3600)), "lifetime-too-long"),
-        ("wrong-iss", _sign(stack, _claims(user, iss="https://evil.example")), "wrong-issuer"),
-        ("wrong-aud", _sign(stack, _claims(user, aud="someone-else")), "wrong-audience"),
-        ("wrong-typ", _sign(stack, _claims(user), {"typ": "JWT"}), "wrong-typ"),
-        ("missing-typ", _sign(stack, _claims(user), {"typ": None}), "wrong-typ"),
-        ("missing-sub", _sign(stack, _claims(user, sub=None)), "missing-claim"),
-        ("missing-exp", _sign(stack, _claims(user, exp=None)), "missing-claim"),
+         "not_yet_valid"),
+        ("lifetime-over-cap", _sign(stack, _claims(user, exp=now + 3600)), "lifetime_too_long"),
+        ("wrong-iss", _sign(stack, _claims(user, iss="https://evil.example")), "wrong_issuer"),
+        ("wrong-aud", _sign(stack, _claims(user, aud="someone-else")), "wrong_audience"),
+        ("wrong_typ", _sign(stack, _claims(user), {"typ": "JWT"}), "wrong_typ"),
+        ("missing-typ", _sign(stack, _claims(user), {"typ": None}), "wrong_typ"),
+        ("missing-sub", _sign(stack, _claims(user, sub=None)), "missing_claim"),
+        ("missing-exp", _sign(stack, _claims(user, exp=None)), "missing_claim"),
         ("oversized", _sign(stack, _claims(user, pad="x" * 9000)), "oversized"),
-        *((f"alg-confusion-hs256-{form}", _hs256(_claims(user), secret), "alg-not-allowed")
+        *((f"alg-confusion-hs256-{form}", _hs256(_claims(user), secret), "alg_not_allowed")
           for form, secret in _confusion_secrets(stack).items()),
     ]
 
@@ -112,9 +112,9 @@ _IDS = [i for i, _, _ in [
     ("malformed-two-parts", 0, 0), ("malformed-garbage", 0, 0), ("malformed-header", 0, 0),
     ("bad-signature-tampered", 0, 0), ("bad-signature-other-key", 0, 0), ("alg-none", 0, 0),
     ("alg-none-sig", 0, 0), ("alg-hs256-not-allowed", 0, 0), ("alg-rs256-with-okp-key", 0, 0),
-    ("unknown-kid", 0, 0), ("expired", 0, 0), ("not-yet-valid", 0, 0),
+    ("unknown_kid", 0, 0), ("expired", 0, 0), ("not_yet_valid", 0, 0),
     ("issued-in-future", 0, 0), ("lifetime-over-cap", 0, 0), ("wrong-iss", 0, 0),
-    ("wrong-aud", 0, 0), ("wrong-typ", 0, 0), ("missing-typ", 0, 0), ("missing-sub", 0, 0),
+    ("wrong-aud", 0, 0), ("wrong_typ", 0, 0), ("missing-typ", 0, 0), ("missing-sub", 0, 0),
     ("missing-exp", 0, 0), ("oversized", 0, 0)]] + [
     f"alg-confusion-hs256-{form}" for form in ("jwks-file", "jwk-json", "pem", "raw-public-key")]
 
@@ -178,7 +178,7 @@ def test_duplicate_user_context_header_is_refused(stack: Stack, user: str, marke
                         headers={"X-User-Context": token, "x-user-context": token},
                         ca_file=str(stack.mitm_ca))
     assert r.status == 407
-    assert r.json()["reason"] == "duplicate-header"
+    assert r.json()["reason"] == "duplicate_header"
     assert not stack.docs_saw(marker)
 
 

@@ -75,8 +75,8 @@ def test_web_connect_flow_stores_a_grant_the_proxy_injects(stack: Stack) -> None
     assert r.status_code == 200 and r.json()["user"] == user
     created = [x for x in _audit(stack) if x["event"] == "connection.created"
                and x["user"] == user]
-    assert [(x["outcome"], x["reason"]) for x in created] == [
-        ("connected", "scope=documents.read")]
+    assert [(x["outcome"], x["reason"], x["detail"]) for x in created] == [
+        ("connected", None, "scope=documents.read")]
     assert any(x["event"] == "connection.created" and x["reason"] == "replayed_state"
                for x in _audit(stack))
 
@@ -281,7 +281,8 @@ def test_failing_revocation_endpoint_is_pending_but_removed_locally(stack: Stack
     assert "HTTP 503" in r.stdout
     assert stack.vault_get(user) is None
     rec = [x for x in _audit_cli(r) if x["event"] == "connection.revoked"]
-    assert rec[0]["outcome"] == "pending" and "503" in str(rec[0]["reason"])
+    assert rec[0]["outcome"] == "pending" and rec[0]["reason"] == "upstream_pending"
+    assert "503" in str(rec[0]["detail"])
 
 
 def test_requests_in_flight_never_get_the_revoked_grant_afterwards(stack: Stack) -> None:
@@ -421,7 +422,8 @@ async def test_a_narrower_scope_is_stored_and_listed(stack: Stack, tmp_path: Pat
         assert parse_qs(urlsplit(r.headers["location"]).query)["scope"] == ["documents.read"]
         r = await b.get(await web.consent(b, user, scope="documents.read"))
         assert r.status_code == 200 and "now connected" in r.text
-        assert [x["reason"] for x in web.audit(user)] == ["scope=documents.read"]
+        assert [(x["reason"], x["detail"]) for x in web.audit(user)] == [
+            (None, "scope=documents.read")]
     listing = subprocess.run([sys.executable, "-m", "proxy.cli", "connections", "--config",
                               str(stack.config_path), "--user", user, "--json"],
                              capture_output=True, text=True, env={**os.environ, **stack.env})

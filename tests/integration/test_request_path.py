@@ -160,7 +160,7 @@ def test_lookalike_identity_headers_are_refused_on_routed_requests(env: Env,
             f"{lookalike}: {env.stack.context(mallory)}\r\nConnection: close\r\n\r\n").encode()
     status, headers, body = _status(_raw_request(env, head))
     assert (status, headers["x-credproxy-error"]) == (407, "user-context-invalid")
-    assert json.loads(body)["reason"] == "lookalike-header"
+    assert json.loads(body)["reason"] == "lookalike_header"
     assert not env.raw.saw(marker)
 
 
@@ -322,13 +322,13 @@ def test_a_grant_survives_a_request_that_tried_to_drop_its_token(env: Env) -> No
 # --- 4. obsolete line folding and control bytes ---------------------------------------------
 
 @pytest.mark.parametrize(("field", "reason"), [
-    pytest.param(b"X-Foo: a\r\n Authorization: Bearer client-value\r\n", "obs-fold", id="obs-fold"),
-    pytest.param(b"X-Foo: a\r\n\tX-User-Context: forged\r\n", "obs-fold", id="obs-fold-tab"),
-    pytest.param(b"X-Foo: a\x00b\r\n", "control-character", id="nul"),
-    pytest.param(b"X-Foo: a\x7fb\r\n", "control-character", id="del"),
-    pytest.param(b"X-Foo: a\rb\r\n", "obs-fold", id="bare-cr"),
-    pytest.param(b"X-Foo : v\r\n", "bad-field-name", id="space-before-colon"),
-    pytest.param(b"X\x00Foo: v\r\n", "bad-field-name", id="nul-in-name"),
+    pytest.param(b"X-Foo: a\r\n Authorization: Bearer client-value\r\n", "obs_fold", id="obs_fold"),
+    pytest.param(b"X-Foo: a\r\n\tX-User-Context: forged\r\n", "obs_fold", id="obs_fold-tab"),
+    pytest.param(b"X-Foo: a\x00b\r\n", "control_character", id="nul"),
+    pytest.param(b"X-Foo: a\x7fb\r\n", "control_character", id="del"),
+    pytest.param(b"X-Foo: a\rb\r\n", "obs_fold", id="bare-cr"),
+    pytest.param(b"X-Foo : v\r\n", "bad_field_name", id="space-before-colon"),
+    pytest.param(b"X\x00Foo: v\r\n", "bad_field_name", id="nul-in-name"),
 ])
 @pytest.mark.parametrize("routed", [True, False])
 def test_malformed_header_sections_are_400_before_any_decision(env: Env, field: bytes,
@@ -520,14 +520,14 @@ def test_connection_can_never_nominate_framing_or_routing(env: Env, nominated: s
             f"{framing}\r\n").encode()
     status, headers, answer = _status(_raw_request(env, head + body, authority=authority))
     assert (status, headers.get("x-credproxy-error")) == (400, "malformed-request"), answer
-    assert json.loads(answer)["reason"] == "bad-connection"
+    assert json.loads(answer)["reason"] == "bad_connection"
     assert not env.raw.saw(marker) and not env.raw.saw(smuggled)
 
 
 @pytest.mark.parametrize(("target", "reason"), [
-    ("https://other-tenant.example/x", "bad-target"),
-    ("other-tenant.example/x", "bad-target"),
-    ("//other-tenant.example/x", "ambiguous-target"),
+    ("https://other-tenant.example/x", "bad_target"),
+    ("other-tenant.example/x", "bad_target"),
+    ("//other-tenant.example/x", "ambiguous_target"),
 ])
 def test_an_http2_path_must_be_origin_form(env: Env, target: str, reason: str) -> None:
     """An HTTP/2 ``:path`` holding a URL reached the HTTP/1 provider as an absolute-form
@@ -551,7 +551,7 @@ def test_a_double_slash_target_on_a_credentialed_request_is_refused(env: Env) ->
     head = (f"GET //other-tenant.example/x-{user} HTTP/1.1\r\nHost: {env.raw_authority}\r\n"
             f"X-User-Context: {env.stack.context(user)}\r\nConnection: close\r\n\r\n").encode()
     status, _, body = _status(_raw_request(env, head))
-    assert status == 400 and json.loads(body)["reason"] == "ambiguous-target"
+    assert status == 400 and json.loads(body)["reason"] == "ambiguous_target"
     assert not env.raw.saw(f"x-{user}")
 
 
@@ -637,7 +637,7 @@ def test_malformed_chunked_framing_is_answered_at_once(env: Env, body: bytes) ->
     answer = _raw_request(env, head + body, timeout=20)
     status, headers, problem = _status(answer)
     assert (status, headers.get("x-credproxy-error")) == (400, "malformed-request"), answer
-    assert json.loads(problem)["reason"] in ("bad-framing", "client_protocol_error")
+    assert json.loads(problem)["reason"] in ("bad_framing", "client_protocol_error")
     assert time.monotonic() - started < 15  # answered, not left hanging
     assert not env.raw.saw(marker) or all(not q.body for q in env.raw.requests
                                           if marker in q.line)
@@ -809,12 +809,12 @@ def test_only_the_100_continue_expectation_is_accepted(env: Env, expect: str,
 
 
 @pytest.mark.parametrize(("method", "path", "reason"), [
-    pytest.param(b"GET", b"/x https://other-tenant.example/y", "bad-target", id="space-in-path"),
-    pytest.param(b"GET", b"/x\x01y", "bad-target", id="control-in-path"),
-    pytest.param(b"GET", b"/x\ty", "bad-target", id="tab-in-path"),
-    pytest.param(b"GET", b"/x#frag", "bad-target", id="fragment"),
-    pytest.param(b"GET /evil HTTP/1.1", b"/x", "bad-method", id="request-line-in-method"),
-    pytest.param(b"G\x7fET", b"/x", "bad-method", id="control-in-method"),
+    pytest.param(b"GET", b"/x https://other-tenant.example/y", "bad_target", id="space-in-path"),
+    pytest.param(b"GET", b"/x\x01y", "bad_target", id="control-in-path"),
+    pytest.param(b"GET", b"/x\ty", "bad_target", id="tab-in-path"),
+    pytest.param(b"GET", b"/x#frag", "bad_target", id="fragment"),
+    pytest.param(b"GET /evil HTTP/1.1", b"/x", "bad_method", id="request-line-in-method"),
+    pytest.param(b"G\x7fET", b"/x", "bad_method", id="control-in-method"),
 ])
 @pytest.mark.parametrize("with_context", [True, False])
 def test_http2_pseudo_headers_never_become_another_request_line(

@@ -42,6 +42,7 @@ KEYS = [
     "request",
     "outcome",
     "reason",
+    "detail",
     "upstream_status",
     "token",
     "instance",
@@ -808,7 +809,7 @@ def test_stdout_stalled_reader_never_blocks_and_fails_closed(bound: str) -> None
         if accepted > 20 and bound == "stall_timeout":
             clock.now += 3.0  # the blocked write is now older than the stall bound
     assert refused is not None, "a stalled reader never made the sink refuse"
-    assert refused.reason == "audit-sink-stalled"
+    assert refused.reason == "audit_sink_stalled"
     assert events.failures == (["stalled"] if bound == "stall_timeout" else ["buffer_full"])
     health = sink.health()
     if bound == "stall_timeout":
@@ -842,7 +843,7 @@ def test_stdout_dead_reader_fails_closed_and_reports_it() -> None:
     for i in range(3):
         with pytest.raises(AuditUnavailable, match="BrokenPipeError") as info:
             _in_thread(lambda i=i: _record(log, i))
-        assert info.value.reason == "audit-write-failed"
+        assert info.value.reason == "audit_write_failed"
     health = sink.health()
     assert not health.ok and "EPIPE" in health.detail and health.restart_helps
     assert health.failing_since is not None

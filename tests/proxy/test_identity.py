@@ -168,7 +168,7 @@ async def test_custom_typ_is_enforced(make_context: MakeContext,
                                       make_verifier: MakeVerifier) -> None:
     verifier = make_verifier(typ="agent+jwt")
     assert (await verifier.verify(Secret(make_context(header={"typ": "agent+jwt"})))).user
-    assert (await _reject(verifier, make_context())).reason == "wrong-typ"
+    assert (await _reject(verifier, make_context())).reason == "wrong_typ"
 
 
 # --- missing --------------------------------------------------------------------------------
@@ -237,84 +237,84 @@ REJECTED: list[Any] = [
                  id="providers-non-string-item"),
     # bad signature
     pytest.param(lambda mk, k: _with_payload(mk(), make_claims(sub="mallory@example.com")),
-                 "bad-signature", id="tampered-payload"),
-    pytest.param(lambda mk, k: mk(key=k.ed_impostor), "bad-signature",
+                 "bad_signature", id="tampered-payload"),
+    pytest.param(lambda mk, k: mk(key=k.ed_impostor), "bad_signature",
                  id="other-key-same-kid"),
-    pytest.param(lambda mk, k: mk()[:-6], "bad-signature", id="signature-truncated"),
-    pytest.param(lambda mk, k: mk().rsplit(".", 1)[0] + ".", "bad-signature",
+    pytest.param(lambda mk, k: mk()[:-6], "bad_signature", id="signature-truncated"),
+    pytest.param(lambda mk, k: mk().rsplit(".", 1)[0] + ".", "bad_signature",
                  id="signature-empty"),
     pytest.param(lambda mk, k: mk().rsplit(".", 1)[0] + "." +
                  mk(claims={"sub": "bob"}).rsplit(".", 1)[1],
-                 "bad-signature", id="signature-of-another-token"),
+                 "bad_signature", id="signature-of-another-token"),
     # alg none / not allowed / confusion
-    pytest.param(lambda mk, k: mk(alg="none", key=None), "alg-not-allowed",
+    pytest.param(lambda mk, k: mk(alg="none", key=None), "alg_not_allowed",
                  id="alg-none-unsigned"),
-    pytest.param(lambda mk, k: mk(alg="none", key=None) + b64url(b"sig"), "alg-not-allowed",
+    pytest.param(lambda mk, k: mk(alg="none", key=None) + b64url(b"sig"), "alg_not_allowed",
                  id="alg-none-with-signature"),
-    pytest.param(lambda mk, k: mk(header={"alg": "None"}), "alg-not-allowed",
+    pytest.param(lambda mk, k: mk(header={"alg": "None"}), "alg_not_allowed",
                  id="alg-None-capitalised"),
-    pytest.param(lambda mk, k: mk(header={"alg": "NONE"}), "alg-not-allowed",
+    pytest.param(lambda mk, k: mk(header={"alg": "NONE"}), "alg_not_allowed",
                  id="alg-NONE"),
-    pytest.param(lambda mk, k: mk(header={"alg": DROP}), "alg-not-allowed", id="alg-missing"),
-    pytest.param(lambda mk, k: mk(header={"alg": ["EdDSA"]}), "alg-not-allowed",
+    pytest.param(lambda mk, k: mk(header={"alg": DROP}), "alg_not_allowed", id="alg-missing"),
+    pytest.param(lambda mk, k: mk(header={"alg": ["EdDSA"]}), "alg_not_allowed",
                  id="alg-not-a-string"),
-    pytest.param(lambda mk, k: mk(alg="ES384"), "alg-not-allowed", id="alg-ES384-not-allowed"),
-    pytest.param(lambda mk, k: mk(alg="PS256"), "alg-not-allowed", id="alg-PS256-not-allowed"),
+    pytest.param(lambda mk, k: mk(alg="ES384"), "alg_not_allowed", id="alg-ES384-not-allowed"),
+    pytest.param(lambda mk, k: mk(alg="PS256"), "alg_not_allowed", id="alg-PS256-not-allowed"),
     pytest.param(lambda mk, k: mk(alg="HS256", key=_pem(k.rsa), header={"kid": "rs-1"}),
-                 "alg-not-allowed", id="hs256-with-rsa-public-pem"),
+                 "alg_not_allowed", id="hs256-with-rsa-public-pem"),
     pytest.param(lambda mk, k: mk(alg="HS256", key=_pem(k.es), header={"kid": "es-1"}),
-                 "alg-not-allowed", id="hs256-with-ec-public-pem"),
-    pytest.param(lambda mk, k: mk(alg="ES256", header={"kid": "ed-1"}), "alg-key-mismatch",
+                 "alg_not_allowed", id="hs256-with-ec-public-pem"),
+    pytest.param(lambda mk, k: mk(alg="ES256", header={"kid": "ed-1"}), "alg_key_mismatch",
                  id="es256-naming-the-ed25519-key"),
-    pytest.param(lambda mk, k: mk(alg="RS256", header={"kid": "es-1"}), "alg-key-mismatch",
+    pytest.param(lambda mk, k: mk(alg="RS256", header={"kid": "es-1"}), "alg_key_mismatch",
                  id="rs256-naming-the-ec-key"),
     # key selection
-    pytest.param(lambda mk, k: mk(header={"kid": "nope"}), "unknown-kid", id="unknown-kid"),
-    pytest.param(lambda mk, k: mk(header={"kid": DROP}), "unknown-kid",
+    pytest.param(lambda mk, k: mk(header={"kid": "nope"}), "unknown_kid", id="unknown_kid"),
+    pytest.param(lambda mk, k: mk(header={"kid": DROP}), "unknown_kid",
                  id="no-kid-several-keys"),
     # time
     pytest.param(lambda mk, k: mk(claims={"exp": _T - 31, "iat": _T - 300}), "expired",
                  id="expired-beyond-leeway"),
-    pytest.param(lambda mk, k: mk(claims={"nbf": _T + 31}), "not-yet-valid",
+    pytest.param(lambda mk, k: mk(claims={"nbf": _T + 31}), "not_yet_valid",
                  id="nbf-in-future"),
-    pytest.param(lambda mk, k: mk(claims={"iat": _T + 31, "exp": _T + 300}), "not-yet-valid",
+    pytest.param(lambda mk, k: mk(claims={"iat": _T + 31, "exp": _T + 300}), "not_yet_valid",
                  id="iat-in-future"),
-    pytest.param(lambda mk, k: mk(claims={"exp": _T + 901}), "lifetime-too-long",
+    pytest.param(lambda mk, k: mk(claims={"exp": _T + 901}), "lifetime_too_long",
                  id="lifetime-over-cap"),
     pytest.param(lambda mk, k: mk(claims={"iat": _T - 1000, "exp": _T + 10}),
-                 "lifetime-too-long", id="lifetime-over-cap-old-iat"),
+                 "lifetime_too_long", id="lifetime-over-cap-old-iat"),
     pytest.param(lambda mk, k: mk(claims={"exp": float("inf")}), "malformed",
                  id="exp-infinity"),
     pytest.param(lambda mk, k: mk(claims={"exp": float("nan")}), "malformed", id="exp-nan"),
     pytest.param(lambda mk, k: mk(claims={"iat": float("nan"), "exp": _T + 365 * 86400}),
                  "malformed", id="iat-nan-bypasses-lifetime-cap"),
     # issuer / audience
-    pytest.param(lambda mk, k: mk(claims={"iss": "https://evil.example.com"}), "wrong-issuer",
+    pytest.param(lambda mk, k: mk(claims={"iss": "https://evil.example.com"}), "wrong_issuer",
                  id="wrong-iss"),
-    pytest.param(lambda mk, k: mk(claims={"iss": ISSUER + "/"}), "wrong-issuer",
+    pytest.param(lambda mk, k: mk(claims={"iss": ISSUER + "/"}), "wrong_issuer",
                  id="iss-trailing-slash"),
-    pytest.param(lambda mk, k: mk(claims={"iss": [ISSUER]}), "wrong-issuer", id="iss-list"),
-    pytest.param(lambda mk, k: mk(claims={"aud": "someone-else"}), "wrong-audience",
+    pytest.param(lambda mk, k: mk(claims={"iss": [ISSUER]}), "wrong_issuer", id="iss-list"),
+    pytest.param(lambda mk, k: mk(claims={"aud": "someone-else"}), "wrong_audience",
                  id="wrong-aud-string"),
-    pytest.param(lambda mk, k: mk(claims={"aud": ["a", "b"]}), "wrong-audience",
+    pytest.param(lambda mk, k: mk(claims={"aud": ["a", "b"]}), "wrong_audience",
                  id="wrong-aud-list"),
-    pytest.param(lambda mk, k: mk(claims={"aud": []}), "wrong-audience", id="aud-empty-list"),
-    pytest.param(lambda mk, k: mk(claims={"aud": {AUDIENCE: True}}), "wrong-audience",
+    pytest.param(lambda mk, k: mk(claims={"aud": []}), "wrong_audience", id="aud-empty-list"),
+    pytest.param(lambda mk, k: mk(claims={"aud": {AUDIENCE: True}}), "wrong_audience",
                  id="aud-object"),
-    pytest.param(lambda mk, k: mk(claims={"aud": AUDIENCE.upper()}), "wrong-audience",
+    pytest.param(lambda mk, k: mk(claims={"aud": AUDIENCE.upper()}), "wrong_audience",
                  id="aud-case-differs"),
     # typ
-    pytest.param(lambda mk, k: mk(header={"typ": DROP}), "wrong-typ", id="typ-missing"),
-    pytest.param(lambda mk, k: mk(header={"typ": "JWT"}), "wrong-typ", id="typ-JWT"),
-    pytest.param(lambda mk, k: mk(header={"typ": "at+jwt"}), "wrong-typ", id="typ-at+jwt"),
-    pytest.param(lambda mk, k: mk(header={"typ": ["user-context+jwt"]}), "wrong-typ",
+    pytest.param(lambda mk, k: mk(header={"typ": DROP}), "wrong_typ", id="typ-missing"),
+    pytest.param(lambda mk, k: mk(header={"typ": "JWT"}), "wrong_typ", id="typ-JWT"),
+    pytest.param(lambda mk, k: mk(header={"typ": "at+jwt"}), "wrong_typ", id="typ-at+jwt"),
+    pytest.param(lambda mk, k: mk(header={"typ": ["user-context+jwt"]}), "wrong_typ",
                  id="typ-not-a-string"),
     # required claims
-    *[pytest.param(lambda mk, k, c=c: mk(claims={c: DROP}), "missing-claim",
+    *[pytest.param(lambda mk, k, c=c: mk(claims={c: DROP}), "missing_claim",
                    id=f"missing-{c}") for c in ("iss", "aud", "sub", "exp", "iat")],
-    *[pytest.param(lambda mk, k, c=c: mk(claims={c: None}), "missing-claim",
+    *[pytest.param(lambda mk, k, c=c: mk(claims={c: None}), "missing_claim",
                    id=f"null-{c}") for c in ("iss", "sub", "exp")],
-    pytest.param(lambda mk, k: mk(claims={"sub": ""}), "missing-claim", id="sub-empty"),
+    pytest.param(lambda mk, k: mk(claims={"sub": ""}), "missing_claim", id="sub-empty"),
     # size
     pytest.param(lambda mk, k: mk(claims={"pad": "x" * 9000}), "oversized",
                  id="oversized-signed"),
@@ -353,7 +353,7 @@ async def test_algorithm_confusion_is_refused_even_if_hs256_were_allowed(
                                              algorithms=["EdDSA", "ES256", "RS256", "HS256"])
     token = make_context(alg="HS256", key=pem_of(keys), header={"kid": kid})
     exc = await _reject(make_verifier(settings=mixed), token)
-    assert exc.reason == "alg-key-mismatch"
+    assert exc.reason == "alg_key_mismatch"
 
 
 async def test_oversized_limit_is_configurable(make_context: MakeContext,
@@ -372,7 +372,7 @@ async def test_leeway_and_lifetime_are_configurable(make_context: MakeContext,
     long_lived = make_context(claims={"exp": _T + 3600})
     assert (await make_verifier(max_lifetime=3600).verify(Secret(long_lived))).user
     assert (await _reject(make_verifier(max_lifetime=60), make_context())).reason == (
-        "lifetime-too-long")
+        "lifetime_too_long")
 
 
 def test_header_property(make_verifier: MakeVerifier) -> None:
@@ -402,7 +402,7 @@ async def test_cache_does_not_admit_a_tampered_copy(make_context: MakeContext,
     token = make_context()
     await verifier.verify(Secret(token))
     forged = _with_payload(token, make_claims(sub="mallory@example.com"))
-    assert (await _reject(verifier, forged)).reason == "bad-signature"
+    assert (await _reject(verifier, forged)).reason == "bad_signature"
 
 
 # --- one-time jti ---------------------------------------------------------------------------
@@ -424,14 +424,14 @@ async def test_one_time_jti_second_use_is_replayed(make_context: MakeContext,
 async def test_one_time_jti_requires_jti(jti: Any, make_context: MakeContext,
                                          make_verifier: MakeVerifier) -> None:
     exc = await _reject(make_verifier(one_time_jti=True), make_context(claims={"jti": jti}))
-    assert exc.reason == "missing-claim"
+    assert exc.reason == "missing_claim"
     assert "jti" in exc.detail
 
 
 async def test_one_time_jti_must_be_a_string(make_context: MakeContext,
                                              make_verifier: MakeVerifier) -> None:
     exc = await _reject(make_verifier(one_time_jti=True), make_context(claims={"jti": 12345}))
-    assert exc.reason in {"malformed", "missing-claim"}
+    assert exc.reason in {"malformed", "missing_claim"}
 
 
 async def test_one_time_jti_cannot_be_replayed_within_leeway(make_context: MakeContext,
@@ -538,7 +538,7 @@ async def test_key_source_from_pem_file(alg: str, tmp_path: Path, keys: Keys,
     assert ctx.user == "alice@example.com"
     other = "ES256" if alg != "ES256" else "EdDSA"
     exc = await _reject(verifier, make_context(alg=other, header={"kid": DROP}))
-    assert exc.reason == "alg-not-allowed"
+    assert exc.reason == "alg_not_allowed"
 
 
 def test_pem_key_loads_without_warnings(tmp_path: Path, keys: Keys) -> None:
@@ -623,7 +623,7 @@ async def test_jwks_url_refetch_is_rate_limited(keys: Keys, make_context: MakeCo
         verifier = IdentityVerifier(identity_settings(), source, clock=Clock())
         for _ in range(3):
             exc = await _reject(verifier, make_context(header={"kid": "unknown"}))
-            assert exc.reason == "unknown-kid"
+            assert exc.reason == "unknown_kid"
         assert len(calls) == 1
 
 
@@ -632,7 +632,7 @@ async def test_jwks_url_unavailable(keys: Keys, make_context: MakeContext) -> No
     async with _jwks_client([503], calls) as http:
         source = KeySource(None, jwks_url="https://issuer/jwks", http=http)
         verifier = IdentityVerifier(identity_settings(), source, clock=Clock())
-        assert (await _reject(verifier, make_context())).reason == "keys-unavailable"
+        assert (await _reject(verifier, make_context())).reason == "keys_unavailable"
 
 
 async def test_jwks_url_outage_keeps_the_last_keys(keys: Keys,
@@ -643,7 +643,7 @@ async def test_jwks_url_outage_keeps_the_last_keys(keys: Keys,
         verifier = IdentityVerifier(identity_settings(), source, clock=Clock())
         assert (await verifier.verify(Secret(make_context()))).user
         exc = await _reject(verifier, make_context(header={"kid": "rotated"}))
-        assert exc.reason == "unknown-kid" and len(calls) == 2
+        assert exc.reason == "unknown_kid" and len(calls) == 2
         assert (await verifier.verify(Secret(make_context(alg="ES256")))).user
 
 
@@ -764,7 +764,7 @@ async def test_jwks_key_removed_by_the_issuer_stops_verifying_after_max_age(
     assert jwks_server.requests == 1
     source_clock.advance(2)  # past the 600 s default
     exc = await _reject(verifier, make_context(claims={"jti": "3"}))
-    assert exc.reason == "unknown-kid"
+    assert exc.reason == "unknown_kid"
     assert jwks_server.requests == 2
     assert (await verifier.verify(Secret(make_context(alg="ES256")))).user
 
@@ -807,7 +807,7 @@ async def test_jwks_outage_keeps_the_last_good_keys_for_a_bounded_time(
     assert jwks_server.requests == 2
     source_clock.advance(3600 - 10)  # max_stale after going stale: refuse
     exc = await _reject(verifier, make_context(claims={"jti": "3"}))
-    assert exc.reason == "keys-unavailable"
+    assert exc.reason == "keys_unavailable"
     assert jwks_server.requests == 3
     jwks_server.status = 200  # the issuer is back
     source_clock.advance(30)

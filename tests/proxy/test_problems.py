@@ -12,6 +12,7 @@ from proxy.errors import (
     CredentialStoreUnavailable,
     InternalError,
     MisdirectedRequest,
+    ProviderMisconfigured,
     ProviderNotPermitted,
     ProxyRefusal,
     ReauthRequired,
@@ -42,6 +43,11 @@ REFUSALS = [
                  id="reauth-required"),
     pytest.param(TokenRefreshFailed("endpoint down"), 502, "token-refresh-failed", {},
                  id="token-refresh-failed"),
+    pytest.param(TokenRefreshFailed("unclassified", retry_after=12), 502,
+                 "token-refresh-failed", {"Retry-After": "12"}, id="token-refresh-failed-held"),
+    pytest.param(ProviderMisconfigured("check providers[docs].client_id",
+                                       reason="invalid_client"), 502,
+                 "provider-misconfigured", {}, id="provider-misconfigured"),
     pytest.param(CredentialStoreUnavailable("vault down"), 503, "credential-store-unavailable",
                  {"Retry-After": "5"}, id="credential-store-unavailable"),
     pytest.param(CredentialStoreUnavailable("vault down", retry_after=30), 503,
@@ -77,9 +83,11 @@ def test_every_slug_and_title_is_distinct_per_class(error: ProxyRefusal, status:
     assert all(o.slug != slug for o in others)
 
 
-def test_reason_defaults_to_the_slug() -> None:
+def test_reason_defaults_to_the_slug_in_snake_case() -> None:
+    # Reasons are one spelling, snake_case (proxy/reasons.py); slugs stay kebab-case (they
+    # name the problem type URN).
     body = json.loads(problem_response(UnroutedDenied("x")).body)
-    assert body["reason"] == "unrouted-denied"
+    assert body["reason"] == "unrouted_denied" and body["type"].endswith(":unrouted-denied")
 
 
 def test_reauth_required_names_provider_and_connect_url() -> None:

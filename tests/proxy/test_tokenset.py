@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -124,12 +125,42 @@ def test_expires_within(expires_at: float | None, within: float, expected: bool)
         expected)
 
 
+@pytest.mark.parametrize(("issued_in", "expires_in", "skew", "margin"), [
+    pytest.param(None, 3600, 60, 60, id="unknown-lifetime-skew"),
+    pytest.param(0, 3600, 60, 60, id="long-lifetime-skew"),
+    pytest.param(0, 30, 60, 15, id="short-lifetime-half"),
+    pytest.param(0, 120, 60, 60, id="boundary-equal"),
+    pytest.param(0, 0, 60, 0, id="zero-lifetime"),
+])
+def test_refresh_margin_is_capped_by_half_the_lifetime(issued_in: float | None,
+                                                       expires_in: float, skew: float,
+                                                       margin: float) -> None:
+    """Issue 13 fault 4: 30 s tokens with refresh_skew 60 were refreshed on every request;
+    the margin is min(skew, lifetime / 2), so one refresh per lifetime."""
+    tokens = TokenSet(Secret("at"), expires_at=NOW + expires_in,
+                      issued_at=None if issued_in is None else NOW + issued_in)
+    assert tokens.refresh_margin(skew) == margin
+
+
+def test_thirty_second_tokens_refresh_once_per_lifetime() -> None:
+    """Five requests spread over one 30 s lifetime need exactly one refresh (skew 60)."""
+    tokens = TokenSet(Secret("at"), expires_at=NOW + 30, issued_at=NOW)
+    due = [tokens.needs_refresh(60, now=NOW + t) for t in (0, 5, 10, 14, 16)]
+    assert due == [False, False, False, False, True]
+    assert not TokenSet(Secret("at"), expires_at=None, issued_at=NOW).needs_refresh(60, now=NOW)
+
+
 def test_record_round_trip() -> None:
     tokens = TokenSet.from_response(response(expires_in=3600, scope=["a", "b"]), now=NOW)
     record = tokens.to_record()
     assert record == {"access_token": ACCESS, "refresh_token": REFRESH, "token_type": "Bearer",
-                      "expires_at": NOW + 3600, "scope": "a b"}
+                      "expires_at": NOW + 3600, "scope": "a b", "issued_at": None}
     assert TokenSet.from_record(record) == tokens
+    received = replace(tokens, issued_at=NOW)  # as read from a token endpoint
+    assert TokenSet.from_record(received.to_record()) == received
+    # A record stored before issued_at was kept reads as an unknown lifetime.
+    old = {k: v for k, v in received.to_record().items() if k != "issued_at"}
+    assert TokenSet.from_record(old).issued_at is None
     bare = TokenSet(Secret("at"))
     assert TokenSet.from_record(bare.to_record()) == bare
 
