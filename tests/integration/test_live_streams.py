@@ -30,7 +30,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -58,6 +57,7 @@ from devstack.streamers import (
     WebSocketEcho,
     tick_request,
 )
+from tests.integration.streamkit import RssPeak, tunnel
 
 pytestmark = pytest.mark.integration
 
@@ -122,12 +122,9 @@ class Env:
 
         return str(asyncio.run(get()).tokens.access_token.reveal())
 
-    def rss(self) -> int:
+    def proxy_pid(self) -> int:
         assert self.stack.proxy is not None
-        for line in Path(f"/proc/{self.stack.proxy.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        return self.stack.proxy.pid
 
 
 @pytest.fixture(scope="module")
@@ -546,35 +543,21 @@ def test_endless_fast_stream_keeps_proxy_memory_flat(env: Env) -> None:
 
     marker = f"m-{uuid.uuid4().hex[:10]}"
     url = f"https://localhost:{env.events.port}/sse/{marker}?n=0&every=0&size=65536"
-    baseline = env.rss()
-    peak = [baseline]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], env.rss())
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     received = 0
     start = time.monotonic()
     first: float | None = None
-    try:
-        with httpx.Client(proxy=env.stack.proxy_url, verify=env.stack.mitm_tls(),
-                          trust_env=False, timeout=30) as c, \
-                c.stream("GET", url, headers={"X-User-Context": env.context()}) as r:
-            assert r.status_code == 200
-            for chunk in r.iter_raw():
-                if first is None:
-                    first = time.monotonic() - start
-                received += len(chunk)
-                if time.monotonic() - start > 1.5:
-                    break
-    finally:
-        stop.set()
-        sampler.join()
-    growth = peak[0] - baseline
+    with RssPeak(env.proxy_pid()) as watch, \
+            httpx.Client(proxy=env.stack.proxy_url, verify=env.stack.mitm_tls(),
+                         trust_env=False, timeout=30) as c, \
+            c.stream("GET", url, headers={"X-User-Context": env.context()}) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_raw():
+            if first is None:
+                first = time.monotonic() - start
+            received += len(chunk)
+            if time.monotonic() - start > 1.5:
+                break
+    growth = watch.growth
     print(f"\nendless fast stream: {received >> 20} MiB in 1.5 s, first chunk after "
           f"{(first or 0) * 1000:.0f} ms, proxy RSS growth {growth >> 20} MiB")
     assert first is not None and first < 0.5
@@ -777,35 +760,7 @@ def _feed(pipe: Any, size: int, sent: list[int]) -> None:
             pipe.close()
 
 
-class RssWatch:
-    """Samples the proxy's RSS every 20 ms while in use; :attr:`growth` over the start."""
-
-    def __init__(self, env: Env) -> None:
-        self.env = env
-        self.base = env.rss()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.env.rss())
-            time.sleep(0.02)
-
-    def __enter__(self) -> RssWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
-
-
-def _assert_refused_cleanly(env: Env, connections_before: int, watch: RssWatch) -> None:
+def _assert_refused_cleanly(env: Env, connections_before: int, watch: RssPeak) -> None:
     assert env.events.connections == connections_before, "the refused request reached the peer"
     assert watch.growth < RSS_GROWTH, f"proxy RSS grew by {watch.growth >> 20} MiB"
     assert env.stack.proxy is not None
@@ -828,7 +783,7 @@ def test_refused_upload_with_curl_is_answered_at_once(env: Env, mode: str,
         argv += ["-H", f"Content-Length: {UPLOAD}", "-H", "Transfer-Encoding:"]
     connections = env.events.connections
     sent = [0]
-    with RssWatch(env) as watch, open(tmp_path / "out", "w+b") as stdout, \
+    with RssPeak(env.proxy_pid()) as watch, open(tmp_path / "out", "w+b") as stdout, \
             open(tmp_path / "err", "w+b") as stderr:
         start = time.monotonic()
         proc = subprocess.Popen([*argv, f"https://localhost:{env.events.port}/up/{marker}"],
@@ -878,7 +833,7 @@ def test_refused_upload_with_httpx_is_refused_cleanly(env: Env, http2: bool) -> 
     import httpx
 
     connections = env.events.connections
-    with RssWatch(env) as watch, httpx.Client(
+    with RssPeak(env.proxy_pid()) as watch, httpx.Client(
             proxy=env.stack.proxy_url, verify=client_tls(env.mitm_ca, h2_first=http2),
             http2=http2, trust_env=False, timeout=30) as c:
         pulled = [0]
@@ -902,16 +857,7 @@ def test_refused_upload_with_httpx_is_refused_cleanly(env: Env, http2: bool) -> 
 
 
 def _tunnel(env: Env, authority: str, alpn: list[str] | None = None) -> ssl.SSLSocket:
-    sock = socket.create_connection(env.proxy_addr, timeout=10)
-    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        buf += sock.recv(4096)
-    assert buf.startswith(b"HTTP/1.1 200"), buf
-    ctx = ssl.create_default_context(cafile=env.mitm_ca)
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    return ctx.wrap_socket(sock, server_hostname=authority.rsplit(":", 1)[0])
+    return tunnel(env.proxy_addr, authority, env.mitm_ca, alpn)
 
 
 @pytest.mark.parametrize("expect", [True, False], ids=["expect", "no-expect"])
@@ -928,7 +874,7 @@ def test_refused_upload_raw_socket_gets_the_answer_before_the_body(env: Env,
     block = PATTERN * (65536 // len(PATTERN))
     sent = 0
     answer = b""
-    with RssWatch(env) as watch, _tunnel(env, authority) as tls:
+    with RssPeak(env.proxy_pid()) as watch, _tunnel(env, authority) as tls:
         start = time.monotonic()
         tls.sendall(head)
         tls.settimeout(0.01)
@@ -968,7 +914,7 @@ def test_refused_h2_upload_gets_the_answer_then_rst_stream_no_error(env: Env) ->
     authority = f"localhost:{env.events.port}"
     connections = env.events.connections
     got: dict[str, Any] = {"body": b""}
-    with RssWatch(env) as watch, _tunnel(env, authority, ["h2"]) as tls:
+    with RssPeak(env.proxy_pid()) as watch, _tunnel(env, authority, ["h2"]) as tls:
         assert tls.selected_alpn_protocol() == "h2"
         c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
                                                                  header_encoding="utf-8"))

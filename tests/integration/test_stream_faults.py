@@ -37,7 +37,6 @@ import signal
 import socket
 import ssl
 import struct
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -53,9 +52,10 @@ import h2.events
 import h2.exceptions
 import pytest
 
-from devstack.procs import Running, free_port
+from devstack.procs import free_port
 from devstack.stack import Stack, build_stack, wait_until
 from devstack.streamers import UNAUTHORIZED_BODY_MARK, DeadEnd, EventServer, Seen
+from tests.integration.streamkit import RssPeak, tunnel
 
 pytestmark = pytest.mark.integration
 
@@ -104,13 +104,9 @@ class Env:
     def context(self, user: str | None = None) -> str:
         return self.stack.context(user or self.user)
 
-    def rss(self, proc: Running | None = None) -> int:
-        proc = proc or self.stack.proxy
-        assert proc is not None
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+    def proxy_pid(self) -> int:
+        assert self.stack.proxy is not None
+        return self.stack.proxy.pid
 
 
 def _addr(url: str) -> tuple[str, int]:
@@ -154,22 +150,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             peer.close()
 
 
-def _tunnel(proxy: tuple[str, int], authority: str, ca: str,
-            alpn: Sequence[str] = ("http/1.1",)) -> ssl.SSLSocket:
-    """CONNECT ``authority`` through the proxy, then TLS (the proxy's CA) offering ``alpn``."""
-    sock = socket.create_connection(proxy, timeout=10)
-    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(4096)
-        assert chunk, buf
-        buf += chunk
-    assert buf.startswith(b"HTTP/1.1 200"), buf
-    ctx = ssl.create_default_context(cafile=ca)
-    ctx.set_alpn_protocols(list(alpn))
-    return ctx.wrap_socket(sock, server_hostname=authority.rsplit(":", 1)[0])
-
-
 def _reset_close(sock: socket.socket) -> None:
     """Close with a TCP RST (SO_LINGER 0): an agent that vanishes."""
     with contextlib.suppress(OSError):
@@ -200,7 +180,7 @@ class H1Agent:
         self.authority = authority
         # Offering h2 too: mitmproxy then offers both upstream (it mirrors the agent's
         # ALPN), so an HTTP/2 upstream is spoken to in HTTP/2 behind this HTTP/1.1 agent.
-        self.tls = _tunnel(proxy or env.proxy_addr, authority, env.mitm_ca,
+        self.tls = tunnel(proxy or env.proxy_addr, authority, env.mitm_ca,
                            ["http/1.1", "h2"])
         assert self.tls.selected_alpn_protocol() == "http/1.1"
         self.buf = b""
@@ -314,7 +294,7 @@ class H2Agent:
 
     def __init__(self, env: Env, authority: str, proxy: tuple[str, int] | None = None) -> None:
         self.authority = authority
-        self.tls = _tunnel(proxy or env.proxy_addr, authority, env.mitm_ca, ["h2"])
+        self.tls = tunnel(proxy or env.proxy_addr, authority, env.mitm_ca, ["h2"])
         assert self.tls.selected_alpn_protocol() == "h2"
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=True, header_encoding="utf-8"))
@@ -669,33 +649,6 @@ STALL = 2.5  # seconds the agent reads nothing of the fast stream
 RESUME = 1.0  # seconds it reads again
 
 
-class RssPeak:
-    """Samples a process's RSS every 20 ms while in use."""
-
-    def __init__(self, env: Env, proc: Running | None = None) -> None:
-        self.env, self.proc = env, proc
-        self.base = self.peak = env.rss(proc)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.env.rss(self.proc))
-            time.sleep(0.02)
-
-    def __enter__(self) -> RssPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
-
-
 @pytest.mark.parametrize("upstream", ["h1", "h2"])
 def test_an_h2_agent_that_stops_reading_holds_the_upstream_back(env: Env,
                                                                 upstream: str) -> None:
@@ -710,7 +663,7 @@ def test_an_h2_agent_that_stops_reading_holds_the_upstream_back(env: Env,
     m, m2 = (f"m-{uuid.uuid4().hex[:10]}" for _ in range(2))
     agent = H2Agent(env, f"localhost:{peer.port}")
     try:
-        with RssPeak(env) as rss:
+        with RssPeak(env.proxy_pid()) as rss:
             sid = agent.get(f"/sse/{m}?n=0&every=0&size=65536", env.context())
             agent.hold(sid)
             agent.run_for(STALL)
