@@ -215,6 +215,14 @@ class InjectSettings(_Model):
         return v
 
 
+def _not_reserved(params: dict[str, str], reserved: frozenset[str]) -> dict[str, str]:
+    """``params``, unless it sets a parameter credproxy sets itself (ValueError)."""
+    taken = sorted(set(params) & reserved)
+    if taken:
+        raise ValueError(f"{taken} are set by credproxy and cannot be overridden")
+    return params
+
+
 class ProviderSettings(_Model):
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
     hosts: Annotated[list[Annotated[str, AfterValidator(lambda h: validate_host_pattern(h))]],
@@ -254,18 +262,12 @@ class ProviderSettings(_Model):
     @field_validator("authorize_params")
     @classmethod
     def _authorize_params(cls, v: dict[str, str]) -> dict[str, str]:
-        reserved = sorted(set(v) & RESERVED_AUTHORIZE_PARAMS)
-        if reserved:
-            raise ValueError(f"{reserved} are set by credproxy and cannot be overridden")
-        return v
+        return _not_reserved(v, RESERVED_AUTHORIZE_PARAMS)
 
     @field_validator("token_params", "refresh_params")
     @classmethod
     def _token_params(cls, v: dict[str, str]) -> dict[str, str]:
-        reserved = sorted(set(v) & RESERVED_TOKEN_PARAMS)
-        if reserved:
-            raise ValueError(f"{reserved} are set by credproxy and cannot be overridden")
-        return v
+        return _not_reserved(v, RESERVED_TOKEN_PARAMS)
 
     @field_validator("methods")
     @classmethod
