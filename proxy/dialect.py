@@ -62,6 +62,10 @@ class TokenResponse(_Model):
     # A code exchange whose answer has no token set at user_token_path is refused
     # (``no_user_token``), even when the top level carries one (a bot token).
     require_user_token: bool = True
+    # When the user's token set is read from the top level of a refresh answer (no
+    # user_token_path there), its token_type must be this (Slack: "user"; a "bot" answer
+    # is the app's shared token and is refused with no_user_token).
+    user_token_type: _FieldName | None = None
     # The refresh token's member name inside the token set.
     refresh_token_field: _FieldName = "refresh_token"
 
@@ -281,6 +285,14 @@ def _token_set(dialect: TokenDialect, data: Mapping[str, Any], *, grant: Grant,
     found: Any = _at_path(data, shape.user_token_path)
     if found is None and grant == "refresh_token":
         found = data  # a refresh answers for the token redeemed: the user's
+        kind = data.get("token_type")
+        if (shape.user_token_type is not None and shape.user_token_path
+                and not (isinstance(kind, str) and kind.lower() == shape.user_token_type.lower())):
+            return TokenAnswer("failed", "no_user_token",
+                               f"the refresh answer's token is not a user token (token_type "
+                               f"{_printable(str(kind))}, expected "
+                               f"{shape.user_token_type}): never stored as a user's "
+                               "credential")
     if not isinstance(found, Mapping) or not _nonempty_str(found.get("access_token")):
         if (shape.user_token_path and shape.require_user_token
                 and _nonempty_str(data.get("access_token"))):
@@ -390,10 +402,10 @@ def read_revocation_response(revocation: Revocation, status: int, content_type: 
                              body: bytes) -> tuple[RevocationOutcome, str]:
     """``(outcome, detail)`` for one revocation call's answer.
 
-    ``revoked``: a 2xx (RFC 7009 section 2.2: 200 for revoked and unknown tokens alike;
-    GitHub 204), except style ``slack``, revoked only when the JSON has ``ok: true`` (and
-    not ``revoked: false``); or an error code (or status, as digits) in
-    ``already_revoked``. ``transient``: 5xx, 429. ``refused``: anything else."""
+    ``revoked``: a 2xx without an error code in its body (RFC 7009 section 2.2: 200 for
+    revoked and unknown tokens alike; GitHub 204), except style ``slack``, revoked only
+    when the JSON has ``ok: true`` and ``revoked: true``; or an error code (or status, as
+    digits) in ``already_revoked``. ``transient``: 5xx, 429. ``refused``: anything else."""
     data = _parse_body(content_type, body)
     code = _error_code(data, ["error"]) if data is not None else None
     dead = {c.lower() for c in revocation.already_revoked}
@@ -401,9 +413,17 @@ def read_revocation_response(revocation: Revocation, status: int, content_type: 
         return "revoked", f"already revoked (HTTP {status}{', ' + code if code else ''})"
     if 200 <= status < 300:
         if revocation.style != "slack":
+            if code is not None:  # an error answered with a 2xx proves nothing was revoked
+                return "refused", f"HTTP {status} with error {_printable(code)}"
             return "revoked", f"HTTP {status}"
-        if data is not None and data.get("ok") is True and data.get("revoked") is not False:
-            return "revoked", f"HTTP {status}, ok: true"
+        # Slack's auth.revoke says whether it revoked: {"ok": true, "revoked": true}
+        # (https://api.slack.com/methods/auth.revoke); anything else is not proof.
+        if data is not None and data.get("ok") is True and data.get("revoked") is True:
+            return "revoked", f"HTTP {status}, ok: true, revoked: true"
+        if data is not None and data.get("ok") is True:
+            said = ("Slack answered revoked: false" if data.get("revoked") is False
+                    else "Slack answered ok: true without revoked: true")
+            return "refused", f"HTTP {status}, {said}"
         said = f"HTTP {status}, ok: {json.dumps(data.get('ok')) if data else 'missing'}"
         return "refused", said + (f", {_printable(code)}" if code else "")
     if status >= 500 or status == 429:
@@ -552,6 +572,15 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
         base.pop(key, None)
     base.pop("provider", None)
     base.setdefault("id", catalog_id)
+    user_hosts = entry.get("hosts")
+    if (isinstance(user_hosts, list) and any(_PLACEHOLDER.search(str(h))
+                                             for h in base.get("hosts") or [])):
+        for i, host in enumerate(user_hosts):
+            if isinstance(host, str) and "*" in host:
+                raise ConfigError(
+                    f"{where}.hosts[{i}]: {host!r} is a wildcard over a per-tenant provider "
+                    f"({catalog_id}): any tenant's host would get the user's token; list "
+                    "your tenant's host, or set the catalog entry's parameter")
     merged = _merge(base, entry)
     return _fill(merged, where=where, catalog_hosts="hosts" not in entry)
 
@@ -569,7 +598,16 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 def _fill(entry: dict[str, Any], *, where: str, catalog_hosts: bool) -> dict[str, Any]:
     """``entry`` with its ``{name}`` placeholders filled (see :func:`expand_provider`)."""
     values = _parameter_values(entry, where)
-    _require_parameters(_templated_texts(entry), values, where)
+    texts = _templated_texts(entry)
+    _require_parameters(texts, values, where)
+    used = {name for _, text in texts if isinstance(text, str)
+            for name in _PLACEHOLDER.findall(text)}
+    unknown = sorted(set(entry.get("parameters") or {}) - used)
+    if unknown:
+        raise ConfigError(f"{where}.parameters: {unknown} {'is' if len(unknown) == 1 else 'are'}"
+                          f" used nowhere in this provider's URLs or hosts (it takes "
+                          f"{sorted(used - {'client_id'}) or 'no parameters'}): a misspelt "
+                          "name would leave the default in place")
 
     def fill(text: object) -> object:
         if not isinstance(text, str):

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -253,7 +254,7 @@ class ProviderSettings(_Model):
                                                       max_length=3)] = " "
     scope_param: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "scope"
     # Seconds, for a token response with no usable expiry (Salesforce sends none).
-    default_expires_in: Annotated[int, Field(gt=0, le=31_536_000)] | None = None
+    default_expires_in: Annotated[StrictInt, Field(gt=0, le=31_536_000)] | None = None
     token_response: TokenResponse = Field(default_factory=TokenResponse)
     token_errors: TokenErrors = Field(default_factory=TokenErrors)
     api_signals: ApiSignals = Field(default_factory=ApiSignals)

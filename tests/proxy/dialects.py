@@ -36,7 +36,8 @@ DIALECTS: dict[str, dict[str, Any]] = {
                                "reauth": ["invalid_refresh_token", "invalid_grant"],
                                "operator": ["invalid_client_id", "bad_client_secret",
                                             "invalid_client"]},
-              "token_response": {"user_token_path": ["authed_user"]},
+              "token_response": {"user_token_path": ["authed_user"],
+                                 "user_token_type": "user"},
               "scope_param": "user_scope", "scope_separator": ",",
               "api_signals": {"success_field": "ok", "reauth": [
                   "token_revoked", "invalid_auth", "token_expired", "account_inactive",

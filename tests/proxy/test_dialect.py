@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from proxy import reasons
 from proxy.dialect import (
@@ -108,6 +109,13 @@ ANSWERS = [
     ("slack-refresh-top-level", "slack", 200, JSON,
      body(ok=True, access_token="xoxe.xoxp-user", token_type="user",
           refresh_token="xoxe-1-next", expires_in=43200), "refresh_token", "success", None),
+    # A refresh answered with the app's bot token is no user's credential either.
+    ("slack-refresh-bot-token", "slack", 200, JSON,
+     body(ok=True, access_token="xoxb-bot", token_type="bot", refresh_token="rt-b",
+          expires_in=43200), "refresh_token", "failed", "no_user_token"),
+    ("slack-refresh-no-token-type", "slack", 200, JSON,
+     body(ok=True, access_token="xoxb-bot", refresh_token="rt-b"), "refresh_token",
+     "failed", "no_user_token"),
 ]
 
 
@@ -242,6 +250,12 @@ def test_api_signal(signals: ApiSignals, status: int, ctype: str, raw: bytes,
                  "refused", id="slack-ok-false-is-not-revoked"),
     pytest.param(Revocation(style="slack"), 200, JSON, body(ok=True, revoked=False),
                  "refused", id="slack-revoked-false"),
+    pytest.param(Revocation(style="slack"), 200, JSON, body(ok=True), "refused",
+                 id="slack-ok-true-without-revoked"),
+    pytest.param(Revocation(), 200, JSON, body(error="invalid_request"), "refused",
+                 id="rfc7009-200-with-an-error"),
+    pytest.param(Revocation(style="github-grant"), 200, JSON,
+                 body(error="bad_verification_code"), "refused", id="github-200-with-an-error"),
     pytest.param(Revocation(style="slack", already_revoked=["token_revoked"]), 200, JSON,
                  body(ok=False, error="token_revoked"), "revoked", id="slack-already-dead"),
 ])
@@ -390,6 +404,16 @@ def test_client_id_fills_the_github_grant_url(catalog: Path) -> None:
                  r"parameters\.instance", id="path-in-parameter"),
     pytest.param(_user(provider="wild"), r"hosts\[0\].*wildcard", id="catalog-wildcard-host"),
     pytest.param(_user(provider=3), "must be a catalog id", id="not-a-string"),
+    pytest.param(_user(provider="tenant", parameters={"tenat": "contoso"}),
+                 r"parameters: \['tenat'\] is used nowhere .* takes \['tenant'\]",
+                 id="misspelt-parameter"),
+    pytest.param(_user(provider="gh", parameters={"foo": "bar"}),
+                 r"parameters: \['foo'\] is used nowhere .* no parameters",
+                 id="parameter-of-a-provider-without-any"),
+    pytest.param(_user(provider="crm", parameters={"instance": "acme"},
+                       hosts=["*.my.crm.example"]),
+                 r"hosts\[0\]: '\*\.my\.crm\.example' is a wildcard over a per-tenant",
+                 id="user-wildcard-over-a-per-tenant-entry"),
 ])
 def test_catalog_errors_name_the_key(catalog: Path, entry: dict[str, Any],
                                      message: str) -> None:
@@ -442,3 +466,9 @@ def test_every_shipped_entry_loads_and_uses_registered_reasons(catalog_id: str) 
     assert not any("*" in h for h in p.hosts)
     for code in [*p.token_errors.reauth, *p.api_signals.reauth]:
         assert reasons.from_provider_code(code) in reasons.REGISTRY, code
+
+
+@pytest.mark.parametrize("value", [True, "3600", 3600.5, 0, -1])
+def test_default_expires_in_is_a_whole_positive_number(value: Any) -> None:
+    with pytest.raises(ValidationError):
+        provider(default_expires_in=value)
