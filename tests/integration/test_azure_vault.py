@@ -281,9 +281,9 @@ def test_offboarding_audits_what_happened_to_the_secret(kvstack: Stack, tmp_path
     rec = next(json.loads(x) for x in r.stdout.splitlines()
                if x.startswith("{") and json.loads(x)["event"] == "connection.revoked")
     if protected:
-        assert "purge refused (purge protection); soft-deleted, retained until" in rec["reason"]
+        assert "purge refused (purge protection); soft-deleted, retained until" in rec["detail"]
     else:
-        assert rec["reason"].endswith("stored secret purged")
+        assert rec["detail"].endswith("stored secret purged")
     assert kvstack.vault_get(user) is None
 
 
