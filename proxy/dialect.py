@@ -561,7 +561,9 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
     if catalog_id is None:
         if not entry.get("parameters"):
             return dict(entry)
-        return _fill(dict(entry), where=where, catalog_hosts=False)
+        entry = dict(entry)
+        return _fill(entry, where=where, catalog_hosts=False,
+                     known=_placeholders(_templated_texts(entry)))
     if not isinstance(catalog_id, str):
         raise ConfigError(f"{where}.provider: must be a catalog id (a string)")
     try:
@@ -582,7 +584,10 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
                     f"({catalog_id}): any tenant's host would get the user's token; list "
                     "your tenant's host, or set the catalog entry's parameter")
     merged = _merge(base, entry)
-    return _fill(merged, where=where, catalog_hosts="hosts" not in entry)
+    # The names the catalog entry itself takes (its placeholders, its defaults): a user's
+    # override of a URL may leave one unused, but a name outside these is a typo.
+    known = _placeholders(_templated_texts(base)) | set(base.get("parameters") or {})
+    return _fill(merged, where=where, catalog_hosts="hosts" not in entry, known=known)
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -595,18 +600,23 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fill(entry: dict[str, Any], *, where: str, catalog_hosts: bool) -> dict[str, Any]:
-    """``entry`` with its ``{name}`` placeholders filled (see :func:`expand_provider`)."""
+def _placeholders(texts: list[tuple[str, object]]) -> set[str]:
+    return {name for _, text in texts if isinstance(text, str)
+            for name in _PLACEHOLDER.findall(text)}
+
+
+def _fill(entry: dict[str, Any], *, where: str, catalog_hosts: bool,
+          known: set[str]) -> dict[str, Any]:
+    """``entry`` with its ``{name}`` placeholders filled (see :func:`expand_provider`).
+    A parameter outside ``known`` is refused (a misspelt name)."""
     values = _parameter_values(entry, where)
     texts = _templated_texts(entry)
     _require_parameters(texts, values, where)
-    used = {name for _, text in texts if isinstance(text, str)
-            for name in _PLACEHOLDER.findall(text)}
-    unknown = sorted(set(entry.get("parameters") or {}) - used)
+    unknown = sorted(set(entry.get("parameters") or {}) - known)
     if unknown:
         raise ConfigError(f"{where}.parameters: {unknown} {'is' if len(unknown) == 1 else 'are'}"
                           f" used nowhere in this provider's URLs or hosts (it takes "
-                          f"{sorted(used - {'client_id'}) or 'no parameters'}): a misspelt "
+                          f"{sorted(known - {'client_id'}) or 'no parameters'}): a misspelt "
                           "name would leave the default in place")
 
     def fill(text: object) -> object:
