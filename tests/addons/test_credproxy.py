@@ -20,7 +20,7 @@ from proxy.audit import AuditLog
 from proxy.coordination import MemoryCoordinator
 from proxy.identity import IdentityVerifier, KeySource
 from proxy.metrics import Metrics
-from proxy.refresh import Refresher
+from proxy.provider_client import ProviderClient
 from proxy.routes import Router
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, RefreshSettings, Settings
@@ -67,7 +67,7 @@ async def injector(tmp_path: Path, keys: Keys, audit_lines: Lines
         await vault.put(Grant(USER, provider, TokenSet(access_token=Secret(token),
                                                        refresh_token=None,
                                                        expires_at=NOW + 3600)))
-    refresher = Refresher(RefreshSettings())
+    refresher = ProviderClient(RefreshSettings())
     broker = TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
                          metrics=Metrics(), connect_url=lambda p: f"https://admin/connect/{p.id}",
                          clock=lambda: NOW)

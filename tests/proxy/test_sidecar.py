@@ -20,7 +20,7 @@ from proxy.errors import (
 )
 from proxy.identity import IdentityVerifier, KeySource
 from proxy.metrics import Metrics
-from proxy.refresh import Refresher
+from proxy.provider_client import ProviderClient
 from proxy.routes import Destination, Router
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, RefreshSettings, Settings
@@ -70,7 +70,7 @@ async def vault(tmp_path: Path) -> AsyncIterator[LocalVault]:
 
 @pytest.fixture
 async def sidecar(vault: LocalVault, keys: Keys, sink: Sink) -> AsyncIterator[Sidecar]:
-    refresher = Refresher(RefreshSettings())
+    refresher = ProviderClient(RefreshSettings())
     broker = TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
                          metrics=Metrics(), connect_url=lambda p: f"https://admin/connect/{p.id}",
                          clock=lambda: NOW)

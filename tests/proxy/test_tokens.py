@@ -9,7 +9,7 @@ import pytest
 
 from proxy.coordination import MemoryCoordinator
 from proxy.errors import CredentialStoreUnavailable, ReauthRequired, VaultUnavailable
-from proxy.refresh import Refresher
+from proxy.provider_client import ProviderClient
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, RefreshSettings
 from proxy.tokens import TokenBroker
@@ -38,7 +38,7 @@ async def vault(tmp_path: Path) -> LocalVault:
 
 @pytest.fixture
 async def broker(vault: LocalVault) -> TokenBroker:
-    refresher = Refresher(RefreshSettings())
+    refresher = ProviderClient(RefreshSettings())
     b = TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
                     connect_url=lambda p: f"https://admin/connect/{p.id}", clock=lambda: NOW)
     yield b  # type: ignore[misc]
@@ -111,7 +111,7 @@ class _Unreachable(LocalVault):
 
 async def test_vault_outage_is_credential_store_unavailable(tmp_path: Path) -> None:
     v = _Unreachable.open(tmp_path / "v.db", KEY)
-    refresher = Refresher(RefreshSettings())
+    refresher = ProviderClient(RefreshSettings())
     b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
                     connect_url=lambda p: "x")
     with pytest.raises(CredentialStoreUnavailable) as exc:
@@ -121,7 +121,7 @@ async def test_vault_outage_is_credential_store_unavailable(tmp_path: Path) -> N
     await v.close()
 
 
-def _broker(vault: LocalVault, refresher: Refresher) -> TokenBroker:
+def _broker(vault: LocalVault, refresher: ProviderClient) -> TokenBroker:
     return TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
                        connect_url=lambda p: "x", clock=lambda: NOW)
 
@@ -141,7 +141,7 @@ class _SlowReads(LocalVault):
 async def test_a_read_in_flight_during_an_invalidation_is_not_cached(tmp_path: Path) -> None:
     v = _SlowReads.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
     v.gate, v.reading = asyncio.Event(), asyncio.Event()
-    refresher = Refresher(RefreshSettings())
+    refresher = ProviderClient(RefreshSettings())
     b = _broker(v, refresher)
     try:
         await LocalVault.put(v, Grant("u", "docs", tokens("a1")))
@@ -157,7 +157,7 @@ async def test_a_read_in_flight_during_an_invalidation_is_not_cached(tmp_path: P
         await v.close()
 
 
-class _FixedRefresher(Refresher):
+class _FixedRefresher(ProviderClient):
     """The token endpoint's answer, without a network: the broker is what is under test."""
 
     async def refresh(self, provider: ProviderSettings, client_secret: Secret | None,
