@@ -5,8 +5,9 @@ Load it with ``credproxy run --config FILE`` or ``mitmdump -s addons/credproxy.p
 
 Bodies stream. Every response goes to the agent as it arrives (SSE, NDJSON, gRPC, long
 polls, downloads), except an upstream's answer the proxy replaces (a credentialed request
-answered 401 or ``error="invalid_token"``: the agent gets ``reauth-required`` and the
-upstream's body is read and dropped, never forwarded). A request body of unknown length
+answered 401 or ``error="invalid_token"``: the agent gets ``reauth-required`` at once and
+the upstream's body is never read) and a small JSON answer of a provider that declares
+revoked-token signals in bodies, which is read whole first. A request body of unknown length
 (chunked, HTTP/2 without ``content-length``: gRPC, uploads) streams to the upstream once the
 decision is made; one of known length up to ``stream_large_bodies`` is read whole first. A
 refusal is answered before the request body is read (:mod:`addons.compat`, item 7).
@@ -30,7 +31,7 @@ from mitmproxy.proxy import layer, layers
 
 from addons import compat
 from proxy.app import App, build
-from proxy.dialect import ApiSignals, api_signal
+from proxy.dialect import ApiSignals, api_signal, is_json
 from proxy.errors import (
     CredproxyError,
     InternalError,
@@ -42,7 +43,7 @@ from proxy.errors import (
 from proxy.headers import HeaderPolicy, ReadHeaders
 from proxy.hosts import normalize_host
 from proxy.identity import ContextCandidate, choose_context, connection_context
-from proxy.problems import ProblemResponse, refusal_response
+from proxy.problems import refusal_response
 from proxy.routes import Destination
 from proxy.secret import Secret
 from proxy.settings import load_settings
@@ -78,10 +79,8 @@ class CredentialInjector:
         # goes; client_disconnected closes them).
         self._client_flows: dict[str, set[str]] = {}
         self._injected: dict[str, _Injected] = {}
-        # Flows this addon answered itself: refused before forwarding, or whose upstream
-        # answer it replaced (flow id -> the replacement, set again in `response`).
+        # Flows this addon refused itself before forwarding.
         self._refused: set[str] = set()
-        self._replaced: dict[str, ProblemResponse] = {}
         # Flows whose small JSON answer is read whole for a revoked-token signal.
         self._held: set[str] = set()
         self._reported_unconfigured = False
@@ -130,7 +129,6 @@ class CredentialInjector:
             # A flow mitmproxy ended without a response or error hook (it was still waiting
             # for an upstream connection): not in flight any more, and its audit trail ends.
             self.in_flight.discard(flow_id)
-            self._replaced.pop(flow_id, None)
             self._held.discard(flow_id)
             injected = self._injected.pop(flow_id, None)
             if self.app is not None and injected is not None:
@@ -306,9 +304,7 @@ class CredentialInjector:
                 log.exception("internal error checking the response to %s", flow.id)
                 refusal = InternalError("internal error; the upstream answer was withheld")
             if refusal is not None:
-                answer = self._answer(flow, refusal)
-                self._replaced[flow.id] = answer
-                flow.response = _make(answer, req_method(flow))
+                flow.response = self._problem(flow, refusal)
                 return
             if _may_signal(injected[1].provider.api_signals, response):
                 self._held.add(flow.id)
@@ -318,7 +314,6 @@ class CredentialInjector:
     async def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
         injected = self._injected.pop(flow.id, None)
-        self._replaced.pop(flow.id, None)
         held = flow.id in self._held
         self._held.discard(flow.id)
         if self._forget_refused(flow) or flow.response is None or self.app is None:
@@ -353,7 +348,7 @@ class CredentialInjector:
         except Exception:  # noqa: BLE001
             log.exception("internal error checking the response to %s", flow.id)
             refusal = InternalError("internal error; the upstream answer was withheld")
-        flow.response = _make(self._answer(flow, refusal), req_method(flow))
+        flow.response = self._problem(flow, refusal)
 
     def _observe(self, flow: http.HTTPFlow, provider: str) -> None:
         """Latency of an exchange that went upstream (mitmproxy's timestamps, seconds)."""
@@ -370,7 +365,6 @@ class CredentialInjector:
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
         refused = self._forget_refused(flow)
-        self._replaced.pop(flow.id, None)
         self._held.discard(flow.id)
         injected = self._injected.pop(flow.id, None)
         # mitmproxy answers the client next (when it still can): name this request there.
@@ -411,22 +405,26 @@ class CredentialInjector:
         its body (:mod:`addons.compat`, item 7)."""
         self._refused.add(flow.id)
         self._finish(flow)
-        flow.response = _make(self._answer(flow, refusal), req_method(flow))
+        flow.response = self._problem(flow, refusal)
 
     def _problem(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> http.Response:
-        return _make(self._answer(flow, refusal), req_method(flow))
-
-    def _answer(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> ProblemResponse:
-        """The refusal in the client's protocol (a gRPC status or an RFC 9457 problem),
-        logged without any header value or body byte."""
+        """The refusal in the client's protocol (a gRPC status or an RFC 9457 problem), to a
+        HEAD request without its body (RFC 9110 section 9.3.2: mitmproxy would send the
+        body anyway, and the client would read it as the next response); logged without
+        any header value or body byte."""
         cause = refusal.__cause__
         method = flow.request.method
         log.info("refused %s %s %s: %s (%s)%s", flow.id,
                  method if method.isascii() and method.isalpha() else "?",
                  flow.request.pretty_host, refusal.slug, refusal.reason,
                  f": {cause}" if cause is not None else "")
-        return refusal_response(refusal, request_id=flow.id,
-                                content_type=flow.request.headers.get("content-type", ""))
+        answer = refusal_response(refusal, request_id=flow.id,
+                                  content_type=flow.request.headers.get("content-type", ""))
+        if method.upper() == "HEAD":
+            response = http.Response.make(answer.status, b"", answer.headers)
+            response.headers.pop("content-length", None)
+            return response
+        return http.Response.make(answer.status, answer.body, answer.headers)
 
     def _destination(self, flow: http.HTTPFlow) -> Destination:
         tunnel = self._tunnels.get(flow.client_conn.id)
@@ -449,27 +447,10 @@ def _may_signal(signals: ApiSignals, response: http.Response) -> bool:
     streams it anyway past ``stream_large_bodies``)."""
     if not signals.reauth:
         return False
-    media = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if not (media == "application/json" or media.endswith("+json")):
+    if not is_json(response.headers.get("content-type")):
         return False
     length = response.headers.get("content-length")
     return length is None or (length.isdigit() and int(length) <= signals.max_bytes)
-
-
-def req_method(flow: http.HTTPFlow) -> str:
-    return flow.request.method.upper()
-
-
-def _make(answer: ProblemResponse, method: str) -> http.Response:
-    """The response for ``answer``; to a HEAD request without its body (RFC 9110 section
-    9.3.2: mitmproxy would send the body anyway, and the client would read it as the next
-    response)."""
-    if method == "HEAD":
-        headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-length"}
-        response = http.Response.make(answer.status, b"", headers)
-        response.headers.pop("content-length", None)
-        return response
-    return http.Response.make(answer.status, answer.body, answer.headers)
 
 
 addons = [CredentialInjector()]

@@ -378,7 +378,7 @@ def api_signal(signals: ApiSignals, status: int, content_type: str | None,
     counts. A match is to be answered like an upstream 401 (``reauth-required``)."""
     if not signals.reauth or len(body) > signals.max_bytes:
         return None
-    if not _is_json(content_type):
+    if not is_json(content_type):
         return None
     data = _json_object(body)
     if data is None:
@@ -435,7 +435,9 @@ def read_revocation_response(revocation: Revocation, status: int, content_type: 
 # Shared readers
 # ---------------------------------------------------------------------------------------
 
-def _is_json(content_type: str | None) -> bool:
+def is_json(content_type: str | None) -> bool:
+    """Whether a ``Content-Type`` is JSON (``application/json`` or ``*+json``, any
+    parameters)."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
 
