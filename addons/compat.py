@@ -173,24 +173,22 @@ _reading: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
     "credproxy_reading", default=None)
 
 
-def _h2_backlog(client_id: str, streams: set[tuple[str, int]] | None = None) -> int:
-    """Bytes mitmproxy holds for the agent connection ``client_id`` until its HTTP/2
-    flow-control window opens: on every stream, or on ``streams`` only."""
-    total = 0
-    for conn in list(_h2_agents.get(client_id, ())):
-        for stream_id, buffer in list(conn.stream_buffers.items()):
-            if streams is None or (client_id, stream_id) in streams:
-                total += sum(len(chunk.data) for chunk in buffer)
-    return total
-
-
 def _congested(client_id: str, upstream_id: str) -> bool:
-    """Whether the upstream connection ``upstream_id`` must wait for the agent (item 9)."""
+    """Whether the upstream connection ``upstream_id`` must wait for the agent (item 9):
+    the bytes mitmproxy holds for the agent connection ``client_id`` until its HTTP/2
+    flow-control window opens, on the streams that upstream feeds or on all of them, are
+    over their bound. One pass over the send buffers."""
     if client_id not in _h2_agents:
         return False
-    streams = _feeds.get(upstream_id)
-    return bool(streams and _h2_backlog(client_id, streams) > H2_STREAM_BACKLOG) or \
-        _h2_backlog(client_id) > H2_BACKLOG_LIMIT
+    streams = _feeds.get(upstream_id, set())
+    fed = total = 0
+    for conn in list(_h2_agents[client_id]):
+        for stream_id, buffer in list(conn.stream_buffers.items()):
+            size = sum(len(chunk.data) for chunk in buffer)
+            total += size
+            if (client_id, stream_id) in streams:
+                fed += size
+    return fed > H2_STREAM_BACKLOG or total > H2_BACKLOG_LIMIT
 
 
 def _close_transport(handler: server.ConnectionHandler, connection: Connection) -> None:
@@ -385,24 +383,36 @@ def _answer_at_once(self: http_layer.HttpStream, end_stream: bool,
         declared = None
     stop = not end_stream and (not h1 or expect_continue or declared is None
                                or declared < 0 or declared > SMALL_BODY)
-    if stop and h1:
-        flow.response.headers["connection"] = "close"
-    # The request is over for this stream: what the client still sends is dropped by the
-    # HTTP layer (no stream takes it) or, with ``stop``, by the connection layer.
-    self.client_state = self.state_done
     flow.response.timestamp_start = time.time()
     yield HttpResponseHeadersHook(flow)
     if (yield from self.check_killed(True)):
         return
+    yield from _send_now(self, stop_request=stop)
+
+
+def _send_now(self: http_layer.HttpStream, stop_request: bool) -> _CommandGenerator:
+    """Send ``flow.response`` complete and end the stream (items 7 and 8), whatever the
+    request and the upstream still send. With ``stop_request`` the rest of the request body
+    is not read: an HTTP/1 answer says ``Connection: close`` and the connection lingers
+    (:func:`_linger`); HTTP/2 gets ``RST_STREAM(NO_ERROR)``. Without it, what the client
+    still sends is dropped by the HTTP layer (no stream takes it)."""
+    assert self.flow.response is not None
+    request = self.flow.request
+    if stop_request and not (request.is_http2 or request.is_http3):
+        self.flow.response.headers["connection"] = "close"
+    self.client_state = self.state_done  # so that the answer ends the stream
     yield from self.send_response()  # the response hook, the answer, end of stream
-    # Request events queued while the hooks ran (HTTP/2 delivers the body and its end with
-    # the head) still reach this stream: consumed silently, never parsed or logged.
-    self.client_state = self.state_errored
-    if stop and not request.is_http3:
+    # Events still queued for this stream (the rest of either body; HTTP/2 delivers the
+    # request's end with its head) are consumed silently, never parsed or logged.
+    self.client_state = self.server_state = self.state_errored
+    if stop_request and not request.is_http3:
         yield http_layer.SendHttp(StopReading(self.stream_id), self.context.client)
 
 
-def _unfeed(stream: http_layer.HttpStream) -> None:
+def _forget_stream(stream: http_layer.HttpStream) -> None:
+    """The stream ended (answered, or failed): drop its gRPC marker and its place among
+    the streams its upstream connection feeds."""
+    _grpc.pop((stream.context.client.id, stream.stream_id), None)
     streams = _feeds.get(stream.context.server.id)
     if streams is not None:
         streams.discard((stream.context.client.id, stream.stream_id))
@@ -415,17 +425,7 @@ def _send_replacement(self: http_layer.HttpStream, upstream_done: bool) -> _Comm
         yield http_layer.SendHttp(RequestProtocolError(
             self.stream_id, "the upstream's answer was replaced", ErrorCode.CANCEL),
             self.context.server)
-    assert self.flow.response is not None
-    request_done = self.client_state == self.state_done
-    if not request_done and not (self.flow.request.is_http2 or self.flow.request.is_http3):
-        # The rest of the request body will not be read (StopReading below).
-        self.flow.response.headers["connection"] = "close"
-    self.client_state = self.state_done  # so that the answer ends the stream
-    yield from self.send_response()
-    # Events still queued for this stream (the rest of either body) are consumed silently.
-    self.client_state = self.server_state = self.state_errored
-    if not request_done and not self.flow.request.is_http3:
-        yield http_layer.SendHttp(StopReading(self.stream_id), self.context.client)
+    yield from _send_now(self, stop_request=self.client_state != self.state_done)
 
 
 def _linger(self: _http1.Http1Server, event: events.Event) -> _CommandGenerator:
@@ -560,8 +560,7 @@ def install() -> None:
             _codes[self.flow.id] = event.code
         yield from handle_protocol_error(self, event)
         _codes.pop(self.flow.id, None)  # the error hook has run (or was not needed)
-        _grpc.pop((self.context.client.id, self.stream_id), None)  # answered (or not needed)
-        _unfeed(self)
+        _forget_stream(self)  # answered (or no answer needed)
 
     http_layer.HttpStream.handle_protocol_error = remember_code  # type: ignore[method-assign]
 
@@ -660,9 +659,10 @@ def install() -> None:
     flow_done = http_layer.HttpStream.flow_done
 
     def forget_stream(self: http_layer.HttpStream) -> _CommandGenerator:
-        _grpc.pop((self.context.client.id, self.stream_id), None)
-        _unfeed(self)
+        _forget_stream(self)
         yield from flow_done(self)
+
+    http_layer.HttpStream.flow_done = forget_stream  # type: ignore[method-assign]
 
     make_server_connection = http_layer.HttpStream.make_server_connection
 
@@ -674,8 +674,6 @@ def install() -> None:
         return ok
 
     http_layer.HttpStream.make_server_connection = feed  # type: ignore[method-assign]
-
-    http_layer.HttpStream.flow_done = forget_stream  # type: ignore[method-assign]
 
     wait_for_response_headers = http_layer.HttpStream.state_wait_for_response_headers
 
