@@ -53,7 +53,7 @@ class App:
     sidecar: Sidecar
     vault: Vault
     coordinator: Coordinator
-    refresher: ProviderClient  # the one provider client (refresh, connect, revoke)
+    provider_client: ProviderClient  # the one provider client (refresh, connect, revoke)
     http: httpx2.AsyncClient
     connector: Connector
     offboarder: Offboarder
@@ -111,7 +111,7 @@ class App:
         sc = self.sidecar
         sc.settings, sc.router, sc.verifier = new, router, verifier
         sc.broker.connect_url = new.connect_url
-        self.refresher.settings = new.refresh
+        self.provider_client.settings = new.refresh
         self.connector.settings = new
         self.offboarder.settings = new
         if self.admin is not None:
@@ -289,7 +289,7 @@ class App:
             await self.admin.stop()
         await self.connector.aclose()
         await self.offboarder.aclose()
-        await self.refresher.aclose()
+        await self.provider_client.aclose()
         await self.http.aclose()
         await self.coordinator.close()
         await self.vault.close()
@@ -535,13 +535,13 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
     vault, key = open_vault(settings, environ, clock)  # every config error comes first
     metrics = Metrics()
     coordinator = make_coordinator(settings, key, environ, clock, metrics)
-    refresher = ProviderClient(settings.refresh, verify=tls, clock=clock)
+    provider_client = ProviderClient(settings.refresh, verify=tls, clock=clock)
     verifier = IdentityVerifier(settings.identity, keys, replay=coordinator, clock=clock)
 
     def secret_for(p: ProviderSettings) -> Secret | None:
         return secrets[p.id]
 
-    broker = TokenBroker(vault, coordinator, refresher, client_secret=secret_for,
+    broker = TokenBroker(vault, coordinator, provider_client, client_secret=secret_for,
                          metrics=metrics,
                          connect_url=settings.connect_url, clock=clock)
     audit = AuditLog(open_sink(os.path.expanduser(settings.audit.sink)
@@ -557,8 +557,8 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
     sidecar = Sidecar(settings, verifier, Router(settings.providers), broker, audit)
     connector = Connector(settings, vault, coordinator, audit, client_secret=secret_for,
                           state_key=derive_subkey(key, "credproxy connect state"), verify=tls,
-                          clock=clock, client=refresher)
+                          clock=clock, client=provider_client)
     offboarder = Offboarder(settings, vault, coordinator, audit, client_secret=secret_for,
-                            verify=tls, client=refresher)
-    return App(settings, sidecar, vault, coordinator, refresher, http, connector, offboarder,
-               secrets, environ)
+                            verify=tls, client=provider_client)
+    return App(settings, sidecar, vault, coordinator, provider_client, http, connector,
+               offboarder, secrets, environ)
