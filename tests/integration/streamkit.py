@@ -1,5 +1,6 @@
-"""Small pieces the stream tests share: a CONNECT tunnel with TLS to the proxy, and a
-process's resident memory sampled while a test runs."""
+"""Small pieces the stream tests share: their peers routed as providers, a user's grants,
+the environment's proxy, a CONNECT tunnel with TLS to the proxy, and a process's resident
+memory sampled while a test runs."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from devstack.stack import Stack
 
 
 def tunnel(proxy: tuple[str, int], authority: str, ca: str,
@@ -64,3 +68,46 @@ class RssPeak:
     @property
     def growth(self) -> int:
         return self.peak - self.base
+
+
+def address(proxy_url: str) -> tuple[str, int]:
+    """(host, port) of an ``http://host:port`` proxy URL."""
+    host, _, port = proxy_url.removeprefix("http://").rpartition(":")
+    return host, int(port)
+
+
+def route_peers(stack: Stack, ports: Mapping[str, int]) -> None:
+    """Make each peer a provider (id -> its port) at ``localhost:<port>``, a copy of the
+    stack's document provider; the same peers reached as ``127.0.0.1:<port>`` are unrouted
+    (passthrough). Then HTTP/2 towards agents, and start the proxy."""
+    docs = stack.config["providers"][0]
+    stack.config["providers"] += [{**docs, "id": pid, "hosts": [f"localhost:{port}"]}
+                                  for pid, port in ports.items()]
+    stack.write_config(http2=True)
+    stack.start_proxy()
+
+
+def grant(stack: Stack, user: str, providers: Iterable[str]) -> None:
+    """Give ``user`` one grant, stored for each of ``providers``."""
+    token_response = stack.grant(user)
+    for provider in providers:
+        stack.vault_put(user, token_response, provider=provider)
+
+
+@dataclass
+class StreamEnv:
+    """What the stream test modules' environments share: the stack and its proxy."""
+
+    stack: Stack
+
+    @property
+    def proxy_addr(self) -> tuple[str, int]:
+        return address(self.stack.proxy_url)
+
+    @property
+    def mitm_ca(self) -> str:
+        return str(self.stack.mitm_ca)
+
+    def proxy_pid(self) -> int:
+        assert self.stack.proxy is not None
+        return self.stack.proxy.pid

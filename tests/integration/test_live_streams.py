@@ -46,7 +46,7 @@ import grpc  # type: ignore[import-untyped]
 import pytest
 
 from devstack.procs import free_port
-from devstack.stack import Stack, build_stack, wait_until
+from devstack.stack import build_stack, wait_until
 from devstack.streamers import (
     GRPC_ECHO,
     GRPC_TICK,
@@ -57,7 +57,7 @@ from devstack.streamers import (
     WebSocketEcho,
     tick_request,
 )
-from tests.integration.streamkit import RssPeak, tunnel
+from tests.integration.streamkit import RssPeak, StreamEnv, grant, route_peers, tunnel
 
 pytestmark = pytest.mark.integration
 
@@ -78,8 +78,7 @@ PROVIDERS = (STREAMS, STREAMS_H1, GRPC, WS, MCP)
 # --- the stack and its peers ----------------------------------------------------------------
 
 @dataclass
-class Env:
-    stack: Stack
+class Env(StreamEnv):
     events: EventServer  # h2 and http/1.1
     events_h1: EventServer  # http/1.1 only: an HTTP/1 upstream behind HTTP/2 agents
     grpc: GrpcStreamServer
@@ -89,24 +88,13 @@ class Env:
     _users: Iterator[int] = field(default_factory=lambda: iter(range(1_000_000)))
 
     @property
-    def proxy_addr(self) -> tuple[str, int]:
-        host, _, port = self.stack.proxy_url.removeprefix("http://").rpartition(":")
-        return host, int(port)
-
-    @property
     def ca(self) -> str:
         """What a client trusts going direct: the stack's test CA."""
         return str(self.stack.ca.cert_path)
 
-    @property
-    def mitm_ca(self) -> str:
-        return str(self.stack.mitm_ca)
-
     def new_user(self, providers: tuple[str, ...] = PROVIDERS) -> str:
         name = f"s{next(self._users)}-{uuid.uuid4().hex[:6]}"
-        grant = self.stack.grant(name)
-        for provider in providers:
-            self.stack.vault_put(name, grant, provider=provider)
+        grant(self.stack, name, providers)
         return name
 
     def context(self, user: str | None = None, **kw: Any) -> str:
@@ -121,10 +109,6 @@ class Env:
                 await vault.close()
 
         return str(asyncio.run(get()).tokens.access_token.reveal())
-
-    def proxy_pid(self) -> int:
-        assert self.stack.proxy is not None
-        return self.stack.proxy.pid
 
 
 @pytest.fixture(scope="module")
@@ -144,19 +128,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         peers.append(ws)
         mcp = McpProgressServer(cert, key)
         peers.append(mcp)
-        docs = stack.config["providers"][0]
-        ports = {STREAMS: events.port, STREAMS_H1: events_h1.port, GRPC: grpc_peer.port,
-                 GRPC_DOWN: free_port(), WS: ws.port, MCP: mcp.port}
-        # Routed as localhost:<port>; the same peers reached as 127.0.0.1:<port> are unrouted
-        # (passthrough).
-        stack.config["providers"] += [{**docs, "id": pid, "hosts": [f"localhost:{port}"]}
-                                      for pid, port in ports.items()]
-        stack.write_config(http2=True)
-        stack.start_proxy()
+        route_peers(stack, {STREAMS: events.port, STREAMS_H1: events_h1.port,
+                            GRPC: grpc_peer.port, GRPC_DOWN: free_port(), WS: ws.port,
+                            MCP: mcp.port})
         env = Env(stack, events, events_h1, grpc_peer, ws, mcp)
-        grant = stack.grant(env.user)
-        for provider in PROVIDERS:
-            stack.vault_put(env.user, grant, provider=provider)
+        grant(stack, env.user, PROVIDERS)
         yield env
     finally:
         stack.close()

@@ -53,9 +53,16 @@ import h2.exceptions
 import pytest
 
 from devstack.procs import free_port
-from devstack.stack import Stack, build_stack, wait_until
+from devstack.stack import build_stack, wait_until
 from devstack.streamers import UNAUTHORIZED_BODY_MARK, DeadEnd, EventServer, Seen
-from tests.integration.streamkit import RssPeak, tunnel
+from tests.integration.streamkit import (
+    RssPeak,
+    StreamEnv,
+    address,
+    grant,
+    route_peers,
+    tunnel,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -71,8 +78,7 @@ SEQ_ID = re.compile(rb"(?:^|\n)id: (\d+)\n")
 # --- the stack and its peers ----------------------------------------------------------------
 
 @dataclass
-class Env:
-    stack: Stack
+class Env(StreamEnv):
     events: EventServer  # h2 and http/1.1
     events_h1: EventServer  # http/1.1 only
     silent: DeadEnd  # accepts, never answers (the proxy's TLS handshake waits)
@@ -81,14 +87,6 @@ class Env:
     user: str = "faults"
     _users: Iterator[int] = field(default_factory=lambda: iter(range(1_000_000)))
 
-    @property
-    def proxy_addr(self) -> tuple[str, int]:
-        return _addr(self.stack.proxy_url)
-
-    @property
-    def mitm_ca(self) -> str:
-        return str(self.stack.mitm_ca)
-
     def peer(self, upstream: str) -> EventServer:
         return self.events_h1 if upstream == "h1" else self.events
 
@@ -96,22 +94,11 @@ class Env:
         """A user of their own: an upstream 401 marks the grant (refreshed, then reauth)."""
         name = f"f{next(self._users)}-{uuid.uuid4().hex[:6]}"
         if providers:
-            grant = self.stack.grant(name)
-            for provider in providers:
-                self.stack.vault_put(name, grant, provider=provider)
+            grant(self.stack, name, providers)
         return name
 
     def context(self, user: str | None = None) -> str:
         return self.stack.context(user or self.user)
-
-    def proxy_pid(self) -> int:
-        assert self.stack.proxy is not None
-        return self.stack.proxy.pid
-
-
-def _addr(url: str) -> tuple[str, int]:
-    host, _, port = url.removeprefix("http://").rpartition(":")
-    return host, int(port)
 
 
 @pytest.fixture(scope="module")
@@ -131,18 +118,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         peers.append(closing)
         unanswered = DeadEnd(mode="unanswered")
         peers.append(unanswered)
-        docs = stack.config["providers"][0]
         ports = {STREAMS: events.port, STREAMS_H1: events_h1.port, SILENT: silent.port,
                  CLOSING: closing.port, UNANSWERED: unanswered.port}
-        # Routed as localhost:<port>; the same peers as 127.0.0.1:<port> are unrouted.
-        stack.config["providers"] += [{**docs, "id": pid, "hosts": [f"localhost:{port}"]}
-                                      for pid, port in ports.items()]
-        stack.write_config(http2=True)
-        stack.start_proxy()
+        route_peers(stack, ports)
         env = Env(stack, events, events_h1, silent, closing, unanswered)
-        grant = stack.grant(env.user)
-        for provider in ports:
-            stack.vault_put(env.user, grant, provider=provider)
+        grant(stack, env.user, ports)
         yield env
     finally:
         stack.close()
@@ -803,7 +783,7 @@ def test_sigterm_after_agents_left_exits_at_once_with_nothing_in_flight(env: Env
     "in flight" and a SIGTERM waited out its grace (25 s). Here it exits at once, logging
     nothing still in flight, and the upstream connects were abandoned."""
     (proxy,) = env.stack.start_replicas(1)
-    addr = _addr(proxy.info["proxy_url"])
+    addr = address(proxy.info["proxy_url"])
     m = f"m-{uuid.uuid4().hex[:10]}"
     ctx = env.context()
     silent_before = env.silent.connections
