@@ -668,7 +668,7 @@ def install() -> None:
 
     def feed(self: http_layer.HttpStream) -> Generator[Any, Any, bool]:
         ok = yield from make_server_connection(self)
-        if ok:
+        if ok and self.context.client.id in _h2_agents:  # only HTTP/2 agents wait (item 9)
             _feeds.setdefault(self.context.server.id, set()).add(
                 (self.context.client.id, self.stream_id))
         return ok
