@@ -34,12 +34,13 @@ def tunnel(proxy: tuple[str, int], authority: str, ca: str,
     return ctx.wrap_socket(sock, server_hostname=authority.rsplit(":", 1)[0])
 
 
-def rss(pid: int) -> int:
-    """The resident set size of process ``pid``, bytes."""
+def rss(pid: int, field: str = "VmRSS") -> int:
+    """The resident set size of process ``pid`` (``field``: ``VmRSS`` now, ``VmHWM`` its
+    peak so far), bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 class RssPeak:

@@ -16,19 +16,13 @@ import pytest
 
 from devstack.docapi import large_body_sha256
 from devstack.stack import Stack, build_stack
+from tests.integration.streamkit import rss
 
 pytestmark = pytest.mark.integration
 
 SIZE = 256 * 1024 * 1024
 # Far below SIZE: a buffered body would push the proxy's peak RSS up by at least SIZE.
 MAX_GROWTH = 96 * 1024 * 1024
-
-
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 class _Listener:
@@ -161,10 +155,10 @@ def test_refused_large_upload_never_reaches_a_live_upstream(fresh: Stack) -> Non
 def test_refused_huge_upload_is_discarded_with_bounded_memory(fresh: Stack,
                                                               canary: _Listener) -> None:
     assert fresh.proxy is not None
-    before = _peak_rss(fresh.proxy.pid)
+    before = rss(fresh.proxy.pid, "VmHWM")
     r = _refused(fresh, canary, "missing-context", _upload(SIZE, True))
     assert r.status_code == 407
-    growth = _peak_rss(fresh.proxy.pid) - before
+    growth = rss(fresh.proxy.pid, "VmHWM") - before
     print(f"proxy peak RSS growth: {growth >> 20} MiB for a refused {SIZE >> 20} MiB upload")
     assert growth < MAX_GROWTH, f"proxy peak RSS grew by {growth >> 20} MiB"
     assert canary.accepted == 0
@@ -175,7 +169,7 @@ def test_large_download_and_upload_stream_with_bounded_memory(fresh: Stack) -> N
     assert fresh.proxy is not None
     with fresh.client(context=fresh.context("streamer"), timeout=120) as c:
         c.get(f"{fresh.docs_url}/large", params={"bytes": 1024 * 1024})  # warm-up
-        before = _peak_rss(fresh.proxy.pid)
+        before = rss(fresh.proxy.pid, "VmHWM")
         digest = hashlib.sha256()
         with c.stream("GET", f"{fresh.docs_url}/large", params={"bytes": SIZE}) as r:
             assert r.status_code == 200
@@ -192,7 +186,7 @@ def test_large_download_and_upload_stream_with_bounded_memory(fresh: Stack) -> N
                     headers={"Content-Length": str(SIZE)})
         assert up.status_code == 200
         assert up.json()["bytes"] == SIZE
-    growth = _peak_rss(fresh.proxy.pid) - before
+    growth = rss(fresh.proxy.pid, "VmHWM") - before
     print(f"proxy peak RSS growth: {growth >> 20} MiB for 2 x {SIZE >> 20} MiB")
     assert growth < MAX_GROWTH, f"proxy peak RSS grew by {growth >> 20} MiB"
 
