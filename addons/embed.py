@@ -43,7 +43,7 @@ def intercept_pattern(settings: Settings,
     without interception. ``retired``: providers a reload removed, kept intercepted so the
     core refuses them."""
     pats = [HostPattern.parse(h).intercept_regex()
-            for p in (*settings.providers, *retired) for h in p.hosts]
+            for p in (*settings.providers, *retired) for h in p.ceiling()]
     # An empty allow_hosts would intercept everything: with no provider, match nothing.
     return pats or [r"(?!)"]
 

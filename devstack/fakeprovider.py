@@ -93,6 +93,11 @@ class Quirks:
     revocation: Style = "rfc7009"
     revoke_ok: Answer = (200, {})
     revoke_dead: Answer | None = None  # a token already dead (None: like revoke_ok)
+    # Extra parameters of the authorization callback (Intuit's realmId).
+    callback: tuple[tuple[str, str], ...] = ()
+    # Discovery endpoints (path -> JSON answer) a live access token may GET; "{host}" in a
+    # string is the request's host[:port], "{ip}" the same port on 127.0.0.1.
+    discovery: tuple[tuple[str, Any], ...] = ()
 
 
 ENTRA = ("https://learn.microsoft.com/entra/identity-platform/v2-oauth2-auth-code-flow "
@@ -104,13 +109,19 @@ QUIRKS: dict[str, Quirks] = {
     # https://developer.atlassian.com/cloud/oauth/getting-started/refresh-tokens (rotating
     # refresh tokens, offline_access); a dead one: 403 unauthorized_client "refresh_token is
     # invalid" (https://github.com/raycast/extensions/issues/11836)
+    # https://developer.atlassian.com/cloud/oauth/getting-started/making-calls-to-api
+    # (accessible-resources: the sites the token works for, their cloud id as "id")
     "atlassian": Quirks(
         source="https://developer.atlassian.com/cloud/oauth/getting-started/refresh-tokens",
         rotation="strict", needs=(("scope", "offline_access", ""),
                                   ("authorize", "audience", "api.atlassian.com")),
         dead_refresh=(403, {"error": "unauthorized_client",
                             "error_description": "refresh_token is invalid"}),
-        revocation="none"),
+        revocation="none",
+        discovery=(("/oauth/token/accessible-resources", [
+            {"id": "1324a887-45db-1bf4-1e99-ef0ff456d421", "name": "Site name",
+             "url": "https://your-domain.atlassian.net",
+             "scopes": ["read:jira-work", "read:jira-user"]}]),)),
     # https://developer.box.com/guides/authentication/tokens/refresh/ (single use: a refresh
     # answers a new refresh token); https://developer.box.com/guides/authentication/tokens/revoke/
     "box": Quirks(source="https://developer.box.com/guides/authentication/tokens/refresh/",
@@ -168,6 +179,14 @@ QUIRKS: dict[str, Quirks] = {
     # no revocation endpoint)
     "imanage": Quirks(source="https://docs.imanage.com/", expires_in=1800,
                       api_header=("X-Auth-Token", ""), revocation="none"),
+    # https://learn.microsoft.com/entra/identity-platform/refresh-tokens (one refresh
+    # token for every resource); https://learn.microsoft.com/graph/api/site-get (the
+    # tenant's root site, webUrl)
+    "microsoft-365": Quirks(
+        source=ENTRA, expires_in=4567, rotation="lenient",
+        needs=(("scope", "offline_access", ""),),
+        revocation="none",
+        discovery=(("/v1.0/sites/root", {"webUrl": "https://{ip}"}),)),
     "microsoft-graph": Quirks(
         source=ENTRA, expires_in=4567, rotation="lenient",
         needs=(("scope", "offline_access", ""),),
@@ -193,7 +212,7 @@ QUIRKS: dict[str, Quirks] = {
     # {"token": ...} with Basic client auth
     "quickbooks": Quirks(
         source="https://developer.intuit.com/app/developer/qbo/docs/develop/authentication-and-authorization/oauth-2.0",
-        rotation="lenient", revocation="json"),
+        rotation="lenient", revocation="json", callback=(("realmId", "123146096291789"),)),
     # https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_web_server_flow.htm
     # (no expires_in: instance_url, issued_at, signature; refresh token only with the
     # refresh_token scope; not rotated; 400 invalid_grant "expired access/refresh token");
@@ -232,8 +251,14 @@ QUIRKS: dict[str, Quirks] = {
         revoke_dead=(200, {"ok": False, "error": "invalid_auth"})),
     # https://developer.xero.com/faq/oauth2 (30 minutes; rotating refresh tokens; 400
     # invalid_grant); revocation: token=<refresh token> with Basic auth
+    # https://developer.xero.com/documentation/guides/oauth2/auth-flow (GET /connections:
+    # the organisations the user connected, each with its tenantId)
     "xero": Quirks(source="https://developer.xero.com/faq/oauth2", expires_in=1800,
-                   rotation="strict", needs=(("scope", "offline_access", ""),)),
+                   rotation="strict", needs=(("scope", "offline_access", ""),),
+                   discovery=(("/connections", [
+                       {"id": "e1eede29-f875-4a5d-8470-17f6a29a88b1",
+                        "tenantId": "70784a63-d24b-46a9-a4db-0e70a274b056",
+                        "tenantType": "ORGANISATION", "tenantName": "Demo Company"}]),)),
     # https://developers.zoom.us/docs/integrations/oauth/ (one hour; each refresh a new
     # refresh token, the old one invalid; revoke with Basic auth and token=<access token>)
     "zoom": Quirks(source="https://developers.zoom.us/docs/integrations/oauth/",
@@ -383,7 +408,27 @@ class App:
             return self.revoke(req)
         if path.startswith("/api/"):
             return self.api(req)
+        for where, answer in self.p.quirks.discovery:
+            if path == where and req.method == "GET":
+                return self.discover(req, answer)
         return Response("not found", status=404)
+
+    def discover(self, req: Request, answer: Any) -> Response:
+        """A discovery endpoint: its JSON for a live access token, else the API's 401."""
+        p = self.p
+        name, prefix = p.quirks.api_header
+        value = req.headers.get(name, "")
+        token = value.removeprefix(prefix) if value.startswith(prefix) else ""
+        with p.lock:
+            family = p.access.get(token)
+            live = family is not None and not family.dead and token not in p.ended
+        self.record(req, "discovery", live=live)
+        if not live:
+            return p.json(p.quirks.api_revoked)
+        port = req.host.rpartition(":")[2]
+        text = json.dumps(answer).replace("{host}", req.host).replace("{ip}",
+                                                                      f"127.0.0.1:{port}")
+        return p.json((200, json.loads(text)))
 
     # -- /_fake --------------------------------------------------------------------------
     def admin(self, req: Request, what: str) -> Response:
@@ -420,7 +465,8 @@ class App:
         with p.lock:
             p.codes[code] = Code(a.get("login_hint", "user"), p.client_id, a["redirect_uri"],
                                  a["code_challenge"], " ".join(scopes), dict(a.items()))
-        query = urlencode({"code": code, "state": a.get("state", "")})
+        query = urlencode({"code": code, "state": a.get("state", ""),
+                           **dict(p.quirks.callback)})
         sep = "&" if "?" in a["redirect_uri"] else "?"
         return Response(status=302, headers={"Location": f"{a['redirect_uri']}{sep}{query}"})
 
@@ -437,6 +483,9 @@ class App:
                 user, answer = self._refresh(body.get("refresh_token", ""), good)
             else:
                 user, answer = None, (400, {"error": "unsupported_grant_type"})
+        if p.quirks.shape == "salesforce" and answer[0] == 200:
+            # The org's own host: this fake serves the org's API too.
+            answer = (200, {**answer[1], "instance_url": f"https://{req.host}"})
         self.record(req, "token", grant_type=grant, client_auth=method, user=user,
                     status=answer[0])
         return p.json(answer)

@@ -223,8 +223,10 @@ class Stack:
         return vault
 
     def vault_put(self, user: str, token_response: Mapping[str, Any],
-                  provider: str = PROVIDER) -> None:
-        """Import a token set directly through the vault API (fast; for bulk test set-up)."""
+                  provider: str = PROVIDER, *, keep_values: bool = True) -> None:
+        """Import a token set directly through the vault API (fast; for bulk test set-up).
+        The grant values of the grant it replaces are kept (as ``credproxy vault put``
+        keeps them), unless ``keep_values`` is False."""
         import asyncio
 
         from proxy.tokenset import TokenSet
@@ -234,7 +236,10 @@ class Stack:
             vault = self._open_vault()
             try:
                 tokens = TokenSet.from_response(token_response, now=time.time())
-                await vault.put(Grant(user=user, provider=provider, tokens=tokens))
+                current = await vault.get(user, provider) if keep_values else None
+                values = current.values if current is not None else {}
+                await vault.put(Grant(user=user, provider=provider, tokens=tokens,
+                                      values=values))
             finally:
                 await vault.close()
 

@@ -24,23 +24,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import html
+import json
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
+from proxy.binding import BindingError
 from proxy.connect import Connector, ConnectRejected
-from proxy.errors import CredproxyError, ProxyRefusal
+from proxy.errors import CredentialStoreUnavailable, CredproxyError, ProxyRefusal, VaultError
 from proxy.identity import IdentityVerifier
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import Metrics
+from proxy.problems import problem_response
 from proxy.secret import Secret
-from proxy.settings import Settings
-from proxy.vault.base import Vault
+from proxy.settings import ProviderSettings, Settings
+from proxy.vault.base import GrantInfo, Vault
 
 log = logging.getLogger("credproxy.admin")
 
@@ -62,6 +65,51 @@ def _page(title: str, body: str, status: int) -> web.Response:
 
 
 Checks = Sequence[tuple[str, Callable[[], Awaitable[object]]]]
+
+
+def _problem(error: ProxyRefusal, *, status: int | None = None,
+             headers: Mapping[str, str] | None = None) -> web.Response:
+    """An RFC 9457 problem answer of the admin API (``status``: instead of the refusal's
+    own, e.g. 401 rather than the proxy's 407 for a user context)."""
+    problem = problem_response(error)
+    body = json.loads(problem.body)
+    if status is not None:
+        body["status"] = status
+    return web.Response(body=json.dumps(body).encode(), status=status or problem.status,
+                        headers={**problem.headers, **(headers or {})})
+
+
+def _connection(provider: ProviderSettings, grant: GrantInfo | None,
+                connect_url: str) -> dict[str, object]:
+    """One provider's entry in ``/v1/connections`` (never a token value)."""
+    entry: dict[str, object] = {"provider": provider.id, "connect_url": connect_url}
+    if grant is None:
+        entry.update(status="not_connected", reason=None, scope=None, expires_at=None,
+                     has_refresh_token=False, values={}, hosts=list(provider.hosts),
+                     resources={rid: {"hosts": list(r.hosts), "scope": None,
+                                      "expires_at": None}
+                                for rid, r in provider.resources.items()})
+        return entry
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in grant.values.items()}
+
+    def hosts(resource: str | None) -> list[str]:
+        try:
+            own = provider.own_hosts(resource, grant.values)
+        except BindingError:
+            return []
+        if own is not None:
+            return [str(h) for h in own]
+        return list(provider.hosts if resource is None else provider.resources[resource].hosts)
+
+    resources: dict[str, object] = {}
+    for rid in provider.resources:
+        got = grant.resources.get(rid)
+        resources[rid] = {"hosts": hosts(rid), "scope": got.scope if got else None,
+                          "expires_at": got.expires_at if got else None}
+    entry.update(status=grant.status.value, reason=grant.reason, scope=grant.scope,
+                 expires_at=grant.expires_at, has_refresh_token=grant.has_refresh_token,
+                 values=values, hosts=hosts(None), resources=resources)
+    return entry
 
 
 class AdminServer:
@@ -94,6 +142,7 @@ class AdminServer:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/connect/{provider}", self.connect)
         app.router.add_get("/oauth/callback", self.callback)
+        app.router.add_get("/v1/connections", self.connections)
         self.app = app
 
     async def start(self) -> None:
@@ -184,7 +233,8 @@ class AdminServer:
             url = await self._connector.begin(
                 user.user, provider, redirect_uri=self.settings.redirect_uri,
                 scopes=scopes.replace(",", " ").split() if scopes else None,
-                return_to=request.query.get("return_to"), browser=nonce)
+                return_to=request.query.get("return_to"), browser=nonce,
+                choices=dict(request.query))
         except ProxyRefusal as exc:
             return _page("Sign-in not possible", f"user context rejected ({exc.reason})", 401)
         except ConnectRejected as exc:
@@ -196,6 +246,40 @@ class AdminServer:
                             path="/oauth/callback", httponly=True, samesite="Lax",
                             secure=self.settings.connect_base.startswith("https://"))
         return response
+
+    async def connections(self, request: web.Request) -> web.Response:
+        """The agent's own view (docs/tenants.md): ``GET /v1/connections`` with the user
+        context in its header (the same JWS the agent sends through the proxy; never in
+        the query). 200 ``{"user": ..., "connections": [...]}``: every provider the context
+        permits, one entry each, with ``status`` (``active``, ``reauth_required``,
+        ``corrupt`` or ``not_connected``), ``reason``, ``scope``, ``expires_at`` (unix
+        seconds or null), ``has_refresh_token``, ``values`` (the grant's non-secret
+        values), ``hosts`` (the grant's own hosts, or the provider's), ``resources``
+        (per resource: hosts, scope, expires_at) and ``connect_url``. Never a token,
+        never another user's grant. A context that fails verification: 401
+        ``application/problem+json`` naming the reason; the vault unreadable: 503."""
+        raw = request.headers.get(self.verifier.header)
+        try:
+            user = await self.verifier.verify(Secret(raw) if raw else None)
+        except ProxyRefusal as exc:
+            return _problem(exc, status=401,
+                            headers={"WWW-Authenticate":
+                                     f'UserContext header="{self.verifier.header}"'})
+        settings = self.settings
+        try:
+            grants = {g.provider: g for g in await self._vault.list(user.user)}
+        except VaultError:
+            return _problem(CredentialStoreUnavailable(
+                "the credential store cannot be read right now; retry",
+                reason="vault_unavailable", retry_after=5))
+        out: list[dict[str, object]] = []
+        for provider in settings.providers:
+            if not user.permits(provider.id):
+                continue
+            out.append(_connection(provider, grants.get(provider.id),
+                                   settings.connect_url(provider)))
+        return web.json_response({"user": user.user, "connections": out},
+                                 headers={"Cache-Control": "no-store"})
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
         cookie = _cookie_name(request.query.get("state", ""))

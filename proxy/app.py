@@ -327,12 +327,12 @@ def refuse_provider_removal(old: Settings, new: Settings) -> None:
     providers, or none), and a removed provider's host would become unrouted: the agent's
     own ``Authorization`` would go there unaudited."""
     new_ids = {p.id for p in new.providers}
-    new_hosts = {h for p in new.providers for h in p.hosts}
+    new_hosts = {h for p in new.providers for h in p.ceiling()}
     allowed = set(new.reload.allow_provider_removal)
     removed: list[str] = []
     ids: list[str] = []
     for p in old.providers:
-        lost = [h for h in p.hosts if h not in new_hosts]
+        lost = [h for h in p.ceiling() if h not in new_hosts]
         if p.id in allowed or (p.id in new_ids and not lost):
             continue
         ids.append(p.id)

@@ -14,7 +14,7 @@ from typing import TextIO
 
 from proxy import audit as auditlog
 from proxy.ca import ensure_ca
-from proxy.errors import CredproxyError
+from proxy.errors import ConfigError, CredproxyError
 from proxy.settings import Settings, load_settings
 from proxy.tokenset import TokenSet, TokenSetError
 from proxy.vault.base import Grant
@@ -189,11 +189,28 @@ def cmd_vault_put(args: argparse.Namespace) -> int:
         msg = str(exc) if isinstance(exc, TokenSetError) else "stdin is not valid JSON"
         raise CredproxyError(f"vault put: {msg}") from None
 
+    given: dict[str, str] = {}
+    for item in args.value:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--value {item!r}: give NAME=VALUE")
+        given[name] = value
+
     async def go() -> None:
+        from proxy.binding import BindingError
+        from proxy.connect import imported_values
+
         app = build(settings)
         try:
+            current = await app.vault.get(args.user, args.provider)
+            provider = settings.provider(args.provider)
+            try:
+                values = imported_values(provider, given,
+                                         current.values if current is not None else {})
+            except BindingError as exc:
+                raise CredproxyError(f"vault put: {exc.detail} ({exc.reason})") from None
             stored = await app.vault.put(Grant(user=args.user, provider=args.provider,
-                                               tokens=tokens))
+                                               tokens=tokens, values=values))
             app.sidecar.audit.record(auditlog.CONNECTION_CREATED, user=args.user,
                                      provider=args.provider, outcome="stored",
                                      reason="imported", token=tokens.access_token,
@@ -224,7 +241,12 @@ def cmd_connections(args: argparse.Namespace) -> int:
                                   "reason": r.reason, "scope": r.scope,
                                   "expires_at": r.expires_at,
                                   "has_refresh_token": r.has_refresh_token,
-                                  "updated_at": r.updated_at}))
+                                  "updated_at": r.updated_at,
+                                  "values": {k: list(v) if isinstance(v, tuple) else v
+                                             for k, v in r.values.items()},
+                                  "resources": {rid: {"scope": x.scope,
+                                                      "expires_at": x.expires_at}
+                                                for rid, x in r.resources.items()}}))
             return
         print(f"{'USER':<24} {'PROVIDER':<14} {'STATUS':<16} {'EXPIRES':<20} REFRESH SCOPE")
         for r in rows:
@@ -232,6 +254,14 @@ def cmd_connections(args: argparse.Namespace) -> int:
                    if r.expires_at else "-")
             print(f"{r.user:<24} {r.provider:<14} {r.status:<16} {exp:<20} "
                   f"{'yes' if r.has_refresh_token else 'no':<7} {r.scope or '-'}")
+            for name, value in sorted(r.values.items()):
+                shown = ", ".join(value) if isinstance(value, tuple) else value
+                print(f"{'':<24} {'':<14} value {name} = {shown}")
+            for rid, x in sorted(r.resources.items()):
+                rexp = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x.expires_at))
+                        if x.expires_at else "-")
+                print(f"{'':<24} {'':<14} resource {rid}: expires {rexp}, scope "
+                      f"{x.scope or '-'}")
 
     asyncio.run(go())
     return EXIT_OK
@@ -302,6 +332,16 @@ def cmd_connect(args: argparse.Namespace) -> int:
     from proxy.connect import Connected, ConnectRejected
 
     settings = _settings(args)
+    choices: dict[str, str] = {}
+    for item in args.value:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--value {item!r}: give NAME=VALUE")
+        spec = settings.provider(args.provider).grant_values.get(name)
+        if spec is None or spec.source != "choice":
+            raise ConfigError(f"--value {name}: {args.provider} has no grant value {name!r} "
+                              "chosen at connect time")
+        choices[spec.param or name] = value
 
     async def go() -> int:
         app = build(settings)
@@ -331,7 +371,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
             url = await app.connector.begin(
                 args.user, args.provider,
                 redirect_uri=f"http://127.0.0.1:{port}/oauth/callback",
-                scopes=args.scope or None)
+                scopes=args.scope or None, choices=choices)
             print(f"To connect {args.user} to {args.provider}, open this URL in a browser:\n"
                   f"\n  {url}\n\nWaiting for the sign-in to finish "
                   f"(redirect to http://127.0.0.1:{port}/oauth/callback)...",
@@ -472,6 +512,9 @@ def _parser() -> argparse.ArgumentParser:
                   parent=vault)
     put.add_argument("--user", required=True)
     put.add_argument("--provider", required=True)
+    put.add_argument("--value", action="append", metavar="NAME=VALUE", default=[],
+                     help="a grant value (docs/tenants.md), checked as at connect time; "
+                          "the values of the grant replaced are kept otherwise")
     command("keygen", cmd_vault_keygen, "print a new random vault key", parent=vault,
             config=False)
     command("init", cmd_vault_init, "create the local vault file (first run only; an "
@@ -483,6 +526,9 @@ def _parser() -> argparse.ArgumentParser:
     conn.add_argument("--provider", required=True)
     conn.add_argument("--scope", action="append",
                       help="a narrower scope than configured (repeatable)")
+    conn.add_argument("--value", action="append", metavar="NAME=VALUE", default=[],
+                      help="a grant value chosen at connect time (from: choice), e.g. "
+                           "shop=acme.myshopify.com (repeatable; docs/tenants.md)")
     conn.add_argument("--open", action="store_true", help="open the URL in a browser")
     conn.add_argument("--port", type=int, default=0, help="loopback port (default: any)")
     conn.add_argument("--timeout", type=float, default=300.0)

@@ -37,13 +37,16 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy import audit as auditlog
+from proxy import binding
 from proxy.audit import AuditLog
+from proxy.binding import BindingError, GrantValue, GrantValueSettings, ValueSource
 from proxy.coordination.base import Coordinator, Used
 from proxy.errors import CredproxyError, VaultError
-from proxy.provider_client import ProviderClient, TokenRequestFailed
+from proxy.provider_client import DiscoveryFailed, ProviderClient, TokenRequestFailed
 from proxy.reasons import from_provider_code
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
+from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant, Vault
 
 
@@ -99,12 +102,16 @@ class Connector:
 
     async def begin(self, user: str, provider_id: str, *, redirect_uri: str,
                     scopes: list[str] | None = None, return_to: str | None = None,
-                    browser: str | None = None) -> str:
+                    browser: str | None = None,
+                    choices: Mapping[str, str] | None = None) -> str:
         """Start a flow for ``user``; returns the provider's authorize URL. ``browser``: a
-        nonce the caller also gave the browser (a cookie); the callback must present it."""
+        nonce the caller also gave the browser (a cookie); the callback must present it.
+        ``choices``: the connect link's query parameters, of which those naming a
+        ``from: choice`` grant value are that value (checked here, before the authorize
+        URL, which may use them, is built: docs/tenants.md)."""
         try:
             return await self._begin(user, provider_id, redirect_uri, scopes, return_to,
-                                     browser)
+                                     browser, choices or {})
         except ConnectRejected as exc:
             self._audit.record(auditlog.CONNECTION_CREATED, user=user,
                                provider=exc.provider or provider_id, outcome="rejected",
@@ -113,8 +120,17 @@ class Connector:
 
     async def _begin(self, user: str, provider_id: str, redirect_uri: str,
                      scopes: list[str] | None, return_to: str | None,
-                     browser: str | None) -> str:
+                     browser: str | None, choices: Mapping[str, str]) -> str:
         provider = self._provider(provider_id)
+        try:
+            chosen = _read_values(provider, "choice", lambda spec, name:
+                                  choices.get(spec.param or name))
+            if provider.authorize_url is not None and chosen:
+                provider = provider.model_copy(update={
+                    "authorize_url": binding.render(provider.authorize_url, chosen)})
+        except BindingError as exc:
+            raise ConnectRejected(exc.reason, exc.detail, user=user,
+                                  provider=provider.id) from None
         if provider.authorize_url is None:
             raise ConnectRejected("no_authorize_url",
                                   f"{provider.id} has no authorize_url configured",
@@ -129,8 +145,9 @@ class Connector:
         url = self._provider_client.authorization_url(
             provider, redirect_uri=redirect_uri, scopes=granted, state=state,
             code_verifier=verifier)
-        record: dict[str, object] = {"u": user, "p": provider.id, "v": verifier, "r": redirect_uri,
-                  "s": granted, "t": return_to, "c": self._clock()}
+        record: dict[str, object] = {"u": user, "p": provider.id, "v": verifier,
+                                     "r": redirect_uri, "s": granted, "t": return_to,
+                                     "c": self._clock(), "g": chosen}
         if browser is not None:
             record["b"] = _browser_hash(browser)
         await self._coord.put_once(self._name(state), self._seal(state, record),
@@ -187,18 +204,37 @@ class Connector:
             raise ConnectRejected("missing_pkce_verifier", "the PKCE verifier is missing",
                                   user=user, provider=provider_id)
         provider = self._provider(provider_id)
+        chosen = rec.get("g")
+        values: dict[str, GrantValue] = dict(chosen) if isinstance(chosen, dict) else {}
         try:
-            tokens = await self._provider_client.exchange_code(
-                provider, self._client_secret(provider), code=code, code_verifier=verifier,
+            values.update(_callback_values(provider, params, values))
+            endpoint = provider.for_grant(values)
+        except BindingError as exc:
+            raise ConnectRejected(exc.reason, exc.detail, user=user,
+                                  provider=provider_id) from None
+        try:
+            exchanged = await self._provider_client.exchange_code(
+                endpoint, self._client_secret(provider), code=code, code_verifier=verifier,
                 redirect_uri=str(rec["r"]))
         except TokenRequestFailed as exc:
             raise _exchange_rejected(exc, provider, user) from None
+        tokens = exchanged.tokens
         if tokens.scope is None and rec.get("s"):
             # RFC 6749 5.1: an omitted scope means the requested one was granted.
             tokens = replace(tokens, scope=" ".join(rec["s"]))
         try:
+            values.update(_read_values(provider, "token_response", lambda spec, name:
+                                       binding.read_field(exchanged.response,
+                                                          spec.field or "")))
+            values.update(await self._discover(provider, values, tokens))
+            for resource in (None, *provider.resources):
+                provider.own_hosts(resource, values)
+        except BindingError as exc:
+            raise ConnectRejected(exc.reason, exc.detail, user=user,
+                                  provider=provider_id) from None
+        try:
             stored = await self._vault.put(Grant(user=user, provider=provider_id,
-                                                 tokens=tokens))
+                                                 tokens=tokens, values=values))
         except VaultError as exc:
             raise ConnectRejected("vault_unavailable", "the grant could not be stored",
                                   user=user, provider=provider_id) from exc
@@ -206,12 +242,48 @@ class Connector:
         # replica keeps serving the old token (say, with the wider scope the user dropped).
         await self._coord.cache_put(stored)
         await self._coord.publish_invalidation(user, provider_id)
+        shown = "".join(f"; {k}={','.join(v) if isinstance(v, tuple) else v}"
+                        for k, v in sorted(values.items()))
         self._audit.record(auditlog.CONNECTION_CREATED, user=user, provider=provider_id,
-                           outcome="connected", detail=f"scope={tokens.scope or ''}",
+                           outcome="connected", detail=f"scope={tokens.scope or ''}{shown}",
                            token=tokens.access_token, token_source="vault")
         return_to = rec.get("t")
         return Connected(user, provider_id, tokens.scope,
                          return_to if isinstance(return_to, str) else None)
+
+    async def _discover(self, provider: ProviderSettings, values: Mapping[str, GrantValue],
+                        tokens: TokenSet) -> dict[str, GrantValue]:
+        """The ``from: discovery`` values: a GET with the new access token to each value's
+        URL, which must be one of the hosts this grant's token may go to (the grant's own
+        hosts, or the provider's hosts when it binds none). Raises :class:`BindingError`."""
+        found: dict[str, GrantValue] = {}
+        answers: dict[str, Any] = {}
+        for name, spec in provider.grant_values.items():
+            if spec.source != "discovery" or spec.url is None:
+                continue
+            url = binding.render(spec.url, values)
+            host = binding.host_value(url)
+            own = provider.own_hosts(None, {**values, **found}) if provider.grant_hosts \
+                else None
+            allowed = host is not None and (
+                any(host == h for h in own) if own is not None
+                else binding.within(host, provider.hosts))
+            if not allowed or not url.startswith("https://"):
+                raise BindingError("grant_host_not_allowed",
+                                   f"grant value {name!r}: the discovery URL's host is not "
+                                   "one this grant's token may go to; nothing was sent")
+            if url not in answers:
+                try:
+                    answers[url] = await self._provider_client.discover(provider, url, tokens)
+                except DiscoveryFailed as exc:
+                    raise BindingError("discovery_failed",
+                                       f"grant value {name!r}: {exc.detail}") from None
+            value = binding.check_value(name, spec,
+                                        binding.read_field(answers[url], spec.field or ""),
+                                        ceiling=provider.ceiling())
+            if value is not None:
+                found[name] = value
+        return found
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -266,6 +338,63 @@ def _exchange_rejected(exc: TokenRequestFailed, provider: ProviderSettings,
     return ConnectRejected("token_exchange_failed",
                            f"the token endpoint could not be used ({answer.detail})",
                            user=user, provider=provider.id)
+
+
+def _read_values(provider: ProviderSettings, source: ValueSource,
+                 read: Callable[[GrantValueSettings, str], str | list[str] | None]
+                 ) -> dict[str, GrantValue]:
+    """The provider's grant values from ``source``, each read by ``read(spec, name)`` and
+    checked (:func:`proxy.binding.check_value`). Raises :class:`BindingError`."""
+    out: dict[str, GrantValue] = {}
+    for name, spec in provider.grant_values.items():
+        if spec.source == source:
+            value = binding.check_value(name, spec, read(spec, name),
+                                        ceiling=provider.ceiling())
+            if value is not None:
+                out[name] = value
+    return out
+
+
+def imported_values(provider: ProviderSettings, given: Mapping[str, str],
+                    kept: Mapping[str, GrantValue]) -> dict[str, GrantValue]:
+    """The grant values of an imported token set (``credproxy vault put --value``):
+    ``kept`` (the values of the grant it replaces: a new token set does not move the
+    grant to another tenant) with ``given`` over them, each checked as at connect time,
+    and the result binding hosts inside the provider's ceiling. Raises
+    :class:`BindingError` (``grant_value_invalid`` also for a name the provider does
+    not have)."""
+    values: dict[str, GrantValue] = dict(kept)
+    for name, raw in given.items():
+        spec = provider.grant_values.get(name)
+        if spec is None:
+            raise BindingError("grant_value_invalid",
+                               f"{provider.id} has no grant value {name!r} (it has "
+                               f"{sorted(provider.grant_values) or 'none'})")
+        value = binding.check_value(name, spec, raw, ceiling=provider.ceiling())
+        if value is not None:
+            values[name] = value
+    for resource in (None, *provider.resources):
+        provider.own_hosts(resource, values)
+    return values
+
+
+def _callback_values(provider: ProviderSettings, params: Mapping[str, str],
+                     chosen: Mapping[str, GrantValue]) -> dict[str, GrantValue]:
+    """The ``from: callback`` values, checked; and a chosen value whose parameter comes
+    back on the callback (Shopify's ``shop``) must come back equal
+    (``grant_value_mismatch``). Raises :class:`BindingError`."""
+    values = _read_values(provider, "callback",
+                          lambda spec, name: params.get(spec.param or name))
+    for name, spec in provider.grant_values.items():
+        param = spec.param or name
+        if spec.source != "choice" or param not in params:
+            continue
+        echoed = binding.check_value(name, spec, params[param], ceiling=provider.ceiling())
+        if echoed != chosen.get(name):
+            raise BindingError("grant_value_mismatch",
+                               f"the callback's {param!r} is not the {name!r} chosen when "
+                               "the sign-in began; start again")
+    return values
 
 
 def _browser_hash(nonce: str) -> str:

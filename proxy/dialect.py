@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -215,6 +215,9 @@ class TokenAnswer:
     code: str | None = None
     tokens: TokenSet | None = None
     notes: tuple[str, ...] = field(default=())
+    # success: the whole JSON answer, for grant values read from it (proxy.binding); it
+    # holds the tokens too: never logged, never stored as such.
+    response: Mapping[str, Any] | None = field(default=None, repr=False)
 
 
 def read_token_response(dialect: TokenDialect, status: int, content_type: str | None,
@@ -254,7 +257,8 @@ def read_token_response(dialect: TokenDialect, status: int, content_type: str | 
     if data is None:
         return TokenAnswer("failed", "token_endpoint_error",
                            f"HTTP {status} with a body that is not a JSON object")
-    return _token_set(dialect, data, grant=grant, now=now)
+    answer = _token_set(dialect, data, grant=grant, now=now)
+    return replace(answer, response=data) if answer.outcome == "success" else answer
 
 
 def _classify_code(errors: TokenErrors, code: str | None, status: int,
@@ -577,8 +581,11 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
     base.pop("provider", None)
     base.setdefault("id", catalog_id)
     user_hosts = entry.get("hosts")
-    if (isinstance(user_hosts, list) and any(_PLACEHOLDER.search(str(h))
-                                             for h in base.get("hosts") or [])):
+    # A provider binding its grants to their tenant (grant_hosts, proxy.binding) takes a
+    # wildcard as its ceiling: each grant's credential goes only to the grant's own hosts.
+    binds = bool(entry.get("grant_hosts", base.get("grant_hosts")))
+    if (isinstance(user_hosts, list) and not binds
+            and any(_PLACEHOLDER.search(str(h)) for h in base.get("hosts") or [])):
         for i, host in enumerate(user_hosts):
             if isinstance(host, str) and "*" in host:
                 raise ConfigError(
@@ -589,7 +596,8 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
     # The names the catalog entry itself takes (its placeholders, its defaults): a user's
     # override of a URL may leave one unused, but a name outside these is a typo.
     known = _placeholders(_templated_texts(base)) | set(base.get("parameters") or {})
-    return _fill(merged, where=where, catalog_hosts="hosts" not in entry, known=known)
+    return _fill(merged, where=where, catalog_hosts="hosts" not in entry and not binds,
+                 known=known)
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -612,8 +620,14 @@ def _fill(entry: dict[str, Any], *, where: str, catalog_hosts: bool,
     """``entry`` with its ``{name}`` placeholders filled (see :func:`expand_provider`).
     A parameter outside ``known`` is refused (a misspelt name)."""
     values = _parameter_values(entry, where)
+    grant_values = entry.get("grant_values")
+    per_grant = set(grant_values) if isinstance(grant_values, Mapping) else set()
+    clash = sorted(per_grant & set(entry.get("parameters") or {}))
+    if clash:
+        raise ConfigError(f"{where}.parameters: {clash} are also grant_values; a name is "
+                          "either set in the file (parameters) or read per grant")
     texts = _templated_texts(entry)
-    _require_parameters(texts, values, where)
+    _require_parameters(texts, values, where, per_grant=per_grant)
     unknown = sorted(set(entry.get("parameters") or {}) - known)
     if unknown:
         raise ConfigError(f"{where}.parameters: {unknown} {'is' if len(unknown) == 1 else 'are'}"
@@ -624,11 +638,27 @@ def _fill(entry: dict[str, Any], *, where: str, catalog_hosts: bool,
     def fill(text: object) -> object:
         if not isinstance(text, str):
             return text
-        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+        # A grant value's placeholder stays: it is filled per grant (proxy.binding).
+        return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+
+    def fill_all(texts: object) -> object:
+        return [fill(t) for t in texts] if isinstance(texts, list) else texts
 
     for key in _TEMPLATED:
         if key in entry:
             entry[key] = fill(entry[key])
+    if "grant_hosts" in entry:
+        entry["grant_hosts"] = fill_all(entry["grant_hosts"])
+    resources = entry.get("resources")
+    if isinstance(resources, Mapping):
+        entry["resources"] = {
+            rid: {**r, **{k: fill_all(r[k]) for k in ("hosts", "grant_hosts", "scopes")
+                          if k in r}} if isinstance(r, Mapping) else r
+            for rid, r in resources.items()}
+    if isinstance(grant_values, Mapping):
+        entry["grant_values"] = {
+            name: {**v, "url": fill(v["url"])} if isinstance(v, Mapping) and "url" in v else v
+            for name, v in grant_values.items()}
     revocation = entry.get("revocation")
     if isinstance(revocation, Mapping) and "console_url" in revocation:
         entry["revocation"] = {**revocation, "console_url": fill(revocation["console_url"])}
@@ -669,16 +699,31 @@ def _templated_texts(entry: Mapping[str, Any]) -> list[tuple[str, object]]:
     hosts = entry.get("hosts")
     if isinstance(hosts, list):
         texts += [(f"hosts[{i}]", h) for i, h in enumerate(hosts)]
+    grant_hosts = entry.get("grant_hosts")
+    if isinstance(grant_hosts, list):
+        texts += [(f"grant_hosts[{i}]", h) for i, h in enumerate(grant_hosts)]
+    resources = entry.get("resources")
+    if isinstance(resources, Mapping):
+        for rid, r in resources.items():
+            for key in ("hosts", "grant_hosts", "scopes"):
+                items = r.get(key) if isinstance(r, Mapping) else None
+                if isinstance(items, list):
+                    texts += [(f"resources.{rid}.{key}[{i}]", t) for i, t in enumerate(items)]
+    grant_values = entry.get("grant_values")
+    if isinstance(grant_values, Mapping):
+        texts += [(f"grant_values.{name}.url", v["url"]) for name, v in grant_values.items()
+                  if isinstance(v, Mapping) and "url" in v]
     return texts
 
 
 def _require_parameters(texts: list[tuple[str, object]], values: Mapping[str, str],
-                        where: str) -> None:
-    """One error naming every parameter the texts use and ``values`` lacks, and where."""
+                        where: str, *, per_grant: Collection[str] = ()) -> None:
+    """One error naming every parameter the texts use and ``values`` lacks, and where
+    (``per_grant``: grant value names, filled per grant, never missing here)."""
     missing: dict[str, list[str]] = {}
     for key, text in texts:
         for name in _PLACEHOLDER.findall(text) if isinstance(text, str) else ():
-            if name not in values:
+            if name not in values and name not in per_grant:
                 missing.setdefault(name, []).append(key)
     if missing:
         needed = "; ".join(f"{name!r} (used in {', '.join(keys)})"
@@ -702,10 +747,12 @@ def describe_catalog(catalog: Catalog | None = None) -> list[dict[str, Any]]:
         texts = [str(data.get(k, "")) for k in _TEMPLATED] + [
             str(h) for h in data.get("hosts") or []]
         needed = sorted({m for t in texts for m in _PLACEHOLDER.findall(t)}
-                        - set(defaults) - {"client_id"})
+                        - set(defaults) - {"client_id"} - set(data.get("grant_values") or {}))
         revocation = data.get("revocation") or {}
         out.append({"id": catalog_id, "title": data.get("title", catalog_id),
                     "hosts": list(data.get("hosts") or []), "parameters": needed,
+                    "grant_values": sorted(data.get("grant_values") or {}),
+                    "grant_hosts": list(data.get("grant_hosts") or []),
                     "parameter_defaults": dict(defaults),
                     "revocation": revocation.get("style", "rfc7009")
                     if isinstance(revocation, Mapping) else "rfc7009"})

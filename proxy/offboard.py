@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from proxy import audit as auditlog
 from proxy.audit import AuditLog
+from proxy.binding import BindingError
 from proxy.coordination.base import Coordinator
 from proxy.errors import CoordinationUnavailable, VaultCorruptError, VaultError
 from proxy.provider_client import ProviderClient, revokes_with_access_token
@@ -155,10 +156,20 @@ class Offboarder:
                 "the provider is no longer configured; revoke at the provider by its own "
                 "means")
         else:
-            tokens = await self._live_tokens(provider, grant)
-            revoked = await self._provider_client.revoke(provider, self._client_secret(provider),
-                                                         tokens)
-            upstream, detail, console = revoked.upstream, revoked.detail, revoked.console_url
+            try:
+                # The endpoints of this grant's tenant (a revocation URL per org or shop).
+                provider = provider.for_grant(grant.values)
+            except BindingError as exc:
+                provider = None
+                upstream, detail = "pending", (
+                    f"the grant lacks a value its revocation URL needs ({exc.detail}); "
+                    "revoke at the provider by its own means")
+            if provider is not None:
+                tokens = await self._live_tokens(provider, grant)
+                revoked = await self._provider_client.revoke(
+                    provider, self._client_secret(provider), tokens)
+                upstream, detail, console = (revoked.upstream, revoked.detail,
+                                             revoked.console_url)
         # 3. Remove it locally, whatever the provider said.
         removed = True  # deleted now, or already gone
         try:

@@ -37,7 +37,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx2
@@ -97,6 +97,25 @@ class UpstreamRevocation:
     console_url: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Exchanged:
+    """A code exchange's result: the user's token set, and the whole JSON answer (for the
+    grant values read from it: Salesforce's ``instance_url``). ``response`` holds the
+    tokens too: never logged, never stored as such."""
+
+    tokens: TokenSet
+    response: Mapping[str, Any] = field(repr=False)
+
+
+class DiscoveryFailed(Exception):
+    """A discovery call after a code exchange (:meth:`ProviderClient.discover`) got no
+    JSON answer; ``detail`` says why (never the token)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 class _Answered(Exception):  # noqa: N818 - control flow out of authlib's hook
     """Raised by the compliance hook: the raw answer, read, before authlib parses it."""
 
@@ -141,9 +160,10 @@ class ProviderClient:
 
     # -- the token endpoint ------------------------------------------------------------
     async def exchange_code(self, provider: ProviderSettings, client_secret: Secret | None,
-                            *, code: str, code_verifier: str, redirect_uri: str) -> TokenSet:
+                            *, code: str, code_verifier: str, redirect_uri: str) -> Exchanged:
         """Redeem an authorization code (RFC 6749 section 4.1.3) for the user's token set
-        (at ``token_response.user_token_path``). Raises :class:`TokenRequestFailed`."""
+        (at ``token_response.user_token_path``), with the whole answer. Raises
+        :class:`TokenRequestFailed`."""
         params = {**provider.token_params, "code": code, "code_verifier": code_verifier}
         try:
             answer = await self._token_request(provider, client_secret, "authorization_code",
@@ -152,17 +172,51 @@ class ProviderClient:
             raise TokenRequestFailed(str(exc), None) from None
         if answer.outcome != "success" or answer.tokens is None:
             raise TokenRequestFailed(_scrub(answer.detail, client_secret), answer)
-        return answer.tokens
+        return Exchanged(answer.tokens, answer.response or {})
+
+    async def discover(self, provider: ProviderSettings, url: str, tokens: TokenSet) -> Any:
+        """GET ``url`` with the user's new access token, injected the way the provider's
+        own hosts take it (``inject``), and return the JSON answer: a discovery call after
+        a code exchange (Atlassian's ``accessible-resources``, Graph's ``sites/root``).
+        Retried like a token request. Raises :class:`DiscoveryFailed`."""
+        inject = provider.inject
+        value = inject.format.format(access_token=tokens.access_token.reveal(),
+                                     token_type=tokens.token_type)
+
+        async def once() -> httpx2.Response:
+            async with httpx2.AsyncClient(transport=self._transport, trust_env=False,
+                                          timeout=self.settings.timeout) as http:
+                resp = await http.get(url, headers={inject.header: value,
+                                                    "Accept": "application/json"})
+            if resp.status_code >= 500 or resp.status_code == 429:
+                raise _Transient(f"HTTP {resp.status_code}")
+            return resp
+
+        try:
+            resp = await self._retrying(once)
+        except _Transient as exc:
+            raise DiscoveryFailed(f"{url} failed after {self.settings.attempts} attempts "
+                                  f"({exc})") from None
+        if resp.status_code != 200:
+            raise DiscoveryFailed(f"{url} answered HTTP {resp.status_code}")
+        try:
+            return resp.json()
+        except ValueError:
+            raise DiscoveryFailed(f"{url} did not answer JSON") from None
 
     async def refresh(self, provider: ProviderSettings, client_secret: Secret | None,
-                      refresh_token: Secret) -> TokenSet:
+                      refresh_token: Secret, *, scopes: list[str] | None = None) -> TokenSet:
         """Redeem ``refresh_token`` (RFC 6749 section 6) with the dialect's
-        ``token_params`` and ``refresh_params``. See the module docstring for what it
-        raises."""
+        ``token_params`` and ``refresh_params``; ``scopes`` (a resource's, joined by the
+        dialect's ``scope_separator`` under its ``scope_param``) asks for an access token
+        for another resource of the same grant (RFC 6749 section 6 ``scope``; Entra ID's
+        multi-resource refresh tokens). See the module docstring for what it raises."""
         keys = (_token_key(provider, refresh_token), _client_key(provider, client_secret))
         self._raise_held(keys)
         params = {**provider.token_params, **provider.refresh_params,
                   "refresh_token": refresh_token.reveal()}
+        if scopes:
+            params[provider.scope_param] = provider.scope_separator.join(scopes)
         try:
             answer = await self._token_request(provider, client_secret, "refresh_token",
                                                params)

@@ -113,6 +113,8 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("method_not_allowed", (DENIED,), "the method is not in the provider's methods"),
     ("unrouted", (DENIED,), "unrouted: deny and the destination is no provider"),
     ("provider_removed", (DENIED,), "the destination was a provider until a reload"),
+    ("not_grant_host", (DENIED,), "the destination is under the provider's hosts but not "
+     "one of the user's grant's own hosts (another tenant: docs/tenants.md)"),
     # -- the grant (401 reauth-required) -----------------------------------------------
     ("no_connection", (REAUTH,), "the user has no grant for the provider"),
     ("invalid_grant", (REAUTH, GRANT), "the token endpoint refused the refresh token "
@@ -192,6 +194,16 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("no_user_token", (CONNECT,), "the token response has no user token set where the "
      "provider puts it (token_response.user_token_path): an app or bot token is never "
      "stored as a user's credential"),
+    # -- grants bound to their tenant (docs/tenants.md) --------------------------------
+    ("grant_value_missing", (CONNECT, REAUTH, GRANT), "a grant value is absent (at "
+     "connect), or the stored grant lacks one the running config needs (reconnect)"),
+    ("grant_value_invalid", (CONNECT, REAUTH), "a grant value does not match its kind or "
+     "pattern"),
+    ("grant_value_mismatch", (CONNECT,), "the callback names another value than the one "
+     "chosen when the sign-in began (Shopify's shop)"),
+    ("grant_host_not_allowed", (CONNECT, REAUTH), "a grant value would bind a host outside "
+     "the provider's hosts (its ceiling)"),
+    ("discovery_failed", (CONNECT,), "a discovery call after the code exchange failed"),
 )
 
 # ``<family>:<the provider's error code>``: a connect rejection that names what the

@@ -9,7 +9,7 @@ from proxy.errors import UnroutedDenied
 from proxy.hosts import HostPattern, parse_authority
 from proxy.settings import ProviderSettings
 
-__all__ = ["Destination", "Router", "host_agrees", "refuse_retired"]
+__all__ = ["Destination", "Route", "Router", "host_agrees", "refuse_retired"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +28,20 @@ class Destination:
         return f"{self.host}:{self.port}"
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a destination belongs to: a provider's own hosts (``resource`` None) or one of
+    its resources' (docs/tenants.md: another audience of the same grant)."""
+
+    provider: ProviderSettings
+    resource: str | None = None
+
+
 class Router:
-    """Matches destinations to providers by their ``hosts`` patterns (:class:`HostPattern`).
+    """Matches destinations to providers by their ``hosts`` patterns (:class:`HostPattern`),
+    and their resources' ``hosts``. For a provider that binds its grants to their tenant
+    (``grant_hosts``) these patterns are the ceiling: a match says which provider's grant
+    to look at; the grant's own hosts decide whether its credential may go there.
 
     ``retired``: providers a config reload removed (each with only the host patterns that
     no current provider lists any more). Their hosts are not routed, but they are not
@@ -41,28 +53,30 @@ class Router:
         self.retired = tuple(retired)
         self._retired = _index(self.retired)
 
-    def match(self, dest: Destination) -> ProviderSettings | None:
-        """The provider owning ``dest``. A pattern without a port matches only the scheme's
-        default port, so a credential never goes to another service on the same host."""
+    def match(self, dest: Destination) -> Route | None:
+        """The provider (and resource) owning ``dest``. A pattern without a port matches
+        only the scheme's default port, so a credential never goes to another service on
+        the same host."""
         return _lookup(self._patterns, dest)
 
     def retired_match(self, dest: Destination) -> ProviderSettings | None:
         """The removed provider whose (removed) host pattern matches ``dest``, if any."""
-        return _lookup(self._retired, dest)
+        route = _lookup(self._retired, dest)
+        return route.provider if route is not None else None
 
     def after_reload(self, old: Sequence[ProviderSettings],
                      new: Sequence[ProviderSettings]) -> Router:
         """The router for ``new`` providers replacing ``old``: every host pattern ``old``
         listed and ``new`` does not is retired (added to those retired before); a pattern
         ``new`` lists again is routed again."""
-        current = {h for p in new for h in p.hosts}
+        current = {h for p in new for h in p.ceiling()}
         retired: dict[str, list[str]] = {}
         for p in (*self.retired, *old):
-            for h in p.hosts:
+            for h in p.ceiling():
                 if h not in current and h not in retired.setdefault(p.id, []):
                     retired[p.id].append(h)
         by_id = {p.id: p for p in (*self.retired, *old)}
-        ghosts = [by_id[pid].model_copy(update={"hosts": hosts})
+        ghosts = [by_id[pid].model_copy(update={"hosts": hosts, "resources": {}})
                   for pid, hosts in retired.items() if hosts]
         return Router(new, ghosts)
 
@@ -71,20 +85,22 @@ class Router:
         return any(pattern.names(host) for pattern, _ in self._patterns)
 
 
-_Patterns = list[tuple[HostPattern, ProviderSettings]]
+_Patterns = list[tuple[HostPattern, Route]]
 
 
 def _index(providers: Sequence[ProviderSettings]) -> _Patterns:
-    patterns = [(HostPattern.parse(h), p) for p in providers for h in p.hosts]
+    patterns = [(HostPattern.parse(h), Route(p)) for p in providers for h in p.hosts]
+    patterns += [(HostPattern.parse(h), Route(p, rid)) for p in providers
+                 for rid, r in p.resources.items() for h in r.hosts]
     # Exact names first, then the longest wildcard suffix: the most specific wins.
     patterns.sort(key=lambda e: (e[0].wildcard, -len(e[0].host)))
     return patterns
 
 
-def _lookup(patterns: _Patterns, dest: Destination) -> ProviderSettings | None:
-    for pattern, provider in patterns:
+def _lookup(patterns: _Patterns, dest: Destination) -> Route | None:
+    for pattern, route in patterns:
         if pattern.matches(dest.host, dest.port, tls=dest.tls):
-            return provider
+            return route
     return None
 
 

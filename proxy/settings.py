@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from proxy import binding
+from proxy.binding import GrantValues, GrantValueSettings
 from proxy.dialect import (
     RESERVED_AUTHORIZE_PARAMS,
     RESERVED_TOKEN_PARAMS,
@@ -224,10 +226,25 @@ def _not_reserved(params: dict[str, str], reserved: frozenset[str]) -> dict[str,
     return params
 
 
+_Hosts = Annotated[list[Annotated[str, AfterValidator(lambda h: validate_host_pattern(h))]],
+                   Field(min_length=1)]
+_Id = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+
+class ResourceSettings(_Model):
+    """Another audience sharing its provider's grant (one consent, one refresh token):
+    Entra ID's SharePoint beside Graph. Its access token is obtained by redeeming the
+    grant's refresh token with ``scopes`` (docs/tenants.md)."""
+
+    hosts: _Hosts  # where this resource's requests go: the ceiling of its grant hosts
+    grant_hosts: list[str] = Field(default_factory=list)  # templates over grant values
+    scopes: Annotated[list[str], Field(min_length=1)]  # sent when redeeming for this resource
+    inject: InjectSettings | None = None  # default: the provider's
+
+
 class ProviderSettings(_Model):
-    id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-    hosts: Annotated[list[Annotated[str, AfterValidator(lambda h: validate_host_pattern(h))]],
-                     Field(min_length=1)]
+    id: _Id
+    hosts: _Hosts
     authorize_url: str | None = None
     token_url: str
     revocation_url: str | None = None
@@ -259,6 +276,10 @@ class ProviderSettings(_Model):
     token_errors: TokenErrors = Field(default_factory=TokenErrors)
     api_signals: ApiSignals = Field(default_factory=ApiSignals)
     revocation: Revocation = Field(default_factory=Revocation)
+    # -- grants bound to their tenant (proxy.binding, docs/tenants.md) -------------------
+    grant_values: dict[str, GrantValueSettings] = Field(default_factory=dict)
+    grant_hosts: list[str] = Field(default_factory=list)  # the grant's own hosts: templates
+    resources: dict[_Id, ResourceSettings] = Field(default_factory=dict)
 
     @field_validator("authorize_params")
     @classmethod
@@ -297,7 +318,112 @@ class ProviderSettings(_Model):
                              "(or token_endpoint_auth_method: none)")
         if self.scope_param in self.authorize_params:
             raise ValueError(f"authorize_params: {self.scope_param!r} is the scope_param")
+        self._check_binding()
         return self
+
+    def _check_binding(self) -> None:
+        """Grant values may be used only where they are known (docs/tenants.md)."""
+        values = self.grant_values
+        binding.check_names(values)
+        check = binding.check_template
+        if self.authorize_url:
+            check(self.authorize_url, where="authorize_url", values=values, sources=["choice"])
+        check(self.token_url, where="token_url", values=values,
+              sources=["choice", "callback"])
+        for name in ("revocation_url", "connect_url"):
+            text = getattr(self, name)
+            if text:
+                check(text, where=name, values=values,
+                      sources=None if name == "revocation_url" else [])
+        if self.revocation.console_url:
+            check(self.revocation.console_url, where="revocation.console_url", values=values,
+                  sources=None)
+        for name, spec in values.items():
+            if spec.url is not None:
+                check(spec.url, where=f"grant_values.{name}.url", values=values,
+                      sources=["choice", "callback", "token_response"])
+                if spec.url.startswith("http://") and not self.allow_http:
+                    raise ValueError(f"grant_values.{name}.url must be an https URL")
+        units: list[tuple[str, list[str]]] = [("grant_hosts", self.grant_hosts)]
+        units += [(f"resources.{rid}.grant_hosts", r.grant_hosts)
+                  for rid, r in self.resources.items()]
+        for where, templates in units:
+            for i, template in enumerate(templates):
+                check(template, where=f"{where}[{i}]", values=values, sources=None)
+                binding.check_host_template(template, where=f"{where}[{i}]")
+        for rid, r in self.resources.items():
+            for i, scope in enumerate(r.scopes):
+                check(scope, where=f"resources.{rid}.scopes[{i}]", values=values,
+                      sources=None)
+        for h in self.hosts:
+            for rid, r in self.resources.items():
+                if h in r.hosts:
+                    raise ValueError(f"host {h!r} is listed by the provider and by its "
+                                     f"resource {rid!r}")
+
+    # -- per grant ---------------------------------------------------------------------
+    @property
+    def bound(self) -> bool:
+        """Whether this provider binds its grants to values (has grant values)."""
+        return bool(self.grant_values)
+
+    def ceiling(self) -> list[str]:
+        """Every host pattern of the provider and its resources."""
+        return [*self.hosts, *(h for r in self.resources.values() for h in r.hosts)]
+
+    def for_grant(self, values: GrantValues) -> ProviderSettings:
+        """This provider with its endpoint URLs rendered with a grant's ``values`` (the
+        same object when it has no grant values). Raises
+        :class:`proxy.binding.BindingError` when a value the URLs use is missing."""
+        if not self.grant_values:
+            return self
+        render = binding.render
+        update: dict[str, object] = {"token_url": render(self.token_url, values)}
+        for name in ("authorize_url", "revocation_url"):
+            text = getattr(self, name)
+            if text and binding.placeholders(text):
+                try:
+                    update[name] = render(text, values)
+                except binding.BindingError:
+                    if name == "authorize_url":  # only needed before the grant exists
+                        continue
+                    raise
+        console = self.revocation.console_url
+        if console and binding.placeholders(console):
+            update["revocation"] = self.revocation.model_copy(
+                update={"console_url": render(console, values)})
+        return self.model_copy(update=update)
+
+    def inject_for(self, resource: str | None) -> InjectSettings:
+        """How the token is injected for ``resource`` (None: the provider's own hosts)."""
+        if resource is not None:
+            own = self.resources[resource].inject
+            if own is not None:
+                return own
+        return self.inject
+
+    def own_hosts(self, resource: str | None, values: GrantValues) -> list[HostPattern] | None:
+        """The grant's own hosts for ``resource`` (None: the provider's hosts), rendered
+        from its ``values`` and checked against the running ceiling; None when that unit
+        has no ``grant_hosts`` (every host it routes receives the token). Raises
+        :class:`proxy.binding.BindingError` (``grant_host_not_allowed`` for a host the
+        ceiling no longer covers)."""
+        unit_hosts, templates = ((self.hosts, self.grant_hosts) if resource is None else
+                                 (self.resources[resource].hosts,
+                                  self.resources[resource].grant_hosts))
+        if not templates:
+            return None
+        hosts = binding.own_hosts(templates, values)
+        for host in hosts:
+            if not binding.within(host, unit_hosts):
+                raise binding.BindingError(
+                    "grant_host_not_allowed",
+                    f"the grant's host {host} is not one of {', '.join(unit_hosts)}")
+        return hosts
+
+    def resource_scopes(self, resource: str, values: GrantValues) -> list[str]:
+        """The scopes to redeem the grant's refresh token with for ``resource``."""
+        return [binding.render(s, values) for s in self.resources[resource].scopes]
 
 
 class ConnectSettings(_Model):
@@ -466,12 +592,13 @@ class Settings(_Model):
         for p in self.providers:
             # Identity headers are stripped from every request under every spelling: a
             # credential injected under one of those names would never arrive.
-            if field_key(p.inject.header) in identity:
-                raise ValueError(f"providers {p.id!r}: inject.header {p.inject.header!r} "
-                                 "is the user-context header or Proxy-Authorization")
+            for inject in (p.inject, *(r.inject for r in p.resources.values() if r.inject)):
+                if field_key(inject.header) in identity:
+                    raise ValueError(f"providers {p.id!r}: inject.header {inject.header!r} "
+                                     "is the user-context header or Proxy-Authorization")
         seen: dict[str, str] = {}
         for p in self.providers:
-            for h in p.hosts:
+            for h in p.ceiling():
                 # "api.example.com" and "api.example.com:443" name the same destination.
                 canon = h if ":" in h.rsplit("]", 1)[-1] else f"{h}:443"
                 if canon in seen:

@@ -16,6 +16,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from proxy.audit import AuditLog, RequestInfo, TokenSource
+from proxy.binding import BindingError
 from proxy.errors import (
     AuditUnavailable,
     CredentialStoreUnavailable,
@@ -37,6 +38,7 @@ from proxy.secret import Secret
 from proxy.settings import ProviderSettings, Settings
 from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
+from proxy.vault.base import Grant
 
 _SKEW_EVERY = 1.0  # seconds between two readings of one provider's Date header
 _INVALID_TOKEN = re.compile(r'error\s*=\s*"?invalid_token"?', re.IGNORECASE)
@@ -80,6 +82,7 @@ class Injection:
     provider: ProviderSettings
     user: UserContext
     tokens: TokenSet
+    resource: str | None = None  # one of the provider's resources (docs/tenants.md)
 
     @property
     def remove(self) -> tuple[str, ...]:
@@ -108,14 +111,15 @@ class Sidecar:
         :class:`Injection` for a provider's. Raises :class:`ProxyRefusal` (audited and
         counted) for everything else; nothing is forwarded then."""
         dest = req.destination
-        provider = self.router.match(dest)
+        route = self.router.match(dest)
+        provider = route.provider if route is not None else None
         try:
             self._check_target(req, credentialed=provider is not None)
         except ProxyRefusal as refusal:
             self._refused(req, provider, None, refusal)
             raise
         misdirected = not host_agrees(dest, req.host_header) or not _sni_agrees(dest, req.sni)
-        if provider is None:
+        if route is None or provider is None:
             try:
                 decision = self._unrouted(req, misdirected)
             except ProxyRefusal as refusal:
@@ -135,7 +139,7 @@ class Sidecar:
             if req.context_error is not None:
                 raise req.context_error
             user = await self.verifier.verify(req.context_token)
-            injection = await self._inject(req, provider, user)
+            injection = await self._inject(req, provider, user, route.resource)
         except ProxyRefusal as refusal:
             self._refused(req, provider, user, refusal)
             raise
@@ -225,7 +229,7 @@ class Sidecar:
             m.reauth.labels(provider, reason_label(refusal.reason)).inc()
 
     async def _inject(self, req: Outbound, provider: ProviderSettings,
-                      user: UserContext) -> Injection:
+                      user: UserContext, resource: str | None) -> Injection:
         if not user.permits(provider.id):
             raise ProviderNotPermitted(f"this user context may not use {provider.id}",
                                        reason="context_excludes_provider")
@@ -237,16 +241,43 @@ class Sidecar:
             self._record("credential.refreshed", req, provider, user, outcome="refreshed",
                          token=tokens.access_token, token_source="refresh")
 
-        issued = await self.broker.get(user.user, provider, on_refreshed=refreshed)
+        issued = await self.broker.get(user.user, provider, on_refreshed=refreshed,
+                                       resource=resource)
+        self._check_own_host(req.destination, provider, resource, issued.grant)
         tokens = issued.tokens
-        value = provider.inject.format.format(access_token=tokens.access_token.reveal(),
-                                              token_type=tokens.token_type)
+        inject = provider.inject_for(resource)
+        value = inject.format.format(access_token=tokens.access_token.reveal(),
+                                     token_type=tokens.token_type)
         # Audit before the credential is used: if the record cannot be written, nothing is
         # injected (AuditUnavailable propagates to the agent).
         self._record("credential.injected", req, provider, user, outcome="injected",
                      token=tokens.access_token, token_source=issued.source)
         self.metrics.injections.labels(provider.id, issued.source).inc()
-        return Injection(provider.inject.header, Secret(value), provider, user, tokens)
+        return Injection(inject.header, Secret(value), provider, user, tokens, resource)
+
+    def _check_own_host(self, dest: Destination, provider: ProviderSettings,
+                        resource: str | None, grant: Grant) -> None:
+        """A provider that binds its grants to their tenant (``grant_hosts``) routed
+        ``dest`` by its ceiling; the credential goes there only when ``dest`` is one of
+        this grant's own hosts, rendered from the grant's values with the running config
+        (docs/tenants.md). Raises :class:`ProviderNotPermitted` (``not_grant_host``: nothing
+        is sent, so that host's 401 can never touch the grant) or :class:`ReauthRequired`
+        (the grant lacks a value the running config needs: it must be reconnected)."""
+        try:
+            own = provider.own_hosts(resource, grant.values)
+        except BindingError as exc:
+            raise self.broker.reauth(provider, exc.reason,
+                                     f"{exc.detail}; the user must reconnect {provider.id}"
+                                     ) from None
+        if own is None:
+            return
+        for host in own:
+            if host.matches(dest.host, dest.port, tls=dest.tls):
+                return
+        names = ", ".join(str(h) for h in own)
+        raise ProviderNotPermitted(
+            f"{dest} is not this user's {provider.id} tenant: their grant is bound to "
+            f"{names}; no credential was sent", reason="not_grant_host")
 
     async def upstream_response(self, req: Outbound, injection: Injection, status: int,
                                 headers: Mapping[str, str]) -> ProxyRefusal | None:
@@ -295,7 +326,8 @@ class Sidecar:
         refusal: ProxyRefusal
         try:
             outcome = await self.broker.refresh_rejected(
-                user.user, provider, injection.tokens.access_token, on_refreshed=refreshed)
+                user.user, provider, injection.tokens.access_token, on_refreshed=refreshed,
+                resource=injection.resource)
         except ProxyRefusal as exc:
             refusal = exc
         else:

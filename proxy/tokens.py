@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from proxy.binding import BindingError
 from proxy.coordination.base import Coordinator
 from proxy.coordination.keyed import KeyedLocks
 from proxy.errors import (
@@ -67,8 +68,12 @@ FORCED_REFRESH_WINDOW = 300.0
 
 @dataclass(frozen=True, slots=True)
 class Issued:
+    """A usable access token (``tokens``: the one for the resource asked for) and the grant
+    it belongs to (its values bind where it may go)."""
+
     tokens: TokenSet
     source: Source
+    grant: Grant
 
 
 @dataclass
@@ -109,30 +114,43 @@ class TokenBroker:
         # one arrived must not put what it read into the memory cache afterwards.
         self._generation = 0
         # Monotonic time of the last forced refresh per grant (see FORCED_REFRESH_WINDOW).
-        self._forced: dict[tuple[str, str], float] = {}
+        self._forced: dict[tuple[str, str, str], float] = {}
         self.stats = BrokerStats()
         coordinator.on_invalidation(self._on_invalidation)
 
     # -- public ------------------------------------------------------------------------
     async def get(self, user: str, provider: ProviderSettings,
-                  on_refreshed: OnRefreshed | None = None) -> Issued:
+                  on_refreshed: OnRefreshed | None = None, *,
+                  resource: str | None = None) -> Issued:
+        """A usable access token of ``user``'s grant for ``provider`` (``resource``: one of
+        the provider's resources, which share the grant and its refresh token but each
+        have their own access token, obtained by redeeming the refresh token with the
+        resource's scopes). Raises :class:`ReauthRequired` or another
+        :class:`ProxyRefusal`."""
         key = (user, provider.id)
-        fresh = self._fresh(self._cache.get(key), provider)
+        fresh = self._fresh(self._cache.get(key), provider, resource)
         if fresh is not None:
             self._cache.move_to_end(key)
-            return Issued(fresh.tokens, "cache")
+            return self._issued(fresh, "cache", resource)
         async with self._local.hold(key):
             # Another request in this process may have done the work meanwhile.
-            fresh = self._fresh(self._cache.get(key), provider)
+            fresh = self._fresh(self._cache.get(key), provider, resource)
             if fresh is not None:
-                return Issued(fresh.tokens, "cache")
-            found = await self._lookup(user, provider)
+                return self._issued(fresh, "cache", resource)
+            found = await self._lookup(user, provider, resource)
             if found is not None:
                 return found
-            return await self._refresh_locked(user, provider, on_refreshed)
+            return await self._refresh_locked(user, provider, on_refreshed, resource)
+
+    @staticmethod
+    def _issued(grant: Grant, source: Source, resource: str | None) -> Issued:
+        tokens = grant.tokens_for(resource)
+        assert tokens is not None  # _fresh and _refresh never return a grant without it
+        return Issued(tokens, source, grant)
 
     async def refresh_rejected(self, user: str, provider: ProviderSettings, rejected: Secret,
-                               on_refreshed: OnRefreshed | None = None) -> Rejection:
+                               on_refreshed: OnRefreshed | None = None, *,
+                               resource: str | None = None) -> Rejection:
         """An upstream rejected ``rejected`` (HTTP 401 or ``error="invalid_token"``, RFC 6750
         section 3.1) although the proxy believed it valid: a clock skew between proxy and
         provider, a token of unknown expiry that ran out, or a dead grant. One forced
@@ -154,27 +172,32 @@ class TokenBroker:
         """
         key = (user, provider.id)
         m = self.metrics.forced_refreshes
+
+        def current(grant: Grant) -> Secret | None:
+            tokens = grant.tokens_for(resource)
+            return tokens.access_token if tokens is not None else None
+
         try:
             async with self._local.hold(key):
                 try:
                     async with self._coord.lock(user, provider.id) as lease:
                         grant = await self._load(user, provider)
-                        if grant.tokens.access_token != rejected:
+                        if current(grant) != rejected:
                             self._forget(key)  # memory may still hold the rejected one
                             m.labels(provider.id, "superseded").inc()
                             return "superseded"
                         if not lease.valid():
                             raise CoordinationUnavailable("refresh lock lease lost")
-                        refreshed = await self._force_refresh(grant, provider)
+                        refreshed = await self._force_refresh(grant, provider, resource)
                 except CoordinationUnavailable as exc:
                     # Without the lock a grant without a refresh token can still be marked
                     # (marking only takes a grant away); nothing may be redeemed.
                     grant = await self._load(user, provider)
-                    if grant.tokens.access_token != rejected:
+                    if current(grant) != rejected:
                         m.labels(provider.id, "superseded").inc()
                         return "superseded"
                     if grant.tokens.refresh_token is None:
-                        await self._force_refresh(grant, provider)
+                        await self._force_refresh(grant, provider, resource)
                     raise self._uncoordinated(exc) from exc
         except ReauthRequired:
             m.labels(provider.id, "reauth").inc()
@@ -184,13 +207,15 @@ class TokenBroker:
             raise
         m.labels(provider.id, "refreshed").inc()
         if on_refreshed is not None:
-            await on_refreshed(refreshed.tokens)
+            await on_refreshed(self._issued(refreshed, "refresh", resource).tokens)
         return "refreshed"
 
-    async def _force_refresh(self, grant: Grant, provider: ProviderSettings) -> Grant:
-        """Refresh ``grant`` whose current access token an upstream rejected, or mark it
-        ``revoked_upstream`` and raise :class:`ReauthRequired`. Call under the locks."""
-        key = (grant.user, provider.id)
+    async def _force_refresh(self, grant: Grant, provider: ProviderSettings,
+                             resource: str | None) -> Grant:
+        """Refresh ``grant`` whose current access token (for ``resource``) an upstream
+        rejected, or mark it ``revoked_upstream`` and raise :class:`ReauthRequired`. Call
+        under the locks."""
+        key = (grant.user, provider.id, resource or "")
         now = time.monotonic()
         last = self._forced.get(key)
         if grant.tokens.refresh_token is None:
@@ -199,7 +224,7 @@ class TokenBroker:
             why = (f"again {now - last:.0f} s after a forced refresh (it rejects new tokens "
                    "too)")
         else:
-            refreshed = await self._refresh(grant, provider, forced=True)
+            refreshed = await self._refresh(grant, provider, resource, forced=True)
             if len(self._forced) > _CACHE_MAX:
                 self._forced = {k: t for k, t in self._forced.items()
                                 if now - t < FORCED_REFRESH_WINDOW}
@@ -249,13 +274,18 @@ class TokenBroker:
         else:
             self._cache.pop(key, None)
 
-    def _fresh(self, grant: Grant | None, provider: ProviderSettings) -> Grant | None:
+    def _fresh(self, grant: Grant | None, provider: ProviderSettings,
+               resource: str | None) -> Grant | None:
+        """``grant`` when its access token for ``resource`` is usable now, else None."""
         if grant is None or grant.status is not GrantStatus.ACTIVE:
+            return None
+        tokens = grant.tokens_for(resource)
+        if tokens is None:
             return None
         # Margin min(refresh_skew, lifetime / 2): one refresh per lifetime even for tokens
         # shorter than the skew. Unknown expiry (and no default_expires_in): never due here;
         # an upstream 401 gets one forced refresh (refresh_rejected).
-        if grant.tokens.needs_refresh(provider.refresh_skew, now=self._clock()):
+        if tokens.needs_refresh(provider.refresh_skew, now=self._clock()):
             return None
         return grant
 
@@ -268,40 +298,44 @@ class TokenBroker:
         if len(self._cache) > _CACHE_MAX:
             self._cache.popitem(last=False)
 
-    async def _lookup(self, user: str, provider: ProviderSettings) -> Issued | None:
+    async def _lookup(self, user: str, provider: ProviderSettings,
+                      resource: str | None) -> Issued | None:
         """A fresh token from the shared cache or the vault, or None when it needs a refresh.
         Raises re-auth when the vault says the grant is unusable."""
         generation = self._generation
-        shared = self._fresh(await self._coord.cache_get(user, provider.id), provider)
+        shared = self._fresh(await self._coord.cache_get(user, provider.id), provider,
+                             resource)
         if shared is not None:
             self.stats.shared_hits += 1
             self._remember(shared, generation)
-            return Issued(shared.tokens, "cache")
+            return self._issued(shared, "cache", resource)
         generation = self._generation
         grant = await self._load(user, provider)
-        if self._fresh(grant, provider) is not None:
+        if self._fresh(grant, provider, resource) is not None:
             self._remember(grant, generation)
             await self._coord.cache_put(grant)
-            return Issued(grant.tokens, "vault")
+            return self._issued(grant, "vault", resource)
         return None
 
     async def _refresh_locked(self, user: str, provider: ProviderSettings,
-                              on_refreshed: OnRefreshed | None) -> Issued:
+                              on_refreshed: OnRefreshed | None,
+                              resource: str | None) -> Issued:
         try:
             async with self._coord.lock(user, provider.id) as lease:
                 # Re-read: another replica may have refreshed while this one waited.
-                found = await self._lookup(user, provider)
+                found = await self._lookup(user, provider, resource)
                 if found is not None:
                     return found
                 if not lease.valid():
                     raise CoordinationUnavailable("refresh lock lease lost")
                 grant = await self._load(user, provider)
-                refreshed = await self._refresh(grant, provider)
+                refreshed = await self._refresh(grant, provider, resource)
         except CoordinationUnavailable as exc:
             raise self._uncoordinated(exc) from exc
+        issued = self._issued(refreshed, "refresh", resource)
         if on_refreshed is not None:
-            await on_refreshed(refreshed.tokens)
-        return Issued(refreshed.tokens, "refresh")
+            await on_refreshed(issued.tokens)
+        return issued
 
     @staticmethod
     def _uncoordinated(exc: CoordinationUnavailable) -> CredentialStoreUnavailable:
@@ -365,8 +399,8 @@ class TokenBroker:
                               f"the connection to {provider.id} needs re-authorization")
         return grant
 
-    async def _refresh(self, grant: Grant, provider: ProviderSettings, *,
-                       forced: bool = False) -> Grant:
+    async def _refresh(self, grant: Grant, provider: ProviderSettings,
+                       resource: str | None = None, *, forced: bool = False) -> Grant:
         """Redeem the grant's refresh token and store the result.
 
         When the provider says the grant is dead (:class:`InvalidGrant`: ``invalid_grant``
@@ -375,18 +409,30 @@ class TokenBroker:
         (``revoked_upstream`` for a refresh ``forced`` by an upstream 401), and this
         request gets ``reauth-required``: the dead refresh token is never presented again.
         An operator error (:class:`ProviderMisconfigured`) or any other failure leaves the
-        grant as it is."""
+        grant as it is.
+
+        ``resource``: redeem for that resource's access token, with its ``scopes``
+        (rendered with the grant's values); a rotated refresh token replaces the grant's
+        one, and the other access tokens are kept. The token endpoint is the provider's,
+        rendered with the grant's values (Shopify's is per shop)."""
         if grant.tokens.refresh_token is None:
             await self._mark(grant.user, provider, "expired")
             raise self.reauth(provider, "expired",
                               f"the access token for {provider.id} expired and cannot be "
                               "refreshed")
+        try:
+            endpoint = provider.for_grant(grant.values)
+            scopes = (provider.resource_scopes(resource, grant.values)
+                      if resource is not None else None)
+        except BindingError as exc:
+            raise self.reauth(provider, exc.reason,
+                              f"{exc.detail}; the user must reconnect {provider.id}") from None
         self.stats.refreshes += 1
         started = time.monotonic()
         m = self.metrics
         try:
-            tokens = await self._refresher.refresh(provider, self._client_secret(provider),
-                                                   grant.tokens.refresh_token)
+            tokens = await self._refresher.refresh(endpoint, self._client_secret(provider),
+                                                   grant.tokens.refresh_token, scopes=scopes)
         except InvalidGrant as exc:
             m.refreshes.labels(provider.id, "invalid_grant").inc()
             reason = "revoked_upstream" if forced else exc.reason
@@ -402,15 +448,22 @@ class TokenBroker:
         finally:
             m.refresh_seconds.labels(provider.id).observe(time.monotonic() - started)
         m.refreshes.labels(provider.id, "ok").inc()
-        new = replace(grant, tokens=tokens.merged_refresh(grant.tokens))
+        if resource is None:
+            new = replace(grant, tokens=tokens.merged_refresh(grant.tokens))
+        else:
+            shared = replace(grant.tokens, refresh_token=tokens.refresh_token
+                             or grant.tokens.refresh_token)
+            new = replace(grant, tokens=shared, resources={
+                **grant.resources, resource: replace(tokens, refresh_token=None)})
         generation = self._generation
         self._unsaved[(grant.user, provider.id)] = (new, grant.version)
-        stored = await self._save(new, grant.version, provider)
+        stored = await self._save(new, grant.version, provider, resource)
         self._remember(stored, generation)
         await self._coord.cache_put(stored)
         return stored
 
-    async def _save(self, grant: Grant, based_on: int, provider: ProviderSettings) -> Grant:
+    async def _save(self, grant: Grant, based_on: int, provider: ProviderSettings,
+                    resource: str | None = None) -> Grant:
         """Write refreshed tokens, only over the version they were refreshed from: a grant
         revoked, marked or reconnected meanwhile is never brought back."""
         key = (grant.user, grant.provider)
@@ -424,10 +477,15 @@ class TokenBroker:
             # Reconnected meanwhile: the new grant is the one to use. Revoked or marked:
             # _load says so (no_connection, or the mark's reason).
             current = await self._load(grant.user, provider)
-            if self._fresh(current, provider) is None:
+            if self._fresh(current, provider, None) is None:
                 raise self.reauth(provider, "revoked",
                                   f"the connection to {provider.id} was revoked or replaced "
                                   "while its token was being refreshed") from None
+            if current.tokens_for(resource) is None:
+                raise CredentialStoreUnavailable(
+                    f"the connection to {provider.id} was replaced while a token for its "
+                    f"resource {resource} was obtained: retry the request",
+                    reason="token_superseded", retry_after=1) from None
             return current
         except VaultError as exc:
             self.metrics.vault_errors.labels("write").inc()

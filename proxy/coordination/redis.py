@@ -47,8 +47,8 @@ from redis.exceptions import ConnectionError, LockError, LockNotOwnedError, Redi
 from proxy.coordination.base import USED, CoordinationUnavailable, Invalidation, Lease, Used
 from proxy.errors import CoordinationFencing
 from proxy.settings import CoordinationSettings, resolve_secret
-from proxy.tokenset import TokenSet, TokenSetError
-from proxy.vault.base import Grant, GrantStatus
+from proxy.tokenset import TokenSetError
+from proxy.vault.base import Grant, GrantStatus, grant_record, read_grant_record
 
 log = logging.getLogger("credproxy.redis")
 
@@ -333,8 +333,10 @@ class RedisCoordinator:
             data = json.loads(plain)
             if data["u"] != user or data["p"] != provider:
                 return None
-            return Grant(user=user, provider=provider, tokens=TokenSet.from_record(data["t"]),
-                         version=int(data["v"]), updated_at=float(data["at"]))
+            tokens, values, resources = read_grant_record(data["t"])
+            return Grant(user=user, provider=provider, tokens=tokens, values=values,
+                         resources=resources, version=int(data["v"]),
+                         updated_at=float(data["at"]))
         except (InvalidTag, ValueError, KeyError, TypeError, TokenSetError):
             log.warning("discarding an unreadable shared cache entry")
             return None
@@ -350,7 +352,7 @@ class RedisCoordinator:
             return
         key = self._key("tok", grant.user, grant.provider)
         plain = json.dumps({"u": grant.user, "p": grant.provider, "v": grant.version,
-                            "at": grant.updated_at, "t": t.to_record()}).encode()
+                            "at": grant.updated_at, "t": grant_record(grant)}).encode()
         nonce = secrets.token_bytes(12)
         sealed = nonce + self._aead.encrypt(nonce, plain, key.encode())
         try:

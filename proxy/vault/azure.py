@@ -54,15 +54,17 @@ from azure.core.exceptions import (
 from azure.core.pipeline.policies import AsyncRetryPolicy
 
 from proxy.errors import VaultCorruptError, VaultUnavailable
-from proxy.tokenset import TokenSet, TokenSetError
+from proxy.tokenset import TokenSetError
 from proxy.vault.base import (
     Grant,
     GrantChanged,
     GrantInfo,
     GrantStatus,
     corrupt_info,
+    grant_record,
     info,
     next_version,
+    read_grant_record,
 )
 from proxy.vault.keys import derive_subkey
 
@@ -364,7 +366,7 @@ class AzureKeyVault:
         value = json.dumps({
             "user": grant.user, "provider": grant.provider, "status": grant.status.value,
             "reason": grant.reason, "updated_at": grant.updated_at, "version": grant.version,
-            "tokens": grant.tokens.to_record(),
+            "tokens": grant_record(grant),
         })
         tags = {TAG_PROVIDER: grant.provider, TAG_USER: user_tag(self._naming, grant.user)}
         # Transient errors were already retried by VaultRetryPolicy (bounded); this loop
@@ -425,8 +427,9 @@ class AzureKeyVault:
             if data.get("user") != user or data.get("provider") != provider:
                 raise VaultCorruptError(f"key vault secret for {user!r}/{provider!r} belongs "
                                         "to another grant")
-            return Grant(user=user, provider=provider,
-                         tokens=TokenSet.from_record(data["tokens"]),
+            tokens, values, resources = read_grant_record(data["tokens"])
+            return Grant(user=user, provider=provider, tokens=tokens, values=values,
+                         resources=resources,
                          status=GrantStatus(data.get("status", "active")),
                          reason=data.get("reason"), updated_at=float(data["updated_at"]),
                          version=int(data["version"]))

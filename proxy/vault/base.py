@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
-from proxy.tokenset import TokenSet
+from proxy.binding import GrantValue
+from proxy.tokenset import TokenSet, TokenSetError
 
 
 class GrantChanged(Exception):  # noqa: N818 - a condition, not a failure of the vault
@@ -40,6 +42,23 @@ class Grant:
     reason: str | None = None  # why re-authorization is needed
     updated_at: float = 0.0
     version: int = 0  # bumped on every write; lets caches discard stale entries
+    # Non-secret values bound into the grant (proxy.binding): instance URL, shop, realm...
+    values: Mapping[str, GrantValue] = field(default_factory=dict)
+    # Access tokens for the provider's other resources (one consent, one refresh token:
+    # ``tokens.refresh_token`` serves them all); never holding a refresh token themselves.
+    resources: Mapping[str, TokenSet] = field(default_factory=dict)
+
+    def tokens_for(self, resource: str | None) -> TokenSet | None:
+        """The access token set for ``resource`` (None: the provider's own hosts)."""
+        return self.tokens if resource is None else self.resources.get(resource)
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceInfo:
+    """What may be shown about a resource's access token: never its value."""
+
+    expires_at: float | None
+    scope: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +74,44 @@ class GrantInfo:
     has_refresh_token: bool
     updated_at: float
     version: int
+    values: Mapping[str, GrantValue] = field(default_factory=dict)
+    resources: Mapping[str, ResourceInfo] = field(default_factory=dict)
+
+
+def grant_record(grant: Grant) -> dict[str, Any]:
+    """What a backend seals for ``grant``: its token set's record, plus its grant values
+    and resource access tokens when it has any (records written before these existed
+    read as having none). Reveals secrets: for sealing only."""
+    record = grant.tokens.to_record()
+    if grant.values:
+        record["grant_values"] = {k: list(v) if isinstance(v, tuple) else v
+                                  for k, v in grant.values.items()}
+    if grant.resources:
+        record["resource_tokens"] = {rid: t.to_record() for rid, t in grant.resources.items()}
+    return record
+
+
+def read_grant_record(record: Mapping[str, Any]
+                      ) -> tuple[TokenSet, dict[str, GrantValue], dict[str, TokenSet]]:
+    """The token set, grant values and resource tokens of a sealed record
+    (:func:`grant_record`). Raises :class:`proxy.tokenset.TokenSetError`."""
+    tokens = TokenSet.from_record(record)
+    values: dict[str, GrantValue] = {}
+    raw = record.get("grant_values") or {}
+    if not isinstance(raw, Mapping):
+        raise TokenSetError("grant_values must be an object")
+    for name, value in raw.items():
+        if isinstance(value, str):
+            values[str(name)] = value
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            values[str(name)] = tuple(value)
+        else:
+            raise TokenSetError("a grant value must be a string or a list of strings")
+    rtokens = record.get("resource_tokens") or {}
+    if not isinstance(rtokens, Mapping):
+        raise TokenSetError("resource_tokens must be an object")
+    resources = {str(rid): TokenSet.from_record(rec) for rid, rec in rtokens.items()}
+    return tokens, values, resources
 
 
 class Vault(Protocol):
@@ -109,6 +166,9 @@ def info(grant: Grant) -> GrantInfo:
         has_refresh_token=t.refresh_token is not None,
         updated_at=grant.updated_at,
         version=grant.version,
+        values=dict(grant.values),
+        resources={rid: ResourceInfo(expires_at=r.expires_at, scope=r.scope)
+                   for rid, r in grant.resources.items()},
     )
 
 

@@ -38,15 +38,16 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.errors import VaultCorruptError, VaultError, VaultKeyError, VaultUnavailable
-from proxy.tokenset import TokenSet
 from proxy.vault.base import (
     Grant,
     GrantChanged,
     GrantInfo,
     GrantStatus,
     corrupt_info,
+    grant_record,
     info,
     next_version,
+    read_grant_record,
 )
 from proxy.vault.keys import KEY_BYTES, derive_subkey
 
@@ -364,7 +365,7 @@ class LocalVault:
         aad = _record_aad(
             grant.user, grant.provider, grant.status, grant.reason, grant.updated_at, grant.version
         )
-        plaintext = json.dumps(grant.tokens.to_record(), separators=(",", ":")).encode()
+        plaintext = json.dumps(grant_record(grant), separators=(",", ":")).encode()
         nonce = os.urandom(_NONCE_BYTES)
         sealed = nonce + self._aead.encrypt(nonce, plaintext, aad)
         conn.execute(
@@ -427,8 +428,12 @@ def _parse(
     plaintext: bytes, user: str, provider: str, status: str, reason: str | None
 ) -> Grant | None:
     try:
-        tokens = TokenSet.from_record(json.loads(plaintext))
-        return Grant(user, provider, tokens, status=GrantStatus(status), reason=reason)
+        record = json.loads(plaintext)
+        if not isinstance(record, dict):
+            return None
+        tokens, values, resources = read_grant_record(record)
+        return Grant(user, provider, tokens, status=GrantStatus(status), reason=reason,
+                     values=values, resources=resources)
     except (ValueError, TypeError):  # includes JSONDecodeError and TokenSetError
         return None
 

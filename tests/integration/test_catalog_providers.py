@@ -86,9 +86,14 @@ class Env:
     def connect(self, pid: str, user: str) -> None:
         """The browser flow: /connect/<id>, the provider's consent, the callback."""
         admin = f"http://{self.stack.config['admin']}"
+        # A store chosen at connect time (Shopify's shop) is the fake's own host.
+        choices = {spec.get("param", name): f"localhost:{self.ports[pid]}"
+                   for name, spec in (load_catalog_entry(pid).get("grant_values") or {}).items()
+                   if spec.get("from") == "choice"}
         with httpx2.Client(verify=self.stack.admin_tls(), follow_redirects=False, timeout=20,
                            trust_env=False) as b:
-            r = b.get(f"{admin}/connect/{pid}", params={"context": self.stack.context(user)})
+            r = b.get(f"{admin}/connect/{pid}",
+                      params={"context": self.stack.context(user), **choices})
             assert r.status_code == 302, r.text
             authorize = r.headers["location"]
             assert authorize.startswith(f"{self.base(pid)}/authorize?")
@@ -146,6 +151,17 @@ def _entry(pid: str, base: str, port: int) -> dict[str, Any]:
     needed = next(e["parameters"] for e in describe_catalog() if e["id"] == pid)
     if needed:
         entry["parameters"] = {name: f"test-{name}" for name in needed}
+    # Discovery calls after connecting go to the fake, on the same path and query.
+    discovered = {name: {"url": base + urlsplit(str(spec["url"]))._replace(
+                     scheme="", netloc="").geturl()}
+                  for name, spec in (catalog.get("grant_values") or {}).items()
+                  if spec.get("from") == "discovery"}
+    if discovered:
+        entry["grant_values"] = discovered
+    # A resource of the same grant (Microsoft 365's SharePoint) is the fake reached by IP.
+    if catalog.get("resources"):
+        entry["resources"] = {rid: {"hosts": [f"127.0.0.1:{port}"]}
+                              for rid in catalog["resources"]}
     return entry
 
 

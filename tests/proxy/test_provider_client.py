@@ -95,8 +95,8 @@ async def test_code_exchange_sends_token_params_but_not_refresh_params(
         fake: FakeOAuth, client: ProviderClient) -> None:
     fake.script("/token", tokens(expires_in=60))
     p = at(fake, "shopify", refresh_params={"resource": "x"})
-    got = await client.exchange_code(p, SECRET, code="c-1", code_verifier="v" * 43,
-                                     redirect_uri="http://127.0.0.1:9/cb")
+    got = (await client.exchange_code(p, SECRET, code="c-1", code_verifier="v" * 43,
+                                      redirect_uri="http://127.0.0.1:9/cb")).tokens
     assert got.expires_at == NOW + 60 and got.issued_at == NOW
     (seen,) = fake.requests("/token")
     assert seen.form == {"grant_type": "authorization_code", "code": "c-1",

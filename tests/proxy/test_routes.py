@@ -77,14 +77,14 @@ def dest(host: str, port: int = 443, tls: bool = True) -> Destination:
     pytest.param(dest("[::2]", 8443), None, id="ipv6-other-address"),
 ])
 def test_router_match(destination: Destination, expected: str | None) -> None:
-    provider = ROUTER.match(destination)
-    assert (provider.id if provider else None) == expected
+    route = ROUTER.match(destination)
+    assert (route.provider.id if route else None) == expected
 
 
 def test_exact_pattern_wins_over_wildcard() -> None:
     router = Router([_provider("wild", "*.example.com"), _provider("exact", "api.example.com")])
-    assert router.match(dest("api.example.com")).id == "exact"  # type: ignore[union-attr]
-    assert router.match(dest("www.example.com")).id == "wild"  # type: ignore[union-attr]
+    assert router.match(dest("api.example.com")).provider.id == "exact"  # type: ignore[union-attr]
+    assert router.match(dest("www.example.com")).provider.id == "wild"  # type: ignore[union-attr]
 
 
 def test_empty_router_matches_nothing() -> None:

@@ -161,7 +161,7 @@ class _FixedRefresher(ProviderClient):
     """The token endpoint's answer, without a network: the broker is what is under test."""
 
     async def refresh(self, provider: ProviderSettings, client_secret: Secret | None,
-                      refresh_token: Secret) -> TokenSet:
+                      refresh_token: Secret, *, scopes: list[str] | None = None) -> TokenSet:
         self.calls += 1
         return tokens("rotated")
 
@@ -232,7 +232,8 @@ async def test_a_reconnect_during_a_refresh_wins(tmp_path: Path) -> None:
 
     class ReconnectMeanwhile(_FixedRefresher):
         async def refresh(self, provider: ProviderSettings, client_secret: Secret | None,
-                          refresh_token: Secret) -> TokenSet:
+                          refresh_token: Secret, *, scopes: list[str] | None = None
+                          ) -> TokenSet:
             await v.put(Grant("u", "docs", tokens("reconnected")))
             return await super().refresh(provider, client_secret, refresh_token)
 
