@@ -132,7 +132,12 @@ def cmd_providers(args: argparse.Namespace) -> int:
             continue
         needs = ", ".join(e["parameters"]) or "-"
         defaults = ", ".join(f"{k}={v}" for k, v in e["parameter_defaults"].items()) or "-"
-        print(f"{e['id']:<16} {e['title']}\n{'':<16} hosts: {', '.join(e['hosts'])}\n"
+        bound = (f"\n{'':<16} each grant bound to: {', '.join(e['grant_hosts'])} "
+                 f"(within the hosts above)" if e["grant_hosts"] else "")
+        values = (f"\n{'':<16} grant values: {', '.join(e['grant_values'])}"
+                  if e["grant_values"] else "")
+        print(f"{e['id']:<16} {e['title']}\n{'':<16} hosts: {', '.join(e['hosts'])}"
+              f"{bound}{values}\n"
               f"{'':<16} parameters needed: {needs}; defaults: {defaults}; "
               f"revocation: {e['revocation']}")
     print("\nUse one with `- provider: <id>` plus client_id, client_secret_env (or _file) "

@@ -457,9 +457,10 @@ def test_vault_create_makes_only_a_missing_file(stack: Stack, tmp_path: Path) ->
 
 
 def test_providers_lists_the_whole_catalog_with_what_each_entry_needs() -> None:
-    """`credproxy providers` needs no config: every shipped catalog entry, its hosts (never
-    a bare wildcard: per-tenant hosts are parameters), the parameters a config must give
-    and the revocation style."""
+    """`credproxy providers` needs no config: every shipped catalog entry, its hosts (a
+    wildcard only as the ceiling of an entry that binds each grant to its tenant:
+    ``grant_hosts``), the parameters a config must give, the grant values it reads and the
+    revocation style."""
     shipped = sorted(p.stem for p in (Path(__file__).parents[2] / "proxy" / "catalog")
                      .glob("*.yaml"))
     r = cli(None, "providers", "--json")
@@ -468,10 +469,14 @@ def test_providers_lists_the_whole_catalog_with_what_each_entry_needs() -> None:
     assert sorted(entries) == shipped and len(shipped) >= 17
     for e in entries.values():
         assert "error" not in e, e
-        assert e["hosts"] and not any(h.startswith("*") for h in e["hosts"]), e
+        assert e["hosts"], e
+        assert e["grant_hosts"] or not any(h.startswith("*") for h in e["hosts"]), e
         assert e["revocation"] in {"rfc7009", "json", "bearer", "github-grant", "slack",
                                    "none"}
-    assert entries["salesforce"]["parameters"] == ["instance"]
+    assert entries["salesforce"]["parameters"] == []
+    assert "instance" in entries["salesforce"]["grant_values"]
+    assert entries["salesforce"]["grant_hosts"] == ["{instance}"]
+    assert entries["sharepoint"]["parameters"] == ["sharepoint_tenant"]
     assert entries["slack"]["revocation"] == "slack"
     text = cli(None, "providers")
     assert text.returncode == 0 and "provider: <id>" in text.stdout
