@@ -353,7 +353,8 @@ def refuse_loosening(old: Settings, new: Settings) -> None:
     """Raise :class:`ConfigError` when ``new`` relaxes a guard of ``old`` that a file cut
     short would also relax (its defaults are looser), unless ``new.reload.allow_loosening``
     names it: ``unrouted: deny`` becoming ``passthrough``; ``identity.one_time_jti`` turned
-    off; a provider's ``methods`` allowlist dropped or widened."""
+    off; a provider's ``methods`` allowlist dropped or widened; a provider's (or a
+    resource's) ``grant_hosts`` dropped."""
     allowed = set(new.reload.allow_loosening)
     loosened: list[str] = []
     if old.unrouted == "deny" and new.unrouted == "passthrough":
@@ -366,6 +367,10 @@ def refuse_loosening(old: Settings, new: Settings) -> None:
         if q is not None and p.methods is not None and (
                 q.methods is None or not set(q.methods) <= set(p.methods)):
             loosened.append(f"providers.{p.id}.methods")
+        # A provider that stops binding its grants to their tenant would send every
+        # user's token to every host under its ceiling (docs/tenants.md).
+        if q is not None and _unbinds(p, q):
+            loosened.append(f"providers.{p.id}.grant_hosts")
     refused = [k for k in loosened if k not in allowed]
     if refused:
         raise ConfigError(
@@ -373,6 +378,15 @@ def refuse_loosening(old: Settings, new: Settings) -> None:
             "trailing keys, whose defaults are looser, so the running config keeps serving. "
             "To relax them on purpose, add to the new file: reload: {allow_loosening: "
             f"[{', '.join(refused)}]}}")
+
+
+def _unbinds(old: ProviderSettings, new: ProviderSettings) -> bool:
+    """Whether ``new`` drops the grant hosts ``old`` bound, for the provider or one of its
+    resources still routed."""
+    if old.grant_hosts and not new.grant_hosts:
+        return True
+    return any(r.grant_hosts and rid in new.resources and not new.resources[rid].grant_hosts
+               for rid, r in old.resources.items())
 
 
 def upstream_ssl_context(settings: Settings) -> ssl.SSLContext:

@@ -519,10 +519,12 @@ class ReloadSettings(_Model):
     allow_provider_removal: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]] = (
         Field(default_factory=list))
     # Guards this file relaxes on purpose (see proxy.app.refuse_loosening): "unrouted",
-    # "identity.one_time_jti", "providers.<id>.methods". A reload that relaxes any other is
-    # refused: a file cut short silently drops trailing keys, whose defaults are looser.
+    # "identity.one_time_jti", "providers.<id>.methods", "providers.<id>.grant_hosts". A
+    # reload that relaxes any other is refused: a file cut short silently drops trailing
+    # keys, whose defaults are looser.
     allow_loosening: list[Annotated[str, Field(
-        pattern=r"^(unrouted|identity\.one_time_jti|providers\.[a-z0-9][a-z0-9_-]{0,62}\.methods)$"
+        pattern=(r"^(unrouted|identity\.one_time_jti|"
+                 r"providers\.[a-z0-9][a-z0-9_-]{0,62}\.(methods|grant_hosts))$")
     )]] = Field(default_factory=list)
     # Seconds the file (and the files it names) must stay unchanged before it is parsed,
     # so a file being written in place is never read half-way.

@@ -148,3 +148,57 @@ def test_reloads_that_keep_or_tighten_guards_pass(new: Settings) -> None:
     from proxy.app import refuse_loosening
 
     refuse_loosening(GUARDED, new)
+
+
+# --- a provider that binds its grants to their tenant (docs/tenants.md) ---------------------
+
+def _bound(grant_hosts: bool = True, resource_bound: bool = True, **top: Any) -> Settings:
+    """A Salesforce-like provider bound by its grant's instance, with a bound resource."""
+    provider: dict[str, Any] = {
+        "id": "crm", "hosts": ["*.crm.example.com"], "client_id": "c",
+        "token_url": "https://login.crm.example.com/token",
+        "token_endpoint_auth_method": "none",
+        "grant_values": {"instance": {"from": "token_response", "field": "instance_url",
+                                      "kind": "host"}},
+        "resources": {"files": {"hosts": ["*.files.example.com"], "scopes": ["files"]}}}
+    if grant_hosts:
+        provider["grant_hosts"] = ["{instance}"]
+    if resource_bound:
+        provider["resources"]["files"]["grant_hosts"] = ["files-{instance}"]
+    return parse_settings({"identity": {"issuer": "i", "audience": "a", "jwks_file": "j.json"},
+                           "providers": [provider], **top})
+
+
+@pytest.mark.parametrize(("new", "refused"), [
+    pytest.param(_bound(), None, id="unchanged"),
+    pytest.param(_bound(grant_hosts=False), "providers.crm.grant_hosts", id="unbound"),
+    pytest.param(_bound(resource_bound=False), "providers.crm.grant_hosts",
+                 id="resource-unbound"),
+    pytest.param(_bound(grant_hosts=False, reload={
+        "allow_loosening": ["providers.crm.grant_hosts"]}), None, id="unbound-on-purpose"),
+])
+def test_a_reload_that_stops_binding_grants_is_refused(new: Settings,
+                                                       refused: str | None) -> None:
+    """A file cut short before ``grant_hosts`` would send every user's token to every host
+    under the ceiling: refused unless the file says so."""
+    from proxy.app import refuse_loosening
+
+    if refused is None:
+        refuse_loosening(_bound(), new)
+        return
+    with pytest.raises(ConfigError, match="allow_loosening") as e:
+        refuse_loosening(_bound(), new)
+    assert refused in str(e.value)
+
+
+def test_resource_hosts_removed_by_a_reload_stay_refused() -> None:
+    """A resource's hosts count as the provider's: removing them is a removal."""
+    old = _bound()
+    new = parse_settings({"identity": {"issuer": "i", "audience": "a", "jwks_file": "j.json"},
+                          "providers": [{**{k: v for k, v in old.providers[0].model_dump(
+                              by_alias=True).items() if k not in ("resources",)}}]})
+    with pytest.raises(ConfigError, match=r"\*\.files\.example\.com of provider 'crm'"):
+        refuse_provider_removal(old, new)
+    router = Router(old.providers).after_reload(old.providers, new.providers)
+    with pytest.raises(UnroutedDenied):
+        refuse_retired(router, Destination("x.files.example.com", 443, True))
