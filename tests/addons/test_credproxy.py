@@ -21,15 +21,14 @@ from proxy.coordination import MemoryCoordinator
 from proxy.identity import IdentityVerifier, KeySource
 from proxy.metrics import Metrics
 from proxy.provider_client import ProviderClient
-from proxy.routes import Router
 from proxy.secret import Secret
-from proxy.settings import ProviderSettings, RefreshSettings, Settings
+from proxy.settings import ProviderSettings, Settings
 from proxy.sidecar import Sidecar
 from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant
 from proxy.vault.local import LocalVault
-from tests.proxy.conftest import NOW, Clock, Keys, MakeContext, identity_settings
+from tests.proxy.conftest import NOW, Clock, Keys, MakeContext, identity_settings, live_config
 
 _COMMON: dict[str, Any] = {"token_url": "https://login.example.com/token", "client_id": "c",
                            "token_endpoint_auth_method": "none"}
@@ -67,16 +66,17 @@ async def injector(tmp_path: Path, keys: Keys, audit_lines: Lines
         await vault.put(Grant(USER, provider, TokenSet(access_token=Secret(token),
                                                        refresh_token=None,
                                                        expires_at=NOW + 3600)))
-    refresher = ProviderClient(RefreshSettings())
-    broker = TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
-                         metrics=Metrics(), connect_url=lambda p: f"https://admin/connect/{p.id}",
-                         clock=lambda: NOW)
-    settings = Settings(identity=identity_settings(), providers=[DOCS, KEYED, V6])
+    settings = Settings(identity=identity_settings(), providers=[DOCS, KEYED, V6],
+                        public_url="https://admin")
     verifier = IdentityVerifier(settings.identity, KeySource(keys.public_set()), clock=Clock())
+    live = live_config(settings=settings, verifier=verifier)
+    refresher = ProviderClient(live)
+    broker = TokenBroker(vault, MemoryCoordinator(), refresher, live, metrics=Metrics(),
+                         clock=lambda: NOW)
     audit = AuditLog(audit_lines, instance="test/1", fingerprint_key=b"k" * 32,
                      clock=lambda: NOW)
-    sidecar = Sidecar(settings, verifier, Router(settings.providers), broker, audit)
-    addon = CredentialInjector(SimpleNamespace(sidecar=sidecar))  # type: ignore[arg-type]
+    sidecar = Sidecar(live, broker, audit)
+    addon = CredentialInjector(SimpleNamespace(sidecar=sidecar, live=live))  # type: ignore[arg-type]
     yield addon
     await addon.done()
     await refresher.aclose()
