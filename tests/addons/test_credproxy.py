@@ -19,6 +19,7 @@ from addons.credproxy import CredentialInjector
 from proxy.audit import AuditLog
 from proxy.coordination import MemoryCoordinator
 from proxy.identity import IdentityVerifier, KeySource
+from proxy.live import Snapshot
 from proxy.metrics import Metrics
 from proxy.provider_client import ProviderClient
 from proxy.secret import Secret
@@ -313,3 +314,29 @@ async def test_an_ipv6_provider_is_routed_in_any_spelling(
     await injector.requestheaders(f)
     assert ("Authorization", "Bearer at-v6") in _sent(f)
     assert f.request.host == "::1"
+
+
+# --- 9. a reload reaches the header section's reading too ------------------------------------
+
+async def test_a_reloaded_identity_header_is_the_one_read_and_stripped(
+        injector: CredentialInjector, tctx: taddons.context, keys: Keys,
+        make_context: MakeContext) -> None:
+    """The header policy belongs to the snapshot (it was built once, at start): after a
+    reload renames identity.header, the new header carries the context and is never
+    forwarded; the old name is an ordinary field."""
+    assert injector.app is not None
+    live = injector.app.live
+    running = live.current
+    identity = running.settings.identity.model_copy(update={"header": "X-Agent-Context"})
+    live.swap(Snapshot.build(running.settings.model_copy(update={"identity": identity}),
+                             IdentityVerifier(identity, KeySource(keys.public_set()),
+                                              clock=Clock()),
+                             secrets=running.secrets))
+    f = _in_tunnel(_tunnel(injector), [("Host", "docs.example.com"),
+                                       ("X-Agent-Context", make_context()),
+                                       ("X-User-Context", "an ordinary field now")])
+    await injector.requestheaders(f)
+    assert _refused(injector, f) is None
+    assert _sent(f) == [("Host", "docs.example.com"),
+                        ("X-User-Context", "an ordinary field now"),
+                        ("Authorization", "Bearer at-docs")]
