@@ -89,7 +89,7 @@ class App:
         one, is refused unless the new file allows it (:func:`refuse_provider_removal`).
         Restart-only keys keep their running values (the sockets, stores and connect URLs
         in use); returns those that changed, which need a restart to take effect."""
-        running = self.live.current
+        running = self.live.latest
         old = running.settings
         refuse_provider_removal(old, new)
         refuse_loosening(old, new)

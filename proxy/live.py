@@ -111,6 +111,12 @@ class LiveConfig:
         pinned = self._pinned.get()
         return pinned if pinned is not None else self._snapshot
 
+    @property
+    def latest(self) -> Snapshot:
+        """The latest snapshot swapped in, whatever the operation in this task runs on:
+        what a reload builds on."""
+        return self._snapshot
+
     @contextmanager
     def pinned(self, snapshot: Snapshot | None = None) -> Iterator[Snapshot]:
         """Run an operation on one snapshot: inside the ``with`` block, in this asyncio

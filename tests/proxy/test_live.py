@@ -23,7 +23,7 @@ from proxy.identity import IdentityVerifier, KeySource
 from proxy.live import LiveConfig, Snapshot
 from proxy.metrics import Metrics
 from proxy.provider_client import ProviderClient
-from proxy.routes import Destination
+from proxy.routes import Destination, refuse_retired
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, RefreshSettings, Settings, parse_settings
 from proxy.sidecar import Injection, Outbound, Passthrough, Sidecar
@@ -143,6 +143,24 @@ async def test_a_reload_swaps_in_one_new_snapshot_that_every_component_reads(
     assert before.settings.refresh.attempts == 3 and before.headers.context_header == (
         "X-User-Context")
     assert before.router.match(Destination("graph.example.com", 443, tls=True)) is None
+
+
+async def test_a_reload_builds_on_the_latest_snapshot_even_from_inside_an_operation(
+        app: App, tmp_path: Path, jwks_file: Path) -> None:
+    """An operation's pinned snapshot is its own: a reload (the watcher is a task like
+    any other) compares with and builds on what is running, so the hosts of a provider
+    added by one reload and removed by the next are retired, not forgotten."""
+    docs = _provider("docs", "docs.example.com", client_secret_env="DOCS_SECRET")
+    graph = _provider("graph", "graph.example.com", token_endpoint_auth_method="none")
+    first = app.live.current
+    with app.live.pinned():
+        app.reload(_config(tmp_path, jwks_file, docs, graph))
+        app.reload(_config(tmp_path, jwks_file, docs,
+                           reload={"allow_provider_removal": ["graph"]}))
+        assert app.live.current is first
+    with pytest.raises(UnroutedDenied, match="provider 'graph', which a config reload"):
+        refuse_retired(app.live.current.router, Destination("graph.example.com", 443,
+                                                            tls=True))
 
 
 async def test_an_unchanged_identity_keeps_the_verifier_of_a_jwks_url(
@@ -353,16 +371,16 @@ async def test_pinned_snapshots_are_per_task(make_verifier: Callable[..., Identi
         with live.pinned() as snap:
             entered.set()
             await swapped.wait()
-            return [snap, live.current]
+            return [snap, live.current, live.latest]
 
     task = asyncio.create_task(operation())
     await entered.wait()
     live.swap(second)
     swapped.set()
-    assert await task == [first, first]
+    assert await task == [first, first, second]
     assert live.current is second
     with live.pinned(first):
-        assert live.current is first
+        assert live.current is first and live.latest is second
     assert live.current is second
 
 
