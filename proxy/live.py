@@ -127,7 +127,12 @@ class LiveConfig:
         try:
             yield snap
         finally:
-            self._pinned.reset(token)
+            try:
+                self._pinned.reset(token)
+            except ValueError:
+                # Closed outside its task (a coroutine collected while suspended in the
+                # block): that context never held the pin, so there is nothing to undo.
+                pass
 
     def swap(self, snapshot: Snapshot) -> None:
         """Make ``snapshot`` the running configuration (one assignment: every operation
