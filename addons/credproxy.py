@@ -47,7 +47,7 @@ from proxy.problems import refusal_response
 from proxy.routes import Destination
 from proxy.secret import Secret
 from proxy.settings import load_settings
-from proxy.sidecar import Injection, Outbound, Sidecar
+from proxy.sidecar import Injection, Outbound
 
 compat.install()
 
@@ -139,7 +139,7 @@ class CredentialInjector:
                     log.exception("could not record the failure of %s", flow_id)
 
     def _policy(self) -> HeaderPolicy:
-        return self.app.sidecar.headers if self.app is not None else _DEFAULT_POLICY
+        return self.app.live.current.headers if self.app is not None else _DEFAULT_POLICY
 
     def next_layer(self, data: layer.NextLayer) -> None:
         """After mitmproxy's NextLayer chose how to handle a connection (it runs first):
@@ -172,7 +172,7 @@ class CredentialInjector:
             # loopback): intercept, and the request path refuses it (421).
             data.layer = compat.intercept_layer(data.context, data.data_client())
             return
-        if self.app.sidecar.router.match(dest) is not None:
+        if self.app.live.current.router.match(dest) is not None:
             log.info("tunnel to %s is a provider's address (%s): intercepted, not tunnelled",
                      where, dest)
             data.layer = compat.intercept_layer(data.context, data.data_client())
@@ -204,14 +204,17 @@ class CredentialInjector:
                                                    "forwarded", reason="unconfigured"))
             return
         sidecar = self.app.sidecar
+        # One configuration for the whole request: the header policy that reads it, the
+        # user-context header it is taken from, and the decision.
+        config = self.app.live.current
         req = flow.request
         try:
             # One reading of the header section, before anything else: malformed fields are
             # refused, identity headers (every spelling) and Connection-nominated fields go.
-            read = sidecar.read_headers(req.headers.fields)
+            read = sidecar.read_headers(req.headers.fields, config)
             req.headers = http.Headers(list(read.fields))
-            outbound = self._outbound(flow, read, sidecar)
-            decision = await sidecar.decide(outbound)
+            outbound = self._outbound(flow, read, config.verifier.header)
+            decision = await sidecar.decide(outbound, config)
         except ProxyRefusal as refusal:
             await self._refuse(flow, refusal)
             return
@@ -242,10 +245,11 @@ class CredentialInjector:
             # ignores this.)
             req.stream = True
 
-    def _outbound(self, flow: http.HTTPFlow, read: ReadHeaders, sidecar: Sidecar) -> Outbound:
+    def _outbound(self, flow: http.HTTPFlow, read: ReadHeaders, context_header: str
+                  ) -> Outbound:
         req = flow.request
         conn = flow.client_conn.id
-        context = choose_context(read, sidecar.verifier.header, self._conn_context.get(conn))
+        context = choose_context(read, context_header, self._conn_context.get(conn))
         in_tunnel = conn in self._tunnels
         # Inside a tunnel mitmproxy keeps an HTTP/1 absolute-form target as it came
         # (``authority``); for HTTP/2 the authority is :authority, read as the Host header.

@@ -19,6 +19,7 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyser
 from addons.credproxy import CredentialInjector
 from proxy.app import App
 from proxy.hosts import HostPattern
+from proxy.live import Snapshot
 from proxy.settings import ProviderSettings, Settings
 
 log = logging.getLogger("credproxy")
@@ -113,12 +114,13 @@ async def serve(settings: Settings, app: App, *, grace: float = 25.0) -> None:
     if settings.unrouted == "tunnel":
         update["allow_hosts"] = intercept_pattern(settings)
 
-        def follow_providers(new: Settings) -> None:
+        def follow_providers(new: Snapshot) -> None:
             # Switching to or from tunnel needs a restart (App.reload keeps the old mode),
-            # so this stays tunnel: intercept the reloaded providers' hosts.
-            if new.unrouted == "tunnel":
-                m.options.update(allow_hosts=intercept_pattern(new,
-                                                               app.sidecar.router.retired))
+            # so this stays tunnel: intercept the reloaded providers' hosts, and those of
+            # providers it removed (from the same snapshot).
+            if new.settings.unrouted == "tunnel":
+                m.options.update(allow_hosts=intercept_pattern(new.settings,
+                                                               new.router.retired))
 
         app.on_reload(follow_providers)
     opts.update(**update)

@@ -37,12 +37,12 @@ from aiohttp import web
 from proxy.binding import BindingError
 from proxy.connect import Connector, ConnectRejected
 from proxy.errors import CredentialStoreUnavailable, CredproxyError, ProxyRefusal, VaultError
-from proxy.identity import IdentityVerifier
+from proxy.live import LiveConfig, Snapshot
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import Metrics
 from proxy.problems import problem_response
 from proxy.secret import Secret
-from proxy.settings import ProviderSettings, Settings
+from proxy.settings import ProviderSettings
 from proxy.vault.base import GrantInfo, Vault
 
 log = logging.getLogger("credproxy.admin")
@@ -113,20 +113,21 @@ def _connection(provider: ProviderSettings, grant: GrantInfo | None,
 
 
 class AdminServer:
-    def __init__(self, settings: Settings, verifier: IdentityVerifier, connector: Connector,
-                 vault: Vault, ready_checks: Checks, metrics: Metrics, *,
+    def __init__(self, live: LiveConfig, connector: Connector, vault: Vault,
+                 ready_checks: Checks, metrics: Metrics, *,
                  dependencies: Checks = (), draining: Callable[[], bool] = lambda: False,
                  ready_timeout: float = READY_CHECK_TIMEOUT,
                  liveness: Sequence[tuple[str, Callable[[], str | None]]] = ()) -> None:
-        """``ready_checks``: what the sidecar needs to serve (startup and readiness; a
-        failure is 503). ``dependencies``: shared stores whose outage degrades readiness
-        (200 ``degraded``) and sets ``credproxy_dependency_up``. ``draining``: True once
-        shutdown began (readiness 503). Each check raises CredproxyError or OSError to fail
+        """``live``: the running configuration (each connect request runs on one snapshot
+        of it; the listening address and ``ca_dir`` are restart-only). ``ready_checks``:
+        what the sidecar needs to serve (startup and readiness; a failure is 503).
+        ``dependencies``: shared stores whose outage degrades readiness (200 ``degraded``)
+        and sets ``credproxy_dependency_up``. ``draining``: True once shutdown began
+        (readiness 503). Each check raises CredproxyError or OSError to fail
         and is bounded by ``ready_timeout`` seconds. ``liveness``: named functions that
         return what is wrong (``/healthz`` 503) or None."""
         self._metrics = metrics
-        self.settings = settings
-        self.verifier = verifier
+        self._live = live
         self._connector = connector
         self._vault = vault
         self._checks = ready_checks
@@ -146,13 +147,14 @@ class AdminServer:
         self.app = app
 
     async def start(self) -> None:
-        assert self.settings.admin is not None
-        host, _, port = self.settings.admin.rpartition(":")
+        address = self._live.current.settings.admin
+        assert address is not None
+        host, _, port = address.rpartition(":")
         # access_log=None: /connect may carry a user context in its query string.
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, host.strip("[]"), int(port)).start()
-        log.info("admin server on %s", self.settings.admin)
+        log.info("admin server on %s", address)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -200,7 +202,7 @@ class AdminServer:
         return dict(zip([name for name, _ in checks], results, strict=True))
 
     async def _ca_present(self) -> None:
-        ca = Path(os.path.expanduser(self.settings.ca_dir)) / "mitmproxy-ca.pem"
+        ca = Path(os.path.expanduser(self._live.current.settings.ca_dir)) / "mitmproxy-ca.pem"
         if not ca.is_file():
             raise CredproxyError(f"the CA file {ca} is missing")
 
@@ -218,12 +220,17 @@ class AdminServer:
         return "ok"
 
     async def connect(self, request: web.Request) -> web.StreamResponse:
+        with self._live.pinned() as config:
+            return await self._connect(request, config)
+
+    async def _connect(self, request: web.Request, config: Snapshot) -> web.StreamResponse:
         provider = request.match_info["provider"]
-        raw = request.headers.get(self.verifier.header)
-        if raw is None and self.settings.connect.context_query:
+        settings, verifier = config.settings, config.verifier
+        raw = request.headers.get(verifier.header)
+        if raw is None and settings.connect.context_query:
             raw = request.query.get("context")
         try:
-            user = await self.verifier.verify(Secret(raw) if raw else None)
+            user = await verifier.verify(Secret(raw) if raw else None)
             if not user.permits(provider):
                 raise ConnectRejected("provider_not_permitted",
                                       "this user context may not use that provider",
@@ -231,7 +238,7 @@ class AdminServer:
             scopes = request.query.get("scope")
             nonce = secrets.token_urlsafe(32)
             url = await self._connector.begin(
-                user.user, provider, redirect_uri=self.settings.redirect_uri,
+                user.user, provider, redirect_uri=settings.redirect_uri,
                 scopes=scopes.replace(",", " ").split() if scopes else None,
                 return_to=request.query.get("return_to"), browser=nonce,
                 choices=dict(request.query))
@@ -242,9 +249,9 @@ class AdminServer:
         state = parse_qs(urlsplit(url).query).get("state", [""])[0]
         response = web.Response(status=302, headers={"Location": url,
                                                      "Cache-Control": "no-store"})
-        response.set_cookie(_cookie_name(state), nonce, max_age=self.settings.connect.state_ttl,
+        response.set_cookie(_cookie_name(state), nonce, max_age=settings.connect.state_ttl,
                             path="/oauth/callback", httponly=True, samesite="Lax",
-                            secure=self.settings.connect_base.startswith("https://"))
+                            secure=settings.connect_base.startswith("https://"))
         return response
 
     async def connections(self, request: web.Request) -> web.Response:
@@ -258,14 +265,19 @@ class AdminServer:
         (per resource: hosts, scope, expires_at) and ``connect_url``. Never a token,
         never another user's grant. A context that fails verification: 401
         ``application/problem+json`` naming the reason; the vault unreadable: 503."""
-        raw = request.headers.get(self.verifier.header)
+        with self._live.pinned() as config:
+            return await self._connections(request, config)
+
+    async def _connections(self, request: web.Request, config: Snapshot) -> web.Response:
+        verifier = config.verifier
+        raw = request.headers.get(verifier.header)
         try:
-            user = await self.verifier.verify(Secret(raw) if raw else None)
+            user = await verifier.verify(Secret(raw) if raw else None)
         except ProxyRefusal as exc:
             return _problem(exc, status=401,
                             headers={"WWW-Authenticate":
-                                     f'UserContext header="{self.verifier.header}"'})
-        settings = self.settings
+                                     f'UserContext header="{verifier.header}"'})
+        settings = config.settings
         try:
             grants = {g.provider: g for g in await self._vault.list(user.user)}
         except VaultError:

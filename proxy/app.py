@@ -22,12 +22,11 @@ from proxy.connect import Connector
 from proxy.coordination import Coordinator, MemoryCoordinator
 from proxy.errors import AuditUnavailable, ConfigError, CredproxyError, VaultUnavailable
 from proxy.identity import IdentityVerifier, KeySource
+from proxy.live import LiveConfig, Snapshot, SwapListener, client_secrets
 from proxy.metrics import Metrics
 from proxy.offboard import Offboarder
 from proxy.provider_client import ProviderClient
-from proxy.routes import Router
-from proxy.secret import Secret
-from proxy.settings import ProviderSettings, Settings, resolve_secret
+from proxy.settings import ProviderSettings, Settings
 from proxy.sidecar import Sidecar
 from proxy.tokens import TokenBroker
 from proxy.vault.base import Vault
@@ -37,7 +36,6 @@ from proxy.vault.local import LocalVault
 log = logging.getLogger("credproxy.config")
 
 Check = Callable[[], Awaitable[None]]
-ReloadListener = Callable[[Settings], None]
 
 # Readiness: a successful Key Vault read is reused for VAULT_OK_TTL seconds (one read per
 # pod per 30 s). The admin server runs the checks concurrently, each bounded below the
@@ -47,9 +45,11 @@ VAULT_OK_TTL = 30.0
 
 @dataclass
 class App:
-    """Everything a running proxy holds; :meth:`aclose` releases it."""
+    """Everything a running proxy holds; :meth:`aclose` releases it. The configuration is
+    ``live`` (:class:`proxy.live.LiveConfig`), which every component reads; nothing else
+    holds a copy of it."""
 
-    settings: Settings
+    live: LiveConfig
     sidecar: Sidecar
     vault: Vault
     coordinator: Coordinator
@@ -57,13 +57,11 @@ class App:
     http: httpx2.AsyncClient
     connector: Connector
     offboarder: Offboarder
-    secrets: dict[str, Secret | None] = field(default_factory=dict)
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     admin: AdminServer | None = None
     draining: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    _reload_listeners: list[ReloadListener] = field(default_factory=list)
     # Set by request_reload (SIGHUP): the config watcher reloads at once, changed or not.
     _reload_now: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -71,20 +69,28 @@ class App:
     RESTART_KEYS = ("listen", "admin", "public_url", "ca_dir", "upstream_ca_file", "vault",
                     "coordination", "audit", "stream_large_bodies", "http2")
 
-    def on_reload(self, listener: ReloadListener) -> None:
-        """Call ``listener(settings)`` after every applied reload (the mitmproxy adapter
+    @property
+    def settings(self) -> Settings:
+        """The running settings (those of ``live.current``)."""
+        return self.live.current.settings
+
+    def on_reload(self, listener: SwapListener) -> None:
+        """Call ``listener(snapshot)`` after every applied reload (the mitmproxy adapter
         updates its options this way)."""
-        self._reload_listeners.append(listener)
+        self.live.on_swap(listener)
 
     def reload(self, new: Settings) -> list[str]:
         """Apply a new configuration to the running proxy: providers, identity, refresh and
-        connect settings change live. Everything is built first, so a bad config (say a
-        provider whose client secret is missing, or an unreadable key file) raises and
-        leaves the old one serving. A config that removes a provider, or a host from one,
-        is refused unless the new file allows it (:func:`refuse_provider_removal`).
+        connect settings change live. The whole new :class:`Snapshot` is built first, so a
+        bad config (say a provider whose client secret is missing, or an unreadable key
+        file) raises and leaves the old one serving; then it is swapped in with one
+        assignment (:meth:`LiveConfig.swap`): a request sees the old configuration or the
+        new one, never part of each. A config that removes a provider, or a host from
+        one, is refused unless the new file allows it (:func:`refuse_provider_removal`).
         Restart-only keys keep their running values (the sockets, stores and connect URLs
         in use); returns those that changed, which need a restart to take effect."""
-        old = self.settings
+        running = self.live.latest
+        old = running.settings
         refuse_provider_removal(old, new)
         refuse_loosening(old, new)
         restart = [k for k in self.RESTART_KEYS if getattr(new, k) != getattr(old, k)]
@@ -96,8 +102,8 @@ class App:
         secrets = client_secrets(new, self.environ)
         # Hosts of removed providers stay known: requests to them are refused, never
         # passed through with the agent's own credentials (routes.refuse_retired).
-        router = self.sidecar.router.after_reload(old.providers, new.providers)
-        verifier = self.sidecar.verifier
+        router = running.router.after_reload(old.providers, new.providers)
+        verifier = running.verifier
         # Key files and secrets are re-read on every reload: the watcher reloads when one
         # of them changes (a rotated signing key). A JWKS URL refetches by itself.
         if new.identity != old.identity or not new.identity.jwks_url:
@@ -105,24 +111,10 @@ class App:
                                         KeySource.from_settings(new.identity, self.http,
                                                                 self.environ),
                                         replay=self.coordinator)
-        # Swap: nothing below can fail.
-        self.secrets.clear()
-        self.secrets.update(secrets)
-        sc = self.sidecar
-        sc.settings, sc.router, sc.verifier = new, router, verifier
-        sc.broker.connect_url = new.connect_url
-        self.provider_client.settings = new.refresh
-        self.connector.settings = new
-        self.offboarder.settings = new
-        if self.admin is not None:
-            self.admin.settings, self.admin.verifier = new, verifier
-        self.settings = new
-        sc.metrics.config_applied(settings_digest(new), time.time())
-        for listener in self._reload_listeners:
-            try:
-                listener(new)
-            except Exception:  # the config is applied; a listener must not undo that
-                log.exception("config reload listener %r failed", listener)
+        snapshot = Snapshot(new, router, verifier, secrets)
+        # Swap: nothing below can fail, and nothing else holds configuration.
+        self.live.swap(snapshot)
+        self.sidecar.metrics.config_applied(settings_digest(new), time.time())
         return restart
 
     def request_reload(self) -> None:
@@ -245,8 +237,8 @@ class App:
             # instead of taking every agent pod out of its Service at once.
             dependencies: list[tuple[str, Check]] = [
                 ("vault", vault_check), ("coordination", self.coordinator.check)]
-            self.admin = AdminServer(self.settings, self.sidecar.verifier, self.connector,
-                                     self.vault, checks, self.sidecar.metrics,
+            self.admin = AdminServer(self.live, self.connector, self.vault, checks,
+                                     self.sidecar.metrics,
                                      dependencies=dependencies,
                                      draining=lambda: self.draining,
                                      liveness=[("audit", self.audit_liveness)])
@@ -500,19 +492,6 @@ def check_ports(settings: Settings) -> None:
                                          if exc.errno == errno.EADDRINUSE else "")) from None
 
 
-def client_secrets(settings: Settings,
-                   environ: Mapping[str, str] = os.environ) -> dict[str, Secret | None]:
-    """Resolve every provider's client secret once, so a missing one fails at start."""
-    out: dict[str, Secret | None] = {}
-    for p in settings.providers:
-        if p.token_endpoint_auth_method == "none":
-            out[p.id] = None
-        else:
-            out[p.id] = resolve_secret(env=p.client_secret_env, file=p.client_secret_file,
-                                       what=f"providers[{p.id}].client_secret", environ=environ)
-    return out
-
-
 def fencing_period(settings: Settings) -> float:
     """How long refresh locks wait after Redis lost its data: the longest a lock holder can
     still be at work. Under the lock a refresh reads the shared cache and the vault twice,
@@ -549,15 +528,11 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
     vault, key = open_vault(settings, environ, clock)  # every config error comes first
     metrics = Metrics()
     coordinator = make_coordinator(settings, key, environ, clock, metrics)
-    provider_client = ProviderClient(settings.refresh, verify=tls, clock=clock)
     verifier = IdentityVerifier(settings.identity, keys, replay=coordinator, clock=clock)
-
-    def secret_for(p: ProviderSettings) -> Secret | None:
-        return secrets[p.id]
-
-    broker = TokenBroker(vault, coordinator, provider_client, client_secret=secret_for,
-                         metrics=metrics,
-                         connect_url=settings.connect_url, clock=clock)
+    live = LiveConfig(Snapshot.build(settings, verifier, secrets=secrets))
+    provider_client = ProviderClient(live, verify=tls, clock=clock)
+    broker = TokenBroker(vault, coordinator, provider_client, live, metrics=metrics,
+                         clock=clock)
     audit = AuditLog(open_sink(os.path.expanduser(settings.audit.sink)
                                if settings.audit.sink != "stdout" else "stdout",
                                events=metrics.audit_events(),
@@ -568,11 +543,11 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
                      instance=settings.audit.instance or new_instance_id(),
                      fingerprint_key=derive_subkey(key, "credproxy audit fingerprint"),
                      clock=clock)
-    sidecar = Sidecar(settings, verifier, Router(settings.providers), broker, audit)
-    connector = Connector(settings, vault, coordinator, audit, client_secret=secret_for,
+    sidecar = Sidecar(live, broker, audit)
+    connector = Connector(live, vault, coordinator, audit,
                           state_key=derive_subkey(key, "credproxy connect state"), verify=tls,
                           clock=clock, client=provider_client)
-    offboarder = Offboarder(settings, vault, coordinator, audit, client_secret=secret_for,
-                            verify=tls, client=provider_client)
-    return App(settings, sidecar, vault, coordinator, provider_client, http, connector,
-               offboarder, secrets, environ)
+    offboarder = Offboarder(live, vault, coordinator, audit, verify=tls,
+                            client=provider_client)
+    return App(live, sidecar, vault, coordinator, provider_client, http, connector,
+               offboarder, environ)

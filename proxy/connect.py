@@ -42,6 +42,7 @@ from proxy.audit import AuditLog
 from proxy.binding import BindingError, GrantValue, GrantValueSettings, ValueSource
 from proxy.coordination.base import Coordinator, Used
 from proxy.errors import CredproxyError, VaultError
+from proxy.live import LiveConfig
 from proxy.provider_client import DiscoveryFailed, ProviderClient, TokenRequestFailed
 from proxy.reasons import from_provider_code
 from proxy.secret import Secret
@@ -71,23 +72,31 @@ class Connected:
 
 
 class Connector:
-    def __init__(self, settings: Settings, vault: Vault, coordinator: Coordinator,
-                 audit: AuditLog, *, client_secret: Callable[[ProviderSettings], Secret | None],
-                 state_key: bytes, verify: ssl.SSLContext | bool = True,
+    def __init__(self, live: LiveConfig, vault: Vault, coordinator: Coordinator,
+                 audit: AuditLog, *, state_key: bytes, verify: ssl.SSLContext | bool = True,
                  clock: Callable[[], float] = time.time,
                  client: ProviderClient | None = None) -> None:
-        """``client``: the process's provider client (shared with the broker and the
-        offboarder); without one, the connector makes and closes its own."""
-        self.settings = settings
+        """``live``: the running configuration; each :meth:`begin` and :meth:`complete`
+        runs on one snapshot of it. ``client``: the process's provider client (shared with
+        the broker and the offboarder); without one, the connector makes and closes its
+        own."""
+        self._live = live
         self._vault = vault
         self._coord = coordinator
         self._audit = audit
-        self._client_secret = client_secret
         self._aead = AESGCM(state_key)
         self._owns_client = client is None
-        self._provider_client = client or ProviderClient(settings.refresh, verify=verify,
-                                                         clock=clock)
+        self._provider_client = client or ProviderClient(live, verify=verify, clock=clock)
         self._clock = clock
+
+    @property
+    def settings(self) -> Settings:
+        """The settings of the flow step in progress (the snapshot :meth:`begin` or
+        :meth:`complete` runs on); outside one, the running settings."""
+        return self._live.current.settings
+
+    def _client_secret(self, provider: ProviderSettings) -> Secret | None:
+        return self._live.current.client_secret(provider)
 
     def scopes_for(self, provider: ProviderSettings, requested: list[str] | None) -> list[str]:
         """The configured scopes, or a narrower set the user asked for (never wider)."""
@@ -110,8 +119,9 @@ class Connector:
         ``from: choice`` grant value are that value (checked here, before the authorize
         URL, which may use them, is built: docs/tenants.md)."""
         try:
-            return await self._begin(user, provider_id, redirect_uri, scopes, return_to,
-                                     browser, choices or {})
+            with self._live.pinned():
+                return await self._begin(user, provider_id, redirect_uri, scopes, return_to,
+                                         browser, choices or {})
         except ConnectRejected as exc:
             self._audit.record(auditlog.CONNECTION_CREATED, user=user,
                                provider=exc.provider or provider_id, outcome="rejected",
@@ -160,7 +170,8 @@ class Connector:
         ``error``); ``browser`` is the nonce the browser presented (its cookie), required
         when the flow was begun with one. Every rejection is audited and stores nothing."""
         try:
-            return await self._complete(params, browser)
+            with self._live.pinned():
+                return await self._complete(params, browser)
         except ConnectRejected as exc:
             self._audit.record(auditlog.CONNECTION_CREATED, user=exc.user,
                                provider=exc.provider, outcome="rejected", reason=exc.reason)

@@ -21,7 +21,6 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy import audit as auditlog
@@ -29,9 +28,10 @@ from proxy.audit import AuditLog
 from proxy.binding import BindingError
 from proxy.coordination.base import Coordinator
 from proxy.errors import CoordinationUnavailable, VaultCorruptError, VaultError
+from proxy.live import LiveConfig, Snapshot
 from proxy.provider_client import ProviderClient, revokes_with_access_token
 from proxy.secret import Secret
-from proxy.settings import ProviderSettings, Settings
+from proxy.settings import ProviderSettings
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant, GrantInfo, GrantStatus, Vault
 
@@ -82,20 +82,19 @@ class Revocation:
 
 
 class Offboarder:
-    def __init__(self, settings: Settings, vault: Vault, coordinator: Coordinator,
-                 audit: AuditLog, *, client_secret: Callable[[ProviderSettings], Secret | None],
-                 verify: ssl.SSLContext | bool = True, settle: float = 0.6,
+    def __init__(self, live: LiveConfig, vault: Vault, coordinator: Coordinator,
+                 audit: AuditLog, *, verify: ssl.SSLContext | bool = True, settle: float = 0.6,
                  client: ProviderClient | None = None) -> None:
-        """``client``: the process's provider client; without one, the offboarder makes
-        and closes its own. Retries follow ``settings.refresh``."""
+        """``live``: the running configuration; each :meth:`revoke` runs on one snapshot
+        of it (providers, client secrets, retries: ``refresh``). ``client``: the process's
+        provider client; without one, the offboarder makes and closes its own."""
         self._settle = settle
-        self.settings = settings
+        self._live = live
         self._vault = vault
         self._coord = coordinator
         self._audit = audit
-        self._client_secret = client_secret
         self._owns_client = client is None
-        self._provider_client = client or ProviderClient(settings.refresh, verify=verify)
+        self._provider_client = client or ProviderClient(live, verify=verify)
 
     async def plan(self, user: str, provider: str | None = None) -> list[GrantInfo]:
         grants = await self._vault.list(user)
@@ -103,6 +102,11 @@ class Offboarder:
 
     async def revoke(self, user: str, provider: str | None = None, *,
                      dry_run: bool = False) -> list[Revocation]:
+        with self._live.pinned() as config:
+            return await self._revoke(config, user, provider, dry_run)
+
+    async def _revoke(self, config: Snapshot, user: str, provider: str | None,
+                      dry_run: bool) -> list[Revocation]:
         results = []
         for info in await self.plan(user, provider):
             corrupt = info.status is GrantStatus.CORRUPT
@@ -113,7 +117,7 @@ class Offboarder:
                 continue
             results.append(await (self._remove_corrupt(user, info.provider, info.version)
                                   if corrupt else
-                                  self._revoke_one(user, info.provider, info.version)))
+                                  self._revoke_one(config, user, info.provider, info.version)))
         if provider is None and not dry_run:
             pending = [f"{r.provider} ({', '.join(r.problems)})" for r in results if not r.ok]
             self._audit.record(auditlog.USER_OFFBOARDED, user=user,
@@ -122,7 +126,8 @@ class Offboarder:
                                detail="; ".join(pending) if pending else None)
         return results
 
-    async def _revoke_one(self, user: str, provider_id: str, version: int = 0) -> Revocation:
+    async def _revoke_one(self, config: Snapshot, user: str, provider_id: str,
+                          version: int = 0) -> Revocation:
         # 1. Stop every process from using it, before anything else. Under the grant's
         # refresh lock: a refresh in flight on any replica finishes (and stores its rotated
         # tokens) first, so the tokens revoked below are the newest ones, and no refresh can
@@ -148,7 +153,7 @@ class Offboarder:
         # Proxies sharing a local vault notice the mark by polling its epoch (every 0.25 s):
         # give them that long before the tokens are revoked, so none is injected after.
         await asyncio.sleep(self._settle)
-        provider = next((p for p in self.settings.providers if p.id == provider_id), None)
+        provider = next((p for p in config.settings.providers if p.id == provider_id), None)
         # 2. Revoke upstream.
         console: str | None = None
         if provider is None:
@@ -158,16 +163,16 @@ class Offboarder:
         else:
             try:
                 # The endpoints of this grant's tenant (a revocation URL per org or shop).
-                provider = provider.for_grant(grant.values)
+                bound = provider.for_grant(grant.values)
             except BindingError as exc:
-                provider = None
+                bound = None
                 upstream, detail = "pending", (
                     f"the grant lacks a value its revocation URL needs ({exc.detail}); "
                     "revoke at the provider by its own means")
-            if provider is not None:
-                tokens = await self._live_tokens(provider, grant)
-                revoked = await self._provider_client.revoke(
-                    provider, self._client_secret(provider), tokens)
+            if bound is not None:
+                secret = config.client_secret(bound)
+                tokens = await self._live_tokens(bound, secret, grant)
+                revoked = await self._provider_client.revoke(bound, secret, tokens)
                 upstream, detail, console = (revoked.upstream, revoked.detail,
                                              revoked.console_url)
         # 3. Remove it locally, whatever the provider said.
@@ -192,7 +197,8 @@ class Offboarder:
         return self._finish(Revocation(user, provider_id, upstream, detail, removed,
                                        invalidated), grant.tokens.access_token)
 
-    async def _live_tokens(self, provider: ProviderSettings, grant: Grant) -> TokenSet:
+    async def _live_tokens(self, provider: ProviderSettings, client_secret: Secret | None,
+                           grant: Grant) -> TokenSet:
         """The tokens to revoke. A provider that revokes with the access token only
         (:func:`proxy.provider_client.revokes_with_access_token`) would refuse an expired
         one and leave the refresh token alive: refresh it first (the grant is already
@@ -204,8 +210,8 @@ class Offboarder:
             return tokens
         assert tokens.refresh_token is not None
         try:
-            fresh = await self._provider_client.refresh(
-                provider, self._client_secret(provider), tokens.refresh_token)
+            fresh = await self._provider_client.refresh(provider, client_secret,
+                                                        tokens.refresh_token)
         except Exception as exc:  # noqa: BLE001 - any failure: revoke what there is
             log.info("offboarding %s/%s: refreshing the expired access token before "
                      "revocation failed (%s); revoking the stored one", grant.user,

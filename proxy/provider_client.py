@@ -51,6 +51,7 @@ from proxy.dialect import (
     read_token_response,
 )
 from proxy.errors import ProviderMisconfigured, TokenRefreshFailed
+from proxy.live import LiveConfig
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, RefreshSettings
 from proxy.tokenset import TokenSet
@@ -129,13 +130,15 @@ class _Transient(Exception):  # noqa: N818
 
 
 class ProviderClient:
-    """Talks to providers' authorize, token and revocation endpoints. One per process:
-    ``settings`` (attempts, backoff, per-attempt timeout) is replaced on reload."""
+    """Talks to providers' authorize, token and revocation endpoints. One per process.
+    Each call reads ``refresh`` (attempts, backoff, per-attempt timeout) once from the
+    running configuration, ``live`` (the snapshot of the operation in progress), and
+    keeps it for all of its attempts."""
 
-    def __init__(self, settings: RefreshSettings, *, verify: ssl.SSLContext | bool = True,
+    def __init__(self, live: LiveConfig, *, verify: ssl.SSLContext | bool = True,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self.settings = settings
+        self._live = live
         self._transport = httpx2.AsyncHTTPTransport(verify=verify, retries=0)
         self._clock = clock
         self._sleep = sleep
@@ -150,7 +153,8 @@ class ProviderClient:
         the dialect's ``authorize_params`` (Google: ``access_type=offline``, Dropbox:
         ``token_access_type=offline``, Atlassian: ``audience``, ...)."""
         assert provider.authorize_url is not None
-        client = self._oauth(provider, None, redirect_uri=redirect_uri)
+        client = self._oauth(provider, None, self._refresh_settings(),
+                             redirect_uri=redirect_uri)
         extra: dict[str, str] = dict(provider.authorize_params)
         if scopes:
             extra[provider.scope_param] = provider.scope_separator.join(scopes)
@@ -167,7 +171,8 @@ class ProviderClient:
         params = {**provider.token_params, "code": code, "code_verifier": code_verifier}
         try:
             answer = await self._token_request(provider, client_secret, "authorization_code",
-                                               params, redirect_uri=redirect_uri)
+                                               params, self._refresh_settings(),
+                                               redirect_uri=redirect_uri)
         except _Transient as exc:
             raise TokenRequestFailed(str(exc), None) from None
         if answer.outcome != "success" or answer.tokens is None:
@@ -182,10 +187,11 @@ class ProviderClient:
         inject = provider.inject
         value = inject.format.format(access_token=tokens.access_token.reveal(),
                                      token_type=tokens.token_type)
+        retry = self._refresh_settings()
 
         async def once() -> httpx2.Response:
             async with httpx2.AsyncClient(transport=self._transport, trust_env=False,
-                                          timeout=self.settings.timeout) as http:
+                                          timeout=retry.timeout) as http:
                 resp = await http.get(url, headers={inject.header: value,
                                                     "Accept": "application/json"})
             if resp.status_code >= 500 or resp.status_code == 429:
@@ -193,9 +199,9 @@ class ProviderClient:
             return resp
 
         try:
-            resp = await self._retrying(once)
+            resp = await self._retrying(once, retry)
         except _Transient as exc:
-            raise DiscoveryFailed(f"{url} failed after {self.settings.attempts} attempts "
+            raise DiscoveryFailed(f"{url} failed after {retry.attempts} attempts "
                                   f"({exc})") from None
         if resp.status_code != 200:
             raise DiscoveryFailed(f"{url} answered HTTP {resp.status_code}")
@@ -215,14 +221,15 @@ class ProviderClient:
         self._raise_held(keys)
         params = {**provider.token_params, **provider.refresh_params,
                   "refresh_token": refresh_token.reveal()}
+        retry = self._refresh_settings()
         if scopes:
             params[provider.scope_param] = provider.scope_separator.join(scopes)
         try:
             answer = await self._token_request(provider, client_secret, "refresh_token",
-                                               params)
+                                               params, retry)
         except _Transient as exc:
             raise TokenRefreshFailed(
-                f"token endpoint of {provider.id} failed after {self.settings.attempts} "
+                f"token endpoint of {provider.id} failed after {retry.attempts} "
                 f"attempts: {exc}", reason="token_endpoint_unavailable") from None
         if answer.outcome == "success" and answer.tokens is not None:
             return answer.tokens
@@ -235,13 +242,13 @@ class ProviderClient:
         raise refusal
 
     async def _token_request(self, provider: ProviderSettings, client_secret: Secret | None,
-                             grant: Grant, params: Mapping[str, str], *,
-                             redirect_uri: str | None = None) -> TokenAnswer:
+                             grant: Grant, params: Mapping[str, str], retry: RefreshSettings,
+                             *, redirect_uri: str | None = None) -> TokenAnswer:
         """One token request, retried while the answer is transient; returns the last
         non-transient answer. Raises :class:`_Transient` after the last attempt."""
 
         async def once() -> TokenAnswer:
-            client = self._oauth(provider, client_secret, redirect_uri=redirect_uri)
+            client = self._oauth(provider, client_secret, retry, redirect_uri=redirect_uri)
             now = self._clock()
 
             def read(resp: httpx2.Response) -> httpx2.Response:
@@ -268,7 +275,7 @@ class ProviderClient:
                 raise _Transient(f"provider answered {answer.detail}")
             return answer
 
-        return await self._retrying(once)
+        return await self._retrying(once, retry)
 
     # -- revocation --------------------------------------------------------------------
     async def revoke(self, provider: ProviderSettings, client_secret: Secret | None,
@@ -285,8 +292,9 @@ class ProviderClient:
                 "own means (e.g. Microsoft Entra: revokeSignInSessions)"))
         failures = []
         done = []
+        retry = self._refresh_settings()
         for token, hint in _tokens_to_revoke(provider, tokens):
-            failure = await self._revoke_token(provider, client_secret, token, hint)
+            failure = await self._revoke_token(provider, client_secret, token, hint, retry)
             if failure:
                 failures.append(failure)
             else:
@@ -299,12 +307,12 @@ class ProviderClient:
                                              f"revoked ({style})")
 
     async def _revoke_token(self, provider: ProviderSettings, client_secret: Secret | None,
-                            token: Secret, hint: str) -> str | None:
+                            token: Secret, hint: str, retry: RefreshSettings) -> str | None:
         """None when revoked, else why not (after retries for 5xx, 429, network errors)."""
         last: list[str] = []
 
         async def once() -> RevocationOutcome:
-            resp = await self._revocation_call(provider, client_secret, token, hint)
+            resp = await self._revocation_call(provider, client_secret, token, hint, retry)
             outcome, detail = read_revocation_response(
                 provider.revocation, resp.status_code, resp.headers.get("content-type"),
                 resp.content)
@@ -314,16 +322,17 @@ class ProviderClient:
             return outcome
 
         try:
-            outcome = await self._retrying(once)
+            outcome = await self._retrying(once, retry)
         except _Transient as exc:
-            return f"{hint} revocation failed after {self.settings.attempts} attempts ({exc})"
+            return f"{hint} revocation failed after {retry.attempts} attempts ({exc})"
         return None if outcome == "revoked" else f"{hint} revocation refused ({last[0]})"
 
     async def _revocation_call(self, provider: ProviderSettings, client_secret: Secret | None,
-                               token: Secret, hint: str) -> httpx2.Response:
+                               token: Secret, hint: str,
+                               retry: RefreshSettings) -> httpx2.Response:
         url = provider.revocation_url
         assert url is not None
-        client = self._oauth(provider, client_secret)
+        client = self._oauth(provider, client_secret, retry)
         style = provider.revocation.style
         if style == "rfc7009":  # RFC 7009 section 2.1, via authlib
             resp: httpx2.Response = await client.revoke_token(url, token=token.reveal(),
@@ -348,18 +357,23 @@ class ProviderClient:
         return answer
 
     # -- shared ------------------------------------------------------------------------
-    async def _retrying[T](self, once: Callable[[], Awaitable[T]]) -> T:
+    def _refresh_settings(self) -> RefreshSettings:
+        """The retry settings for one call, read once from the running configuration."""
+        return self._live.current.settings.refresh
+
+    async def _retrying[T](self, once: Callable[[], Awaitable[T]],
+                           retry: RefreshSettings) -> T:
         """``once()`` until it returns, at most ``attempts`` times: timeouts, network errors
         and :class:`_Transient` are retried after a full-jitter exponential backoff (many
         sidecars must not retry in lockstep). Each attempt has a hard deadline of
         ``timeout`` (httpx's timeout is per read; a server trickling bytes could outlast
         it, and the refresh lock's quiet period after a Redis restart relies on
         :meth:`RefreshSettings.max_duration` being a real bound)."""
-        delay = self.settings.backoff
+        delay = retry.backoff
         last = "no attempt made"
-        for attempt in range(1, self.settings.attempts + 1):
+        for attempt in range(1, retry.attempts + 1):
             try:
-                async with asyncio.timeout(self.settings.timeout):
+                async with asyncio.timeout(retry.timeout):
                     return await once()
             except TimeoutError:
                 last = "timed out"
@@ -367,13 +381,14 @@ class ProviderClient:
                 last = type(exc).__name__
             except _Transient as exc:
                 last = str(exc)
-            if attempt < self.settings.attempts:
+            if attempt < retry.attempts:
                 await self._sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
                 delay *= 2
         raise _Transient(last)
 
-    def _oauth(self, provider: ProviderSettings, client_secret: Secret | None, *,
-               redirect_uri: str | None = None) -> AsyncOAuth2Client:
+    def _oauth(self, provider: ProviderSettings, client_secret: Secret | None,
+               retry: RefreshSettings, *, redirect_uri: str | None = None
+               ) -> AsyncOAuth2Client:
         """An authlib client for one call (it holds one token and mutates it); connections
         are pooled in the shared transport. Never through an ambient HTTPS_PROXY."""
         method = provider.token_endpoint_auth_method
@@ -382,7 +397,7 @@ class ProviderClient:
             client_secret=client_secret.reveal() if client_secret else None,
             token_endpoint_auth_method=method, revocation_endpoint_auth_method=method,
             redirect_uri=redirect_uri, code_challenge_method="S256",
-            transport=self._transport, timeout=self.settings.timeout, trust_env=False,
+            transport=self._transport, timeout=retry.timeout, trust_env=False,
         )
 
     def _raise_held(self, keys: tuple[tuple[str, str], ...]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -29,13 +29,14 @@ from proxy.errors import (
     UserContextInvalid,
     UserContextMissing,
 )
-from proxy.headers import AUTHORIZATION, HeaderPolicy, ReadHeaders, check_target, field_key
+from proxy.headers import AUTHORIZATION, ReadHeaders, check_target, field_key
 from proxy.hosts import normalize_host, parse_authority
-from proxy.identity import IdentityVerifier, UserContext
+from proxy.identity import UserContext
+from proxy.live import LiveConfig, Snapshot
 from proxy.metrics import code_class, reason_label
-from proxy.routes import Destination, Router, host_agrees, refuse_retired
+from proxy.routes import Destination, host_agrees, refuse_retired
 from proxy.secret import Secret
-from proxy.settings import ProviderSettings, Settings
+from proxy.settings import ProviderSettings
 from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant
@@ -83,6 +84,8 @@ class Injection:
     user: UserContext
     tokens: TokenSet
     resource: str | None = None  # one of the provider's resources (docs/tenants.md)
+    # The snapshot the decision was made on: the upstream's answer is judged on it too.
+    config: Snapshot | None = None
 
     @property
     def remove(self) -> tuple[str, ...]:
@@ -95,23 +98,29 @@ class Injection:
 
 
 class Sidecar:
-    def __init__(self, settings: Settings, verifier: IdentityVerifier, router: Router,
-                 broker: TokenBroker, audit: AuditLog) -> None:
+    """Decides on requests. The configuration (settings, router, verifier, header policy)
+    is ``live``'s: each request runs on the one snapshot current when it started."""
+
+    def __init__(self, live: LiveConfig, broker: TokenBroker, audit: AuditLog) -> None:
         self.metrics = broker.metrics
-        self.settings = settings
-        self.verifier = verifier
-        self.router = router
+        self.live = live
         self.broker = broker
         self.audit = audit
-        self.headers = HeaderPolicy(verifier.header)
         self._skew_seen: dict[str, float] = {}  # provider id -> when its Date was last read
 
-    async def decide(self, req: Outbound) -> Passthrough | Injection:
+    async def decide(self, req: Outbound, config: Snapshot | None = None
+                     ) -> Passthrough | Injection:
         """Decide on one request: a :class:`Passthrough` for an unrouted destination, an
         :class:`Injection` for a provider's. Raises :class:`ProxyRefusal` (audited and
-        counted) for everything else; nothing is forwarded then."""
+        counted) for everything else; nothing is forwarded then. ``config``: the snapshot
+        the caller already read the request with (:meth:`read_headers`); default: the
+        current one. The whole decision, token refresh included, runs on it."""
+        with self.live.pinned(config) as snap:
+            return await self._decide(req, snap)
+
+    async def _decide(self, req: Outbound, snap: Snapshot) -> Passthrough | Injection:
         dest = req.destination
-        route = self.router.match(dest)
+        route = snap.router.match(dest)
         provider = route.provider if route is not None else None
         try:
             self._check_target(req, credentialed=provider is not None)
@@ -121,7 +130,7 @@ class Sidecar:
         misdirected = not host_agrees(dest, req.host_header) or not _sni_agrees(dest, req.sni)
         if route is None or provider is None:
             try:
-                decision = self._unrouted(req, misdirected)
+                decision = self._unrouted(req, misdirected, snap)
             except ProxyRefusal as refusal:
                 self._refused(req, None, None, refusal)
                 raise
@@ -138,8 +147,9 @@ class Sidecar:
                                            reason="insecure_transport")
             if req.context_error is not None:
                 raise req.context_error
-            user = await self.verifier.verify(req.context_token)
-            injection = await self._inject(req, provider, user, route.resource)
+            user = await snap.verifier.verify(req.context_token)
+            injection = replace(await self._inject(req, provider, user, route.resource),
+                                config=snap)
         except ProxyRefusal as refusal:
             self._refused(req, provider, user, refusal)
             raise
@@ -165,11 +175,13 @@ class Sidecar:
         if provider is not None and not isinstance(refusal, AuditUnavailable):
             self._audit_refusal(req, provider, user, refusal)
 
-    def read_headers(self, fields: Sequence[tuple[bytes, bytes]]) -> ReadHeaders:
-        """:meth:`HeaderPolicy.read`, with a refusal counted. Raises
-        :class:`MalformedRequest`."""
+    def read_headers(self, fields: Sequence[tuple[bytes, bytes]],
+                     config: Snapshot | None = None) -> ReadHeaders:
+        """:meth:`HeaderPolicy.read` with the header policy of ``config`` (default: the
+        current snapshot), with a refusal counted. Raises :class:`MalformedRequest`."""
+        policy = (config or self.live.current).headers
         try:
-            return self.headers.read(fields)
+            return policy.read(fields)
         except MalformedRequest as refusal:
             self._count_refusal("-", refusal)
             raise
@@ -192,24 +204,24 @@ class Sidecar:
         self._record("request.failed", req, provider, injection.user, outcome="failed",
                      reason=reason, token=injection.tokens.access_token, token_source=None)
 
-    def _unrouted(self, req: Outbound, misdirected: bool) -> Passthrough:
+    def _unrouted(self, req: Outbound, misdirected: bool, snap: Snapshot) -> Passthrough:
         # mitmproxy connects to the real destination (the CONNECT authority, the
         # absolute-form authority), never to the Host header's host, so a mismatch alone
         # cannot misroute an unrouted request (clients CONNECT to IP addresses and name the
         # site in Host). It matters when the client names a provider: it believes it talks
         # to the provider while the tunnel goes elsewhere; answer 421 rather than pass the
         # request on without a credential.
-        refuse_retired(self.router, req.destination)  # once a provider: never pass through
-        if misdirected and self._claims_provider(req):
+        refuse_retired(snap.router, req.destination)  # once a provider: never pass through
+        if misdirected and self._claims_provider(req, snap):
             raise MisdirectedRequest("the Host header (or SNI) names a provider host but the "
                                      f"request goes to {req.destination}",
                                      reason="host_mismatch")
-        if self.settings.unrouted == "deny":
+        if snap.settings.unrouted == "deny":
             raise UnroutedDenied(f"{req.destination} is not a configured provider",
                                  reason="unrouted")
         return Passthrough()
 
-    def _claims_provider(self, req: Outbound) -> bool:
+    def _claims_provider(self, req: Outbound, snap: Snapshot) -> bool:
         """Whether the Host header or the SNI names a provider's host (on any port). A name
         that cannot be parsed counts: it might."""
         dest = req.destination
@@ -219,7 +231,7 @@ class Sidecar:
                 names.append(normalize_host(req.sni))
         except ValueError:
             return True
-        return any(self.router.claims_host(name) for name in names)
+        return any(snap.router.claims_host(name) for name in names)
 
     def _count_refusal(self, provider: str, refusal: ProxyRefusal) -> None:
         m = self.metrics
@@ -325,9 +337,11 @@ class Sidecar:
 
         refusal: ProxyRefusal
         try:
-            outcome = await self.broker.refresh_rejected(
-                user.user, provider, injection.tokens.access_token, on_refreshed=refreshed,
-                resource=injection.resource)
+            # On the configuration the token was injected with (its client secret).
+            with self.live.pinned(injection.config):
+                outcome = await self.broker.refresh_rejected(
+                    user.user, provider, injection.tokens.access_token,
+                    on_refreshed=refreshed, resource=injection.resource)
         except ProxyRefusal as exc:
             refusal = exc
         else:

@@ -46,6 +46,7 @@ from proxy.errors import (
     VaultCorruptError,
     VaultError,
 )
+from proxy.live import LiveConfig
 from proxy.metrics import Metrics
 from proxy.provider_client import InvalidGrant, ProviderClient
 from proxy.secret import Secret
@@ -91,18 +92,19 @@ class TokenBroker:
         vault: Vault,
         coordinator: Coordinator,
         refresher: ProviderClient,
+        live: LiveConfig,
         *,
-        client_secret: Callable[[ProviderSettings], Secret | None],
-        connect_url: Callable[[ProviderSettings], str],
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
     ) -> None:
+        """``live``: the running configuration, for the providers' client secrets and
+        connect URLs; read when needed, which is the snapshot of the request in progress
+        (the sidecar pins it, :meth:`proxy.live.LiveConfig.pinned`)."""
         self.metrics = metrics or Metrics()
         self._vault = vault
         self._coord = coordinator
         self._refresher = refresher
-        self._client_secret = client_secret
-        self.connect_url = connect_url
+        self._live = live
         self._clock = clock
         self._local = KeyedLocks()
         self._cache: OrderedDict[tuple[str, str], Grant] = OrderedDict()
@@ -255,11 +257,18 @@ class TokenBroker:
     def invalidate(self, user: str, provider_id: str) -> None:
         self._forget((user, provider_id))
 
+    def connect_url(self, provider: ProviderSettings) -> str:
+        """Where the user re-authorizes ``provider``, per the running configuration."""
+        return self._live.current.connect_url(provider)
+
     def reauth(self, provider: ProviderSettings, reason: str, detail: str) -> ReauthRequired:
         return ReauthRequired(detail, reason=reason, provider=provider.id,
                               connect_url=self.connect_url(provider))
 
     # -- internals ---------------------------------------------------------------------
+    def _client_secret(self, provider: ProviderSettings) -> Secret | None:
+        return self._live.current.client_secret(provider)
+
     async def _on_invalidation(self, key: tuple[str, str] | None) -> None:
         self._forget(key)
 

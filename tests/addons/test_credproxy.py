@@ -19,17 +19,17 @@ from addons.credproxy import CredentialInjector
 from proxy.audit import AuditLog
 from proxy.coordination import MemoryCoordinator
 from proxy.identity import IdentityVerifier, KeySource
+from proxy.live import Snapshot
 from proxy.metrics import Metrics
 from proxy.provider_client import ProviderClient
-from proxy.routes import Router
 from proxy.secret import Secret
-from proxy.settings import ProviderSettings, RefreshSettings, Settings
+from proxy.settings import ProviderSettings, Settings
 from proxy.sidecar import Sidecar
 from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant
 from proxy.vault.local import LocalVault
-from tests.proxy.conftest import NOW, Clock, Keys, MakeContext, identity_settings
+from tests.proxy.conftest import NOW, Clock, Keys, MakeContext, identity_settings, live_config
 
 _COMMON: dict[str, Any] = {"token_url": "https://login.example.com/token", "client_id": "c",
                            "token_endpoint_auth_method": "none"}
@@ -67,16 +67,17 @@ async def injector(tmp_path: Path, keys: Keys, audit_lines: Lines
         await vault.put(Grant(USER, provider, TokenSet(access_token=Secret(token),
                                                        refresh_token=None,
                                                        expires_at=NOW + 3600)))
-    refresher = ProviderClient(RefreshSettings())
-    broker = TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
-                         metrics=Metrics(), connect_url=lambda p: f"https://admin/connect/{p.id}",
-                         clock=lambda: NOW)
-    settings = Settings(identity=identity_settings(), providers=[DOCS, KEYED, V6])
+    settings = Settings(identity=identity_settings(), providers=[DOCS, KEYED, V6],
+                        public_url="https://admin")
     verifier = IdentityVerifier(settings.identity, KeySource(keys.public_set()), clock=Clock())
+    live = live_config(settings=settings, verifier=verifier)
+    refresher = ProviderClient(live)
+    broker = TokenBroker(vault, MemoryCoordinator(), refresher, live, metrics=Metrics(),
+                         clock=lambda: NOW)
     audit = AuditLog(audit_lines, instance="test/1", fingerprint_key=b"k" * 32,
                      clock=lambda: NOW)
-    sidecar = Sidecar(settings, verifier, Router(settings.providers), broker, audit)
-    addon = CredentialInjector(SimpleNamespace(sidecar=sidecar))  # type: ignore[arg-type]
+    sidecar = Sidecar(live, broker, audit)
+    addon = CredentialInjector(SimpleNamespace(sidecar=sidecar, live=live))  # type: ignore[arg-type]
     yield addon
     await addon.done()
     await refresher.aclose()
@@ -313,3 +314,29 @@ async def test_an_ipv6_provider_is_routed_in_any_spelling(
     await injector.requestheaders(f)
     assert ("Authorization", "Bearer at-v6") in _sent(f)
     assert f.request.host == "::1"
+
+
+# --- 9. a reload reaches the header section's reading too ------------------------------------
+
+async def test_a_reloaded_identity_header_is_the_one_read_and_stripped(
+        injector: CredentialInjector, tctx: taddons.context, keys: Keys,
+        make_context: MakeContext) -> None:
+    """The header policy belongs to the snapshot (it was built once, at start): after a
+    reload renames identity.header, the new header carries the context and is never
+    forwarded; the old name is an ordinary field."""
+    assert injector.app is not None
+    live = injector.app.live
+    running = live.current
+    identity = running.settings.identity.model_copy(update={"header": "X-Agent-Context"})
+    live.swap(Snapshot.build(running.settings.model_copy(update={"identity": identity}),
+                             IdentityVerifier(identity, KeySource(keys.public_set()),
+                                              clock=Clock()),
+                             secrets=running.secrets))
+    f = _in_tunnel(_tunnel(injector), [("Host", "docs.example.com"),
+                                       ("X-Agent-Context", make_context()),
+                                       ("X-User-Context", "an ordinary field now")])
+    await injector.requestheaders(f)
+    assert _refused(injector, f) is None
+    assert _sent(f) == [("Host", "docs.example.com"),
+                        ("X-User-Context", "an ordinary field now"),
+                        ("Authorization", "Bearer at-docs")]

@@ -210,7 +210,7 @@ def _admin_routes() -> set[str]:
     aiohttp application; nothing else is touched)."""
     from proxy.admin import AdminServer
 
-    server = AdminServer(None, None, None, None, [], None)  # type: ignore[arg-type]
+    server = AdminServer(None, None, None, [], None)  # type: ignore[arg-type]
     return {r.resource.canonical for r in server.app.router.routes()
             if r.method == "GET" and r.resource is not None}
 

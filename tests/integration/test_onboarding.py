@@ -350,8 +350,7 @@ class _Web:
         self.app = build(self.settings, environ={**os.environ, **self.stack.env},
                          clock=self.clock)
         a = self.app
-        self.admin = AdminServer(self.settings, a.sidecar.verifier, a.connector, a.vault, [],
-                                 a.sidecar.metrics)
+        self.admin = AdminServer(a.live, a.connector, a.vault, [], a.sidecar.metrics)
         await self.admin.start()
         return self
 

@@ -16,7 +16,9 @@ from joserfc.jwk import ECKey, Key, KeySet, OctKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
 
 from proxy.identity import IdentityVerifier, KeySource
-from proxy.settings import IdentitySettings
+from proxy.live import LiveConfig
+from proxy.secret import Secret
+from proxy.settings import IdentitySettings, ProviderSettings, Settings
 
 ISSUER = "https://platform.example.com"
 AUDIENCE = "credproxy"
@@ -191,3 +193,17 @@ def make_verifier(keys: Keys) -> MakeVerifier:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+def live_config(*providers: ProviderSettings, settings: Settings | None = None,
+                verifier: IdentityVerifier | None = None,
+                secrets: Mapping[str, Secret | None] | None = None, **top: Any) -> LiveConfig:
+    """The running configuration of a unit test: ``settings``, or the test identity with
+    ``providers`` and the top-level keys ``top`` (``public_url=...``, ``refresh=...``).
+    ``verifier`` defaults to one that knows no key (for tests that verify no user
+    context); ``secrets`` (client secrets by provider id) to None for every provider."""
+    s = settings if settings is not None else Settings(
+        identity=identity_settings(), providers=list(providers), **top)
+    return LiveConfig.of(s, verifier or IdentityVerifier(s.identity, KeySource(KeySet([]))),
+                         secrets=secrets if secrets is not None
+                         else dict.fromkeys((p.id for p in s.providers), None))

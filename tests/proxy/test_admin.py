@@ -14,6 +14,7 @@ from proxy.admin import READY_CHECK_TIMEOUT, AdminServer
 from proxy.errors import CredproxyError
 from proxy.metrics import Metrics
 from proxy.settings import parse_settings
+from tests.proxy.conftest import live_config
 
 
 def _free_port() -> int:
@@ -48,8 +49,8 @@ async def test_readiness_checks_run_concurrently_and_a_hanging_one_times_out(
     checks: list[tuple[str, object]] = [("proxy", slow_ok), ("audit", fails)]
     dependencies: list[tuple[str, object]] = [("vault", hangs), ("coordination", slow_ok)]
     # Only /readyz is exercised: the connect parts are not used by it.
-    admin = AdminServer(settings, None, None, None, checks, Metrics(),  # type: ignore[arg-type]
-                        dependencies=dependencies)  # type: ignore[arg-type]
+    admin = AdminServer(live_config(settings=settings), None, None, checks,  # type: ignore[arg-type]
+                        Metrics(), dependencies=dependencies)  # type: ignore[arg-type]
     await admin.start()
     try:
         async with httpx2.AsyncClient(trust_env=False, timeout=10) as c:
@@ -77,8 +78,8 @@ async def test_all_ok_is_ready_quickly(tmp_path: Path) -> None:
     async def ok() -> None:
         await asyncio.sleep(0.3)
 
-    admin = AdminServer(settings, None, None, None, [("a", ok), ("b", ok), ("c", ok)],  # type: ignore[arg-type]
-                        Metrics())
+    admin = AdminServer(live_config(settings=settings), None, None,  # type: ignore[arg-type]
+                        [("a", ok), ("b", ok), ("c", ok)], Metrics())
     await admin.start()
     try:
         async with httpx2.AsyncClient(trust_env=False, timeout=10) as c:
@@ -118,8 +119,9 @@ async def test_probe_semantics(tmp_path: Path, ca: bool, proxy: object, draining
     if ca:
         (tmp_path / "mitmproxy-ca.pem").write_text("-")
     metrics = Metrics()
-    admin = AdminServer(settings, None, None, None, [("proxy", proxy)],  # type: ignore[arg-type,list-item]
-                        metrics, dependencies=[("coordination", redis)],  # type: ignore[list-item]
+    admin = AdminServer(live_config(settings=settings), None, None,  # type: ignore[arg-type]
+                        [("proxy", proxy)], metrics,  # type: ignore[list-item]
+                        dependencies=[("coordination", redis)],  # type: ignore[list-item]
                         draining=lambda: draining)
     await admin.start()
     try:

@@ -32,6 +32,7 @@ from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant, GrantStatus
 from proxy.vault.local import LocalVault
+from tests.proxy.conftest import live_config
 from tests.proxy.dialects import DIALECTS, dialect
 from tests.proxy.oauthfake import Answer, FakeOAuth, serve
 
@@ -62,10 +63,11 @@ def clock() -> Clock:
 async def parts(tmp_path: Path, clock: Clock) -> AsyncIterator[tuple[TokenBroker, LocalVault,
                                                                       ProviderClient]]:
     vault = LocalVault.open(tmp_path / "v.db", KEY, clock=clock)
-    client = ProviderClient(RefreshSettings(attempts=2, backoff=0, timeout=5), clock=clock)
-    broker = TokenBroker(vault, MemoryCoordinator(clock), client,
-                         client_secret=lambda p: Secret("s3cret"),
-                         connect_url=lambda p: f"https://admin/connect/{p.id}", clock=clock)
+    # Every dialect's provider is a confidential client with the same secret.
+    live = live_config(refresh=RefreshSettings(attempts=2, backoff=0, timeout=5),
+                       secrets=dict.fromkeys(DIALECTS, Secret("s3cret")))
+    client = ProviderClient(live, clock=clock)
+    broker = TokenBroker(vault, MemoryCoordinator(clock), client, live, clock=clock)
     yield broker, vault, client
     await client.aclose()
     await vault.close()
@@ -187,8 +189,8 @@ async def test_offboarding_without_upstream_revocation_says_so(tmp_path: Path,
     vault = LocalVault.open(tmp_path / "v.db", KEY, clock=clock)
     out = io.StringIO()
     audit = AuditLog(StdoutSink(out), instance="t/1", fingerprint_key=KEY, clock=clock)
-    off = Offboarder(settings, vault, MemoryCoordinator(clock), audit,
-                     client_secret=lambda p: None, settle=0)
+    off = Offboarder(live_config(settings=settings), vault, MemoryCoordinator(clock), audit,
+                     settle=0)
     try:
         await vault.put(Grant("bob", "graph", TokenSet(Secret("at"), Secret("rt"))))
         (result,) = await off.revoke("bob", "graph")
@@ -221,8 +223,8 @@ async def test_offboarding_refreshes_an_expired_access_token_a_provider_revokes_
     vault = LocalVault.open(tmp_path / "v.db", KEY, clock=clock)
     out = io.StringIO()
     audit = AuditLog(StdoutSink(out), instance="t/1", fingerprint_key=KEY, clock=clock)
-    off = Offboarder(settings, vault, MemoryCoordinator(clock), audit,
-                     client_secret=lambda p: Secret("s"), settle=0)
+    off = Offboarder(live_config(settings=settings, secrets={p.id: Secret("s")}), vault,
+                     MemoryCoordinator(clock), audit, settle=0)
     expires_at = time.time() + (-60 if expired else 3600)
     try:
         await vault.put(Grant("bob", p.id, TokenSet(Secret("at-old"), Secret("rt-1"),
@@ -266,8 +268,8 @@ async def test_connecting_stores_the_users_token_never_the_bot_token(
     vault = LocalVault.open(tmp_path / "v.db", KEY, clock=clock)
     out = io.StringIO()
     audit = AuditLog(StdoutSink(out), instance="t/1", fingerprint_key=KEY, clock=clock)
-    connector = Connector(settings, vault, MemoryCoordinator(clock), audit,
-                          client_secret=lambda p: Secret("s3cret"), state_key=KEY, clock=clock)
+    connector = Connector(live_config(settings=settings, secrets={"slack": Secret("s3cret")}),
+                          vault, MemoryCoordinator(clock), audit, state_key=KEY, clock=clock)
     try:
         url = await connector.begin("alice", "slack", redirect_uri="http://127.0.0.1:9/cb")
         query = parse_qs(urlsplit(url).query)

@@ -19,6 +19,7 @@ from proxy.settings import parse_settings
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant
 from proxy.vault.local import LocalVault
+from tests.proxy.conftest import live_config
 
 KEY = bytes(range(32))
 
@@ -45,6 +46,7 @@ SETTINGS = parse_settings({
          "token_url": "https://login.example.com/token"},
     ],
 })
+LIVE = live_config(settings=SETTINGS)
 
 
 @pytest.fixture
@@ -54,8 +56,7 @@ async def parts(tmp_path: Path):  # type: ignore[no-untyped-def]
     coord = MemoryCoordinator(clock)
     out = io.StringIO()
     audit = AuditLog(StdoutSink(out), instance="t/1", fingerprint_key=KEY, clock=clock)
-    connector = Connector(SETTINGS, vault, coord, audit, client_secret=lambda p: None,
-                          state_key=KEY, clock=clock)
+    connector = Connector(LIVE, vault, coord, audit, state_key=KEY, clock=clock)
     yield connector, vault, coord, out, clock
     await connector.aclose()
     await vault.close()
@@ -150,7 +151,7 @@ async def test_state_sealed_for_another_state_is_unreadable(parts) -> None:  # t
 async def test_offboarding_a_provider_without_rfc7009(parts) -> None:  # type: ignore[no-untyped-def]
     _, vault, coord, out, clock = parts
     audit = AuditLog(StdoutSink(out), instance="t/2", fingerprint_key=KEY, clock=clock)
-    off = Offboarder(SETTINGS, vault, coord, audit, client_secret=lambda p: None, settle=0)
+    off = Offboarder(LIVE, vault, coord, audit, settle=0)
     await vault.put(Grant("bob", "graph", TokenSet(Secret("at"), Secret("rt"))))
     assert [g.provider for g in await off.plan("bob")] == ["graph"]
     (result,) = await off.revoke("bob")
@@ -232,10 +233,9 @@ async def test_offboarding_with_the_vault_down_and_no_redis_changes_nothing_and_
 
     down = Down.open(tmp_path / "down.db", KEY, clock=clock)
     audit = AuditLog(StdoutSink(out), instance="t/3", fingerprint_key=KEY, clock=clock)
-    off = Offboarder(SETTINGS, down, _NoRedis(), audit, client_secret=lambda p: None,
-                     settle=0)
+    off = Offboarder(LIVE, down, _NoRedis(), audit, settle=0)
     try:
-        result = await off._revoke_one("carol", "graph")
+        result = await off._revoke_one(LIVE.current, "carol", "graph")
     finally:
         await off.aclose()
         await down.close()

@@ -457,13 +457,16 @@ SHIPPED = catalog_ids(builtin_catalog())
 @pytest.mark.parametrize("catalog_id", SHIPPED)
 def test_every_shipped_entry_loads_and_uses_registered_reasons(catalog_id: str) -> None:
     """Each catalog entry validates with only a client and its parameters (placeholder
-    values), routes no wildcard, and every provider code it maps to re-auth is a
-    registered reason (so it is counted under its own name)."""
+    values), routes a wildcard only as the ceiling of grants bound to their tenant (its
+    own hosts and each resource's: docs/tenants.md), and every provider code it maps to
+    re-auth is a registered reason (so it is counted under its own name)."""
     (facts,) = [e for e in describe_catalog() if e["id"] == catalog_id]
     assert "error" not in facts, facts
     entry = _user(provider=catalog_id, parameters={n: "tenant1" for n in facts["parameters"]})
     p = ProviderSettings.model_validate(expand_provider(entry, where="p"))
-    assert not any("*" in h for h in p.hosts)
+    assert p.grant_hosts or not any("*" in h for h in p.hosts)
+    for r in p.resources.values():
+        assert r.grant_hosts or not any("*" in h for h in r.hosts)
     for code in [*p.token_errors.reauth, *p.api_signals.reauth]:
         assert reasons.from_provider_code(code) in reasons.REGISTRY, code
 

@@ -20,6 +20,7 @@ from proxy.provider_client import InvalidGrant, ProviderClient, TokenRequestFail
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings, RefreshSettings
 from proxy.tokenset import TokenSet
+from tests.proxy.conftest import live_config
 from tests.proxy.dialects import dialect
 from tests.proxy.oauthfake import Answer, FakeOAuth, serve
 
@@ -37,7 +38,8 @@ async def fake() -> AsyncIterator[FakeOAuth]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[ProviderClient]:
-    c = ProviderClient(RefreshSettings(attempts=3, backoff=0, timeout=5), clock=lambda: NOW)
+    c = ProviderClient(live_config(refresh=RefreshSettings(attempts=3, backoff=0, timeout=5)),
+                       clock=lambda: NOW)
     yield c
     await c.aclose()
 

@@ -21,16 +21,16 @@ from proxy.errors import (
 from proxy.identity import IdentityVerifier, KeySource
 from proxy.metrics import Metrics
 from proxy.provider_client import ProviderClient
-from proxy.routes import Destination, Router
+from proxy.routes import Destination
 from proxy.secret import Secret
-from proxy.settings import ProviderSettings, RefreshSettings, Settings
+from proxy.settings import ProviderSettings, Settings
 from proxy.sidecar import Injection, Outbound, Passthrough, Sidecar
 from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant
 from proxy.vault.local import LocalVault
 
-from .conftest import NOW, Clock, Keys, MakeContext, identity_settings
+from .conftest import NOW, Clock, Keys, MakeContext, identity_settings, live_config
 
 _COMMON: dict[str, Any] = {"token_url": "https://login.example.com/token", "client_id": "c",
                            "token_endpoint_auth_method": "none"}
@@ -70,14 +70,15 @@ async def vault(tmp_path: Path) -> AsyncIterator[LocalVault]:
 
 @pytest.fixture
 async def sidecar(vault: LocalVault, keys: Keys, sink: Sink) -> AsyncIterator[Sidecar]:
-    refresher = ProviderClient(RefreshSettings())
-    broker = TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
-                         metrics=Metrics(), connect_url=lambda p: f"https://admin/connect/{p.id}",
-                         clock=lambda: NOW)
-    settings = Settings(identity=identity_settings(), providers=[DOCS, KEYED])
+    settings = Settings(identity=identity_settings(), providers=[DOCS, KEYED],
+                        public_url="https://admin")
     verifier = IdentityVerifier(settings.identity, KeySource(keys.public_set()), clock=Clock())
+    live = live_config(settings=settings, verifier=verifier)
+    refresher = ProviderClient(live)
+    broker = TokenBroker(vault, MemoryCoordinator(), refresher, live, metrics=Metrics(),
+                         clock=lambda: NOW)
     audit = AuditLog(sink, instance="test/1", fingerprint_key=b"k" * 32, clock=lambda: NOW)
-    yield Sidecar(settings, verifier, Router(settings.providers), broker, audit)
+    yield Sidecar(live, broker, audit)
     await refresher.aclose()
 
 

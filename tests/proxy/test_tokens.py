@@ -11,17 +11,20 @@ from proxy.coordination import MemoryCoordinator
 from proxy.errors import CredentialStoreUnavailable, ReauthRequired, VaultUnavailable
 from proxy.provider_client import ProviderClient
 from proxy.secret import Secret
-from proxy.settings import ProviderSettings, RefreshSettings
+from proxy.settings import ProviderSettings
 from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant, GrantStatus
 from proxy.vault.local import LocalVault
+
+from .conftest import live_config
 
 KEY = bytes(range(32))
 NOW = 1_800_000_000.0
 PROVIDER = ProviderSettings(id="docs", hosts=["docs.example.com"],
                             token_url="https://login.example.com/token", client_id="c",
                             token_endpoint_auth_method="none")
+LIVE = live_config(PROVIDER, public_url="https://admin")
 
 
 def tokens(access: str, expires_in: float = 3600) -> TokenSet:
@@ -38,9 +41,8 @@ async def vault(tmp_path: Path) -> LocalVault:
 
 @pytest.fixture
 async def broker(vault: LocalVault) -> TokenBroker:
-    refresher = ProviderClient(RefreshSettings())
-    b = TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
-                    connect_url=lambda p: f"https://admin/connect/{p.id}", clock=lambda: NOW)
+    refresher = ProviderClient(LIVE)
+    b = TokenBroker(vault, MemoryCoordinator(), refresher, LIVE, clock=lambda: NOW)
     yield b  # type: ignore[misc]
     await refresher.aclose()
 
@@ -111,9 +113,8 @@ class _Unreachable(LocalVault):
 
 async def test_vault_outage_is_credential_store_unavailable(tmp_path: Path) -> None:
     v = _Unreachable.open(tmp_path / "v.db", KEY)
-    refresher = ProviderClient(RefreshSettings())
-    b = TokenBroker(v, MemoryCoordinator(), refresher, client_secret=lambda p: None,
-                    connect_url=lambda p: "x")
+    refresher = ProviderClient(LIVE)
+    b = TokenBroker(v, MemoryCoordinator(), refresher, LIVE)
     with pytest.raises(CredentialStoreUnavailable) as exc:
         await b.get("u", PROVIDER)
     assert exc.value.status == 503 and "Retry-After" in exc.value.headers()
@@ -122,8 +123,7 @@ async def test_vault_outage_is_credential_store_unavailable(tmp_path: Path) -> N
 
 
 def _broker(vault: LocalVault, refresher: ProviderClient) -> TokenBroker:
-    return TokenBroker(vault, MemoryCoordinator(), refresher, client_secret=lambda p: None,
-                       connect_url=lambda p: "x", clock=lambda: NOW)
+    return TokenBroker(vault, MemoryCoordinator(), refresher, LIVE, clock=lambda: NOW)
 
 
 class _SlowReads(LocalVault):
@@ -141,7 +141,7 @@ class _SlowReads(LocalVault):
 async def test_a_read_in_flight_during_an_invalidation_is_not_cached(tmp_path: Path) -> None:
     v = _SlowReads.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
     v.gate, v.reading = asyncio.Event(), asyncio.Event()
-    refresher = ProviderClient(RefreshSettings())
+    refresher = ProviderClient(LIVE)
     b = _broker(v, refresher)
     try:
         await LocalVault.put(v, Grant("u", "docs", tokens("a1")))
@@ -192,7 +192,7 @@ async def test_unsaved_tokens_never_bring_back_a_revoked_grant(tmp_path: Path,
     """A refresh whose vault write failed keeps its tokens in memory; if the grant is then
     revoked, they must not be written back (whether or not this process heard of it)."""
     v = _FlakyWrites.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
-    refresher = _FixedRefresher(RefreshSettings())
+    refresher = _FixedRefresher(LIVE)
     b = _broker(v, refresher)
     try:
         failed = await _refresh_whose_write_fails(v, b)
@@ -211,7 +211,7 @@ async def test_unsaved_tokens_never_bring_back_a_revoked_grant(tmp_path: Path,
 
 async def test_unsaved_tokens_are_written_once_the_vault_is_back(tmp_path: Path) -> None:
     v = _FlakyWrites.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
-    refresher = _FixedRefresher(RefreshSettings())
+    refresher = _FixedRefresher(LIVE)
     b = _broker(v, refresher)
     try:
         await _refresh_whose_write_fails(v, b)
@@ -237,7 +237,7 @@ async def test_a_reconnect_during_a_refresh_wins(tmp_path: Path) -> None:
             await v.put(Grant("u", "docs", tokens("reconnected")))
             return await super().refresh(provider, client_secret, refresh_token)
 
-    refresher = ReconnectMeanwhile(RefreshSettings())
+    refresher = ReconnectMeanwhile(LIVE)
     b = _broker(v, refresher)
     try:
         await v.put(Grant("u", "docs", tokens("old", expires_in=-1)))
@@ -254,7 +254,7 @@ async def test_a_full_invalidation_keeps_unsaved_tokens(tmp_path: Path) -> None:
     """A Redis resubscribe drops every memory cache; tokens whose write failed must survive
     it (the old refresh token is spent: losing them would burn the grant)."""
     v = _FlakyWrites.open(tmp_path / "v.db", KEY, clock=lambda: NOW)
-    refresher = _FixedRefresher(RefreshSettings())
+    refresher = _FixedRefresher(LIVE)
     b = _broker(v, refresher)
     try:
         await _refresh_whose_write_fails(v, b)
