@@ -164,6 +164,9 @@ class Offboarder:
             try:
                 # The endpoints of this grant's tenant (a revocation URL per org or shop).
                 bound = provider.for_grant(grant.values)
+                if bound.revocation_url is not None and "revocation_url" in bound.unrendered():
+                    raise BindingError("grant_value_missing",
+                                       "the revocation URL needs a value the grant lacks")
             except BindingError as exc:
                 bound = None
                 upstream, detail = "pending", (

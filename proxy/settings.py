@@ -379,20 +379,31 @@ class ProviderSettings(_Model):
             return self
         render = binding.render
         update: dict[str, object] = {"token_url": render(self.token_url, values)}
+        # The others render once their values exist: the authorize URL before a grant has
+        # more than its choices, the revocation URL once the token response gave its
+        # values (Salesforce's {instance}). A URL left with a placeholder is never called:
+        # see unrendered().
         for name in ("authorize_url", "revocation_url"):
             text = getattr(self, name)
             if text and binding.placeholders(text):
                 try:
                     update[name] = render(text, values)
                 except binding.BindingError:
-                    if name == "authorize_url":  # only needed before the grant exists
-                        continue
-                    raise
+                    continue
         console = self.revocation.console_url
         if console and binding.placeholders(console):
-            update["revocation"] = self.revocation.model_copy(
-                update={"console_url": render(console, values)})
+            try:
+                update["revocation"] = self.revocation.model_copy(
+                    update={"console_url": render(console, values)})
+            except binding.BindingError:
+                pass
         return self.model_copy(update=update)
+
+    def unrendered(self) -> list[str]:
+        """The endpoint URLs of this (:meth:`for_grant`) entry that still hold a grant
+        value's placeholder: they lack a value and must not be called."""
+        return [name for name in ("authorize_url", "token_url", "revocation_url")
+                if (text := getattr(self, name)) and binding.placeholders(text)]
 
     def inject_for(self, resource: str | None) -> InjectSettings:
         """How the token is injected for ``resource`` (None: the provider's own hosts)."""

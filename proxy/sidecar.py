@@ -253,9 +253,11 @@ class Sidecar:
             self._record("credential.refreshed", req, provider, user, outcome="refreshed",
                          token=tokens.access_token, token_source="refresh")
 
+        def own_host(grant: Grant) -> None:
+            self._check_own_host(req.destination, provider, resource, grant)
+
         issued = await self.broker.get(user.user, provider, on_refreshed=refreshed,
-                                       resource=resource)
-        self._check_own_host(req.destination, provider, resource, issued.grant)
+                                       resource=resource, admit=own_host)
         tokens = issued.tokens
         inject = provider.inject_for(resource)
         value = inject.format.format(access_token=tokens.access_token.reveal(),

@@ -59,6 +59,12 @@ log = logging.getLogger("credproxy.tokens")
 Source = Literal["cache", "vault", "refresh"]
 OnRefreshed = Callable[[TokenSet], Awaitable[None]]
 Rejection = Literal["refreshed", "superseded"]
+# Refuses a request for a grant (raises), or lets it have the grant's token.
+Admit = Callable[[Grant], None]
+
+
+def _admit_all(grant: Grant) -> None:
+    return None
 _CACHE_MAX = 100_000
 # A provider that rejects every token would get a refresh per request: after a forced
 # refresh of a grant, another rejection within this many seconds (per process) means the
@@ -123,26 +129,31 @@ class TokenBroker:
     # -- public ------------------------------------------------------------------------
     async def get(self, user: str, provider: ProviderSettings,
                   on_refreshed: OnRefreshed | None = None, *,
-                  resource: str | None = None) -> Issued:
+                  resource: str | None = None, admit: Admit | None = None) -> Issued:
         """A usable access token of ``user``'s grant for ``provider`` (``resource``: one of
         the provider's resources, which share the grant and its refresh token but each
         have their own access token, obtained by redeeming the refresh token with the
-        resource's scopes). Raises :class:`ReauthRequired` or another
-        :class:`ProxyRefusal`."""
+        resource's scopes). ``admit(grant)`` is called with the grant before its token is
+        issued and before any refresh: it raises to refuse the request (the destination is
+        not the grant's own host), so a refused request never costs a token-endpoint call.
+        Raises :class:`ReauthRequired` or another :class:`ProxyRefusal`."""
         key = (user, provider.id)
+        check = admit or _admit_all
         fresh = self._fresh(self._cache.get(key), provider, resource)
         if fresh is not None:
+            check(fresh)
             self._cache.move_to_end(key)
             return self._issued(fresh, "cache", resource)
         async with self._local.hold(key):
             # Another request in this process may have done the work meanwhile.
             fresh = self._fresh(self._cache.get(key), provider, resource)
             if fresh is not None:
+                check(fresh)
                 return self._issued(fresh, "cache", resource)
-            found = await self._lookup(user, provider, resource)
+            found = await self._lookup(user, provider, resource, check)
             if found is not None:
                 return found
-            return await self._refresh_locked(user, provider, on_refreshed, resource)
+            return await self._refresh_locked(user, provider, on_refreshed, resource, check)
 
     @staticmethod
     def _issued(grant: Grant, source: Source, resource: str | None) -> Issued:
@@ -307,19 +318,22 @@ class TokenBroker:
         if len(self._cache) > _CACHE_MAX:
             self._cache.popitem(last=False)
 
-    async def _lookup(self, user: str, provider: ProviderSettings,
-                      resource: str | None) -> Issued | None:
+    async def _lookup(self, user: str, provider: ProviderSettings, resource: str | None,
+                      admit: Admit = lambda grant: None) -> Issued | None:
         """A fresh token from the shared cache or the vault, or None when it needs a refresh.
-        Raises re-auth when the vault says the grant is unusable."""
+        Raises re-auth when the vault says the grant is unusable; whatever ``admit``
+        raises for the grant found."""
         generation = self._generation
         shared = self._fresh(await self._coord.cache_get(user, provider.id), provider,
                              resource)
         if shared is not None:
             self.stats.shared_hits += 1
             self._remember(shared, generation)
+            admit(shared)
             return self._issued(shared, "cache", resource)
         generation = self._generation
         grant = await self._load(user, provider)
+        admit(grant)
         if self._fresh(grant, provider, resource) is not None:
             self._remember(grant, generation)
             await self._coord.cache_put(grant)
@@ -328,17 +342,21 @@ class TokenBroker:
 
     async def _refresh_locked(self, user: str, provider: ProviderSettings,
                               on_refreshed: OnRefreshed | None,
-                              resource: str | None) -> Issued:
+                              resource: str | None, admit: Admit) -> Issued:
         try:
             async with self._coord.lock(user, provider.id) as lease:
                 # Re-read: another replica may have refreshed while this one waited.
-                found = await self._lookup(user, provider, resource)
+                found = await self._lookup(user, provider, resource, admit)
                 if found is not None:
                     return found
                 if not lease.valid():
                     raise CoordinationUnavailable("refresh lock lease lost")
                 grant = await self._load(user, provider)
+                admit(grant)
                 refreshed = await self._refresh(grant, provider, resource)
+                # A reconnect while the refresh ran replaces the grant (another tenant):
+                # the grant now issued must be admitted too.
+                admit(refreshed)
         except CoordinationUnavailable as exc:
             raise self._uncoordinated(exc) from exc
         issued = self._issued(refreshed, "refresh", resource)

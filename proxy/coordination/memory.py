@@ -49,7 +49,10 @@ class MemoryCoordinator:
         return None
 
     async def publish_invalidation(self, user: str, provider: str) -> None:
-        return None  # one process: the broker already dropped its own entry
+        """Tell this process's subscribers (the token broker): a grant changed outside
+        the broker, e.g. a user connected again (another tenant, another scope)."""
+        for callback in list(self._subscribers):
+            await callback((user, provider))
 
     def on_invalidation(self, callback: Invalidation) -> None:
         self._subscribers.append(callback)
