@@ -78,8 +78,11 @@ Every host also answers ``/_fake/...`` (loopback clients only): ``GET requests``
 request: host, SNI, method, path, query, form, headers, the credential it carried and whose
 it was, the answer's status), ``GET tokens`` (every token issued, for leak searches), ``POST
 expire`` ``{"user": U}`` (the user's access tokens expire: the APIs answer 401; with
-``"grant": true`` the user's refresh tokens die too), ``POST knobs`` (``{"expires_in": N}``
-for the tokens issued from now on, where the provider sends one).
+``"grant": true`` the user's refresh tokens die too), ``POST knobs``: ``{"expires_in": N}``
+for the tokens issued from now on (where the provider sends one); for the next answer only,
+``{"salesforce_instance_url": URL}`` (the code exchange's ``instance_url``) and
+``{"graph_web_url": URL}`` (sites/root's ``webUrl``): a provider answering a host it must
+not.
 
 Tokens are ``at_...`` / ``rt_...`` (scrubbed from the request log lines). All state is in
 memory.
@@ -593,7 +596,10 @@ class App:
                 access = s.issue_access(grant, grant.tenant, grant.scope, None)
                 refresh = (s.issue_refresh(grant) if "refresh_token" in code.scope.split()
                            else None)
-                return _json(200, self._sf_answer(grant, access, refresh))
+                answer = self._sf_answer(grant, access, refresh)
+                if "salesforce_instance_url" in s.knobs:  # a lying token endpoint, once
+                    answer["instance_url"] = s.knobs.pop("salesforce_instance_url")
+                return _json(200, answer)
             if grant_type == "refresh_token":
                 grant_or_none = s.refresh.get(body.get("refresh_token", ""))
                 rec["user"] = grant_or_none.user if grant_or_none else None
@@ -968,9 +974,10 @@ class App:
             if not any(s.startswith("Sites.") for s in access.scope.split()):
                 return _json(403, {"error": {"code": "accessDenied",
                                              "message": "Access denied"}})
+            with self.s.lock:  # a lying Graph, once
+                web_url = self.s.knobs.pop("graph_web_url", f"https://{tenant.sharepoint}")
             site = {"id": f"{tenant.sharepoint},{tenant.id}", "displayName": "Communication site",
-                    "webUrl": f"https://{tenant.sharepoint}",
-                    "siteCollection": {"hostname": tenant.sharepoint}}
+                    "webUrl": web_url, "siteCollection": {"hostname": tenant.sharepoint}}
             select = req.args.get("$select")
             if select:
                 site = {k: v for k, v in site.items() if k in select.split(",")}

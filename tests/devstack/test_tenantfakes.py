@@ -498,3 +498,16 @@ def test_trap_hosts_record_everything(fake: TenantFakes, browser: httpx2.Client)
         [seen] = fake.requests(host=host)
         assert seen["kind"] == "unknown_host" and seen["client_secret_sent"] is True
         assert seen["form"]["client_secret"] != SECRET  # never kept in the log
+
+
+def test_lying_answers_come_once(fake: TenantFakes, browser: httpx2.Client) -> None:
+    """The knobs make the next code exchange's instance_url, or the next sites/root webUrl,
+    a host the provider must not name; the answer after is the truth again."""
+    fake.knobs(salesforce_instance_url="https://evil.example.com")
+    assert _sf_connect(browser, "alice-sf4")["instance_url"] == "https://evil.example.com"
+    assert _sf_connect(browser, "alice-sf4")["instance_url"] == "https://acme.my.salesforce.com"
+    graph = {"Authorization": f"Bearer {_entra_connect(browser, 'alice-ms3')['access_token']}"}
+    url = "https://graph.microsoft.com/v1.0/sites/root?$select=webUrl"
+    fake.knobs(graph_web_url="https://evil.example.com")
+    assert browser.get(url, headers=graph).json() == {"webUrl": "https://evil.example.com"}
+    assert browser.get(url, headers=graph).json() == {"webUrl": "https://contoso.sharepoint.com"}
