@@ -383,9 +383,10 @@ def test_other_tenant_gets_no_credential(env: Env, family: str, name: str, user:
                                          how: dict[str, Any],
                                          expected: tuple[int, str, str]) -> None:
     """The request is refused before anything is sent: the expected problem (a
-    not_grant_host refusal names the user's own host), nothing with this request's marker
-    reached any host (the agent's own credential neither), the refusal is audited, and the
-    user's grant is untouched (active; their own host still works without a refresh)."""
+    not_grant_host refusal names the user's own host and is audited as credential.denied
+    for the user and the real destination), nothing with this request's marker reached any
+    host (the agent's own credential neither), and the user's grant is untouched (active;
+    their own host still works, without a refresh)."""
     t = TENANCIES[family]
     env.ensure(t.provider)
     own, other = t.own[user], t.own["bob" if user == "alice" else "alice"]
