@@ -399,6 +399,9 @@ def test_other_tenant_gets_no_credential(env: Env, family: str, name: str, user:
     headers = {}
     if how.get("own_credential"):
         headers[t.credential_header] = f"agent-own-credential-{marker}"
+    # The user's own token is warm (a first SharePoint use redeems one), so any token
+    # request from here on would be the refusal's doing.
+    assert env.get(user, f"https://{own}{t.path}?m={marker}-before").status_code == 200
     refreshes = len(env.fake.requests(kind="token", grant_type="refresh_token", user=user))
     dest = urlsplit(args["absolute"]).hostname if args.get("absolute") else \
         args["connect"].rsplit(":", 1)[0]
@@ -840,8 +843,9 @@ def test_no_token_ever_reached_a_host_it_was_not_issued_for(env: Env) -> None:
     the very host it was issued for (never another org, shop or tenant); the client secret
     went to token endpoints only, never to a host outside the ceilings; nothing at all
     reached a trap host."""
+    env.ensure(*PROVIDER_IDS)
     seen = env.fake.requests()
-    assert len(seen) > 50
+    assert [r for r in seen if r["credential_user"] is not None]
     for r in seen:
         if r["credential_user"] is not None:
             assert r["credential_audience"] == r["host"], r
