@@ -23,7 +23,8 @@ Entra ID        tenant contoso (SharePoint              tenant fabrikam (SharePo
 ==============  ======================================  ===================================
 
 ``attacker-org.my.salesforce.com`` and ``attacker-shop.myshopify.com`` exist too (mallory*
-belongs there; nobody the tests connect does). ``evil.example.com`` and
+belongs there; nobody the tests connect does); carol* is staff of both alice's and bob's
+shops. ``evil.example.com`` and
 ``*.myshopify.com.evil.com`` are served as well (:data:`TRAP_HOSTS`): hosts no provider may
 bind, every request there is recorded and answered 404, so a test can prove that no token
 request (and no client secret) ever went there.
@@ -129,11 +130,11 @@ SF_ORGS: dict[str, tuple[str, str]] = {
     "globex.my.salesforce.com": ("00D5e000000GLBX", "bob"),
     "attacker-org.my.salesforce.com": ("00D5e000000EVIL", "mallory"),
 }
-# shop host -> user-name prefix of its staff
-SHOPS: dict[str, str] = {
-    "alice-shop.myshopify.com": "alice",
-    "bob-shop.myshopify.com": "bob",
-    "attacker-shop.myshopify.com": "mallory",
+# shop host -> user-name prefixes of its staff (carol works for both alice's and bob's)
+SHOPS: dict[str, tuple[str, ...]] = {
+    "alice-shop.myshopify.com": ("alice", "carol"),
+    "bob-shop.myshopify.com": ("bob", "carol"),
+    "attacker-shop.myshopify.com": ("mallory",),
 }
 ENTRA_LOGIN = "login.microsoftonline.com"
 GRAPH = "graph.microsoft.com"
@@ -674,7 +675,7 @@ class App:
         wrong = self._authorize_common(req)
         a = req.args
         user = a.get("login_hint", "")
-        if wrong is None and not member(SHOPS[shop], user):
+        if wrong is None and not any(member(p, user) for p in SHOPS[shop]):
             wrong = f"{user!r} is not staff of {shop}"
         if wrong is not None:
             return Response(f"Shopify install refused: {wrong}", status=400)

@@ -259,14 +259,16 @@ class Env:
         return out
 
     def connections(self, context: str | None = None,
-                    headers: Mapping[str, str] | None = None) -> httpx2.Response:
+                    headers: Mapping[str, str] | None = None,
+                    query: str | None = None) -> httpx2.Response:
         """``GET /v1/connections`` on the admin port with ``context`` in the user-context
-        header."""
+        header (``query``: a context in the query string instead, which is refused)."""
         h = dict(headers or {})
         if context is not None:
             h["X-User-Context"] = context
-        return httpx2.get(f"{self.admin}/v1/connections", headers=h, timeout=15,
-                          trust_env=False)
+        params = {"context": query} if query is not None else None
+        return httpx2.get(f"{self.admin}/v1/connections", headers=h, params=params,
+                          timeout=15, trust_env=False)
 
 
 @pytest.fixture(scope="module")
@@ -510,6 +512,34 @@ def test_callback_naming_another_shop_is_refused(env: Env, returned: str,
     assert env.stored(user, "shopify") is None
     [audited] = env.audit(event="connection.created", user=user, outcome="rejected")
     assert audited["reason"] in reasons
+
+
+def test_connecting_again_to_another_shop_replaces_the_grant(env: Env) -> None:
+    """One grant per provider entry (docs/tenants.md): carol, staff of both shops, connects
+    alice-shop, then bob-shop. The second grant replaces the first at once: bob-shop gets
+    her new token, alice-shop now gets none (403 not_grant_host naming bob-shop), one
+    vault record bound to bob-shop."""
+    user = f"carol-{secrets.token_hex(3)}"
+    env.connect(user, "shopify", shop="alice-shop.myshopify.com")
+    first = _marker()
+    assert env.get(user, f"https://alice-shop.myshopify.com{SHOP_API}?m={first}"
+                   ).status_code == 200
+    env.connect(user, "shopify", shop="bob-shop.myshopify.com")
+    marker = _marker()
+    r = env.get(user, f"https://bob-shop.myshopify.com{SHOP_API}?m={marker}")
+    assert r.status_code == 200, r.text
+    [seen] = _marked(env.fake, marker)
+    assert (seen["credential_user"], seen["credential_audience"]) == (
+        user, "bob-shop.myshopify.com")
+    assert seen["credential"] != _marked(env.fake, first)[0]["credential"]
+    marker = _marker()
+    r = env.get(user, f"https://alice-shop.myshopify.com{SHOP_API}?m={marker}")
+    problem = _problem(r.status_code, r.headers.get("content-type"), r.content,
+                       expect=403, slug="provider-not-permitted", reason="not_grant_host")
+    assert "bob-shop.myshopify.com" in problem["detail"]
+    assert _marked(env.fake, marker) == []
+    [row] = [x for x in env.listed(user) if x.provider == "shopify"]
+    assert row.status == "active" and row.values["shop"] == "bob-shop.myshopify.com"
 
 
 def test_token_endpoint_naming_a_host_outside_the_ceiling_is_refused(env: Env) -> None:
@@ -784,6 +814,9 @@ def _context_cases(env: Env, tmp: Path) -> dict[str, tuple[dict[str, str], str]]
     expired = env.context("alice", now=time.time() - 3600, ttl=300)
     return {
         "missing": ({}, "missing"),
+        # Only the header: a context in the query string is not accepted here (it would
+        # end up in logs); the request has no context then.
+        "in the query": ({"query": env.context("alice")}, "missing"),
         "malformed": ({"X-User-Context": "not-a-jws"}, "malformed"),
         "bad_signature": ({"X-User-Context": forged}, "bad_signature"),
         "expired": ({"X-User-Context": expired}, "expired"),
@@ -793,14 +826,16 @@ def _context_cases(env: Env, tmp: Path) -> dict[str, tuple[dict[str, str], str]]
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "malformed", "bad_signature", "expired",
-                                  "wrong_audience"])
+@pytest.mark.parametrize("case", ["missing", "in the query", "malformed", "bad_signature",
+                                  "expired", "wrong_audience"])
 def test_metadata_refuses_a_context_that_fails_verification(env: Env, tmp_path: Path,
                                                             case: str) -> None:
-    """No, a malformed, a forged, an expired or a misaddressed context: 401
+    """No context (or one in the query string only), a malformed, a forged, an expired or
+    a misaddressed one: 401
     application/problem+json naming the reason; nobody's connections."""
     headers, reason = _context_cases(env, tmp_path)[case]
-    r = env.connections(headers=headers)
+    query = headers.pop("query", None)
+    r = env.connections(headers=headers, query=query)
     assert r.status_code == 401, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     data = r.json()
