@@ -120,6 +120,15 @@ class Stack:
         return httpx2.Client(proxy=proxy_url, verify=self.mitm_tls(), headers=headers,
                              timeout=30, trust_env=False)
 
+    def fake_dns(self, rules: str) -> None:
+        """Resolve the host names in ``rules`` (the ``DEVSTACK_FAKE_DNS`` format of
+        :mod:`devstack.fakedns.sitecustomize`) to their fake server, port 443 included, in
+        every process started with :attr:`env` from now on: the proxy, replicas, CLI runs.
+        Raises ValueError for malformed rules."""
+        from devstack import fakedns
+
+        self.env.update(fakedns.environ(rules))
+
     def write_config(self, **overrides: Any) -> None:
         """Rewrite the config with top-level ``overrides`` (restart the proxy to apply)."""
         self.config.update(overrides)
