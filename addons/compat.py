@@ -225,16 +225,18 @@ def forget(client_id: str) -> None:
     _h2_agents.pop(client_id, None)
 
 
-def failure_reason(flow_id: str, client_id: str) -> str:
+def failure_reason(flow_id: str, client_id: str, default: str = "exchange_failed") -> str:
     """Why mitmproxy ended flow ``flow_id`` (on client connection ``client_id``) with an
     error, as a reason slug: a client fault this module refused first, else mitmproxy's own
     classification (``ErrorCode``), mapped by :func:`refusal_for`, or
-    ``client_disconnected``. Consumed: call it once, from the ``error`` hook."""
+    ``client_disconnected``; ``default`` when nothing was recorded. Consumed: call it
+    once, from the ``error`` hook (or ``client_disconnected``, which may come first: a
+    client that closes once it has the refusal of a request with trailers)."""
     code = _client_faults.pop(client_id, None) or _codes.pop(flow_id, None)
     _codes.pop(flow_id, None)
     if code in (ErrorCode.CLIENT_DISCONNECTED, ErrorCode.CANCEL):
         return "client_disconnected"
-    return refusal_for(code).reason if code is not None else "exchange_failed"
+    return refusal_for(code).reason if code is not None else default
 
 
 def http_layer_for(context: Context) -> Layer:

@@ -132,9 +132,12 @@ class CredentialInjector:
             self._held.discard(flow_id)
             injected = self._injected.pop(flow_id, None)
             if self.app is not None and injected is not None:
+                # A fault compat refused first (a trailer section) is the reason, even
+                # when the client closed before mitmproxy reported the flow's error.
+                reason = compat.failure_reason(flow_id, client.id,
+                                               default="client_disconnected")
                 try:
-                    self.app.sidecar.exchange_failed(injected[0], injected[1],
-                                                     reason="client_disconnected")
+                    self.app.sidecar.exchange_failed(injected[0], injected[1], reason=reason)
                 except CredproxyError:
                     log.exception("could not record the failure of %s", flow_id)
 
