@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -43,7 +44,7 @@ import pytest
 import yaml
 
 from devstack import tenantfakes
-from devstack.procs import ServerStartError, free_port, start_server, tcp_check
+from devstack.procs import Running, ServerStartError, free_port, start_server, tcp_check
 from devstack.stack import build_stack
 
 from .test_tenants import CLIENT_ID, PROVIDERS, SECRET_ENV, SF_API, SHOP_API, Env
@@ -97,15 +98,39 @@ def _check(env: Env, path: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)
 
 
+@dataclass
+class Second:
+    proxy_url: str
+    admin_url: str
+    running: Running
+    config_path: Path
+
+    def rewrite(self, env: Env, providers: list[dict[str, Any]], **overrides: Any) -> str:
+        """Rewrite its config file and wait (at most 10 s) for the proxy's verdict: the
+        log line of the reload ("config reloaded" or "config reload rejected")."""
+        seen = self.running.stderr_text().count("config reload")
+        cfg = yaml.safe_load(self.config_path.read_text())
+        cfg.update(providers=providers, **overrides)
+        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            lines = [line for line in self.running.stderr_text().splitlines()
+                     if "config reload" in line]
+            if len(lines) > seen:
+                return lines[-1]
+            time.sleep(0.1)
+        raise AssertionError("the proxy said nothing about the changed config in 10 s")
+
+
 @contextmanager
 def _second_proxy(env: Env, name: str, providers: list[dict[str, Any]],
-                  refusal_names: str) -> Iterator[tuple[str, str] | None]:
-    """Another ``credproxy run`` on the stack's vault and CA with ``providers``, on its own
-    ports: yields (proxy URL, admin URL), or None when it refuses to start with an error
+                  refusal_names: str, **overrides: Any) -> Iterator[Second | None]:
+    """Another ``credproxy run`` on the stack's vault and CA with ``providers`` (and
+    top-level ``overrides``), on its own ports; None when it refuses to start with an error
     naming ``refusal_names`` (refusing the configuration is a right answer too)."""
     port, admin = free_port(), free_port()
     path = _write_config(env, f"{name}.yaml", providers, listen=f"127.0.0.1:{port}",
-                         admin=f"127.0.0.1:{admin}")
+                         admin=f"127.0.0.1:{admin}", **overrides)
     try:
         proxy = start_server(["-m", "proxy.cli", "run", "--config", str(path)],
                              ready=tcp_check("127.0.0.1", port), env=env.stack.env,
@@ -115,7 +140,7 @@ def _second_proxy(env: Env, name: str, providers: list[dict[str, Any]],
         yield None
         return
     try:
-        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+        yield Second(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", proxy, path)
     finally:
         proxy.close()
 
@@ -182,10 +207,10 @@ def test_an_unbound_salesforce_never_sends_alices_token_to_another_org(env: Env)
     issue's first fault, back with one key)."""
     env.ensure("salesforce")
     assert env.get("alice", f"https://acme.my.salesforce.com{SF_API}").status_code == 200
-    with _second_proxy(env, "unbound", [_unbound_salesforce()], "grant_hosts") as urls:
-        if urls is None:
+    with _second_proxy(env, "unbound", [_unbound_salesforce()], "grant_hosts") as second:
+        if second is None:
             return
-        proxy_url, _ = urls
+        proxy_url = second.proxy_url
         refreshes = len(env.fake.requests(kind="token", grant_type="refresh_token",
                                           user="alice"))
         marker = _marker()
@@ -198,6 +223,43 @@ def test_an_unbound_salesforce_never_sends_alices_token_to_another_org(env: Env)
         assert len(env.fake.requests(kind="token", grant_type="refresh_token",
                                      user="alice")) == refreshes, \
             "another org's answer made credproxy refresh alice's grant"
+
+
+def test_a_reload_adding_a_static_grant_host_is_refused_as_a_loosening(env: Env) -> None:
+    """Issue 14: "a wildcard in config is only the set of hosts a grant may be bound to,
+    never a set that receives every grant"; a reload that drops the binding
+    (``grant_hosts: []``) is refused ("relaxes providers.salesforce.grant_hosts"). A reload
+    that *adds* another org's host to ``grant_hosts`` (``["{instance}",
+    "globex.my.salesforce.com"]``) hands every grant's token to that org just the same,
+    yet it is taken silently: alice's token goes to globex, and globex's 401 first forces a
+    refresh of her grant, then (the next request) marks it ``revoked_upstream``: another
+    tenant burns her grant. It must be refused like the other loosening (or kept from
+    sending her token there)."""
+    user = f"alice-widen-{secrets.token_hex(3)}"
+    env.connect(user, "salesforce")
+    bound = [_entry("salesforce")]
+    with _second_proxy(env, "widen", bound, "never", reload={"settle": 0.2}) as second:
+        assert second is not None
+        with env.stack.client_via(second.proxy_url, context=env.context(user)) as c:
+            assert c.get(f"https://acme.my.salesforce.com{SF_API}").status_code == 200
+        widened = _entry("salesforce")
+        widened["grant_hosts"] = ["{instance}", "globex.my.salesforce.com"]
+        verdict = second.rewrite(env, [widened])
+        marker = _marker()
+        statuses = []
+        with env.stack.client_via(second.proxy_url, context=env.context(user)) as c:
+            for i in range(2):
+                r = c.get(f"https://globex.my.salesforce.com{SF_API}?m={marker}-{i}")
+                statuses.append((r.status_code, r.json().get("reason")))
+        reached = [(x["host"], x.get("credential_user")) for x in env.fake.requests()
+                   if str(x["query"].get("m", "")).startswith(marker)]
+        grant = env.stored(user, "salesforce")
+        assert grant is not None
+        assert reached == [], (
+            f"after the reload ({verdict.split(': ', 1)[-1][:80]}) {user}'s token reached "
+            f"another org: {reached}; answers {statuses}; grant now {grant.status}")
+        assert "rejected" in verdict and "grant_hosts" in verdict, verdict
+        assert grant.status == "active", grant
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,10 +281,10 @@ def test_a_choice_outside_the_ceiling_reaches_no_url_when_allowed_is_wider(env: 
     Either the config is refused (allowed outside the ceiling) or the connect link is."""
     shop = _entry("shopify")
     shop["grant_values"]["shop"]["allowed"] = ["*.myshopify.com", "*.myshopify.com.evil.com"]
-    with _second_proxy(env, "wide", [shop], "allowed") as urls:
-        if urls is None:
+    with _second_proxy(env, "wide", [shop], "allowed") as second:
+        if second is None:
             return
-        _, admin = urls
+        admin = second.admin_url
         user = f"alice-wide-{secrets.token_hex(3)}"
         before = len(env.fake.requests())
         with env.fake.browser() as b:
