@@ -486,3 +486,28 @@ def test_check_names_a_static_binding_outside_the_ceiling(env: Env, key: str,
     result = _check(env, path)
     assert result.returncode == 1, f"credproxy check accepted it: {result.stdout.strip()}"
     assert key.split(".")[-1] in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# The connect_url of a refusal for a provider whose grants are bound by a choice
+# ---------------------------------------------------------------------------------------
+
+def test_the_connect_url_of_a_shop_refusal_is_not_a_dead_end(env: Env) -> None:
+    """README: "the agent gets an explicit re-authorization error" whose ``connect_url``
+    is where the user re-authorizes ("The `connect_url` in every `reauth-required` error
+    points here"). A user with no Shopify grant asks for alice-shop: the 401 carries
+    ``connect_url: <public_url>/connect/shopify``, with no ``shop``; the user who opens it
+    (with her context, as the docs say) gets "Sign-in not possible ... the connect link's
+    'shop' parameter is absent" (400). The proxy knows the shop the request was for (it
+    is under the ceiling): the link should carry it, or lead to a page that asks."""
+    user = f"alice-nc-{secrets.token_hex(3)}"
+    r = env.get(user, f"https://{ALICE_SHOP}{SHOP_API}")
+    assert r.status_code == 401 and r.json()["reason"] == "no_connection", r.text
+    connect_url = r.json()["connect_url"]
+    with env.fake.browser() as b:
+        opened = b.get(connect_url, params={"context": env.context(user)})
+    assert opened.status_code in (200, 302), (
+        f"{connect_url} answers {opened.status_code}: "
+        f"{opened.text[opened.text.find('<p>'):][:160]}")
+    if opened.status_code == 302:
+        assert urlsplit(opened.headers["location"]).hostname == ALICE_SHOP
