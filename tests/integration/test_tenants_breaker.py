@@ -9,6 +9,9 @@ credproxy breaks that promise:
 - a per-tenant catalog entry can be unbound (``grant_hosts: []``) with its wildcard left
   in place: ``credproxy check`` says ok, and alice's Salesforce token then reaches
   another org, whose 401 triggers a forced refresh of her grant;
+- a reload that adds another org's host to ``grant_hosts`` is taken silently (dropping the
+  binding is refused as a loosening): every grant's token goes there, and that org's 401
+  burns the grant;
 - a grant value whose ``allowed`` is wider than the provider's ceiling sends the browser
   to an authorize URL outside the ceiling and POSTs the client secret to a token endpoint
   outside it;
@@ -19,7 +22,9 @@ credproxy breaks that promise:
   user's old credential to the old tenant and refuses the new one, against what the vault
   and ``credproxy connections`` say;
 - ``credproxy check`` accepts static bindings that can never work (a static grant host or
-  a discovery URL outside the ceiling): every user's connect then fails.
+  a discovery URL outside the ceiling): every user's connect then fails;
+- the ``connect_url`` of a Shopify refusal carries no ``shop``: the user who opens it gets
+  "Sign-in not possible".
 """
 
 from __future__ import annotations
