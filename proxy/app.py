@@ -346,7 +346,7 @@ def refuse_loosening(old: Settings, new: Settings) -> None:
     short would also relax (its defaults are looser), unless ``new.reload.allow_loosening``
     names it: ``unrouted: deny`` becoming ``passthrough``; ``identity.one_time_jti`` turned
     off; a provider's ``methods`` allowlist dropped or widened; a provider's (or a
-    resource's) ``grant_hosts`` dropped."""
+    resource's) ``grant_hosts`` dropped or given another template."""
     allowed = set(new.reload.allow_loosening)
     loosened: list[str] = []
     if old.unrouted == "deny" and new.unrouted == "passthrough":
@@ -373,12 +373,14 @@ def refuse_loosening(old: Settings, new: Settings) -> None:
 
 
 def _unbinds(old: ProviderSettings, new: ProviderSettings) -> bool:
-    """Whether ``new`` drops the grant hosts ``old`` bound, for the provider or one of its
-    resources still routed."""
-    if old.grant_hosts and not new.grant_hosts:
-        return True
-    return any(r.grant_hosts and rid in new.resources and not new.resources[rid].grant_hosts
-               for rid, r in old.resources.items())
+    """Whether ``new`` widens what ``old`` bound each grant to, for the provider or one of
+    its resources still routed: its ``grant_hosts`` dropped, or a template added (a static
+    host added there would receive every user's token)."""
+    units = [(old.grant_hosts, new.grant_hosts)]
+    units += [(r.grant_hosts, new.resources[rid].grant_hosts)
+              for rid, r in old.resources.items() if rid in new.resources]
+    return any(before and not set(after) <= set(before) for before, after in units) or any(
+        before and not after for before, after in units)
 
 
 def upstream_ssl_context(settings: Settings) -> ssl.SSLContext:

@@ -216,6 +216,23 @@ def within(host: HostPattern, ceiling: Sequence[str]) -> bool:
     return any(HostPattern.parse(p).matches(host.host, port, tls=True) for p in ceiling)
 
 
+def covers(ceiling: Sequence[str], pattern: str) -> bool:
+    """Whether every host ``pattern`` matches is one the ``ceiling`` patterns match too
+    (``*.b.c`` covers ``a.b.c``, ``*.a.b.c`` and ``*.b.c``; nothing but itself covers a
+    wildcard's own suffix)."""
+    p = HostPattern.parse(pattern)
+    for text in ceiling:
+        c = HostPattern.parse(text)
+        if (c.port or 443) != (p.port or 443):
+            continue
+        if not p.wildcard:
+            if c.matches(p.host, p.port or 443, tls=True):
+                return True
+        elif c.wildcard and (p.host == c.host or p.host.endswith(c.host[1:])):
+            return True
+    return False
+
+
 def read_field(data: Any, path: str) -> str | list[str] | None:
     """The value at a dotted ``path`` of a JSON document: a member name, a list index
     (digits), or ``*`` (every item of a list, giving a list). None when absent or not a
@@ -296,7 +313,8 @@ def _one(name: str, spec: GrantValueSettings, raw: str, ceiling: Sequence[str]) 
     if host is None:
         raise BindingError("grant_value_invalid",
                            f"grant value {name!r} = {shown!r} is not a host name")
-    if not within(host, allowed):
+    # Within the ceiling always: a value may end up in a token or authorize URL.
+    if not within(host, allowed) or not within(host, ceiling):
         raise BindingError("grant_host_not_allowed",
                            f"grant value {name!r} = {str(host)!r} is not one of the hosts "
                            f"this provider may be bound to ({', '.join(allowed)})")

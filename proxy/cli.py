@@ -14,7 +14,7 @@ from typing import TextIO
 
 from proxy import audit as auditlog
 from proxy.ca import ensure_ca
-from proxy.errors import ConfigError, CredproxyError
+from proxy.errors import ConfigError, CoordinationUnavailable, CredproxyError
 from proxy.settings import Settings, load_settings
 from proxy.tokenset import TokenSet, TokenSetError
 from proxy.vault.base import Grant
@@ -216,6 +216,14 @@ def cmd_vault_put(args: argparse.Namespace) -> int:
                 raise CredproxyError(f"vault put: {exc.detail} ({exc.reason})") from None
             stored = await app.vault.put(Grant(user=args.user, provider=args.provider,
                                                tokens=tokens, values=values))
+            # Replicas drop what they cached of the grant it replaces (it may have been
+            # bound to another tenant); without Redis, the vault's epoch tells them.
+            try:
+                await app.coordinator.cache_put(stored)
+                await app.coordinator.publish_invalidation(args.user, args.provider)
+            except CoordinationUnavailable:
+                print("credproxy: Redis unreachable: replicas learn of the new grant "
+                      "when their cached copy expires", file=sys.stderr)
             app.sidecar.audit.record(auditlog.CONNECTION_CREATED, user=args.user,
                                      provider=args.provider, outcome="stored",
                                      reason="imported", token=tokens.access_token,

@@ -593,11 +593,34 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
                     f"({catalog_id}): any tenant's host would get the user's token; list "
                     "your tenant's host, or set the catalog entry's parameter")
     merged = _merge(base, entry)
+    _keep_binding(base, merged, where)
     # The names the catalog entry itself takes (its placeholders, its defaults): a user's
     # override of a URL may leave one unused, but a name outside these is a typo.
     known = _placeholders(_templated_texts(base)) | set(base.get("parameters") or {})
     return _fill(merged, where=where, catalog_hosts="hosts" not in entry and not binds,
                  known=known)
+
+
+def _keep_binding(base: Mapping[str, Any], merged: Mapping[str, Any], where: str) -> None:
+    """A catalog entry that binds its grants to their tenant (``grant_hosts``, for itself
+    or a resource) may not lose the binding while a wildcard stays in its hosts: every
+    user's token would go to every tenant under it (docs/tenants.md). Raises
+    :class:`ConfigError` naming the key."""
+    units: list[tuple[str, Mapping[str, Any], object]] = [("", base, merged)]
+    base_res, merged_res = base.get("resources"), merged.get("resources")
+    if isinstance(base_res, Mapping) and isinstance(merged_res, Mapping):
+        units += [(f"resources.{rid}.", r, merged_res.get(rid)) for rid, r in base_res.items()
+                  if isinstance(r, Mapping)]
+    for prefix, b, m in units:
+        if not isinstance(m, Mapping) or not b.get("grant_hosts") or m.get("grant_hosts"):
+            continue
+        hosts = m.get("hosts")
+        if isinstance(hosts, list) and any("*" in str(h) for h in hosts):
+            raise ConfigError(
+                f"{where}.{prefix}grant_hosts: the catalog binds each grant to its tenant; "
+                f"without grant_hosts the wildcard in {prefix}hosts would send every "
+                "user's token to every tenant under it. Keep grant_hosts, or list one "
+                f"tenant's host under {prefix}hosts")
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -339,18 +339,36 @@ class ProviderSettings(_Model):
             check(self.revocation.console_url, where="revocation.console_url", values=values,
                   sources=None)
         for name, spec in values.items():
+            for pattern in spec.allowed or ():
+                if not binding.covers(self.ceiling(), pattern):
+                    raise ValueError(f"grant_values.{name}.allowed: {pattern!r} is not within "
+                                     f"the provider's hosts ({', '.join(self.ceiling())}): a "
+                                     "value must never bind a host outside them")
             if spec.url is not None:
                 check(spec.url, where=f"grant_values.{name}.url", values=values,
                       sources=["choice", "callback", "token_response"])
                 if spec.url.startswith("http://") and not self.allow_http:
                     raise ValueError(f"grant_values.{name}.url must be an https URL")
-        units: list[tuple[str, list[str]]] = [("grant_hosts", self.grant_hosts)]
-        units += [(f"resources.{rid}.grant_hosts", r.grant_hosts)
+                if not binding.placeholders(spec.url):
+                    host = binding.host_value(spec.url.replace("http://", "https://", 1))
+                    if host is None or not binding.within(host, self.hosts):
+                        raise ValueError(f"grant_values.{name}.url: the discovery URL must be "
+                                         "on one of the provider's own hosts "
+                                         f"({', '.join(self.hosts)}): the user's token goes "
+                                         "there")
+        units: list[tuple[str, list[str], list[str]]] = [
+            ("grant_hosts", self.grant_hosts, self.hosts)]
+        units += [(f"resources.{rid}.grant_hosts", r.grant_hosts, r.hosts)
                   for rid, r in self.resources.items()]
-        for where, templates in units:
+        for where, templates, ceiling in units:
             for i, template in enumerate(templates):
                 check(template, where=f"{where}[{i}]", values=values, sources=None)
                 binding.check_host_template(template, where=f"{where}[{i}]")
+                static = binding.host_value(template)
+                if not binding.placeholders(template) and (
+                        static is None or not binding.within(static, ceiling)):
+                    raise ValueError(f"{where}[{i}]: {template!r} is not within "
+                                     f"{', '.join(ceiling)}: no grant could ever use it")
         for rid, r in self.resources.items():
             for i, scope in enumerate(r.scopes):
                 check(scope, where=f"resources.{rid}.scopes[{i}]", values=values,

@@ -235,6 +235,9 @@ class AzureKeyVault:
         stored = replace(grant, updated_at=now,
                          version=next_version(current.version if current else None, now))
         await self._write(stored)
+        if expected_version is None and current is not None:
+            # Replaced outside a refresh (a reconnect, an import): tell other processes.
+            await self._bump_epoch()
         return stored
 
     async def mark_reauth(self, user: str, provider: str, reason: str) -> Grant | None:

@@ -189,8 +189,9 @@ class LocalVault:
         await self.epoch()
 
     async def epoch(self) -> int:
-        """Changes whenever a grant is marked for re-auth or deleted, by any process: other
-        processes sharing this file poll it to drop revoked grants from their caches."""
+        """Changes whenever a grant is marked for re-auth, deleted or replaced outside a
+        refresh (a reconnect, an import), by any process: other processes sharing this file
+        poll it to drop those grants from their caches."""
         return await self._call(self._epoch)
 
     async def close(self) -> None:
@@ -298,6 +299,10 @@ class LocalVault:
             version=next_version(None if row is None else row[0], now),
         )
         self._write(conn, stored)
+        if expected_version is None and row is not None:
+            # A grant replaced outside a refresh (a reconnect, perhaps to another tenant;
+            # an import): processes sharing the file must drop their cached copy.
+            _bump_epoch(conn)
         conn.execute("COMMIT")
         return stored
 
