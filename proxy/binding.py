@@ -46,6 +46,10 @@ RESERVED_PARAMS: Final = frozenset({
     "state", "code", "error", "error_description", "error_uri", "iss", "session_state",
     "scope", "return_to", "context"})
 _URL_MAX: Final = 2048
+# A host name's longest text form (RFC 1035 section 2.3.4: 255 octets on the wire).
+_HOST_MAX: Final = 253
+# How much of a refused value a message repeats (it may be a token).
+_SHOWN_MAX: Final = 80
 
 
 class BindingError(ValueError):
@@ -276,7 +280,7 @@ def check_value(name: str, spec: GrantValueSettings, raw: str | list[str] | None
 
 
 def _one(name: str, spec: GrantValueSettings, raw: str, ceiling: Sequence[str]) -> str:
-    shown = raw[:80].encode("ascii", "backslashreplace").decode()
+    shown = _shown(raw)
     if spec.kind == "id":
         if not _ID.fullmatch(raw) or (spec.pattern is not None
                                       and not re.fullmatch(spec.pattern, raw)):
@@ -298,14 +302,15 @@ def _one(name: str, spec: GrantValueSettings, raw: str, ceiling: Sequence[str]) 
                            f"grant value {name!r} = {shown!r} is not a host name")
     if not within(host, allowed):
         raise BindingError("grant_host_not_allowed",
-                           f"grant value {name!r} = {str(host)!r} is not one of the hosts "
-                           f"this provider may be bound to ({', '.join(allowed)})")
+                           f"grant value {name!r} = {_shown(str(host))!r} is not one of the "
+                           f"hosts this provider may be bound to ({', '.join(allowed)})")
     return str(host)
 
 
 def host_value(raw: str) -> HostPattern | None:
     """A host given as ``host[:port]`` or as an absolute https URL, parsed with the one
-    host grammar; port 443 is dropped. None when it is not exactly one host."""
+    host grammar; port 443 is dropped. None when it is not exactly one host (or a name
+    longer than DNS allows, 253 characters)."""
     text = raw
     if "://" in raw:
         parts = _url(raw)
@@ -318,9 +323,14 @@ def host_value(raw: str) -> HostPattern | None:
         host = HostPattern.parse(text)
     except ValueError:
         return None
-    if host.wildcard:
+    if host.wildcard or len(host.host) > _HOST_MAX:
         return None
     return HostPattern(host.host, None if host.port in (None, 443) else host.port)
+
+
+def _shown(raw: str) -> str:
+    """At most the first 80 characters of a value, for a message (ASCII, escaped)."""
+    return raw[:_SHOWN_MAX].encode("ascii", "backslashreplace").decode()
 
 
 def _url(raw: str) -> Any:
