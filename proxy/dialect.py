@@ -584,8 +584,7 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
     # A provider binding its grants to their tenant (grant_hosts, proxy.binding) takes a
     # wildcard as its ceiling: each grant's credential goes only to the grant's own hosts.
     binds = bool(entry.get("grant_hosts", base.get("grant_hosts")))
-    if (isinstance(user_hosts, list) and not binds
-            and any(_PLACEHOLDER.search(str(h)) for h in base.get("hosts") or [])):
+    if isinstance(user_hosts, list) and not binds and _per_tenant(base):
         for i, host in enumerate(user_hosts):
             if isinstance(host, str) and "*" in host:
                 raise ConfigError(
@@ -593,11 +592,48 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
                     f"({catalog_id}): any tenant's host would get the user's token; list "
                     "your tenant's host, or set the catalog entry's parameter")
     merged = _merge(base, entry)
+    _refuse_unbound_resource_wildcards(base, entry, merged, where=where,
+                                       catalog_id=catalog_id)
     # The names the catalog entry itself takes (its placeholders, its defaults): a user's
     # override of a URL may leave one unused, but a name outside these is a typo.
     known = _placeholders(_templated_texts(base)) | set(base.get("parameters") or {})
     return _fill(merged, where=where, catalog_hosts="hosts" not in entry and not binds,
                  known=known)
+
+
+def _per_tenant(unit: Mapping[str, Any]) -> bool:
+    """Whether a catalog provider or resource is per tenant: it binds grants to their
+    tenant (``grant_hosts``) or names its host by a ``{parameter}``."""
+    hosts = unit.get("hosts")
+    return bool(unit.get("grant_hosts")) or (
+        isinstance(hosts, list) and any(_PLACEHOLDER.search(str(h)) for h in hosts))
+
+
+def _refuse_unbound_resource_wildcards(base: Mapping[str, Any], entry: Mapping[str, Any],
+                                       merged: Mapping[str, Any], *, where: str,
+                                       catalog_id: str) -> None:
+    """A catalog resource the user's entry leaves without ``grant_hosts`` never routes a
+    wildcard the catalog gave it, nor one the user gave a per-tenant resource: any
+    tenant's host would get the user's token (the provider's own hosts: see
+    :func:`expand_provider`). Raises :class:`ConfigError`."""
+    resources, bases = merged.get("resources"), base.get("resources")
+    users = entry.get("resources")
+    if not isinstance(resources, Mapping) or not isinstance(bases, Mapping):
+        return
+    for rid, r in resources.items():
+        base_r, user_r = bases.get(rid), users.get(rid) if isinstance(users, Mapping) else None
+        if not isinstance(r, Mapping) or not isinstance(base_r, Mapping) or r.get("grant_hosts"):
+            continue
+        if isinstance(user_r, Mapping) and "hosts" in user_r and not _per_tenant(base_r):
+            continue
+        hosts = r.get("hosts")
+        for i, host in enumerate(hosts if isinstance(hosts, list) else []):
+            if isinstance(host, str) and "*" in host:
+                raise ConfigError(
+                    f"{where}.resources.{rid}.hosts[{i}]: {host!r} is a wildcard over a "
+                    f"per-tenant resource ({catalog_id}) without grant_hosts: any tenant's "
+                    "host would get the user's token; keep its grant_hosts, or list your "
+                    "tenant's host")
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
