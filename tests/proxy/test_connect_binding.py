@@ -91,6 +91,12 @@ SETTINGS: Settings = parse_settings({
                                            "kind": "host",
                                            "url": "https://api2.example.test/me"}},
                   grant_hosts=["api2.example.test", "{tenant}"]),
+        # An optional choice the endpoints name.
+        _provider("region", ["api3.example.test"],
+                  grant_values={"region": {"from": "choice", "pattern": "eu|us",
+                                           "required": False}},
+                  authorize_url="https://login.example.test/{region}/authorize",
+                  token_url="https://login.example.test/{region}/token"),
     ],
 })
 
@@ -234,6 +240,16 @@ async def test_other_query_parameters_are_not_choices(parts: Parts) -> None:
                                     choices={"scope": "acme.myshopify.com",
                                              "context": "acme.myshopify.com"})
     assert exc.value.reason == "grant_value_missing"
+
+
+async def test_an_optional_choice_the_authorize_url_names_must_be_given(
+        parts: Parts) -> None:
+    url, _ = await begin(parts, "region", region="eu")
+    assert url.startswith("https://login.example.test/eu/authorize?")
+    with pytest.raises(ConnectRejected) as exc:  # never a URL with "{region}" in it
+        await parts.connector.begin("alice", "region", redirect_uri=REDIRECT, choices={})
+    assert exc.value.reason == "grant_value_missing"
+    parts.rejected("grant_value_missing")
 
 
 # --- the callback ----------------------------------------------------------------------
