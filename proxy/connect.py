@@ -135,7 +135,10 @@ class Connector:
         try:
             chosen = _read_values(provider, "choice", lambda spec, name:
                                   choices.get(spec.param or name))
-            if provider.authorize_url is not None and chosen:
+            # Whenever it names a value: an optional one not given is missing here (never
+            # an authorize URL with a literal "{name}" in it).
+            if provider.authorize_url is not None and binding.placeholders(
+                    provider.authorize_url):
                 provider = provider.model_copy(update={
                     "authorize_url": binding.render(provider.authorize_url, chosen)})
         except BindingError as exc:
