@@ -457,6 +457,11 @@ async def test_a_discovery_url_outside_the_providers_hosts_is_never_called(
                  "grant_host_not_allowed", "evil.example.test", id="host-outside"),
     pytest.param([Answer.json(webUrl="https://sharepoint.example.test")], 1,
                  "grant_host_not_allowed", "sharepoint", id="bare-suffix"),
+    # Inside the provider's whole ceiling, but not the resource's: never its grant host.
+    pytest.param([Answer.json(webUrl="https://graph.example.test")], 1,
+                 "grant_host_not_allowed", "graph.example.test", id="the-providers-host"),
+    pytest.param([Answer.json(webUrl="https://contoso.sharepoint.example.test:8443/")], 1,
+                 "grant_host_not_allowed", ":8443", id="another-port"),
     pytest.param([Answer.json(webUrl="https://*.sharepoint.example.test")], 1,
                  "grant_value_invalid", "'site'", id="wildcard"),
 ])
