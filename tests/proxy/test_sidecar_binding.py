@@ -30,6 +30,7 @@ from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant
 from proxy.vault.local import LocalVault
+from tests.proxy.oauthfake import Answer, serve
 
 from .conftest import NOW, Clock, Keys, MakeContext, identity_settings, live_config
 
@@ -239,3 +240,39 @@ def test_imported_values_refused(provider: ProviderSettings, given: dict[str, st
     with pytest.raises(BindingError) as exc:
         imported_values(provider, given, kept)
     assert exc.value.reason == reason
+
+
+@pytest.mark.parametrize(("provider", "host", "grant"), [
+    pytest.param(MS, "fabrikam.sharepoint.com",
+                 Grant(USER, "ms", TokenSet(Secret("graph-at"), Secret("rt-1"),
+                                            expires_at=NOW + 3600),
+                       values={"site": "contoso.sharepoint.com"}),
+                 id="a-resource-token-not-obtained-yet"),
+    pytest.param(SHOP, "globex.myshopify.com",
+                 Grant(USER, "shop", TokenSet(Secret("shop-at"), Secret("rt-1"),
+                                              expires_at=NOW - 1),
+                       values={"shop": "acme.myshopify.com"}),
+                 id="an-expired-token"),
+])
+async def test_another_tenants_host_never_makes_the_grant_refresh(
+        vault: LocalVault, keys: Keys, make_context: MakeContext,
+        provider: ProviderSettings, host: str, grant: Grant) -> None:
+    """The refusal is the same whatever state the grant's tokens are in: no token request
+    (no refresh token rotated, no error of the token endpoint's instead of the 403) for a
+    destination the credential could never go to."""
+    async for fake in serve():
+        fake.script("/token", Answer.json(access_token="new-at", refresh_token="rt-2",
+                                          expires_in=3600))
+        local = provider.model_copy(update={"token_url": f"{fake.base}/token",
+                                            "allow_http": True})
+        side, refresher = make_sidecar(vault, keys, Sink(), local)
+        try:
+            await vault.put(grant)
+            with pytest.raises(ProviderNotPermitted) as exc:
+                await side.decide(out(host, make_context()))
+            assert exc.value.reason == "not_grant_host"
+            assert fake.seen == []
+            stored = await vault.get(USER, provider.id)
+            assert stored is not None and stored.tokens.refresh_token == Secret("rt-1")
+        finally:
+            await refresher.aclose()
