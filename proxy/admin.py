@@ -36,7 +36,13 @@ from aiohttp import web
 
 from proxy.binding import BindingError
 from proxy.connect import Connector, ConnectRejected
-from proxy.errors import CredentialStoreUnavailable, CredproxyError, ProxyRefusal, VaultError
+from proxy.errors import (
+    CredentialStoreUnavailable,
+    CredproxyError,
+    ProxyRefusal,
+    UserContextInvalid,
+    VaultError,
+)
 from proxy.live import LiveConfig, Snapshot
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import Metrics
@@ -219,6 +225,17 @@ class AdminServer:
             return f"unavailable: {type(exc).__name__}"
         return "ok"
 
+    @staticmethod
+    def _context_header(request: web.Request, header: str) -> str | None:
+        """The user-context ``header``'s value. Raises :class:`UserContextInvalid`
+        (``duplicate_header``) when it is sent more than once, as the proxy does: which
+        copy is the user would depend on who reads the request."""
+        values = request.headers.getall(header, [])
+        if len(values) > 1:
+            raise UserContextInvalid(f"{header} was sent more than once",
+                                     reason="duplicate_header")
+        return values[0] if values else None
+
     async def connect(self, request: web.Request) -> web.StreamResponse:
         with self._live.pinned() as config:
             return await self._connect(request, config)
@@ -226,10 +243,10 @@ class AdminServer:
     async def _connect(self, request: web.Request, config: Snapshot) -> web.StreamResponse:
         provider = request.match_info["provider"]
         settings, verifier = config.settings, config.verifier
-        raw = request.headers.get(verifier.header)
-        if raw is None and settings.connect.context_query:
-            raw = request.query.get("context")
         try:
+            raw = self._context_header(request, verifier.header)
+            if raw is None and settings.connect.context_query:
+                raw = request.query.get("context")
             user = await verifier.verify(Secret(raw) if raw else None)
             if not user.permits(provider):
                 raise ConnectRejected("provider_not_permitted",
@@ -270,8 +287,8 @@ class AdminServer:
 
     async def _connections(self, request: web.Request, config: Snapshot) -> web.Response:
         verifier = config.verifier
-        raw = request.headers.get(verifier.header)
         try:
+            raw = self._context_header(request, verifier.header)
             user = await verifier.verify(Secret(raw) if raw else None)
         except ProxyRefusal as exc:
             return _problem(exc, status=401,

@@ -39,13 +39,18 @@ _ID: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?")
 _NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _FIELD: Final = re.compile(r"(?:[A-Za-z0-9_$-]{1,64}|\*)(?:\.(?:[A-Za-z0-9_$-]{1,64}|\*)){0,7}")
 _PARAM: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-# Members that hold tokens: grant values are shown to agents and operators.
-_TOKEN_FIELDS: Final = frozenset({"access_token", "refresh_token", "id_token"})
+# Members that hold tokens: grant values are shown to agents and operators. Compared
+# without case, '_' and '-' (providers also say accessToken, refresh-token).
+_TOKEN_FIELDS: Final = frozenset({"accesstoken", "refreshtoken", "idtoken"})
 # Query parameters the connect flow and the OAuth callback use themselves.
 RESERVED_PARAMS: Final = frozenset({
     "state", "code", "error", "error_description", "error_uri", "iss", "session_state",
     "scope", "return_to", "context"})
 _URL_MAX: Final = 2048
+# A host name's longest text form (RFC 1035 section 2.3.4: 255 octets on the wire).
+_HOST_MAX: Final = 253
+# How much of a refused value a message repeats (it may be a token).
+_SHOWN_MAX: Final = 80
 
 
 class BindingError(ValueError):
@@ -69,8 +74,9 @@ class GrantValueSettings(_Model):
     """One ``grant_values`` entry: where the value comes from and how it is checked."""
 
     source: ValueSource = Field(alias="from")
-    field: Annotated[str, Field(pattern=_FIELD.pattern)] | None = None
-    param: Annotated[str, Field(pattern=_PARAM.pattern)] | None = None
+    # Anchored: a Field pattern matches anywhere in the value (re.search semantics).
+    field: Annotated[str, Field(pattern=f"^(?:{_FIELD.pattern})$")] | None = None
+    param: Annotated[str, Field(pattern=f"^(?:{_PARAM.pattern})$")] | None = None
     url: str | None = None
     kind: ValueKind = "id"
     pattern: str | None = None  # id: a regex the whole value must match
@@ -104,7 +110,9 @@ class GrantValueSettings(_Model):
             raise ValueError(f"from {self.source} needs field (a path into the JSON answer)")
         if not needs_field and self.field is not None:
             raise ValueError(f"from {self.source} takes param, not field")
-        if self.field is not None and _TOKEN_FIELDS & set(self.field.split(".")):
+        if self.field is not None and any(
+                re.sub(r"[_-]", "", part.lower()) in _TOKEN_FIELDS
+                for part in self.field.split(".")):
             raise ValueError(f"field {self.field!r} names a token: grant values are shown "
                              "to agents and operators, tokens never")
         if self.param is not None and needs_field:
@@ -140,12 +148,12 @@ def check_names(values: Mapping[str, GrantValueSettings]) -> None:
     """Raise ValueError when a value's name or parameter is unusable."""
     for name, spec in values.items():
         if not _NAME.fullmatch(name):
-            raise ValueError(f"{name!r}: a grant value's name is lower case letters, digits "
-                             "and _, starting with a letter")
+            raise ValueError(f"grant_values.{name}: a grant value's name is lower case "
+                             "letters, digits and _, starting with a letter")
         param = spec.param or name
         if spec.user_input and param in RESERVED_PARAMS:
-            raise ValueError(f"{name}: parameter {param!r} is used by the connect flow "
-                             "itself; set param to another name")
+            raise ValueError(f"grant_values.{name}: parameter {param!r} is used by the "
+                             "connect flow itself; set param to another name")
 
 
 def check_template(text: str, *, where: str, values: Mapping[str, GrantValueSettings],
@@ -293,7 +301,7 @@ def check_value(name: str, spec: GrantValueSettings, raw: str | list[str] | None
 
 
 def _one(name: str, spec: GrantValueSettings, raw: str, ceiling: Sequence[str]) -> str:
-    shown = raw[:80].encode("ascii", "backslashreplace").decode()
+    shown = _shown(raw)
     if spec.kind == "id":
         if not _ID.fullmatch(raw) or (spec.pattern is not None
                                       and not re.fullmatch(spec.pattern, raw)):
@@ -316,14 +324,15 @@ def _one(name: str, spec: GrantValueSettings, raw: str, ceiling: Sequence[str]) 
     # Within the ceiling always: a value may end up in a token or authorize URL.
     if not within(host, allowed) or not within(host, ceiling):
         raise BindingError("grant_host_not_allowed",
-                           f"grant value {name!r} = {str(host)!r} is not one of the hosts "
-                           f"this provider may be bound to ({', '.join(allowed)})")
+                           f"grant value {name!r} = {_shown(str(host))!r} is not one of the "
+                           f"hosts this provider may be bound to ({', '.join(allowed)})")
     return str(host)
 
 
 def host_value(raw: str) -> HostPattern | None:
     """A host given as ``host[:port]`` or as an absolute https URL, parsed with the one
-    host grammar; port 443 is dropped. None when it is not exactly one host."""
+    host grammar; port 443 is dropped. None when it is not exactly one host (or a name
+    longer than DNS allows, 253 characters)."""
     text = raw
     if "://" in raw:
         parts = _url(raw)
@@ -336,9 +345,14 @@ def host_value(raw: str) -> HostPattern | None:
         host = HostPattern.parse(text)
     except ValueError:
         return None
-    if host.wildcard:
+    if host.wildcard or len(host.host) > _HOST_MAX:
         return None
     return HostPattern(host.host, None if host.port in (None, 443) else host.port)
+
+
+def _shown(raw: str) -> str:
+    """At most the first 80 characters of a value, for a message (ASCII, escaped)."""
+    return raw[:_SHOWN_MAX].encode("ascii", "backslashreplace").decode()
 
 
 def _url(raw: str) -> Any:

@@ -135,7 +135,10 @@ class Connector:
         try:
             chosen = _read_values(provider, "choice", lambda spec, name:
                                   choices.get(spec.param or name))
-            if provider.authorize_url is not None and chosen:
+            # Whenever it names a value: an optional one not given is missing here (never
+            # an authorize URL with a literal "{name}" in it).
+            if provider.authorize_url is not None and binding.placeholders(
+                    provider.authorize_url):
                 provider = provider.model_copy(update={
                     "authorize_url": binding.render(provider.authorize_url, chosen)})
         except BindingError as exc:
@@ -266,7 +269,8 @@ class Connector:
                         tokens: TokenSet) -> dict[str, GrantValue]:
         """The ``from: discovery`` values: a GET with the new access token to each value's
         URL, which must be one of the hosts this grant's token may go to (the grant's own
-        hosts, or the provider's hosts when it binds none). Raises :class:`BindingError`."""
+        hosts known so far, those whose values are read already; or the provider's hosts
+        when it binds none). Raises :class:`BindingError`."""
         found: dict[str, GrantValue] = {}
         answers: dict[str, Any] = {}
         for name, spec in provider.grant_values.items():
@@ -274,11 +278,15 @@ class Connector:
                 continue
             url = binding.render(spec.url, values)
             host = binding.host_value(url)
-            own = provider.own_hosts(None, {**values, **found}) if provider.grant_hosts \
-                else None
-            allowed = host is not None and (
-                any(host == h for h in own) if own is not None
-                else binding.within(host, provider.hosts))
+            known = {**values, **found}
+            own = None
+            if provider.grant_hosts:
+                # A grant host may name a value this discovery (or a later one) finds.
+                ready = [t for t in provider.grant_hosts
+                         if all(isinstance(known.get(n), str) for n in binding.placeholders(t))]
+                own = binding.own_hosts(ready, known)
+            allowed = host is not None and binding.within(host, provider.hosts) and (
+                own is None or any(host == h for h in own))
             if not allowed or not url.startswith("https://"):
                 raise BindingError("grant_host_not_allowed",
                                    f"grant value {name!r}: the discovery URL's host is not "

@@ -584,8 +584,7 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
     # A provider binding its grants to their tenant (grant_hosts, proxy.binding) takes a
     # wildcard as its ceiling: each grant's credential goes only to the grant's own hosts.
     binds = bool(entry.get("grant_hosts", base.get("grant_hosts")))
-    if (isinstance(user_hosts, list) and not binds
-            and any(_PLACEHOLDER.search(str(h)) for h in base.get("hosts") or [])):
+    if isinstance(user_hosts, list) and not binds and _per_tenant(base):
         for i, host in enumerate(user_hosts):
             if isinstance(host, str) and "*" in host:
                 raise ConfigError(
@@ -593,7 +592,8 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
                     f"({catalog_id}): any tenant's host would get the user's token; list "
                     "your tenant's host, or set the catalog entry's parameter")
     merged = _merge(base, entry)
-    _keep_binding(base, merged, where)
+    _refuse_unbound_resource_wildcards(base, entry, merged, where=where,
+                                       catalog_id=catalog_id)
     # The names the catalog entry itself takes (its placeholders, its defaults): a user's
     # override of a URL may leave one unused, but a name outside these is a typo.
     known = _placeholders(_templated_texts(base)) | set(base.get("parameters") or {})
@@ -601,26 +601,39 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
                  known=known)
 
 
-def _keep_binding(base: Mapping[str, Any], merged: Mapping[str, Any], where: str) -> None:
-    """A catalog entry that binds its grants to their tenant (``grant_hosts``, for itself
-    or a resource) may not lose the binding while a wildcard stays in its hosts: every
-    user's token would go to every tenant under it (docs/tenants.md). Raises
-    :class:`ConfigError` naming the key."""
-    units: list[tuple[str, Mapping[str, Any], object]] = [("", base, merged)]
-    base_res, merged_res = base.get("resources"), merged.get("resources")
-    if isinstance(base_res, Mapping) and isinstance(merged_res, Mapping):
-        units += [(f"resources.{rid}.", r, merged_res.get(rid)) for rid, r in base_res.items()
-                  if isinstance(r, Mapping)]
-    for prefix, b, m in units:
-        if not isinstance(m, Mapping) or not b.get("grant_hosts") or m.get("grant_hosts"):
+def _per_tenant(unit: Mapping[str, Any]) -> bool:
+    """Whether a catalog provider or resource is per tenant: it binds grants to their
+    tenant (``grant_hosts``) or names its host by a ``{parameter}``."""
+    hosts = unit.get("hosts")
+    return bool(unit.get("grant_hosts")) or (
+        isinstance(hosts, list) and any(_PLACEHOLDER.search(str(h)) for h in hosts))
+
+
+def _refuse_unbound_resource_wildcards(base: Mapping[str, Any], entry: Mapping[str, Any],
+                                       merged: Mapping[str, Any], *, where: str,
+                                       catalog_id: str) -> None:
+    """A catalog resource the user's entry leaves without ``grant_hosts`` never routes a
+    wildcard the catalog gave it, nor one the user gave a per-tenant resource: any
+    tenant's host would get the user's token (the provider's own hosts: see
+    :func:`expand_provider`). Raises :class:`ConfigError`."""
+    resources, bases = merged.get("resources"), base.get("resources")
+    users = entry.get("resources")
+    if not isinstance(resources, Mapping) or not isinstance(bases, Mapping):
+        return
+    for rid, r in resources.items():
+        base_r, user_r = bases.get(rid), users.get(rid) if isinstance(users, Mapping) else None
+        if not isinstance(r, Mapping) or not isinstance(base_r, Mapping) or r.get("grant_hosts"):
             continue
-        hosts = m.get("hosts")
-        if isinstance(hosts, list) and any("*" in str(h) for h in hosts):
-            raise ConfigError(
-                f"{where}.{prefix}grant_hosts: the catalog binds each grant to its tenant; "
-                f"without grant_hosts the wildcard in {prefix}hosts would send every "
-                "user's token to every tenant under it. Keep grant_hosts, or list one "
-                f"tenant's host under {prefix}hosts")
+        if isinstance(user_r, Mapping) and "hosts" in user_r and not _per_tenant(base_r):
+            continue
+        hosts = r.get("hosts")
+        for i, host in enumerate(hosts if isinstance(hosts, list) else []):
+            if isinstance(host, str) and "*" in host:
+                raise ConfigError(
+                    f"{where}.resources.{rid}.hosts[{i}]: {host!r} is a wildcard over a "
+                    f"per-tenant resource ({catalog_id}) without grant_hosts: any tenant's "
+                    "host would get the user's token; keep its grant_hosts, or list your "
+                    "tenant's host")
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

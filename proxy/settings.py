@@ -347,7 +347,9 @@ class ProviderSettings(_Model):
             if spec.url is not None:
                 check(spec.url, where=f"grant_values.{name}.url", values=values,
                       sources=["choice", "callback", "token_response"])
-                if spec.url.startswith("http://") and not self.allow_http:
+                # Never plain http, even with allow_http: the connect flow sends the new
+                # access token to https URLs only.
+                if not spec.url.startswith("https://"):
                     raise ValueError(f"grant_values.{name}.url must be an https URL")
                 if not binding.placeholders(spec.url):
                     host = binding.host_value(spec.url.replace("http://", "https://", 1))
@@ -373,11 +375,16 @@ class ProviderSettings(_Model):
             for i, scope in enumerate(r.scopes):
                 check(scope, where=f"resources.{rid}.scopes[{i}]", values=values,
                       sources=None)
-        for h in self.hosts:
-            for rid, r in self.resources.items():
-                if h in r.hosts:
-                    raise ValueError(f"host {h!r} is listed by the provider and by its "
-                                     f"resource {rid!r}")
+        # "api.example.com" and "api.example.com:443" name the same destination.
+        seen: dict[str, str] = {}
+        units = [("the provider", self.hosts),
+                 *((f"its resource {rid!r}", r.hosts) for rid, r in self.resources.items())]
+        for unit, hosts in units:
+            for h in hosts:
+                canon = h if ":" in h.rsplit("]", 1)[-1] else f"{h}:443"
+                if canon in seen:
+                    raise ValueError(f"host {h!r} is listed by {seen[canon]} and by {unit}")
+                seen[canon] = unit
 
     # -- per grant ---------------------------------------------------------------------
     @property

@@ -443,6 +443,12 @@ class TokenBroker:
         one, and the other access tokens are kept. The token endpoint is the provider's,
         rendered with the grant's values (Shopify's is per shop)."""
         if grant.tokens.refresh_token is None:
+            if resource is not None:
+                # Says nothing about the main token, which may well be valid: no mark.
+                raise self.reauth(provider, "expired",
+                                  f"the token for {provider.id}'s resource {resource} can "
+                                  "only be had with a refresh token, and the grant has none; "
+                                  "the user must reconnect")
             await self._mark(grant.user, provider, "expired")
             raise self.reauth(provider, "expired",
                               f"the access token for {provider.id} expired and cannot be "
