@@ -88,11 +88,19 @@ def _problem(error: ProxyRefusal, *, status: int | None = None,
 def _connection(provider: ProviderSettings, grant: GrantInfo | None,
                 connect_url: str) -> dict[str, object]:
     """One provider's entry in ``/v1/connections`` (never a token value)."""
-    entry: dict[str, object] = {"provider": provider.id, "connect_url": connect_url}
+    # "choices": what the connect link needs (?shop=...) for a provider bound by a choice.
+    choices = sorted(spec.param or name for name, spec in provider.grant_values.items()
+                     if spec.source == "choice")
+    entry: dict[str, object] = {"provider": provider.id, "connect_url": connect_url,
+                                "choices": choices}
     if grant is None:
+        # A provider that binds its grants: no host gets a credential until the user
+        # connects (its hosts are only the ceiling).
         entry.update(status="not_connected", reason=None, scope=None, expires_at=None,
-                     has_refresh_token=False, values={}, hosts=list(provider.hosts),
-                     resources={rid: {"hosts": list(r.hosts), "scope": None,
+                     has_refresh_token=False, values={},
+                     hosts=[] if provider.grant_hosts else list(provider.hosts),
+                     resources={rid: {"hosts": [] if r.grant_hosts else list(r.hosts),
+                                      "scope": None,
                                       "expires_at": None}
                                 for rid, r in provider.resources.items()})
         return entry
@@ -112,7 +120,13 @@ def _connection(provider: ProviderSettings, grant: GrantInfo | None,
         got = grant.resources.get(rid)
         resources[rid] = {"hosts": hosts(rid), "scope": got.scope if got else None,
                           "expires_at": got.expires_at if got else None}
-    entry.update(status=grant.status.value, reason=grant.reason, scope=grant.scope,
+    status, reason = grant.status.value, grant.reason
+    problem = provider.binding_problem(grant.values) if status == "active" else None
+    if problem is not None:
+        # Requests get reauth-required for it: say so here too (a grant made before the
+        # provider bound its grants, or bound outside a narrowed ceiling).
+        status, reason = "reauth_required", problem.reason
+    entry.update(status=status, reason=reason, scope=grant.scope,
                  expires_at=grant.expires_at, has_refresh_token=grant.has_refresh_token,
                  values=values, hosts=hosts(None), resources=resources)
     return entry

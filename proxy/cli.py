@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -17,7 +18,7 @@ from proxy.ca import ensure_ca
 from proxy.errors import ConfigError, CoordinationUnavailable, CredproxyError
 from proxy.settings import Settings, load_settings
 from proxy.tokenset import TokenSet, TokenSetError
-from proxy.vault.base import Grant
+from proxy.vault.base import Grant, GrantInfo, GrantStatus
 from proxy.vault.keys import generate_key
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -245,7 +246,7 @@ def cmd_connections(args: argparse.Namespace) -> int:
     async def go() -> None:
         vault, _ = open_vault(settings)
         try:
-            rows = await vault.list(args.user)
+            rows = [_as_served(settings, r) for r in await vault.list(args.user)]
         finally:
             await vault.close()
         if args.json:
@@ -278,6 +279,19 @@ def cmd_connections(args: argparse.Namespace) -> int:
 
     asyncio.run(go())
     return EXIT_OK
+
+
+def _as_served(settings: Settings, info: GrantInfo) -> GrantInfo:
+    """``info`` with the status requests get: an active grant the running configuration
+    cannot use (a value missing since its provider started binding grants, a host outside
+    a narrowed ceiling) is shown as needing re-authorization, with the reason."""
+    provider = next((p for p in settings.providers if p.id == info.provider), None)
+    if provider is None or info.status is not GrantStatus.ACTIVE:
+        return info
+    problem = provider.binding_problem(info.values)
+    if problem is None:
+        return info
+    return replace(info, status=GrantStatus.REAUTH_REQUIRED, reason=problem.reason)
 
 
 def _lines(path: str | None, follow: bool) -> Iterator[str]:

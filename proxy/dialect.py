@@ -587,10 +587,13 @@ def expand_provider(entry: Mapping[str, Any], *, where: str,
     if isinstance(user_hosts, list) and not binds and _per_tenant(base):
         for i, host in enumerate(user_hosts):
             if isinstance(host, str) and "*" in host:
+                fix = ("keep the catalog's grant_hosts (each grant bound to its tenant), "
+                       "or list your tenant's host" if base.get("grant_hosts") else
+                       "list your tenant's host, or set the catalog entry's parameter")
                 raise ConfigError(
                     f"{where}.hosts[{i}]: {host!r} is a wildcard over a per-tenant provider "
-                    f"({catalog_id}): any tenant's host would get the user's token; list "
-                    "your tenant's host, or set the catalog entry's parameter")
+                    f"({catalog_id}) without grant_hosts: any tenant's host would get the "
+                    f"user's token; {fix}")
     merged = _merge(base, entry)
     _refuse_unbound_resource_wildcards(base, entry, merged, where=where,
                                        catalog_id=catalog_id)

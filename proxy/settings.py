@@ -377,9 +377,9 @@ class ProviderSettings(_Model):
                       sources=None)
         # "api.example.com" and "api.example.com:443" name the same destination.
         seen: dict[str, str] = {}
-        units = [("the provider", self.hosts),
-                 *((f"its resource {rid!r}", r.hosts) for rid, r in self.resources.items())]
-        for unit, hosts in units:
+        routed = [("the provider", self.hosts),
+                  *((f"its resource {rid!r}", r.hosts) for rid, r in self.resources.items())]
+        for unit, hosts in routed:
             for h in hosts:
                 canon = h if ":" in h.rsplit("]", 1)[-1] else f"{h}:443"
                 if canon in seen:
@@ -456,6 +456,37 @@ class ProviderSettings(_Model):
                     "grant_host_not_allowed",
                     f"the grant's host {host} is not one of {', '.join(unit_hosts)}")
         return hosts
+
+    def binding_problem(self, values: GrantValues) -> binding.BindingError | None:
+        """Why a grant with ``values`` cannot be used under this (running) configuration:
+        a value its hosts or token URL need is missing, or a host it binds is outside the
+        ceiling (a grant made before the provider bound its grants, or before a reload
+        narrowed ``hosts``). None when it can."""
+        if not self.grant_values:
+            return None
+        try:
+            self.for_grant(values)
+            for resource in (None, *self.resources):
+                self.own_hosts(resource, values)
+        except binding.BindingError as exc:
+            return exc
+        return None
+
+    def connect_choices(self, resource: str | None, host: str) -> dict[str, str]:
+        """The connect link's parameters that lead back to the tenant of ``host`` (a
+        destination this provider, or its ``resource``, routed): for each grant host
+        template that is exactly one ``from: choice`` value (Shopify's ``{shop}``), that
+        value's parameter set to ``host``. The link is checked again when opened."""
+        templates = self.grant_hosts if resource is None else \
+            self.resources[resource].grant_hosts
+        out: dict[str, str] = {}
+        for template in templates:
+            names = binding.placeholders(template)
+            if len(names) == 1 and template == "{" + names[0] + "}":
+                spec = self.grant_values.get(names[0])
+                if spec is not None and spec.source == "choice":
+                    out[spec.param or names[0]] = host
+        return out
 
     def resource_scopes(self, resource: str, values: GrantValues) -> list[str]:
         """The scopes to redeem the grant's refresh token with for ``resource``."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from proxy.audit import AuditLog, RequestInfo, TokenSource
 from proxy.binding import BindingError
@@ -256,8 +257,12 @@ class Sidecar:
         def own_host(grant: Grant) -> None:
             self._check_own_host(req.destination, provider, resource, grant)
 
-        issued = await self.broker.get(user.user, provider, on_refreshed=refreshed,
-                                       resource=resource, admit=own_host)
+        try:
+            issued = await self.broker.get(user.user, provider, on_refreshed=refreshed,
+                                           resource=resource, admit=own_host)
+        except ReauthRequired as exc:
+            _lead_back(exc, provider, resource, req.destination)
+            raise
         tokens = issued.tokens
         inject = provider.inject_for(resource)
         value = inject.format.format(access_token=tokens.access_token.reveal(),
@@ -421,6 +426,17 @@ class Sidecar:
             # Every failed write, whatever the event (injection, denial, re-auth).
             self.metrics.audit_failures.inc()
             raise
+
+
+def _lead_back(refusal: ReauthRequired, provider: ProviderSettings, resource: str | None,
+               dest: Destination) -> None:
+    """Give ``refusal``'s connect URL the choice that leads back to the tenant the request
+    was for (``?shop=<the destination>`` for a provider bound by a chosen host): without
+    it the link would ask for a value the agent cannot supply from the refusal alone."""
+    host = dest.host if dest.default_port else f"{dest.host}:{dest.port}"
+    choices = provider.connect_choices(resource, host)
+    if choices and "?" not in refusal.connect_url:
+        refusal.connect_url = f"{refusal.connect_url}?{urlencode(choices)}"
 
 
 def _sni_agrees(dest: Destination, sni: str | None) -> bool:

@@ -74,10 +74,15 @@ SETTINGS: Settings = parse_settings({
                   resources={"sp": {"hosts": ["*.sharepoint.example.test"],
                                     "grant_hosts": ["{site}"],
                                     "scopes": ["https://{site}/.default"]}}),
-        # A discovery URL on a host that is not the provider's.
-        _provider("leak", ["leak.example.test"],
-                  grant_values={"me": {"from": "discovery", "field": "id",
-                                       "url": "https://other.example.test/me"}}),
+        # A discovery URL whose host, known only per grant, is not the grant's own.
+        _provider("leak", ["*.leak.example.test"],
+                  grant_values={"instance": {"from": "callback", "param": "instance",
+                                             "kind": "host"},
+                                "other": {"from": "callback", "param": "other",
+                                          "kind": "host"},
+                                "me": {"from": "discovery", "field": "id",
+                                       "url": "https://{other}/me"}},
+                  grant_hosts=["{instance}"]),
         # A discovery URL on the org host the token response named.
         _provider("inst", ["*.inst.example.test"],
                   grant_values={"instance": {"from": "token_response",
@@ -424,11 +429,16 @@ async def test_discovery_binds_a_resource(parts: Parts) -> None:
 
 async def test_a_discovery_url_outside_the_providers_hosts_is_never_called(
         parts: Parts) -> None:
+    """The grant is bound to acme; the discovery URL names another host under the
+    ceiling (a value of the callback): the token never goes there. (A static discovery
+    URL outside the provider's hosts is a config error: test_binding_settings.)"""
     parts.fake.script("/leak/token", tokens())
     parts.fake.script("/me", Answer.json(id="u1"))
     _, state = await begin(parts, "leak")
     with pytest.raises(ConnectRejected) as exc:
-        await parts.connector.complete({"state": state, "code": "c1"})
+        await parts.connector.complete({"state": state, "code": "c1",
+                                        "instance": "acme.leak.example.test",
+                                        "other": "evil.leak.example.test"})
     assert exc.value.reason == "grant_host_not_allowed"
     assert "nothing was sent" in exc.value.detail
     assert parts.hosts() == ["login.example.test"]  # only the code exchange
