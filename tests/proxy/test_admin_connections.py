@@ -156,7 +156,7 @@ async def test_the_users_own_connections(admin: Admin, make_context: MakeContext
         "provider": "shop", "connect_url": "https://credproxy.example.com/connect/shop",
         "status": "active", "reason": None, "scope": "read", "expires_at": NOW + 3600,
         "has_refresh_token": True, "values": {"shop": "acme.myshopify.com"},
-        "hosts": ["acme.myshopify.com"], "resources": {}}
+        "hosts": ["acme.myshopify.com"], "resources": {}, "choices": ["shop"]}
     ms = by_id["ms"]
     assert ms["values"] == {"site": "contoso.sharepoint.com", "sites": ["s1", "s2"]}
     assert ms["hosts"] == ["graph.example.com"]  # no grant_hosts: the provider's
@@ -167,7 +167,7 @@ async def test_the_users_own_connections(admin: Admin, make_context: MakeContext
         "provider": "docs", "connect_url": "https://credproxy.example.com/connect/docs",
         "status": "not_connected", "reason": None, "scope": None, "expires_at": None,
         "has_refresh_token": False, "values": {}, "hosts": ["docs.example.com"],
-        "resources": {}}
+        "resources": {}, "choices": []}
     sf = by_id["sf"]
     assert (sf["status"], sf["reason"]) == ("reauth_required", "invalid_grant")
     # Its value binds a host the running config no longer allows: it binds none.
@@ -206,7 +206,9 @@ async def test_a_user_without_grants_sees_every_permitted_provider_unconnected(
     statuses = {c["provider"]: c["status"] for c in r.json()["connections"]}
     assert set(statuses.values()) == {"not_connected"} and len(statuses) == 5
     shop = r.json()["connections"][0]
-    assert shop["hosts"] == ["*.myshopify.com"]  # the ceiling: no grant binds it yet
+    # No grant binds a host yet: none gets a credential (the ceiling is not a grant's);
+    # the connect link needs the shop.
+    assert shop["hosts"] == [] and shop["choices"] == ["shop"]
 
 
 @pytest.mark.parametrize(("how", "reason"), [

@@ -197,7 +197,8 @@ async def test_a_grant_without_the_value_its_hosts_need_is_reauth(
     with pytest.raises(ReauthRequired) as missing:
         await sidecar[0].decide(out("acme.myshopify.com", make_context()))
     assert (missing.value.reason, missing.value.status) == ("grant_value_missing", 401)
-    assert missing.value.connect_url == "https://admin/connect/shop"
+    # The link leads back to the shop the request was for (checked again when opened).
+    assert missing.value.connect_url == "https://admin/connect/shop?shop=acme.myshopify.com"
     with pytest.raises(ReauthRequired) as invalid:
         await sidecar[0].decide(out("acme.my.salesforce.com", make_context()))
     assert invalid.value.reason == "grant_value_invalid"
