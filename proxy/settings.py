@@ -146,26 +146,83 @@ class VaultSettings(_Model):
         return self
 
 
+class EntraIdSettings(_Model):
+    """Microsoft Entra ID authentication to Redis (Azure Managed Redis, Azure Cache for
+    Redis): an access token for ``scope`` is the password, the token's ``oid`` claim the
+    user; tokens are renewed before expiry and existing connections re-authenticated
+    (redis-entraid's credential provider), never reconnected."""
+
+    # Where tokens come from: DefaultAzureCredential (workload identity on Kubernetes,
+    # managed identity, environment), or a file holding a token, re-read on every renewal
+    # (tokens provisioned by something else; tests).
+    credential: Literal["default", "file"] = "default"
+    token_file: str | None = None
+    # https://learn.microsoft.com/azure/redis/entra-for-authentication ("the scope
+    # https://redis.azure.com/.default")
+    scope: str = "https://redis.azure.com/.default"
+    # Renew when this share of the token's lifetime has passed (redis-entraid's default).
+    refresh_ratio: Annotated[float, Field(gt=0.1, lt=1.0)] = 0.7
+
+    @model_validator(mode="after")
+    def _source(self) -> Self:
+        if (self.credential == "file") != bool(self.token_file):
+            raise ValueError("credential: file needs token_file (and only it takes one)")
+        return self
+
+
 class CoordinationSettings(_Model):
     backend: Literal["memory", "redis"] = "memory"
+    # Redis topology (docs, "Many replicas"): one server (or a proxy such as Azure Managed
+    # Redis with the Enterprise cluster policy); a Redis Cluster (the OSS cluster policy:
+    # url names any node, nodes lists more to start from); or Sentinel-managed replication.
+    mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
     url: str | None = None  # redis://host:6379/0 or rediss:// (TLS); never with a password
     url_env: str | None = None  # or the whole URL (which may hold a password) from the env
+    nodes: list[Annotated[str, AfterValidator(_address)]] = Field(default_factory=list)
+    sentinels: list[Annotated[str, AfterValidator(_address)]] = Field(default_factory=list)
+    service_name: str | None = None  # sentinel: the monitored primary's name
+    sentinel_password_env: str | None = None  # sentinel: when the sentinels require AUTH
+    tls: bool = False  # sentinel: TLS to the sentinels and the servers (cluster: rediss://)
     username: str | None = None  # Redis ACL user
     password_env: str | None = None
     password_file: str | None = None
+    entra_id: EntraIdSettings | None = None  # instead of a password
     ca_file: str | None = None  # CA bundle for rediss://
     key_prefix: str = "credproxy:"
     lock_lease: Annotated[float, Field(ge=1, le=300)] = 15.0  # renewed while held
     lock_wait: Annotated[float, Field(gt=0, le=300)] = 30.0  # max wait for another's refresh
     op_timeout: Annotated[float, Field(gt=0, le=30)] = 1.0  # per Redis command
     shared_cache: bool = True  # encrypted access-token cache shared by replicas
+    # Replicas that must confirm a refresh lock (Redis WAIT) before the refresh runs, so a
+    # replica promoted after its primary died still holds it. None: 1 for cluster and
+    # sentinel, 0 for standalone. 0 turns the check off (a server without replicas, or
+    # a proxy that refuses WAIT).
+    replica_acks: Annotated[int, Field(ge=0, le=5)] | None = None
+    # Keys of one grant (and every key a script touches) in one hash slot, with fencing
+    # per slot. None: on for mode cluster, off otherwise. Turn it on for a proxy that
+    # enforces the cluster's rules (Azure Managed Redis with the Enterprise cluster
+    # policy). Off keeps the key names of earlier versions (a rolling update stays safe).
+    slot_safe_keys: bool | None = None
 
     @model_validator(mode="after")
     def _backend(self) -> Self:
         if self.backend != "redis":
             return self
-        if bool(self.url) == bool(self.url_env):
-            raise ValueError("redis needs exactly one of url, url_env")
+        if self.mode == "sentinel":
+            if not self.sentinels or not self.service_name:
+                raise ValueError("mode sentinel needs sentinels (HOST:PORT, ...) and "
+                                 "service_name")
+            if self.url or self.url_env or self.nodes:
+                raise ValueError("mode sentinel takes sentinels and service_name, not url, "
+                                 "url_env or nodes")
+        else:
+            if bool(self.url) == bool(self.url_env):
+                raise ValueError("redis needs exactly one of url, url_env")
+            if self.sentinels or self.service_name or self.sentinel_password_env:
+                raise ValueError("sentinels, service_name, sentinel_password_env are for "
+                                 "mode sentinel")
+            if self.nodes and self.mode != "cluster":
+                raise ValueError("nodes is for mode cluster")
         if self.url:
             if not self.url.startswith(("redis://", "rediss://")):
                 raise ValueError("url must start with redis:// or rediss://")
@@ -173,9 +230,28 @@ class CoordinationSettings(_Model):
             if ":" in userinfo:
                 raise ValueError("url must not contain a password: use password_env, "
                                  "password_file or url_env")
+            if self.mode == "cluster" and self.url.split("://", 1)[1].partition("/")[2] \
+                    not in ("", "0"):
+                raise ValueError("a Redis Cluster has database 0 only: drop the /<db> of url")
         if self.password_env and self.password_file:
             raise ValueError("set only one of password_env, password_file")
+        if self.entra_id is not None and (self.password_env or self.password_file
+                                          or self.username):
+            raise ValueError("entra_id replaces username and password: set only one")
         return self
+
+    @property
+    def slotted(self) -> bool:
+        """Whether keys are laid out for hash slots (``slot_safe_keys``, by mode)."""
+        return self.slot_safe_keys if self.slot_safe_keys is not None else (
+            self.mode == "cluster")
+
+    @property
+    def acks(self) -> int:
+        """The replicas that must confirm a refresh lock (``replica_acks``, by mode)."""
+        if self.replica_acks is not None:
+            return self.replica_acks
+        return 0 if self.mode == "standalone" else 1
 
 
 class AuditSettings(_Model):

@@ -15,6 +15,27 @@
   (re)established every memory cache is dropped, since messages may have been missed.
 - **One-time jti**: ``SET key 1 NX EXAT exp``.
 
+Topologies (``coordination.mode``): one server (``standalone``, also a proxy such as Azure
+Managed Redis with the Enterprise cluster policy), a Redis Cluster (``cluster``: redis-py's
+cluster client; invalidations over sharded pub/sub, ``SPUBLISH``/``SSUBSCRIBE``, where the
+server has it), or Sentinel-managed replication (``sentinel``: redis-py's Sentinel client
+follows the primary). Authentication: an ACL user and password, or Microsoft Entra ID
+(redis-entraid's credential provider: tokens renewed before expiry, connections
+re-authenticated in place).
+
+Key layout for hash slots (``slot_safe_keys``, on in cluster mode): every script touches
+keys of one slot. A grant's keys (lock, cache entry, revocation guard) carry the hash tag
+of one of :data:`BUCKETS` buckets, and each bucket has its own boot marker in that slot:
+the fencing after a data loss is per bucket, so a shard that restarted empty fences only
+its own grants. A single-use value's keys share its name as tag. Without it the key names
+of earlier versions are kept (one boot marker).
+
+A data loss the boot markers cannot see: a primary that dies before a lock reached its
+replica, which is then promoted without it. With ``replica_acks`` (on for cluster and
+sentinel), a lock counts as taken only once that many replicas confirmed it (``WAIT`` on
+the connection that wrote it); otherwise it is released and the refresh refused
+(retryable), so no second replica can redeem the same rotating refresh token.
+
 Every Redis failure surfaces as :class:`CoordinationUnavailable`, except cache reads and
 writes, which degrade to a miss: the vault stays the source of truth.
 """
@@ -39,18 +60,31 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import ConnectionError, LockError, LockNotOwnedError, RedisError
+from redis.exceptions import (
+    ConnectionError,
+    LockError,
+    LockNotOwnedError,
+    RedisError,
+    ResponseError,
+)
 
 from proxy.coordination.base import USED, CoordinationUnavailable, Invalidation, Lease, Used
 from proxy.errors import CoordinationFencing
-from proxy.settings import CoordinationSettings, resolve_secret
+from proxy.settings import CoordinationSettings, EntraIdSettings, resolve_secret
 from proxy.tokenset import TokenSetError
 from proxy.vault.base import Grant, GrantStatus, grant_record, read_grant_record
 
 log = logging.getLogger("credproxy.redis")
+
+# Buckets of grants (and of jti values), each with its own hash tag and boot marker when
+# keys are laid out for slots: spread over the cluster's shards, few enough to plant
+# every marker at each (re)subscription.
+BUCKETS = 256
 
 _GEN_TTL = 7 * 24 * 3600  # how long a revocation guard outlives the revoke
 _PUT = """
@@ -108,6 +142,11 @@ if restarted and iat >= 0 and iat < math.floor(planted / 1000) then return 0 end
 if redis.call('SET', KEYS[1], '1', 'NX', 'EXAT', ARGV[2]) then return 1 end
 return 0
 """
+# redis-py Lock's compare-and-delete, for a lock released before anyone could use it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 _FORGET = """
 local g = tonumber(redis.call('GET', KEYS[2]) or '-1')
 if tonumber(ARGV[1]) > g then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) end
@@ -159,26 +198,15 @@ class RedisCoordinator:
         if settings.password_env or settings.password_file:
             password = resolve_secret(env=settings.password_env, file=settings.password_file,
                                       what="coordination.password", environ=environ).reveal()
-        # One quick retry on a broken connection: after a Redis restart every pooled
-        # connection is dead, and without it the first command on each fails a request.
-        common: dict[str, Any] = {"username": settings.username, "password": password,
-                                  "socket_connect_timeout": settings.op_timeout,
-                                  "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
-                                  "retry_on_error": [ConnectionError]}
-        if url.startswith("rediss://") and settings.ca_file:
-            common["ssl_ca_certs"] = str(Path(settings.ca_file).expanduser())
-        self._r = Redis.from_url(url, socket_timeout=settings.op_timeout, **common)
-        # Pub/sub reads block until a message comes: no socket timeout there; health
-        # checks (PING) notice a dead connection instead. No transparent retry: redis-py
-        # would reconnect and resubscribe silently, and _listen must see every loss (to
-        # drop caches that may have missed invalidations, and to learn of the fencing
-        # period after a restart).
-        self._sub = Redis.from_url(url, socket_timeout=None, health_check_interval=5,
-                                   **{**common, "retry": Retry(NoBackoff(), 0)})
+        self._r, self._sub = _clients(settings, url, password, environ)
+        self._nodes: dict[str, Redis] = {}  # cluster: one plain client per node (WAIT)
         self._aead = AESGCM(cache_key)
         self._name_key = hashlib.sha256(b"credproxy redis names" + cache_key).digest()
         self._clock = clock
         self._channel = settings.key_prefix + "events"
+        # A cluster carries invalidations over sharded pub/sub (Redis 7+); an older
+        # cluster over classic pub/sub, which every node relays.
+        self._sharded = settings.mode == "cluster"
         self._callbacks: list[Invalidation] = []
         self._waiters: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
@@ -188,9 +216,12 @@ class RedisCoordinator:
         self._take = self._r.register_script(_TAKE)
         self._acquire = self._r.register_script(_ACQUIRE)
         self._once = self._r.register_script(_JTI)
-        self._boot_key = settings.key_prefix + "boot"
+        self._release = self._r.register_script(_RELEASE)
+        self._slotted = settings.slotted
+        self._acks = settings.acks
         self._seen_redis = False  # this process has talked to this Redis's data before
-        self._fenced_until = 0.0  # monotonic end of the fencing period, as last seen
+        # Monotonic end of the fencing period per bucket (0: one marker), as last seen.
+        self._fenced_until: dict[int, float] = {}
         self._origin = secrets.token_hex(6)
         # Called on every failed Redis operation (the app counts them in a metric).
         self.on_error: Callable[[], None] = lambda: None
@@ -211,6 +242,8 @@ class RedisCoordinator:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for node in self._nodes.values():
+            await node.aclose()
         await self._r.aclose()
         await self._sub.aclose()
 
@@ -221,7 +254,31 @@ class RedisCoordinator:
     def _key(self, kind: str, user: str, provider: str) -> str:
         digest = hmac.new(self._name_key, f"{user}\x00{provider}".encode(),
                           hashlib.sha256).hexdigest()[:32]
-        return f"{self._s.key_prefix}{kind}:{digest}"
+        return self._named(kind, digest)
+
+    def _named(self, kind: str, digest: str) -> str:
+        """The key of ``kind`` for a grant (or jti) ``digest``: in its bucket's slot when
+        keys are laid out for slots."""
+        if not self._slotted:
+            return f"{self._s.key_prefix}{kind}:{digest}"
+        return f"{self._s.key_prefix}{kind}:{{b{_bucket(digest)}}}:{digest}"
+
+    def _marker(self, key: str) -> str:
+        """The boot marker that fences ``key``: its bucket's (in its slot), or the one."""
+        if not self._slotted:
+            return f"{self._s.key_prefix}boot"
+        return f"{self._s.key_prefix}boot:{key[key.index('{'):key.index('}') + 1]}"
+
+    def _markers(self) -> list[str]:
+        if not self._slotted:
+            return [f"{self._s.key_prefix}boot"]
+        return [f"{self._s.key_prefix}boot:{{b{b}}}" for b in range(BUCKETS)]
+
+    def _single(self, kind: str, name: str) -> str:
+        """A single-use value's key (state, its used marker): both in the slot of
+        ``name`` when keys are laid out for slots."""
+        return f"{self._s.key_prefix}{kind}:{{{name}}}" if self._slotted else \
+            f"{self._s.key_prefix}{kind}:{name}"
 
     # -- the refresh lock --------------------------------------------------------------
     @asynccontextmanager
@@ -267,26 +324,102 @@ class RedisCoordinator:
             with contextlib.suppress(LockError, RedisError):
                 await lock.release()
             with contextlib.suppress(RedisError):
-                await self._r.publish(self._channel, json.dumps({"t": "released", "k": name}))
+                await self._publish({"t": "released", "k": name})
 
     async def fenced_acquire(self, name: str, token: str | bytes, lease_ms: int) -> int:
         """Run the acquire script: 1 acquired, 0 held by another, negative in the quiet
         period after a restart (minus the milliseconds left of it, which
         :meth:`fencing_remaining` then reports). With an empty token it only plants the boot
-        marker (and learns whether the quiet period runs)."""
-        got = await self._with_marker(self._acquire, name, token, lease_ms, self._quiet_ms)
-        self._fenced_until = time.monotonic() + (-got / 1000 if got < 0 else 0.0)
+        marker (and learns whether the quiet period runs). A lock taken is confirmed by
+        ``replica_acks`` replicas (``WAIT`` on the connection that wrote it), or released
+        again: raises :class:`CoordinationUnavailable` then."""
+        marker = self._marker(name)
+        if token and self._acks:
+            got, acked = await self._acquire_replicated(name, marker, token, lease_ms)
+        else:
+            got, acked = await self._with_marker(self._acquire, name, marker, token,
+                                                 lease_ms, self._quiet_ms), None
+        self._fenced_until[_bucket_of(marker)] = time.monotonic() + (
+            -got / 1000 if got < 0 else 0.0)
+        if got == 1 and acked is not None and acked < self._acks:
+            with contextlib.suppress(RedisError):
+                await self._release(keys=[name], args=[token])
+            raise CoordinationUnavailable(
+                f"the refresh lock was confirmed by {acked} of {self._acks} replica(s) "
+                f"within {self._s.op_timeout:g} s: a failover could lose it, so the refresh "
+                "does not run now (coordination.replica_acks)")
         return got
 
-    def fencing_remaining(self) -> float:
-        """Seconds left of the fencing period as last seen in Redis (0: not fencing): the
-        quiet period after Redis lost its data, during which no refresh lock is granted."""
-        return max(0.0, self._fenced_until - time.monotonic())
+    async def _acquire_replicated(self, name: str, marker: str, token: str | bytes,
+                                  lease_ms: int) -> tuple[int, int]:
+        """The acquire script and ``WAIT`` in one pipeline: one connection, so ``WAIT``
+        counts the replicas that have this lock (Redis counts per connection). In a
+        cluster, on the node that owns the key (its topology refreshed once on MOVED)."""
+        kind = "restart" if self._seen_redis else "fresh"
+        wait_ms = max(1, int(self._s.op_timeout * 1000))
+        for attempt in (1, 2):
+            client = await self._node_for(name)
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    self._acquire(keys=[name, marker],
+                                  args=[kind, token, lease_ms, self._quiet_ms], client=pipe)
+                    pipe.execute_command("WAIT", self._acks, wait_ms)
+                    got, acked = await pipe.execute()
+            except ResponseError as exc:
+                moved = str(exc).startswith(("MOVED", "ASK"))
+                if moved and attempt == 1 and isinstance(self._r, RedisCluster):
+                    await self._r.nodes_manager.initialize()
+                    continue
+                raise
+            self._seen_redis = True
+            return int(got), int(acked)
+        raise CoordinationUnavailable("the cluster moved the refresh lock's slot twice")
 
-    async def _with_marker(self, script: Any, key: str, *args: object) -> int:
+    async def _node_for(self, key: str) -> Redis:
+        """The client whose pipeline reaches the node that owns ``key``."""
+        if not isinstance(self._r, RedisCluster):
+            plain: Redis = self._r
+            return plain
+        node = self._r.get_node_from_key(key)
+        if node is None:
+            raise CoordinationUnavailable("the cluster has no node for the refresh lock's "
+                                          "slot right now")
+        client = self._nodes.get(node.name)
+        if client is None:
+            client = self._nodes[node.name] = Redis(
+                host=node.host, port=int(node.port),
+                **{k: v for k, v in node.connection_kwargs.items()
+                   if k not in ("host", "port")})
+        return client
+
+    def fencing_remaining(self) -> float:
+        """Seconds left of the fencing period as last seen in Redis (0: not fencing), the
+        longest of any bucket's: the quiet period after Redis lost its data, during which
+        no refresh lock is granted."""
+        now = time.monotonic()
+        return max(0.0, *(until - now for until in self._fenced_until.values()))
+
+    async def plant_markers(self) -> None:
+        """Plant every boot marker that is missing (as ``fresh`` for a Redis this process
+        never saw, else ``restart``): after a (re)subscription, so a bucket whose marker is
+        gone later is known to have lost its data."""
+        async def plant(marker: str) -> None:
+            got = await self._with_marker(self._acquire, marker, marker, "", 0,
+                                          self._quiet_ms)
+            self._fenced_until[_bucket_of(marker)] = time.monotonic() + (
+                -got / 1000 if got < 0 else 0.0)
+
+        kind_seen = self._seen_redis
+        markers = self._markers()
+        for start in range(0, len(markers), 32):
+            await asyncio.gather(*(plant(m) for m in markers[start:start + 32]))
+            self._seen_redis = kind_seen  # one kind for the whole planting
+        self._seen_redis = True
+
+    async def _with_marker(self, script: Any, key: str, marker: str, *args: object) -> int:
         """Run a script that starts with _BOOT, telling it which kind of marker to plant."""
         kind = "restart" if self._seen_redis else "fresh"
-        got = await script(keys=[key, self._boot_key], args=[kind, *args])
+        got = await script(keys=[key, marker], args=[kind, *args])
         self._seen_redis = True
         return int(got)
 
@@ -375,27 +508,51 @@ class RedisCoordinator:
     async def publish_invalidation(self, user: str, provider: str) -> None:
         msg = {"t": "inv", "u": user, "p": provider, "o": self._origin}
         try:
-            await self._r.publish(self._channel, json.dumps(msg))
+            await self._publish(msg)
         except RedisError as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: invalidation not sent") from exc
+
+    async def _publish(self, msg: Mapping[str, object]) -> None:
+        data = json.dumps(msg)
+        if self._sharded:
+            try:
+                await self._r.spublish(self._channel, data)
+                return
+            except ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                self._sharded = False  # Redis 6: every node relays classic messages
+        await self._r.publish(self._channel, data)
 
     async def _listen(self) -> None:
         backoff = 0.1
         while True:
             pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._channel)
-                # After a restart, the first replica back plants the marker that holds
+                if self._sharded:
+                    try:
+                        await pubsub.ssubscribe(self._channel)
+                    except ResponseError as exc:
+                        if "unknown command" not in str(exc).lower():
+                            raise
+                        self._sharded = False
+                if not self._sharded:
+                    await pubsub.subscribe(self._channel)
+                # After a restart, the first replica back plants the markers that hold
                 # refresh locks back while an interrupted refresh may still be running.
-                await self.fenced_acquire(self._boot_key, "", 0)
+                await self.plant_markers()
                 # Anything published while we were not subscribed is lost: start clean.
                 await self._fire(None)
                 self.subscribed.set()
                 backoff = 0.1
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                   timeout=1.0)
+                    if self._sharded:
+                        msg = await pubsub.get_sharded_message(
+                            ignore_subscribe_messages=True, timeout=1.0)
+                    else:
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=1.0)
                     if msg is not None:
                         await self._handle(msg.get("data"))
             except (RedisError, OSError) as exc:
@@ -405,7 +562,7 @@ class RedisCoordinator:
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -431,16 +588,16 @@ class RedisCoordinator:
     # -- single-use values (OAuth state) -------------------------------------------------
     async def put_once(self, name: str, value: bytes, ttl: float) -> None:
         try:
-            await self._r.set(f"{self._s.key_prefix}once:{name}", value, px=int(ttl * 1000))
+            await self._r.set(self._single("once", name), value, px=int(ttl * 1000))
         except RedisError as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot store state") from exc
 
     async def take_once(self, name: str) -> bytes | None | Used:
-        p = self._s.key_prefix
         try:
             # The "used" marker outlives the value by far, so a replay is named as such.
-            got = await self._take(keys=[f"{p}once:{name}", f"{p}used:{name}"],
+            got = await self._take(keys=[self._single("once", name),
+                                         self._single("used", name)],
                                    args=[24 * 3600 * 1000])
         except RedisError as exc:
             self.on_error()
@@ -453,10 +610,104 @@ class RedisCoordinator:
     async def first_use(self, issuer: str, jti: str, expires_at: float,
                         issued_at: float | None = None) -> bool:
         digest = hashlib.sha256(f"{issuer}\x00{jti}".encode()).hexdigest()[:40]
+        key = self._named("jti", digest)
         try:
             return await self._with_marker(
-                self._once, f"{self._s.key_prefix}jti:{digest}", int(expires_at) + 1,
+                self._once, key, self._marker(key), int(expires_at) + 1,
                 -1 if issued_at is None else int(issued_at)) == 1
         except RedisError as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot record jti") from exc
+
+
+def _bucket(digest: str) -> int:
+    """The bucket of a hex digest (a grant's or a jti's)."""
+    return int(digest[:8], 16) % BUCKETS
+
+
+def _bucket_of(marker: str) -> int:
+    """The bucket a boot marker stands for (0 for the one marker of the legacy layout)."""
+    start = marker.find("{b")
+    return int(marker[start + 2:marker.index("}", start)]) if start >= 0 else 0
+
+
+def _clients(settings: CoordinationSettings, url: str, password: str | None,
+             environ: Mapping[str, str]) -> tuple[Any, Any]:
+    """(commands client, subscription client) for ``settings.mode``: redis-py's own
+    Redis, RedisCluster or Sentinel-managed clients.
+
+    Commands time out after ``op_timeout`` with one quick retry on a broken connection
+    (after a restart every pooled connection is dead; without it the first command on each
+    would fail a request). Subscriptions block until a message comes: no socket timeout
+    there (health checks notice a dead connection) and no transparent retry: redis-py
+    would reconnect and resubscribe silently, and the listener must see every loss (to drop
+    caches that may have missed invalidations, and to plant the boot markers again)."""
+    auth: dict[str, Any] = {}
+    if settings.entra_id is not None:
+        auth["credential_provider"] = entra_credentials(settings.entra_id)
+    else:
+        auth.update(username=settings.username, password=password)
+    tls: dict[str, Any] = {}
+    if settings.ca_file and (url.startswith("rediss://") or settings.tls):
+        tls["ssl_ca_certs"] = str(Path(settings.ca_file).expanduser())
+    common: dict[str, Any] = {**auth, **tls, "socket_connect_timeout": settings.op_timeout}
+    quick = Retry(ExponentialBackoff(cap=0.1, base=0.01), 1)
+    if settings.mode == "cluster":
+        nodes = [ClusterNode(*_host_port(n)) for n in settings.nodes]
+        kwargs: dict[str, Any] = {**common, "retry": Retry(
+            ExponentialBackoff(cap=0.5, base=0.05), 3), "cluster_error_retry_attempts": 3}
+        if nodes:
+            kwargs["startup_nodes"] = nodes
+        cluster = RedisCluster.from_url(url, socket_timeout=settings.op_timeout, **kwargs)
+        cluster_sub = RedisCluster.from_url(url, socket_timeout=None, health_check_interval=5,
+                                            **{**kwargs, "retry": Retry(NoBackoff(), 0)})
+        return cluster, cluster_sub
+    if settings.mode == "sentinel":
+        sentinel_auth: dict[str, Any] = {"socket_timeout": settings.op_timeout,
+                                         "socket_connect_timeout": settings.op_timeout}
+        if settings.sentinel_password_env:
+            sentinel_auth["password"] = resolve_secret(
+                env=settings.sentinel_password_env, file=None,
+                what="coordination.sentinel_password", environ=environ).reveal()
+        if settings.tls:
+            sentinel_auth.update(ssl=True, **tls)
+            common["ssl"] = True
+        sentinel = Sentinel([_host_port(n) for n in settings.sentinels],  # type: ignore[no-untyped-call]
+                            sentinel_kwargs=sentinel_auth, **common)
+        assert settings.service_name is not None
+        commands = sentinel.master_for(settings.service_name, socket_timeout=settings.op_timeout,
+                                       retry=quick, retry_on_error=[ConnectionError])
+        sub = sentinel.master_for(settings.service_name, socket_timeout=None,
+                                  health_check_interval=5, retry=Retry(NoBackoff(), 0))
+        return commands, sub
+    commands = Redis.from_url(url, socket_timeout=settings.op_timeout, retry=quick,
+                              retry_on_error=[ConnectionError], **common)
+    sub = Redis.from_url(url, socket_timeout=None, health_check_interval=5,
+                         retry=Retry(NoBackoff(), 0), **common)
+    return commands, sub
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def entra_credentials(settings: EntraIdSettings) -> Any:
+    """redis-entraid's credential provider (https://github.com/redis/redis-py-entraid):
+    an Entra ID access token for ``scope`` as the password and its ``oid`` claim as the
+    user, renewed when ``refresh_ratio`` of its lifetime has passed; redis-py then
+    re-authenticates the pooled connections in place (``AUTH``), no reconnect. Tokens come
+    from azure-identity's DefaultAzureCredential (workload identity on Kubernetes), or from
+    ``token_file`` (re-read at each renewal)."""
+    from redis.auth.token_manager import RetryPolicy, TokenManagerConfig
+    from redis_entraid.cred_provider import EntraIdCredentialsProvider
+
+    from proxy.coordination.entra import TokenFileIdentityProvider, default_identity_provider
+
+    idp = (TokenFileIdentityProvider(Path(settings.token_file).expanduser())
+           if settings.token_file else default_identity_provider(settings.scope))
+    config = TokenManagerConfig(expiration_refresh_ratio=settings.refresh_ratio,
+                                lower_refresh_bound_millis=0,
+                                token_request_execution_timeout_in_ms=5000,
+                                retry_policy=RetryPolicy(max_attempts=3, delay_in_ms=100))
+    return EntraIdCredentialsProvider(idp, config, block_for_initial=True)
