@@ -157,11 +157,14 @@ def make_leaf(
     *,
     days: int = 30,
     key_type: KeyType = "ec",
+    client_auth: bool = False,
 ) -> tuple[Path, Path]:
     """Issue a TLS server certificate for ``names`` (DNS names and/or IP literals).
 
     Writes ``<stem>.pem`` and ``<stem>.key`` (mode 0600) to ``directory`` and returns their
     paths. The first name becomes the subject CN; verification only ever looks at the SAN.
+    ``client_auth`` adds the clientAuth usage, for a server that also connects to its peers
+    with the same certificate (a Redis Cluster's TLS bus demands a client certificate).
     """
     if not names:
         raise ValueError("a leaf certificate needs at least one name")
@@ -194,7 +197,11 @@ def make_leaf(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]
+                                  + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])),
+            critical=False,
+        )
         .add_extension(
             x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False
         )

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from devstack.procs import free_port
@@ -16,9 +17,13 @@ from devstack.procs import free_port
 class RedisServer:
     def __init__(self, workdir: Path, port: int | None = None, *,
                  tls: tuple[Path, Path, Path] | None = None,
-                 acl: tuple[str, str] | None = None) -> None:
+                 acl: tuple[str, str] | None = None, extra: Sequence[str] = (),
+                 sentinel: bool = False) -> None:
         """``tls`` = (cert, key, ca): serve TLS only. ``acl`` = (user, password): that user
-        only, the default user disabled."""
+        only, the default user disabled. ``extra``: further config lines (cluster or
+        replication settings, see devstack.redistopo), written after the ones above.
+        ``sentinel``: run as a Redis Sentinel (``--sentinel``), which rewrites its config file
+        (each server has its own: ``<workdir>/redis-<port>.conf``)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed")
@@ -28,6 +33,8 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.tls = tls
         self.acl = acl
+        self.extra = list(extra)
+        self.sentinel = sentinel
 
     @property
     def url(self) -> str:
@@ -44,14 +51,19 @@ class RedisServer:
         if self.acl:
             user, password = self.acl
             lines += [f"user {user} on >{password} ~* &* +@all", "user default off"]
+        lines += self.extra
         path = self.workdir / f"redis-{self.port}.conf"
         path.write_text("\n".join(lines) + "\n")
         return path
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start (again) with no keys: a ``dump.rdb`` in the workdir is removed first (a
+        replica that did a disk-based full sync leaves one, and Redis would load it)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "dump.rdb").unlink(missing_ok=True)
         log = open(self.workdir / f"redis-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([self.binary, str(self._config())],
+        argv = [self.binary, str(self._config())] + (["--sentinel"] if self.sentinel else [])
+        self.proc = subprocess.Popen(argv,
                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout
