@@ -59,7 +59,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
@@ -190,7 +190,9 @@ class RedisCoordinator:
         self._s = settings
         self._quiet_ms = int(quiet_period * 1000)
         url = settings.url or environ.get(settings.url_env or "", "")
-        if not url:
+        if settings.mode == "sentinel":
+            url = ("rediss" if settings.tls else "redis") + "://"  # servers from sentinels
+        elif not url:
             from proxy.errors import ConfigError
 
             raise ConfigError(f"coordination.url_env: {settings.url_env} is not set")
@@ -361,8 +363,9 @@ class RedisCoordinator:
             client = await self._node_for(name)
             try:
                 async with client.pipeline(transaction=False) as pipe:
-                    self._acquire(keys=[name, marker],
-                                  args=[kind, token, lease_ms, self._quiet_ms], client=pipe)
+                    await self._acquire(keys=[name, marker],  # queued, not yet sent
+                                        args=[kind, token, lease_ms, self._quiet_ms],
+                                        client=pipe)
                     pipe.execute_command("WAIT", self._acks, wait_ms)
                     got, acked = await pipe.execute()
             except ResponseError as exc:
@@ -380,16 +383,17 @@ class RedisCoordinator:
         if not isinstance(self._r, RedisCluster):
             plain: Redis = self._r
             return plain
+        await self._r.initialize()  # learns the slot map once (a no-op after)
         node = self._r.get_node_from_key(key)
         if node is None:
             raise CoordinationUnavailable("the cluster has no node for the refresh lock's "
                                           "slot right now")
         client = self._nodes.get(node.name)
         if client is None:
-            client = self._nodes[node.name] = Redis(
-                host=node.host, port=int(node.port),
-                **{k: v for k, v in node.connection_kwargs.items()
-                   if k not in ("host", "port")})
+            # The node's own connection settings (auth, TLS, timeouts), one small pool.
+            pool = ConnectionPool(connection_class=node.connection_class, max_connections=8,
+                                  **node.connection_kwargs)
+            client = self._nodes[node.name] = Redis(connection_pool=pool)
         return client
 
     def fencing_remaining(self) -> float:
@@ -530,6 +534,8 @@ class RedisCoordinator:
         while True:
             pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
             try:
+                if isinstance(self._sub, RedisCluster):
+                    await self._sub.initialize()  # the slot map, to find the channel's shard
                 if self._sharded:
                     try:
                         await pubsub.ssubscribe(self._channel)
@@ -559,6 +565,9 @@ class RedisCoordinator:
                 self.on_error()
                 if self.subscribed.is_set():
                     log.warning("redis subscription lost (%s); retrying", type(exc).__name__)
+                else:
+                    log.info("redis subscription not established (%s: %s); retrying",
+                             type(exc).__name__, exc)
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(RedisError, OSError):
