@@ -410,8 +410,13 @@ def test_prod_coordinates_through_redis_and_base_does_not(rendered: dict[str, li
                                                           tmp_path: Path) -> None:
     prod = config_of(rendered["overlays/prod"], tmp_path)
     assert prod.coordination.backend == "redis"
-    assert prod.coordination.password_env is None
-    assert prod.coordination.password_file == f"{RESTART_SECRETS_DIR}/REDIS_PASSWORD"
+    # Azure Managed Redis, OSS cluster policy, through the pod's workload identity
+    # (Entra ID): no password, slot-safe keys, locks confirmed by a replica.
+    assert prod.coordination.mode == "cluster" and prod.coordination.slotted
+    assert prod.coordination.acks == 1
+    assert prod.coordination.entra_id is not None
+    assert prod.coordination.entra_id.credential == "default"
+    assert prod.coordination.password_env is None and prod.coordination.password_file is None
     assert prod.coordination.url and prod.coordination.url.startswith("rediss://")
     # README "Known limit": the lease must outlive a whole refresh with its retries.
     assert prod.coordination.lock_lease > prod.refresh.timeout * prod.refresh.attempts

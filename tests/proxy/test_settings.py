@@ -216,6 +216,48 @@ BAD: list[Any] = [
                  "coordination: url must not contain a password", id="redis-url-password"),
     pytest.param(config(coordination={"backend": "redis", "url": "http://h"}),
                  "coordination: url must start with redis://", id="redis-url-scheme"),
+    # Redis topologies (issue 18)
+    pytest.param(config(coordination={"backend": "redis", "mode": "sentinel"}),
+                 "coordination: mode sentinel needs sentinels", id="sentinel-empty"),
+    pytest.param(config(coordination={"backend": "redis", "mode": "sentinel",
+                                      "sentinels": ["s1:26379"]}),
+                 "coordination: mode sentinel needs sentinels .* and service_name",
+                 id="sentinel-no-service"),
+    pytest.param(config(coordination={"backend": "redis", "mode": "sentinel",
+                                      "sentinels": ["s1:26379"], "service_name": "m",
+                                      "url": "redis://h:6379"}),
+                 "coordination: mode sentinel takes sentinels and service_name, not url",
+                 id="sentinel-with-url"),
+    pytest.param(config(coordination={"backend": "redis", "mode": "sentinel",
+                                      "sentinels": ["s1"], "service_name": "m"}),
+                 r"coordination\.sentinels\[0\]: must be HOST:PORT", id="sentinel-no-port"),
+    pytest.param(config(coordination={"backend": "redis", "url": "redis://h:6379",
+                                      "sentinels": ["s1:26379"]}),
+                 "coordination: sentinels, service_name, sentinel_password_env are for "
+                 "mode sentinel", id="sentinels-outside-sentinel-mode"),
+    pytest.param(config(coordination={"backend": "redis", "url": "redis://h:6379",
+                                      "nodes": ["n2:6379"]}),
+                 "coordination: nodes is for mode cluster", id="nodes-outside-cluster"),
+    pytest.param(config(coordination={"backend": "redis", "mode": "cluster",
+                                      "url": "redis://h:6379/2"}),
+                 "coordination: a Redis Cluster has database 0 only", id="cluster-db"),
+    pytest.param(config(coordination={"backend": "redis", "mode": "shards",
+                                      "url": "redis://h:6379"}),
+                 r"coordination\.mode", id="mode-unknown"),
+    pytest.param(config(coordination={"backend": "redis", "url": "redis://h:6379",
+                                      "replica_acks": 9}),
+                 r"coordination\.replica_acks", id="replica-acks-too-many"),
+    pytest.param(config(coordination={"backend": "redis", "url": "redis://h:6379",
+                                      "entra_id": {}, "password_env": "P"}),
+                 "coordination: entra_id replaces username and password", id="entra-and-pw"),
+    pytest.param(config(coordination={"backend": "redis", "url": "redis://h:6379",
+                                      "entra_id": {"credential": "file"}}),
+                 r"coordination\.entra_id: credential: file needs token_file",
+                 id="entra-file-without-file"),
+    pytest.param(config(coordination={"backend": "redis", "url": "redis://h:6379",
+                                      "entra_id": {"token_file": "/t"}}),
+                 r"coordination\.entra_id: credential: file needs token_file",
+                 id="entra-file-with-default"),
     pytest.param(config(refresh={"attempts": 0}), r"refresh\.attempts", id="refresh-attempts"),
     pytest.param(config(stream_large_bodies="lots"), "stream_large_bodies: must be a size",
                  id="size-word"),
@@ -533,3 +575,21 @@ def test_return_to_is_compared_parsed(candidate: str, allowed: bool) -> None:
     s = parse_settings(config(connect={"return_urls": ["https://app.example.com/done",
                                                        "http://127.0.0.1:8000/cb"]}))
     assert s.connect.allows_return(candidate) is allowed
+
+
+
+@pytest.mark.parametrize(("coordination", "slotted", "acks"), [
+    pytest.param({"url": "redis://h:6379/0"}, False, 0, id="standalone"),
+    pytest.param({"mode": "cluster", "url": "rediss://h:10000", "nodes": ["h2:10000"]},
+                 True, 1, id="cluster"),
+    pytest.param({"mode": "sentinel", "sentinels": ["s1:26379", "[::1]:26379"],
+                  "service_name": "credproxy"}, False, 1, id="sentinel"),
+    pytest.param({"url": "rediss://h:10000", "slot_safe_keys": True, "entra_id": {}},
+                 True, 0, id="enterprise-policy-entra"),
+    pytest.param({"mode": "cluster", "url": "redis://h:6379", "replica_acks": 0}, True, 0,
+                 id="cluster-without-acks"),
+])
+def test_redis_topologies(coordination: dict[str, Any], slotted: bool, acks: int) -> None:
+    """Each topology validates, with its key layout and replica confirmations by mode."""
+    c = parse_settings(config(coordination={"backend": "redis", **coordination})).coordination
+    assert (c.slotted, c.acks) == (slotted, acks)
