@@ -29,7 +29,15 @@ from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant
 from proxy.vault.local import LocalVault
-from tests.proxy.conftest import NOW, Clock, Keys, MakeContext, identity_settings, live_config
+from tests.proxy.conftest import (
+    NOW,
+    Clock,
+    Keys,
+    MakeContext,
+    RecordingSink,
+    identity_settings,
+    live_config,
+)
 
 _COMMON: dict[str, Any] = {"token_url": "https://login.example.com/token", "client_id": "c",
                            "token_endpoint_auth_method": "none"}
@@ -40,27 +48,15 @@ V6 = ProviderSettings(id="v6", hosts=["[::1]:8443"], **_COMMON)
 USER = "alice@example.com"
 
 
-class Lines:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, line: str) -> None:
-        self.lines.append(line)
-
-    def close(self) -> None:
-        pass
-
-    def events(self) -> list[str]:
-        return [json.loads(line)["event"] for line in self.lines]
 
 
 @pytest.fixture
-def audit_lines() -> Lines:
-    return Lines()
+def audit_lines() -> RecordingSink:
+    return RecordingSink()
 
 
 @pytest.fixture
-async def injector(tmp_path: Path, keys: Keys, audit_lines: Lines
+async def injector(tmp_path: Path, keys: Keys, audit_lines: RecordingSink
                    ) -> AsyncIterator[CredentialInjector]:
     vault = LocalVault.open(tmp_path / "vault.db", bytes(range(32)), clock=lambda: NOW)
     for provider, token in (("docs", "at-docs"), ("keyed", "key-1"), ("v6", "at-v6")):
@@ -291,7 +287,7 @@ async def test_flows_stay_serialisable_for_other_addons(
 
 async def test_an_error_ends_the_flow_and_is_audited(
         injector: CredentialInjector, tctx: taddons.context, make_context: MakeContext,
-        audit_lines: Lines) -> None:
+        audit_lines: RecordingSink) -> None:
     f = _in_tunnel(_tunnel(injector), [("Host", "docs.example.com"),
                                        ("X-User-Context", make_context())])
     await injector.requestheaders(f)

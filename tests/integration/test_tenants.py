@@ -273,7 +273,12 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    workdir = tmp_path_factory.mktemp("tenants")
+    yield from tenant_env(tmp_path_factory.mktemp("tenants"))
+
+
+def tenant_env(workdir: Path) -> Iterator[Env]:
+    """A stack whose proxy runs PROVIDERS against the tenant fakes at their real host
+    names (fake DNS); stopped when the generator is closed."""
     stack = build_stack(workdir, start_proxy=False)
     secret = secrets.token_urlsafe(24)
     fake = tenantfakes.start(stack.ca, workdir, client_id=CLIENT_ID, client_secret=secret)

@@ -48,11 +48,9 @@ import httpx2
 import pytest
 import yaml
 
-from devstack import tenantfakes
 from devstack.procs import Running, ServerStartError, free_port, start_server, tcp_check
-from devstack.stack import build_stack
 
-from .test_tenants import CLIENT_ID, PROVIDERS, SECRET_ENV, SF_API, SHOP_API, Env
+from .test_tenants import CLIENT_ID, PROVIDERS, SECRET_ENV, SF_API, SHOP_API, Env, tenant_env
 
 pytestmark = pytest.mark.integration
 
@@ -65,19 +63,7 @@ TRAP_SHOP = "alice-shop.myshopify.com.evil.com"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    workdir = tmp_path_factory.mktemp("tenants-breaker")
-    stack = build_stack(workdir, start_proxy=False)
-    secret = secrets.token_urlsafe(24)
-    fake = tenantfakes.start(stack.ca, workdir, client_id=CLIENT_ID, client_secret=secret)
-    try:
-        stack.env[SECRET_ENV] = secret
-        stack.fake_dns(fake.dns)
-        stack.write_config(providers=PROVIDERS)
-        stack.start_proxy()
-        yield Env(stack, fake, secret)
-    finally:
-        fake.close()
-        stack.close()
+    yield from tenant_env(tmp_path_factory.mktemp("tenants-breaker"))
 
 
 def _marker() -> str:

@@ -207,3 +207,23 @@ def live_config(*providers: ProviderSettings, settings: Settings | None = None,
     return LiveConfig.of(s, verifier or IdentityVerifier(s.identity, KeySource(KeySet([]))),
                          secrets=secrets if secrets is not None
                          else dict.fromkeys((p.id for p in s.providers), None))
+
+
+class RecordingSink:
+    """An audit sink that records its lines, or fails while ``broken`` (a full disk)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.broken = False
+
+    def write(self, line: str) -> None:
+        if self.broken:
+            raise OSError("disk full")
+        self.lines.append(line)
+
+    def close(self) -> None:
+        pass
+
+    def events(self) -> list[str]:
+        """The ``event`` of each record written, in order."""
+        return [json.loads(line)["event"] for line in self.lines]

@@ -34,7 +34,7 @@ from proxy.vault.keys import generate_key
 from proxy.vault.local import LocalVault
 from tests.proxy.oauthfake import Answer, FakeOAuth, serve
 
-from .conftest import AUDIENCE, ISSUER, NOW, Clock, Keys, MakeContext, live_config
+from .conftest import AUDIENCE, ISSUER, NOW, Clock, Keys, MakeContext, RecordingSink, live_config
 
 USER = "alice@example.com"
 ENV = {"VAULT_KEY": generate_key(), "DOCS_SECRET": "docs-secret-1"}
@@ -228,7 +228,7 @@ def _basic(client_id: str, secret: str) -> str:
 
 
 async def _sidecar(tmp_path: Path, keys: Keys, fake: FakeOAuth, vault_type: type[LocalVault],
-                   lines: _Lines) -> tuple[Sidecar, LiveConfig, LocalVault, ProviderClient]:
+                   lines: RecordingSink) -> tuple[Sidecar, LiveConfig, LocalVault, ProviderClient]:
     """A sidecar whose one provider, docs, refreshes at ``fake`` as OAuth client
     client-1 with secret-1."""
     docs = ProviderSettings.model_validate(_provider(
@@ -263,7 +263,7 @@ async def test_a_request_under_way_during_a_reload_refreshes_as_the_client_it_st
     with the new secret. The next request runs on the new configuration."""
     fake.script("/token", Answer.json(access_token="at-2", token_type="Bearer",
                                       expires_in=3600))
-    sidecar, live, vault, client = await _sidecar(tmp_path, keys, fake, _HeldReads, _Lines())
+    sidecar, live, vault, client = await _sidecar(tmp_path, keys, fake, _HeldReads, RecordingSink())
     assert isinstance(vault, _HeldReads)
     vault.reading, vault.release = asyncio.Event(), asyncio.Event()
     await LocalVault.put(vault, Grant(USER, "docs", TokenSet(Secret("at-1"), Secret("rt-1"),
@@ -294,7 +294,7 @@ async def test_the_answer_to_a_decision_is_judged_on_the_decisions_snapshot(
     for."""
     fake.script("/token", Answer.json(access_token="at-2", token_type="Bearer",
                                       expires_in=3600))
-    lines = _Lines()
+    lines = RecordingSink()
     sidecar, live, vault, client = await _sidecar(tmp_path, keys, fake, LocalVault, lines)
     await vault.put(Grant(USER, "docs", TokenSet(Secret("at-1"), Secret("rt-1"),
                                                  expires_at=NOW + 3600)))
@@ -313,15 +313,6 @@ async def test_the_answer_to_a_decision_is_judged_on_the_decisions_snapshot(
     assert json.loads(lines.lines[-1])["reason"] == "token_refreshed"
 
 
-class _Lines:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, line: str) -> None:
-        self.lines.append(line)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture
@@ -398,7 +389,7 @@ async def test_an_unrouted_decision_reads_router_and_mode_from_one_snapshot(
     live.swap(denying)
     client = ProviderClient(live)
     sidecar = Sidecar(live, TokenBroker(None, MemoryCoordinator(), client, live),  # type: ignore[arg-type]
-                      AuditLog(_Lines(), instance="t/1", fingerprint_key=b"k" * 32))
+                      AuditLog(RecordingSink(), instance="t/1", fingerprint_key=b"k" * 32))
     out = Outbound(id="r", method="GET",
                    destination=Destination("elsewhere.example", 443, tls=True),
                    host_header="elsewhere.example", path="/")

@@ -30,7 +30,7 @@ from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant
 from proxy.vault.local import LocalVault
 
-from .conftest import NOW, Clock, Keys, MakeContext, identity_settings, live_config
+from .conftest import NOW, Clock, Keys, MakeContext, RecordingSink, identity_settings, live_config
 
 _COMMON: dict[str, Any] = {"token_url": "https://login.example.com/token", "client_id": "c",
                            "token_endpoint_auth_method": "none"}
@@ -40,25 +40,11 @@ KEYED = ProviderSettings(id="keyed", hosts=["api.keyed.example"],
                          inject={"header": "X-Api-Key", "format": "{access_token}"}, **_COMMON)
 
 
-class Sink:
-    """An audit sink that records lines, or fails while ``broken``."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.broken = False
-
-    def write(self, line: str) -> None:
-        if self.broken:
-            raise OSError("disk full")
-        self.lines.append(line)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture
-def sink() -> Sink:
-    return Sink()
+def sink() -> RecordingSink:
+    return RecordingSink()
 
 
 @pytest.fixture
@@ -69,7 +55,7 @@ async def vault(tmp_path: Path) -> AsyncIterator[LocalVault]:
 
 
 @pytest.fixture
-async def sidecar(vault: LocalVault, keys: Keys, sink: Sink) -> AsyncIterator[Sidecar]:
+async def sidecar(vault: LocalVault, keys: Keys, sink: RecordingSink) -> AsyncIterator[Sidecar]:
     settings = Settings(identity=identity_settings(), providers=[DOCS, KEYED],
                         public_url="https://admin")
     verifier = IdentityVerifier(settings.identity, KeySource(keys.public_set()), clock=Clock())
@@ -172,7 +158,7 @@ async def _injected(sidecar: Sidecar, vault: LocalVault,
 
 
 async def test_upstream_401_on_the_current_token_is_reauth(sidecar: Sidecar, vault: LocalVault,
-                                                           sink: Sink,
+                                                           sink: RecordingSink,
                                                            make_context: MakeContext) -> None:
     out, injection = await _injected(sidecar, vault, make_context)
     refusal = await sidecar.upstream_response(out, injection, 401, {})
@@ -182,7 +168,8 @@ async def test_upstream_401_on_the_current_token_is_reauth(sidecar: Sidecar, vau
 
 
 async def test_upstream_401_on_a_superseded_token_is_retryable(
-        sidecar: Sidecar, vault: LocalVault, sink: Sink, make_context: MakeContext) -> None:
+        sidecar: Sidecar, vault: LocalVault, sink: RecordingSink,
+        make_context: MakeContext) -> None:
     out, injection = await _injected(sidecar, vault, make_context)
     await _grant(vault, "docs", "at-2")  # a concurrent refresh
     sidecar.broker.invalidate("alice@example.com", "docs")
@@ -202,7 +189,7 @@ async def test_upstream_401_on_a_superseded_token_is_retryable(
 # --- every failed audit write is counted --------------------------------------------------------
 
 
-async def test_failed_denial_audit_is_counted(sidecar: Sidecar, sink: Sink) -> None:
+async def test_failed_denial_audit_is_counted(sidecar: Sidecar, sink: RecordingSink) -> None:
     sink.broken = True
     with pytest.raises(AuditUnavailable):
         await sidecar.decide(_out("docs.example.com"))
@@ -210,7 +197,7 @@ async def test_failed_denial_audit_is_counted(sidecar: Sidecar, sink: Sink) -> N
     assert _failures(sidecar) == 1
 
 
-async def test_failed_reauth_audit_is_counted(sidecar: Sidecar, sink: Sink,
+async def test_failed_reauth_audit_is_counted(sidecar: Sidecar, sink: RecordingSink,
                                               make_context: MakeContext) -> None:
     sink.broken = True
     with pytest.raises(AuditUnavailable):
@@ -220,7 +207,7 @@ async def test_failed_reauth_audit_is_counted(sidecar: Sidecar, sink: Sink,
 
 
 async def test_failed_injection_audit_is_counted_once(sidecar: Sidecar, vault: LocalVault,
-                                                      sink: Sink,
+                                                      sink: RecordingSink,
                                                       make_context: MakeContext) -> None:
     await _grant(vault, "docs", "at-1")
     sink.broken = True
@@ -230,7 +217,7 @@ async def test_failed_injection_audit_is_counted_once(sidecar: Sidecar, vault: L
 
 
 async def test_failed_upstream_reauth_audit_is_counted(sidecar: Sidecar, vault: LocalVault,
-                                                       sink: Sink,
+                                                       sink: RecordingSink,
                                                        make_context: MakeContext) -> None:
     out, injection = await _injected(sidecar, vault, make_context)
     sink.broken = True

@@ -32,7 +32,7 @@ from proxy.vault.base import Grant
 from proxy.vault.local import LocalVault
 from tests.proxy.oauthfake import Answer, serve
 
-from .conftest import NOW, Clock, Keys, MakeContext, identity_settings, live_config
+from .conftest import NOW, Clock, Keys, MakeContext, RecordingSink, identity_settings, live_config
 
 USER = "alice@example.com"
 _COMMON: dict[str, Any] = {"client_id": "c", "token_endpoint_auth_method": "none",
@@ -56,15 +56,6 @@ ORG = ProviderSettings.model_validate({
     "grant_hosts": ["{instance}", "{instance}:8443"]})
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, line: str) -> None:
-        self.lines.append(line)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture
@@ -74,7 +65,7 @@ async def vault(tmp_path: Path) -> AsyncIterator[LocalVault]:
     await v.close()
 
 
-def make_sidecar(vault: LocalVault, keys: Keys, sink: Sink,
+def make_sidecar(vault: LocalVault, keys: Keys, sink: RecordingSink,
                  *providers: ProviderSettings) -> tuple[Sidecar, ProviderClient]:
     settings = Settings(identity=identity_settings(), providers=list(providers),
                         public_url="https://admin", refresh=RefreshSettings(attempts=1))
@@ -88,8 +79,8 @@ def make_sidecar(vault: LocalVault, keys: Keys, sink: Sink,
 
 
 @pytest.fixture
-async def sidecar(vault: LocalVault, keys: Keys) -> AsyncIterator[tuple[Sidecar, Sink]]:
-    sink = Sink()
+async def sidecar(vault: LocalVault, keys: Keys) -> AsyncIterator[tuple[Sidecar, RecordingSink]]:
+    sink = RecordingSink()
     side, refresher = make_sidecar(vault, keys, sink, SHOP, MS, ORG)
     yield side, sink
     await refresher.aclose()
@@ -122,7 +113,7 @@ def out(host: str, token: str, port: int = 443) -> Outbound:
     ("acme.my.salesforce.com", 443, "Authorization", "Bearer org-at"),
 ])
 async def test_the_grants_own_hosts_get_its_credential(
-        sidecar: tuple[Sidecar, Sink], vault: LocalVault, make_context: MakeContext,
+        sidecar: tuple[Sidecar, RecordingSink], vault: LocalVault, make_context: MakeContext,
         host: str, port: int, header: str, value: str) -> None:
     await connect_all(vault)
     decision = await sidecar[0].decide(out(host, make_context(), port))
@@ -139,7 +130,7 @@ async def test_the_grants_own_hosts_get_its_credential(
     ("globex.my.salesforce.com", 443, "acme.my.salesforce.com"),
 ])
 async def test_another_tenants_host_under_the_ceiling_gets_nothing(
-        sidecar: tuple[Sidecar, Sink], vault: LocalVault, make_context: MakeContext,
+        sidecar: tuple[Sidecar, RecordingSink], vault: LocalVault, make_context: MakeContext,
         host: str, port: int, names: str) -> None:
     await connect_all(vault)
     side, sink = sidecar
@@ -157,7 +148,7 @@ async def test_another_tenants_host_under_the_ceiling_gets_nothing(
         "shop": "active", "ms": "active", "org": "active"}
 
 
-async def test_ports(sidecar: tuple[Sidecar, Sink], vault: LocalVault,
+async def test_ports(sidecar: tuple[Sidecar, RecordingSink], vault: LocalVault,
                      make_context: MakeContext) -> None:
     """A grant host with a port (``{instance}:8443``) is its own host on that port only; a
     ceiling without a port does not route another port at all (unrouted: no credential)."""
@@ -179,7 +170,7 @@ async def test_a_narrowed_ceiling_applies_to_stored_grants_at_once(
     grant whose host it no longer covers, on its next request."""
     await connect_all(vault)
     narrowed = SHOP.model_copy(update={"hosts": ["globex.myshopify.com"]})
-    side, refresher = make_sidecar(vault, keys, Sink(), narrowed)
+    side, refresher = make_sidecar(vault, keys, RecordingSink(), narrowed)
     try:
         with pytest.raises(ReauthRequired) as exc:
             await side.decide(out("globex.myshopify.com", make_context()))
@@ -190,7 +181,8 @@ async def test_a_narrowed_ceiling_applies_to_stored_grants_at_once(
 
 
 async def test_a_grant_without_the_value_its_hosts_need_is_reauth(
-        sidecar: tuple[Sidecar, Sink], vault: LocalVault, make_context: MakeContext) -> None:
+        sidecar: tuple[Sidecar, RecordingSink], vault: LocalVault,
+        make_context: MakeContext) -> None:
     await vault.put(Grant(USER, "shop", tokens("shop-at"), values={}))
     await vault.put(Grant(USER, "org", tokens("org-at"),
                           values={"instance": "*.my.salesforce.com"}))  # never valid
@@ -266,7 +258,7 @@ async def test_another_tenants_host_never_makes_the_grant_refresh(
                                           expires_in=3600))
         local = provider.model_copy(update={"token_url": f"{fake.base}/token",
                                             "allow_http": True})
-        side, refresher = make_sidecar(vault, keys, Sink(), local)
+        side, refresher = make_sidecar(vault, keys, RecordingSink(), local)
         try:
             await vault.put(grant)
             with pytest.raises(ProviderNotPermitted) as exc:
