@@ -161,12 +161,16 @@ def cmd_check(args: argparse.Namespace) -> int:
             print("identity keys: ok; client secrets: ok")
             await app.vault.check()
             print(f"vault ({settings.vault.backend}): ok")
+            c = settings.coordination
+            what = c.backend if c.backend == "memory" else (
+                f"redis {c.mode}" + (", slot-safe keys" if c.slotted else "")
+                + (f", locks confirmed by {c.acks} replica(s)" if c.acks else "")
+                + (", Entra ID" if c.entra_id is not None else ""))
             try:
                 await app.coordinator.check()
             except CredproxyError as exc:
-                raise CredproxyError(f"coordination ({settings.coordination.backend}): "
-                                     f"{exc}") from exc
-            print(f"coordination ({settings.coordination.backend}): ok")
+                raise CredproxyError(f"coordination ({what}): {exc}") from exc
+            print(f"coordination ({what}): ok")
         finally:
             await app.aclose()
 

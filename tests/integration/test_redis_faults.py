@@ -308,12 +308,12 @@ def test_redis_over_tls_with_an_acl_user(tmp_path: Path) -> None:
                                 str(s.config_path)], capture_output=True, text=True,
                                env={**os.environ, **s.env})
         assert check.returncode == 0, check.stderr
-        assert "coordination (redis): ok" in check.stdout
+        assert "coordination (redis standalone): ok" in check.stdout
         wrong = subprocess.run([sys.executable, "-m", "proxy.cli", "check", "--config",
                                 str(s.config_path)], capture_output=True, text=True,
                                env={**os.environ, **s.env,
                                     "REDIS_PASSWORD": "pw-canary-123"})
-        assert wrong.returncode == 1 and "coordination (redis)" in wrong.stderr
+        assert wrong.returncode == 1 and "coordination (redis standalone)" in wrong.stderr
         assert "pw-canary-123" not in wrong.stderr
         (proxy,) = [str(p.info["proxy_url"]) for p in s.start_replicas(1)]
         s.vault_put("tls-user", s.grant("tls-user", expires_in=0))
