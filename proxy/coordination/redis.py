@@ -336,6 +336,7 @@ class RedisCoordinator:
         ``replica_acks`` replicas (``WAIT`` on the connection that wrote it), or released
         again: raises :class:`CoordinationUnavailable` then."""
         marker = self._marker(name)
+        await self._ready()
         if token and self._acks:
             got, acked = await self._acquire_replicated(name, marker, token, lease_ms)
         else:
@@ -396,6 +397,16 @@ class RedisCoordinator:
             client = self._nodes[node.name] = Redis(connection_pool=pool)
         return client
 
+    async def _ready(self) -> None:
+        """A cluster client learns the slot map before its first command (a no-op after).
+        redis-py's cluster client, used by many tasks at once before it knows the map,
+        sends scripts to the wrong nodes; the re-initialisations the MOVED answers cause
+        close connections other tasks are writing on (asyncio raises TypeError there, not a
+        RedisError): the first planting of the boot markers failed that way and killed the
+        subscription, and every refresh of a fresh cluster was refused as fencing."""
+        if isinstance(self._r, RedisCluster):
+            await self._r.initialize()
+
     def fencing_remaining(self) -> float:
         """Seconds left of the fencing period as last seen in Redis (0: not fencing), the
         longest of any bucket's: the quiet period after Redis lost its data, during which
@@ -422,6 +433,7 @@ class RedisCoordinator:
 
     async def _with_marker(self, script: Any, key: str, marker: str, *args: object) -> int:
         """Run a script that starts with _BOOT, telling it which kind of marker to plant."""
+        await self._ready()
         kind = "restart" if self._seen_redis else "fresh"
         got = await script(keys=[key, marker], args=[kind, *args])
         self._seen_redis = True
@@ -459,6 +471,7 @@ class RedisCoordinator:
             return None
         key = self._key("tok", user, provider)
         try:
+            await self._ready()
             raw = await self._r.get(key)
         except RedisError:
             self.on_error()
@@ -493,6 +506,7 @@ class RedisCoordinator:
         nonce = secrets.token_bytes(12)
         sealed = nonce + self._aead.encrypt(nonce, plain, key.encode())
         try:
+            await self._ready()
             await self._put(keys=[key, self._key("gen", grant.user, grant.provider)],
                             args=[grant.version, sealed, ttl_ms])
         except RedisError:
@@ -501,6 +515,7 @@ class RedisCoordinator:
     async def cache_forget(self, grant_key: tuple[str, str], version: int) -> None:
         user, provider = grant_key
         try:
+            await self._ready()
             await self._forget(keys=[self._key("tok", user, provider),
                                      self._key("gen", user, provider)],
                                args=[version, _GEN_TTL])
@@ -519,6 +534,7 @@ class RedisCoordinator:
 
     async def _publish(self, msg: Mapping[str, object]) -> None:
         data = json.dumps(msg)
+        await self._ready()
         if self._sharded:
             try:
                 await self._r.spublish(self._channel, data)
@@ -536,6 +552,7 @@ class RedisCoordinator:
             try:
                 if isinstance(self._sub, RedisCluster):
                     await self._sub.initialize()  # the slot map, to find the channel's shard
+                await self._ready()  # before planting 32 markers at once
                 if self._sharded:
                     try:
                         await pubsub.ssubscribe(self._channel)
@@ -597,6 +614,7 @@ class RedisCoordinator:
     # -- single-use values (OAuth state) -------------------------------------------------
     async def put_once(self, name: str, value: bytes, ttl: float) -> None:
         try:
+            await self._ready()
             await self._r.set(self._single("once", name), value, px=int(ttl * 1000))
         except RedisError as exc:
             self.on_error()
@@ -604,6 +622,7 @@ class RedisCoordinator:
 
     async def take_once(self, name: str) -> bytes | None | Used:
         try:
+            await self._ready()
             # The "used" marker outlives the value by far, so a replay is named as such.
             got = await self._take(keys=[self._single("once", name),
                                          self._single("used", name)],
@@ -663,8 +682,10 @@ def _clients(settings: CoordinationSettings, url: str, password: str | None,
     quick = Retry(ExponentialBackoff(cap=0.1, base=0.01), 1)
     if settings.mode == "cluster":
         nodes = [ClusterNode(*_host_port(n)) for n in settings.nodes]
+        # The cluster client's retry (redis-py 6+ ignores, and warns about,
+        # cluster_error_retry_attempts when a retry is given).
         kwargs: dict[str, Any] = {**common, "retry": Retry(
-            ExponentialBackoff(cap=0.5, base=0.05), 3), "cluster_error_retry_attempts": 3}
+            ExponentialBackoff(cap=0.5, base=0.05), 3)}
         if nodes:
             kwargs["startup_nodes"] = nodes
         cluster = RedisCluster.from_url(url, socket_timeout=settings.op_timeout, **kwargs)
