@@ -72,6 +72,7 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.coordination.base import USED, CoordinationUnavailable, Invalidation, Lease, Used
 from proxy.errors import CoordinationFencing
@@ -338,28 +339,27 @@ class RedisCoordinator:
         marker = self._marker(name)
         await self._ready()
         if token and self._acks:
-            got, acked = await self._acquire_replicated(name, marker, token, lease_ms)
+            got = await self._acquire_replicated(name, marker, token, lease_ms)
         else:
-            got, acked = await self._with_marker(self._acquire, name, marker, token,
-                                                 lease_ms, self._quiet_ms), None
+            got = await self._with_marker(self._acquire, name, marker, token, lease_ms,
+                                          self._quiet_ms)
         self._fenced_until[_bucket_of(marker)] = time.monotonic() + (
             -got / 1000 if got < 0 else 0.0)
-        if got == 1 and acked is not None and acked < self._acks:
-            with contextlib.suppress(RedisError):
-                await self._release(keys=[name], args=[token])
-            raise CoordinationUnavailable(
-                f"the refresh lock was confirmed by {acked} of {self._acks} replica(s) "
-                f"within {self._s.op_timeout:g} s: a failover could lose it, so the refresh "
-                "does not run now (coordination.replica_acks)")
         return got
 
     async def _acquire_replicated(self, name: str, marker: str, token: str | bytes,
-                                  lease_ms: int) -> tuple[int, int]:
+                                  lease_ms: int) -> int:
         """The acquire script and ``WAIT`` in one pipeline: one connection, so ``WAIT``
         counts the replicas that have this lock (Redis counts per connection). In a
-        cluster, on the node that owns the key (its topology refreshed once on MOVED)."""
+        cluster, on the node that owns the key (its topology refreshed once on MOVED).
+
+        ``WAIT`` waits at most half of ``op_timeout``, so the command's own timeout
+        outlasts it and an unconfirmed lock is told from a stalled Redis. A lock that was
+        not confirmed, or whose confirmation was lost to a timeout or an error reply, is
+        released again on that node (compare-and-delete: only ours), so it does not hold
+        the grant's refreshes back for its whole lease."""
         kind = "restart" if self._seen_redis else "fresh"
-        wait_ms = max(1, int(self._s.op_timeout * 1000))
+        wait_ms = max(1, int(self._s.op_timeout * 500))
         for attempt in (1, 2):
             client = await self._node_for(name)
             try:
@@ -374,10 +374,26 @@ class RedisCoordinator:
                 if moved and attempt == 1 and isinstance(self._r, RedisCluster):
                     await self._r.nodes_manager.initialize()
                     continue
+                if not moved:
+                    await self._release_on(client, name, token)
+                raise
+            except RedisTimeoutError:
+                await self._release_on(client, name, token)
                 raise
             self._seen_redis = True
-            return int(got), int(acked)
+            if int(got) == 1 and int(acked) < self._acks:
+                await self._release_on(client, name, token)
+                raise CoordinationUnavailable(
+                    f"the refresh lock was confirmed by {acked} of {self._acks} replica(s) "
+                    f"within {wait_ms / 1000:g} s: a failover could lose it, so the refresh "
+                    "does not run now (coordination.replica_acks)")
+            return int(got)
         raise CoordinationUnavailable("the cluster moved the refresh lock's slot twice")
+
+    async def _release_on(self, client: Redis, name: str, token: str | bytes) -> None:
+        """Release our lock ``name`` on ``client``'s node, if we hold it (best effort)."""
+        with contextlib.suppress(RedisError):
+            await self._release(keys=[name], args=[token], client=client)
 
     async def _node_for(self, key: str) -> Redis:
         """The client whose pipeline reaches the node that owns ``key``."""
