@@ -117,10 +117,15 @@ class Stack:
             r.info["admin_url"] = f"http://{cfg['admin']}"
             return r
 
-        with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
-            futures = [pool.submit(start, i) for i in range(n)]
         replicas = []
         failure: BaseException | None = None
+        first = 0
+        if n and not self.mitm_ca.exists():
+            # The first process creates the shared CA in ca_dir: alone, or they race.
+            replicas.append(start(0))
+            first = 1
+        with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
+            futures = [pool.submit(start, i) for i in range(first, n)]
         for f in futures:
             try:
                 replicas.append(f.result())

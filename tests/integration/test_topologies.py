@@ -32,11 +32,13 @@ Measured times (failover, recovery) are printed; run with ``-s`` to see them.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -245,6 +247,29 @@ def _users_on(fleet: Fleet, prefix: str, want: Callable[[str], bool], n: int = 1
     return out
 
 
+def _assert_revoke_reaches_all(fleet: Fleet, user: str) -> None:
+    """``credproxy revoke`` of ``user`` (cached on every sidecar) is refused by all three
+    sidecars within a second. The provider's revocation fails, so it would still accept
+    the token, and nothing polls Key Vault: only the invalidation through Redis can stop
+    the sidecars."""
+    s = fleet.stack
+    marker = f"m-{uuid.uuid4().hex[:12]}"
+    _faults(s, revoke_status=503, revoke_count=-1)
+    try:
+        r = _revoke(s, "--user", user)
+        done = time.monotonic()
+    finally:
+        _faults(s, revoke_status=None)
+    assert r.returncode == 1 and "upstream revocation pending" in r.stdout, r.stdout
+    for proxy in fleet.proxies:
+        after = _get(s, proxy, user, f"/echo/{marker}")
+        assert after.status_code == 401, after.text
+    elapsed = time.monotonic() - done
+    print(f"{fleet.topology}: revoke refused on all three sidecars {elapsed:.3f} s later")
+    assert elapsed <= 1.0
+    assert not s.docs_saw(marker)
+
+
 class _Storm:
     """A refresh storm of ``n`` requests over the fleet's sidecars, in a thread."""
 
@@ -286,29 +311,13 @@ class _Suite:
     def _storm_users(self, fleet: Fleet) -> list[str]:
         return [f"{fleet.topology}-storm-{i}" for i in range(3)]
 
-    def test_revoke_reaches_every_sidecar_within_a_second(self, fleet: Fleet,
-                                                           marker: str) -> None:
+    def test_revoke_reaches_every_sidecar_within_a_second(self, fleet: Fleet) -> None:
         s = fleet.stack
         user = f"{fleet.topology}-leaver"
         s.vault_put(user, s.grant(user))
         for proxy in fleet.proxies:
             assert _get(s, proxy, user).status_code == 200  # cached on every sidecar
-        # The provider's revocation fails: it would still accept the token, and nothing
-        # polls Key Vault. Only the invalidation through Redis can stop the sidecars.
-        _faults(s, revoke_status=503, revoke_count=-1)
-        try:
-            r = _revoke(s, "--user", user)
-            done = time.monotonic()
-        finally:
-            _faults(s, revoke_status=None)
-        assert r.returncode == 1 and "upstream revocation pending" in r.stdout, r.stdout
-        for proxy in fleet.proxies:
-            after = _get(s, proxy, user, f"/echo/{marker}")
-            assert after.status_code == 401, after.text
-        elapsed = time.monotonic() - done
-        print(f"{fleet.topology}: revoke refused on all three sidecars {elapsed:.3f} s later")
-        assert elapsed <= 1.0
-        assert not s.docs_saw(marker)
+        _assert_revoke_reaches_all(fleet, user)
 
     def test_shared_cache_serves_hits(self, fleet: Fleet) -> None:
         s = fleet.stack
@@ -444,3 +453,105 @@ class TestCluster(_Suite):
         for u in (user, elsewhere, same_shard):
             assert s.stats()["refresh_by_user"].get(u) == 1, u
             assert _alive(s, u), u
+
+    def test_a_primary_restarted_empty_fences_only_its_shard(self, fleet: Fleet) -> None:
+        """A primary restarted before any failover comes back EMPTY (its replica resyncs to
+        nothing): the boot markers of its buckets are gone, so its grants are fenced for
+        the quiet period; grants in the other shards refresh as usual."""
+        assert isinstance(fleet.redis, RedisCluster)
+        s, cluster = fleet.stack, fleet.redis
+        # The shard that carries the invalidations (sharded pub/sub): the sidecars lose
+        # their subscription too, and must plant the markers again when they resubscribe.
+        victim = cluster.node_for_key(f"{PREFIX}events")
+        (fenced,) = _users_on(fleet, "cl-fenced", lambda k: cluster.node_for_key(k) == victim)
+        (free,) = _users_on(fleet, "cl-free", lambda k: cluster.node_for_key(k) != victim)
+        (fresh,) = _users_on(fleet, "cl-fresh", lambda k: cluster.node_for_key(k) == victim)
+        marker = f"{PREFIX}boot:{fleet.key('lock', fenced).split(':')[2]}"
+        assert fleet.get(marker) is not None  # planted when the sidecars subscribed
+        s.vault_put(fresh, s.grant(fresh))
+        for proxy in fleet.proxies:
+            assert _get(s, proxy, fresh).status_code == 200  # cached everywhere
+        for u in (fenced, free):
+            s.vault_put(u, s.grant(u, expires_in=0))
+        elapsed = cluster.restart_node(victim)
+        restarted = time.monotonic()
+        print(f"cluster: primary {victim} restarted empty, ready again in {elapsed:.2f} s")
+        with cluster.admin(victim) as r:
+            assert r.info("replication")["role"] == "master"
+        proxy = fleet.proxies[0]
+        r = _until("the fenced shard seen", lambda: r if (r := _get(s, proxy, fenced))
+                   .status_code != 503 or r.json()["reason"] == "fencing" else None, 10, 0.2)
+        assert _retryable(r) and r.json()["reason"] == "fencing", r.text
+        retry_after = int(r.headers["Retry-After"])
+        assert 1 <= retry_after <= math.ceil(_QUIET)
+        assert (fleet.get(marker) or b"").endswith(b":restart")
+        other = _get(s, fleet.proxies[1], free)
+        assert other.status_code == 200, other.text  # another shard: not fenced
+        assert _get(s, fleet.proxies[2], fresh).status_code == 200  # fresh: still served
+        assert s.stats()["refresh_by_user"].get(fenced) is None  # nothing redeemed
+        time.sleep(retry_after)
+        r = _until("refreshes resume in the fenced shard", lambda: r if (r := _get(
+            s, proxy, fenced)).status_code == 200 else None, 10, 0.2)
+        print(f"cluster: the fenced shard refreshed again {time.monotonic() - restarted:.2f} s "
+              f"after the restart (quiet period {_QUIET:g} s, Retry-After {retry_after})")
+        for u in (fenced, free):
+            assert s.stats()["refresh_by_user"].get(u) == 1, u
+            assert _alive(s, u), u
+        # The sidecars subscribed again: a revocation still reaches all three at once.
+        _assert_revoke_reaches_all(fleet, fresh)
+
+    def test_whole_cluster_restart_fences_then_resumes(self, fleet: Fleet) -> None:
+        """Every node killed and started empty, the cluster created anew: no refresh runs
+        until the quiet period has passed (503 fencing with Retry-After meanwhile), then
+        refreshes resume; a grant revoked just before the restart never comes back; fresh
+        tokens are served throughout."""
+        assert isinstance(fleet.redis, RedisCluster)
+        s, cluster = fleet.stack, fleet.redis
+        stale, fresh, revoked = "cl-stale", "cl-fresh-all", "cl-revoked"
+        for u in (fresh, revoked):
+            s.vault_put(u, s.grant(u))
+            for proxy in fleet.proxies:
+                assert _get(s, proxy, u).status_code == 200  # cached on every sidecar
+        s.vault_put(stale, s.grant(stale, expires_in=0))
+        r = _revoke(s, "--user", revoked)
+        assert r.returncode == 0, r.stdout + r.stderr
+        elapsed = cluster.restart_all()
+        back = time.monotonic()
+        print(f"cluster: whole-cluster restart (new cluster, every key lost) in {elapsed:.2f} s")
+        # Every sidecar sees the loss (it resubscribes and plants the markers as "restart").
+        for admin in fleet.admins:
+            _until(f"fencing on {admin}", lambda admin=admin: True if _metric(  # type: ignore[misc]
+                admin, "credproxy_coordination_fencing") == 1 else None, 15, 0.1)
+        seen = time.monotonic() - back
+        statuses: list[str] = []
+        first_refresh: float | None = None
+        retry_after = 0
+        while time.monotonic() - back < _QUIET + 10:
+            for proxy in fleet.proxies:
+                rs = _get(s, proxy, stale)
+                if rs.status_code == 200:
+                    first_refresh = first_refresh or time.monotonic() - back
+                else:
+                    assert _retryable(rs), rs.text
+                    if rs.json()["reason"] == "fencing":
+                        retry_after = max(retry_after, int(rs.headers["Retry-After"]))
+                statuses.append(_outcomes([rs]).most_common(1)[0][0])
+                for u in (fresh, revoked):
+                    got = _get(s, proxy, u)
+                    assert got.status_code == (200 if u == fresh else 401), (u, got.text)
+            if first_refresh is not None:
+                break
+            time.sleep(0.25)
+        print(f"cluster: all sidecars fencing {seen:.2f} s after the restart; stale grant "
+              f"{dict(Counter(statuses))}, first refreshed {first_refresh} s after (quiet "
+              f"period {_QUIET:g} s, largest Retry-After {retry_after})")
+        assert "503 fencing" in statuses and 1 <= retry_after <= math.ceil(_QUIET)
+        assert first_refresh is not None
+        assert s.stats()["refresh_by_user"].get(stale) == 1
+        assert _alive(s, stale)
+        assert s.vault_get(revoked) is None
+        for proxy in fleet.proxies:
+            assert _get(s, proxy, revoked).status_code == 401
+        # Every grant this class refreshed is still alive: nothing was redeemed twice.
+        refreshed = [u for u in s.stats()["refresh_by_user"] if u.startswith("cl")]
+        assert refreshed and all(_alive(s, u) for u in refreshed)
