@@ -69,6 +69,7 @@ from redis.exceptions import (
     ConnectionError,
     LockError,
     LockNotOwnedError,
+    RedisClusterException,
     RedisError,
     ResponseError,
 )
@@ -86,6 +87,15 @@ log = logging.getLogger("credproxy.redis")
 # keys are laid out for slots: spread over the cluster's shards, few enough to plant
 # every marker at each (re)subscription.
 BUCKETS = 256
+
+# What a Redis call raises when Redis fails: redis-py's errors; its cluster client's own
+# RedisClusterException (no node reachable, slots not covered, nodes disagreeing on the slot
+# map: not a RedisError); and asyncio's TypeError from redis-py 8.1's async cluster client,
+# when a re-initialisation after a node failure closes a connection another task is
+# writing on (seen on every shard restart that broke the subscription).
+_FAILED: tuple[type[Exception], ...] = (RedisError, RedisClusterException, TypeError)
+_LEASE_FAILED: tuple[type[Exception], ...] = (LockError, *_FAILED)
+_LISTEN_FAILED: tuple[type[Exception], ...] = (*_FAILED, OSError)
 
 _GEN_TTL = 7 * 24 * 3600  # how long a revocation guard outlives the revoke
 _PUT = """
@@ -237,7 +247,7 @@ class RedisCoordinator:
     async def check(self) -> None:
         try:
             await self._r.ping()
-        except RedisError as exc:
+        except _FAILED as exc:
             raise CoordinationUnavailable(f"redis unreachable: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
@@ -298,7 +308,7 @@ class RedisCoordinator:
             try:
                 if await lock.acquire(blocking=False):
                     break
-            except RedisError as exc:
+            except _FAILED as exc:
                 self.on_error()
                 raise CoordinationUnavailable(
                     f"redis unreachable for the refresh lock: {type(exc).__name__}") from exc
@@ -324,9 +334,9 @@ class RedisCoordinator:
             renew.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renew
-            with contextlib.suppress(LockError, RedisError):
+            with contextlib.suppress(*_LEASE_FAILED):
                 await lock.release()
-            with contextlib.suppress(RedisError):
+            with contextlib.suppress(*_FAILED):
                 await self._publish({"t": "released", "k": name})
 
     async def fenced_acquire(self, name: str, token: str | bytes, lease_ms: int) -> int:
@@ -392,7 +402,7 @@ class RedisCoordinator:
 
     async def _release_on(self, client: Redis, name: str, token: str | bytes) -> None:
         """Release our lock ``name`` on ``client``'s node, if we hold it (best effort)."""
-        with contextlib.suppress(RedisError):
+        with contextlib.suppress(*_FAILED):
             await self._release(keys=[name], args=[token], client=client)
 
     async def _node_for(self, key: str) -> Redis:
@@ -473,7 +483,7 @@ class RedisCoordinator:
                     lease.lost = True
                     log.warning("refresh lock lost: no longer owned (Redis restarted?)")
                     return
-                except (LockError, RedisError) as exc:
+                except _LEASE_FAILED as exc:
                     self.on_error()
                     if loop.time() + min(period, 0.25) >= expires:
                         lease.lost = True
@@ -489,7 +499,7 @@ class RedisCoordinator:
         try:
             await self._ready()
             raw = await self._r.get(key)
-        except RedisError:
+        except _FAILED:
             self.on_error()
             return None
         if not isinstance(raw, bytes) or len(raw) < 13:
@@ -525,7 +535,7 @@ class RedisCoordinator:
             await self._ready()
             await self._put(keys=[key, self._key("gen", grant.user, grant.provider)],
                             args=[grant.version, sealed, ttl_ms])
-        except RedisError:
+        except _FAILED:
             self.on_error()
 
     async def cache_forget(self, grant_key: tuple[str, str], version: int) -> None:
@@ -535,7 +545,7 @@ class RedisCoordinator:
             await self._forget(keys=[self._key("tok", user, provider),
                                      self._key("gen", user, provider)],
                                args=[version, _GEN_TTL])
-        except RedisError as exc:
+        except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable while forgetting a grant") from exc
 
@@ -544,7 +554,7 @@ class RedisCoordinator:
         msg = {"t": "inv", "u": user, "p": provider, "o": self._origin}
         try:
             await self._publish(msg)
-        except RedisError as exc:
+        except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: invalidation not sent") from exc
 
@@ -594,16 +604,21 @@ class RedisCoordinator:
                                                        timeout=1.0)
                     if msg is not None:
                         await self._handle(msg.get("data"))
-            except (RedisError, OSError) as exc:
+            except _LISTEN_FAILED as exc:
                 self.on_error()
                 if self.subscribed.is_set():
                     log.warning("redis subscription lost (%s); retrying", type(exc).__name__)
                 else:
                     log.info("redis subscription not established (%s: %s); retrying",
                              type(exc).__name__, exc)
+            except Exception:
+                # Never end: without this task no invalidation, no release wake-up and no
+                # re-planting of the boot markers would ever arrive again.
+                self.on_error()
+                log.exception("redis subscription failed unexpectedly; retrying")
             finally:
                 self.subscribed.clear()
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*_LISTEN_FAILED):
                     await pubsub.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
@@ -632,7 +647,7 @@ class RedisCoordinator:
         try:
             await self._ready()
             await self._r.set(self._single("once", name), value, px=int(ttl * 1000))
-        except RedisError as exc:
+        except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot store state") from exc
 
@@ -643,7 +658,7 @@ class RedisCoordinator:
             got = await self._take(keys=[self._single("once", name),
                                          self._single("used", name)],
                                    args=[24 * 3600 * 1000])
-        except RedisError as exc:
+        except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot read state") from exc
         if isinstance(got, list):
@@ -659,7 +674,7 @@ class RedisCoordinator:
             return await self._with_marker(
                 self._once, key, self._marker(key), int(expires_at) + 1,
                 -1 if issued_at is None else int(issued_at)) == 1
-        except RedisError as exc:
+        except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot record jti") from exc
 
