@@ -726,6 +726,8 @@ def _clients(settings: CoordinationSettings, url: str, password: str | None,
     if settings.mode == "sentinel":
         sentinel_auth: dict[str, Any] = {"socket_timeout": settings.op_timeout,
                                          "socket_connect_timeout": settings.op_timeout}
+        if settings.sentinel_username:
+            sentinel_auth["username"] = settings.sentinel_username
         if settings.sentinel_password_env:
             sentinel_auth["password"] = resolve_secret(
                 env=settings.sentinel_password_env, file=None,
