@@ -42,13 +42,17 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
 import redis
+from joserfc import jwt
+from joserfc.jwk import OctKey
 
 from devstack.procs import Running
+from devstack.redisproc import RedisServer
 from devstack.redistopo import Node, RedisCluster, RedisSentinel
 from devstack.stack import Stack, build_stack
 from tests.conftest import _need_redis
@@ -645,3 +649,82 @@ class TestSentinel(_Suite):
         for proxy in fleet.proxies:
             assert _get(s, proxy, "sn-leaver").status_code == 200
         _assert_revoke_reaches_all(fleet, "sn-leaver")
+
+
+# -- Entra ID ------------------------------------------------------------------------------------
+
+
+def _entra_token(oid: str, lifetime: int) -> str:
+    """A JWT shaped like an Entra ID access token for Redis: ``oid`` names the Redis user.
+    Redis never verifies it (Azure does); redis-entraid reads ``oid`` and ``exp``."""
+    now = int(time.time())
+    claims = {"aud": "https://redis.azure.com", "iss": "https://sts.windows.net/t/",
+              "oid": oid, "iat": now, "nbf": now, "exp": now + lifetime,
+              "jti": uuid.uuid4().hex}
+    return jwt.encode({"alg": "HS256", "typ": "JWT"}, claims, OctKey.generate_key(256))
+
+
+def test_entra_id_token_rotation_reauthenticates_in_place(stack: Stack,
+                                                         tmp_path: Path) -> None:
+    """The sidecar authenticates to Redis as the token's ``oid`` with the token as the
+    password. A rotation (a new token in the file, the old one removed from the ACL user)
+    is picked up before the old token expires and sent on the open connections (AUTH):
+    no new connection, no failed authentication, and Redis keeps working."""
+    s = stack
+    oid = str(uuid.uuid4())
+    first = _entra_token(oid, lifetime=8)
+    token_file = tmp_path / "redis-token"
+    token_file.write_text(first)
+    server = RedisServer(tmp_path / "redis", acl=(oid, first)).start()
+    sidecars: list[Running] = []
+    try:
+        coordination = {"backend": "redis", "url": server.url, "key_prefix": "e:",
+                        "op_timeout": _OP_TIMEOUT,
+                        "entra_id": {"credential": "file", "token_file": str(token_file),
+                                     "refresh_ratio": 0.5}}
+        sidecars = s.start_replicas(1, name="entra", overrides={"coordination": coordination})
+        proxy = str(sidecars[0].info["proxy_url"])
+        started = time.monotonic()
+        # One connection of our own, opened now and kept (it would be counted otherwise).
+        admin = redis.Redis(port=server.port, username=oid, password=first,
+                            single_connection_client=True, decode_responses=True)
+        try:
+            def stats() -> tuple[int, int, int, int]:
+                info = admin.info("stats")
+                auth = admin.info("commandstats").get("cmdstat_auth", {})
+                wrongpass = admin.info("errorstats").get("errorstat_WRONGPASS", {})
+                return (int(info["total_connections_received"]), int(auth.get("calls", 0)),
+                        int(auth.get("failed_calls", 0)), int(wrongpass.get("count", 0)))
+
+            for user in ("entra-a", "entra-b"):  # refreshes under the Redis lock: it works
+                s.vault_put(user, s.grant(user, expires_in=0))
+                assert _get(s, proxy, user).status_code == 200
+                assert s.stats()["refresh_by_user"].get(user) == 1
+            connections, auths, _, _ = stats()
+            second = _entra_token(oid, lifetime=30)
+            token_file.write_text(second)
+            admin.execute_command("ACL", "SETUSER", oid, f"<{first}", f">{second}")
+            rotated = time.monotonic()
+            assert admin.execute_command("ACL", "GETUSER", oid)  # the user, one password
+            got = _until("re-authentication with the new token",
+                         lambda: st if (st := stats())[1] > auths else None, 10, 0.1)
+            print(f"entra: token rotated {rotated - started:.2f} s after the start; "
+                  f"{got[1] - auths} connection(s) re-authenticated "
+                  f"{time.monotonic() - rotated:.2f} s later; connections received "
+                  f"{connections} -> {got[0]}")
+            user = "entra-after"
+            s.vault_put(user, s.grant(user, expires_in=0))
+            assert _get(s, proxy, user).status_code == 200  # Redis still works for it
+            assert s.stats()["refresh_by_user"].get(user) == 1
+            final = stats()
+            assert final[0] == connections  # no new connection: AUTH on the open ones
+            assert final[2] == 0 and final[3] == 0  # no failed authentication
+            assert admin.execute_command("ACL", "LOG") == []
+            assert "subscription lost" not in sidecars[0].stderr_text()
+        finally:
+            admin.close()
+    finally:
+        for r in sidecars:
+            r.close()
+            s.extra.remove(r)
+        server.stop()
