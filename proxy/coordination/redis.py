@@ -64,7 +64,14 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.auth.token import TokenInterface
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.credentials import CredentialProvider, StreamingCredentialProvider
+from redis.event import (
+    AfterPooledConnectionsInstantiationEvent,
+    ClientType,
+    RegisterReAuthForPooledConnections,
+)
 from redis.exceptions import (
     ConnectionError,
     LockError,
@@ -211,7 +218,13 @@ class RedisCoordinator:
         if settings.password_env or settings.password_file:
             password = resolve_secret(env=settings.password_env, file=settings.password_file,
                                       what="coordination.password", environ=environ).reveal()
-        self._r, self._sub = _clients(settings, url, password, environ)
+        self._auth = _credentials(settings, password)
+        sub_auth = self._auth()
+        if isinstance(sub_auth.get("credential_provider"), StreamingCredentialProvider):
+            sub_auth["credential_provider"] = _SubscriptionToken(
+                sub_auth["credential_provider"])
+        self._sub_token: _SubscriptionToken | None = sub_auth.get("credential_provider")
+        self._r, self._sub = _clients(settings, url, self._auth, sub_auth, environ)
         self._nodes: dict[str, Redis] = {}  # cluster: one plain client per node (WAIT)
         self._aead = AESGCM(cache_key)
         self._name_key = hashlib.sha256(b"credproxy redis names" + cache_key).digest()
@@ -417,10 +430,11 @@ class RedisCoordinator:
                                           "slot right now")
         client = self._nodes.get(node.name)
         if client is None:
-            # The node's own connection settings (auth, TLS, timeouts), one small pool.
+            # The node's own connection settings (TLS, timeouts), one small pool, and
+            # credentials of its own (an Entra ID provider renews for one client only).
             pool = ConnectionPool(connection_class=node.connection_class, max_connections=8,
-                                  **node.connection_kwargs)
-            client = self._nodes[node.name] = Redis(connection_pool=pool)
+                                  **{**node.connection_kwargs, **self._auth()})
+            client = self._nodes[node.name] = _renewed(Redis(connection_pool=pool))
         return client
 
     async def _ready(self) -> None:
@@ -604,6 +618,7 @@ class RedisCoordinator:
                                                        timeout=1.0)
                     if msg is not None:
                         await self._handle(msg.get("data"))
+                    await self._reauthenticate(pubsub)
             except _LISTEN_FAILED as exc:
                 self.on_error()
                 if self.subscribed.is_set():
@@ -622,6 +637,29 @@ class RedisCoordinator:
                     await pubsub.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _reauthenticate(self, pubsub: Any) -> None:
+        """Send a renewed Entra ID token on the subscription's connections (``AUTH``,
+        RESP3 allows it while subscribed), between two reads of this loop; a message that
+        arrives before AUTH's reply is handled as any other. An error ends the
+        subscription (the listener subscribes again, with the newest token)."""
+        credentials = self._sub_token
+        token = credentials.pending() if credentials is not None else None
+        if credentials is None or token is None:
+            return
+        nodes = getattr(pubsub, "node_pubsub_mapping", {}).values()  # a cluster's shards
+        connections = [c for c in (pubsub.connection, *(n.connection for n in nodes))
+                       if c is not None]
+        for conn in connections:
+            await conn.send_command("AUTH", token.try_get("oid"), token.get_value())
+            while True:
+                reply = await conn.read_response(timeout=self._s.op_timeout,
+                                                 push_request=True)
+                if not isinstance(reply, list):
+                    break  # AUTH's OK (an error reply raised ResponseError)
+                if reply and reply[0] in (b"message", b"smessage") and len(reply) == 3:
+                    await self._handle(reply[2])
+        credentials.sent(token)
 
     async def _handle(self, data: object) -> None:
         try:
@@ -690,8 +728,81 @@ def _bucket_of(marker: str) -> int:
     return int(marker[start + 2:marker.index("}", start)]) if start >= 0 else 0
 
 
-def _clients(settings: CoordinationSettings, url: str, password: str | None,
-             environ: Mapping[str, str]) -> tuple[Any, Any]:
+def _credentials(settings: CoordinationSettings,
+                 password: str | None) -> Callable[[], dict[str, Any]]:
+    """Keyword arguments with the credentials of one more redis-py client: the ACL user and
+    password, or a new Entra ID credential provider over one identity provider. redis-py
+    gives a provider one renewal callback (the last client registered), so every client
+    gets its own, each renewing its own connections."""
+    entra = settings.entra_id
+    if entra is None:
+        return lambda: {"username": settings.username, "password": password}
+    idp = entra_identity(entra)
+    return lambda: {"credential_provider": entra_credentials(entra, idp)}
+
+
+def _renewed(client: Redis) -> Redis:
+    """``client``, its pooled connections re-authenticated in place (``AUTH``) whenever its
+    Entra ID credential provider renews the token. redis-py registers that only for a
+    client that builds its own pool, not for ``Redis.from_url``, ``Sentinel.master_for``
+    or a pool passed in (there the provider's token was never renewed: "No registered
+    callback for token renewal task")."""
+    pool = client.connection_pool
+    provider = pool.connection_kwargs.get("credential_provider")
+    if isinstance(provider, StreamingCredentialProvider):
+        listener = RegisterReAuthForPooledConnections()  # type: ignore[no-untyped-call]
+        listener.listen(AfterPooledConnectionsInstantiationEvent([pool], ClientType.ASYNC,
+                                                                 provider))
+    return client
+
+
+class _SubscriptionToken(CredentialProvider):
+    """The subscription's Entra ID credentials, renewed by the listener itself.
+
+    redis-py re-authenticates a RESP3 subscription from the token manager's task and reads
+    AUTH's reply there while the listener reads messages from the same connection: a
+    RuntimeError, the subscription lost (and every memory cache dropped) at each renewal.
+    This provider is no StreamingCredentialProvider, so redis-py registers nothing for
+    it: it hands out the newest token of ``source`` (which renews on its own schedule) and
+    :meth:`RedisCoordinator._reauthenticate` sends a renewed one between two reads."""
+
+    def __init__(self, source: StreamingCredentialProvider) -> None:
+        self._source = source
+        self._latest: TokenInterface | None = None
+        self._sent: str | None = None  # the token the subscription authenticated with
+        # redis-py's token manager awaits these callbacks (its annotation says sync).
+        source.on_next(self._next)  # type: ignore[arg-type]
+        source.on_error(self._failed)  # type: ignore[arg-type]
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        credentials: tuple[str] | tuple[str, str] = self._source.get_credentials()
+        self._sent = credentials[-1]
+        return credentials
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        credentials: tuple[str] | tuple[str, str] = (
+            await self._source.get_credentials_async())
+        self._sent = credentials[-1]
+        return credentials
+
+    def pending(self) -> TokenInterface | None:
+        """A renewed token the subscription has not been sent yet."""
+        latest = self._latest
+        return latest if latest is not None and latest.get_value() != self._sent else None
+
+    def sent(self, token: TokenInterface) -> None:
+        self._sent = token.get_value()
+
+    async def _next(self, token: TokenInterface) -> None:
+        self._latest = token
+
+    async def _failed(self, exc: Exception) -> None:
+        log.warning("Entra ID token renewal failed (%s): the subscription keeps its token "
+                    "and gets a new one when it reconnects", type(exc).__name__)
+
+
+def _clients(settings: CoordinationSettings, url: str, auth: Callable[[], dict[str, Any]],
+             sub_auth: dict[str, Any], environ: Mapping[str, str]) -> tuple[Any, Any]:
     """(commands client, subscription client) for ``settings.mode``: redis-py's own
     Redis, RedisCluster or Sentinel-managed clients.
 
@@ -701,15 +812,10 @@ def _clients(settings: CoordinationSettings, url: str, password: str | None,
     there (health checks notice a dead connection) and no transparent retry: redis-py
     would reconnect and resubscribe silently, and the listener must see every loss (to drop
     caches that may have missed invalidations, and to plant the boot markers again)."""
-    auth: dict[str, Any] = {}
-    if settings.entra_id is not None:
-        auth["credential_provider"] = entra_credentials(settings.entra_id)
-    else:
-        auth.update(username=settings.username, password=password)
     tls: dict[str, Any] = {}
     if settings.ca_file and (url.startswith("rediss://") or settings.tls):
         tls["ssl_ca_certs"] = str(Path(settings.ca_file).expanduser())
-    common: dict[str, Any] = {**auth, **tls, "socket_connect_timeout": settings.op_timeout}
+    common: dict[str, Any] = {**tls, "socket_connect_timeout": settings.op_timeout}
     quick = Retry(ExponentialBackoff(cap=0.1, base=0.01), 1)
     if settings.mode == "cluster":
         nodes = [ClusterNode(*_host_port(n)) for n in settings.nodes]
@@ -719,9 +825,12 @@ def _clients(settings: CoordinationSettings, url: str, password: str | None,
             ExponentialBackoff(cap=0.5, base=0.05), 3)}
         if nodes:
             kwargs["startup_nodes"] = nodes
-        cluster = RedisCluster.from_url(url, socket_timeout=settings.op_timeout, **kwargs)
+        # (The cluster client registers its own renewal, for every node it reaches.)
+        cluster = RedisCluster.from_url(url, socket_timeout=settings.op_timeout, **kwargs,
+                                        **auth())
         cluster_sub = RedisCluster.from_url(url, socket_timeout=None, health_check_interval=5,
-                                            **{**kwargs, "retry": Retry(NoBackoff(), 0)})
+                                            **{**kwargs, "retry": Retry(NoBackoff(), 0)},
+                                            **sub_auth)
         return cluster, cluster_sub
     if settings.mode == "sentinel":
         sentinel_auth: dict[str, Any] = {"socket_timeout": settings.op_timeout,
@@ -739,15 +848,16 @@ def _clients(settings: CoordinationSettings, url: str, password: str | None,
                             sentinel_kwargs=sentinel_auth, **common)
         assert settings.service_name is not None
         commands = sentinel.master_for(settings.service_name, socket_timeout=settings.op_timeout,
-                                       retry=quick, retry_on_error=[ConnectionError])
+                                       retry=quick, retry_on_error=[ConnectionError], **auth())
         sub = sentinel.master_for(settings.service_name, socket_timeout=None,
-                                  health_check_interval=5, retry=Retry(NoBackoff(), 0))
-        return commands, sub
+                                  health_check_interval=5, retry=Retry(NoBackoff(), 0),
+                                  **sub_auth)
+        return _renewed(commands), sub
     commands = Redis.from_url(url, socket_timeout=settings.op_timeout, retry=quick,
-                              retry_on_error=[ConnectionError], **common)
+                              retry_on_error=[ConnectionError], **common, **auth())
     sub = Redis.from_url(url, socket_timeout=None, health_check_interval=5,
-                         retry=Retry(NoBackoff(), 0), **common)
-    return commands, sub
+                         retry=Retry(NoBackoff(), 0), **common, **sub_auth)
+    return _renewed(commands), sub
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -755,20 +865,24 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def entra_credentials(settings: EntraIdSettings) -> Any:
-    """redis-entraid's credential provider (https://github.com/redis/redis-py-entraid):
-    an Entra ID access token for ``scope`` as the password and its ``oid`` claim as the
-    user, renewed when ``refresh_ratio`` of its lifetime has passed; redis-py then
-    re-authenticates the pooled connections in place (``AUTH``), no reconnect. Tokens come
-    from azure-identity's DefaultAzureCredential (workload identity on Kubernetes), or from
-    ``token_file`` (re-read at each renewal)."""
+def entra_identity(settings: EntraIdSettings) -> Any:
+    """Where Entra ID tokens come from: azure-identity's DefaultAzureCredential (workload
+    identity on Kubernetes), or ``token_file`` (re-read at each renewal)."""
+    from proxy.coordination.entra import TokenFileIdentityProvider, default_identity_provider
+
+    return (TokenFileIdentityProvider(Path(settings.token_file).expanduser())
+            if settings.token_file else default_identity_provider(settings.scope))
+
+
+def entra_credentials(settings: EntraIdSettings, idp: Any) -> Any:
+    """redis-entraid's credential provider (https://github.com/redis/redis-py-entraid) over
+    ``idp`` (:func:`entra_identity`): an Entra ID access token for ``scope`` as the
+    password and its ``oid`` claim as the user, renewed when ``refresh_ratio`` of its
+    lifetime has passed; the client's pooled connections are then re-authenticated in
+    place (``AUTH``), no reconnect (see :func:`_renewed`). One per client."""
     from redis.auth.token_manager import RetryPolicy, TokenManagerConfig
     from redis_entraid.cred_provider import EntraIdCredentialsProvider
 
-    from proxy.coordination.entra import TokenFileIdentityProvider, default_identity_provider
-
-    idp = (TokenFileIdentityProvider(Path(settings.token_file).expanduser())
-           if settings.token_file else default_identity_provider(settings.scope))
     config = TokenManagerConfig(expiration_refresh_ratio=settings.refresh_ratio,
                                 lower_refresh_bound_millis=0,
                                 token_request_execution_timeout_in_ms=5000,
