@@ -452,7 +452,7 @@ class RedisCoordinator:
         longest of any bucket's: the quiet period after Redis lost its data, during which
         no refresh lock is granted."""
         now = time.monotonic()
-        return max(0.0, *(until - now for until in self._fenced_until.values()))
+        return max([0.0, *(until - now for until in self._fenced_until.values())])
 
     async def plant_markers(self) -> None:
         """Plant every boot marker that is missing (as ``fresh`` for a Redis this process
