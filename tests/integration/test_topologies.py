@@ -41,7 +41,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class Fleet:
     redis: RedisCluster | RedisSentinel
     sidecars: list[Running]
     keys: Callable[[str, str], str]
-    extra: list[Running] = field(default_factory=list)
 
     @property
     def proxies(self) -> list[str]:
@@ -113,7 +112,7 @@ class Fleet:
         return value
 
     def close(self, procs: list[Running] | None = None) -> None:
-        for r in procs if procs is not None else [*self.sidecars, *self.extra]:
+        for r in procs if procs is not None else self.sidecars:
             r.close()
             if r in self.stack.extra:
                 self.stack.extra.remove(r)
@@ -358,7 +357,6 @@ class _Suite:
         identity = {**s.config["identity"], "one_time_jti": True}
         pair = s.start_replicas(2, name=f"{fleet.topology}-jti",
                                 overrides={"identity": identity})
-        fleet.extra += pair
         try:
             a, b = (str(r.info["proxy_url"]) for r in pair)
             user = f"{fleet.topology}-once"
