@@ -1,9 +1,12 @@
-"""Benchmark: coordination across replicas through Redis.
+"""Benchmark: coordination across replicas through Redis, standalone and Redis Cluster.
 
-    .venv/bin/python bench/coordination.py [--replicas 4] [--storms 5] [--waiters 200]
+    .venv/bin/python bench/coordination.py [--topology both|standalone|cluster]
+                                           [--replicas 4] [--storms 5] [--waiters 200]
 
-Starts a private redis-server, the authorization server, the document API and N credproxy
-replicas, then measures:
+For each topology, starts a private Redis (one redis-server; or a Redis Cluster of 3
+primaries and 3 replicas, created with redis-cli --cluster create, where every refresh lock
+is confirmed by a replica: replica_acks 1), the authorization server, the document API and
+N credproxy replicas, then measures:
 
 1. Refresh storms: W concurrent requests, spread over the replicas, for one user whose
    access token has just expired. Reports token-endpoint calls per storm (target: exactly
@@ -11,7 +14,7 @@ replicas, then measures:
 2. Vault reads per 1,000 requests across the replicas, for 50 users with valid tokens,
    with the shared (Redis) cache on and off.
 
-Prints a table and writes it to docs/bench-coordination.md.
+Prints the figures side by side and writes them to docs/bench-coordination.md.
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from devstack.redisproc import RedisServer  # noqa: E402
+from devstack.redistopo import RedisCluster  # noqa: E402
 from devstack.stack import Stack, build_stack  # noqa: E402
+
+TOPOLOGIES = {"standalone": "one redis-server",
+              "cluster": "Redis Cluster, 3 primaries + 3 replicas, replica_acks 1"}
 
 
 async def _storm(s: Stack, proxies: list[str], user: str, waiters: int) -> list[float]:
@@ -91,31 +98,48 @@ def _pct(values: list[float], p: float) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--topology", choices=["both", *TOPOLOGIES], default="both")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--storms", type=int, default=5)
     ap.add_argument("--waiters", type=int, default=200)
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench-coordination.md"))
     args = ap.parse_args()
-    rows = measure(args)
-    width = max(len(k) for k, _ in rows)
-    table = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-    print(table)
+    topologies = list(TOPOLOGIES) if args.topology == "both" else [args.topology]
+    columns = {t: dict(measure(args, t)) for t in topologies}
+    names = list(columns[topologies[0]])
+    header = ["measure", *topologies]
+    table = [header, *([name, *(columns[t][name] for t in topologies)] for name in names)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                    for row in table))
     md = ["# Coordination benchmark", "",
-          f"`bench/coordination.py`, run {time.strftime('%Y-%m-%d')} on a 2-core machine.", "",
-          "| measure | result |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+          f"`bench/coordination.py --topology {args.topology}`, run "
+          f"{time.strftime('%Y-%m-%d')} on a 2-core machine shared with other work (Redis, "
+          "the servers and every credproxy replica on the same two cores).", "",
+          *(f"- {t}: {TOPOLOGIES[t]}" for t in topologies), "",
+          "| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+          *("| " + " | ".join(row) + " |" for row in table[1:]), ""]
     Path(args.out).write_text("\n".join(md))
     return 0
 
 
-def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """Refresh storms and vault reads; also called by bench/perf.py."""
+def measure(args: argparse.Namespace, topology: str = "standalone") -> list[tuple[str, str]]:
+    """Refresh storms and vault reads on ``topology`` (standalone: one redis-server;
+    cluster: 3 primaries + 3 replicas); also called by bench/perf.py."""
     work = Path(tempfile.mkdtemp(prefix="credproxy-bench-"))
-    redis = RedisServer(work / "redis").start()
+    redis: RedisServer | RedisCluster
+    if topology == "cluster":
+        redis = RedisCluster(work / "cluster").start()
+        coordination = {"backend": "redis", "mode": "cluster", "url": redis.url,
+                        "nodes": [str(n) for n in redis.nodes]}
+    else:
+        redis = RedisServer(work / "redis").start()
+        coordination = {"backend": "redis", "url": redis.url}
     rows: list[tuple[str, str]] = []
     try:
         s = build_stack(work / "stack", start_proxy=False,
-                        config={"coordination": {"backend": "redis", "url": redis.url}})
+                        config={"coordination": coordination})
         try:
             proxies = [str(r.info["proxy_url"]) for r in s.start_replicas(args.replicas)]
             calls, latencies = [], []

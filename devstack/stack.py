@@ -95,24 +95,47 @@ class Stack:
         )
         return self.proxy
 
-    def start_replicas(self, n: int, *, timeout: float = 30.0) -> list[Running]:
+    def start_replicas(self, n: int, *, timeout: float = 30.0, name: str = "replica",
+                       overrides: Mapping[str, Any] | None = None) -> list[Running]:
         """``n`` more credproxy processes on the same config (vault, Redis), each on its
-        own port; they are closed with the stack."""
-        replicas = []
-        for i in range(n):
+        own port, started side by side; they are closed with the stack. Each is named
+        ``<name>-<i>`` (its config file, its logs); ``overrides`` replaces top-level config
+        keys for these processes only (e.g. another ``coordination``)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def start(i: int) -> Running:
             port = free_port()
-            cfg = {**self.config, "listen": f"127.0.0.1:{port}",
+            cfg = {**self.config, **(overrides or {}), "listen": f"127.0.0.1:{port}",
                    "admin": f"127.0.0.1:{free_port()}"}
-            path = self.workdir / f"replica-{i}.yaml"
+            path = self.workdir / f"{name}-{i}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             r = start_server(["-m", "proxy.cli", "run", "--config", str(path)],
                              ready=tcp_check("127.0.0.1", port), env=self.env,
-                             name=f"replica-{i}", log_dir=self.workdir / "logs",
+                             name=f"{name}-{i}", log_dir=self.workdir / "logs",
                              timeout=timeout)
             r.info["proxy_url"] = f"http://127.0.0.1:{port}"
             r.info["admin_url"] = f"http://{cfg['admin']}"
-            self.extra.append(r)
-            replicas.append(r)
+            return r
+
+        replicas = []
+        failure: BaseException | None = None
+        first = 0
+        if n and not self.mitm_ca.exists():
+            # The first process creates the shared CA in ca_dir: alone, or they race.
+            replicas.append(start(0))
+            first = 1
+        with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
+            futures = [pool.submit(start, i) for i in range(first, n)]
+        for f in futures:
+            try:
+                replicas.append(f.result())
+            except BaseException as exc:  # noqa: BLE001 (the first is raised below)
+                failure = failure or exc
+        if failure is not None:
+            for r in replicas:
+                r.close()
+            raise failure
+        self.extra.extend(replicas)
         return replicas
 
     def client_via(self, proxy_url: str, *, context: str | None = None) -> httpx2.Client:

@@ -182,6 +182,7 @@ class CoordinationSettings(_Model):
     sentinels: list[Annotated[str, AfterValidator(_address)]] = Field(default_factory=list)
     service_name: str | None = None  # sentinel: the monitored primary's name
     sentinel_password_env: str | None = None  # sentinel: when the sentinels require AUTH
+    sentinel_username: str | None = None  # sentinel: their ACL user (else the default user)
     tls: bool = False  # sentinel: TLS to the sentinels and the servers (cluster: rediss://)
     username: str | None = None  # Redis ACL user
     password_env: str | None = None
@@ -215,12 +216,15 @@ class CoordinationSettings(_Model):
             if self.url or self.url_env or self.nodes:
                 raise ValueError("mode sentinel takes sentinels and service_name, not url, "
                                  "url_env or nodes")
+            if self.sentinel_username and not self.sentinel_password_env:
+                raise ValueError("sentinel_username needs sentinel_password_env")
         else:
             if bool(self.url) == bool(self.url_env):
                 raise ValueError("redis needs exactly one of url, url_env")
-            if self.sentinels or self.service_name or self.sentinel_password_env:
-                raise ValueError("sentinels, service_name, sentinel_password_env are for "
-                                 "mode sentinel")
+            if (self.sentinels or self.service_name or self.sentinel_password_env
+                    or self.sentinel_username):
+                raise ValueError("sentinels, service_name, sentinel_username, "
+                                 "sentinel_password_env are for mode sentinel")
             if self.nodes and self.mode != "cluster":
                 raise ValueError("nodes is for mode cluster")
         if self.url:

@@ -40,6 +40,7 @@ def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 # in collection order, and a long file collected last would run alone at the end.
 _LONGEST_FIRST = (
     "tests/integration/test_catalog_providers.py",
+    "tests/integration/test_topologies.py",
     "tests/test_example_config.py",
     "tests/integration/test_live_streams.py",
     "tests/integration/test_stream_faults.py",

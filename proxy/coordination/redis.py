@@ -64,14 +64,23 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.auth.token import TokenInterface
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.credentials import CredentialProvider, StreamingCredentialProvider
+from redis.event import (
+    AfterPooledConnectionsInstantiationEvent,
+    ClientType,
+    RegisterReAuthForPooledConnections,
+)
 from redis.exceptions import (
     ConnectionError,
     LockError,
     LockNotOwnedError,
+    RedisClusterException,
     RedisError,
     ResponseError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.coordination.base import USED, CoordinationUnavailable, Invalidation, Lease, Used
 from proxy.errors import CoordinationFencing
@@ -85,6 +94,15 @@ log = logging.getLogger("credproxy.redis")
 # keys are laid out for slots: spread over the cluster's shards, few enough to plant
 # every marker at each (re)subscription.
 BUCKETS = 256
+
+# What a Redis call raises when Redis fails: redis-py's errors; its cluster client's own
+# RedisClusterException (no node reachable, slots not covered, nodes disagreeing on the slot
+# map: not a RedisError); and asyncio's TypeError from redis-py 8.1's async cluster client,
+# when a re-initialisation after a node failure closes a connection another task is
+# writing on (seen on every shard restart that broke the subscription).
+_FAILED: tuple[type[Exception], ...] = (RedisError, RedisClusterException, TypeError)
+_LEASE_FAILED: tuple[type[Exception], ...] = (LockError, *_FAILED)
+_LISTEN_FAILED: tuple[type[Exception], ...] = (*_FAILED, OSError)
 
 _GEN_TTL = 7 * 24 * 3600  # how long a revocation guard outlives the revoke
 _PUT = """
@@ -200,7 +218,13 @@ class RedisCoordinator:
         if settings.password_env or settings.password_file:
             password = resolve_secret(env=settings.password_env, file=settings.password_file,
                                       what="coordination.password", environ=environ).reveal()
-        self._r, self._sub = _clients(settings, url, password, environ)
+        self._auth = _credentials(settings, password)
+        sub_auth = self._auth()
+        if isinstance(sub_auth.get("credential_provider"), StreamingCredentialProvider):
+            sub_auth["credential_provider"] = _SubscriptionToken(
+                sub_auth["credential_provider"])
+        self._sub_token: _SubscriptionToken | None = sub_auth.get("credential_provider")
+        self._r, self._sub = _clients(settings, url, self._auth, sub_auth, environ)
         self._nodes: dict[str, Redis] = {}  # cluster: one plain client per node (WAIT)
         self._aead = AESGCM(cache_key)
         self._name_key = hashlib.sha256(b"credproxy redis names" + cache_key).digest()
@@ -236,7 +260,7 @@ class RedisCoordinator:
     async def check(self) -> None:
         try:
             await self._r.ping()
-        except RedisError as exc:
+        except _FAILED as exc:
             raise CoordinationUnavailable(f"redis unreachable: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
@@ -297,7 +321,7 @@ class RedisCoordinator:
             try:
                 if await lock.acquire(blocking=False):
                     break
-            except RedisError as exc:
+            except _FAILED as exc:
                 self.on_error()
                 raise CoordinationUnavailable(
                     f"redis unreachable for the refresh lock: {type(exc).__name__}") from exc
@@ -323,9 +347,9 @@ class RedisCoordinator:
             renew.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renew
-            with contextlib.suppress(LockError, RedisError):
+            with contextlib.suppress(*_LEASE_FAILED):
                 await lock.release()
-            with contextlib.suppress(RedisError):
+            with contextlib.suppress(*_FAILED):
                 await self._publish({"t": "released", "k": name})
 
     async def fenced_acquire(self, name: str, token: str | bytes, lease_ms: int) -> int:
@@ -336,29 +360,29 @@ class RedisCoordinator:
         ``replica_acks`` replicas (``WAIT`` on the connection that wrote it), or released
         again: raises :class:`CoordinationUnavailable` then."""
         marker = self._marker(name)
+        await self._ready()
         if token and self._acks:
-            got, acked = await self._acquire_replicated(name, marker, token, lease_ms)
+            got = await self._acquire_replicated(name, marker, token, lease_ms)
         else:
-            got, acked = await self._with_marker(self._acquire, name, marker, token,
-                                                 lease_ms, self._quiet_ms), None
+            got = await self._with_marker(self._acquire, name, marker, token, lease_ms,
+                                          self._quiet_ms)
         self._fenced_until[_bucket_of(marker)] = time.monotonic() + (
             -got / 1000 if got < 0 else 0.0)
-        if got == 1 and acked is not None and acked < self._acks:
-            with contextlib.suppress(RedisError):
-                await self._release(keys=[name], args=[token])
-            raise CoordinationUnavailable(
-                f"the refresh lock was confirmed by {acked} of {self._acks} replica(s) "
-                f"within {self._s.op_timeout:g} s: a failover could lose it, so the refresh "
-                "does not run now (coordination.replica_acks)")
         return got
 
     async def _acquire_replicated(self, name: str, marker: str, token: str | bytes,
-                                  lease_ms: int) -> tuple[int, int]:
+                                  lease_ms: int) -> int:
         """The acquire script and ``WAIT`` in one pipeline: one connection, so ``WAIT``
         counts the replicas that have this lock (Redis counts per connection). In a
-        cluster, on the node that owns the key (its topology refreshed once on MOVED)."""
+        cluster, on the node that owns the key (its topology refreshed once on MOVED).
+
+        ``WAIT`` waits at most half of ``op_timeout``, so the command's own timeout
+        outlasts it and an unconfirmed lock is told from a stalled Redis. A lock that was
+        not confirmed, or whose confirmation was lost to a timeout or an error reply, is
+        released again on that node (compare-and-delete: only ours), so it does not hold
+        the grant's refreshes back for its whole lease."""
         kind = "restart" if self._seen_redis else "fresh"
-        wait_ms = max(1, int(self._s.op_timeout * 1000))
+        wait_ms = max(1, int(self._s.op_timeout * 500))
         for attempt in (1, 2):
             client = await self._node_for(name)
             try:
@@ -373,10 +397,26 @@ class RedisCoordinator:
                 if moved and attempt == 1 and isinstance(self._r, RedisCluster):
                     await self._r.nodes_manager.initialize()
                     continue
+                if not moved:
+                    await self._release_on(client, name, token)
+                raise
+            except RedisTimeoutError:
+                await self._release_on(client, name, token)
                 raise
             self._seen_redis = True
-            return int(got), int(acked)
+            if int(got) == 1 and int(acked) < self._acks:
+                await self._release_on(client, name, token)
+                raise CoordinationUnavailable(
+                    f"the refresh lock was confirmed by {acked} of {self._acks} replica(s) "
+                    f"within {wait_ms / 1000:g} s: a failover could lose it, so the refresh "
+                    "does not run now (coordination.replica_acks)")
+            return int(got)
         raise CoordinationUnavailable("the cluster moved the refresh lock's slot twice")
+
+    async def _release_on(self, client: Redis, name: str, token: str | bytes) -> None:
+        """Release our lock ``name`` on ``client``'s node, if we hold it (best effort)."""
+        with contextlib.suppress(*_FAILED):
+            await self._release(keys=[name], args=[token], client=client)
 
     async def _node_for(self, key: str) -> Redis:
         """The client whose pipeline reaches the node that owns ``key``."""
@@ -390,18 +430,29 @@ class RedisCoordinator:
                                           "slot right now")
         client = self._nodes.get(node.name)
         if client is None:
-            # The node's own connection settings (auth, TLS, timeouts), one small pool.
+            # The node's own connection settings (TLS, timeouts), one small pool, and
+            # credentials of its own (an Entra ID provider renews for one client only).
             pool = ConnectionPool(connection_class=node.connection_class, max_connections=8,
-                                  **node.connection_kwargs)
-            client = self._nodes[node.name] = Redis(connection_pool=pool)
+                                  **{**node.connection_kwargs, **self._auth()})
+            client = self._nodes[node.name] = _renewed(Redis(connection_pool=pool))
         return client
+
+    async def _ready(self) -> None:
+        """A cluster client learns the slot map before its first command (a no-op after).
+        redis-py's cluster client, used by many tasks at once before it knows the map,
+        sends scripts to the wrong nodes; the re-initialisations the MOVED answers cause
+        close connections other tasks are writing on (asyncio raises TypeError there, not a
+        RedisError): the first planting of the boot markers failed that way and killed the
+        subscription, and every refresh of a fresh cluster was refused as fencing."""
+        if isinstance(self._r, RedisCluster):
+            await self._r.initialize()
 
     def fencing_remaining(self) -> float:
         """Seconds left of the fencing period as last seen in Redis (0: not fencing), the
         longest of any bucket's: the quiet period after Redis lost its data, during which
         no refresh lock is granted."""
         now = time.monotonic()
-        return max(0.0, *(until - now for until in self._fenced_until.values()))
+        return max([0.0, *(until - now for until in self._fenced_until.values())])
 
     async def plant_markers(self) -> None:
         """Plant every boot marker that is missing (as ``fresh`` for a Redis this process
@@ -422,6 +473,7 @@ class RedisCoordinator:
 
     async def _with_marker(self, script: Any, key: str, marker: str, *args: object) -> int:
         """Run a script that starts with _BOOT, telling it which kind of marker to plant."""
+        await self._ready()
         kind = "restart" if self._seen_redis else "fresh"
         got = await script(keys=[key, marker], args=[kind, *args])
         self._seen_redis = True
@@ -445,7 +497,7 @@ class RedisCoordinator:
                     lease.lost = True
                     log.warning("refresh lock lost: no longer owned (Redis restarted?)")
                     return
-                except (LockError, RedisError) as exc:
+                except _LEASE_FAILED as exc:
                     self.on_error()
                     if loop.time() + min(period, 0.25) >= expires:
                         lease.lost = True
@@ -459,8 +511,9 @@ class RedisCoordinator:
             return None
         key = self._key("tok", user, provider)
         try:
+            await self._ready()
             raw = await self._r.get(key)
-        except RedisError:
+        except _FAILED:
             self.on_error()
             return None
         if not isinstance(raw, bytes) or len(raw) < 13:
@@ -493,18 +546,20 @@ class RedisCoordinator:
         nonce = secrets.token_bytes(12)
         sealed = nonce + self._aead.encrypt(nonce, plain, key.encode())
         try:
+            await self._ready()
             await self._put(keys=[key, self._key("gen", grant.user, grant.provider)],
                             args=[grant.version, sealed, ttl_ms])
-        except RedisError:
+        except _FAILED:
             self.on_error()
 
     async def cache_forget(self, grant_key: tuple[str, str], version: int) -> None:
         user, provider = grant_key
         try:
+            await self._ready()
             await self._forget(keys=[self._key("tok", user, provider),
                                      self._key("gen", user, provider)],
                                args=[version, _GEN_TTL])
-        except RedisError as exc:
+        except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable while forgetting a grant") from exc
 
@@ -513,12 +568,13 @@ class RedisCoordinator:
         msg = {"t": "inv", "u": user, "p": provider, "o": self._origin}
         try:
             await self._publish(msg)
-        except RedisError as exc:
+        except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: invalidation not sent") from exc
 
     async def _publish(self, msg: Mapping[str, object]) -> None:
         data = json.dumps(msg)
+        await self._ready()
         if self._sharded:
             try:
                 await self._r.spublish(self._channel, data)
@@ -536,6 +592,7 @@ class RedisCoordinator:
             try:
                 if isinstance(self._sub, RedisCluster):
                     await self._sub.initialize()  # the slot map, to find the channel's shard
+                await self._ready()  # before planting 32 markers at once
                 if self._sharded:
                     try:
                         await pubsub.ssubscribe(self._channel)
@@ -561,19 +618,48 @@ class RedisCoordinator:
                                                        timeout=1.0)
                     if msg is not None:
                         await self._handle(msg.get("data"))
-            except (RedisError, OSError) as exc:
+                    await self._reauthenticate(pubsub)
+            except _LISTEN_FAILED as exc:
                 self.on_error()
                 if self.subscribed.is_set():
                     log.warning("redis subscription lost (%s); retrying", type(exc).__name__)
                 else:
                     log.info("redis subscription not established (%s: %s); retrying",
                              type(exc).__name__, exc)
+            except Exception:
+                # Never end: without this task no invalidation, no release wake-up and no
+                # re-planting of the boot markers would ever arrive again.
+                self.on_error()
+                log.exception("redis subscription failed unexpectedly; retrying")
             finally:
                 self.subscribed.clear()
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*_LISTEN_FAILED):
                     await pubsub.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _reauthenticate(self, pubsub: Any) -> None:
+        """Send a renewed Entra ID token on the subscription's connections (``AUTH``,
+        RESP3 allows it while subscribed), between two reads of this loop; a message that
+        arrives before AUTH's reply is handled as any other. An error ends the
+        subscription (the listener subscribes again, with the newest token)."""
+        credentials = self._sub_token
+        token = credentials.pending() if credentials is not None else None
+        if credentials is None or token is None:
+            return
+        nodes = getattr(pubsub, "node_pubsub_mapping", {}).values()  # a cluster's shards
+        connections = [c for c in (pubsub.connection, *(n.connection for n in nodes))
+                       if c is not None]
+        for conn in connections:
+            await conn.send_command("AUTH", token.try_get("oid"), token.get_value())
+            while True:
+                reply = await conn.read_response(timeout=self._s.op_timeout,
+                                                 push_request=True)
+                if not isinstance(reply, list):
+                    break  # AUTH's OK (an error reply raised ResponseError)
+                if reply and reply[0] in (b"message", b"smessage") and len(reply) == 3:
+                    await self._handle(reply[2])
+        credentials.sent(token)
 
     async def _handle(self, data: object) -> None:
         try:
@@ -597,18 +683,20 @@ class RedisCoordinator:
     # -- single-use values (OAuth state) -------------------------------------------------
     async def put_once(self, name: str, value: bytes, ttl: float) -> None:
         try:
+            await self._ready()
             await self._r.set(self._single("once", name), value, px=int(ttl * 1000))
-        except RedisError as exc:
+        except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot store state") from exc
 
     async def take_once(self, name: str) -> bytes | None | Used:
         try:
+            await self._ready()
             # The "used" marker outlives the value by far, so a replay is named as such.
             got = await self._take(keys=[self._single("once", name),
                                          self._single("used", name)],
                                    args=[24 * 3600 * 1000])
-        except RedisError as exc:
+        except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot read state") from exc
         if isinstance(got, list):
@@ -624,7 +712,7 @@ class RedisCoordinator:
             return await self._with_marker(
                 self._once, key, self._marker(key), int(expires_at) + 1,
                 -1 if issued_at is None else int(issued_at)) == 1
-        except RedisError as exc:
+        except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot record jti") from exc
 
@@ -640,8 +728,81 @@ def _bucket_of(marker: str) -> int:
     return int(marker[start + 2:marker.index("}", start)]) if start >= 0 else 0
 
 
-def _clients(settings: CoordinationSettings, url: str, password: str | None,
-             environ: Mapping[str, str]) -> tuple[Any, Any]:
+def _credentials(settings: CoordinationSettings,
+                 password: str | None) -> Callable[[], dict[str, Any]]:
+    """Keyword arguments with the credentials of one more redis-py client: the ACL user and
+    password, or a new Entra ID credential provider over one identity provider. redis-py
+    gives a provider one renewal callback (the last client registered), so every client
+    gets its own, each renewing its own connections."""
+    entra = settings.entra_id
+    if entra is None:
+        return lambda: {"username": settings.username, "password": password}
+    idp = entra_identity(entra)
+    return lambda: {"credential_provider": entra_credentials(entra, idp)}
+
+
+def _renewed(client: Redis) -> Redis:
+    """``client``, its pooled connections re-authenticated in place (``AUTH``) whenever its
+    Entra ID credential provider renews the token. redis-py registers that only for a
+    client that builds its own pool, not for ``Redis.from_url``, ``Sentinel.master_for``
+    or a pool passed in (there the provider's token was never renewed: "No registered
+    callback for token renewal task")."""
+    pool = client.connection_pool
+    provider = pool.connection_kwargs.get("credential_provider")
+    if isinstance(provider, StreamingCredentialProvider):
+        listener = RegisterReAuthForPooledConnections()  # type: ignore[no-untyped-call]
+        listener.listen(AfterPooledConnectionsInstantiationEvent([pool], ClientType.ASYNC,
+                                                                 provider))
+    return client
+
+
+class _SubscriptionToken(CredentialProvider):
+    """The subscription's Entra ID credentials, renewed by the listener itself.
+
+    redis-py re-authenticates a RESP3 subscription from the token manager's task and reads
+    AUTH's reply there while the listener reads messages from the same connection: a
+    RuntimeError, the subscription lost (and every memory cache dropped) at each renewal.
+    This provider is no StreamingCredentialProvider, so redis-py registers nothing for
+    it: it hands out the newest token of ``source`` (which renews on its own schedule) and
+    :meth:`RedisCoordinator._reauthenticate` sends a renewed one between two reads."""
+
+    def __init__(self, source: StreamingCredentialProvider) -> None:
+        self._source = source
+        self._latest: TokenInterface | None = None
+        self._sent: str | None = None  # the token the subscription authenticated with
+        # redis-py's token manager awaits these callbacks (its annotation says sync).
+        source.on_next(self._next)  # type: ignore[arg-type]
+        source.on_error(self._failed)  # type: ignore[arg-type]
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        credentials: tuple[str] | tuple[str, str] = self._source.get_credentials()
+        self._sent = credentials[-1]
+        return credentials
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        credentials: tuple[str] | tuple[str, str] = (
+            await self._source.get_credentials_async())
+        self._sent = credentials[-1]
+        return credentials
+
+    def pending(self) -> TokenInterface | None:
+        """A renewed token the subscription has not been sent yet."""
+        latest = self._latest
+        return latest if latest is not None and latest.get_value() != self._sent else None
+
+    def sent(self, token: TokenInterface) -> None:
+        self._sent = token.get_value()
+
+    async def _next(self, token: TokenInterface) -> None:
+        self._latest = token
+
+    async def _failed(self, exc: Exception) -> None:
+        log.warning("Entra ID token renewal failed (%s): the subscription keeps its token "
+                    "and gets a new one when it reconnects", type(exc).__name__)
+
+
+def _clients(settings: CoordinationSettings, url: str, auth: Callable[[], dict[str, Any]],
+             sub_auth: dict[str, Any], environ: Mapping[str, str]) -> tuple[Any, Any]:
     """(commands client, subscription client) for ``settings.mode``: redis-py's own
     Redis, RedisCluster or Sentinel-managed clients.
 
@@ -651,29 +812,31 @@ def _clients(settings: CoordinationSettings, url: str, password: str | None,
     there (health checks notice a dead connection) and no transparent retry: redis-py
     would reconnect and resubscribe silently, and the listener must see every loss (to drop
     caches that may have missed invalidations, and to plant the boot markers again)."""
-    auth: dict[str, Any] = {}
-    if settings.entra_id is not None:
-        auth["credential_provider"] = entra_credentials(settings.entra_id)
-    else:
-        auth.update(username=settings.username, password=password)
     tls: dict[str, Any] = {}
     if settings.ca_file and (url.startswith("rediss://") or settings.tls):
         tls["ssl_ca_certs"] = str(Path(settings.ca_file).expanduser())
-    common: dict[str, Any] = {**auth, **tls, "socket_connect_timeout": settings.op_timeout}
+    common: dict[str, Any] = {**tls, "socket_connect_timeout": settings.op_timeout}
     quick = Retry(ExponentialBackoff(cap=0.1, base=0.01), 1)
     if settings.mode == "cluster":
         nodes = [ClusterNode(*_host_port(n)) for n in settings.nodes]
+        # The cluster client's retry (redis-py 6+ ignores, and warns about,
+        # cluster_error_retry_attempts when a retry is given).
         kwargs: dict[str, Any] = {**common, "retry": Retry(
-            ExponentialBackoff(cap=0.5, base=0.05), 3), "cluster_error_retry_attempts": 3}
+            ExponentialBackoff(cap=0.5, base=0.05), 3)}
         if nodes:
             kwargs["startup_nodes"] = nodes
-        cluster = RedisCluster.from_url(url, socket_timeout=settings.op_timeout, **kwargs)
+        # (The cluster client registers its own renewal, for every node it reaches.)
+        cluster = RedisCluster.from_url(url, socket_timeout=settings.op_timeout, **kwargs,
+                                        **auth())
         cluster_sub = RedisCluster.from_url(url, socket_timeout=None, health_check_interval=5,
-                                            **{**kwargs, "retry": Retry(NoBackoff(), 0)})
+                                            **{**kwargs, "retry": Retry(NoBackoff(), 0)},
+                                            **sub_auth)
         return cluster, cluster_sub
     if settings.mode == "sentinel":
         sentinel_auth: dict[str, Any] = {"socket_timeout": settings.op_timeout,
                                          "socket_connect_timeout": settings.op_timeout}
+        if settings.sentinel_username:
+            sentinel_auth["username"] = settings.sentinel_username
         if settings.sentinel_password_env:
             sentinel_auth["password"] = resolve_secret(
                 env=settings.sentinel_password_env, file=None,
@@ -685,15 +848,16 @@ def _clients(settings: CoordinationSettings, url: str, password: str | None,
                             sentinel_kwargs=sentinel_auth, **common)
         assert settings.service_name is not None
         commands = sentinel.master_for(settings.service_name, socket_timeout=settings.op_timeout,
-                                       retry=quick, retry_on_error=[ConnectionError])
+                                       retry=quick, retry_on_error=[ConnectionError], **auth())
         sub = sentinel.master_for(settings.service_name, socket_timeout=None,
-                                  health_check_interval=5, retry=Retry(NoBackoff(), 0))
-        return commands, sub
+                                  health_check_interval=5, retry=Retry(NoBackoff(), 0),
+                                  **sub_auth)
+        return _renewed(commands), sub
     commands = Redis.from_url(url, socket_timeout=settings.op_timeout, retry=quick,
-                              retry_on_error=[ConnectionError], **common)
+                              retry_on_error=[ConnectionError], **common, **auth())
     sub = Redis.from_url(url, socket_timeout=None, health_check_interval=5,
-                         retry=Retry(NoBackoff(), 0), **common)
-    return commands, sub
+                         retry=Retry(NoBackoff(), 0), **common, **sub_auth)
+    return _renewed(commands), sub
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -701,20 +865,24 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def entra_credentials(settings: EntraIdSettings) -> Any:
-    """redis-entraid's credential provider (https://github.com/redis/redis-py-entraid):
-    an Entra ID access token for ``scope`` as the password and its ``oid`` claim as the
-    user, renewed when ``refresh_ratio`` of its lifetime has passed; redis-py then
-    re-authenticates the pooled connections in place (``AUTH``), no reconnect. Tokens come
-    from azure-identity's DefaultAzureCredential (workload identity on Kubernetes), or from
-    ``token_file`` (re-read at each renewal)."""
+def entra_identity(settings: EntraIdSettings) -> Any:
+    """Where Entra ID tokens come from: azure-identity's DefaultAzureCredential (workload
+    identity on Kubernetes), or ``token_file`` (re-read at each renewal)."""
+    from proxy.coordination.entra import TokenFileIdentityProvider, default_identity_provider
+
+    return (TokenFileIdentityProvider(Path(settings.token_file).expanduser())
+            if settings.token_file else default_identity_provider(settings.scope))
+
+
+def entra_credentials(settings: EntraIdSettings, idp: Any) -> Any:
+    """redis-entraid's credential provider (https://github.com/redis/redis-py-entraid) over
+    ``idp`` (:func:`entra_identity`): an Entra ID access token for ``scope`` as the
+    password and its ``oid`` claim as the user, renewed when ``refresh_ratio`` of its
+    lifetime has passed; the client's pooled connections are then re-authenticated in
+    place (``AUTH``), no reconnect (see :func:`_renewed`). One per client."""
     from redis.auth.token_manager import RetryPolicy, TokenManagerConfig
     from redis_entraid.cred_provider import EntraIdCredentialsProvider
 
-    from proxy.coordination.entra import TokenFileIdentityProvider, default_identity_provider
-
-    idp = (TokenFileIdentityProvider(Path(settings.token_file).expanduser())
-           if settings.token_file else default_identity_provider(settings.scope))
     config = TokenManagerConfig(expiration_refresh_ratio=settings.refresh_ratio,
                                 lower_refresh_bound_millis=0,
                                 token_request_execution_timeout_in_ms=5000,
