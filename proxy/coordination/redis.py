@@ -399,6 +399,12 @@ class RedisCoordinator:
                     continue
                 if not moved:
                     await self._release_on(client, name, token)
+                if "WAIT" in str(exc).upper() and not moved:
+                    # A proxy (or a renamed command) refuses WAIT: say which setting.
+                    raise CoordinationUnavailable(
+                        f"Redis refused WAIT ({str(exc)[:120]}), so no replica can confirm "
+                        "the refresh lock: set coordination.replica_acks: 0 if this Redis "
+                        "cannot confirm writes (accepting the failover risk)") from exc
                 raise
             except RedisTimeoutError:
                 await self._release_on(client, name, token)

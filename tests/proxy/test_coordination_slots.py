@@ -173,3 +173,32 @@ def test_keys_of_a_grant_land_in_one_slot(one_node_cluster: RedisServer, tmp_pat
         assert min(spread) < 5461 and max(spread) > 10923  # all three ranges of 3 shards
     finally:
         asyncio.run(c.close())
+
+
+def test_a_redis_that_refuses_wait_names_replica_acks(tmp_path: Path) -> None:
+    """A server (or proxy) without WAIT: the refresh is refused naming the setting, and
+    the lock the script had taken is released at once (another replica can take it)."""
+    server = RedisServer(tmp_path, extra=['rename-command WAIT ""'])
+    server.start()
+
+    async def run() -> None:
+        strict = RedisCoordinator(CoordinationSettings(
+            backend="redis", url=server.url, key_prefix="w:", replica_acks=1, lock_wait=1),
+            cache_key=KEY)
+        loose = RedisCoordinator(CoordinationSettings(
+            backend="redis", url=server.url, key_prefix="w:", replica_acks=0, lock_wait=1),
+            cache_key=KEY)
+        try:
+            with pytest.raises(CoordinationUnavailable, match="coordination.replica_acks"):
+                async with strict.lock("alice", "docs"):
+                    pass
+            async with loose.lock("alice", "docs") as lease:  # released, not left behind
+                assert lease.valid()
+        finally:
+            await strict.close()
+            await loose.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
