@@ -516,6 +516,7 @@ def make_coordinator(settings: Settings, vault_key: bytes,
         if metrics is not None:
             redis.on_error = metrics.coordination_errors.inc
             metrics.fencing.set_function(lambda: float(redis.fencing_remaining() > 0))
+            metrics.subscribed.set_function(lambda: float(redis.subscribed.is_set()))
         return redis
     return MemoryCoordinator(clock)
 

@@ -96,6 +96,10 @@ class Metrics:
                                 "The provider's clock minus the local clock, from the Date "
                                 "header of its last credentialed response (1 s resolution)",
                                 ["provider"], registry=r)
+        self.subscribed = Gauge("credproxy_coordination_subscribed",
+                                "1 while this replica is subscribed to Redis invalidations "
+                                "(a replica that is not misses revocations until it "
+                                "resubscribes and drops its caches), else 0", registry=r)
         self.fencing = Gauge("credproxy_coordination_fencing",
                              "1 while token refreshes are held back after Redis lost its data "
                              "(the fencing period), else 0", registry=r)

@@ -34,7 +34,10 @@ class TokenFileIdentityProvider(IdentityProviderInterface):
         text = self._path.read_text(encoding="ascii").strip()
         if text.count(".") != 2:
             raise ValueError(f"{self._path} does not hold a JWT")
-        return JWToken(text)
+        try:
+            return JWToken(text)
+        except Exception as exc:  # PyJWT's decode errors: not a JWT after all
+            raise ValueError(f"{self._path} does not hold a JWT") from exc
 
 
 def default_identity_provider(scope: str) -> IdentityProviderInterface:

@@ -258,10 +258,40 @@ class RedisCoordinator:
             self._task = asyncio.create_task(self._listen(), name="credproxy-redis-events")
 
     async def check(self) -> None:
+        """Raise :class:`CoordinationUnavailable` unless Redis answers, is the topology
+        ``coordination.mode`` says (a cluster node or a sentinel given as a standalone
+        server would answer PING and then fail every refresh), and accepts the Entra ID
+        token. The message names the key to fix (``credproxy check``, readiness)."""
+        problem = _entra_problem(self._s)
+        if problem is not None:
+            raise CoordinationUnavailable(problem)
         try:
+            await self._ready()
             await self._r.ping()
-        except _FAILED as exc:
-            raise CoordinationUnavailable(f"redis unreachable: {type(exc).__name__}") from exc
+            mode = await self._server_mode()
+        except Exception as exc:  # redis-py, the cluster client and redis-entraid alike
+            raise CoordinationUnavailable(_explain(self._s, exc)) from exc
+        if mode == "cluster" and self._s.mode != "cluster":
+            raise CoordinationUnavailable(
+                "the server at coordination.url is a Redis Cluster node (redis_mode: "
+                "cluster): set coordination.mode: cluster (every refresh would fail "
+                "across slots otherwise)")
+        if mode == "sentinel":
+            raise CoordinationUnavailable(
+                "the server at coordination.url is a Redis Sentinel, not a data server: "
+                "set coordination.mode: sentinel with sentinels and service_name")
+
+    async def _server_mode(self) -> str | None:
+        """``redis_mode`` of INFO server (standalone, cluster, sentinel); None when the
+        server (a proxy) does not say or refuses INFO."""
+        if isinstance(self._r, RedisCluster):
+            return "cluster"
+        try:
+            info = await self._r.info("server")
+        except ResponseError:
+            return None
+        mode = info.get("redis_mode") if isinstance(info, dict) else None
+        return mode if isinstance(mode, str) else None
 
     async def close(self) -> None:
         if self._task is not None:
@@ -594,10 +624,15 @@ class RedisCoordinator:
     async def _listen(self) -> None:
         backoff = 0.1
         while True:
-            pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
+            # Subscription messages are read too (filtered below): a server-sent
+            # "sunsubscribe" says the channel's slot moved.
+            pubsub = self._sub.pubsub()
             try:
                 if isinstance(self._sub, RedisCluster):
-                    await self._sub.initialize()  # the slot map, to find the channel's shard
+                    # The current slot map, to find the channel's shard (it may have moved
+                    # since the last subscription: a reshard, a failover).
+                    await self._sub.initialize()
+                    await self._sub.nodes_manager.initialize()
                 await self._ready()  # before planting 32 markers at once
                 if self._sharded:
                     try:
@@ -618,10 +653,18 @@ class RedisCoordinator:
                 while True:
                     if self._sharded:
                         msg = await pubsub.get_sharded_message(
-                            ignore_subscribe_messages=True, timeout=1.0)
+                            ignore_subscribe_messages=False, timeout=1.0)
+                        if msg is not None and msg.get("type") == "sunsubscribe":
+                            # The server ended the subscription: the channel's slot moved
+                            # to another shard (a reshard). Subscribe again where it is.
+                            raise ConnectionError("the events channel's slot moved")
+                        if msg is not None and msg.get("type") != "smessage":
+                            msg = None
                     else:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                        msg = await pubsub.get_message(ignore_subscribe_messages=False,
                                                        timeout=1.0)
+                        if msg is not None and msg.get("type") != "message":
+                            msg = None
                     if msg is not None:
                         await self._handle(msg.get("data"))
                     await self._reauthenticate(pubsub)
@@ -789,12 +832,18 @@ class _SubscriptionToken(CredentialProvider):
         credentials: tuple[str] | tuple[str, str] = (
             await self._source.get_credentials_async())
         self._sent = credentials[-1]
+        # A connection just authenticated with the newest token there is: an earlier
+        # renewal is older, never to be sent after it (it may have expired meanwhile).
+        self._latest = None
         return credentials
 
     def pending(self) -> TokenInterface | None:
-        """A renewed token the subscription has not been sent yet."""
+        """A renewed token the subscription has not been sent yet (never an expired one:
+        sending it would only fail AUTH and drop the subscription)."""
         latest = self._latest
-        return latest if latest is not None and latest.get_value() != self._sent else None
+        if latest is None or latest.get_value() == self._sent or latest.is_expired():
+            return None
+        return latest
 
     def sent(self, token: TokenInterface) -> None:
         self._sent = token.get_value()
@@ -869,6 +918,59 @@ def _clients(settings: CoordinationSettings, url: str, auth: Callable[[], dict[s
 def _host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _explain(settings: CoordinationSettings, exc: BaseException) -> str:
+    """One line for an operator: what failed, and the key to look at."""
+    from redis.exceptions import AuthenticationError, DataError
+
+    text = f"{type(exc).__name__}: {str(exc)[:160]}" if str(exc) else type(exc).__name__
+    name = type(exc).__name__
+    if name == "MasterNotFoundError":
+        return (f"no sentinel in coordination.sentinels knows a primary named "
+                f"{settings.service_name!r} ({text}): check coordination.service_name, "
+                "coordination.sentinels and the sentinels' ACL user "
+                "(sentinel_username, sentinel_password_env)")
+    if isinstance(exc, RedisClusterException) and settings.mode == "cluster":
+        return (f"coordination.mode is cluster, but the server at coordination.url is not "
+                f"a Redis Cluster node ({text}): set coordination.mode: standalone, or "
+                "name a cluster node")
+    if isinstance(exc, ResponseError) and settings.mode == "sentinel":
+        return (f"coordination.sentinels names a server that is not a Redis Sentinel "
+                f"({text}): list the sentinels' addresses (port 26379 by default)")
+    if settings.entra_id is not None and isinstance(exc, AuthenticationError | DataError):
+        return (f"Redis refused the Entra ID credentials ({text}): the token may have "
+                "expired or lack the oid claim (the Redis user), or this identity has no "
+                "access policy on the cache (coordination.entra_id)")
+    if isinstance(exc, AuthenticationError):
+        return (f"Redis refused the credentials ({text}): check coordination.username and "
+                "password_env / password_file")
+    return f"redis unreachable: {text}"
+
+
+def _entra_problem(settings: CoordinationSettings) -> str | None:
+    """What is wrong with the token ``coordination.entra_id`` would send now, for a token
+    file (read here; DefaultAzureCredential is asked by redis-entraid itself); None when
+    it looks usable."""
+    entra = settings.entra_id
+    if entra is None or entra.token_file is None:
+        return None
+    from proxy.coordination.entra import TokenFileIdentityProvider
+
+    try:
+        token = TokenFileIdentityProvider(Path(entra.token_file).expanduser()).request_token()
+        oid = token.try_get("oid")
+    except (OSError, ValueError) as exc:
+        return f"coordination.entra_id.token_file: {exc}"
+    except Exception:  # noqa: BLE001 - a JWT that does not decode
+        return f"coordination.entra_id.token_file: {entra.token_file} does not hold a JWT"
+    if not oid:
+        return ("coordination.entra_id.token_file: the token has no oid claim (the Redis "
+                "user is the identity's object id)")
+    if token.is_expired():
+        return (f"coordination.entra_id.token_file: the token in {entra.token_file} has "
+                "expired; whatever provisions it must renew it")
+    return None
 
 
 def entra_identity(settings: EntraIdSettings) -> Any:

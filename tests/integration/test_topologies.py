@@ -270,6 +270,11 @@ def _assert_revoke_reaches_all(fleet: Fleet, user: str) -> None:
     the sidecars."""
     s = fleet.stack
     marker = f"m-{uuid.uuid4().hex[:12]}"
+    # Every sidecar is subscribed again (after a failover it resubscribes by itself; an
+    # operator watches this gauge): from then on the invalidation reaches it.
+    _until("every sidecar subscribed", lambda: True if all(
+        _metric(a, "credproxy_coordination_subscribed") == 1.0 for a in fleet.admins)
+        else None, 20)
     _faults(s, revoke_status=503, revoke_count=-1)
     try:
         r = _revoke(s, "--user", user)
