@@ -157,9 +157,12 @@ class Stack:
         self.config.update(overrides)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
-    def echo_server(self, *, tls: bool, name: str | None = None, port: int = 0) -> Running:
+    def echo_server(self, *, tls: bool, name: str | None = None, port: int = 0,
+                    required_scope: str | None = None) -> Running:
         """An extra document API that reports what arrived (started on first use): by
-        default on a free port no provider lists, an *unrouted* upstream."""
+        default on a free port no provider lists, an *unrouted* upstream.
+        ``required_scope``: its /documents insists on that scope (403 insufficient_scope,
+        RFC 6750 section 3.1), introspecting tokens at the stack's authorization server."""
         name = name or f"echo-{'https' if tls else 'http'}"
         for r in self.extra:
             if r.name == name:
@@ -171,7 +174,11 @@ class Stack:
         if tls:
             args += ["--cert", str(self.workdir / "pki" / "server.pem"),
                      "--key", str(self.workdir / "pki" / "server.key")]
-        r = start_server(args, self.workdir / f"{name}.ready", env={"DOCAPI_SECRET": "unused"},
+        if required_scope:
+            args += ["--required-scope", required_scope,
+                     "--ca-file", str(self.ca.cert_path)]
+        r = start_server(args, self.workdir / f"{name}.ready",
+                         env={"DOCAPI_SECRET": self.env["DOCAPI_SECRET"]},
                          log_dir=self.workdir / "logs", name=name)
         self.extra.append(r)
         return r
@@ -277,13 +284,13 @@ class Stack:
 
         asyncio.run(put())
 
-    def vault_get(self, user: str) -> Any:
+    def vault_get(self, user: str, provider: str = PROVIDER) -> Any:
         import asyncio
 
         async def get() -> Any:
             vault = self._open_vault()
             try:
-                return await vault.get(user, PROVIDER)
+                return await vault.get(user, provider)
             finally:
                 await vault.close()
 
@@ -324,8 +331,10 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
     client_secret = secrets.token_urlsafe(24)
     resource_secret = secrets.token_urlsafe(24)
     clients = [
+        # documents.write: what a step-up (an insufficient_scope challenge) may add.
         {"client_id": CLIENT_ID, "client_secret": client_secret, "kind": "client",
-         "redirect_uris": ["http://127.0.0.1/oauth/callback"], "scope": "documents.read"},
+         "redirect_uris": ["http://127.0.0.1/oauth/callback"],
+         "scope": "documents.read documents.write"},
         {"client_id": RESOURCE_ID, "client_secret": resource_secret, "kind": "resource_server",
          "redirect_uris": [], "scope": ""},
     ]

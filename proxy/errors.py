@@ -135,6 +135,27 @@ class ReauthRequired(ProxyRefusal):
                                     f'error_description="{description}"'}
 
 
+class InsufficientScope(ProxyRefusal):
+    """The upstream asked for more scope than the user's grant holds (RFC 6750 section
+    3.1 ``insufficient_scope``; the MCP authorization spec's scope challenge). ``scope``:
+    what to consent to (the grant's scopes and the challenged ones); ``connect_url``
+    requests exactly that. The grant is untouched: it still serves what it covers."""
+
+    slug = "insufficient-scope"
+    status = 403
+    title = "The user must consent to more scope for this provider"
+
+    def __init__(self, detail: str, *, provider: str, scope: str, connect_url: str) -> None:
+        super().__init__(detail, reason="insufficient_scope")
+        self.provider = provider
+        self.scope = scope
+        self.connect_url = connect_url
+
+    def extra(self) -> dict[str, object]:
+        return {"reason": self.reason, "provider": self.provider, "scope": self.scope,
+                "connect_url": self.connect_url}
+
+
 class TokenRefreshFailed(ProxyRefusal):
     """The token endpoint could not refresh the token now; the grant is untouched.
     ``retry_after``: set when the proxy will not ask the provider again for that long

@@ -113,6 +113,8 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("method_not_allowed", (DENIED,), "the method is not in the provider's methods"),
     ("unrouted", (DENIED,), "unrouted: deny and the destination is no provider"),
     ("provider_removed", (DENIED,), "the destination was a provider until a reload"),
+    ("insufficient_scope", (DENIED,), "the upstream asked for more scope than the grant "
+     "holds (RFC 6750 insufficient_scope): the user re-consents with the union"),
     ("not_grant_host", (DENIED,), "the destination is under the provider's hosts but not "
      "one of the user's grant's own hosts (another tenant: docs/tenants.md)"),
     # -- the grant (401 reauth-required) -----------------------------------------------

@@ -21,6 +21,7 @@ from proxy.binding import BindingError
 from proxy.errors import (
     AuditUnavailable,
     CredentialStoreUnavailable,
+    InsufficientScope,
     MalformedRequest,
     MisdirectedRequest,
     ProviderNotPermitted,
@@ -44,6 +45,22 @@ from proxy.vault.base import Grant
 
 _SKEW_EVERY = 1.0  # seconds between two readings of one provider's Date header
 _INVALID_TOKEN = re.compile(r'error\s*=\s*"?invalid_token"?', re.IGNORECASE)
+_INSUFFICIENT_SCOPE = re.compile(r'error\s*=\s*"?insufficient_scope"?', re.IGNORECASE)
+# RFC 6750 section 3: scope="space-delimited list" (a token form is accepted too).
+_CHALLENGED_SCOPE = re.compile(r'(?:^|[\s,])scope\s*=\s*(?:"([^"]*)"|([^\s,"]+))',
+                               re.IGNORECASE)
+# RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,256}")
+
+
+def _scope_tokens(text: str) -> list[str]:
+    """The valid scope tokens of a space-delimited list, in order, without repeats (at
+    most 64: a challenge cannot make the connect URL unbounded)."""
+    out: list[str] = []
+    for item in text.split(" "):
+        if _SCOPE_TOKEN.fullmatch(item) and item not in out:
+            out.append(item)
+    return out[:64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,9 +340,45 @@ class Sidecar:
         self.metrics.upstream_responses.labels(provider.id, code_class(status)).inc()
         self._observe_skew(provider, headers)
         challenge = headers.get("WWW-Authenticate", "")
+        if status in (401, 403) and _INSUFFICIENT_SCOPE.search(challenge):
+            return self.scope_challenged(req, injection, status, challenge)
         if status != 401 and not _INVALID_TOKEN.search(challenge):
             return None
         return await self.token_rejected(req, injection, status)
+
+    def scope_challenged(self, req: Outbound, injection: Injection, status: int,
+                         challenge: str) -> InsufficientScope:
+        """The upstream answered ``error="insufficient_scope"`` (RFC 6750 section 3.1;
+        the MCP authorization spec's step-up): the token is valid but too narrow. No
+        refresh (a refresh keeps the scope; asking again would loop): the agent gets 403
+        ``insufficient-scope`` naming the union of the grant's scopes and the challenged
+        ones (RFC 6750's ``scope`` attribute), with a connect URL that requests exactly
+        that. The grant stays active for what it covers. Audited ``credential.denied``."""
+        provider, user = injection.provider, injection.user
+        held = _scope_tokens((injection.tokens.scope or "").replace(
+            provider.scope_separator, " ") if injection.tokens.scope else "")
+        match = _CHALLENGED_SCOPE.search(challenge)
+        asked = _scope_tokens(match.group(1) or match.group(2) or "") if match else []
+        union = [*held, *(s for s in asked if s not in held)]
+        beyond = [s for s in union if s not in provider.scopes]
+        base = self.live.current.connect_url(provider)
+        url = f"{base}{'&' if '?' in base else '?'}{urlencode({'scope': ' '.join(union)})}"
+        detail = (f"{provider.id} needs more scope than the user's grant holds "
+                  f"(it asked for {' '.join(asked) or 'an unnamed scope'}): the user must "
+                  f"consent to {' '.join(union)} at connect_url; the grant keeps serving "
+                  "what it already covers")
+        if beyond:
+            detail += (f". {', '.join(beyond)} {'is' if len(beyond) == 1 else 'are'} not in "
+                       f"providers[{provider.id}].scopes: an operator must add "
+                       f"{'it' if len(beyond) == 1 else 'them'} before the user can consent")
+        refusal = InsufficientScope(detail, provider=provider.id, scope=" ".join(union),
+                                    connect_url=url)
+        self.metrics.denials.labels(provider.id, refusal.slug,
+                                    reason_label(refusal.reason)).inc()
+        self._record("credential.denied", req, provider, user, outcome="denied",
+                     reason=refusal.reason, upstream_status=status,
+                     token=injection.tokens.access_token, token_source=None)
+        return refusal
 
     async def token_rejected(self, req: Outbound, injection: Injection, status: int, *,
                              signal: str | None = None) -> ProxyRefusal:
