@@ -30,6 +30,7 @@ from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import layer, layers
 
 from addons import compat
+from proxy import mcp
 from proxy.app import App, build
 from proxy.dialect import ApiSignals, api_signal, is_json
 from proxy.errors import (
@@ -43,6 +44,7 @@ from proxy.errors import (
 from proxy.headers import HeaderPolicy, ReadHeaders
 from proxy.hosts import normalize_host
 from proxy.identity import ContextCandidate, choose_context, connection_context
+from proxy.live import Snapshot
 from proxy.problems import refusal_response
 from proxy.routes import Destination
 from proxy.secret import Secret
@@ -79,6 +81,8 @@ class CredentialInjector:
         # goes; client_disconnected closes them).
         self._client_flows: dict[str, set[str]] = {}
         self._injected: dict[str, _Injected] = {}
+        # Flows that may be MCP requests, decided once their small body is here.
+        self._pending: dict[str, tuple[ReadHeaders, Snapshot]] = {}
         # Flows this addon refused itself before forwarding.
         self._refused: set[str] = set()
         # Flows whose small JSON answer is read whole for a revoked-token signal.
@@ -126,6 +130,7 @@ class CredentialInjector:
         self._conn_context.pop(client.id, None)
         compat.forget(client.id)
         for flow_id in self._client_flows.pop(client.id, set()) & self.in_flight:
+            self._pending.pop(flow_id, None)
             # A flow mitmproxy ended without a response or error hook (it was still waiting
             # for an upstream connection): not in flight any more, and its audit trail ends.
             self.in_flight.discard(flow_id)
@@ -215,9 +220,30 @@ class CredentialInjector:
             # One reading of the header section, before anything else: malformed fields are
             # refused, identity headers (every spelling) and Connection-nominated fields go.
             read = sidecar.read_headers(req.headers.fields, config)
-            req.headers = http.Headers(list(read.fields))
-            outbound = self._outbound(flow, read, config.verifier.header)
-            decision = await sidecar.decide(outbound, config)
+        except ProxyRefusal as refusal:
+            await self._refuse(flow, refusal)
+            return
+        except Exception:  # noqa: BLE001
+            log.exception("internal error reading %s", flow.id)
+            await self._refuse(flow, InternalError("internal error; nothing was forwarded"))
+            return
+        req.headers = http.Headers(list(read.fields))
+        if mcp.may_be_mcp(req.method, read.fields):
+            # Perhaps an MCP request (a small JSON POST): decided in ``request``, once its
+            # body is here, so that the audit names the tool and a refusal is a JSON-RPC
+            # error with the request's id (proxy.mcp).
+            self._pending[flow.id] = (read, config)
+            return
+        await self._decide(flow, read, config, mcp.read_call(read.fields, None))
+
+    async def _decide(self, flow: http.HTTPFlow, read: ReadHeaders, config: Snapshot,
+                      call: mcp.McpCall | None) -> None:
+        """Decide on the request (:meth:`Sidecar.decide`) and apply the decision."""
+        assert self.app is not None
+        req = flow.request
+        try:
+            outbound = self._outbound(flow, read, config.verifier.header, call)
+            decision = await self.app.sidecar.decide(outbound, config)
         except ProxyRefusal as refusal:
             await self._refuse(flow, refusal)
             return
@@ -248,8 +274,8 @@ class CredentialInjector:
             # ignores this.)
             req.stream = True
 
-    def _outbound(self, flow: http.HTTPFlow, read: ReadHeaders, context_header: str
-                  ) -> Outbound:
+    def _outbound(self, flow: http.HTTPFlow, read: ReadHeaders, context_header: str,
+                  call: mcp.McpCall | None = None) -> Outbound:
         req = flow.request
         conn = flow.client_conn.id
         context = choose_context(read, context_header, self._conn_context.get(conn))
@@ -264,16 +290,23 @@ class CredentialInjector:
             sni=flow.client_conn.sni,
             context_token=context if isinstance(context, Secret) else None,
             context_error=context if isinstance(context, UserContextInvalid) else None,
-            target=target,
+            target=target, mcp=call,
         )
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        """The whole request has arrived. Its trailer section is never forwarded: trailer
-        fields are a second header section that next hops merge differently, and no decision
-        covered them. A buffered request with trailers is answered 400 (nothing was sent
-        upstream); HTTP/1 trailers and those after a streamed body are refused earlier, in
-        :mod:`addons.compat` (item 2)."""
-        if not flow.request.trailers or flow.response or flow.error or not flow.live:
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """The whole request has arrived. A request that may be MCP (``requestheaders``) is
+        decided now, with its body read (:func:`proxy.mcp.read_call`). Its trailer section
+        is never forwarded: trailer fields are a second header section that next hops merge
+        differently, and no decision covered them. A buffered request with trailers is
+        answered 400 (nothing was sent upstream); HTTP/1 trailers and those after a streamed
+        body are refused earlier, in :mod:`addons.compat` (item 2)."""
+        pending = self._pending.pop(flow.id, None)
+        if flow.response or flow.error or not flow.live:
+            return
+        if not flow.request.trailers:
+            if pending is not None:
+                call = mcp.read_call(flow.request.headers.fields, flow.request.raw_content)
+                await self._decide(flow, pending[0], pending[1], call)
             return
         if flow.request.stream:  # (compat refuses these before this hook; never forward)
             flow.request.trailers = None
@@ -397,6 +430,7 @@ class CredentialInjector:
     def _finish(self, flow: http.HTTPFlow) -> None:
         """``flow`` is no longer in flight."""
         self.in_flight.discard(flow.id)
+        self._pending.pop(flow.id, None)
         flows = self._client_flows.get(flow.client_conn.id)
         if flows is not None:
             flows.discard(flow.id)
@@ -415,7 +449,8 @@ class CredentialInjector:
         flow.response = self._problem(flow, refusal)
 
     def _problem(self, flow: http.HTTPFlow, refusal: ProxyRefusal) -> http.Response:
-        """The refusal in the client's protocol (a gRPC status or an RFC 9457 problem), to a
+        """The refusal in the client's protocol (a JSON-RPC error for an MCP request,
+        :func:`proxy.mcp.refusal_answer`; a gRPC status; else an RFC 9457 problem), to a
         HEAD request without its body (RFC 9110 section 9.3.2: mitmproxy would send the
         body anyway, and the client would read it as the next response); logged without
         any header value or body byte."""
@@ -425,8 +460,10 @@ class CredentialInjector:
                  method if method.isascii() and method.isalpha() else "?",
                  flow.request.pretty_host, refusal.slug, refusal.reason,
                  f": {cause}" if cause is not None else "")
-        answer = refusal_response(refusal, request_id=flow.id,
-                                  content_type=flow.request.headers.get("content-type", ""))
+        call = _mcp_call(flow)
+        answer = (mcp.refusal_answer(refusal, call) if call is not None else
+                  refusal_response(refusal, request_id=flow.id,
+                                   content_type=flow.request.headers.get("content-type", "")))
         if method.upper() == "HEAD":
             response = http.Response.make(answer.status, b"", answer.headers)
             response.headers.pop("content-length", None)
@@ -446,6 +483,17 @@ class CredentialInjector:
         except ValueError:
             raise MisdirectedRequest("the destination is not a valid host",
                                      reason="bad_destination") from None
+
+
+def _mcp_call(flow: http.HTTPFlow) -> mcp.McpCall | None:
+    """The MCP call ``flow`` makes (:func:`proxy.mcp.read_call`), from its body when that
+    was read whole (a small JSON POST), else from its ``Mcp-*`` headers alone."""
+    req = flow.request
+    fields = req.headers.fields
+    body = None
+    if not req.stream and mcp.may_be_mcp(req.method, fields):
+        body = req.raw_content
+    return mcp.read_call(fields, body)
 
 
 def _may_signal(signals: ApiSignals, response: http.Response) -> bool:

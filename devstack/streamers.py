@@ -703,6 +703,17 @@ class McpProgressServer:
                 await asyncio.sleep(every)
             return "done"
 
+        @mcp.tool()
+        async def lookup(query: str) -> str:
+            """Look ``query`` up."""
+            return f"found {query}"
+
+        @mcp.tool()
+        async def admin_op() -> str:
+            """An operation that needs a wider scope (see ``scoped``)."""
+            return "admin done"
+
+        self.scoped = dict(scoped or {})
         # Reached as localhost:<port> or through a proxy: the Host check is not under test.
         app = mcp.streamable_http_app(transport_security=TransportSecuritySettings(
             enable_dns_rebinding_protection=False))
@@ -730,9 +741,49 @@ class McpProgressServer:
                     scope["method"], scope["path"],
                     [(k.decode().lower(), v.decode("latin-1")) for k, v in scope["headers"]],
                     scope.get("http_version", "1.1")))
+                if scope["method"] == "POST" and self.scoped:
+                    receive = await self._challenge(scope, receive, send)
+                    if receive is None:
+                        return
             await app(scope, receive, send)
 
         return wrapped
+
+    async def _challenge(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                         send: Callable[[dict[str, Any]], Awaitable[None]]
+                         ) -> Callable[[], Awaitable[Any]] | None:
+        """Read the POST body whole; answer a ``tools/call`` of a scoped tool 403 (None), else
+        hand back a ``receive`` that replays the body."""
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if (isinstance(parsed, dict) and parsed.get("method") == "tools/call"
+                and isinstance(parsed.get("params"), dict)
+                and parsed["params"].get("name") in self.scoped):
+            needed = self.scoped[parsed["params"]["name"]]
+            await send({"type": "http.response.start", "status": 403, "headers": [
+                (b"www-authenticate",
+                 f'Bearer error="insufficient_scope", scope="{needed}"'.encode()),
+                (b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b'{"error":"insufficient_scope"}'})
+            return None
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
 
     def close(self) -> None:
         self._server.should_exit = True

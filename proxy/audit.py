@@ -5,7 +5,8 @@ a fixed shape::
 
     {"ts": "2026-11-23T09:40:06.123456Z", "event": "credential.injected",
      "user": "alice", "provider": "github", "context": {"kind": ..., "id": ...},
-     "request": {"id": ..., "method": "GET", "host": "api.github.com", "path": "/user"},
+     "request": {"id": ..., "method": "GET", "host": "api.github.com", "path": "/user",
+                 "mcp": null},
      "outcome": "injected", "reason": null, "detail": null, "upstream_status": null,
      "token": {"fingerprint": "3f9c0a1b2c3d4e5f", "source": "cache"},
      "instance": "host-1/9f2c4a1e", "seq": 7, "prev": "<hex>", "hash": "<hex>"}
@@ -129,17 +130,26 @@ class RequestInfo:
     method: str
     host: str
     path: str
+    # An MCP request (:mod:`proxy.mcp`): its JSON-RPC method and tool/resource/prompt name
+    # (never argument values); None for any other request.
+    mcp_method: str | None = None
+    mcp_name: str | None = None
 
     def __post_init__(self) -> None:
         # Callers should pass a bare path; strip anyway so a slip cannot leak a query.
         object.__setattr__(self, "path", _strip_query(self.path))
 
-    def as_dict(self) -> dict[str, str | None]:
+    def as_dict(self) -> dict[str, object]:
+        """``{"id", "method", "host", "path", "mcp"}``; ``mcp`` is ``{"method": str,
+        "name": str | None}`` for an MCP request, else null."""
+        mcp = None if self.mcp_method is None else {"method": _clean(self.mcp_method),
+                                                     "name": _opt(self.mcp_name)}
         return {
             "id": _opt(self.id),
             "method": _clean(self.method),
             "host": _clean(self.host),
             "path": _clean(self.path),
+            "mcp": mcp,
         }
 
 

@@ -35,6 +35,7 @@ from proxy.headers import AUTHORIZATION, ReadHeaders, check_target, field_key
 from proxy.hosts import normalize_host, parse_authority
 from proxy.identity import UserContext
 from proxy.live import LiveConfig, Snapshot
+from proxy.mcp import McpCall
 from proxy.metrics import code_class, reason_label
 from proxy.routes import Destination, host_agrees, refuse_retired
 from proxy.secret import Secret
@@ -78,12 +79,16 @@ class Outbound:
     # The authority of an absolute-form request-target sent inside a CONNECT tunnel
     # (RFC 9112 section 3.2.2): servers route by it, so it must name the tunnel's authority.
     target: str | None = None
+    # An MCP request's call (:func:`proxy.mcp.read_call`): named in its audit records.
+    mcp: McpCall | None = None
 
     def audit_request(self) -> RequestInfo:
         d = self.destination
         host = d.host if d.default_port else f"{d.host}:{d.port}"
         return RequestInfo(id=self.id, method=self.method, host=host,
-                           path=self.path.split("?", 1)[0])
+                           path=self.path.split("?", 1)[0],
+                           mcp_method=self.mcp.method if self.mcp else None,
+                           mcp_name=self.mcp.name if self.mcp else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,7 @@ def test_record_has_every_key_in_order_and_rfc3339_utc_ts() -> None:
         "method": "GET",
         "host": "api.github.com",
         "path": "/user",
+        "mcp": None,
     }
     assert rec["token"] == {"fingerprint": fingerprint(Secret(TOKEN), KEY), "source": "vault"}
     assert (rec["instance"], rec["seq"], rec["prev"]) == ("host-a/0001", 1, None)
