@@ -684,10 +684,15 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
 class McpProgressServer:
     """An MCP server (the SDK's ``MCPServer``) on Streamable HTTP at ``/mcp``, under uvicorn
     with TLS. Tool ``countdown(steps, every)`` sends ``steps`` progress notifications
-    ``every`` s apart (on the POST's ``text/event-stream`` answer), then returns ``"done"``.
+    ``every`` s apart (on the POST's ``text/event-stream`` answer), then returns ``"done"``;
+    ``lookup(query)`` returns ``"found <query>"``; ``admin_op()`` returns ``"admin done"``,
+    but a ``tools/call`` of a tool named in ``scoped`` (name -> scope) is answered 403
+    ``WWW-Authenticate: Bearer error="insufficient_scope", scope="<scope>"`` (the MCP
+    authorization spec's scope challenge; RFC 6750 section 3.1) before it reaches the SDK.
     :attr:`requests` records each HTTP request's method and header fields."""
 
-    def __init__(self, cert: Path, key: Path, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, cert: Path, key: Path, *, host: str = "127.0.0.1",
+                 scoped: dict[str, str] | None = None) -> None:
         import uvicorn
         from mcp.server.mcpserver import MCPServer
         from mcp.server.transport_security import TransportSecuritySettings
@@ -742,9 +747,10 @@ class McpProgressServer:
                     [(k.decode().lower(), v.decode("latin-1")) for k, v in scope["headers"]],
                     scope.get("http_version", "1.1")))
                 if scope["method"] == "POST" and self.scoped:
-                    receive = await self._challenge(scope, receive, send)
-                    if receive is None:
+                    replay = await self._challenge(scope, receive, send)
+                    if replay is None:
                         return
+                    receive = replay
             await app(scope, receive, send)
 
         return wrapped
