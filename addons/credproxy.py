@@ -10,7 +10,10 @@ the upstream's body is never read) and a small JSON answer of a provider that de
 revoked-token signals in bodies, which is read whole first. A request body of unknown length
 (chunked, HTTP/2 without ``content-length``: gRPC, uploads) streams to the upstream once the
 decision is made; one of known length up to ``stream_large_bodies`` is read whole first. A
-refusal is answered before the request body is read (:mod:`addons.compat`, item 7).
+refusal is answered before the request body is read (:mod:`addons.compat`, item 7), except
+for a small JSON POST (:func:`proxy.mcp.may_be_mcp`, at most 64 KiB): it may be an MCP
+request, decided in ``request`` once its body is here, so that the audit names the tool and
+a refusal is the JSON-RPC error an MCP client understands (:func:`proxy.mcp.refusal_answer`).
 
 The hooks read the flow, hand every decision to the core (:class:`proxy.headers.HeaderPolicy`
 for the header section, :func:`proxy.identity.choose_context` for the user context,
