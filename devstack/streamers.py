@@ -688,11 +688,14 @@ class McpProgressServer:
     ``lookup(query)`` returns ``"found <query>"``; ``admin_op()`` returns ``"admin done"``,
     but a ``tools/call`` of a tool named in ``scoped`` (name -> scope) is answered 403
     ``WWW-Authenticate: Bearer error="insufficient_scope", scope="<scope>"`` (the MCP
-    authorization spec's scope challenge; RFC 6750 section 3.1) before it reaches the SDK.
+    authorization spec's scope challenge; RFC 6750 section 3.1) before it reaches the SDK,
+    unless ``token_scope`` (bearer token -> its space-separated scopes, e.g. by RFC 7662
+    introspection; called in a worker thread) says the request's token holds that scope.
     :attr:`requests` records each HTTP request's method and header fields."""
 
     def __init__(self, cert: Path, key: Path, *, host: str = "127.0.0.1",
-                 scoped: dict[str, str] | None = None) -> None:
+                 scoped: dict[str, str] | None = None,
+                 token_scope: Callable[[str], str] | None = None) -> None:
         import uvicorn
         from mcp.server.mcpserver import MCPServer
         from mcp.server.transport_security import TransportSecuritySettings
@@ -719,6 +722,7 @@ class McpProgressServer:
             return "admin done"
 
         self.scoped = dict(scoped or {})
+        self.token_scope = token_scope
         # Reached as localhost:<port> or through a proxy: the Host check is not under test.
         app = mcp.streamable_http_app(transport_security=TransportSecuritySettings(
             enable_dns_rebinding_protection=False))
@@ -774,12 +778,23 @@ class McpProgressServer:
                 and isinstance(parsed.get("params"), dict)
                 and parsed["params"].get("name") in self.scoped):
             needed = self.scoped[parsed["params"]["name"]]
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            bearer = auth[7:] if auth.lower().startswith("bearer ") else ""
+            held = (await asyncio.to_thread(self.token_scope, bearer)
+                    if self.token_scope is not None and bearer else "")
+            if needed in held.split():
+                return self._replay(body, receive)
             await send({"type": "http.response.start", "status": 403, "headers": [
                 (b"www-authenticate",
                  f'Bearer error="insufficient_scope", scope="{needed}"'.encode()),
                 (b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": b'{"error":"insufficient_scope"}'})
             return None
+        return self._replay(body, receive)
+
+    @staticmethod
+    def _replay(body: bytes, receive: Callable[[], Awaitable[Any]]
+                ) -> Callable[[], Awaitable[Any]]:
         replayed = False
 
         async def replay() -> Any:

@@ -11,7 +11,8 @@ no ``Mcp-Method`` headers, so the proxy reads the JSON-RPC body) and ``auto`` (2
 * a revoked grant reaches the client as a JSON-RPC error carrying the connect URL (a URL
   elicitation, -32042, at 2025-11-25), never a 401;
 * the server's scope challenge (403 ``insufficient_scope``) reaches the client as a
-  JSON-RPC error with the scope and the connect URL, and the session keeps working."""
+  JSON-RPC error with the scope and the connect URL, the session keeps working, and after
+  the user consents at that URL the tool call works."""
 
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     pki = stack.workdir / "pki"
     server = None
     try:
-        server = McpProgressServer(pki / "server.pem", pki / "server.key",
-                                   scoped={"admin_op": "documents.write"})
+        server = McpProgressServer(
+            pki / "server.pem", pki / "server.key", scoped={"admin_op": "documents.write"},
+            token_scope=lambda token: str(stack.introspect(token).get("scope", "")))
         docs = stack.config["providers"][0]
         stack.config["providers"].append({
             **docs, "id": MCP, "hosts": [f"localhost:{server.port}"],
@@ -97,6 +99,25 @@ def _session(env: Env, user: str, mode: str,
             return await body(client)
 
     return asyncio.run(run())
+
+
+def _connect(stack: Stack, user: str, connect_url: str) -> None:
+    """The user's browser follows the connect URL: consent to exactly the scopes it asks
+    for, callback."""
+    import httpx2
+
+    sep = "&" if "?" in connect_url else "?"
+    with httpx2.Client(verify=stack.admin_tls(), follow_redirects=False, timeout=20,
+                       trust_env=False) as b:
+        r = b.get(f"{connect_url}{sep}{httpx2.QueryParams({'context': stack.context(user)})}")
+        assert r.status_code == 302, r.text
+        authorize = r.headers["location"]
+        asked = parse_qs(urlsplit(authorize).query)["scope"][0].split()
+        assert asked == ["documents.read", "documents.write"], authorize
+        r = b.get(authorize + f"&login_hint={user}")
+        assert r.status_code == 302, r.text
+        r = b.get(r.headers["location"])
+        assert r.status_code == 200 and "now connected" in r.text, r.text
 
 
 def _connect_error(env: Env, user: str, mode: str) -> Any:
@@ -234,3 +255,10 @@ def test_a_scope_challenge_is_a_json_rpc_error_and_the_session_goes_on(env: Env,
     assert denied and denied[-1]["request"]["mcp"] == {"method": "tools/call",
                                                        "name": "admin_op"}
     assert denied[-1]["upstream_status"] == 403
+    # The user consents at the connect URL; the same tool call then works.
+    _connect(env.stack, user, data["connect_url"])
+
+    async def again(client: Any) -> str:
+        return str((await client.call_tool("admin_op", {})).content[0].text)
+
+    assert _session(env, user, mode, again) == "admin done"
