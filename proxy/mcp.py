@@ -80,8 +80,9 @@ class McpCall:
     """What an MCP request calls.
 
     ``method``: the JSON-RPC method (``"tools/call"``; ``"batch"`` for a batch);
-    ``name``: the tool (``tools/call``), resource URI (``resources/read``, ``.../subscribe``)
-    or prompt (``prompts/get``) name, else None; ``ids``: the JSON-RPC ids of the request(s)
+    ``name``: the tool (``tools/call``), resource URI without query or fragment
+    (``resources/read``, ``.../subscribe``) or prompt (``prompts/get``) name, at most 256
+    characters, else None; ``ids``: the JSON-RPC ids of the request(s)
     to answer (empty for a notification or a client response); ``version``: the MCP
     protocol version (``MCP-Protocol-Version``, else ``initialize``'s
     ``params.protocolVersion``), or None; ``batch``: the body was a JSON array."""
@@ -135,7 +136,15 @@ def _name(method: str, params: object) -> str | None:
     key = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri",
            "resources/subscribe": "uri", "resources/unsubscribe": "uri"}.get(method)
     value = params.get(key) if key else None
-    return value[:_MAX_NAME] if isinstance(value, str) else None
+    return _clip(method, value) if isinstance(value, str) else None
+
+
+def _clip(method: str, name: str) -> str:
+    """``name`` as audited: a resource URI without its query or fragment (like a request
+    path, they may carry personal data), at most 256 characters."""
+    if method.startswith("resources/"):
+        name = name.split("#", 1)[0].split("?", 1)[0]
+    return name[:_MAX_NAME]
 
 
 def _message(obj: object) -> tuple[str, str | None, str | int | None, object] | None:
@@ -174,17 +183,20 @@ def read_call(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) -> Mcp
         if any(m is None for m in messages):
             return None
         ids = tuple(m[2] for m in messages if m is not None and m[2] is not None)
-        return McpCall(h_method or "batch", h_name, ids, version, batch=True)
+        method = h_method or "batch"
+        return McpCall(method, _clip(method, h_name) if h_name else None, ids, version,
+                       batch=True)
     one = _message(parsed)
     if one is None:
         if h_method is None:
             return None
-        return McpCall(h_method, h_name[:_MAX_NAME] if h_name else None, (), version)
+        return McpCall(h_method, _clip(h_method, h_name) if h_name else None, (), version)
     method, name, rid, params = one
     if version is None and method == "initialize" and isinstance(params, dict):
         offered = params.get("protocolVersion")
         version = offered if isinstance(offered, str) else None
-    return McpCall(h_method or method, (h_name[:_MAX_NAME] if h_name else name),
+    method = h_method or method
+    return McpCall(method, _clip(method, h_name) if h_name else name,
                    () if rid is None else (rid,), version)
 
 

@@ -39,7 +39,7 @@ def test_read_call_names_tools_resources_prompts_never_arguments() -> None:
                                                    "arguments": {"q": "secret"}}))
     assert call == mcp.McpCall("tools/call", "lookup", (7,), None)
     assert "secret" not in repr(call)
-    assert mcp.read_call(SSE, _body("resources/read", {"uri": "file:///a"})) == \
+    assert mcp.read_call(SSE, _body("resources/read", {"uri": "file:///a?who=alice#x"})) == \
         mcp.McpCall("resources/read", "file:///a", (7,))
     assert mcp.read_call(SSE, _body("prompts/get", {"name": "p"}, rid="x")) == \
         mcp.McpCall("prompts/get", "p", ("x",))
@@ -55,6 +55,8 @@ def test_headers_win_and_a_plain_json_api_is_not_mcp() -> None:
     # Headers alone (the body was not read): named, no id.
     assert mcp.read_call(headers, None) == mcp.McpCall("tools/call", "from-header", (),
                                                        "2026-07-28")
+    uri = [*SSE, (b"Mcp-Method", b"resources/read"), (b"Mcp-Name", b"db://t?user=bob")]
+    assert mcp.read_call(uri, None) == mcp.McpCall("resources/read", "db://t")
     plain = [(b"Accept", b"application/json"), (b"Content-Type", b"application/json")]
     assert mcp.read_call(plain, _body("tools/call", {"name": "x"})) is None
     assert mcp.read_call(SSE, b'{"not": "json-rpc"}') is None
