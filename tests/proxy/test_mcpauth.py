@@ -1,0 +1,199 @@
+"""MCP server discovery (proxy.mcpauth) against a real loopback HTTP server: RFC 9728
+protected resource metadata, RFC 8414 / OpenID Connect authorization server metadata."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from proxy.mcpauth import (
+    Discovery,
+    McpDiscoveryError,
+    authorization_server_urls,
+    canonical_uri,
+    parse_challenge,
+    protected_resource_urls,
+)
+from proxy.provider_client import ProviderClient
+from proxy.settings import RefreshSettings
+from tests.proxy.conftest import live_config
+from tests.proxy.oauthfake import Answer, FakeOAuth, serve
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOAuth]:
+    async for f in serve():
+        yield f
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[ProviderClient]:
+    c = ProviderClient(live_config(refresh=RefreshSettings(attempts=2, backoff=0, timeout=5)))
+    yield c
+    await c.aclose()
+
+
+def as_metadata(issuer: str, **over: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "issuer": issuer, "authorization_endpoint": f"{issuer}/authorize",
+        "token_endpoint": f"{issuer}/token", "registration_endpoint": f"{issuer}/register",
+        "code_challenge_methods_supported": ["S256"],
+        "scopes_supported": ["read", "write", "offline_access"],
+        "client_id_metadata_document_supported": True,
+        "authorization_response_iss_parameter_supported": True,
+    }
+    meta.update(over)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def script_server(fake: FakeOAuth, *, issuer: str | None = None, challenge: bool = True,
+                  prm_path: str = "/.well-known/oauth-protected-resource/mcp",
+                  **meta: Any) -> str:
+    """An MCP server at <base>/mcp whose AS is ``issuer`` (default <base>/as)."""
+    server = f"{fake.base}/mcp"
+    issuer = issuer or f"{fake.base}/as"
+    if challenge:
+        fake.script("/mcp", Answer(401, b"", headers=(
+            ("WWW-Authenticate",
+             f'Bearer resource_metadata="{fake.base}{prm_path}", scope="read"'),)))
+    fake.script(prm_path, Answer.json(resource=server, authorization_servers=[issuer],
+                                      scopes_supported=["read"]))
+    fake.script("/.well-known/oauth-authorization-server/as",
+                Answer.json(**as_metadata(issuer, **meta)))
+    return server
+
+
+def test_well_known_urls_follow_rfc9728_and_rfc8414_path_insertion() -> None:
+    assert protected_resource_urls("https://h.example/a/mcp") == [
+        "https://h.example/.well-known/oauth-protected-resource/a/mcp",
+        "https://h.example/.well-known/oauth-protected-resource"]
+    assert protected_resource_urls("https://h.example") == [
+        "https://h.example/.well-known/oauth-protected-resource"]
+    assert authorization_server_urls("https://as.example/tenant1") == [
+        "https://as.example/.well-known/oauth-authorization-server/tenant1",
+        "https://as.example/.well-known/openid-configuration/tenant1",
+        "https://as.example/tenant1/.well-known/openid-configuration"]
+    assert authorization_server_urls("https://as.example") == [
+        "https://as.example/.well-known/oauth-authorization-server",
+        "https://as.example/.well-known/openid-configuration"]
+    assert canonical_uri("HTTPS://MCP.Example.com/MCP#x") == "https://mcp.example.com/MCP"
+
+
+def test_parse_challenge_reads_quoted_and_token_params() -> None:
+    header = ('Basic realm="x", Bearer error="insufficient_scope", scope="a b", '
+              'resource_metadata="https://h.example/.well-known/oauth-protected-resource"')
+    got = parse_challenge(header)
+    assert got["resource_metadata"] == "https://h.example/.well-known/oauth-protected-resource"
+    assert got["scope"] == "a b"
+    assert parse_challenge('Basic realm="x"') == {}
+
+
+async def test_discovery_follows_the_401_challenge_then_rfc8414(
+        fake: FakeOAuth, client: ProviderClient) -> None:
+    server = script_server(fake, prm_path="/meta/prm")
+    found = await Discovery(client).discover(server, allow_http=True)
+    assert found.resource == server
+    assert found.resource_metadata_url == f"{fake.base}/meta/prm"
+    assert found.issuer == f"{fake.base}/as"
+    assert found.token_endpoint == f"{fake.base}/as/token"
+    assert found.registration_endpoint == f"{fake.base}/as/register"
+    assert found.client_id_metadata_document_supported is True
+    assert found.iss_parameter_supported is True
+    assert found.resource_scopes == ("read",)
+    assert [s.method for s in fake.requests("/mcp")] == ["POST"]
+    assert fake.requests("/mcp")[0].headers.get("authorization") is None
+
+
+async def test_discovery_without_a_challenge_uses_the_well_known_uris(
+        fake: FakeOAuth, client: ProviderClient) -> None:
+    server = script_server(fake, challenge=False,
+                           prm_path="/.well-known/oauth-protected-resource")
+    found = await Discovery(client).discover(server, allow_http=True)
+    assert found.resource_metadata_url == f"{fake.base}/.well-known/oauth-protected-resource"
+    # Path-inserted first (RFC 9728 section 3.1), then the root.
+    paths = [s.path for s in fake.seen if s.path.startswith("/.well-known/oauth-protected")]
+    assert paths == ["/.well-known/oauth-protected-resource/mcp",
+                     "/.well-known/oauth-protected-resource"]
+
+
+async def test_discovery_falls_back_to_openid_configuration(
+        fake: FakeOAuth, client: ProviderClient) -> None:
+    server = script_server(fake)
+    issuer = f"{fake.base}/as"
+    fake.script("/.well-known/oauth-authorization-server/as", Answer(404, b""))
+    fake.script("/as/.well-known/openid-configuration",
+                Answer.json(**as_metadata(issuer, client_id_metadata_document_supported=None)))
+    found = await Discovery(client).discover(server, allow_http=True)
+    assert found.metadata_url == f"{fake.base}/as/.well-known/openid-configuration"
+    assert found.client_id_metadata_document_supported is False
+    tried = [s.path for s in fake.seen if "oauth-authorization-server" in s.path
+             or "openid-configuration" in s.path]
+    assert tried == ["/.well-known/oauth-authorization-server/as",
+                     "/.well-known/openid-configuration/as",
+                     "/as/.well-known/openid-configuration"]
+
+
+@pytest.mark.parametrize(("meta", "reason"), [
+    pytest.param({"code_challenge_methods_supported": None}, "mcp_pkce_unsupported",
+                 id="no-pkce-listed"),
+    pytest.param({"code_challenge_methods_supported": ["plain"]}, "mcp_pkce_unsupported",
+                 id="plain-only"),
+    pytest.param({"issuer": "http://evil.example/as"}, "mcp_issuer_mismatch",
+                 id="issuer-mismatch"),
+    pytest.param({"token_endpoint": None}, "mcp_metadata_invalid", id="no-token-endpoint"),
+])
+async def test_discovery_refuses_unsafe_metadata(fake: FakeOAuth, client: ProviderClient,
+                                                 meta: dict[str, Any], reason: str) -> None:
+    server = script_server(fake)
+    issuer = f"{fake.base}/as"
+    fake.script("/.well-known/oauth-authorization-server/as",
+                Answer.json(**{k: v for k, v in {**as_metadata(issuer), **meta}.items()
+                               if v is not None}))
+    with pytest.raises(McpDiscoveryError) as caught:
+        await Discovery(client).discover(server, allow_http=True)
+    assert caught.value.reason == reason
+
+
+async def test_discovery_refuses_metadata_of_another_resource(
+        fake: FakeOAuth, client: ProviderClient) -> None:
+    server = script_server(fake)
+    fake.script("/.well-known/oauth-protected-resource/mcp",
+                Answer.json(resource=f"{fake.base}/other",
+                            authorization_servers=[f"{fake.base}/as"]))
+    with pytest.raises(McpDiscoveryError) as caught:
+        await Discovery(client).discover(server, allow_http=True)
+    assert caught.value.reason == "mcp_resource_mismatch"
+
+
+async def test_discovery_without_metadata_names_what_it_tried(
+        fake: FakeOAuth, client: ProviderClient) -> None:
+    with pytest.raises(McpDiscoveryError) as caught:
+        await Discovery(client).discover(f"{fake.base}/mcp", allow_http=True)
+    assert caught.value.reason == "mcp_no_resource_metadata"
+    assert "/.well-known/oauth-protected-resource/mcp" in caught.value.detail
+
+
+async def test_discovery_is_cached_for_a_bounded_time(fake: FakeOAuth,
+                                                      client: ProviderClient) -> None:
+    server = script_server(fake)
+    clock = Clock()
+    discovery = Discovery(client, clock=clock, ttl=300)
+    first = await discovery.discover(server, allow_http=True)
+    fetched = len(fake.seen)
+    clock.now += 299
+    assert await discovery.discover(server, allow_http=True) is first
+    assert len(fake.seen) == fetched
+    clock.now += 2
+    again = await discovery.discover(server, allow_http=True)
+    assert again is not first and len(fake.seen) > fetched
+    assert again.expires_at == clock.now + 300
