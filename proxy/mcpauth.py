@@ -313,3 +313,125 @@ class Discovery:
             iss_parameter_supported=(
                 meta.get("authorization_response_iss_parameter_supported") is True),
             expires_at=expires)
+
+
+# -- client registration (MCP authorization, "Client Registration Approaches") -----------------
+
+CLIENT_METADATA_PATH = "/oauth/client-metadata.json"  # under public_url: credproxy's CIMD
+CLIENT_NAME = "credproxy"
+
+
+def client_metadata_url(public_base: str) -> str | None:
+    """The ``client_id`` of credproxy's Client ID Metadata Document: an https URL with a
+    path under ``public_url`` (MCP: the document's URL is the client id); None when the
+    public base is not https (the document cannot be used then)."""
+    if not public_base.startswith("https://"):
+        return None
+    return public_base.rstrip("/") + CLIENT_METADATA_PATH
+
+
+def client_metadata(public_base: str, redirect_uri: str) -> dict[str, Any] | None:
+    """The Client ID Metadata Document credproxy serves (RFC 7591 section 2 members; its
+    ``client_id`` is its own URL): a public client (PKCE, no secret) with the web connect
+    flow's redirect URI. None when ``public_url`` is not https."""
+    url = client_metadata_url(public_base)
+    if url is None:
+        return None
+    return {"client_id": url, "client_name": CLIENT_NAME, "client_uri": public_base,
+            "redirect_uris": [redirect_uri], "grant_types": ["authorization_code",
+                                                             "refresh_token"],
+            "response_types": ["code"], "token_endpoint_auth_method": "none",
+            "application_type": "web"}
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """The client credproxy is at one authorization server (its ``issuer``): ``kind`` is
+    ``pre-registered`` (the provider's ``client_id``), ``cimd`` (the metadata document's
+    URL) or ``dcr`` (RFC 7591). Registered clients are public (``none``: PKCE, no secret)
+    unless the server insisted on a secret (``client_secret``, kept in memory only)."""
+
+    issuer: str
+    kind: str
+    client_id: str
+    token_endpoint_auth_method: str
+    client_secret: str | None = None
+
+
+class Registrar:
+    """Picks the client for an authorization server in the MCP order: pre-registered, else
+    the Client ID Metadata Document when the server says
+    ``client_id_metadata_document_supported``, else RFC 7591 dynamic registration at its
+    ``registration_endpoint``. Dynamic registrations are kept per (issuer, redirect URI):
+    a changed issuer gets a new one."""
+
+    def __init__(self, client: ProviderClient) -> None:
+        self._client = client
+        self._registered: dict[tuple[str, str], Registration] = {}
+        self.registrations = 0  # RFC 7591 requests made, for tests
+
+    async def client_for(self, *, issuer: str, pre_registered: str | None,
+                         auth_method: str, server: AuthServer, public_base: str,
+                         redirect_uri: str) -> Registration:
+        """The registration to use. Raises :class:`McpDiscoveryError`
+        (``mcp_no_registration``, ``mcp_registration_failed``)."""
+        if pre_registered:
+            return Registration(issuer, "pre-registered", pre_registered, auth_method)
+        cimd = client_metadata_url(public_base)
+        if server.client_id_metadata_document_supported and cimd is not None:
+            return Registration(issuer, "cimd", cimd, "none")
+        known = self._registered.get((issuer, redirect_uri))
+        if known is not None:
+            return known
+        if server.registration_endpoint is None:
+            raise McpDiscoveryError(
+                "mcp_no_registration",
+                f"{issuer} offers no way to register credproxy: no pre-registered client_id "
+                "is configured, it does not accept client metadata documents (or public_url "
+                "is not https) and it has no registration_endpoint (RFC 7591)")
+        made = await self._register(issuer, server, redirect_uri)
+        self._registered[(issuer, redirect_uri)] = made
+        return made
+
+    async def _register(self, issuer: str, server: AuthServer,
+                        redirect_uri: str) -> Registration:
+        """RFC 7591 section 3.1: client metadata as JSON; section 3.2.1: the answer's
+        ``client_id`` (and ``client_secret`` when the server gave one)."""
+        assert server.registration_endpoint is not None
+        method = "none" if "none" in server.token_endpoint_auth_methods else (
+            server.token_endpoint_auth_methods[0])
+        body = {"client_name": CLIENT_NAME, "redirect_uris": [redirect_uri],
+                "grant_types": ["authorization_code", "refresh_token"],
+                "response_types": ["code"], "token_endpoint_auth_method": method,
+                "application_type": "web"}
+        self.registrations += 1
+        try:
+            answer = await self._client.fetch("POST", server.registration_endpoint,
+                                              json_body=body,
+                                              headers={"Accept": "application/json"})
+        except DiscoveryFailed as exc:
+            raise McpDiscoveryError("mcp_registration_failed", exc.detail) from None
+        if answer.status not in (200, 201):
+            raise McpDiscoveryError(
+                "mcp_registration_failed",
+                f"{server.registration_endpoint} answered HTTP {answer.status}")
+        doc = _json(answer, server.registration_endpoint)
+        client_id, secret = doc.get("client_id"), doc.get("client_secret")
+        if not isinstance(client_id, str) or not client_id:
+            raise McpDiscoveryError("mcp_registration_failed",
+                                    "the registration answer has no client_id")
+        got_method = doc.get("token_endpoint_auth_method", method)
+        return Registration(issuer, "dcr", client_id,
+                            got_method if isinstance(got_method, str) else method,
+                            secret if isinstance(secret, str) else None)
+
+
+def scopes_for(server: AuthServer, configured: list[str]) -> list[str]:
+    """The scopes to ask for: the provider's configured ones, else the resource's
+    ``scopes_supported`` (RFC 9728; MCP "Scope Selection Strategy"); plus
+    ``offline_access`` only when the authorization server advertises it in its
+    ``scopes_supported`` (so a refresh token is issued)."""
+    scopes = list(configured or server.resource_scopes)
+    if "offline_access" in (server.scopes_supported or ()) and "offline_access" not in scopes:
+        scopes.append("offline_access")
+    return scopes

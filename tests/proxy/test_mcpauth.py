@@ -49,6 +49,7 @@ def as_metadata(issuer: str, **over: Any) -> dict[str, Any]:
         "token_endpoint": f"{issuer}/token", "registration_endpoint": f"{issuer}/register",
         "code_challenge_methods_supported": ["S256"],
         "scopes_supported": ["read", "write", "offline_access"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "none"],
         "client_id_metadata_document_supported": True,
         "authorization_response_iss_parameter_supported": True,
     }
@@ -197,3 +198,130 @@ async def test_discovery_is_cached_for_a_bounded_time(fake: FakeOAuth,
     again = await discovery.discover(server, allow_http=True)
     assert again is not first and len(fake.seen) > fetched
     assert again.expires_at == clock.now + 300
+
+
+# -- the connect flow of an mcp provider (Connector, real vault and coordination) -------------
+
+def mcp_settings(server: str, **top: Any) -> Any:
+    from proxy.settings import parse_settings
+    return parse_settings({
+        "identity": {"issuer": "i", "audience": "a", "hs256_secret_env": "X",
+                     "algorithms": ["HS256"]},
+        "providers": [{"id": "linear", "mcp": server, "allow_http": True}],
+        **top,
+    })
+
+
+@pytest.fixture
+async def flow(fake: FakeOAuth, tmp_path: Any) -> AsyncIterator[Any]:
+    """A factory: ``await flow(public_url=..., **as_metadata overrides)`` -> (connector,
+    vault, audit output); the AS at <fake>/as answers tokens."""
+    import io
+
+    from proxy.audit import AuditLog, StdoutSink
+    from proxy.connect import Connector
+    from proxy.coordination import MemoryCoordinator
+    from proxy.vault.local import LocalVault
+
+    key = bytes(range(32))
+    made: list[Any] = []
+
+    async def make(public_url: str | None = None, **meta: Any) -> Any:
+        server = script_server(fake, **meta)
+        fake.script("/as/token", Answer.json(access_token="at-1", token_type="Bearer",
+                                             refresh_token="rt-1", expires_in=3600))
+        fake.script("/as/register", Answer.json(201, client_id="dcr-client-1",
+                                                token_endpoint_auth_method="none"))
+        top = {"public_url": public_url} if public_url else {}
+        vault = LocalVault.open(tmp_path / f"v{len(made)}.db", key)
+        out = io.StringIO()
+        audit = AuditLog(StdoutSink(out), instance="t/1", fingerprint_key=key)
+        connector = Connector(live_config(settings=mcp_settings(server, **top)), vault,
+                              MemoryCoordinator(), audit, state_key=key)
+        made.append((connector, vault))
+        return connector, vault, out, server
+
+    yield make
+    for connector, vault in made:
+        await connector.aclose()
+        await vault.close()
+
+
+def query(url: str) -> dict[str, str]:
+    from urllib.parse import parse_qsl, urlsplit
+    return dict(parse_qsl(urlsplit(url).query))
+
+
+async def test_dcr_path_binds_tokens_to_the_resource_and_records_the_registration(
+        flow: Any, fake: FakeOAuth) -> None:
+    connector, vault, _, server = await flow(client_id_metadata_document_supported=False)
+    issuer = f"{fake.base}/as"
+    grants = {}
+    for user in ("alice", "bob"):
+        url = await connector.begin(user, "linear", redirect_uri="http://127.0.0.1/cb")
+        q = query(url)
+        assert url.startswith(f"{issuer}/authorize?")
+        assert q["resource"] == server  # RFC 8707 on the authorize request
+        assert q["client_id"] == "dcr-client-1"
+        assert q["code_challenge_method"] == "S256"
+        assert q["scope"].split() == ["read", "offline_access"]
+        done = await connector.complete({"state": q["state"], "code": f"code-{user}",
+                                         "iss": issuer})
+        assert done.user == user
+        grants[user] = await vault.get(user, "linear")
+    # One RFC 7591 registration for both users, with the MCP client metadata.
+    registered = fake.requests("/as/register")
+    assert len(registered) == 1 and connector.registrar.registrations == 1
+    assert registered[0].json == {
+        "client_name": "credproxy", "redirect_uris": ["http://127.0.0.1/cb"],
+        "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+        "token_endpoint_auth_method": "none", "application_type": "web"}
+    token_requests = fake.requests("/as/token")
+    assert [r.form["resource"] for r in token_requests] == [server, server]
+    assert [r.form["client_id"] for r in token_requests] == ["dcr-client-1"] * 2
+    for grant in grants.values():
+        assert grant is not None
+        assert dict(grant.values) == {"mcp_resource": server, "mcp_issuer": issuer,
+                                      "mcp_client_id": "dcr-client-1",
+                                      "mcp_registration": "dcr"}
+
+
+async def test_cimd_path_uses_the_metadata_document_url_as_client_id(
+        flow: Any, fake: FakeOAuth) -> None:
+    connector, vault, _, server = await flow(public_url="https://credproxy.example.com")
+    url = await connector.begin("alice", "linear",
+                                redirect_uri="https://credproxy.example.com/oauth/callback")
+    q = query(url)
+    assert q["client_id"] == "https://credproxy.example.com/oauth/client-metadata.json"
+    await connector.complete({"state": q["state"], "code": "c", "iss": f"{fake.base}/as"})
+    grant = await vault.get("alice", "linear")
+    assert grant is not None and grant.values["mcp_registration"] == "cimd"
+    assert fake.requests("/as/register") == []
+    assert fake.requests("/as/token")[0].form["resource"] == server
+
+
+@pytest.mark.parametrize(("iss", "reason"), [
+    pytest.param("http://evil.example/as", "iss_mismatch", id="other-issuer"),
+    pytest.param(None, "iss_missing", id="missing-though-advertised"),
+])
+async def test_authorization_response_iss_is_checked(flow: Any, fake: FakeOAuth,
+                                                     iss: str | None, reason: str) -> None:
+    from proxy.connect import ConnectRejected
+    connector, vault, out, _ = await flow()
+    q = query(await connector.begin("alice", "linear", redirect_uri="http://127.0.0.1/cb"))
+    params = {"state": q["state"], "code": "c", **({"iss": iss} if iss else {})}
+    with pytest.raises(ConnectRejected) as caught:
+        await connector.complete(params)
+    assert caught.value.reason == reason
+    assert fake.requests("/as/token") == []  # the code never went anywhere
+    assert await vault.get("alice", "linear") is None
+    assert reason in out.getvalue().splitlines()[-1]
+
+
+async def test_connect_is_refused_without_pkce_s256(flow: Any, fake: FakeOAuth) -> None:
+    from proxy.connect import ConnectRejected
+    connector, _, out, _ = await flow(code_challenge_methods_supported=None)
+    with pytest.raises(ConnectRejected) as caught:
+        await connector.begin("alice", "linear", redirect_uri="http://127.0.0.1/cb")
+    assert caught.value.reason == "mcp_pkce_unsupported"
+    assert "mcp_pkce_unsupported" in out.getvalue()
