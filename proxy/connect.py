@@ -43,8 +43,14 @@ from proxy.binding import BindingError, GrantValue, GrantValueSettings, ValueSou
 from proxy.coordination.base import Coordinator, Used
 from proxy.errors import CredproxyError, VaultError
 from proxy.live import LiveConfig
-from proxy.mcpauth import AuthServer, Discovery, McpDiscoveryError, Registrar, Registration
-from proxy.mcpauth import scopes_for as mcp_scopes
+from proxy.mcpauth import (
+    AuthServer,
+    McpDiscoveryError,
+    Registrar,
+    Registration,
+    concrete,
+    shared_discovery,
+)
 from proxy.provider_client import DiscoveryFailed, ProviderClient, TokenRequestFailed
 from proxy.reasons import from_provider_code
 from proxy.secret import Secret
@@ -90,7 +96,7 @@ class Connector:
         self._owns_client = client is None
         self._provider_client = client or ProviderClient(live, verify=verify, clock=clock)
         self._clock = clock
-        self.discovery = Discovery(self._provider_client, clock=clock)
+        self.discovery = shared_discovery(self._provider_client, clock=clock)
         self.registrar = Registrar(self._provider_client)
 
     @property
@@ -118,18 +124,9 @@ class Connector:
         except McpDiscoveryError as exc:
             raise ConnectRejected(exc.reason, exc.detail, user=user,
                                   provider=provider.id) from None
-        method: Any = reg.token_endpoint_auth_method
-        concrete = provider.model_copy(update={
-            "authorize_url": server.authorization_endpoint,
-            "token_url": server.token_endpoint,
-            "revocation_url": server.revocation_endpoint,
-            "client_id": reg.client_id,
-            "token_endpoint_auth_method": method,
-            "scopes": mcp_scopes(server, provider.scopes),
-            "authorize_params": {**provider.authorize_params, "resource": server.resource},
-            "token_params": {**provider.token_params, "resource": server.resource},
-        })
-        return concrete, server, reg
+        provider = concrete(provider, server, client_id=reg.client_id,
+                            auth_method=reg.token_endpoint_auth_method)
+        return provider, server, reg
 
     def _mcp_secret(self, provider: ProviderSettings, reg: Registration) -> Secret | None:
         if reg.kind == "pre-registered":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from proxy.errors import CredproxyError
 from proxy.provider_client import DiscoveryFailed, Fetched, ProviderClient
+from proxy.settings import ProviderSettings
 
 METADATA_TTL = 600.0  # seconds what discovery found is used at most
 MIN_TTL = 30.0  # a max-age below this is raised to it (no discovery per connect)
@@ -435,3 +437,34 @@ def scopes_for(server: AuthServer, configured: list[str]) -> list[str]:
     if "offline_access" in (server.scopes_supported or ()) and "offline_access" not in scopes:
         scopes.append("offline_access")
     return scopes
+
+
+_SHARED: weakref.WeakKeyDictionary[ProviderClient, Discovery] = weakref.WeakKeyDictionary()
+
+
+def shared_discovery(client: ProviderClient, *,
+                     clock: Callable[[], float] = time.time) -> Discovery:
+    """The process's :class:`Discovery` over ``client`` (one cache for the connect flow and
+    the broker's refreshes)."""
+    found = _SHARED.get(client)
+    if found is None:
+        found = _SHARED[client] = Discovery(client, clock=clock)
+    return found
+
+
+def concrete(provider: ProviderSettings, server: AuthServer, *, client_id: str,
+             auth_method: str) -> ProviderSettings:
+    """An ``mcp`` provider with what discovery and registration found: the authorization
+    server's endpoints, the client, the scopes (:func:`scopes_for`), and the server's
+    canonical URI as ``resource`` (RFC 8707 section 2) on the authorize request and on every
+    token request, code and refresh alike (``token_params``)."""
+    return provider.model_copy(update={
+        "authorize_url": server.authorization_endpoint,
+        "token_url": server.token_endpoint,
+        "revocation_url": server.revocation_endpoint,
+        "client_id": client_id,
+        "token_endpoint_auth_method": auth_method,
+        "scopes": scopes_for(server, provider.scopes),
+        "authorize_params": {**provider.authorize_params, "resource": server.resource},
+        "token_params": {**provider.token_params, "resource": server.resource},
+    })

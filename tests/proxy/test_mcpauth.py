@@ -15,6 +15,7 @@ from proxy.mcpauth import (
     canonical_uri,
     parse_challenge,
     protected_resource_urls,
+    shared_discovery,
 )
 from proxy.provider_client import ProviderClient
 from proxy.settings import RefreshSettings
@@ -325,3 +326,46 @@ async def test_connect_is_refused_without_pkce_s256(flow: Any, fake: FakeOAuth) 
         await connector.begin("alice", "linear", redirect_uri="http://127.0.0.1/cb")
     assert caught.value.reason == "mcp_pkce_unsupported"
     assert "mcp_pkce_unsupported" in out.getvalue()
+
+
+async def test_refresh_of_an_mcp_grant_carries_resource_and_the_minting_client(
+        flow: Any, fake: FakeOAuth, client: ProviderClient) -> None:
+    import time
+
+    from proxy.coordination import MemoryCoordinator
+    from proxy.errors import ReauthRequired
+    from proxy.tokens import TokenBroker
+
+    connector, vault, _, server = await flow(client_id_metadata_document_supported=False)
+    issuer = f"{fake.base}/as"
+    q = query(await connector.begin("alice", "linear", redirect_uri="http://127.0.0.1/cb"))
+    await connector.complete({"state": q["state"], "code": "c", "iss": issuer})
+    fake.script("/as/token", Answer.json(access_token="at-2", token_type="Bearer",
+                                         refresh_token="rt-2", expires_in=3600))
+    live = live_config(settings=mcp_settings(server))
+    provider = live.current.settings.providers[0]
+    later = time.time() + 7200  # the access token has expired
+    broker = TokenBroker(vault, MemoryCoordinator(), client, live, clock=lambda: later)
+    issued = await broker.get("alice", provider)
+    assert issued.tokens.access_token.reveal() == "at-2"
+    refresh = fake.requests("/as/token")[-1].form
+    assert refresh["grant_type"] == "refresh_token" and refresh["refresh_token"] == "rt-1"
+    assert refresh["resource"] == server  # RFC 8707 on the refresh too
+    assert refresh["client_id"] == "dcr-client-1"
+    stored = await vault.get("alice", "linear")
+    assert stored is not None and stored.tokens.refresh_token is not None
+    assert stored.tokens.refresh_token.reveal() == "rt-2"  # rotation kept
+
+    # The MCP server moves to another authorization server: the grant minted by the old
+    # one is not refreshed there; the user reconnects (and registers anew).
+    fake.script("/.well-known/oauth-protected-resource/mcp",
+                Answer.json(resource=server, authorization_servers=[f"{fake.base}/as2"]))
+    fake.script("/.well-known/oauth-authorization-server/as2",
+                Answer.json(**as_metadata(f"{fake.base}/as2")))
+    shared_discovery(client).forget(server)
+    evenlater = later + 7200
+    broker2 = TokenBroker(vault, MemoryCoordinator(), client, live, clock=lambda: evenlater)
+    with pytest.raises(ReauthRequired) as caught:
+        await broker2.get("alice", provider)
+    assert caught.value.reason == "mcp_issuer_changed"
+    assert fake.requests("/as2/token") == []
