@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import (
@@ -78,6 +78,7 @@ class Client(ClientMixin):  # type: ignore[misc]
     redirect_uris: tuple[str, ...] = ()
     scope: str = ""
     kind: str = "client"
+    public: bool = False  # registered by RFC 7591 with token_endpoint_auth_method "none"
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Client:
@@ -125,10 +126,13 @@ class Client(ClientMixin):  # type: ignore[misc]
         return portless in self.redirect_uris
 
     def check_client_secret(self, client_secret: str) -> bool:
-        return secrets.compare_digest(self.client_secret.encode(), client_secret.encode())
+        return not self.public and secrets.compare_digest(self.client_secret.encode(),
+                                                          client_secret.encode())
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        return method in CLIENT_AUTH_METHODS  # every client is confidential
+        if self.public:
+            return method == "none"
+        return method in CLIENT_AUTH_METHODS
 
     def check_response_type(self, response_type: str) -> bool:
         return self.kind == "client" and response_type == "code"
@@ -145,6 +149,7 @@ class Family:
     user: str
     client_id: str
     revoked: bool = False
+    resource: str | None = None  # RFC 8707: the audience of every token of the family
 
 
 @dataclass(eq=False)
@@ -233,9 +238,11 @@ class Stats:
     revocations: int = 0
     introspections: int = 0
     refresh_by_user: Counter[str] = field(default_factory=Counter)
+    registrations: list[dict[str, Any]] = field(default_factory=list)  # RFC 7591 requests
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "registrations": list(self.registrations),
             "token_calls": self.token_calls,
             "refresh_calls": self.refresh_calls,
             "refresh_by_user": dict(self.refresh_by_user),
@@ -366,12 +373,13 @@ class S256CodeChallenge(CodeChallenge):  # type: ignore[misc]
 
 
 class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
-    TOKEN_ENDPOINT_AUTH_METHODS = CLIENT_AUTH_METHODS
+    TOKEN_ENDPOINT_AUTH_METHODS = [*CLIENT_AUTH_METHODS, "none"]
 
     def save_authorization_code(self, code: str, req: Any) -> None:
         store: Store = self.server.store
         data = req.payload.data
         family = store.new_family(req.user, req.client.client_id)
+        family.resource = request.args.get("resource") or None
         with store.lock:
             store.codes[code] = AuthCode(
                 code=code,
@@ -407,7 +415,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
 
 
 class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
-    TOKEN_ENDPOINT_AUTH_METHODS = CLIENT_AUTH_METHODS
+    TOKEN_ENDPOINT_AUTH_METHODS = [*CLIENT_AUTH_METHODS, "none"]
     INCLUDE_NEW_REFRESH_TOKEN = True  # rotate on every use
 
     def authenticate_refresh_token(self, refresh_token: str) -> IssuedToken | None:
@@ -433,7 +441,7 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
 
 
 class Revocation(RevocationEndpoint):  # type: ignore[misc]
-    CLIENT_AUTH_METHODS = CLIENT_AUTH_METHODS
+    CLIENT_AUTH_METHODS = [*CLIENT_AUTH_METHODS, "none"]
 
     def query_token(self, token_string: str, token_type_hint: str | None) -> IssuedToken | None:
         store: Store = self.server.store
@@ -476,6 +484,8 @@ class Introspection(IntrospectionEndpoint):  # type: ignore[misc]
         }
         if token.expires_at is not None:
             payload["exp"] = int(token.expires_at)
+        if token.family.resource is not None:
+            payload["aud"] = token.family.resource  # RFC 8707 section 2 / RFC 7662 aud
         return payload
 
 
@@ -547,8 +557,45 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
             "response_types_supported": ["code"],
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": ["S256"],
-            "token_endpoint_auth_methods_supported": CLIENT_AUTH_METHODS,
+            "token_endpoint_auth_methods_supported": [*CLIENT_AUTH_METHODS, "none"],
+            # RFC 7591 dynamic registration; RFC 9207 iss in every authorization response.
+            "registration_endpoint": f"{base}/register",
+            "authorization_response_iss_parameter_supported": True,
+            "scopes_supported": sorted({s for c in store.clients.values()
+                                        for s in c.scope.split()} | {"offline_access"}),
         }
+
+    @app.post("/register")
+    def register() -> Any:
+        # RFC 7591 section 3: client metadata in, a client_id (and for a confidential
+        # client a secret) out; 400 invalid_client_metadata / invalid_redirect_uri.
+        meta = request.get_json(silent=True)
+        if not isinstance(meta, dict):
+            return _registration_error("invalid_client_metadata", "not a JSON object")
+        uris = meta.get("redirect_uris")
+        if not isinstance(uris, list) or not uris or not all(
+                isinstance(u, str) and u.startswith(("https://", "http://")) for u in uris):
+            return _registration_error("invalid_redirect_uri", "redirect_uris required")
+        method = meta.get("token_endpoint_auth_method", "client_secret_basic")
+        if method not in [*CLIENT_AUTH_METHODS, "none"]:
+            return _registration_error("invalid_client_metadata",
+                                       f"unsupported token_endpoint_auth_method {method}")
+        scope = " ".join(sorted({s for c in store.clients.values() for s in c.scope.split()}
+                                | {"offline_access"}))
+        client = Client(client_id=f"dcr_{secrets.token_hex(8)}",
+                        client_secret="" if method == "none" else secrets.token_urlsafe(24),
+                        redirect_uris=tuple(uris), scope=scope, public=method == "none")
+        with store.lock:
+            store.clients[client.client_id] = client
+            store.stats.registrations.append(meta)
+        answer: dict[str, Any] = {**meta, "client_id": client.client_id,
+                                  "client_id_issued_at": int(clock()),
+                                  "token_endpoint_auth_method": method}
+        if not client.public:
+            answer["client_secret"] = client.client_secret
+            answer["client_secret_expires_at"] = 0
+        return Response(json.dumps(answer), status=201, content_type="application/json",
+                        headers=NO_STORE)
 
     @app.get("/authorize")
     def authorize() -> Any:
@@ -561,7 +608,8 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
             # Redirects when the client and redirect_uri check out, otherwise a 400 (4.1.2.1).
             return server.handle_error_response(request, error)
         if request.args.get("deny") == "1":
-            return server.create_authorization_response(grant=grant, grant_user=None)
+            return _with_iss(server.create_authorization_response(grant=grant,
+                                                                  grant_user=None))
         if not user:
             missing = InvalidRequestError(
                 "Missing 'login_hint' (this test server has no login page)",
@@ -569,7 +617,7 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
                 state=request.args.get("state"),
             )
             return server.handle_error_response(request, missing)
-        return server.create_authorization_response(grant=grant, grant_user=user)
+        return _with_iss(server.create_authorization_response(grant=grant, grant_user=user))
 
     @app.post("/token")
     def token() -> Any:
@@ -602,6 +650,16 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
             )
         # Validation and issuance under one lock: see Store.
         with store.lock:
+            # RFC 8707 section 2.2: a token request naming another resource than the
+            # authorization did is refused (invalid_target).
+            form = request.form
+            rec: Any = (store.codes.get(form.get("code", "")) if grant_type ==
+                        "authorization_code" else store.refresh.get(
+                            form.get("refresh_token", "")))
+            bound = rec.family.resource if rec is not None else None
+            if bound is not None and form.get("resource") != bound:
+                return Response(json.dumps({"error": "invalid_target"}), status=400,
+                                content_type="application/json", headers=NO_STORE)
             return server.create_token_response()
 
     @app.post("/revoke")
@@ -625,6 +683,22 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
     if admin:
         _add_admin(app, store)
     return app
+
+
+def _registration_error(code: str, why: str) -> Response:
+    return Response(json.dumps({"error": code, "error_description": why}), status=400,
+                    content_type="application/json", headers=NO_STORE)
+
+
+def _with_iss(response: Any) -> Any:
+    """RFC 9207 section 2: the authorization response (success or error) names the issuer
+    in ``iss``, so a client can tell which server answered (mix-up defence)."""
+    location = getattr(response, "headers", {}).get("Location")
+    if location and response.status_code in (302, 303):
+        sep = "&" if "?" in location else "?"
+        iss = request.host_url.rstrip("/")
+        response.headers["Location"] = f"{location}{sep}{urlencode({'iss': iss})}"
+    return response
 
 
 def _add_admin(app: Flask, store: Store) -> None:

@@ -158,7 +158,8 @@ class Stack:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     def echo_server(self, *, tls: bool, name: str | None = None, port: int = 0,
-                    required_scope: str | None = None) -> Running:
+                    required_scope: str | None = None, resource: str | None = None
+                    ) -> Running:
         """An extra document API that reports what arrived (started on first use): by
         default on a free port no provider lists, an *unrouted* upstream.
         ``required_scope``: its /documents insists on that scope (403 insufficient_scope,
@@ -175,8 +176,13 @@ class Stack:
             args += ["--cert", str(self.workdir / "pki" / "server.pem"),
                      "--key", str(self.workdir / "pki" / "server.key")]
         if required_scope:
-            args += ["--required-scope", required_scope,
-                     "--ca-file", str(self.ca.cert_path)]
+            args += ["--required-scope", required_scope]
+        if required_scope or resource:
+            args += ["--ca-file", str(self.ca.cert_path)]
+        if resource:
+            # An OAuth protected resource (RFC 9728 metadata naming the stack's
+            # authorization server; tokens must have aud == resource): an MCP server's.
+            args += ["--resource", resource, "--authorization-server", self.auth.url]
         r = start_server(args, self.workdir / f"{name}.ready",
                          env={"DOCAPI_SECRET": self.env["DOCAPI_SECRET"]},
                          log_dir=self.workdir / "logs", name=name)

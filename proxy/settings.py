@@ -391,13 +391,17 @@ class ProviderSettings(_Model):
     @model_validator(mode="before")
     @classmethod
     def _mcp_hosts(cls, data: Any) -> Any:
-        """``hosts`` default to the ``mcp`` URL's host[:port] (the server's own host only)."""
+        """``hosts`` default to the ``mcp`` URL's host[:port] (the server's own host only);
+        without a pre-registered ``client_id``, the client is public (``none``)."""
         if isinstance(data, Mapping) and isinstance(data.get("mcp"), str) \
                 and "hosts" not in data:
             host = mcp_host(data["mcp"])
             if host is None:
                 raise ValueError("mcp must be an https URL with a host (the MCP server's)")
-            return {**data, "hosts": [host]}
+            data = {**data, "hosts": [host]}
+        if isinstance(data, Mapping) and data.get("mcp") and not data.get("client_id"):
+            # Registered clients (metadata document, RFC 7591) are public: PKCE, no secret.
+            data = {"token_endpoint_auth_method": "none", **data}
         return data
 
     @model_validator(mode="after")
@@ -416,8 +420,9 @@ class ProviderSettings(_Model):
                 raise ValueError(f"{name} must be an https URL")
         if self.client_secret_env and self.client_secret_file:
             raise ValueError("set only one of client_secret_env, client_secret_file")
-        if self.token_endpoint_auth_method != "none" and (self.client_id or not self.mcp) \
-                and not (self.client_secret_env or self.client_secret_file):
+        if self.token_endpoint_auth_method != "none" and not (
+            self.client_secret_env or self.client_secret_file
+        ):
             raise ValueError("client_secret_env or client_secret_file is required "
                              "(or token_endpoint_auth_method: none)")
         if self.scope_param in self.authorize_params:

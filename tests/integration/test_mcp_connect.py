@@ -1,0 +1,107 @@
+"""An MCP server as a provider by its URL alone (issue 15, items 1-4): through the real
+``credproxy run`` process, the stack's authorization server (RFC 8414 metadata, RFC 7591
+registration, RFC 9207 ``iss``, RFC 8707 ``resource`` as the tokens' audience) and a
+protected resource publishing RFC 9728 metadata that accepts only tokens whose audience is
+itself. Two users connect through the real web flow (discovery, then dynamic
+registration); their requests through the sidecar carry their own resource-bound tokens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx2
+import pytest
+
+from devstack.procs import free_port
+from devstack.stack import Stack, build_stack
+
+pytestmark = pytest.mark.integration
+
+MCP = "mcpdocs"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = build_stack(tmp_path_factory.mktemp("mcpconnect"), start_proxy=False)
+    try:
+        port = free_port()
+        server = f"https://localhost:{port}/documents"
+        s.echo_server(tls=True, name="mcp-api", port=port, resource=server)
+        # What a platform team writes: the server's URL, nothing else.
+        s.config["providers"].append({"id": MCP, "mcp": server})
+        s.write_config()
+        s.start_proxy()
+        s.mcp_server = server  # type: ignore[attr-defined]
+        yield s
+    finally:
+        s.close()
+
+
+def _audit(stack: Stack) -> list[dict[str, Any]]:
+    assert stack.proxy is not None
+    return [json.loads(x) for x in stack.proxy.stdout_text().splitlines() if x.startswith("{")]
+
+
+def _get(stack: Stack, user: str) -> httpx2.Response:
+    with stack.client(context=stack.context(user)) as c:
+        return c.get(stack.mcp_server)  # type: ignore[attr-defined]
+
+
+def _connect(stack: Stack, user: str, connect_url: str) -> dict[str, list[str]]:
+    """The user's browser follows the connect link: authorize (consent), callback."""
+    sep = "&" if "?" in connect_url else "?"
+    with httpx2.Client(verify=stack.admin_tls(), follow_redirects=False, timeout=30,
+                       trust_env=False) as b:
+        r = b.get(f"{connect_url}{sep}{httpx2.QueryParams({'context': stack.context(user)})}")
+        assert r.status_code == 302, r.text
+        authorize = r.headers["location"]
+        asked = parse_qs(urlsplit(authorize).query)
+        r = b.get(authorize + f"&login_hint={user}")
+        assert r.status_code == 302, r.text
+        callback = r.headers["location"]
+        assert "iss=" in callback  # RFC 9207: the AS names itself
+        r = b.get(callback)
+        assert r.status_code == 200 and "now connected" in r.text, r.text
+        return asked
+
+
+def test_two_users_connect_by_discovery_and_registration(stack: Stack) -> None:
+    server: str = stack.mcp_server  # type: ignore[attr-defined]
+    seen = {}
+    for user in ("mcp-alice", "mcp-bob"):
+        first = _get(stack, user)
+        assert first.status_code == 401, first.text
+        body = first.json()
+        assert body["reason"] == "no_connection", body
+        asked = _connect(stack, user, body["connect_url"])
+        # Discovery found the stack's authorization server from the server's URL alone.
+        assert asked["resource"] == [server]  # RFC 8707 on the authorize request
+        assert asked["code_challenge_method"] == ["S256"]
+        assert asked["scope"][0].split() == ["documents.read", "offline_access"]
+        assert asked["client_id"][0].startswith("dcr_")
+        r = _get(stack, user)
+        assert r.status_code == 200, r.text
+        seen[user] = r.json()
+    # Each user sees their own data, with a token whose audience is the server.
+    assert {u: d["user"] for u, d in seen.items()} == {"mcp-alice": "mcp-alice",
+                                                        "mcp-bob": "mcp-bob"}
+    assert all(d["aud"] == server for d in seen.values())
+    # One RFC 7591 registration (per issuer), with the MCP client metadata.
+    regs = stack.stats()["registrations"]
+    assert len(regs) == 1, regs
+    assert regs[0]["application_type"] == "web"
+    assert regs[0]["token_endpoint_auth_method"] == "none"
+    assert regs[0]["grant_types"] == ["authorization_code", "refresh_token"]
+    assert regs[0]["redirect_uris"][0].endswith("/oauth/callback")
+    # The grant records the resource, the issuer and the registration that minted it.
+    grant = stack.vault_get("mcp-alice", MCP)
+    assert grant is not None
+    assert grant.values["mcp_resource"] == server
+    assert grant.values["mcp_issuer"] == stack.auth.url
+    assert grant.values["mcp_registration"] == "dcr"
+    connected = [a for a in _audit(stack) if a["event"] == "connection.created"
+                 and a.get("provider") == MCP and a.get("outcome") == "connected"]
+    assert {a["user"] for a in connected} == {"mcp-alice", "mcp-bob"}
