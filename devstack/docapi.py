@@ -218,10 +218,11 @@ def create_app(
             )
         user = str(info.get("sub", ""))
         matters = set(users.get(user, []))
-        return _json(
-            {"user": user, "aud": info.get("aud"),
-             "documents": [d for d in documents if d.get("matter") in matters]}
-        )
+        answer: dict[str, Any] = {
+            "user": user, "documents": [d for d in documents if d.get("matter") in matters]}
+        if resource is not None:
+            answer["aud"] = info.get("aud")
+        return _json(answer)
 
     echo_methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
