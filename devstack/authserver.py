@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import httpx2
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import (
     AuthorizationCodeMixin,
@@ -53,7 +54,14 @@ from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from flask import Flask, Response, abort, request
 
-from devstack._serve import add_server_args, clock, configure_logging, is_loopback, serve
+from devstack._serve import (
+    add_server_args,
+    client_tls_context,
+    clock,
+    configure_logging,
+    is_loopback,
+    serve,
+)
 
 log = logging.getLogger("devstack.authserver")
 
@@ -239,10 +247,12 @@ class Stats:
     introspections: int = 0
     refresh_by_user: Counter[str] = field(default_factory=Counter)
     registrations: list[dict[str, Any]] = field(default_factory=list)  # RFC 7591 requests
+    metadata_documents: list[str] = field(default_factory=list)  # client documents fetched
 
     def as_json(self) -> dict[str, Any]:
         return {
             "registrations": list(self.registrations),
+            "metadata_documents": list(self.metadata_documents),
             "token_calls": self.token_calls,
             "refresh_calls": self.refresh_calls,
             "refresh_by_user": dict(self.refresh_by_user),
@@ -259,7 +269,10 @@ class Store:
     refresh token presented twice at the same moment" deterministic (one wins, the other is a
     reuse)."""
 
-    def __init__(self, clients: list[Client], access_ttl: int) -> None:
+    def __init__(self, clients: list[Client], access_ttl: int, *,
+                 metadata_documents: bool = False, ca_file: str | None = None) -> None:
+        self.metadata_documents = metadata_documents  # accept https client_id documents
+        self.ca_file = ca_file  # to verify them
         self.lock = threading.RLock()
         self.clients = {c.client_id: c for c in clients}
         self.access_ttl = access_ttl
@@ -273,7 +286,36 @@ class Store:
         self.faults = Faults()
 
     def query_client(self, client_id: str) -> Client | None:
-        return self.clients.get(client_id)
+        known = self.clients.get(client_id)
+        if known is None and self.metadata_documents and client_id.startswith("https://"):
+            known = self._client_from_document(client_id)
+        return known
+
+    def _client_from_document(self, url: str) -> Client | None:
+        """A Client ID Metadata Document client (MCP authorization): the client_id is an
+        https URL whose JSON names itself as ``client_id`` and lists its redirect URIs."""
+        try:
+            with httpx2.Client(verify=client_tls_context(self.ca_file), timeout=10,
+                               trust_env=False) as http:
+                resp = http.get(url, headers={"Accept": "application/json"})
+            doc = resp.json() if resp.status_code == 200 else None
+        except (httpx2.HTTPError, ValueError) as exc:
+            log.warning("client metadata document %s unreadable: %s", url, type(exc).__name__)
+            return None
+        with self.lock:
+            self.stats.metadata_documents.append(url)
+        if not isinstance(doc, dict) or doc.get("client_id") != url:
+            return None
+        uris = doc.get("redirect_uris")
+        if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
+            return None
+        scope = " ".join(sorted({s for c in self.clients.values() for s in c.scope.split()}
+                                | {"offline_access"}))
+        client = Client(client_id=url, client_secret="", redirect_uris=tuple(uris),
+                        scope=scope, public=True)
+        with self.lock:
+            self.clients[url] = client
+        return client
 
     def new_family(self, user: str, client_id: str) -> Family:
         with self.lock:
@@ -529,10 +571,10 @@ class Server(AuthorizationServer):  # type: ignore[misc]
 # The Flask application
 
 
-def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, admin: bool = False
-               ) -> Flask:
+def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, admin: bool = False,
+               metadata_documents: bool = False, ca_file: str | None = None) -> Flask:
     app = Flask("devstack.authserver")
-    store = Store(clients, access_ttl)
+    store = Store(clients, access_ttl, metadata_documents=metadata_documents, ca_file=ca_file)
     server = Server(app, store)
     server.register_grant(AuthorizationCodeGrant, [S256CodeChallenge(required=True)])
     server.register_grant(RefreshTokenGrant)
@@ -561,6 +603,7 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
             # RFC 7591 dynamic registration; RFC 9207 iss in every authorization response.
             "registration_endpoint": f"{base}/register",
             "authorization_response_iss_parameter_supported": True,
+            "client_id_metadata_document_supported": store.metadata_documents,
             "scopes_supported": sorted({s for c in store.clients.values()
                                         for s in c.scope.split()} | {"offline_access"}),
         }
@@ -836,13 +879,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--access-ttl", type=int, default=DEFAULT_ACCESS_TTL,
                         help="access token lifetime in seconds (default 3600)")
     parser.add_argument("--admin", action="store_true", help="enable the /_admin/ test API")
+    parser.add_argument("--client-metadata-documents", action="store_true",
+                        help="accept https client_ids (Client ID Metadata Documents)")
+    parser.add_argument("--ca-file", help="CA bundle to verify client metadata documents")
     args = parser.parse_args(argv)
     configure_logging(args.debug)
     if not args.cert:
         # authlib refuses non-https request URIs except on loopback; a plain-HTTP dev server
         # on another interface is still a dev server.
         os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
-    app = create_app(load_clients(args.clients), access_ttl=args.access_ttl, admin=args.admin)
+    app = create_app(load_clients(args.clients), access_ttl=args.access_ttl, admin=args.admin,
+                     metadata_documents=args.client_metadata_documents, ca_file=args.ca_file)
     serve(app, args, "authserver")
 
 

@@ -189,6 +189,21 @@ class Stack:
         self.extra.append(r)
         return r
 
+    def ingress(self) -> Running:
+        """A TLS-terminating reverse proxy in front of the admin server (started on first
+        use; devstack.ingress): set ``public_url`` to its URL before starting the proxy."""
+        for r in self.extra:
+            if r.name == "ingress":
+                return r
+        r = start_server(
+            ["-m", "devstack.ingress", "--backend", f"http://{self.config['admin']}",
+             "--cert", str(self.workdir / "pki" / "server.pem"),
+             "--key", str(self.workdir / "pki" / "server.key"),
+             "--ready-file", str(self.workdir / "ingress.ready")],
+            self.workdir / "ingress.ready", log_dir=self.workdir / "logs", name="ingress")
+        self.extra.append(r)
+        return r
+
     def keyed_upstream(self) -> Running:
         """The upstream of the ``keyed`` provider (its credential goes in ``X-Api-Key``): a
         document API on the port the config reserved for it (started on first use)."""
@@ -326,7 +341,7 @@ class Stack:
 def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 3600,
                 audit_sink: str = "stdout", config: Mapping[str, Any] | None = None,
                 introspect_cache_ttl: float = 0.0, keyvault: bool = False,
-                clock_offset: float = 0.0) -> Stack:
+                clock_offset: float = 0.0, client_metadata_documents: bool = False) -> Stack:
     """``clock_offset``: seconds the provider's clock (authorization server and document
     API) runs ahead of this machine's."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -351,7 +366,9 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
     auth = start_server(
         ["-m", "devstack.authserver", "--clients", str(workdir / "clients.json"), "--admin",
          "--access-ttl", str(access_ttl), *tls, "--ready-file", str(workdir / "auth.ready"),
-         "--clock-offset", str(clock_offset)],
+         "--clock-offset", str(clock_offset),
+         *(["--client-metadata-documents", "--ca-file", str(ca.cert_path)]
+           if client_metadata_documents else [])],
         workdir / "auth.ready", log_dir=logs, name="authserver",
     )
     docs = start_server(

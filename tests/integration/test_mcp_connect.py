@@ -2,8 +2,9 @@
 ``credproxy run`` process, the stack's authorization server (RFC 8414 metadata, RFC 7591
 registration, RFC 9207 ``iss``, RFC 8707 ``resource`` as the tokens' audience) and a
 protected resource publishing RFC 9728 metadata that accepts only tokens whose audience is
-itself. Two users connect through the real web flow (discovery, then dynamic
-registration); their requests through the sidecar carry their own resource-bound tokens."""
+itself. Two users connect through the real web flow (discovery, then dynamic registration,
+or credproxy's Client ID Metadata Document served under its https public_url); their
+requests through the sidecar carry their own resource-bound tokens."""
 
 from __future__ import annotations
 
@@ -23,18 +24,36 @@ pytestmark = pytest.mark.integration
 MCP = "mcpdocs"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = build_stack(tmp_path_factory.mktemp("mcpconnect"), start_proxy=False)
+def _mcp_stack(tmp: Any, *, cimd: bool) -> Stack:
+    s = build_stack(tmp, start_proxy=False, client_metadata_documents=cimd)
     try:
         port = free_port()
         server = f"https://localhost:{port}/documents"
         s.echo_server(tls=True, name="mcp-api", port=port, resource=server)
         # What a platform team writes: the server's URL, nothing else.
         s.config["providers"].append({"id": MCP, "mcp": server})
+        if cimd:
+            # credproxy's public_url is https (an ingress terminating TLS in front of the
+            # admin server): it can serve its Client ID Metadata Document.
+            s.config["public_url"] = s.ingress().url.replace("127.0.0.1", "localhost")
         s.write_config()
         s.start_proxy()
         s.mcp_server = server  # type: ignore[attr-defined]
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+@pytest.fixture(scope="module", params=["dcr", "cimd"])
+def stack(request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The same server and authorization server, registration by RFC 7591 (``dcr``) or by
+    credproxy's Client ID Metadata Document (``cimd``: the server advertises support)."""
+    s = _mcp_stack(tmp_path_factory.mktemp(f"mcp-{request.param}"),
+                   cimd=request.param == "cimd")
+    s.registration = request.param  # type: ignore[attr-defined]
+    try:
         yield s
     finally:
         s.close()
@@ -81,7 +100,11 @@ def test_two_users_connect_by_discovery_and_registration(stack: Stack) -> None:
         assert asked["resource"] == [server]  # RFC 8707 on the authorize request
         assert asked["code_challenge_method"] == ["S256"]
         assert asked["scope"][0].split() == ["documents.read", "offline_access"]
-        assert asked["client_id"][0].startswith("dcr_")
+        if stack.registration == "dcr":  # type: ignore[attr-defined]
+            assert asked["client_id"][0].startswith("dcr_")
+        else:
+            assert asked["client_id"] == [
+                f"{stack.config['public_url']}/oauth/client-metadata.json"]
         r = _get(stack, user)
         assert r.status_code == 200, r.text
         seen[user] = r.json()
@@ -89,19 +112,32 @@ def test_two_users_connect_by_discovery_and_registration(stack: Stack) -> None:
     assert {u: d["user"] for u, d in seen.items()} == {"mcp-alice": "mcp-alice",
                                                         "mcp-bob": "mcp-bob"}
     assert all(d["aud"] == server for d in seen.values())
-    # One RFC 7591 registration (per issuer), with the MCP client metadata.
-    regs = stack.stats()["registrations"]
-    assert len(regs) == 1, regs
-    assert regs[0]["application_type"] == "web"
-    assert regs[0]["token_endpoint_auth_method"] == "none"
-    assert regs[0]["grant_types"] == ["authorization_code", "refresh_token"]
-    assert regs[0]["redirect_uris"][0].endswith("/oauth/callback")
+    stats = stack.stats()
+    if stack.registration == "dcr":  # type: ignore[attr-defined]
+        # One RFC 7591 registration (per issuer), with the MCP client metadata.
+        regs = stats["registrations"]
+        assert len(regs) == 1, regs
+        assert regs[0]["application_type"] == "web"
+        assert regs[0]["token_endpoint_auth_method"] == "none"
+        assert regs[0]["grant_types"] == ["authorization_code", "refresh_token"]
+        assert regs[0]["redirect_uris"][0].endswith("/oauth/callback")
+    else:
+        # No registration: the authorization server fetched credproxy's document, served
+        # at its https public_url, whose client_id is its own URL.
+        assert stats["registrations"] == []
+        url = f"{stack.config['public_url']}/oauth/client-metadata.json"
+        assert stats["metadata_documents"] == [url]
+        with httpx2.Client(verify=stack.admin_tls(), trust_env=False) as b:
+            doc = b.get(url).json()
+        assert doc["client_id"] == url
+        assert doc["redirect_uris"] == [f"{stack.config['public_url']}/oauth/callback"]
+        assert doc["token_endpoint_auth_method"] == "none"
     # The grant records the resource, the issuer and the registration that minted it.
     grant = stack.vault_get("mcp-alice", MCP)
     assert grant is not None
     assert grant.values["mcp_resource"] == server
     assert grant.values["mcp_issuer"] == stack.auth.url
-    assert grant.values["mcp_registration"] == "dcr"
+    assert grant.values["mcp_registration"] == stack.registration  # type: ignore[attr-defined]
     connected = [a for a in _audit(stack) if a["event"] == "connection.created"
                  and a.get("provider") == MCP and a.get("outcome") == "connected"]
     assert {a["user"] for a in connected} == {"mcp-alice", "mcp-bob"}
