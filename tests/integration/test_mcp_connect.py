@@ -141,3 +141,37 @@ def test_two_users_connect_by_discovery_and_registration(stack: Stack) -> None:
     connected = [a for a in _audit(stack) if a["event"] == "connection.created"
                  and a.get("provider") == MCP and a.get("outcome") == "connected"]
     assert {a["user"] for a in connected} == {"mcp-alice", "mcp-bob"}
+
+
+def test_refresh_keeps_the_resource_and_the_minting_client(stack: Stack) -> None:
+    """An expired access token of an mcp grant is refreshed at the discovered token
+    endpoint with the registered client and ``resource`` (the authorization server refuses
+    another with invalid_target); the refreshed token still has the server as audience."""
+    import time
+
+    user = "mcp-carol"
+    first = _get(stack, user)
+    assert first.status_code == 401
+    _connect(stack, user, first.json()["connect_url"])
+    grant = stack.vault_get(user, MCP)
+    assert grant is not None and grant.tokens.refresh_token is not None
+    before = stack.stats()["refresh_by_user"].get(user, 0)
+    # Within refresh_skew of its expiry: the next request refreshes first.
+    stack.vault_put(user, {"access_token": grant.tokens.access_token.reveal(),
+                           "refresh_token": grant.tokens.refresh_token.reveal(),
+                           "token_type": "Bearer", "expires_in": 5,
+                           "scope": grant.tokens.scope}, provider=MCP)
+    deadline = time.monotonic() + 10
+    while True:
+        r = _get(stack, user)
+        assert r.status_code == 200, r.text
+        if stack.stats()["refresh_by_user"].get(user, 0) > before or \
+                time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert stack.stats()["refresh_by_user"].get(user, 0) == before + 1
+    assert r.json()["user"] == user
+    assert r.json()["aud"] == stack.mcp_server  # type: ignore[attr-defined]
+    refreshed = stack.vault_get(user, MCP)
+    assert refreshed.tokens.refresh_token.reveal() != grant.tokens.refresh_token.reveal()
+    assert dict(refreshed.values) == dict(grant.values)  # still the same minting client
