@@ -3,6 +3,7 @@ protected resource metadata, RFC 8414 / OpenID Connect authorization server meta
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -369,3 +370,14 @@ async def test_refresh_of_an_mcp_grant_carries_resource_and_the_minting_client(
         await broker2.get("alice", provider)
     assert caught.value.reason == "mcp_issuer_changed"
     assert fake.requests("/as2/token") == []
+
+
+async def test_cache_control_max_age_shortens_the_cached_lifetime(
+        fake: FakeOAuth, client: ProviderClient) -> None:
+    server = script_server(fake)
+    fake.script("/.well-known/oauth-authorization-server/as",
+                Answer(200, json.dumps(as_metadata(f"{fake.base}/as")).encode(),
+                       headers=(("Cache-Control", "max-age=60"),)))
+    clock = Clock()
+    found = await Discovery(client, clock=clock, ttl=600).discover(server, allow_http=True)
+    assert found.expires_at == clock.now + 60
