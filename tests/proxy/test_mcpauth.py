@@ -49,6 +49,7 @@ def as_metadata(issuer: str, **over: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "issuer": issuer, "authorization_endpoint": f"{issuer}/authorize",
         "token_endpoint": f"{issuer}/token", "registration_endpoint": f"{issuer}/register",
+        "revocation_endpoint": f"{issuer}/revoke",
         "code_challenge_methods_supported": ["S256"],
         "scopes_supported": ["read", "write", "offline_access"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "none"],
@@ -381,3 +382,27 @@ async def test_cache_control_max_age_shortens_the_cached_lifetime(
     clock = Clock()
     found = await Discovery(client, clock=clock, ttl=600).discover(server, allow_http=True)
     assert found.expires_at == clock.now + 60
+
+
+async def test_offboarding_an_mcp_grant_revokes_at_the_discovered_endpoint(
+        flow: Any, fake: FakeOAuth, client: ProviderClient) -> None:
+    import io
+
+    from proxy.audit import AuditLog, StdoutSink
+    from proxy.coordination import MemoryCoordinator
+    from proxy.offboard import Offboarder
+
+    connector, vault, _, server = await flow(client_id_metadata_document_supported=False)
+    q = query(await connector.begin("alice", "linear", redirect_uri="http://127.0.0.1/cb"))
+    await connector.complete({"state": q["state"], "code": "c", "iss": f"{fake.base}/as"})
+    fake.script("/as/revoke", Answer(200, b""))
+    key = bytes(range(32))
+    audit = AuditLog(StdoutSink(io.StringIO()), instance="t/1", fingerprint_key=key)
+    off = Offboarder(live_config(settings=mcp_settings(server)), vault, MemoryCoordinator(),
+                     audit, settle=0, client=client)
+    [done] = await off.revoke("alice", "linear")
+    assert done.upstream == "revoked", done.detail
+    assert done.removed and await vault.get("alice", "linear") is None
+    revoked = fake.requests("/as/revoke")
+    assert [r.form["token"] for r in revoked] == ["rt-1", "at-1"]  # RFC 7009, both tokens
+    assert all(r.form["client_id"] == "dcr-client-1" for r in revoked)  # the minting client
