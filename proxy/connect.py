@@ -108,16 +108,19 @@ class Connector:
     def _client_secret(self, provider: ProviderSettings) -> Secret | None:
         return self._live.current.client_secret(provider)
 
-    async def _mcp(self, provider: ProviderSettings, redirect_uri: str, user: str
+    async def _mcp(self, provider: ProviderSettings, redirect_uri: str, user: str,
+                   registered: Registration | None = None
                    ) -> tuple[ProviderSettings, AuthServer, Registration]:
         """An ``mcp`` provider made concrete (proxy.mcpauth): its authorization server's
         endpoints from discovery, the client from registration, the scopes, and the
         server's canonical URI as ``resource`` (RFC 8707 section 2) on the authorize
-        request and on every token request (code and refresh: ``token_params``)."""
+        request and on every token request (code and refresh: ``token_params``).
+        ``registered``: the client the flow began with (the callback, which may reach
+        another replica, uses it rather than registering again)."""
         assert provider.mcp is not None
         try:
             server = await self.discovery.discover(provider.mcp, allow_http=provider.allow_http)
-            reg = await self.registrar.client_for(
+            reg = registered or await self.registrar.client_for(
                 issuer=server.issuer, pre_registered=provider.client_id or None,
                 auth_method=provider.token_endpoint_auth_method, server=server,
                 public_base=self.settings.connect_base, redirect_uri=redirect_uri)
@@ -201,9 +204,13 @@ class Connector:
                                      "r": redirect_uri, "s": granted, "t": return_to,
                                      "c": self._clock(), "g": chosen}
         if mcp is not None:
-            # The issuer and client this flow began with: the callback must match them
-            # (RFC 9207 iss; a registration changed in between is a new flow).
-            record["i"], record["k"] = mcp[0].issuer, mcp[1].client_id
+            # The issuer and client this flow began with (sealed: a registered client's
+            # secret too): the callback checks iss against it (RFC 9207) and exchanges the
+            # code as that client, on whichever replica it lands.
+            reg = mcp[1]
+            record["i"] = mcp[0].issuer
+            record["k"] = [reg.kind, reg.client_id, reg.token_endpoint_auth_method,
+                           reg.client_secret]
         if browser is not None:
             record["b"] = _browser_hash(browser)
         await self._coord.put_once(self._name(state), self._seal(state, record),
@@ -267,8 +274,17 @@ class Connector:
         client_secret = self._client_secret(provider)
         mcp_values: dict[str, GrantValue] = {}
         if provider.mcp is not None:
-            provider, server, reg = await self._mcp(provider, str(rec["r"]), user)
-            if server.issuer != issuer or reg.client_id != rec.get("k"):
+            began = rec.get("k")
+            if not isinstance(began, list) or len(began) != 4 or not isinstance(issuer, str):
+                raise ConnectRejected("mcp_issuer_changed", "the sign-in was begun before "
+                                      f"{provider_id} was an MCP server; start again",
+                                      user=user, provider=provider_id)
+            kind, client_id, method, secret = began
+            provider, server, reg = await self._mcp(
+                provider, str(rec["r"]), user,
+                Registration(issuer, str(kind), str(client_id), str(method),
+                             secret if isinstance(secret, str) else None))
+            if server.issuer != issuer:
                 raise ConnectRejected("mcp_issuer_changed",
                                       "the MCP server's authorization server or client "
                                       "changed during the sign-in; start again",

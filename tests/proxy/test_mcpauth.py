@@ -406,3 +406,43 @@ async def test_offboarding_an_mcp_grant_revokes_at_the_discovered_endpoint(
     revoked = fake.requests("/as/revoke")
     assert [r.form["token"] for r in revoked] == ["rt-1", "at-1"]  # RFC 7009, both tokens
     assert all(r.form["client_id"] == "dcr-client-1" for r in revoked)  # the minting client
+
+
+async def test_the_callback_on_another_replica_uses_the_client_the_flow_began_with(
+        fake: FakeOAuth, client: ProviderClient, tmp_path: Any) -> None:
+    import io
+
+    from proxy.audit import AuditLog, StdoutSink
+    from proxy.connect import Connector
+    from proxy.coordination import MemoryCoordinator
+    from proxy.vault.local import LocalVault
+
+    server = script_server(fake, client_id_metadata_document_supported=False)
+    fake.script("/as/token", Answer.json(access_token="at-1", token_type="Bearer",
+                                         refresh_token="rt-1", expires_in=3600))
+    fake.script("/as/register", Answer.json(201, client_id="dcr-a", client_secret="sec-a",
+                                            token_endpoint_auth_method="client_secret_post"))
+    key = bytes(range(32))
+    vault = LocalVault.open(tmp_path / "v.db", key)
+    coord = MemoryCoordinator()  # shared, as Redis is between replicas
+    live = live_config(settings=mcp_settings(server))
+
+    clients: list[ProviderClient] = []
+
+    def replica() -> Connector:
+        audit = AuditLog(StdoutSink(io.StringIO()), instance="t/1", fingerprint_key=key)
+        clients.append(ProviderClient(live))
+        return Connector(live, vault, coord, audit, state_key=key, client=clients[-1])
+
+    a, b = replica(), replica()
+    try:
+        q = query(await a.begin("alice", "linear", redirect_uri="http://127.0.0.1/cb"))
+        await b.complete({"state": q["state"], "code": "c", "iss": f"{fake.base}/as"})
+    finally:
+        await vault.close()
+        for c in clients:
+            await c.aclose()
+    assert len(fake.requests("/as/register")) == 1  # b did not register again
+    form = fake.requests("/as/token")[0].form
+    # The registered confidential client, its secret carried sealed in the flow's state.
+    assert (form["client_id"], form["client_secret"]) == ("dcr-a", "sec-a")
