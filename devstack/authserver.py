@@ -37,8 +37,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import httpx2
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import (
     AuthorizationCodeMixin,
@@ -53,7 +54,14 @@ from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from flask import Flask, Response, abort, request
 
-from devstack._serve import add_server_args, clock, configure_logging, is_loopback, serve
+from devstack._serve import (
+    add_server_args,
+    client_tls_context,
+    clock,
+    configure_logging,
+    is_loopback,
+    serve,
+)
 
 log = logging.getLogger("devstack.authserver")
 
@@ -78,6 +86,7 @@ class Client(ClientMixin):  # type: ignore[misc]
     redirect_uris: tuple[str, ...] = ()
     scope: str = ""
     kind: str = "client"
+    public: bool = False  # registered by RFC 7591 with token_endpoint_auth_method "none"
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Client:
@@ -125,10 +134,13 @@ class Client(ClientMixin):  # type: ignore[misc]
         return portless in self.redirect_uris
 
     def check_client_secret(self, client_secret: str) -> bool:
-        return secrets.compare_digest(self.client_secret.encode(), client_secret.encode())
+        return not self.public and secrets.compare_digest(self.client_secret.encode(),
+                                                          client_secret.encode())
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        return method in CLIENT_AUTH_METHODS  # every client is confidential
+        if self.public:
+            return method == "none"
+        return method in CLIENT_AUTH_METHODS
 
     def check_response_type(self, response_type: str) -> bool:
         return self.kind == "client" and response_type == "code"
@@ -145,6 +157,7 @@ class Family:
     user: str
     client_id: str
     revoked: bool = False
+    resource: str | None = None  # RFC 8707: the audience of every token of the family
 
 
 @dataclass(eq=False)
@@ -233,9 +246,13 @@ class Stats:
     revocations: int = 0
     introspections: int = 0
     refresh_by_user: Counter[str] = field(default_factory=Counter)
+    registrations: list[dict[str, Any]] = field(default_factory=list)  # RFC 7591 requests
+    metadata_documents: list[str] = field(default_factory=list)  # client documents fetched
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "registrations": list(self.registrations),
+            "metadata_documents": list(self.metadata_documents),
             "token_calls": self.token_calls,
             "refresh_calls": self.refresh_calls,
             "refresh_by_user": dict(self.refresh_by_user),
@@ -252,7 +269,10 @@ class Store:
     refresh token presented twice at the same moment" deterministic (one wins, the other is a
     reuse)."""
 
-    def __init__(self, clients: list[Client], access_ttl: int) -> None:
+    def __init__(self, clients: list[Client], access_ttl: int, *,
+                 metadata_documents: bool = False, ca_file: str | None = None) -> None:
+        self.metadata_documents = metadata_documents  # accept https client_id documents
+        self.ca_file = ca_file  # to verify them
         self.lock = threading.RLock()
         self.clients = {c.client_id: c for c in clients}
         self.access_ttl = access_ttl
@@ -266,7 +286,36 @@ class Store:
         self.faults = Faults()
 
     def query_client(self, client_id: str) -> Client | None:
-        return self.clients.get(client_id)
+        known = self.clients.get(client_id)
+        if known is None and self.metadata_documents and client_id.startswith("https://"):
+            known = self._client_from_document(client_id)
+        return known
+
+    def _client_from_document(self, url: str) -> Client | None:
+        """A Client ID Metadata Document client (MCP authorization): the client_id is an
+        https URL whose JSON names itself as ``client_id`` and lists its redirect URIs."""
+        try:
+            with httpx2.Client(verify=client_tls_context(self.ca_file), timeout=10,
+                               trust_env=False) as http:
+                resp = http.get(url, headers={"Accept": "application/json"})
+            doc = resp.json() if resp.status_code == 200 else None
+        except (httpx2.HTTPError, ValueError) as exc:
+            log.warning("client metadata document %s unreadable: %s", url, type(exc).__name__)
+            return None
+        with self.lock:
+            self.stats.metadata_documents.append(url)
+        if not isinstance(doc, dict) or doc.get("client_id") != url:
+            return None
+        uris = doc.get("redirect_uris")
+        if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
+            return None
+        scope = " ".join(sorted({s for c in self.clients.values() for s in c.scope.split()}
+                                | {"offline_access"}))
+        client = Client(client_id=url, client_secret="", redirect_uris=tuple(uris),
+                        scope=scope, public=True)
+        with self.lock:
+            self.clients[url] = client
+        return client
 
     def new_family(self, user: str, client_id: str) -> Family:
         with self.lock:
@@ -366,12 +415,13 @@ class S256CodeChallenge(CodeChallenge):  # type: ignore[misc]
 
 
 class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
-    TOKEN_ENDPOINT_AUTH_METHODS = CLIENT_AUTH_METHODS
+    TOKEN_ENDPOINT_AUTH_METHODS = [*CLIENT_AUTH_METHODS, "none"]
 
     def save_authorization_code(self, code: str, req: Any) -> None:
         store: Store = self.server.store
         data = req.payload.data
         family = store.new_family(req.user, req.client.client_id)
+        family.resource = request.args.get("resource") or None
         with store.lock:
             store.codes[code] = AuthCode(
                 code=code,
@@ -407,7 +457,7 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
 
 
 class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
-    TOKEN_ENDPOINT_AUTH_METHODS = CLIENT_AUTH_METHODS
+    TOKEN_ENDPOINT_AUTH_METHODS = [*CLIENT_AUTH_METHODS, "none"]
     INCLUDE_NEW_REFRESH_TOKEN = True  # rotate on every use
 
     def authenticate_refresh_token(self, refresh_token: str) -> IssuedToken | None:
@@ -433,7 +483,7 @@ class RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
 
 
 class Revocation(RevocationEndpoint):  # type: ignore[misc]
-    CLIENT_AUTH_METHODS = CLIENT_AUTH_METHODS
+    CLIENT_AUTH_METHODS = [*CLIENT_AUTH_METHODS, "none"]
 
     def query_token(self, token_string: str, token_type_hint: str | None) -> IssuedToken | None:
         store: Store = self.server.store
@@ -476,6 +526,8 @@ class Introspection(IntrospectionEndpoint):  # type: ignore[misc]
         }
         if token.expires_at is not None:
             payload["exp"] = int(token.expires_at)
+        if token.family.resource is not None:
+            payload["aud"] = token.family.resource  # RFC 8707 section 2 / RFC 7662 aud
         return payload
 
 
@@ -519,10 +571,10 @@ class Server(AuthorizationServer):  # type: ignore[misc]
 # The Flask application
 
 
-def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, admin: bool = False
-               ) -> Flask:
+def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, admin: bool = False,
+               metadata_documents: bool = False, ca_file: str | None = None) -> Flask:
     app = Flask("devstack.authserver")
-    store = Store(clients, access_ttl)
+    store = Store(clients, access_ttl, metadata_documents=metadata_documents, ca_file=ca_file)
     server = Server(app, store)
     server.register_grant(AuthorizationCodeGrant, [S256CodeChallenge(required=True)])
     server.register_grant(RefreshTokenGrant)
@@ -547,8 +599,46 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
             "response_types_supported": ["code"],
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": ["S256"],
-            "token_endpoint_auth_methods_supported": CLIENT_AUTH_METHODS,
+            "token_endpoint_auth_methods_supported": [*CLIENT_AUTH_METHODS, "none"],
+            # RFC 7591 dynamic registration; RFC 9207 iss in every authorization response.
+            "registration_endpoint": f"{base}/register",
+            "authorization_response_iss_parameter_supported": True,
+            "client_id_metadata_document_supported": store.metadata_documents,
+            "scopes_supported": sorted({s for c in store.clients.values()
+                                        for s in c.scope.split()} | {"offline_access"}),
         }
+
+    @app.post("/register")
+    def register() -> Any:
+        # RFC 7591 section 3: client metadata in, a client_id (and for a confidential
+        # client a secret) out; 400 invalid_client_metadata / invalid_redirect_uri.
+        meta = request.get_json(silent=True)
+        if not isinstance(meta, dict):
+            return _registration_error("invalid_client_metadata", "not a JSON object")
+        uris = meta.get("redirect_uris")
+        if not isinstance(uris, list) or not uris or not all(
+                isinstance(u, str) and u.startswith(("https://", "http://")) for u in uris):
+            return _registration_error("invalid_redirect_uri", "redirect_uris required")
+        method = meta.get("token_endpoint_auth_method", "client_secret_basic")
+        if method not in [*CLIENT_AUTH_METHODS, "none"]:
+            return _registration_error("invalid_client_metadata",
+                                       f"unsupported token_endpoint_auth_method {method}")
+        scope = " ".join(sorted({s for c in store.clients.values() for s in c.scope.split()}
+                                | {"offline_access"}))
+        client = Client(client_id=f"dcr_{secrets.token_hex(8)}",
+                        client_secret="" if method == "none" else secrets.token_urlsafe(24),
+                        redirect_uris=tuple(uris), scope=scope, public=method == "none")
+        with store.lock:
+            store.clients[client.client_id] = client
+            store.stats.registrations.append(meta)
+        answer: dict[str, Any] = {**meta, "client_id": client.client_id,
+                                  "client_id_issued_at": int(clock()),
+                                  "token_endpoint_auth_method": method}
+        if not client.public:
+            answer["client_secret"] = client.client_secret
+            answer["client_secret_expires_at"] = 0
+        return Response(json.dumps(answer), status=201, content_type="application/json",
+                        headers=NO_STORE)
 
     @app.get("/authorize")
     def authorize() -> Any:
@@ -561,7 +651,8 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
             # Redirects when the client and redirect_uri check out, otherwise a 400 (4.1.2.1).
             return server.handle_error_response(request, error)
         if request.args.get("deny") == "1":
-            return server.create_authorization_response(grant=grant, grant_user=None)
+            return _with_iss(server.create_authorization_response(grant=grant,
+                                                                  grant_user=None))
         if not user:
             missing = InvalidRequestError(
                 "Missing 'login_hint' (this test server has no login page)",
@@ -569,7 +660,7 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
                 state=request.args.get("state"),
             )
             return server.handle_error_response(request, missing)
-        return server.create_authorization_response(grant=grant, grant_user=user)
+        return _with_iss(server.create_authorization_response(grant=grant, grant_user=user))
 
     @app.post("/token")
     def token() -> Any:
@@ -602,6 +693,16 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
             )
         # Validation and issuance under one lock: see Store.
         with store.lock:
+            # RFC 8707 section 2.2: a token request naming another resource than the
+            # authorization did is refused (invalid_target).
+            form = request.form
+            rec: Any = (store.codes.get(form.get("code", "")) if grant_type ==
+                        "authorization_code" else store.refresh.get(
+                            form.get("refresh_token", "")))
+            bound = rec.family.resource if rec is not None else None
+            if bound is not None and form.get("resource") != bound:
+                return Response(json.dumps({"error": "invalid_target"}), status=400,
+                                content_type="application/json", headers=NO_STORE)
             return server.create_token_response()
 
     @app.post("/revoke")
@@ -625,6 +726,22 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
     if admin:
         _add_admin(app, store)
     return app
+
+
+def _registration_error(code: str, why: str) -> Response:
+    return Response(json.dumps({"error": code, "error_description": why}), status=400,
+                    content_type="application/json", headers=NO_STORE)
+
+
+def _with_iss(response: Any) -> Any:
+    """RFC 9207 section 2: the authorization response (success or error) names the issuer
+    in ``iss``, so a client can tell which server answered (mix-up defence)."""
+    location = getattr(response, "headers", {}).get("Location")
+    if location and response.status_code in (302, 303):
+        sep = "&" if "?" in location else "?"
+        iss = request.host_url.rstrip("/")
+        response.headers["Location"] = f"{location}{sep}{urlencode({'iss': iss})}"
+    return response
 
 
 def _add_admin(app: Flask, store: Store) -> None:
@@ -762,13 +879,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--access-ttl", type=int, default=DEFAULT_ACCESS_TTL,
                         help="access token lifetime in seconds (default 3600)")
     parser.add_argument("--admin", action="store_true", help="enable the /_admin/ test API")
+    parser.add_argument("--client-metadata-documents", action="store_true",
+                        help="accept https client_ids (Client ID Metadata Documents)")
+    parser.add_argument("--ca-file", help="CA bundle to verify client metadata documents")
     args = parser.parse_args(argv)
     configure_logging(args.debug)
     if not args.cert:
         # authlib refuses non-https request URIs except on loopback; a plain-HTTP dev server
         # on another interface is still a dev server.
         os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
-    app = create_app(load_clients(args.clients), access_ttl=args.access_ttl, admin=args.admin)
+    app = create_app(load_clients(args.clients), access_ttl=args.access_ttl, admin=args.admin,
+                     metadata_documents=args.client_metadata_documents, ca_file=args.ca_file)
     serve(app, args, "authserver")
 
 

@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import httpx2
 from flask import Flask, Response, request
@@ -146,8 +147,28 @@ def create_app(
     permissions: dict[str, Any],
     *,
     required_scope: str | None = None,
+    resource: str | None = None,
+    authorization_server: str | None = None,
 ) -> Flask:
+    """``resource``: this API as an OAuth protected resource (an MCP server's canonical URI):
+    it publishes RFC 9728 metadata naming ``authorization_server``, names it in its 401
+    challenges, and accepts only tokens whose introspected ``aud`` is ``resource`` (RFC 8707
+    section 2)."""
     app = Flask("devstack.docapi")
+    meta_url = None
+    if resource is not None:
+        path = urlsplit(resource).path.rstrip("/")
+        meta_path = "/.well-known/oauth-protected-resource" + path
+        meta_url = urljoin(resource, meta_path)
+
+        @app.get(meta_path)
+        def resource_metadata() -> Any:
+            return {"resource": resource, "authorization_servers": [authorization_server],
+                    "scopes_supported": [required_scope or "documents.read"],
+                    "bearer_methods_supported": ["header"]}
+
+    def challenge(base: str) -> str:
+        return f'{base}, resource_metadata="{meta_url}"' if meta_url else base
     documents: list[dict[str, Any]] = list(permissions.get("documents", []))
     users: dict[str, list[str]] = dict(permissions.get("users", {}))
 
@@ -163,7 +184,7 @@ def create_app(
             return _json(
                 {"error": "unauthorized", "error_description": "no bearer token"},
                 401,
-                {"WWW-Authenticate": NO_TOKEN},
+                {"WWW-Authenticate": challenge(NO_TOKEN)},
             )
         try:
             info = introspector.introspect(token)
@@ -180,7 +201,13 @@ def create_app(
             return _json(
                 {"error": "invalid_token", "error_description": "token is not active"},
                 401,
-                {"WWW-Authenticate": INVALID_TOKEN},
+                {"WWW-Authenticate": challenge(INVALID_TOKEN)},
+            )
+        if resource is not None and info.get("aud") != resource:
+            return _json(
+                {"error": "invalid_token", "error_description": "token is for another "
+                 f"audience ({info.get('aud')!r})"}, 401,
+                {"WWW-Authenticate": challenge(INVALID_TOKEN)},
             )
         if required_scope and required_scope not in str(info.get("scope", "")).split():
             return _json(
@@ -191,9 +218,11 @@ def create_app(
             )
         user = str(info.get("sub", ""))
         matters = set(users.get(user, []))
-        return _json(
-            {"user": user, "documents": [d for d in documents if d.get("matter") in matters]}
-        )
+        answer: dict[str, Any] = {
+            "user": user, "documents": [d for d in documents if d.get("matter") in matters]}
+        if resource is not None:
+            answer["aud"] = info.get("aud")
+        return _json(answer)
 
     echo_methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -280,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--introspect-cache-ttl", type=float, default=1.0,
                         help="seconds to cache introspection answers (0 disables; default 1)")
     parser.add_argument("--required-scope", help="scope /documents insists on (default none)")
+    parser.add_argument("--resource", help="this API's resource URI (RFC 9728 metadata, aud)")
+    parser.add_argument("--authorization-server", help="issuer named in its RFC 9728 metadata")
     args = parser.parse_args(argv)
     configure_logging(args.debug)
     secret = os.environ.get(args.client_secret_env)
@@ -289,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     introspector = Introspector(
         args.introspect_url, args.client_id, secret, args.ca_file, args.introspect_cache_ttl
     )
-    app = create_app(introspector, permissions, required_scope=args.required_scope)
+    app = create_app(introspector, permissions, required_scope=args.required_scope,
+                     resource=args.resource, authorization_server=args.authorization_server)
     serve(app, args, "docapi")
 
 

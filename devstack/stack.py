@@ -158,7 +158,8 @@ class Stack:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     def echo_server(self, *, tls: bool, name: str | None = None, port: int = 0,
-                    required_scope: str | None = None) -> Running:
+                    required_scope: str | None = None, resource: str | None = None
+                    ) -> Running:
         """An extra document API that reports what arrived (started on first use): by
         default on a free port no provider lists, an *unrouted* upstream.
         ``required_scope``: its /documents insists on that scope (403 insufficient_scope,
@@ -175,11 +176,31 @@ class Stack:
             args += ["--cert", str(self.workdir / "pki" / "server.pem"),
                      "--key", str(self.workdir / "pki" / "server.key")]
         if required_scope:
-            args += ["--required-scope", required_scope,
-                     "--ca-file", str(self.ca.cert_path)]
+            args += ["--required-scope", required_scope]
+        if required_scope or resource:
+            args += ["--ca-file", str(self.ca.cert_path)]
+        if resource:
+            # An OAuth protected resource (RFC 9728 metadata naming the stack's
+            # authorization server; tokens must have aud == resource): an MCP server's.
+            args += ["--resource", resource, "--authorization-server", self.auth.url]
         r = start_server(args, self.workdir / f"{name}.ready",
                          env={"DOCAPI_SECRET": self.env["DOCAPI_SECRET"]},
                          log_dir=self.workdir / "logs", name=name)
+        self.extra.append(r)
+        return r
+
+    def ingress(self) -> Running:
+        """A TLS-terminating reverse proxy in front of the admin server (started on first
+        use; devstack.ingress): set ``public_url`` to its URL before starting the proxy."""
+        for r in self.extra:
+            if r.name == "ingress":
+                return r
+        r = start_server(
+            ["-m", "devstack.ingress", "--backend", f"http://{self.config['admin']}",
+             "--cert", str(self.workdir / "pki" / "server.pem"),
+             "--key", str(self.workdir / "pki" / "server.key"),
+             "--ready-file", str(self.workdir / "ingress.ready")],
+            self.workdir / "ingress.ready", log_dir=self.workdir / "logs", name="ingress")
         self.extra.append(r)
         return r
 
@@ -320,7 +341,7 @@ class Stack:
 def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 3600,
                 audit_sink: str = "stdout", config: Mapping[str, Any] | None = None,
                 introspect_cache_ttl: float = 0.0, keyvault: bool = False,
-                clock_offset: float = 0.0) -> Stack:
+                clock_offset: float = 0.0, client_metadata_documents: bool = False) -> Stack:
     """``clock_offset``: seconds the provider's clock (authorization server and document
     API) runs ahead of this machine's."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -345,7 +366,9 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
     auth = start_server(
         ["-m", "devstack.authserver", "--clients", str(workdir / "clients.json"), "--admin",
          "--access-ttl", str(access_ttl), *tls, "--ready-file", str(workdir / "auth.ready"),
-         "--clock-offset", str(clock_offset)],
+         "--clock-offset", str(clock_offset),
+         *(["--client-metadata-documents", "--ca-file", str(ca.cert_path)]
+           if client_metadata_documents else [])],
         workdir / "auth.ready", log_dir=logs, name="authserver",
     )
     docs = start_server(

@@ -44,6 +44,7 @@ from proxy.errors import (
     VaultError,
 )
 from proxy.live import LiveConfig, Snapshot
+from proxy.mcpauth import CLIENT_METADATA_PATH, client_metadata
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import Metrics
 from proxy.problems import problem_response
@@ -163,6 +164,7 @@ class AdminServer:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/connect/{provider}", self.connect)
         app.router.add_get("/oauth/callback", self.callback)
+        app.router.add_get(CLIENT_METADATA_PATH, self.client_metadata)
         app.router.add_get("/v1/connections", self.connections)
         self.app = app
 
@@ -179,6 +181,16 @@ class AdminServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def client_metadata(self, request: web.Request) -> web.Response:
+        """credproxy's Client ID Metadata Document (MCP authorization, "Client ID Metadata
+        Documents"; RFC 7591 section 2 members): 200 JSON whose ``client_id`` is its own
+        URL under ``public_url``; 404 when ``public_url`` is not https."""
+        settings = self._live.current.settings
+        doc = client_metadata(settings.connect_base, settings.redirect_uri)
+        if doc is None:
+            return web.json_response({"error": "public_url is not https"}, status=404)
+        return web.json_response(doc, headers={"Cache-Control": "max-age=3600"})
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: 200 ``{"status": "ok"}``, or 503 ``{"status": "failing", "checks":

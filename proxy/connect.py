@@ -43,6 +43,14 @@ from proxy.binding import BindingError, GrantValue, GrantValueSettings, ValueSou
 from proxy.coordination.base import Coordinator, Used
 from proxy.errors import CredproxyError, VaultError
 from proxy.live import LiveConfig
+from proxy.mcpauth import (
+    AuthServer,
+    McpDiscoveryError,
+    Registrar,
+    Registration,
+    concrete,
+    shared_discovery,
+)
 from proxy.provider_client import DiscoveryFailed, ProviderClient, TokenRequestFailed
 from proxy.reasons import from_provider_code
 from proxy.secret import Secret
@@ -88,6 +96,8 @@ class Connector:
         self._owns_client = client is None
         self._provider_client = client or ProviderClient(live, verify=verify, clock=clock)
         self._clock = clock
+        self.discovery = shared_discovery(self._provider_client, clock=clock)
+        self.registrar = Registrar(self._provider_client)
 
     @property
     def settings(self) -> Settings:
@@ -97,6 +107,34 @@ class Connector:
 
     def _client_secret(self, provider: ProviderSettings) -> Secret | None:
         return self._live.current.client_secret(provider)
+
+    async def _mcp(self, provider: ProviderSettings, redirect_uri: str, user: str,
+                   registered: Registration | None = None
+                   ) -> tuple[ProviderSettings, AuthServer, Registration]:
+        """An ``mcp`` provider made concrete (proxy.mcpauth): its authorization server's
+        endpoints from discovery, the client from registration, the scopes, and the
+        server's canonical URI as ``resource`` (RFC 8707 section 2) on the authorize
+        request and on every token request (code and refresh: ``token_params``).
+        ``registered``: the client the flow began with (the callback, which may reach
+        another replica, uses it rather than registering again)."""
+        assert provider.mcp is not None
+        try:
+            server = await self.discovery.discover(provider.mcp, allow_http=provider.allow_http)
+            reg = registered or await self.registrar.client_for(
+                issuer=server.issuer, pre_registered=provider.client_id or None,
+                auth_method=provider.token_endpoint_auth_method, server=server,
+                public_base=self.settings.connect_base, redirect_uri=redirect_uri)
+        except McpDiscoveryError as exc:
+            raise ConnectRejected(exc.reason, exc.detail, user=user,
+                                  provider=provider.id) from None
+        provider = concrete(provider, server, client_id=reg.client_id,
+                            auth_method=reg.token_endpoint_auth_method)
+        return provider, server, reg
+
+    def _mcp_secret(self, provider: ProviderSettings, reg: Registration) -> Secret | None:
+        if reg.kind == "pre-registered":
+            return self._client_secret(provider)
+        return Secret(reg.client_secret) if reg.client_secret else None
 
     def scopes_for(self, provider: ProviderSettings, requested: list[str] | None) -> list[str]:
         """The configured scopes, or a narrower set the user asked for (never wider)."""
@@ -132,6 +170,10 @@ class Connector:
                      scopes: list[str] | None, return_to: str | None,
                      browser: str | None, choices: Mapping[str, str]) -> str:
         provider = self._provider(provider_id)
+        mcp: tuple[AuthServer, Registration] | None = None
+        if provider.mcp is not None:
+            provider, found, reg = await self._mcp(provider, redirect_uri, user)
+            mcp = (found, reg)
         try:
             chosen = _read_values(provider, "choice", lambda spec, name:
                                   choices.get(spec.param or name))
@@ -161,6 +203,14 @@ class Connector:
         record: dict[str, object] = {"u": user, "p": provider.id, "v": verifier,
                                      "r": redirect_uri, "s": granted, "t": return_to,
                                      "c": self._clock(), "g": chosen}
+        if mcp is not None:
+            # The issuer and client this flow began with (sealed: a registered client's
+            # secret too): the callback checks iss against it (RFC 9207) and exchanges the
+            # code as that client, on whichever replica it lands.
+            reg = mcp[1]
+            record["i"] = mcp[0].issuer
+            record["k"] = [reg.kind, reg.client_id, reg.token_endpoint_auth_method,
+                           reg.client_secret]
         if browser is not None:
             record["b"] = _browser_hash(browser)
         await self._coord.put_once(self._name(state), self._seal(state, record),
@@ -205,6 +255,9 @@ class Connector:
         if self._clock() - float(rec["c"]) > self.settings.connect.state_ttl:
             raise ConnectRejected("expired_state", "the sign-in took too long; start again",
                                   user=user, provider=provider_id)
+        issuer = rec.get("i")
+        if isinstance(issuer, str):
+            _check_iss(params, issuer, user, provider_id)
         if "error" in params:
             raise ConnectRejected(f"provider_error:{params['error'][:64]}",
                                   f"the provider answered {params['error'][:64]}",
@@ -218,6 +271,34 @@ class Connector:
             raise ConnectRejected("missing_pkce_verifier", "the PKCE verifier is missing",
                                   user=user, provider=provider_id)
         provider = self._provider(provider_id)
+        client_secret = self._client_secret(provider)
+        mcp_values: dict[str, GrantValue] = {}
+        if provider.mcp is not None:
+            began = rec.get("k")
+            if not isinstance(began, list) or len(began) != 4 or not isinstance(issuer, str):
+                raise ConnectRejected("mcp_issuer_changed", "the sign-in was begun before "
+                                      f"{provider_id} was an MCP server; start again",
+                                      user=user, provider=provider_id)
+            kind, client_id, method, secret = began
+            provider, server, reg = await self._mcp(
+                provider, str(rec["r"]), user,
+                Registration(issuer, str(kind), str(client_id), str(method),
+                             secret if isinstance(secret, str) else None))
+            if server.issuer != issuer:
+                raise ConnectRejected("mcp_issuer_changed",
+                                      "the MCP server's authorization server or client "
+                                      "changed during the sign-in; start again",
+                                      user=user, provider=provider_id)
+            if server.iss_parameter_supported and "iss" not in params:
+                # RFC 9207 section 2.4: required when the server says it sends one.
+                raise ConnectRejected("iss_missing", "the authorization response carries no "
+                                      "iss though the server advertises it (RFC 9207)",
+                                      user=user, provider=provider_id)
+            client_secret = self._mcp_secret(provider, reg)
+            # The grant records what minted it: the resource its tokens are bound to, the
+            # issuer, and the registration (grants keyed by user, resource, issuer).
+            mcp_values = {"mcp_resource": server.resource, "mcp_issuer": server.issuer,
+                          "mcp_client_id": reg.client_id, "mcp_registration": reg.kind}
         chosen = rec.get("g")
         values: dict[str, GrantValue] = dict(chosen) if isinstance(chosen, dict) else {}
         try:
@@ -228,7 +309,7 @@ class Connector:
                                   provider=provider_id) from None
         try:
             exchanged = await self._provider_client.exchange_code(
-                endpoint, self._client_secret(provider), code=code, code_verifier=verifier,
+                endpoint, client_secret, code=code, code_verifier=verifier,
                 redirect_uri=str(rec["r"]))
         except TokenRequestFailed as exc:
             raise _exchange_rejected(exc, provider, user) from None
@@ -243,6 +324,7 @@ class Connector:
             values.update(await self._discover(provider, values, tokens))
             for resource in (None, *provider.resources):
                 provider.own_hosts(resource, values)
+            values.update(mcp_values)
         except BindingError as exc:
             raise ConnectRejected(exc.reason, exc.detail, user=user,
                                   provider=provider_id) from None
@@ -418,3 +500,13 @@ def _callback_values(provider: ProviderSettings, params: Mapping[str, str],
 
 def _browser_hash(nonce: str) -> str:
     return hashlib.sha256(b"credproxy connect browser\x00" + nonce.encode()).hexdigest()
+
+
+def _check_iss(params: Mapping[str, str], issuer: str, user: str, provider: str) -> None:
+    """RFC 9207 section 2.4: an authorization response's ``iss`` (success or error) must be
+    the issuer the flow was begun with (mix-up defence)."""
+    iss = params.get("iss")
+    if iss is not None and iss != issuer:
+        raise ConnectRejected("iss_mismatch",
+                              f"the authorization response came from issuer {iss[:120]!r}, "
+                              f"not {issuer} (RFC 9207)", user=user, provider=provider)

@@ -108,6 +108,15 @@ class Exchanged:
     response: Mapping[str, Any] = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """An answer of :meth:`ProviderClient.fetch`: status, headers, body (possibly cut)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
 class DiscoveryFailed(Exception):
     """A discovery call after a code exchange (:meth:`ProviderClient.discover`) got no
     JSON answer; ``detail`` says why (never the token)."""
@@ -209,6 +218,41 @@ class ProviderClient:
             return resp.json()
         except ValueError:
             raise DiscoveryFailed(f"{url} did not answer JSON") from None
+
+    async def fetch(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
+                    json_body: Any = None, max_bytes: int = 256 * 1024) -> Fetched:
+        """One unauthenticated call for metadata (RFC 9728, RFC 8414, OpenID Connect
+        discovery, RFC 7591 registration, a 401 probe): retried on network errors,
+        timeouts and 5xx; any other status is the answer. The body is read up to
+        ``max_bytes`` (a response streaming forever, say an SSE stream, is cut). Raises
+        :class:`DiscoveryFailed` after the last attempt."""
+        retry = self._refresh_settings()
+
+        async def once() -> Fetched:
+            async with httpx2.AsyncClient(transport=self._transport, trust_env=False,
+                                          timeout=retry.timeout) as http:
+                request = http.build_request(method, url, headers=dict(headers or {}),
+                                             json=json_body)
+                resp = await http.send(request, stream=True)
+                try:
+                    body = bytearray()
+                    if resp.status_code < 300 or "json" in resp.headers.get(
+                            "content-type", ""):
+                        async for chunk in resp.aiter_bytes():
+                            body += chunk
+                            if len(body) >= max_bytes:
+                                break
+                finally:
+                    await resp.aclose()
+            if resp.status_code >= 500:
+                raise _Transient(f"HTTP {resp.status_code}")
+            return Fetched(resp.status_code, resp.headers, bytes(body[:max_bytes]))
+
+        try:
+            return await self._retrying(once, retry)
+        except _Transient as exc:
+            raise DiscoveryFailed(f"{url} failed after {retry.attempts} attempts "
+                                  f"({exc})") from None
 
     async def refresh(self, provider: ProviderSettings, client_secret: Secret | None,
                       refresh_token: Secret, *, scopes: list[str] | None = None) -> TokenSet:

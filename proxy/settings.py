@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -325,10 +326,15 @@ class ResourceSettings(_Model):
 class ProviderSettings(_Model):
     id: _Id
     hosts: _Hosts
+    # An MCP server by its URL (MCP authorization spec, 2026-07-28): the authorization
+    # server's endpoints come from discovery and the client from registration (proxy.mcpauth),
+    # so token_url and authorize_url stay unset ("") and client_id is optional (a
+    # pre-registered client); hosts default to the URL's host[:port].
+    mcp: str | None = None
     authorize_url: str | None = None
-    token_url: str
+    token_url: str = ""  # required unless mcp
     revocation_url: str | None = None
-    client_id: str
+    client_id: str = ""  # required unless mcp
     client_secret_env: str | None = None
     client_secret_file: str | None = None
     token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] = (
@@ -382,8 +388,31 @@ class ProviderSettings(_Model):
                 raise ValueError(f"{m!r} is not an HTTP method")
         return [m.upper() for m in v]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mcp_hosts(cls, data: Any) -> Any:
+        """``hosts`` default to the ``mcp`` URL's host[:port] (the server's own host only);
+        without a pre-registered ``client_id``, the client is public (``none``)."""
+        if isinstance(data, Mapping) and isinstance(data.get("mcp"), str) \
+                and "hosts" not in data:
+            host = mcp_host(data["mcp"])
+            if host is None:
+                raise ValueError("mcp must be an https URL with a host (the MCP server's)")
+            data = {**data, "hosts": [host]}
+        if isinstance(data, Mapping) and data.get("mcp") and not data.get("client_id"):
+            # Registered clients (metadata document, RFC 7591) are public: PKCE, no secret.
+            data = {"token_endpoint_auth_method": "none", **data}
+        return data
+
     @model_validator(mode="after")
     def _urls(self) -> Self:
+        if self.mcp is not None:
+            self._check_mcp()
+        else:
+            for name in ("token_url", "client_id"):
+                if not getattr(self, name):
+                    raise ValueError(f"{name} is required (or mcp: <server URL>, whose "
+                                     "discovery gives the endpoints)")
         for name in ("token_url", "authorize_url", "revocation_url"):
             url = getattr(self, name)
             if url and not (url.startswith("https://") or (self.allow_http and
@@ -400,6 +429,47 @@ class ProviderSettings(_Model):
             raise ValueError(f"authorize_params: {self.scope_param!r} is the scope_param")
         self._check_binding()
         return self
+
+    def _check_mcp(self) -> None:
+        """An ``mcp`` entry: an absolute https URL (http with ``allow_http``) without a
+        fragment or userinfo (RFC 8707 section 2: it is the ``resource``), whose host is one
+        of ``hosts``; no endpoints of its own (they come from discovery, RFC 9728 / RFC
+        8414); a client secret only with a pre-registered ``client_id``."""
+        url = self.mcp or ""
+        parts = urlsplit(url)
+        if not (parts.scheme == "https" or (self.allow_http and parts.scheme == "http")):
+            raise ValueError("mcp must be an https URL (the MCP server's)")
+        if not parts.hostname or parts.fragment or "#" in url or "@" in parts.netloc:
+            raise ValueError("mcp must be an absolute URL with a host, without a fragment or "
+                             "user info (it is the token's resource, RFC 8707 section 2)")
+        host = mcp_host(url)
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        if host is None or not any(HostPattern.parse(p).matches(parts.hostname.lower(), port,
+                                                                tls=tls) for p in self.hosts):
+            raise ValueError(f"mcp: the server's host {host!r} is not one of hosts")
+        given = [name for name in ("token_url", "authorize_url", "revocation_url")
+                 if getattr(self, name)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not set with mcp (the authorization "
+                             "server's metadata gives the endpoints)")
+        if not self.client_id and (self.client_secret_env or self.client_secret_file):
+            raise ValueError("a client secret needs the pre-registered client_id it "
+                             "belongs to")
+        if self.grant_values or self.resources or self.grant_hosts:
+            raise ValueError("grant_values, grant_hosts and resources are not supported "
+                             "with mcp")
+
+    @property
+    def mcp_resource(self) -> str | None:
+        """The MCP server's canonical URI (RFC 8707 section 2; MCP authorization,
+        "Canonical Server URI"): ``mcp`` with its scheme and host lower-cased; None for a
+        provider that is not an MCP server."""
+        if self.mcp is None:
+            return None
+        parts = urlsplit(self.mcp)
+        return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path,
+                           parts.query, ""))
 
     def _check_binding(self) -> None:
         """Grant values may be used only where they are known (docs/tenants.md)."""
@@ -773,6 +843,27 @@ class Settings(_Model):
             if p.id == provider_id:
                 return p
         raise ConfigError(f"providers: no provider with id {provider_id!r}")
+
+
+def mcp_host(url: str) -> str | None:
+    """The ``hosts`` entry of an MCP server URL: its host, with the port when it is not the
+    scheme's default; None when it has none or it is not a valid host."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    default = {"https": 443, "http": 80}.get(parts.scheme.lower())
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    text = host if port is None or port == default else f"{host}:{port}"
+    try:
+        return validate_host_pattern(text)
+    except ValueError:
+        return None
 
 
 def validate_host_pattern(pattern: str) -> str:

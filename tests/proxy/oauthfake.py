@@ -19,6 +19,7 @@ class Answer:
     status: int = 200
     body: bytes = b""
     content_type: str | None = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def json(cls, http_status: int = 200, /, **members: Any) -> Answer:
@@ -60,6 +61,7 @@ class FakeOAuth:
         queue = self.answers.get(request.path) or [Answer(404, b"")]
         answer = queue.pop(0) if len(queue) > 1 else queue[0]
         headers = {"Content-Type": answer.content_type} if answer.content_type else {}
+        headers.update(answer.headers)
         return web.Response(status=answer.status, body=answer.body, headers=headers)
 
 

@@ -603,3 +603,54 @@ def test_redis_topologies(coordination: dict[str, Any], slotted: bool, acks: int
     """Each topology validates, with its key layout and replica confirmations by mode."""
     c = parse_settings(config(coordination={"backend": "redis", **coordination})).coordination
     assert (c.slotted, c.acks) == (slotted, acks)
+
+
+# -- mcp: <server URL> (issue 15) ------------------------------------------------------------
+
+def test_mcp_entry_needs_only_the_server_url() -> None:
+    s = parse_settings(config({"id": "linear", "mcp": "https://MCP.Linear.example/mcp"}))
+    p = s.providers[0]
+    assert p.hosts == ["mcp.linear.example"]
+    assert p.mcp_resource == "https://mcp.linear.example/mcp"
+    assert (p.token_url, p.authorize_url, p.client_id) == ("", None, "")
+
+
+def test_mcp_entry_host_keeps_a_non_default_port_and_plain_http_needs_allow_http() -> None:
+    s = parse_settings(config({"id": "local", "mcp": "http://127.0.0.1:8123/mcp",
+                               "allow_http": True}))
+    assert s.providers[0].hosts == ["127.0.0.1:8123"]
+    with pytest.raises(ConfigError, match="mcp must be an https URL"):
+        parse_settings(config({"id": "local", "mcp": "http://127.0.0.1:8123/mcp"}))
+
+
+def test_mcp_entry_with_a_pre_registered_client() -> None:
+    s = parse_settings(config({"id": "gh", "mcp": "https://mcp.gh.example/", "client_id": "c1",
+                               "client_secret_env": "GH_SECRET"}))
+    assert s.providers[0].client_id == "c1"
+    with pytest.raises(ConfigError, match="client_secret_env or client_secret_file is required"):
+        parse_settings(config({"id": "gh", "mcp": "https://mcp.gh.example/",
+                               "client_id": "c1"}))
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    pytest.param({"mcp": "https://a.example/mcp#top"}, "without a fragment", id="fragment"),
+    pytest.param({"mcp": "https://u:p@a.example/mcp"}, "user info", id="userinfo"),
+    pytest.param({"mcp": "/mcp"}, "https URL", id="relative"),
+    pytest.param({"mcp": "https://a.example/mcp", "token_url": "https://a.example/t"},
+                 "token_url: not set with mcp", id="token-url"),
+    pytest.param({"mcp": "https://a.example/mcp", "authorize_url": "https://a.example/a"},
+                 "authorize_url: not set with mcp", id="authorize-url"),
+    pytest.param({"mcp": "https://a.example/mcp", "hosts": ["b.example"]},
+                 "host 'a.example' is not one of hosts", id="host-outside"),
+    pytest.param({"mcp": "https://a.example/mcp", "client_secret_env": "X"},
+                 "needs the pre-registered client_id", id="secret-without-client"),
+])
+def test_mcp_entry_errors(extra: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_settings(config({"id": "m", **extra}))
+
+
+@pytest.mark.parametrize("missing", ["token_url", "client_id"])
+def test_entry_without_mcp_still_needs_its_endpoints(missing: str) -> None:
+    with pytest.raises(ConfigError, match=f"{missing} is required"):
+        parse_settings(config(provider(**{missing: None})))
