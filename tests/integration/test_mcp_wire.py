@@ -32,6 +32,8 @@ from devstack.stack import Stack, build_stack
 from devstack.streamers import McpProgressServer
 from proxy import mcp as wire
 
+from .test_step_up import consent_at
+
 pytestmark = pytest.mark.integration
 
 MCP = "mcp"
@@ -99,25 +101,6 @@ def _session(env: Env, user: str, mode: str,
             return await body(client)
 
     return asyncio.run(run())
-
-
-def _connect(stack: Stack, user: str, connect_url: str) -> None:
-    """The user's browser follows the connect URL: consent to exactly the scopes it asks
-    for, callback."""
-    import httpx2
-
-    sep = "&" if "?" in connect_url else "?"
-    with httpx2.Client(verify=stack.admin_tls(), follow_redirects=False, timeout=20,
-                       trust_env=False) as b:
-        r = b.get(f"{connect_url}{sep}{httpx2.QueryParams({'context': stack.context(user)})}")
-        assert r.status_code == 302, r.text
-        authorize = r.headers["location"]
-        asked = parse_qs(urlsplit(authorize).query)["scope"][0].split()
-        assert asked == ["documents.read", "documents.write"], authorize
-        r = b.get(authorize + f"&login_hint={user}")
-        assert r.status_code == 302, r.text
-        r = b.get(r.headers["location"])
-        assert r.status_code == 200 and "now connected" in r.text, r.text
 
 
 def _connect_error(env: Env, user: str, mode: str) -> Any:
@@ -256,7 +239,7 @@ def test_a_scope_challenge_is_a_json_rpc_error_and_the_session_goes_on(env: Env,
                                                        "name": "admin_op"}
     assert denied[-1]["upstream_status"] == 403
     # The user consents at the connect URL; the same tool call then works.
-    _connect(env.stack, user, data["connect_url"])
+    consent_at(env.stack, user, data["connect_url"])
 
     async def again(client: Any) -> str:
         return str((await client.call_tool("admin_op", {})).content[0].text)

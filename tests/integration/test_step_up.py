@@ -53,8 +53,10 @@ def _get(stack: Stack, user: str) -> httpx2.Response:
         return c.get(f"{stack.write_api}/documents")  # type: ignore[attr-defined]
 
 
-def _connect(stack: Stack, user: str, connect_url: str) -> None:
-    """The user's browser follows the refusal's connect link: consent, callback."""
+def consent_at(stack: Stack, user: str, connect_url: str) -> None:
+    """The user's browser follows a refusal's connect link (the user context appended, as
+    a browser would), consents to exactly documents.read and documents.write, and the
+    callback stores the grant."""
     sep = "&" if "?" in connect_url else "?"
     with httpx2.Client(verify=stack.admin_tls(), follow_redirects=False, timeout=20,
                        trust_env=False) as b:
@@ -98,7 +100,7 @@ def test_a_scope_challenge_is_a_step_up_then_works_after_consent(stack: Stack) -
     assert denied and denied[-1]["reason"] == "insufficient_scope"
     assert denied[-1]["upstream_status"] == 403
     # The user consents to the union; the same request then works.
-    _connect(stack, user, body["connect_url"])
+    consent_at(stack, user, body["connect_url"])
     ok = _get(stack, user)
     assert ok.status_code == 200 and ok.json()["user"] == user, ok.text
 

@@ -57,6 +57,8 @@ from devstack.redistopo import Node, RedisCluster, RedisSentinel
 from devstack.stack import Stack, build_stack
 from tests.conftest import _need_redis
 
+from .test_replicas import _auth, _burst
+
 pytestmark = pytest.mark.integration
 
 ACL = ("credproxy", "s3cret-topology")
@@ -159,25 +161,6 @@ def _start_fleet(s: Stack, topology: str, topo: RedisCluster | RedisSentinel,
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-async def _burst(s: Stack, proxies: list[str], ctx: str, n: int,
-                 path: str = "/echo") -> list[httpx2.Response]:
-    clients = [httpx2.AsyncClient(proxy=p, verify=s.mitm_tls(), trust_env=False, timeout=60,
-                                  limits=httpx2.Limits(max_connections=n))
-               for p in proxies]
-    try:
-        return await asyncio.gather(*[
-            clients[i % len(clients)].get(f"{s.docs_url}{path}",
-                                          headers={"X-User-Context": ctx})
-            for i in range(n)])
-    finally:
-        for c in clients:
-            await c.aclose()
-
-
-def _auth(r: httpx2.Response) -> str:
-    return {k.lower(): v for k, v in r.json()["headers"]}["authorization"]
 
 
 def _get(s: Stack, proxy: str, user: str, path: str = "/echo") -> httpx2.Response:
