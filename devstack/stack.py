@@ -305,6 +305,13 @@ class Stack:
 
         asyncio.run(put())
 
+    def audit_records(self) -> list[dict[str, Any]]:
+        """The proxy's audit records so far (its stdout sink: one JSON object per line;
+        log lines are not JSON)."""
+        assert self.proxy is not None
+        return [json.loads(line) for line in self.proxy.stdout_text().splitlines()
+                if line.startswith("{")]
+
     def vault_get(self, user: str, provider: str = PROVIDER) -> Any:
         import asyncio
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -16,11 +15,6 @@ from devstack.stack import Stack, build_stack
 pytestmark = pytest.mark.integration
 
 
-def _records(stack: Stack) -> list[dict[str, object]]:
-    assert stack.proxy is not None
-    return [json.loads(x) for x in stack.proxy.stdout_text().splitlines() if x.startswith("{")]
-
-
 def test_one_record_per_decision_and_the_chain_verifies(stack: Stack, user: str,
                                                         marker: str) -> None:
     good = stack.context(user)
@@ -30,7 +24,7 @@ def test_one_record_per_decision_and_the_chain_verifies(stack: Stack, user: str,
         c.get(f"{stack.docs_url}/echo/{marker}/invalid", headers={"X-User-Context": "x.y.z"})
         c.get(f"{stack.docs_url}/echo/{marker}/noconn",
               headers={"X-User-Context": stack.context(f"ghost-{marker}")})
-    mine = [r for r in _records(stack) if marker in str(r["request"])]
+    mine = [r for r in stack.audit_records() if marker in str(r["request"])]
     by_path = Counter(str(r["request"]["path"]).rsplit("/", 1)[1] for r in mine)  # type: ignore[index]
     assert by_path == {"injected": 1, "missing": 1, "invalid": 1, "noconn": 1}
     events = {str(r["request"]["path"]).rsplit("/", 1)[1]: r for r in mine}  # type: ignore[index]

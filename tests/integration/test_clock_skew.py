@@ -10,7 +10,6 @@ behind, believes it has two minutes left (beyond ``refresh_skew``, so it does no
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
@@ -59,10 +58,7 @@ def _metric(s: Stack, name: str, **labels: str) -> float | None:
 
 
 def _audit_for(s: Stack, user: str) -> list[dict[str, Any]]:
-    assert s.proxy is not None
-    records = [json.loads(line) for line in s.proxy.stdout_text().splitlines()
-               if line.startswith("{")]
-    return [r for r in records if r.get("user") == user]
+    return [r for r in s.audit_records() if r.get("user") == user]
 
 
 def _refreshes(s: Stack, user: str) -> int:

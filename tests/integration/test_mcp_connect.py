@@ -8,7 +8,6 @@ requests through the sidecar carry their own resource-bound tokens."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -57,11 +56,6 @@ def stack(request: pytest.FixtureRequest,
         yield s
     finally:
         s.close()
-
-
-def _audit(stack: Stack) -> list[dict[str, Any]]:
-    assert stack.proxy is not None
-    return [json.loads(x) for x in stack.proxy.stdout_text().splitlines() if x.startswith("{")]
 
 
 def _get(stack: Stack, user: str) -> httpx2.Response:
@@ -138,7 +132,7 @@ def test_two_users_connect_by_discovery_and_registration(stack: Stack) -> None:
     assert grant.values["mcp_resource"] == server
     assert grant.values["mcp_issuer"] == stack.auth.url
     assert grant.values["mcp_registration"] == stack.registration  # type: ignore[attr-defined]
-    connected = [a for a in _audit(stack) if a["event"] == "connection.created"
+    connected = [a for a in stack.audit_records() if a["event"] == "connection.created"
                  and a.get("provider") == MCP and a.get("outcome") == "connected"]
     assert {a["user"] for a in connected} == {"mcp-alice", "mcp-bob"}
 

@@ -17,7 +17,6 @@ no ``Mcp-Method`` headers, so the proxy reads the JSON-RPC body) and ``auto`` (2
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import time
 import uuid
@@ -75,11 +74,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 def _user(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def _audit(stack: Stack) -> list[dict[str, Any]]:
-    assert stack.proxy is not None
-    return [json.loads(x) for x in stack.proxy.stdout_text().splitlines() if x.startswith("{")]
 
 
 def _session(env: Env, user: str, mode: str,
@@ -160,7 +154,7 @@ def test_a_tool_call_works_is_audited_by_tool_and_streams_live(env: Env, mode: s
     # The audit names each MCP method and the tool; never the argument.
     assert env.stack.proxy is not None
     assert argument not in env.stack.proxy.stdout_text()
-    mine = [a for a in _audit(env.stack) if a.get("user") == user
+    mine = [a for a in env.stack.audit_records() if a.get("user") == user
             and a["event"] == "credential.injected"]
     called = [a["request"]["mcp"] for a in mine if a["request"]["method"] == "POST"]
     assert {"method": "tools/call", "name": "lookup"} in called
@@ -198,7 +192,7 @@ def test_a_revoked_grant_is_a_json_rpc_error_with_the_connect_url(env: Env, mode
     elicitations = UrlElicitationRequiredError.from_error(err.error).elicitations
     assert [e.url for e in elicitations] == [data["connect_url"]]
     assert env.server.requests[before:] == []  # nothing reached the server
-    denied = [a["request"]["mcp"]["method"] for a in _audit(env.stack)
+    denied = [a["request"]["mcp"]["method"] for a in env.stack.audit_records()
               if a.get("user") == user
               and a["event"] in ("reauth.required", "credential.denied")]
     assert denied == (["initialize"] if mode == "legacy" else
@@ -233,7 +227,7 @@ def test_a_scope_challenge_is_a_json_rpc_error_and_the_session_goes_on(env: Env,
     else:  # 2026-07-28 retired -32042: credproxy's own code
         assert err.error.code == wire.CONSENT_REQUIRED and "elicitations" not in data
     assert after == "found still"
-    denied = [a for a in _audit(env.stack) if a.get("user") == user
+    denied = [a for a in env.stack.audit_records() if a.get("user") == user
               and a["event"] == "credential.denied"]
     assert denied and denied[-1]["request"]["mcp"] == {"method": "tools/call",
                                                        "name": "admin_op"}

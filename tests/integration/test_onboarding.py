@@ -33,11 +33,6 @@ def _browser(stack: Stack) -> httpx2.Client:
                          trust_env=False)
 
 
-def _audit(stack: Stack) -> list[dict[str, object]]:
-    assert stack.proxy is not None
-    return [json.loads(x) for x in stack.proxy.stdout_text().splitlines() if x.startswith("{")]
-
-
 def _documents(stack: Stack, user: str) -> httpx2.Response:
     with stack.client(context=stack.context(user)) as c:
         return c.get(f"{stack.docs_url}/documents")
@@ -73,12 +68,12 @@ def test_web_connect_flow_stores_a_grant_the_proxy_injects(stack: Stack) -> None
         assert again.status_code == 400 and "replayed_state" in again.text
     r = _documents(stack, user)
     assert r.status_code == 200 and r.json()["user"] == user
-    created = [x for x in _audit(stack) if x["event"] == "connection.created"
+    created = [x for x in stack.audit_records() if x["event"] == "connection.created"
                and x["user"] == user]
     assert [(x["outcome"], x["reason"], x["detail"]) for x in created] == [
         ("connected", None, "scope=documents.read")]
     assert any(x["event"] == "connection.created" and x["reason"] == "replayed_state"
-               for x in _audit(stack))
+               for x in stack.audit_records())
 
 
 @pytest.mark.parametrize("query,reason", [
@@ -90,7 +85,7 @@ def test_callback_rejections(stack: Stack, query: dict[str, str], reason: str) -
         r = b.get(f"{_admin(stack)}/oauth/callback", params=query)
     assert r.status_code == 400 and reason in r.text
     assert any(x["event"] == "connection.created" and x["reason"] == reason
-               for x in _audit(stack))
+               for x in stack.audit_records())
 
 
 def test_provider_error_is_a_clear_page_and_nothing_is_stored(stack: Stack) -> None:
@@ -108,7 +103,7 @@ def test_provider_error_is_a_clear_page_and_nothing_is_stored(stack: Stack) -> N
 
 
 def _rejections(stack: Stack, user: str) -> list[object]:
-    return [x["reason"] for x in _audit(stack) if x["event"] == "connection.created"
+    return [x["reason"] for x in stack.audit_records() if x["event"] == "connection.created"
             and x["user"] == user and x["outcome"] == "rejected"]
 
 

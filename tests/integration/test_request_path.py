@@ -61,9 +61,7 @@ class Env:
         return f"localhost:{self.raw.port}"
 
     def audit(self) -> list[dict[str, Any]]:
-        assert self.stack.proxy is not None
-        return [json.loads(line) for line in self.stack.proxy.stdout_text().splitlines()
-                if line.startswith("{")]
+        return self.stack.audit_records()
 
 
 @pytest.fixture(scope="module")

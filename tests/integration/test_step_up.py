@@ -11,9 +11,7 @@ flow."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx2
@@ -41,11 +39,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
     finally:
         s.close()
-
-
-def _audit(stack: Stack) -> list[dict[str, Any]]:
-    assert stack.proxy is not None
-    return [json.loads(x) for x in stack.proxy.stdout_text().splitlines() if x.startswith("{")]
 
 
 def _get(stack: Stack, user: str) -> httpx2.Response:
@@ -95,7 +88,7 @@ def test_a_scope_challenge_is_a_step_up_then_works_after_consent(stack: Stack) -
     again = _get(stack, user)
     assert again.status_code == 403 and again.json()["reason"] == "insufficient_scope"
     assert stack.stats()["refresh_by_user"].get(user, 0) == refreshes  # never a loop
-    denied = [a for a in _audit(stack) if a.get("user") == user
+    denied = [a for a in stack.audit_records() if a.get("user") == user
               and a["event"] == "credential.denied"]
     assert denied and denied[-1]["reason"] == "insufficient_scope"
     assert denied[-1]["upstream_status"] == 403

@@ -244,14 +244,9 @@ class Env:
     def audit(self, **match: Any) -> list[dict[str, Any]]:
         """The proxy's audit records (stdout) whose fields equal ``match`` (``host``: the
         request's host)."""
-        assert self.stack.proxy is not None
         out = []
-        for line in self.stack.proxy.stdout_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(rec, dict) or "event" not in rec:
+        for rec in self.stack.audit_records():
+            if "event" not in rec:
                 continue
             host = (rec.get("request") or {}).get("host")
             if all((host if k == "host" else rec.get(k)) == v for k, v in match.items()):

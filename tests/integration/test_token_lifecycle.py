@@ -5,7 +5,6 @@ re-authorization, transient token-endpoint failures as 502 with the grant intact
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,14 +27,8 @@ def _auth(r: httpx2.Response) -> str:
     return {k.lower(): v for k, v in r.json()["headers"]}["authorization"]
 
 
-def _audit(stack: Stack) -> list[dict[str, object]]:
-    assert stack.proxy is not None
-    return [json.loads(line) for line in stack.proxy.stdout_text().splitlines()
-            if line.startswith("{")]
-
-
 def _records_for(stack: Stack, marker: str) -> list[dict[str, object]]:
-    return [r for r in _audit(stack)
+    return [r for r in stack.audit_records()
             if isinstance(r.get("request"), dict) and marker in str(r["request"]["path"])]  # type: ignore[index]
 
 
@@ -148,7 +141,7 @@ def test_upstream_401_becomes_reauth_revoked_upstream(stack: Stack, marker: str)
         r = c.get(f"{stack.docs_url}/echo/{marker}")
         assert r.status_code == 401 and r.json()["reason"] == "revoked_upstream"
     assert not stack.docs_saw(marker)
-    rec = [r for r in _audit(stack) if r["event"] == "reauth.required"
+    rec = [r for r in stack.audit_records() if r["event"] == "reauth.required"
            and r["upstream_status"] == 401 and r["user"] == user]
     assert rec and rec[-1]["reason"] == "revoked_upstream"
 
