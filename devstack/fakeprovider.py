@@ -416,14 +416,7 @@ class App:
     def discover(self, req: Request, answer: Any) -> Response:
         """A discovery endpoint: its JSON for a live access token, else the API's 401."""
         p = self.p
-        name, prefix = p.quirks.api_header
-        value = req.headers.get(name, "")
-        token = value.removeprefix(prefix) if value.startswith(prefix) else ""
-        with p.lock:
-            family = p.access.get(token)
-            live = family is not None and not family.dead and token not in p.ended
-        self.record(req, "discovery", live=live)
-        if not live:
+        if self.presented(req, "discovery") is None:
             return p.json(p.quirks.api_revoked)
         port = req.host.rpartition(":")[2]
         text = json.dumps(answer).replace("{host}", req.host).replace("{ip}",
@@ -565,7 +558,9 @@ class App:
             return p.json(p.quirks.revoke_ok)
 
     # -- the API -------------------------------------------------------------------------
-    def api(self, req: Request) -> Response:
+    def presented(self, req: Request, kind: str) -> Family | None:
+        """The family of the live access token ``req`` carries in the provider's API
+        header (None: none, or dead), the request recorded as ``kind``."""
         p = self.p
         name, prefix = p.quirks.api_header
         value = req.headers.get(name, "")
@@ -573,10 +568,15 @@ class App:
         with p.lock:
             family = p.access.get(token)
             live = family is not None and not family.dead and token not in p.ended
-        self.record(req, "api", live=live)
-        if not live:
+        self.record(req, kind, live=live)
+        return family if live else None
+
+    def api(self, req: Request) -> Response:
+        p = self.p
+        name, _ = p.quirks.api_header
+        family = self.presented(req, "api")
+        if family is None:
             return p.json(p.quirks.api_revoked)
-        assert family is not None
         body: dict[str, Any] = {"user": family.user, "path": req.path, "header": name}
         if p.quirks.shape == "slack":
             body["ok"] = True
