@@ -275,6 +275,27 @@ def _assert_revoke_reaches_all(fleet: Fleet, user: str) -> None:
     assert not s.docs_saw(marker)
 
 
+def _survived(fleet: Fleet, user: str, responses: list[httpx2.Response], killed: float,
+              what: str) -> None:
+    """A storm across a failover: every request answered 200 or a retryable 503, one
+    redemption, the grant alive; then every sidecar serves it again by itself (the
+    recovery time printed)."""
+    s = fleet.stack
+    outcomes = _outcomes(responses)
+    print(f"{fleet.topology}: {what}; storm outcomes {dict(outcomes)}")
+    assert all(r.status_code == 200 or _retryable(r) for r in responses), outcomes
+    assert outcomes["200"] > 0
+    assert s.stats()["refresh_by_user"].get(user) == 1
+    assert _alive(s, user)
+
+    def all_served() -> float | None:
+        rs = [_get(s, p, user) for p in fleet.proxies]
+        return time.monotonic() - killed if all(r.status_code == 200 for r in rs) else None
+
+    print(f"{fleet.topology}: the grant served by every sidecar "
+          f"{_until('recovery', all_served, 20):.2f} s after the kill")
+
+
 class _Storm:
     """A refresh storm of ``n`` requests over the fleet's sidecars, in a thread."""
 
@@ -426,20 +447,8 @@ class TestCluster(_Suite):
             responses = storm.join()
         finally:
             _faults(s, token_delay=0)
-        outcomes = _outcomes(responses)
-        print(f"cluster: primary {victim} killed during a storm; failover {failover:.2f} s; "
-              f"storm outcomes {dict(outcomes)}")
-        assert all(r.status_code == 200 or _retryable(r) for r in responses), outcomes
-        assert outcomes["200"] > 0
-        assert s.stats()["refresh_by_user"].get(user) == 1
-        assert _alive(s, user)
-        # Recovery by themselves: every sidecar serves the grant again.
-        def all_served() -> float | None:
-            rs = [_get(s, p, user) for p in fleet.proxies]
-            return time.monotonic() - killed if all(r.status_code == 200 for r in rs) else None
-
-        print(f"cluster: the grant served by every sidecar {_until('recovery', all_served, 20):.2f}"
-              " s after the kill")
+        _survived(fleet, user, responses, killed, f"primary {victim} killed during a storm; "
+                  f"failover {failover:.2f} s")
         # A grant in another shard refreshes at once.
         r = _get(s, fleet.proxies[1], elsewhere)
         assert r.status_code == 200, r.text
@@ -612,20 +621,8 @@ class TestSentinel(_Suite):
             responses = storm.join()
         finally:
             _faults(s, token_delay=0)
-        outcomes = _outcomes(responses)
-        print(f"sentinel: primary {first} killed during a storm; failover {failover:.2f} s; "
-              f"storm outcomes {dict(outcomes)}")
-        assert all(r.status_code == 200 or _retryable(r) for r in responses), outcomes
-        assert outcomes["200"] > 0
-        assert s.stats()["refresh_by_user"].get(user) == 1
-        assert _alive(s, user)
-
-        def all_served() -> float | None:
-            rs = [_get(s, p, user) for p in fleet.proxies]
-            return time.monotonic() - killed if all(r.status_code == 200 for r in rs) else None
-
-        print(f"sentinel: the grant served by every sidecar "
-              f"{_until('recovery', all_served, 20):.2f} s after the kill")
+        _survived(fleet, user, responses, killed, f"primary {first} killed during a storm; "
+                  f"failover {failover:.2f} s")
         # The new primary keeps one replica: refresh locks are confirmed again at once.
         _get_until(s, fleet.proxies[1], after, lambda r: r.status_code == 200, 20)
         print(f"sentinel: a new refresh ran {time.monotonic() - killed:.2f} s after the kill")
