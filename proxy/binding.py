@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Annotated, Any, Final, Literal, Self
 from urllib.parse import urlsplit
 
@@ -208,7 +209,7 @@ def own_hosts(templates: Sequence[str], values: GrantValues) -> list[HostPattern
     for template in templates:
         text = render(template, values)
         try:
-            host = HostPattern.parse(text)
+            host = _parsed(text)
         except ValueError:
             host = None
         if host is None or host.wildcard:
@@ -218,10 +219,17 @@ def own_hosts(templates: Sequence[str], values: GrantValues) -> list[HostPattern
     return hosts
 
 
+@lru_cache(maxsize=4096)
+def _parsed(text: str) -> HostPattern:
+    """:meth:`HostPattern.parse`, remembered: a bound provider's ceiling patterns and a
+    grant's rendered hosts are read on every request to it. Raises ValueError."""
+    return HostPattern.parse(text)
+
+
 def within(host: HostPattern, ceiling: Sequence[str]) -> bool:
     """Whether the exact ``host`` is one the ceiling's patterns (``hosts``) match."""
     port = host.port if host.port is not None else 443
-    return any(HostPattern.parse(p).matches(host.host, port, tls=True) for p in ceiling)
+    return any(_parsed(p).matches(host.host, port, tls=True) for p in ceiling)
 
 
 def covers(ceiling: Sequence[str], pattern: str) -> bool:
