@@ -8,7 +8,7 @@ a fixed shape::
      "request": {"id": ..., "method": "GET", "host": "api.github.com", "path": "/user",
                  "mcp": null},
      "outcome": "injected", "reason": null, "detail": null, "upstream_status": null,
-     "token": {"fingerprint": "3f9c0a1b2c3d4e5f", "source": "cache"},
+     "token": {"fingerprint": "3f9c0a1b2c3d4e5f", "source": "cache"}, "actor": null,
      "instance": "host-1/9f2c4a1e", "seq": 7, "prev": "<hex>", "hash": "<hex>"}
 
 Never logged: access or refresh tokens (only a keyed fingerprint), client secrets, the
@@ -158,6 +158,24 @@ class ContextInfo:
     """The user context a request ran under (its kind and id, never the JWS itself)."""
 
     kind: str
+    id: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"kind": _clean(self.kind), "id": _clean(self.id)}
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asked for an administrative action (a connect, revoke, suspension, reload...).
+
+    ``kind``: ``"cli"`` (``id`` = the operating-system user running ``credproxy``),
+    ``"admin"`` (a caller of the admin port, ``id`` = what authenticated it, e.g. the
+    user of a verified user context), ``"user"`` (the end user acting on their own
+    connection) or ``"system"`` (credproxy itself, e.g. a reload on a file change).
+    Request-path records have no actor (``null``): the human is ``user``.
+    """
+
+    kind: Literal["cli", "admin", "user", "system"]
     id: str
 
     def as_dict(self) -> dict[str, str]:
@@ -827,6 +845,7 @@ class AuditLog:
         upstream_status: int | None = None,
         token: Secret | None = None,
         token_source: TokenSource | None = None,
+        actor: Actor | None = None,
     ) -> Record:
         """Write one record and return it. ``reason`` is a registered code
         (:mod:`proxy.reasons`); free text (what a provider said, what is still to do) goes in
@@ -859,6 +878,7 @@ class AuditLog:
                 "detail": _opt(detail[:300]) if detail is not None else None,
                 "upstream_status": upstream_status,
                 "token": token_info,
+                "actor": actor.as_dict() if actor is not None else None,
                 "instance": self.instance,
                 "seq": self._seq + 1,
                 "prev": self._prev,

@@ -37,8 +37,8 @@ def test_one_record_per_decision_and_the_chain_verifies(stack: Stack, user: str,
     assert events["noconn"]["reason"] == "no_connection"
     for r in mine:
         assert set(r) == {"ts", "event", "user", "provider", "context", "request", "outcome",
-                          "reason", "detail", "upstream_status", "token", "instance", "seq", "prev",
-                          "hash"}
+                          "reason", "detail", "upstream_status", "token", "actor", "instance",
+                          "seq", "prev", "hash"}
     assert stack.proxy is not None
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "audit", "verify",
                           str(stack.proxy.stdout_path)], capture_output=True, text=True)

@@ -45,6 +45,7 @@ KEYS = [
     "detail",
     "upstream_status",
     "token",
+    "actor",
     "instance",
     "seq",
     "prev",
