@@ -123,7 +123,8 @@ class Connector:
             reg = registered or await self.registrar.client_for(
                 issuer=server.issuer, pre_registered=provider.client_id or None,
                 auth_method=provider.token_endpoint_auth_method, server=server,
-                public_base=self.settings.connect_base, redirect_uri=redirect_uri)
+                public_base=self.settings.connect_base, redirect_uri=redirect_uri,
+                web_redirect_uri=self.settings.redirect_uri)
         except McpDiscoveryError as exc:
             raise ConnectRejected(exc.reason, exc.detail, user=user,
                                   provider=provider.id) from None
@@ -273,6 +274,7 @@ class Connector:
         provider = self._provider(provider_id)
         client_secret = self._client_secret(provider)
         mcp_values: dict[str, GrantValue] = {}
+        minted_secret: Secret | None = None
         if provider.mcp is not None:
             began = rec.get("k")
             if not isinstance(began, list) or len(began) != 4 or not isinstance(issuer, str):
@@ -299,6 +301,10 @@ class Connector:
             # issuer, and the registration (grants keyed by user, resource, issuer).
             mcp_values = {"mcp_resource": server.resource, "mcp_issuer": server.issuer,
                           "mcp_client_id": reg.client_id, "mcp_registration": reg.kind}
+            if reg.kind != "pre-registered" and reg.client_secret:
+                # A confidential registered client: its secret is sealed in the grant.
+                mcp_values["mcp_client_auth"] = reg.token_endpoint_auth_method
+                minted_secret = Secret(reg.client_secret)
         chosen = rec.get("g")
         values: dict[str, GrantValue] = dict(chosen) if isinstance(chosen, dict) else {}
         try:
@@ -312,6 +318,11 @@ class Connector:
                 endpoint, client_secret, code=code, code_verifier=verifier,
                 redirect_uri=str(rec["r"]))
         except TokenRequestFailed as exc:
+            if mcp_values.get("mcp_registration") == "dcr" and exc.answer is not None \
+                    and exc.answer.outcome == "operator":
+                # The server no longer knows the client it registered (expired, deleted):
+                # the next connect registers anew (RFC 7591 section 3 gives no other way).
+                self.registrar.forget(str(mcp_values["mcp_issuer"]))
             raise _exchange_rejected(exc, provider, user) from None
         tokens = exchanged.tokens
         if tokens.scope is None and rec.get("s"):
@@ -330,7 +341,8 @@ class Connector:
                                   provider=provider_id) from None
         try:
             stored = await self._vault.put(Grant(user=user, provider=provider_id,
-                                                 tokens=tokens, values=values))
+                                                 tokens=tokens, values=values,
+                                                 client_secret=minted_secret))
         except VaultError as exc:
             raise ConnectRejected("vault_unavailable", "the grant could not be stored",
                                   user=user, provider=provider_id) from exc

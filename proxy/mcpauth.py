@@ -30,7 +30,9 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from proxy.errors import CredproxyError
 from proxy.provider_client import DiscoveryFailed, Fetched, ProviderClient
+from proxy.secret import Secret
 from proxy.settings import ProviderSettings
+from proxy.vault.base import Grant
 
 METADATA_TTL = 600.0  # seconds what discovery found is used at most
 MIN_TTL = 30.0  # a max-age below this is raised to it (no discovery per connect)
@@ -372,15 +374,26 @@ class Registrar:
         self._registered: dict[tuple[str, str], Registration] = {}
         self.registrations = 0  # RFC 7591 requests made, for tests
 
+    def forget(self, issuer: str) -> None:
+        """Drop the dynamic registrations made at ``issuer`` (its server refused the
+        client): the next :meth:`client_for` registers anew."""
+        for key in [k for k in self._registered if k[0] == issuer]:
+            del self._registered[key]
+
     async def client_for(self, *, issuer: str, pre_registered: str | None,
                          auth_method: str, server: AuthServer, public_base: str,
-                         redirect_uri: str) -> Registration:
-        """The registration to use. Raises :class:`McpDiscoveryError`
-        (``mcp_no_registration``, ``mcp_registration_failed``)."""
+                         redirect_uri: str, web_redirect_uri: str) -> Registration:
+        """The registration to use for a sign-in returning to ``redirect_uri``
+        (``web_redirect_uri``: the web connect flow's, which the metadata document lists).
+        Raises :class:`McpDiscoveryError` (``mcp_no_registration``,
+        ``mcp_registration_failed``)."""
         if pre_registered:
             return Registration(issuer, "pre-registered", pre_registered, auth_method)
         cimd = client_metadata_url(public_base)
-        if server.client_id_metadata_document_supported and cimd is not None:
+        # The document lists the web flow's redirect URI only: a terminal's loopback
+        # redirect (credproxy connect) is registered dynamically instead.
+        if server.client_id_metadata_document_supported and cimd is not None and \
+                redirect_uri == web_redirect_uri:
             return Registration(issuer, "cimd", cimd, "none")
         known = self._registered.get((issuer, redirect_uri))
         if known is not None:
@@ -390,7 +403,9 @@ class Registrar:
                 "mcp_no_registration",
                 f"{issuer} offers no way to register credproxy: no pre-registered client_id "
                 "is configured, it does not accept client metadata documents (or public_url "
-                "is not https) and it has no registration_endpoint (RFC 7591)")
+                "is not https, or the sign-in does not return to public_url: a terminal's "
+                "`credproxy connect` cannot use the document; use the web connect link) and "
+                "it has no registration_endpoint (RFC 7591)")
         made = await self._register(issuer, server, redirect_uri)
         self._registered[(issuer, redirect_uri)] = made
         return made
@@ -468,3 +483,27 @@ def concrete(provider: ProviderSettings, server: AuthServer, *, client_id: str,
         "authorize_params": {**provider.authorize_params, "resource": server.resource},
         "token_params": {**provider.token_params, "resource": server.resource},
     })
+
+
+def grant_client(provider: ProviderSettings, server: AuthServer, grant: Grant,
+                 configured_secret: Secret | None) -> tuple[ProviderSettings, Secret | None]:
+    """The ``mcp`` provider made concrete as the client that minted ``grant`` (its values
+    ``mcp_client_id``, ``mcp_registration``, ``mcp_client_auth``), with that client's
+    secret: the configured one for a pre-registered client, the one sealed in the grant
+    for a confidential registered client (RFC 7591 section 3.2.1), None for a public one.
+    Used for every later token request of the grant: refresh (RFC 6749 section 6) and
+    revocation (RFC 7009 section 2.1) must be made as the client the grant was issued to.
+    Raises :class:`KeyError` when the grant does not name its client."""
+    values = grant.values
+    client_id = values["mcp_client_id"]
+    if not isinstance(client_id, str):
+        raise KeyError("mcp_client_id")
+    if values.get("mcp_registration") == "pre-registered":
+        return (concrete(provider, server, client_id=client_id,
+                         auth_method=provider.token_endpoint_auth_method), configured_secret)
+    said = values.get("mcp_client_auth")
+    if grant.client_secret is None or said not in ("client_secret_basic",
+                                                   "client_secret_post"):
+        return concrete(provider, server, client_id=client_id, auth_method="none"), None
+    return (concrete(provider, server, client_id=client_id, auth_method=str(said)),
+            grant.client_secret)

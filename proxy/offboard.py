@@ -29,7 +29,7 @@ from proxy.binding import BindingError
 from proxy.coordination.base import Coordinator
 from proxy.errors import CoordinationUnavailable, VaultCorruptError, VaultError
 from proxy.live import LiveConfig, Snapshot
-from proxy.mcpauth import McpDiscoveryError, concrete, shared_discovery
+from proxy.mcpauth import McpDiscoveryError, grant_client, shared_discovery
 from proxy.provider_client import ProviderClient, revokes_with_access_token
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings
@@ -83,26 +83,28 @@ class Revocation:
 
 
 class Offboarder:
-    async def _mcp_bound(self, provider: ProviderSettings, grant: Grant
-                         ) -> tuple[ProviderSettings | None, str, str]:
+    async def _mcp_bound(self, provider: ProviderSettings, grant: Grant,
+                         configured_secret: Secret | None
+                         ) -> tuple[ProviderSettings | None, Secret | None, str, str]:
         """An mcp grant's revocation endpoint (RFC 7009, from the authorization server's
-        metadata, proxy.mcpauth) with the client that minted it; None and why when
-        discovery fails or the server's issuer is no longer the grant's."""
+        metadata, proxy.mcpauth) with the client that minted it and that client's secret;
+        None and why when discovery fails or the server's issuer is no longer the
+        grant's."""
         assert provider.mcp is not None
         client_id = grant.values.get("mcp_client_id")
         try:
             server = await shared_discovery(self._provider_client).discover(
                 provider.mcp, allow_http=provider.allow_http)
         except McpDiscoveryError as exc:
-            return None, "pending", (f"discovery for {provider.id} failed ({exc.detail}); "
-                                     "revoke at the provider by its own means")
+            return None, None, "pending", (f"discovery for {provider.id} failed "
+                                           f"({exc.detail}); revoke at the provider by its "
+                                           "own means")
         if server.issuer != grant.values.get("mcp_issuer") or not isinstance(client_id, str):
-            return None, "pending", (f"{provider.id}'s authorization server is no longer the "
-                                     "one that minted the grant; revoke there by its own means")
-        pre = grant.values.get("mcp_registration") == "pre-registered"
-        return concrete(provider, server, client_id=client_id,
-                        auth_method=provider.token_endpoint_auth_method if pre else "none"
-                        ), "", ""
+            return None, None, "pending", (f"{provider.id}'s authorization server is no "
+                                           "longer the one that minted the grant; revoke "
+                                           "there by its own means")
+        bound, secret = grant_client(provider, server, grant, configured_secret)
+        return bound, secret, "", ""
 
     def __init__(self, live: LiveConfig, vault: Vault, coordinator: Coordinator,
                  audit: AuditLog, *, verify: ssl.SSLContext | bool = True, settle: float = 0.6,
@@ -194,13 +196,11 @@ class Offboarder:
                 upstream, detail = "pending", (
                     f"the grant lacks a value its revocation URL needs ({exc.detail}); "
                     "revoke at the provider by its own means")
+            secret = None if bound is None else config.client_secret(bound)
             if bound is not None and provider.mcp is not None:
-                bound, upstream, detail = await self._mcp_bound(provider, grant)
+                bound, secret, upstream, detail = await self._mcp_bound(provider, grant,
+                                                                        secret)
             if bound is not None:
-                secret = config.client_secret(bound)
-                if provider.mcp is not None and grant.values.get("mcp_registration") != (
-                        "pre-registered"):
-                    secret = None  # a registered client is public
                 tokens = await self._live_tokens(bound, secret, grant)
                 revoked = await self._provider_client.revoke(bound, secret, tokens)
                 upstream, detail, console = (revoked.upstream, revoked.detail,

@@ -48,7 +48,7 @@ from proxy.errors import (
     VaultError,
 )
 from proxy.live import LiveConfig
-from proxy.mcpauth import McpDiscoveryError, concrete, shared_discovery
+from proxy.mcpauth import McpDiscoveryError, grant_client, shared_discovery
 from proxy.metrics import Metrics
 from proxy.provider_client import InvalidGrant, ProviderClient
 from proxy.secret import Secret
@@ -464,7 +464,7 @@ class TokenBroker:
                               f"{exc.detail}; the user must reconnect {provider.id}") from None
         client_secret = self._client_secret(provider)
         if provider.mcp is not None:
-            endpoint, client_secret = await self._mcp_endpoint(grant, provider)
+            endpoint, client_secret = await self._mcp_endpoint(grant, provider, forced)
         self.stats.refreshes += 1
         started = time.monotonic()
         m = self.metrics
@@ -500,23 +500,27 @@ class TokenBroker:
         await self._coord.cache_put(stored)
         return stored
 
-    async def _mcp_endpoint(self, grant: Grant, provider: ProviderSettings
+    async def _mcp_endpoint(self, grant: Grant, provider: ProviderSettings, forced: bool
                             ) -> tuple[ProviderSettings, Secret | None]:
         """An ``mcp`` grant's token endpoint and client for a refresh: the authorization
         server discovery finds now (proxy.mcpauth, cached), which must still be the issuer
         that minted the grant (else the user reconnects, registering anew), with the
-        client recorded in the grant and ``resource`` (RFC 8707) on the request. A
-        pre-registered client authenticates as configured; a registered one is public."""
+        client recorded in the grant and ``resource`` (RFC 8707) on the request
+        (:func:`proxy.mcpauth.grant_client`). ``forced``: the server has just answered 401,
+        whose cause may be a moved authorization server: discovery is redone rather than
+        read from the cache (MCP authorization: the client re-reads the protected resource
+        metadata on a 401)."""
         assert provider.mcp is not None
         issuer, client_id = grant.values.get("mcp_issuer"), grant.values.get("mcp_client_id")
-        kind = grant.values.get("mcp_registration")
         if not isinstance(issuer, str) or not isinstance(client_id, str):
             raise self.reauth(provider, "mcp_grant_incomplete",
                               f"the grant for {provider.id} does not say which authorization "
                               "server minted it; the user must reconnect")
+        discovery = shared_discovery(self._refresher)
+        if forced:
+            discovery.forget(provider.mcp)
         try:
-            server = await shared_discovery(self._refresher).discover(
-                provider.mcp, allow_http=provider.allow_http)
+            server = await discovery.discover(provider.mcp, allow_http=provider.allow_http)
         except McpDiscoveryError as exc:
             raise TokenRefreshFailed(f"discovery for {provider.id} failed: {exc.detail}",
                                      reason=exc.reason) from None
@@ -524,10 +528,7 @@ class TokenBroker:
             raise self.reauth(provider, "mcp_issuer_changed",
                               f"{provider.id}'s authorization server is now {server.issuer}, "
                               f"not {issuer} which minted the grant; the user must reconnect")
-        pre = kind == "pre-registered"
-        endpoint = concrete(provider, server, client_id=client_id,
-                            auth_method=provider.token_endpoint_auth_method if pre else "none")
-        return endpoint, self._client_secret(provider) if pre else None
+        return grant_client(provider, server, grant, self._client_secret(provider))
 
     async def _save(self, grant: Grant, based_on: int, provider: ProviderSettings,
                     resource: str | None = None) -> Grant:

@@ -86,7 +86,7 @@ from proxy.coordination.base import USED, CoordinationUnavailable, Invalidation,
 from proxy.errors import CoordinationFencing
 from proxy.settings import CoordinationSettings, EntraIdSettings, resolve_secret
 from proxy.tokenset import TokenSetError
-from proxy.vault.base import Grant, GrantStatus, grant_record, read_grant_record
+from proxy.vault.base import Grant, GrantStatus, grant_from_record, grant_record
 
 log = logging.getLogger("credproxy.redis")
 
@@ -559,10 +559,9 @@ class RedisCoordinator:
             data = json.loads(plain)
             if data["u"] != user or data["p"] != provider:
                 return None
-            tokens, values, resources = read_grant_record(data["t"])
-            return Grant(user=user, provider=provider, tokens=tokens, values=values,
-                         resources=resources, version=int(data["v"]),
-                         updated_at=float(data["at"]))
+            return grant_from_record(data["t"], user=user, provider=provider,
+                                     version=int(data["v"]),
+                                     updated_at=float(data["at"]))
         except (InvalidTag, ValueError, KeyError, TypeError, TokenSetError):
             log.warning("discarding an unreadable shared cache entry")
             return None

@@ -61,10 +61,10 @@ from proxy.vault.base import (
     GrantInfo,
     GrantStatus,
     corrupt_info,
+    grant_from_record,
     grant_record,
     info,
     next_version,
-    read_grant_record,
 )
 from proxy.vault.keys import derive_subkey
 
@@ -430,9 +430,7 @@ class AzureKeyVault:
             if data.get("user") != user or data.get("provider") != provider:
                 raise VaultCorruptError(f"key vault secret for {user!r}/{provider!r} belongs "
                                         "to another grant")
-            tokens, values, resources = read_grant_record(data["tokens"])
-            return Grant(user=user, provider=provider, tokens=tokens, values=values,
-                         resources=resources,
+            return grant_from_record(data["tokens"], user=user, provider=provider,
                          status=GrantStatus(data.get("status", "active")),
                          reason=data.get("reason"), updated_at=float(data["updated_at"]),
                          version=int(data["version"]))

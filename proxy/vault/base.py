@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from proxy.binding import GrantValue
+from proxy.secret import Secret
 from proxy.tokenset import TokenSet, TokenSetError
 
 
@@ -47,6 +48,10 @@ class Grant:
     # Access tokens for the provider's other resources (one consent, one refresh token:
     # ``tokens.refresh_token`` serves them all); never holding a refresh token themselves.
     resources: Mapping[str, TokenSet] = field(default_factory=dict)
+    # The secret of the client that minted the grant when it is not the configured one: an
+    # MCP server's dynamically registered confidential client (RFC 7591 section 3.2.1),
+    # sealed with the tokens so any replica, after any restart, refreshes as that client.
+    client_secret: Secret | None = None
 
     def tokens_for(self, resource: str | None) -> TokenSet | None:
         """The access token set for ``resource`` (None: the provider's own hosts)."""
@@ -88,7 +93,21 @@ def grant_record(grant: Grant) -> dict[str, Any]:
                                   for k, v in grant.values.items()}
     if grant.resources:
         record["resource_tokens"] = {rid: t.to_record() for rid, t in grant.resources.items()}
+    if grant.client_secret is not None:
+        record["client_secret"] = grant.client_secret.reveal()
     return record
+
+
+def grant_from_record(record: Mapping[str, Any], **fields: Any) -> Grant:
+    """The :class:`Grant` a sealed record (:func:`grant_record`) holds, with ``fields``
+    (``user``, ``provider``, ``status``, ``version``...) from the backend's own columns.
+    Raises :class:`proxy.tokenset.TokenSetError`."""
+    tokens, values, resources = read_grant_record(record)
+    secret = record.get("client_secret")
+    if secret is not None and (not isinstance(secret, str) or not secret):
+        raise TokenSetError("client_secret must be a non-empty string")
+    return Grant(tokens=tokens, values=values, resources=resources,
+                 client_secret=Secret(secret) if secret else None, **fields)
 
 
 def read_grant_record(record: Mapping[str, Any]

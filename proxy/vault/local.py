@@ -44,10 +44,10 @@ from proxy.vault.base import (
     GrantInfo,
     GrantStatus,
     corrupt_info,
+    grant_from_record,
     grant_record,
     info,
     next_version,
-    read_grant_record,
 )
 from proxy.vault.keys import KEY_BYTES, derive_subkey
 
@@ -436,9 +436,8 @@ def _parse(
         record = json.loads(plaintext)
         if not isinstance(record, dict):
             return None
-        tokens, values, resources = read_grant_record(record)
-        return Grant(user, provider, tokens, status=GrantStatus(status), reason=reason,
-                     values=values, resources=resources)
+        return grant_from_record(record, user=user, provider=provider,
+                                 status=GrantStatus(status), reason=reason)
     except (ValueError, TypeError):  # includes JSONDecodeError and TokenSetError
         return None
 
