@@ -270,8 +270,11 @@ class Store:
     reuse)."""
 
     def __init__(self, clients: list[Client], access_ttl: int, *,
-                 metadata_documents: bool = False, ca_file: str | None = None) -> None:
+                 metadata_documents: bool = False, ca_file: str | None = None,
+                 public_registration: bool = True) -> None:
         self.metadata_documents = metadata_documents  # accept https client_id documents
+        # False: RFC 7591 registrations are confidential only ("none" not offered).
+        self.public_registration = public_registration
         self.ca_file = ca_file  # to verify them
         self.lock = threading.RLock()
         self.clients = {c.client_id: c for c in clients}
@@ -572,9 +575,11 @@ class Server(AuthorizationServer):  # type: ignore[misc]
 
 
 def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, admin: bool = False,
-               metadata_documents: bool = False, ca_file: str | None = None) -> Flask:
+               metadata_documents: bool = False, ca_file: str | None = None,
+               public_registration: bool = True) -> Flask:
     app = Flask("devstack.authserver")
-    store = Store(clients, access_ttl, metadata_documents=metadata_documents, ca_file=ca_file)
+    store = Store(clients, access_ttl, metadata_documents=metadata_documents, ca_file=ca_file,
+                  public_registration=public_registration)
     server = Server(app, store)
     server.register_grant(AuthorizationCodeGrant, [S256CodeChallenge(required=True)])
     server.register_grant(RefreshTokenGrant)
@@ -599,7 +604,8 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
             "response_types_supported": ["code"],
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": ["S256"],
-            "token_endpoint_auth_methods_supported": [*CLIENT_AUTH_METHODS, "none"],
+            "token_endpoint_auth_methods_supported": [
+                *CLIENT_AUTH_METHODS, *(["none"] if store.public_registration else [])],
             # RFC 7591 dynamic registration; RFC 9207 iss in every authorization response.
             "registration_endpoint": f"{base}/register",
             "authorization_response_iss_parameter_supported": True,
@@ -620,7 +626,8 @@ def create_app(clients: list[Client], *, access_ttl: int = DEFAULT_ACCESS_TTL, a
                 isinstance(u, str) and u.startswith(("https://", "http://")) for u in uris):
             return _registration_error("invalid_redirect_uri", "redirect_uris required")
         method = meta.get("token_endpoint_auth_method", "client_secret_basic")
-        if method not in [*CLIENT_AUTH_METHODS, "none"]:
+        if method not in [*CLIENT_AUTH_METHODS,
+                          *(["none"] if store.public_registration else [])]:
             return _registration_error("invalid_client_metadata",
                                        f"unsupported token_endpoint_auth_method {method}")
         scope = " ".join(sorted({s for c in store.clients.values() for s in c.scope.split()}
@@ -882,6 +889,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client-metadata-documents", action="store_true",
                         help="accept https client_ids (Client ID Metadata Documents)")
     parser.add_argument("--ca-file", help="CA bundle to verify client metadata documents")
+    parser.add_argument("--confidential-registration", action="store_true",
+                        help="RFC 7591 registrations get a client secret (no public clients)")
     args = parser.parse_args(argv)
     configure_logging(args.debug)
     if not args.cert:
@@ -889,7 +898,8 @@ def main(argv: list[str] | None = None) -> None:
         # on another interface is still a dev server.
         os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
     app = create_app(load_clients(args.clients), access_ttl=args.access_ttl, admin=args.admin,
-                     metadata_documents=args.client_metadata_documents, ca_file=args.ca_file)
+                     metadata_documents=args.client_metadata_documents, ca_file=args.ca_file,
+                     public_registration=not args.confidential_registration)
     serve(app, args, "authserver")
 
 

@@ -299,7 +299,8 @@ class Stack:
                 current = await vault.get(user, provider) if keep_values else None
                 values = current.values if current is not None else {}
                 await vault.put(Grant(user=user, provider=provider, tokens=tokens,
-                                      values=values))
+                                      values=values,
+                                      client_secret=current.client_secret if current else None))
             finally:
                 await vault.close()
 
@@ -348,7 +349,8 @@ class Stack:
 def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 3600,
                 audit_sink: str = "stdout", config: Mapping[str, Any] | None = None,
                 introspect_cache_ttl: float = 0.0, keyvault: bool = False,
-                clock_offset: float = 0.0, client_metadata_documents: bool = False) -> Stack:
+                clock_offset: float = 0.0, client_metadata_documents: bool = False,
+                confidential_registration: bool = False) -> Stack:
     """``clock_offset``: seconds the provider's clock (authorization server and document
     API) runs ahead of this machine's."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -375,7 +377,8 @@ def build_stack(workdir: Path, *, start_proxy: bool = True, access_ttl: int = 36
          "--access-ttl", str(access_ttl), *tls, "--ready-file", str(workdir / "auth.ready"),
          "--clock-offset", str(clock_offset),
          *(["--client-metadata-documents", "--ca-file", str(ca.cert_path)]
-           if client_metadata_documents else [])],
+           if client_metadata_documents else []),
+         *(["--confidential-registration"] if confidential_registration else [])],
         workdir / "auth.ready", log_dir=logs, name="authserver",
     )
     docs = start_server(

@@ -691,17 +691,33 @@ class McpProgressServer:
     authorization spec's scope challenge; RFC 6750 section 3.1) before it reaches the SDK,
     unless ``token_scope`` (bearer token -> its space-separated scopes, e.g. by RFC 7662
     introspection; called in a worker thread) says the request's token holds that scope.
-    :attr:`requests` records each HTTP request's method and header fields."""
+    :attr:`requests` records each HTTP request's method and header fields.
+
+    With ``issuer`` and ``introspect`` (token -> its RFC 7662 introspection answer), the
+    server is an OAuth resource server through the SDK's own auth (``AuthSettings`` and a
+    ``TokenVerifier``): it publishes RFC 9728 protected resource metadata naming
+    ``issuer``, answers a request without a valid token 401 with ``WWW-Authenticate:
+    Bearer ... resource_metadata="..."``, accepts only tokens whose audience (RFC 8707
+    ``resource``) is its own URL :attr:`url`, and ``lookup`` answers ``"found <query>
+    for <the token's subject>"``: each user sees their own data."""
 
     def __init__(self, cert: Path, key: Path, *, host: str = "127.0.0.1",
                  scoped: dict[str, str] | None = None,
-                 token_scope: Callable[[str], str] | None = None) -> None:
+                 token_scope: Callable[[str], str] | None = None,
+                 issuer: str | None = None,
+                 introspect: Callable[[str], dict[str, Any]] | None = None) -> None:
         import uvicorn
+        from mcp.server.auth.middleware.auth_context import get_access_token
         from mcp.server.mcpserver import MCPServer
         from mcp.server.transport_security import TransportSecuritySettings
 
         self.requests: list[Seen] = []
-        mcp = MCPServer("credproxy-streams", log_level="WARNING")
+        self._sock = socket.create_server((host, 0))
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"https://localhost:{self.port}/mcp"
+        mcp = (MCPServer("credproxy-streams", log_level="WARNING")
+               if issuer is None or introspect is None
+               else self._resource_server(issuer, introspect))
 
         @mcp.tool()
         async def countdown(steps: int, every: float, ctx: Context) -> str:
@@ -714,7 +730,8 @@ class McpProgressServer:
         @mcp.tool()
         async def lookup(query: str) -> str:
             """Look ``query`` up."""
-            return f"found {query}"
+            token = get_access_token()
+            return f"found {query}" if token is None else f"found {query} for {token.subject}"
 
         @mcp.tool()
         async def admin_op() -> str:
@@ -726,8 +743,6 @@ class McpProgressServer:
         # Reached as localhost:<port> or through a proxy: the Host check is not under test.
         app = mcp.streamable_http_app(transport_security=TransportSecuritySettings(
             enable_dns_rebinding_protection=False))
-        self._sock = socket.create_server((host, 0))
-        self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(self._recording(app), log_level="warning",
                                 ssl_certfile=str(cert), ssl_keyfile=str(key),
                                 lifespan="on", timeout_graceful_shutdown=1)
@@ -741,6 +756,32 @@ class McpProgressServer:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError("the MCP server did not start")
             time.sleep(0.02)
+
+    def _resource_server(self, issuer: str, introspect: Callable[[str], dict[str, Any]]
+                         ) -> Any:
+        from mcp.server.auth.provider import AccessToken
+        from mcp.server.auth.settings import AuthSettings
+        from mcp.server.mcpserver import MCPServer
+
+        class Introspection:
+            """RFC 7662: the authorization server says whether a token is active, whose it
+            is, its scopes and audience."""
+
+            async def verify_token(self, token: str) -> AccessToken | None:
+                said = await asyncio.to_thread(introspect, token)
+                if not said.get("active"):
+                    return None
+                aud = said.get("aud")
+                return AccessToken(token=token, client_id=str(said.get("client_id", "")),
+                                   scopes=str(said.get("scope", "")).split(),
+                                   expires_at=said.get("exp"), subject=said.get("sub"),
+                                   resource=aud[0] if isinstance(aud, list) else aud)
+
+        return MCPServer("credproxy-streams", log_level="WARNING",
+                         token_verifier=Introspection(),
+                         auth=AuthSettings(issuer_url=issuer, resource_server_url=self.url,
+                                           required_scopes=["documents.read"],
+                                           validate_token_resource=True))
 
     def _recording(self, app: Any) -> ASGIApp:
         async def wrapped(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],

@@ -219,8 +219,13 @@ def cmd_vault_put(args: argparse.Namespace) -> int:
                                          current.values if current is not None else {})
             except BindingError as exc:
                 raise CredproxyError(f"vault put: {exc.detail} ({exc.reason})") from None
+            # A grant minted by a registered confidential client (an MCP server's) keeps
+            # that client's secret while it keeps naming that client.
+            kept = (current.client_secret if current is not None and values.get(
+                "mcp_client_id") == current.values.get("mcp_client_id") else None)
             stored = await app.vault.put(Grant(user=args.user, provider=args.provider,
-                                               tokens=tokens, values=values))
+                                               tokens=tokens, values=values,
+                                               client_secret=kept))
             # Replicas drop what they cached of the grant it replaces (it may have been
             # bound to another tenant); without Redis, the vault's epoch tells them.
             try:

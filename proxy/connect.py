@@ -49,6 +49,7 @@ from proxy.mcpauth import (
     Registrar,
     Registration,
     concrete,
+    narrowed,
     shared_discovery,
 )
 from proxy.provider_client import DiscoveryFailed, ProviderClient, TokenRequestFailed
@@ -195,7 +196,14 @@ class Connector:
             raise ConnectRejected("return_url_not_allowed",
                                   "the return URL is not one of connect.return_urls",
                                   user=user, provider=provider.id)
-        granted = self.scopes_for(provider, scopes)
+        if mcp is not None and scopes:
+            try:
+                granted = narrowed(mcp[0], self._provider(provider_id).scopes, scopes)
+            except McpDiscoveryError as exc:
+                raise ConnectRejected(exc.reason, exc.detail, user=user,
+                                      provider=provider.id) from None
+        else:
+            granted = self.scopes_for(provider, scopes)
         state = secrets.token_urlsafe(32)
         verifier = secrets.token_urlsafe(64)  # 86 chars: within RFC 7636's 43..128
         url = self._provider_client.authorization_url(
@@ -204,6 +212,8 @@ class Connector:
         record: dict[str, object] = {"u": user, "p": provider.id, "v": verifier,
                                      "r": redirect_uri, "s": granted, "t": return_to,
                                      "c": self._clock(), "g": chosen}
+        if provider.issuer is not None:
+            record["i"] = provider.issuer  # RFC 9207: the callback's iss must be this
         if mcp is not None:
             # The issuer and client this flow began with (sealed: a registered client's
             # secret too): the callback checks iss against it (RFC 9207) and exchanges the
@@ -259,6 +269,13 @@ class Connector:
         issuer = rec.get("i")
         if isinstance(issuer, str):
             _check_iss(params, issuer, user, provider_id)
+            configured = next((p for p in self.settings.providers if p.id == provider_id),
+                              None)
+            if configured is not None and configured.iss_required and "iss" not in params:
+                raise ConnectRejected("iss_missing", "the authorization response carries no "
+                                      "iss though providers[].iss_required says the "
+                                      "server sends one (RFC 9207)",
+                                      user=user, provider=provider_id)
         if "error" in params:
             raise ConnectRejected(f"provider_error:{params['error'][:64]}",
                                   f"the provider answered {params['error'][:64]}",

@@ -454,6 +454,37 @@ def scopes_for(server: AuthServer, configured: list[str]) -> list[str]:
     return scopes
 
 
+def scope_ceiling(server: AuthServer, configured: list[str]) -> list[str]:
+    """The scopes a user may consent to (a step-up's ``?scope=``, or a narrower choice):
+    the provider's configured ones, else whatever the resource (RFC 9728
+    ``scopes_supported``) and its authorization server (RFC 8414 ``scopes_supported``)
+    advertise, so a server's scope challenge (MCP authorization, "Scope Challenge
+    Handling") can be met with no operator change. ``offline_access`` is kept on a narrowed
+    request when advertised (:func:`narrowed`)."""
+    if configured:
+        return list(configured)
+    ceiling = list(server.resource_scopes)
+    ceiling += [s for s in (server.scopes_supported or ()) if s not in ceiling]
+    return ceiling
+
+
+def narrowed(server: AuthServer, configured: list[str], requested: list[str]) -> list[str]:
+    """``requested`` within :func:`scope_ceiling` (in the ceiling's order), plus
+    ``offline_access`` when the authorization server advertises it (a re-consent must not
+    lose the refresh token). Raises :class:`McpDiscoveryError` (``scope_not_allowed``)
+    naming the scopes outside the ceiling."""
+    ceiling = scope_ceiling(server, configured)
+    extra = sorted(set(requested) - set(ceiling) - {"offline_access"})
+    if extra:
+        raise McpDiscoveryError("scope_not_allowed",
+                                f"scopes {extra} are neither configured nor advertised by "
+                                f"{server.resource} or {server.issuer}")
+    chosen = [s for s in ceiling if s in requested]
+    if "offline_access" in (server.scopes_supported or ()) and "offline_access" not in chosen:
+        chosen.append("offline_access")
+    return chosen
+
+
 _SHARED: weakref.WeakKeyDictionary[ProviderClient, Discovery] = weakref.WeakKeyDictionary()
 
 

@@ -332,6 +332,11 @@ class ProviderSettings(_Model):
     # pre-registered client); hosts default to the URL's host[:port].
     mcp: str | None = None
     authorize_url: str | None = None
+    # The authorization server's issuer identifier (RFC 8414 section 2), where the provider
+    # documents one: an ``iss`` in the authorization response must equal it (RFC 9207
+    # section 2.4, mix-up defence); with ``iss_required`` a response without one is refused.
+    issuer: str | None = None
+    iss_required: bool = False
     token_url: str = ""  # required unless mcp
     revocation_url: str | None = None
     client_id: str = ""  # required unless mcp
@@ -413,6 +418,16 @@ class ProviderSettings(_Model):
                 if not getattr(self, name):
                     raise ValueError(f"{name} is required (or mcp: <server URL>, whose "
                                      "discovery gives the endpoints)")
+        if self.issuer is not None:
+            parts = urlsplit(self.issuer)
+            if parts.scheme != "https" and not (self.allow_http and parts.scheme == "http") \
+                    or not parts.hostname or parts.query or parts.fragment:
+                raise ValueError("issuer must be an https URL without query or fragment "
+                                 "(RFC 8414 section 2)")
+            if self.mcp is not None:
+                raise ValueError("issuer: not set with mcp (discovery finds the issuer)")
+        elif self.iss_required:
+            raise ValueError("iss_required needs issuer (the value iss must have)")
         for name in ("token_url", "authorize_url", "revocation_url"):
             url = getattr(self, name)
             if url and not (url.startswith("https://") or (self.allow_http and

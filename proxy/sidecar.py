@@ -365,7 +365,10 @@ class Sidecar:
         match = _CHALLENGED_SCOPE.search(challenge)
         asked = _scope_tokens(match.group(1) or match.group(2) or "") if match else []
         union = [*held, *(s for s in asked if s not in held)]
-        beyond = [s for s in union if s not in provider.scopes]
+        # An MCP server by URL alone has no configured scopes: what its metadata
+        # advertises is its ceiling (proxy.mcpauth.scope_ceiling), checked at connect.
+        beyond = ([] if provider.mcp is not None and not provider.scopes
+                  else [s for s in union if s not in provider.scopes])
         base = self.live.current.connect_url(provider)
         url = f"{base}{'&' if '?' in base else '?'}{urlencode({'scope': ' '.join(union)})}"
         detail = (f"{provider.id} needs more scope than the user's grant holds "

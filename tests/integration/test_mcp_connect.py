@@ -63,7 +63,7 @@ def _get(stack: Stack, user: str) -> httpx2.Response:
         return c.get(stack.mcp_server)  # type: ignore[attr-defined]
 
 
-def _connect(stack: Stack, user: str, connect_url: str) -> dict[str, list[str]]:
+def connect_in_browser(stack: Stack, user: str, connect_url: str) -> dict[str, list[str]]:
     """The user's browser follows the connect link: authorize (consent), callback."""
     sep = "&" if "?" in connect_url else "?"
     with httpx2.Client(verify=stack.admin_tls(), follow_redirects=False, timeout=30,
@@ -89,7 +89,7 @@ def test_two_users_connect_by_discovery_and_registration(stack: Stack) -> None:
         assert first.status_code == 401, first.text
         body = first.json()
         assert body["reason"] == "no_connection", body
-        asked = _connect(stack, user, body["connect_url"])
+        asked = connect_in_browser(stack, user, body["connect_url"])
         # Discovery found the stack's authorization server from the server's URL alone.
         assert asked["resource"] == [server]  # RFC 8707 on the authorize request
         assert asked["code_challenge_method"] == ["S256"]
@@ -146,7 +146,7 @@ def test_refresh_keeps_the_resource_and_the_minting_client(stack: Stack) -> None
     user = "mcp-carol"
     first = _get(stack, user)
     assert first.status_code == 401
-    _connect(stack, user, first.json()["connect_url"])
+    connect_in_browser(stack, user, first.json()["connect_url"])
     grant = stack.vault_get(user, MCP)
     assert grant is not None and grant.tokens.refresh_token is not None
     before = stack.stats()["refresh_by_user"].get(user, 0)
@@ -169,3 +169,76 @@ def test_refresh_keeps_the_resource_and_the_minting_client(stack: Stack) -> None
     refreshed = stack.vault_get(user, MCP)
     assert refreshed.tokens.refresh_token.reveal() != grant.tokens.refresh_token.reveal()
     assert dict(refreshed.values) == dict(grant.values)  # still the same minting client
+
+
+def test_a_confidential_registered_client_refreshes_and_revokes_after_a_restart(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An authorization server that registers only confidential clients (RFC 7591 section
+    3.2.1: a ``client_secret`` in the answer): the secret is sealed in the grant, so after
+    the sidecar restarts (its registrations in memory gone) the grant still refreshes as
+    that client, and ``credproxy revoke`` revokes as that client (RFC 7009 section 2.1).
+    The secret never shows in ``credproxy connections`` or the audit."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    s = build_stack(tmp_path_factory.mktemp("mcp-confidential"), start_proxy=False,
+                    confidential_registration=True)
+    try:
+        port = free_port()
+        server = f"https://localhost:{port}/documents"
+        s.echo_server(tls=True, name="mcp-api", port=port, resource=server)
+        s.config["providers"].append({"id": MCP, "mcp": server})
+        s.write_config()
+        s.start_proxy()
+        user = "mcp-dora"
+        first = _get_at(s, server, user)
+        assert first.status_code == 401
+        connect_in_browser(s, user, first.json()["connect_url"])
+        regs = s.stats()["registrations"]
+        assert [r["token_endpoint_auth_method"] for r in regs] == ["client_secret_basic"]
+        grant = s.vault_get(user, MCP)
+        assert grant.client_secret is not None
+        assert grant.values["mcp_client_auth"] == "client_secret_basic"
+        assert _get_at(s, server, user).status_code == 200
+        # Restart: no registration in memory; the grant alone says how to refresh.
+        assert s.proxy is not None
+        s.proxy.close()
+        s.start_proxy()
+        s.vault_put(user, {"access_token": grant.tokens.access_token.reveal(),
+                           "refresh_token": grant.tokens.refresh_token.reveal(),
+                           "token_type": "Bearer", "expires_in": 5,
+                           "scope": grant.tokens.scope}, provider=MCP)
+        before = s.stats()["refresh_by_user"].get(user, 0)
+        deadline = time.monotonic() + 10
+        while s.stats()["refresh_by_user"].get(user, 0) == before:
+            r = _get_at(s, server, user)
+            assert r.status_code == 200, r.text
+            assert time.monotonic() < deadline, "no refresh happened"
+            time.sleep(0.3)
+        assert len(s.stats()["registrations"]) == 1  # refreshed without registering again
+        refreshed = s.vault_get(user, MCP)
+        assert refreshed.client_secret == grant.client_secret
+        secret = grant.client_secret.reveal()
+        env = {**os.environ, **s.env}
+        shown = subprocess.run([sys.executable, "-m", "proxy.cli", "connections", "--config",
+                                str(s.config_path), "--user", user, "--json"], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and MCP in shown.stdout, shown.stderr
+        assert secret not in shown.stdout + shown.stderr
+        out = subprocess.run([sys.executable, "-m", "proxy.cli", "revoke", "--config",
+                              str(s.config_path), "--user", user, "--provider", MCP],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "revoked" in out.stdout and "pending" not in out.stdout, out.stdout
+        assert s.introspect(refreshed.tokens.refresh_token.reveal())["active"] is False
+        assert s.proxy is not None
+        assert secret not in s.proxy.stdout_text() + s.proxy.stderr_text()
+    finally:
+        s.close()
+
+
+def _get_at(stack: Stack, server: str, user: str) -> httpx2.Response:
+    with stack.client(context=stack.context(user)) as c:
+        return c.get(server)

@@ -242,3 +242,76 @@ async def test_offboarding_with_the_vault_down_and_no_redis_changes_nothing_and_
     assert not result.ok and not result.marked and result.upstream == "not attempted"
     assert result.problems == ["nothing changed (vault unreachable); run it again"]
     assert _records(out)[-1]["outcome"] == "pending"
+
+
+ISS = "https://login.example.com"
+ISS_SETTINGS = parse_settings({
+    "identity": {"issuer": "i", "audience": "a", "hs256_secret_env": "X",
+                 "algorithms": ["HS256"]},
+    "providers": [
+        {"id": "docs", "hosts": ["docs.example.com"], "client_id": "c",
+         "token_endpoint_auth_method": "none", "scopes": ["read"], "issuer": ISS,
+         "authorize_url": f"{ISS}/authorize", "token_url": f"{ISS}/token"},
+        {"id": "strict", "hosts": ["strict.example.com"], "client_id": "c",
+         "token_endpoint_auth_method": "none", "scopes": ["read"], "issuer": ISS,
+         "iss_required": True,
+         "authorize_url": f"{ISS}/authorize", "token_url": f"{ISS}/token"},
+    ],
+})
+
+
+@pytest.mark.parametrize("provider,iss,reason", [
+    pytest.param("docs", "https://evil.example.com", "iss_mismatch", id="other-issuer"),
+    pytest.param("docs", ISS + "/", "iss_mismatch", id="trailing-slash"),
+    pytest.param("docs", ISS.upper(), "iss_mismatch", id="other-case"),
+    pytest.param("docs", "", "iss_mismatch", id="empty"),
+    pytest.param("strict", "https://evil.example.com", "iss_mismatch", id="strict-other"),
+    pytest.param("strict", None, "iss_missing", id="strict-missing"),
+    pytest.param("docs", None, "provider_error:access_denied", id="lenient-missing"),
+    pytest.param("docs", ISS, "provider_error:access_denied", id="matching"),
+])
+async def test_the_authorization_responses_iss_is_checked_against_the_configured_issuer(
+        tmp_path: Path, provider: str, iss: str | None, reason: str) -> None:
+    """RFC 9207 section 2.4 for any provider whose ``issuer`` is configured: a response
+    from another issuer is refused before the error or code in it is read (mix-up
+    defence); without ``iss``, refused only when ``iss_required``. Nothing is stored."""
+    clock = Clock()
+    vault = LocalVault.open(tmp_path / "v.db", KEY, clock=clock)
+    out = io.StringIO()
+    audit = AuditLog(StdoutSink(out), instance="t/1", fingerprint_key=KEY, clock=clock)
+    connector = Connector(live_config(settings=ISS_SETTINGS), vault, MemoryCoordinator(clock),
+                          audit, state_key=KEY, clock=clock)
+    try:
+        from urllib.parse import parse_qs, urlsplit
+
+        url = await connector.begin("alice", provider, redirect_uri="http://127.0.0.1/cb")
+        state = parse_qs(urlsplit(url).query)["state"][0]
+        params = {"state": state, "error": "access_denied"}
+        if iss is not None:
+            params["iss"] = iss
+        with pytest.raises(ConnectRejected) as exc:
+            await connector.complete(params)
+        assert exc.value.reason == reason
+        assert await vault.list() == []
+        assert _records(out)[-1]["reason"] == reason
+    finally:
+        await connector.aclose()
+        await vault.close()
+
+
+@pytest.mark.parametrize("extra,message", [
+    pytest.param({"issuer": "http://login.example.com"}, "issuer must be an https URL",
+                 id="http"),
+    pytest.param({"issuer": "https://login.example.com?x=1"}, "issuer must be", id="query"),
+    pytest.param({"issuer": "https://login.example.com#f"}, "issuer must be", id="fragment"),
+    pytest.param({"issuer": "login.example.com"}, "issuer must be", id="relative"),
+    pytest.param({"iss_required": True}, "iss_required needs issuer", id="required-alone"),
+])
+def test_a_bad_issuer_setting_is_refused_naming_the_key(extra: dict[str, object],
+                                                       message: str) -> None:
+    provider = {"id": "docs", "hosts": ["docs.example.com"], "client_id": "c",
+                "token_url": "https://login.example.com/token", **extra}
+    with pytest.raises(Exception, match=message):
+        parse_settings({"identity": {"issuer": "i", "audience": "a",
+                                     "hs256_secret_env": "X", "algorithms": ["HS256"]},
+                        "providers": [provider]})

@@ -446,3 +446,92 @@ async def test_the_callback_on_another_replica_uses_the_client_the_flow_began_wi
     form = fake.requests("/as/token")[0].form
     # The registered confidential client, its secret carried sealed in the flow's state.
     assert (form["client_id"], form["client_secret"]) == ("dcr-a", "sec-a")
+
+
+async def test_a_terminal_sign_in_registers_dynamically_even_where_the_document_works(
+        flow: Any, fake: FakeOAuth) -> None:
+    """The metadata document lists only the web flow's redirect URI: ``credproxy connect``
+    (a loopback redirect, RFC 8252) registers by RFC 7591 instead; the web flow still uses
+    the document."""
+    connector, _, _, _ = await flow(public_url="https://credproxy.example.com")
+    web = query(await connector.begin(
+        "alice", "linear", redirect_uri="https://credproxy.example.com/oauth/callback"))
+    terminal = query(await connector.begin("alice", "linear",
+                                           redirect_uri="http://127.0.0.1:5555/oauth/callback"))
+    assert web["client_id"] == "https://credproxy.example.com/oauth/client-metadata.json"
+    assert terminal["client_id"] == "dcr-client-1"
+    assert [r.json["redirect_uris"] for r in fake.requests("/as/register")] == [
+        ["http://127.0.0.1:5555/oauth/callback"]]
+
+
+async def test_a_terminal_sign_in_without_registration_endpoint_says_to_use_the_web_link(
+        flow: Any, fake: FakeOAuth) -> None:
+    from proxy.connect import ConnectRejected
+
+    connector, _, _, _ = await flow(public_url="https://credproxy.example.com",
+                                    registration_endpoint=None)
+    with pytest.raises(ConnectRejected) as caught:
+        await connector.begin("alice", "linear", redirect_uri="http://127.0.0.1:5555/cb")
+    assert caught.value.reason == "mcp_no_registration"
+    assert "web connect link" in caught.value.detail
+
+
+async def test_a_registered_client_the_server_refuses_is_registered_anew(
+        flow: Any, fake: FakeOAuth) -> None:
+    """The server forgot the client it registered (RFC 7591 gives no other signal than
+    ``invalid_client``): that sign-in fails naming it, and the next one registers again."""
+    from proxy.connect import ConnectRejected
+
+    connector, vault, _, _ = await flow(client_id_metadata_document_supported=False)
+    issuer = f"{fake.base}/as"
+    q = query(await connector.begin("alice", "linear", redirect_uri="http://127.0.0.1/cb"))
+    fake.script("/as/token", Answer.json(401, error="invalid_client"))
+    with pytest.raises(ConnectRejected):
+        await connector.complete({"state": q["state"], "code": "c", "iss": issuer})
+    assert await vault.get("alice", "linear") is None
+    fake.script("/as/register", Answer.json(201, client_id="dcr-client-2",
+                                            token_endpoint_auth_method="none"))
+    again = query(await connector.begin("alice", "linear", redirect_uri="http://127.0.0.1/cb"))
+    assert again["client_id"] == "dcr-client-2"
+    assert len(fake.requests("/as/register")) == 2
+
+
+def _server(resource_scopes: tuple[str, ...], as_scopes: tuple[str, ...] | None) -> Any:
+    from proxy.mcpauth import AuthServer
+
+    return AuthServer(resource="https://mcp.example.com/mcp", resource_metadata_url="",
+                      resource_scopes=resource_scopes, issuer="https://as.example.com",
+                      metadata_url="", authorization_endpoint="https://as.example.com/a",
+                      token_endpoint="https://as.example.com/t", registration_endpoint=None,
+                      revocation_endpoint=None, scopes_supported=as_scopes,
+                      token_endpoint_auth_methods=("none",),
+                      client_id_metadata_document_supported=False,
+                      iss_parameter_supported=True, expires_at=0.0)
+
+
+@pytest.mark.parametrize(("prm", "meta", "configured", "requested", "expected"), [
+    pytest.param(("read",), ("read", "write", "offline_access"), [], ["read", "write"],
+                 ["read", "write", "offline_access"], id="as-advertised-step-up"),
+    pytest.param(("read", "write"), None, [], ["write"], ["write"], id="prm-only"),
+    pytest.param(("read",), ("read", "write", "offline_access"), [],
+                 ["write", "read", "offline_access"], ["read", "write", "offline_access"],
+                 id="ceiling-order"),
+    pytest.param(("read",), ("read", "write"), ["read"], ["read"], ["read"],
+                 id="configured-is-the-ceiling"),
+    pytest.param(("read",), ("read", "write"), ["read"], ["write"], None,
+                 id="configured-refuses-advertised"),
+    pytest.param(("read",), ("read",), [], ["admin"], None, id="not-advertised"),
+    pytest.param((), None, [], ["read"], None, id="nothing-advertised"),
+])
+def test_a_chosen_scope_stays_within_the_configured_or_advertised_ceiling(
+        prm: tuple[str, ...], meta: tuple[str, ...] | None, configured: list[str],
+        requested: list[str], expected: list[str] | None) -> None:
+    from proxy.mcpauth import McpDiscoveryError, narrowed
+
+    server = _server(prm, meta)
+    if expected is None:
+        with pytest.raises(McpDiscoveryError) as caught:
+            narrowed(server, configured, requested)
+        assert caught.value.reason == "scope_not_allowed"
+    else:
+        assert narrowed(server, configured, requested) == expected
