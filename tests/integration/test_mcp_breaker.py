@@ -484,6 +484,19 @@ def test_the_agents_own_authorization_never_reaches_the_mcp_server(
     assert seen and all(s.header("authorization") == [f"Bearer {token}"] for s in seen)
 
 
+def test_no_token_nor_agent_secret_in_the_sidecars_output(env: Env) -> None:
+    """Holds ("secrets in logs"): after everything above (connects, tool calls, refusals,
+    challenges), no access or refresh token the authorization server issued, no tool
+    argument and none of the agent's own credentials appear in the sidecar's audit or log
+    output."""
+    assert env.stack.proxy is not None
+    out = env.stack.proxy.stdout_text() + env.stack.proxy.stderr_text()
+    issued = env.stack.issued_tokens()
+    assert issued
+    assert [t for t in issued if t in out] == []
+    assert AGENT_SECRET not in out and "y" * 1000 not in out
+
+
 # -- item 3: a grant is bound to its resource ---------------------------------------------------
 
 def test_a_grant_for_one_mcp_url_is_not_sent_to_the_next_one(env: Env) -> None:
