@@ -21,17 +21,16 @@ from proxy.mcpauth import MIN_TTL, Discovery, McpDiscoveryError
 from proxy.provider_client import ProviderClient
 from proxy.secret import Secret
 from proxy.settings import RefreshSettings
+from tests.proxy import test_mcpauth as base
 from tests.proxy.conftest import live_config
 from tests.proxy.oauthfake import Answer, FakeOAuth
-from tests.proxy.test_mcpauth import (  # noqa: F401 - fixtures
-    Clock,
-    as_metadata,
-    client,
-    fake,
-    flow,
-    query,
-    script_server,
-)
+from tests.proxy.test_mcpauth import Clock, as_metadata, query, script_server
+
+# The discovery suite's fixtures: a scriptable OAuth server, a provider client, and the
+# connect flow of an mcp provider over them.
+fake = base.fake
+client = base.client
+flow = base.flow
 
 # -- a server that stalls: answers 200 and drips its body a byte at a time -------------------
 
@@ -284,7 +283,7 @@ async def test_a_pre_registered_clients_secret_never_goes_to_another_authorizati
     import io
 
     from proxy.audit import AuditLog, StdoutSink
-    from proxy.connect import ConnectRejected, Connector
+    from proxy.connect import Connector, ConnectRejected
     from proxy.coordination import MemoryCoordinator
     from proxy.vault.local import LocalVault
 
