@@ -484,6 +484,40 @@ def test_the_agents_own_authorization_never_reaches_the_mcp_server(
     assert seen and all(s.header("authorization") == [f"Bearer {token}"] for s in seen)
 
 
+def test_the_mcp_token_goes_only_to_the_mcp_resource(env: Env) -> None:
+    """FAULT (item 3, resource-bound tokens): the provider is the MCP server *by its URL*
+    (the resource, RFC 8707 section 2: path included), but its ``hosts`` default to the
+    URL's host and the user's token is injected into a request for any path on it, here
+    ``/admin/export``, another application on the same host that is not the resource.
+    Expected: the token goes only to the resource (the MCP URL and what is under it; its
+    RFC 9728 metadata), other paths get no credential (or a refusal)."""
+    user = _user("path")
+    token = _connect(env, user, env.server.url)
+    base = env.server.url.rsplit("/mcp", 1)[0]
+    before = len(env.server.requests)
+    with env.stack.client(context=env.stack.context(user)) as c:
+        c.get(f"{base}/admin/export")
+    seen = [h for s in env.server.requests[before:] if s.path == "/admin/export"
+            for h in s.header("authorization")]
+    assert f"Bearer {token}" not in seen, "the MCP grant's token went to /admin/export"
+
+
+def test_each_url_elicitation_has_its_own_id(env: Env) -> None:
+    """FAULT (item 6, URL-mode elicitation; MCP 2025-11-25 "Elicitation": ``elicitationId``
+    identifies one elicitation, the server's ``notifications/elicitation/complete`` names
+    it): every refusal carries the same ``elicitationId`` (``credproxy-reauth-required``),
+    for every user, server and request, so a client tracking elicitations cannot tell two
+    apart. Expected: a distinct id per elicitation."""
+    ids = []
+    for _ in range(2):
+        r = _post(env.stack, env.server.url, _user("elicit"), _call("lookup", 1, query="q"),
+                  headers={"MCP-Protocol-Version": "2025-11-25"})
+        error = r.json()["error"]
+        assert error["code"] == wire.URL_ELICITATION_REQUIRED, error
+        ids.append(error["data"]["elicitations"][0]["elicitationId"])
+    assert ids[0] != ids[1], ids
+
+
 def test_no_token_nor_agent_secret_in_the_sidecars_output(env: Env) -> None:
     """Holds ("secrets in logs"): after everything above (connects, tool calls, refusals,
     challenges), no access or refresh token the authorization server issued, no tool

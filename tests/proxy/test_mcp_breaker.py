@@ -367,3 +367,22 @@ async def test_mix_up_variants_of_iss_are_refused_before_the_code_is_used(
         assert caught.value.reason == reason
     assert fake.requests("/as/token") == []
     assert await vault.get("alice", "linear") is None
+
+
+def test_two_mcp_servers_behind_one_host_can_be_configured() -> None:
+    """FAULT (item 3, "grants keyed by (user, resource, issuer)"; "a provider that is an MCP
+    server by its URL alone"): two MCP servers behind one gateway host, told apart by
+    path (``https://mcp.corp.example/jira/mcp``, ``.../github/mcp``; hosted MCP
+    registries serve many servers from one host), each written by its URL alone, are
+    refused ("host 'mcp.corp.example' is listed by providers 'jira' and 'gh'"): the
+    resource is the URL, but credproxy keys providers by host. Expected: both are
+    accepted, each request getting the grant of the server whose URL it is under."""
+    from proxy.settings import parse_settings
+    s = parse_settings({
+        "identity": {"issuer": "i", "audience": "a", "hs256_secret_env": "X",
+                     "algorithms": ["HS256"]},
+        "providers": [{"id": "jira", "mcp": "https://mcp.corp.example/jira/mcp"},
+                      {"id": "gh", "mcp": "https://mcp.corp.example/github/mcp"}],
+    })
+    assert [p.mcp_resource for p in s.providers] == ["https://mcp.corp.example/jira/mcp",
+                                                     "https://mcp.corp.example/github/mcp"]
