@@ -327,14 +327,61 @@ def test_the_transports_get_and_delete_never_get_a_401(
     assert r.json()["error"]["data"]["connect_url"].endswith(f"/connect/{MCP}")
 
 
+@pytest.mark.parametrize(("framing", "headers"), [
+    pytest.param("chunked", {"MCP-Protocol-Version": "2025-11-25"}, id="chunked"),
+    pytest.param("gzip", {"Mcp-Session-Id": "s-1"}, id="gzip"),
+    pytest.param("large", {"MCP-Protocol-Version": "2025-11-25"}, id="over-64k"),
+    pytest.param("chunked", {"Mcp-Method": "tools/call", "Mcp-Name": "lookup"},
+                 id="chunked-with-mcp-method"),
+])
+def test_an_mcp_post_read_only_by_its_headers_never_gets_a_401(
+        env: Env, framing: str, headers: dict[str, str]) -> None:
+    """Item 6 (never a bare 401 to an MCP client): a Streamable HTTP POST of a JSON-RPC
+    request that the sidecar does not read before deciding (sent chunked, without
+    ``Content-Length``; gzip-compressed; over 64 KiB) is recognisably MCP by its headers
+    (``Accept: text/event-stream``, ``MCP-Protocol-Version``, ``Mcp-Session-Id``).
+    Expected: no 401 and no ``WWW-Authenticate`` (the 403 JSON-RPC error with ``id: null``
+    README promises for what it cannot read), the connect URL in ``data``; nothing sent.
+    FAULT for ``chunked``, ``gzip``, ``over-64k``: without an ``Mcp-Method`` header these
+    get the RFC 9457 401 with ``WWW-Authenticate`` (a chunked small body is not even in
+    README's list of bodies not read)."""
+    import gzip
+
+    user = _user("framing")
+    raw = json.dumps(_call("lookup", 4, query="q" * (70_000 if framing == "large" else 1)))
+    sent = {"X-User-Context": env.stack.context(user), "Accept": ACCEPT,
+            "Content-Type": "application/json", **headers}
+    content: Any = raw.encode()
+    if framing == "gzip":
+        content = gzip.compress(content)
+        sent["Content-Encoding"] = "gzip"
+    elif framing == "chunked":
+        body = content
+
+        def chunks() -> Iterator[bytes]:
+            yield body
+
+        content = chunks()
+    before = len(env.server.requests)
+    with httpx2.Client(proxy=env.stack.proxy_url, verify=env.stack.mitm_tls(), timeout=30,
+                       trust_env=False) as c:
+        r = c.post(env.server.url, content=content, headers=sent)
+    assert env.server.requests[before:] == []
+    assert r.status_code != 401 and "www-authenticate" not in r.headers, (
+        r.status_code, r.text[:200])
+    assert r.json()["error"]["data"]["connect_url"].endswith(f"/connect/{MCP}")
+
+
 def test_a_large_tool_call_on_a_revoked_grant_reaches_the_sdk_client_as_json_rpc(
         env: Env) -> None:
     """FAULT (item 6, re-auth in the agent's protocol): a ``tools/call`` whose body is over
-    64 KiB (a tool argument carrying a document) on a grant the user no longer has is
-    answered HTTP 403 with ``"id": null``, which the real SDK client turns into an opaque
-    transport error without the connect URL (README documents the 64 KiB limit, but the
-    issue says an MCP client must get an answer it understands). Expected: the client gets
-    an MCPError whose data carries the slug and the ``connect_url``."""
+    64 KiB (a tool argument carrying a document) on a grant the user no longer has is not
+    read before the decision; the real SDK client (2025-11-25: no ``Mcp-Method`` header)
+    gets the RFC 9457 401 and raises ``-32603 Server returned an error response`` with no
+    data: no slug, no connect URL (README documents the 64 KiB limit, but the issue says an
+    MCP client must get an answer it understands, never a bare 401). Expected: the client
+    gets an MCPError whose data carries the slug and the ``connect_url`` (the proxy may
+    read a larger body, or answer the JSON-RPC error without the id it could not read)."""
     import asyncio
 
     from mcp import Client, MCPError
