@@ -386,3 +386,41 @@ def test_two_mcp_servers_behind_one_host_can_be_configured() -> None:
     })
     assert [p.mcp_resource for p in s.providers] == ["https://mcp.corp.example/jira/mcp",
                                                      "https://mcp.corp.example/github/mcp"]
+
+
+@pytest.mark.parametrize(("redirect_uri", "application_type"), [
+    pytest.param("https://credproxy.example.com/oauth/callback", "web", id="web-flow"),
+    pytest.param("http://127.0.0.1:5555/oauth/callback", "native", id="terminal-loopback"),
+])
+async def test_dynamic_registration_says_the_application_type_of_its_redirect(
+        flow: Any, fake: FakeOAuth, redirect_uri: str, application_type: str) -> None:
+    """Item 2 (RFC 7591 "with ``application_type``"; OpenID Connect Dynamic Client
+    Registration 1.0 section 2, MCP authorization "Dynamic Client Registration"): the web
+    flow's client is a ``web`` application; ``credproxy connect``'s client, whose redirect
+    URI is a loopback one (RFC 8252 section 7.3), is a ``native`` application. FAULT for
+    ``terminal-loopback``: it is registered as ``web`` with an ``http://127.0.0.1``
+    redirect URI, which an OpenID provider enforcing the registration rules refuses (web
+    clients use https redirect URIs on a real host)."""
+    connector, _, _, _ = await flow(client_id_metadata_document_supported=False,
+                                    public_url="https://credproxy.example.com")
+    await connector.begin("alice", "linear", redirect_uri=redirect_uri)
+    sent = fake.requests("/as/register")
+    assert len(sent) == 1
+    assert sent[0].json["redirect_uris"] == [redirect_uri]
+    assert sent[0].json["application_type"] == application_type
+
+
+async def test_terminal_sign_ins_on_other_loopback_ports_reuse_one_registration(
+        flow: Any, fake: FakeOAuth) -> None:
+    """FAULT (item 2, "registrations are keyed by the authorization server's ``issuer``"):
+    ``credproxy connect`` listens on any free loopback port, and registrations are kept
+    per (issuer, redirect URI): every terminal sign-in registers one more client at the
+    authorization server. RFC 8252 section 7.3: the server must accept any port on a
+    loopback redirect URI at request time. Expected: one registration per issuer for
+    the loopback redirect, whatever the port."""
+    connector, _, _, _ = await flow(client_id_metadata_document_supported=False)
+    for port in (5555, 5556, 5557):
+        await connector.begin("alice", "linear",
+                              redirect_uri=f"http://127.0.0.1:{port}/oauth/callback")
+    assert len(fake.requests("/as/register")) == 1, [
+        r.json["redirect_uris"] for r in fake.requests("/as/register")]
