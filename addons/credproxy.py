@@ -11,7 +11,7 @@ revoked-token signals in bodies, which is read whole first. A request body of un
 (chunked, HTTP/2 without ``content-length``: gRPC, uploads) streams to the upstream once the
 decision is made; one of known length up to ``stream_large_bodies`` is read whole first. A
 refusal is answered before the request body is read (:mod:`addons.compat`, item 7), except
-for a small JSON POST (:func:`proxy.mcp.may_be_mcp`, at most 64 KiB): it may be an MCP
+for a JSON POST (:func:`proxy.mcp.may_be_mcp`, at most 1 MiB): it may be an MCP
 request, decided in ``request`` once its body is here, so that the audit names the tool and
 a refusal is the JSON-RPC error an MCP client understands (:func:`proxy.mcp.refusal_answer`).
 
@@ -231,13 +231,14 @@ class CredentialInjector:
             await self._refuse(flow, InternalError("internal error; nothing was forwarded"))
             return
         req.headers = http.Headers(list(read.fields))
-        if mcp.may_be_mcp(req.method, read.fields):
+        if not req.stream and mcp.may_be_mcp(req.method, read.fields):
             # Perhaps an MCP request (a small JSON POST): decided in ``request``, once its
             # body is here, so that the audit names the tool and a refusal is a JSON-RPC
             # error with the request's id (proxy.mcp).
             self._pending[flow.id] = (read, config)
             return
-        await self._decide(flow, read, config, mcp.read_call(read.fields, None))
+        await self._decide(flow, read, config,
+                           mcp.read_call(read.fields, None, method=req.method))
 
     async def _decide(self, flow: http.HTTPFlow, read: ReadHeaders, config: Snapshot,
                       call: mcp.McpCall | None) -> None:
@@ -308,7 +309,8 @@ class CredentialInjector:
             return
         if not flow.request.trailers:
             if pending is not None:
-                call = mcp.read_call(flow.request.headers.fields, flow.request.raw_content)
+                call = mcp.read_call(flow.request.headers.fields, flow.request.raw_content,
+                                     method=flow.request.method)
                 await self._decide(flow, pending[0], pending[1], call)
             return
         if flow.request.stream:  # (compat refuses these before this hook; never forward)
@@ -496,7 +498,7 @@ def _mcp_call(flow: http.HTTPFlow) -> mcp.McpCall | None:
     body = None
     if not req.stream and mcp.may_be_mcp(req.method, fields):
         body = req.raw_content
-    return mcp.read_call(fields, body)
+    return mcp.read_call(fields, body, method=req.method)
 
 
 def _may_signal(signals: ApiSignals, response: http.Response) -> bool:

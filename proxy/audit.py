@@ -134,6 +134,8 @@ class RequestInfo:
     # (never argument values); None for any other request.
     mcp_method: str | None = None
     mcp_name: str | None = None
+    # A batch's messages, each (method, name).
+    mcp_calls: tuple[tuple[str, str | None], ...] = ()
 
     def __post_init__(self) -> None:
         # Callers should pass a bare path; strip anyway so a slip cannot leak a query.
@@ -141,9 +143,14 @@ class RequestInfo:
 
     def as_dict(self) -> dict[str, object]:
         """``{"id", "method", "host", "path", "mcp"}``; ``mcp`` is ``{"method": str,
-        "name": str | None}`` for an MCP request, else null."""
-        mcp = None if self.mcp_method is None else {"method": _clean(self.mcp_method),
-                                                     "name": _opt(self.mcp_name)}
+        "name": str | None}`` for an MCP request (a batch adds ``"calls": [{"method",
+        "name"}, ...]``, one per message), else null."""
+        mcp: dict[str, object] | None = None
+        if self.mcp_method is not None:
+            mcp = {"method": _clean(self.mcp_method), "name": _opt(self.mcp_name)}
+            if self.mcp_calls:
+                mcp["calls"] = [{"method": _clean(m), "name": _opt(n)}
+                                for m, n in self.mcp_calls]
         return {
             "id": _opt(self.id),
             "method": _clean(self.method),

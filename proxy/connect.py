@@ -120,7 +120,8 @@ class Connector:
         another replica, uses it rather than registering again)."""
         assert provider.mcp is not None
         try:
-            server = await self.discovery.discover(provider.mcp, allow_http=provider.allow_http)
+            server = await self.discovery.discover(provider.mcp, allow_http=provider.allow_http,
+                                                   issuer=provider.issuer)
             reg = registered or await self.registrar.client_for(
                 issuer=server.issuer, pre_registered=provider.client_id or None,
                 auth_method=provider.token_endpoint_auth_method, server=server,

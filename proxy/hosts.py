@@ -21,6 +21,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _NUMERIC = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}$")
@@ -184,3 +185,31 @@ class HostPattern:
             rx = re.escape(self.host) + r"\.?"
         port = str(self.port) if self.port is not None else "(?:443|80)"
         return rf"^{rx}:{port}$"
+
+
+def canonical_uri(url: str) -> str:
+    """The canonical URI of a server (RFC 8707 section 2; RFC 3986 section 6.2.2): scheme
+    and host lower-cased, no fragment, no trailing slash on an empty path."""
+    parts = urlsplit(url)
+    path = "" if parts.path == "/" else parts.path
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, parts.query, ""))
+
+
+_UNSAFE_SEGMENT = re.compile(r"%(?:2e|2f|5c)|\\", re.IGNORECASE)
+
+
+def path_within(resource: str, target: str) -> bool:
+    """Whether the request-target ``target`` (path and query, origin-form) is the endpoint of
+    ``resource`` (a canonical URI, :func:`canonical_uri`) or below it: its path segments
+    start with the resource's, compared exactly. A path with a dot segment, an encoded dot,
+    slash or backslash, or a backslash is never within: a next hop may normalise it to
+    another path (RFC 3986 section 5.2.4) than the one compared here."""
+    path = target.split("?", 1)[0].split("#", 1)[0] or "/"
+    if not path.startswith("/") or _UNSAFE_SEGMENT.search(path):
+        return False
+    segments = path.split("/")[1:]
+    if any(seg in (".", "..") for seg in segments):
+        return False
+    base = [seg for seg in urlsplit(resource).path.split("/")[1:] if seg]
+    given = segments[:len(base)]
+    return given == base

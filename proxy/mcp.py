@@ -19,10 +19,16 @@ This module (no mitmproxy import) answers three questions about a request:
 
 Decisions (documented in README, "MCP servers"):
 
-* A request is MCP when its body is a JSON-RPC 2.0 message (``"jsonrpc": "2.0"`` and a
-  string ``method``, or a non-empty array of such) *and* the request says it speaks MCP:
-  ``Accept`` lists ``text/event-stream``, or one of ``Mcp-Session-Id``,
-  ``MCP-Protocol-Version``, ``Mcp-Method`` is present. Another JSON API keeps RFC 9457.
+* A POST is MCP when its body is a JSON-RPC 2.0 message (``"jsonrpc": "2.0"`` and a
+  string ``method``, a client's response, or a non-empty array of such) *and* the request
+  says it speaks MCP: ``Accept`` lists ``text/event-stream``, or one of
+  ``Mcp-Session-Id``, ``MCP-Protocol-Version``, ``Mcp-Method`` is present. A POST whose
+  body was not read is MCP by those fields (or an ``Accept`` listing both
+  ``application/json`` and ``text/event-stream``); a GET or DELETE only by
+  ``Mcp-Session-Id`` / ``MCP-Protocol-Version`` (an SSE client's ``Accept`` is not MCP).
+  Another JSON API keeps RFC 9457.
+* The body, when read, names the call; header fields that disagree with it are a
+  conflict (:attr:`McpCall.conflict`), which the sidecar refuses.
 * Every refusal of an MCP request is a JSON-RPC error, not only ``reauth-required`` and
   ``insufficient-scope``: an MCP client turns any non-2xx answer to a request into an
   opaque transport error (and a 401 into its own OAuth dance against the server's
@@ -50,6 +56,7 @@ Decisions (documented in README, "MCP servers"):
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -57,9 +64,10 @@ from typing import Final
 from proxy.errors import ProxyRefusal
 from proxy.problems import ERROR_HEADER, PROBLEM_PREFIX
 
-MAX_BODY: Final = 64 * 1024
-"""Bytes of a request body read before the decision to learn whether it is MCP (larger or
-compressed bodies stream as before and are read from their headers only)."""
+MAX_BODY: Final = 1024 * 1024
+"""Bytes of a JSON POST body read before the decision to learn whether it is MCP and what it
+calls (larger, compressed, chunked bodies, and those past ``stream_large_bodies``, stream as
+before and are read from their header section only)."""
 
 URL_ELICITATION_REQUIRED: Final = -32042
 """MCP 2025-11-25 ``URLElicitationRequiredError`` (retired in 2026-07-28)."""
@@ -79,19 +87,27 @@ _MAX_NAME: Final = 256  # a tool/resource name longer than this is cut in the au
 class McpCall:
     """What an MCP request calls.
 
-    ``method``: the JSON-RPC method (``"tools/call"``; ``"batch"`` for a batch);
+    ``method``: the JSON-RPC method (``"tools/call"``; ``"batch"`` for a batch;
+    ``"response"`` for a client's JSON-RPC response); None for a transport request that
+    carries no JSON-RPC message (the GET opening the server's event stream, the DELETE
+    ending a session) or a POST whose body was not read and has no ``Mcp-Method``;
     ``name``: the tool (``tools/call``), resource URI without query or fragment
     (``resources/read``, ``.../subscribe``) or prompt (``prompts/get``) name, at most 256
-    characters, else None; ``ids``: the JSON-RPC ids of the request(s)
-    to answer (empty for a notification or a client response); ``version``: the MCP
-    protocol version (``MCP-Protocol-Version``, else ``initialize``'s
-    ``params.protocolVersion``), or None; ``batch``: the body was a JSON array."""
+    characters, else None; ``calls``: for a batch, the (method, name) of each message in
+    it; ``ids``: the JSON-RPC ids of the request(s) to answer (empty for a notification,
+    a client response, or a body not read); ``version``: the MCP protocol version
+    (``MCP-Protocol-Version``, else ``initialize``'s ``params.protocolVersion``), or
+    None; ``batch``: the body was a JSON array; ``conflict``: why the ``Mcp-Method`` /
+    ``Mcp-Name`` header fields disagree with the body (the request is refused: a server
+    routing by the fields would run another tool than the audit names), else None."""
 
-    method: str
+    method: str | None
     name: str | None = None
     ids: tuple[str | int, ...] = ()
     version: str | None = None
     batch: bool = False
+    calls: tuple[tuple[str, str | None], ...] = ()
+    conflict: str | None = None
 
 
 def _header(headers: Iterable[tuple[bytes, bytes]] | Mapping[str, str], name: str
@@ -111,7 +127,7 @@ def may_be_mcp(method: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """Whether a request with this method and header section (raw fields, as read) may be
     an MCP request whose body must be read before the decision: a POST with a JSON
     ``Content-Type``, no ``Content-Encoding`` and a ``Content-Length`` of at most
-    :data:`MAX_BODY` bytes."""
+    :data:`MAX_BODY` bytes (the caller also checks the body is not streamed)."""
     fields = list(headers)
     if method.upper() != "POST":
         return False
@@ -122,12 +138,15 @@ def may_be_mcp(method: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return length.isdigit() and int(length) <= MAX_BODY
 
 
-def _speaks_mcp(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    fields = list(headers)
-    if any(_header(fields, h) is not None for h in _MCP_HEADERS):
-        return True
+def _mcp_fields(fields: list[tuple[bytes, bytes]]) -> bool:
+    return any(_header(fields, h) is not None for h in _MCP_HEADERS)
+
+
+def _accepts_streamable(fields: list[tuple[bytes, bytes]]) -> bool:
+    """``Accept`` lists both ``application/json`` and ``text/event-stream``: what every
+    Streamable HTTP client POST must say (MCP "Transports", "Sending Messages")."""
     accept = (_header(fields, "accept") or "").lower()
-    return "text/event-stream" in accept
+    return "text/event-stream" in accept and "application/json" in accept
 
 
 def _name(method: str, params: object) -> str | None:
@@ -148,12 +167,15 @@ def _clip(method: str, name: str) -> str:
 
 
 def _message(obj: object) -> tuple[str, str | None, str | int | None, object] | None:
-    """(method, name, id, params) of one JSON-RPC 2.0 request or notification, None for
-    anything else."""
+    """(method, name, id, params) of one JSON-RPC 2.0 request or notification; a client's
+    JSON-RPC response (``result`` or ``error`` with an ``id``) is method ``"response"``
+    with no id to answer; None for anything else."""
     if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
         return None
     method = obj.get("method")
     if not isinstance(method, str):
+        if "method" not in obj and "id" in obj and ("result" in obj or "error" in obj):
+            return "response", None, None, None
         return None
     rid = obj.get("id")
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
@@ -162,15 +184,22 @@ def _message(obj: object) -> tuple[str, str | None, str | int | None, object] | 
     return method, _name(method, params), rid, params
 
 
-def read_call(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) -> McpCall | None:
+def read_call(headers: Iterable[tuple[bytes, bytes]], body: bytes | None, *,
+              method: str = "POST") -> McpCall | None:
     """The MCP call a request makes, or None when it is not an MCP request (see the module
     docstring). ``headers`` are the request's raw fields; ``body`` its whole body (None when
     it was not read: then only ``Mcp-Method`` / ``Mcp-Name`` can name the call, and no id is
-    known). ``Mcp-Method`` / ``Mcp-Name`` win over the body for the method and name."""
+    known); ``method`` the HTTP method. When the body was read it names the call, and
+    ``Mcp-Method`` / ``Mcp-Name`` that disagree with it set :attr:`McpCall.conflict`."""
     fields = list(headers)
-    if not _speaks_mcp(fields):
-        return None
     version = _header(fields, "mcp-protocol-version")
+    if method.upper() != "POST":
+        # The GET of the server's event stream and the DELETE of a session: MCP only by the
+        # fields only MCP clients send (an SSE client's Accept alone is not MCP).
+        return McpCall(None, version=version) if _mcp_fields(fields) else None
+    if not (_mcp_fields(fields) or "text/event-stream" in (
+            _header(fields, "accept") or "").lower()):
+        return None
     h_method, h_name = _header(fields, "mcp-method"), _header(fields, "mcp-name")
     parsed: object = None
     if body:
@@ -182,22 +211,32 @@ def read_call(headers: Iterable[tuple[bytes, bytes]], body: bytes | None) -> Mcp
         messages = [_message(m) for m in parsed]
         if any(m is None for m in messages):
             return None
-        ids = tuple(m[2] for m in messages if m is not None and m[2] is not None)
-        method = h_method or "batch"
-        return McpCall(method, _clip(method, h_name) if h_name else None, ids, version,
-                       batch=True)
+        found = [m for m in messages if m is not None]
+        ids = tuple(m[2] for m in found if m[2] is not None)
+        return McpCall("batch", None, ids, version, batch=True,
+                       calls=tuple((m[0], m[1]) for m in found),
+                       conflict=("Mcp-Method on a batch" if h_method is not None
+                                 else None))
     one = _message(parsed)
     if one is None:
-        if h_method is None:
-            return None
-        return McpCall(h_method, _clip(h_method, h_name) if h_name else None, (), version)
-    method, name, rid, params = one
-    if version is None and method == "initialize" and isinstance(params, dict):
+        if h_method is not None:
+            return McpCall(h_method, _clip(h_method, h_name) if h_name else None, (),
+                           version)
+        if body is None and (_mcp_fields(fields) or _accepts_streamable(fields)):
+            # Not read (chunked, compressed, too large): MCP by its header fields.
+            return McpCall(None, version=version)
+        return None  # a body that is no JSON-RPC message: another API
+    name_method, name, rid, params = one
+    if version is None and name_method == "initialize" and isinstance(params, dict):
         offered = params.get("protocolVersion")
         version = offered if isinstance(offered, str) else None
-    method = h_method or method
-    return McpCall(method, _clip(method, h_name) if h_name else name,
-                   () if rid is None else (rid,), version)
+    conflict = None
+    if h_method is not None and h_method != name_method:
+        conflict = f"Mcp-Method {h_method[:64]!r} but the body calls {name_method!r}"
+    elif h_name is not None and name is not None and _clip(name_method, h_name) != name:
+        conflict = f"Mcp-Name {h_name[:64]!r} but the body names {name!r}"
+    return McpCall(name_method, name, () if rid is None else (rid,), version,
+                   conflict=conflict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +257,10 @@ def error_object(refusal: ProxyRefusal, version: str | None) -> dict[str, object
     connect_url = extra.get("connect_url")
     if refusal.slug in _CONSENT_SLUGS and isinstance(connect_url, str):
         if version in URL_ELICITATION_VERSIONS:
+            # MCP 2025-11-25 "Elicitation": each elicitation has its own id.
             data["elicitations"] = [{"mode": "url", "message": refusal.detail,
                                      "url": connect_url,
-                                     "elicitationId": f"credproxy-{refusal.slug}"}]
+                                     "elicitationId": f"credproxy-{secrets.token_hex(12)}"}]
             code = URL_ELICITATION_REQUIRED
         else:
             code = CONSENT_REQUIRED

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from proxy.errors import CredproxyError
+from proxy.hosts import canonical_uri
 from proxy.provider_client import DiscoveryFailed, Fetched, ProviderClient
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings
@@ -70,14 +71,6 @@ class AuthServer:
     client_id_metadata_document_supported: bool
     iss_parameter_supported: bool  # RFC 9207 section 3
     expires_at: float
-
-
-def canonical_uri(url: str) -> str:
-    """The canonical URI of a server (RFC 8707 section 2; RFC 3986 section 6.2.2): scheme
-    and host lower-cased, no fragment, no trailing slash on an empty path."""
-    parts = urlsplit(url)
-    path = "" if parts.path == "/" else parts.path
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, parts.query, ""))
 
 
 def parse_challenge(header: str) -> dict[str, str]:
@@ -157,25 +150,34 @@ class Discovery:
         self._cache: dict[str, AuthServer] = {}
         self.fetches = 0  # metadata documents fetched, for tests
 
+    def cached(self, server: str) -> AuthServer | None:
+        """What discovery found for ``server`` and still holds (never fetches)."""
+        found = self._cache.get(canonical_uri(server))
+        return found if found is not None and found.expires_at > self._clock() else None
+
     def forget(self, server: str) -> None:
         """Drop what is cached for ``server`` (say, after its issuer changed)."""
         self._cache.pop(canonical_uri(server), None)
 
     async def discover(self, server: str, *, allow_http: bool = False,
-                       challenge: str | None = None) -> AuthServer:
+                       challenge: str | None = None, issuer: str | None = None
+                       ) -> AuthServer:
         """The authorization server of the MCP server at ``server`` (cached until its
         ``expires_at``). ``challenge``: a ``WWW-Authenticate`` value the server answered,
         whose ``resource_metadata`` is tried first; without one, the server is asked once
         without credentials for its 401 (MCP: clients MUST use the header when present).
+        ``issuer``: the one the operator pinned (``providers[].issuer``): it is chosen among
+        the resource's ``authorization_servers``, and a resource naming none of them is
+        refused (``mcp_issuer_mismatch``). Without one, the first is used.
         Raises :class:`McpDiscoveryError`."""
         resource = canonical_uri(server)
         now = self._clock()
         cached = self._cache.get(resource)
-        if cached is not None and cached.expires_at > now and challenge is None:
-            return cached
-        found = await self._discover(resource, allow_http, challenge)
-        self._cache[resource] = found
-        return found
+        if cached is None or cached.expires_at <= now or challenge is not None or (
+                issuer is not None and cached.issuer != issuer):
+            cached = await self._discover(resource, allow_http, challenge, issuer)
+            self._cache[resource] = cached
+        return cached
 
     def _check_url(self, url: str, what: str, allow_http: bool) -> str:
         parts = urlsplit(url)
@@ -208,7 +210,7 @@ class Discovery:
             "resource_metadata")
 
     async def _discover(self, resource: str, allow_http: bool,
-                        challenge: str | None) -> AuthServer:
+                        challenge: str | None, pinned: str | None) -> AuthServer:
         hinted = parse_challenge(challenge).get("resource_metadata") if challenge else None
         if hinted is None:
             hinted = await self._probe(resource)
@@ -244,7 +246,12 @@ class Discovery:
         if not issuers:
             raise McpDiscoveryError("mcp_no_authorization_server",
                                     f"{prm_url} names no authorization_servers")
-        issuer = self._check_url(issuers[0], "authorization server", allow_http)
+        if pinned is not None and pinned not in issuers:
+            raise McpDiscoveryError(
+                "mcp_issuer_mismatch",
+                f"{prm_url} names the authorization servers {', '.join(issuers)[:300]}, not "
+                f"{pinned} (providers[].issuer): its client is never used with another")
+        issuer = self._check_url(pinned or issuers[0], "authorization server", allow_http)
         meta, meta_url, expires = await self._authorization_server(issuer, expires)
         return self._read(resource, prm, prm_url, issuer, meta, meta_url, expires,
                           allow_http)
@@ -395,7 +402,7 @@ class Registrar:
         if server.client_id_metadata_document_supported and cimd is not None and \
                 redirect_uri == web_redirect_uri:
             return Registration(issuer, "cimd", cimd, "none")
-        known = self._registered.get((issuer, redirect_uri))
+        known = self._registered.get((issuer, _registration_key(redirect_uri)))
         if known is not None:
             return known
         if server.registration_endpoint is None:
@@ -407,40 +414,78 @@ class Registrar:
                 "`credproxy connect` cannot use the document; use the web connect link) and "
                 "it has no registration_endpoint (RFC 7591)")
         made = await self._register(issuer, server, redirect_uri)
-        self._registered[(issuer, redirect_uri)] = made
+        self._registered[(issuer, _registration_key(redirect_uri))] = made
         return made
 
     async def _register(self, issuer: str, server: AuthServer,
                         redirect_uri: str) -> Registration:
-        """RFC 7591 section 3.1: client metadata as JSON; section 3.2.1: the answer's
-        ``client_id`` (and ``client_secret`` when the server gave one)."""
+        """RFC 7591 section 3.1: client metadata as JSON (``application_type`` ``native``
+        for a loopback redirect, RFC 8252 section 7.3, else ``web``); section 3.2.1: the
+        answer's ``client_id``, and the ``client_secret`` a confidential client must have;
+        section 3.2.2: an error answer's ``error`` and ``error_description`` are named."""
         assert server.registration_endpoint is not None
+        endpoint = server.registration_endpoint
         method = "none" if "none" in server.token_endpoint_auth_methods else (
             server.token_endpoint_auth_methods[0])
         body = {"client_name": CLIENT_NAME, "redirect_uris": [redirect_uri],
                 "grant_types": ["authorization_code", "refresh_token"],
                 "response_types": ["code"], "token_endpoint_auth_method": method,
-                "application_type": "web"}
+                "application_type": "native" if _loopback(redirect_uri) else "web"}
         self.registrations += 1
         try:
-            answer = await self._client.fetch("POST", server.registration_endpoint,
-                                              json_body=body,
+            answer = await self._client.fetch("POST", endpoint, json_body=body,
                                               headers={"Accept": "application/json"})
         except DiscoveryFailed as exc:
             raise McpDiscoveryError("mcp_registration_failed", exc.detail) from None
+        try:
+            doc = _json(answer, endpoint)
+        except McpDiscoveryError as exc:
+            doc = None
+            why = exc.detail
         if answer.status not in (200, 201):
-            raise McpDiscoveryError(
-                "mcp_registration_failed",
-                f"{server.registration_endpoint} answered HTTP {answer.status}")
-        doc = _json(answer, server.registration_endpoint)
+            said = ""
+            if doc is not None and isinstance(doc.get("error"), str):
+                described = doc.get("error_description")
+                said = f": {doc['error'][:64]}" + (
+                    f" ({described[:200]})" if isinstance(described, str) else "")
+            raise McpDiscoveryError("mcp_registration_failed",
+                                    f"{endpoint} answered HTTP {answer.status}{said}")
+        if doc is None:
+            raise McpDiscoveryError("mcp_registration_failed", why)
         client_id, secret = doc.get("client_id"), doc.get("client_secret")
         if not isinstance(client_id, str) or not client_id:
             raise McpDiscoveryError("mcp_registration_failed",
                                     "the registration answer has no client_id")
-        got_method = doc.get("token_endpoint_auth_method", method)
-        return Registration(issuer, "dcr", client_id,
-                            got_method if isinstance(got_method, str) else method,
-                            secret if isinstance(secret, str) else None)
+        got = doc.get("token_endpoint_auth_method", method)
+        got_method = got if isinstance(got, str) else method
+        if got_method not in ("none", "client_secret_basic", "client_secret_post"):
+            raise McpDiscoveryError(
+                "mcp_registration_failed",
+                f"the registration answer asks for token_endpoint_auth_method {got[:64]!r}, "
+                "which credproxy cannot use")
+        if got_method != "none" and not (isinstance(secret, str) and secret):
+            raise McpDiscoveryError(
+                "mcp_registration_failed",
+                f"the registration answer makes a confidential client ({got_method}) but "
+                "gives no client_secret (RFC 7591 section 3.2.1)")
+        return Registration(issuer, "dcr", client_id, got_method,
+                            secret if got_method != "none" and isinstance(secret, str)
+                            else None)
+
+
+def _loopback(uri: str) -> bool:
+    host = urlsplit(uri).hostname or ""
+    return urlsplit(uri).scheme == "http" and host in ("127.0.0.1", "::1", "localhost")
+
+
+def _registration_key(redirect_uri: str) -> str:
+    """A registration serves every loopback port (RFC 8252 section 7.3: the authorization
+    server allows any port for a loopback redirect URI), so the port is not part of its
+    key; any other redirect URI is."""
+    if not _loopback(redirect_uri):
+        return redirect_uri
+    parts = urlsplit(redirect_uri)
+    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
 
 
 def scopes_for(server: AuthServer, configured: list[str]) -> list[str]:

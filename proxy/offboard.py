@@ -94,7 +94,7 @@ class Offboarder:
         client_id = grant.values.get("mcp_client_id")
         try:
             server = await shared_discovery(self._provider_client).discover(
-                provider.mcp, allow_http=provider.allow_http)
+                provider.mcp, allow_http=provider.allow_http, issuer=provider.issuer)
         except McpDiscoveryError as exc:
             return None, None, "pending", (f"discovery for {provider.id} failed "
                                            f"({exc.detail}); revoke at the provider by its "

@@ -215,6 +215,13 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
      "flow or grant"),
     ("mcp_grant_incomplete", (REAUTH,),
      "an mcp grant does not record the issuer and client that minted it"),
+    ("mcp_resource_changed", (REAUTH,),
+     "the grant was minted for another MCP server URL than the provider's mcp now names"),
+    ("outside_mcp_resource", (DENIED,),
+     "the request is for another path on the MCP server's host than the server's endpoint "
+     "(the token's audience)"),
+    ("mcp_header_mismatch", (DENIED,),
+     "an MCP request's Mcp-Method / Mcp-Name fields disagree with its JSON-RPC body"),
     ("iss_mismatch", (CONNECT,),
      "the authorization response's iss is another issuer (RFC 9207)"),
     ("iss_missing", (CONNECT,),

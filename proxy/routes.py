@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from proxy.errors import UnroutedDenied
-from proxy.hosts import HostPattern, parse_authority
+from proxy.hosts import HostPattern, parse_authority, path_within
 from proxy.settings import ProviderSettings
 
 __all__ = ["Destination", "Route", "Router", "host_agrees", "refuse_retired"]
@@ -53,11 +53,13 @@ class Router:
         self.retired = tuple(retired)
         self._retired = _index(self.retired)
 
-    def match(self, dest: Destination) -> Route | None:
+    def match(self, dest: Destination, path: str | None = None) -> Route | None:
         """The provider (and resource) owning ``dest``. A pattern without a port matches
         only the scheme's default port, so a credential never goes to another service on
-        the same host."""
-        return _lookup(self._patterns, dest)
+        the same host. MCP servers sharing one host pattern are told apart by ``path``
+        (the request-target): the one whose endpoint it is within; if none, the first
+        (which refuses it: ``outside_mcp_resource``)."""
+        return _lookup(self._patterns, dest, path)
 
     def retired_match(self, dest: Destination) -> ProviderSettings | None:
         """The removed provider whose (removed) host pattern matches ``dest``, if any."""
@@ -92,16 +94,25 @@ def _index(providers: Sequence[ProviderSettings]) -> _Patterns:
     patterns = [(HostPattern.parse(h), Route(p)) for p in providers for h in p.hosts]
     patterns += [(HostPattern.parse(h), Route(p, rid)) for p in providers
                  for rid, r in p.resources.items() for h in r.hosts]
-    # Exact names first, then the longest wildcard suffix: the most specific wins.
-    patterns.sort(key=lambda e: (e[0].wildcard, -len(e[0].host)))
+    # Exact names first, then the longest wildcard suffix: the most specific wins. Equal
+    # patterns (MCP servers sharing a host) end up side by side.
+    patterns.sort(key=lambda e: (e[0].wildcard, -len(e[0].host), str(e[0])))
     return patterns
 
 
-def _lookup(patterns: _Patterns, dest: Destination) -> Route | None:
+def _lookup(patterns: _Patterns, dest: Destination, path: str | None = None
+            ) -> Route | None:
+    first: tuple[HostPattern, Route] | None = None
     for pattern, route in patterns:
-        if pattern.matches(dest.host, dest.port, tls=dest.tls):
+        if first is not None and str(pattern) != str(first[0]):
+            break  # only the same pattern's other MCP servers may still claim the path
+        if not pattern.matches(dest.host, dest.port, tls=dest.tls):
+            continue
+        resource = route.provider.mcp_resource if route.resource is None else None
+        if resource is None or path is None or path_within(resource, path):
             return route
-    return None
+        first = first or (pattern, route)
+    return first[1] if first is not None else None
 
 
 def refuse_retired(router: Router, dest: Destination) -> None:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -42,7 +42,7 @@ from proxy.dialect import (
 )
 from proxy.errors import ConfigError
 from proxy.headers import field_key
-from proxy.hosts import HostPattern
+from proxy.hosts import HostPattern, canonical_uri, path_within
 from proxy.secret import Secret
 
 _SAFE_ALGS = {"EdDSA", "Ed25519", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256",
@@ -424,8 +424,6 @@ class ProviderSettings(_Model):
                     or not parts.hostname or parts.query or parts.fragment:
                 raise ValueError("issuer must be an https URL without query or fragment "
                                  "(RFC 8414 section 2)")
-            if self.mcp is not None:
-                raise ValueError("issuer: not set with mcp (discovery finds the issuer)")
         elif self.iss_required:
             raise ValueError("iss_required needs issuer (the value iss must have)")
         for name in ("token_url", "authorize_url", "revocation_url"):
@@ -468,6 +466,13 @@ class ProviderSettings(_Model):
         if given:
             raise ValueError(f"{', '.join(given)}: not set with mcp (the authorization "
                              "server's metadata gives the endpoints)")
+        if self.client_id and (self.client_secret_env or self.client_secret_file) \
+                and self.issuer is None:
+            # A pre-registered client's secret belongs to one authorization server: it is
+            # never sent to whichever one the server's metadata names next.
+            raise ValueError("issuer is required with mcp and a pre-registered client "
+                             "secret: the issuer identifier of the authorization server "
+                             "that issued client_id (RFC 8414 section 2)")
         if not self.client_id and (self.client_secret_env or self.client_secret_file):
             raise ValueError("a client secret needs the pre-registered client_id it "
                              "belongs to")
@@ -480,11 +485,7 @@ class ProviderSettings(_Model):
         """The MCP server's canonical URI (RFC 8707 section 2; MCP authorization,
         "Canonical Server URI"): ``mcp`` with its scheme and host lower-cased; None for a
         provider that is not an MCP server."""
-        if self.mcp is None:
-            return None
-        parts = urlsplit(self.mcp)
-        return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path,
-                           parts.query, ""))
+        return None if self.mcp is None else canonical_uri(self.mcp)
 
     def _check_binding(self) -> None:
         """Grant values may be used only where they are known (docs/tenants.md)."""
@@ -830,15 +831,17 @@ class Settings(_Model):
                 if field_key(inject.header) in identity:
                     raise ValueError(f"providers {p.id!r}: inject.header {inject.header!r} "
                                      "is the user-context header or Proxy-Authorization")
-        seen: dict[str, str] = {}
+        seen: dict[str, ProviderSettings] = {}
         for p in self.providers:
             for h in p.ceiling():
                 # "api.example.com" and "api.example.com:443" name the same destination.
                 canon = h if ":" in h.rsplit("]", 1)[-1] else f"{h}:443"
-                if canon in seen:
-                    raise ValueError(f"host {h!r} is listed by providers {seen[canon]!r} and "
-                                     f"{p.id!r}")
-                seen[canon] = p.id
+                other = seen.get(canon)
+                if other is not None and not _distinct_mcp_servers(other, p):
+                    raise ValueError(f"host {h!r} is listed by providers {other.id!r} and "
+                                     f"{p.id!r} (two MCP servers may share a host when "
+                                     "neither's path is within the other's)")
+                seen.setdefault(canon, p)
         return self
 
     @property
@@ -858,6 +861,16 @@ class Settings(_Model):
             if p.id == provider_id:
                 return p
         raise ConfigError(f"providers: no provider with id {provider_id!r}")
+
+
+def _distinct_mcp_servers(a: ProviderSettings, b: ProviderSettings) -> bool:
+    """Two MCP servers on one host, told apart by their paths (the router picks by the
+    request's path, proxy.routes): neither endpoint may lie within the other's."""
+    ra, rb = a.mcp_resource, b.mcp_resource
+    if ra is None or rb is None:
+        return False
+    return not path_within(ra, urlsplit(rb).path or "/") and not path_within(
+        rb, urlsplit(ra).path or "/")
 
 
 def mcp_host(url: str) -> str | None:

@@ -32,10 +32,11 @@ from proxy.errors import (
     UserContextMissing,
 )
 from proxy.headers import AUTHORIZATION, ReadHeaders, check_target, field_key
-from proxy.hosts import normalize_host, parse_authority
+from proxy.hosts import normalize_host, parse_authority, path_within
 from proxy.identity import UserContext
 from proxy.live import LiveConfig, Snapshot
 from proxy.mcp import McpCall
+from proxy.mcpauth import parse_challenge
 from proxy.metrics import code_class, reason_label
 from proxy.routes import Destination, host_agrees, refuse_retired
 from proxy.secret import Secret
@@ -46,10 +47,6 @@ from proxy.vault.base import Grant
 
 _SKEW_EVERY = 1.0  # seconds between two readings of one provider's Date header
 _INVALID_TOKEN = re.compile(r'error\s*=\s*"?invalid_token"?', re.IGNORECASE)
-_INSUFFICIENT_SCOPE = re.compile(r'error\s*=\s*"?insufficient_scope"?', re.IGNORECASE)
-# RFC 6750 section 3: scope="space-delimited list" (a token form is accepted too).
-_CHALLENGED_SCOPE = re.compile(r'(?:^|[\s,])scope\s*=\s*(?:"([^"]*)"|([^\s,"]+))',
-                               re.IGNORECASE)
 # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,256}")
 
@@ -62,6 +59,18 @@ def _scope_tokens(text: str) -> list[str]:
         if _SCOPE_TOKEN.fullmatch(item) and item not in out:
             out.append(item)
     return out[:64]
+
+
+def challenged_scopes(challenge: str) -> list[str] | None:
+    """The scopes a ``WWW-Authenticate`` value asks for when it is a step-up (its Bearer
+    challenge's ``error`` is ``insufficient_scope``, RFC 6750 section 3.1; the MCP scope
+    challenge), else None. Auth-params are parsed per RFC 9110 section 11.2 (names and the
+    error code case-insensitive; never a ``scope=`` inside another parameter's quoted
+    value); the scope tokens are filtered by :func:`_scope_tokens`."""
+    params = parse_challenge(challenge)
+    if params.get("error", "").lower() != "insufficient_scope":
+        return None
+    return _scope_tokens(params.get("scope", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +97,8 @@ class Outbound:
         return RequestInfo(id=self.id, method=self.method, host=host,
                            path=self.path.split("?", 1)[0],
                            mcp_method=self.mcp.method if self.mcp else None,
-                           mcp_name=self.mcp.name if self.mcp else None)
+                           mcp_name=self.mcp.name if self.mcp else None,
+                           mcp_calls=self.mcp.calls if self.mcp else ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +153,7 @@ class Sidecar:
 
     async def _decide(self, req: Outbound, snap: Snapshot) -> Passthrough | Injection:
         dest = req.destination
-        route = snap.router.match(dest)
+        route = snap.router.match(dest, req.path)
         provider = route.provider if route is not None else None
         try:
             self._check_target(req, credentialed=provider is not None)
@@ -171,6 +181,7 @@ class Sidecar:
             if req.context_error is not None:
                 raise req.context_error
             user = await snap.verifier.verify(req.context_token)
+            self._check_mcp(req, provider)
             injection = replace(await self._inject(req, provider, user, route.resource),
                                 config=snap)
         except ProxyRefusal as refusal:
@@ -296,6 +307,24 @@ class Sidecar:
         self.metrics.injections.labels(provider.id, issued.source).inc()
         return Injection(inject.header, Secret(value), provider, user, tokens, resource)
 
+    @staticmethod
+    def _check_mcp(req: Outbound, provider: ProviderSettings) -> None:
+        """An MCP request whose ``Mcp-Method`` / ``Mcp-Name`` disagree with its body is
+        refused (a server routing by the fields would run another tool than the audit
+        names); an ``mcp`` provider's credential goes only to the server's endpoint, the
+        token's audience (RFC 8707 section 2), never to another path on its host."""
+        if req.mcp is not None and req.mcp.conflict is not None:
+            raise MalformedRequest(
+                f"the MCP request's header fields disagree with its body ({req.mcp.conflict});"
+                " send Mcp-Method / Mcp-Name that match the JSON-RPC message, or none",
+                reason="mcp_header_mismatch")
+        resource = provider.mcp_resource
+        if resource is not None and not path_within(resource, req.path):
+            raise ProviderNotPermitted(
+                f"{req.path.split('?', 1)[0][:200]} is not the MCP server {resource}: "
+                f"{provider.id}'s credential goes only to the server's endpoint; nothing was "
+                "sent", reason="outside_mcp_resource")
+
     def _check_own_host(self, dest: Destination, provider: ProviderSettings,
                         resource: str | None, grant: Grant) -> None:
         """A provider that binds its grants to their tenant (``grant_hosts``) routed
@@ -304,6 +333,14 @@ class Sidecar:
         (docs/tenants.md). Raises :class:`ProviderNotPermitted` (``not_grant_host``: nothing
         is sent, so that host's 401 can never touch the grant) or :class:`ReauthRequired`
         (the grant lacks a value the running config needs: it must be reconnected)."""
+        minted_for = grant.values.get("mcp_resource")
+        if provider.mcp is not None and minted_for != provider.mcp_resource:
+            # Grants are keyed by (user, resource, issuer): one minted for the server the
+            # provider named before is never sent to the one it names now.
+            raise self.broker.reauth(
+                provider, "mcp_resource_changed",
+                f"the connection to {provider.id} was made for {minted_for}, not "
+                f"{provider.mcp_resource}; the user must reconnect")
         try:
             own = provider.own_hosts(resource, grant.values)
         except BindingError as exc:
@@ -345,7 +382,7 @@ class Sidecar:
         self.metrics.upstream_responses.labels(provider.id, code_class(status)).inc()
         self._observe_skew(provider, headers)
         challenge = headers.get("WWW-Authenticate", "")
-        if status in (401, 403) and _INSUFFICIENT_SCOPE.search(challenge):
+        if status in (401, 403) and challenged_scopes(challenge) is not None:
             return self.scope_challenged(req, injection, status, challenge)
         if status != 401 and not _INVALID_TOKEN.search(challenge):
             return None
@@ -362,23 +399,30 @@ class Sidecar:
         provider, user = injection.provider, injection.user
         held = _scope_tokens((injection.tokens.scope or "").replace(
             provider.scope_separator, " ") if injection.tokens.scope else "")
-        match = _CHALLENGED_SCOPE.search(challenge)
-        asked = _scope_tokens(match.group(1) or match.group(2) or "") if match else []
+        asked = challenged_scopes(challenge) or []
         union = [*held, *(s for s in asked if s not in held)]
-        # An MCP server by URL alone has no configured scopes: what its metadata
-        # advertises is its ceiling (proxy.mcpauth.scope_ceiling), checked at connect.
-        beyond = ([] if provider.mcp is not None and not provider.scopes
-                  else [s for s in union if s not in provider.scopes])
+        # An MCP server by URL alone has no configured scopes: what it and its
+        # authorization server advertise is its ceiling (proxy.mcpauth.scope_ceiling).
+        ceiling = (self.broker.mcp_ceiling(provider)
+                   if provider.mcp is not None and not provider.scopes else provider.scopes)
+        beyond = [s for s in union if ceiling is not None and s not in ceiling
+                  and not (provider.mcp is not None and s == "offline_access")]
         base = self.live.current.connect_url(provider)
         url = f"{base}{'&' if '?' in base else '?'}{urlencode({'scope': ' '.join(union)})}"
         detail = (f"{provider.id} needs more scope than the user's grant holds "
                   f"(it asked for {' '.join(asked) or 'an unnamed scope'}): the user must "
                   f"consent to {' '.join(union)} at connect_url; the grant keeps serving "
                   "what it already covers")
-        if beyond:
+        if beyond and provider.scopes:
             detail += (f". {', '.join(beyond)} {'is' if len(beyond) == 1 else 'are'} not in "
                        f"providers[{provider.id}].scopes: an operator must add "
                        f"{'it' if len(beyond) == 1 else 'them'} before the user can consent")
+        elif beyond:
+            detail += (f". {', '.join(beyond)} {'is' if len(beyond) == 1 else 'are'} not "
+                       f"advertised by {provider.id} or its authorization server, so the "
+                       "consent cannot include it: the server's operator must add it to "
+                       "its metadata (or an operator configures providers"
+                       f"[{provider.id}].scopes)")
         refusal = InsufficientScope(detail, provider=provider.id, scope=" ".join(union),
                                     connect_url=url)
         self.metrics.denials.labels(provider.id, refusal.slug,

@@ -48,7 +48,7 @@ from proxy.errors import (
     VaultError,
 )
 from proxy.live import LiveConfig
-from proxy.mcpauth import McpDiscoveryError, grant_client, shared_discovery
+from proxy.mcpauth import McpDiscoveryError, grant_client, scope_ceiling, shared_discovery
 from proxy.metrics import Metrics
 from proxy.provider_client import InvalidGrant, ProviderClient
 from proxy.secret import Secret
@@ -500,6 +500,15 @@ class TokenBroker:
         await self._coord.cache_put(stored)
         return stored
 
+    def mcp_ceiling(self, provider: ProviderSettings) -> list[str] | None:
+        """The scopes a user may consent to at an ``mcp`` provider
+        (:func:`proxy.mcpauth.scope_ceiling`), from what discovery still holds; None when
+        nothing is cached (no fetch here: the caller is answering a request)."""
+        if provider.mcp is None:
+            return None
+        found = shared_discovery(self._refresher).cached(provider.mcp)
+        return None if found is None else scope_ceiling(found, provider.scopes)
+
     async def _mcp_endpoint(self, grant: Grant, provider: ProviderSettings, forced: bool
                             ) -> tuple[ProviderSettings, Secret | None]:
         """An ``mcp`` grant's token endpoint and client for a refresh: the authorization
@@ -520,7 +529,8 @@ class TokenBroker:
         if forced:
             discovery.forget(provider.mcp)
         try:
-            server = await discovery.discover(provider.mcp, allow_http=provider.allow_http)
+            server = await discovery.discover(provider.mcp, allow_http=provider.allow_http,
+                                              issuer=provider.issuer)
         except McpDiscoveryError as exc:
             raise TokenRefreshFailed(f"discovery for {provider.id} failed: {exc.detail}",
                                      reason=exc.reason) from None

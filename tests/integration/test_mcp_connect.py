@@ -111,7 +111,9 @@ def test_two_users_connect_by_discovery_and_registration(stack: Stack) -> None:
         # One RFC 7591 registration (per issuer), with the MCP client metadata.
         regs = stats["registrations"]
         assert len(regs) == 1, regs
-        assert regs[0]["application_type"] == "web"
+        # The admin server's callback is on loopback http here: a native client's
+        # redirect (RFC 8252 section 7.3; OpenID Connect Registration application_type).
+        assert regs[0]["application_type"] == "native"
         assert regs[0]["token_endpoint_auth_method"] == "none"
         assert regs[0]["grant_types"] == ["authorization_code", "refresh_token"]
         assert regs[0]["redirect_uris"][0].endswith("/oauth/callback")

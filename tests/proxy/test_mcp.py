@@ -28,7 +28,9 @@ def test_may_be_mcp_only_small_uncompressed_json_posts() -> None:
              (b"content-length", b"120")]
     assert mcp.may_be_mcp("POST", small)
     assert not mcp.may_be_mcp("GET", small)
-    assert not mcp.may_be_mcp("POST", [*small[:1], (b"content-length", b"70000")])
+    assert mcp.may_be_mcp("POST", [*small[:1], (b"content-length", b"70000")])
+    assert mcp.may_be_mcp("POST", [*small[:1], (b"content-length", b"1048576")])
+    assert not mcp.may_be_mcp("POST", [*small[:1], (b"content-length", b"1048577")])
     assert not mcp.may_be_mcp("POST", small[:1])  # no length: a stream
     assert not mcp.may_be_mcp("POST", [*small, (b"content-encoding", b"gzip")])
     assert not mcp.may_be_mcp("POST", [(b"content-type", b"text/plain"), small[1]])
@@ -47,11 +49,14 @@ def test_read_call_names_tools_resources_prompts_never_arguments() -> None:
     assert init is not None and init.version == "2025-11-25" and init.name is None
 
 
-def test_headers_win_and_a_plain_json_api_is_not_mcp() -> None:
+def test_the_body_names_the_call_and_a_plain_json_api_is_not_mcp() -> None:
     headers = [*SSE, (b"MCP-Protocol-Version", b"2026-07-28"), (b"Mcp-Method", b"tools/call"),
                (b"Mcp-Name", b"from-header")]
     call = mcp.read_call(headers, _body("tools/call", {"name": "from-body"}))
-    assert call == mcp.McpCall("tools/call", "from-header", (7,), "2026-07-28")
+    # The body names what runs; the disagreeing Mcp-Name is a conflict (refused).
+    assert call is not None and (call.method, call.name, call.ids) == (
+        "tools/call", "from-body", (7,))
+    assert call.conflict is not None and "from-header" in call.conflict
     # Headers alone (the body was not read): named, no id.
     assert mcp.read_call(headers, None) == mcp.McpCall("tools/call", "from-header", (),
                                                        "2026-07-28")

@@ -256,13 +256,14 @@ async def test_a_malformed_registration_answer_is_refused_naming_registration(
 
 # -- item 2: a pre-registered client's secret stays with its authorization server -------------
 
-def _pre_registered(server: str) -> Any:
+def _pre_registered(server: str, issuer: str) -> Any:
     from proxy.settings import parse_settings
     return parse_settings({
         "identity": {"issuer": "i", "audience": "a", "hs256_secret_env": "X",
                      "algorithms": ["HS256"]},
         "providers": [{"id": "corp", "mcp": server, "allow_http": True,
-                       "client_id": "corp-client", "client_secret_env": "CORP_SECRET"}],
+                       "client_id": "corp-client", "client_secret_env": "CORP_SECRET",
+                       "issuer": issuer}],
     })
 
 
@@ -295,7 +296,7 @@ async def test_a_pre_registered_clients_secret_never_goes_to_another_authorizati
         fake.script(path, Answer.json(access_token="at", token_type="Bearer",
                                       refresh_token="rt", expires_in=3600))
     key = bytes(range(32))
-    settings = _pre_registered(server)
+    settings = _pre_registered(server, honest)
     vault = LocalVault.open(tmp_path / "v.db", key)
     connector = Connector(live_config(settings=settings,
                                       secrets={"corp": Secret("corp-secret-value")}),
@@ -325,6 +326,20 @@ async def test_a_pre_registered_clients_secret_never_goes_to_another_authorizati
     finally:
         await connector.aclose()
         await vault.close()
+
+
+def test_a_pre_registered_mcp_client_secret_needs_its_issuer() -> None:
+    """A pre-registered client's secret belongs to one authorization server: without
+    ``issuer`` naming it the configuration is refused, naming the key (so fault 2 above
+    cannot be configured)."""
+    from proxy.settings import parse_settings
+    with pytest.raises(Exception, match="issuer is required with mcp and a pre-registered"):
+        parse_settings({
+            "identity": {"issuer": "i", "audience": "a", "hs256_secret_env": "X",
+                         "algorithms": ["HS256"]},
+            "providers": [{"id": "corp", "mcp": "https://mcp.corp.example/mcp",
+                           "client_id": "corp-client", "client_secret_env": "CORP_SECRET"}],
+        })
 
 
 def test_a_pre_registered_mcp_client_cannot_be_pinned_to_its_issuer() -> None:

@@ -278,7 +278,7 @@ async def test_dcr_path_binds_tokens_to_the_resource_and_records_the_registratio
     assert registered[0].json == {
         "client_name": "credproxy", "redirect_uris": ["http://127.0.0.1/cb"],
         "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
-        "token_endpoint_auth_method": "none", "application_type": "web"}
+        "token_endpoint_auth_method": "none", "application_type": "native"}
     token_requests = fake.requests("/as/token")
     assert [r.form["resource"] for r in token_requests] == [server, server]
     assert [r.form["client_id"] for r in token_requests] == ["dcr-client-1"] * 2

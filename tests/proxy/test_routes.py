@@ -237,3 +237,34 @@ def test_normalize_host(host: str, expected: str) -> None:
 def test_normalize_host_rejects(host: str) -> None:
     with pytest.raises(ValueError):
         normalize_host(host)
+
+
+def _mcp(pid: str, url: str) -> ProviderSettings:
+    return ProviderSettings(id=pid, mcp=url, hosts=[url.split("/")[2]])
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    pytest.param("/jira/mcp", "jira", id="jira"),
+    pytest.param("/jira/mcp?session=1", "jira", id="jira-query"),
+    pytest.param("/gh/mcp", "gh", id="gh"),
+    pytest.param("/gh/mcp/sub", "gh", id="gh-below"),
+    # Neither endpoint: the first server (by id order of the config) takes it and refuses
+    # it (outside_mcp_resource), never an unrouted pass-through with the agent's headers.
+    pytest.param("/admin", "jira", id="neither"),
+    pytest.param("/gh/../jira/mcp", "jira", id="dot-segments"),
+    pytest.param(None, "jira", id="no-path"),
+])
+def test_mcp_servers_sharing_a_host_are_told_apart_by_path(path: str | None,
+                                                           expected: str) -> None:
+    router = Router([_mcp("jira", "https://mcp.corp.example/jira/mcp"),
+                     _mcp("gh", "https://mcp.corp.example/gh/mcp"),
+                     _provider("wild", "*.corp.example")])
+    route = router.match(dest("mcp.corp.example"), path)
+    assert route is not None and route.provider.id == expected
+
+
+def test_a_wildcard_never_takes_a_path_an_mcp_server_on_the_exact_host_refuses() -> None:
+    router = Router([_mcp("jira", "https://mcp.corp.example/jira/mcp"),
+                     _provider("wild", "*.corp.example")])
+    route = router.match(dest("mcp.corp.example"), "/other")
+    assert route is not None and route.provider.id == "jira"

@@ -625,7 +625,8 @@ def test_mcp_entry_host_keeps_a_non_default_port_and_plain_http_needs_allow_http
 
 def test_mcp_entry_with_a_pre_registered_client() -> None:
     s = parse_settings(config({"id": "gh", "mcp": "https://mcp.gh.example/", "client_id": "c1",
-                               "client_secret_env": "GH_SECRET"}))
+                               "client_secret_env": "GH_SECRET",
+                               "issuer": "https://login.gh.example"}))
     assert s.providers[0].client_id == "c1"
     with pytest.raises(ConfigError, match="client_secret_env or client_secret_file is required"):
         parse_settings(config({"id": "gh", "mcp": "https://mcp.gh.example/",

@@ -7,15 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.sidecar import _CHALLENGED_SCOPE, _INSUFFICIENT_SCOPE, _scope_tokens
-
-
-def asked(challenge: str) -> list[str] | None:
-    """None: not a step-up; else the scopes the challenge names."""
-    if not _INSUFFICIENT_SCOPE.search(challenge):
-        return None
-    match = _CHALLENGED_SCOPE.search(challenge)
-    return _scope_tokens(match.group(1) or match.group(2) or "") if match else []
+from proxy.sidecar import challenged_scopes as asked
 
 
 @pytest.mark.parametrize(("challenge", "scopes"), [
