@@ -4,9 +4,9 @@ RFC 8414, RFC 7591, RFC 9207, RFC 8707), MCP servers built on the official MCP S
 their own RFC 9728 metadata and scope challenges (devstack.streamers.McpProgressServer),
 real HTTP clients and a scripted TLS upstream for odd ``WWW-Authenticate`` challenges.
 
-Tests whose docstring starts with ``FAULT`` fail on the product as it is: each says the
-expected behaviour and the issue item it violates. The others are variants where the
-product holds."""
+Tests whose docstring starts with ``FAULT`` failed on the product when they were written
+(a fresh tester's attack): each says the expected behaviour and the issue item it was
+violating; all are fixed. The others are variants where the product held."""
 
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def _injected(stack: Stack, user: str) -> list[dict[str, Any]]:
 ])
 def test_the_audit_names_the_tool_the_body_calls_not_the_one_a_header_claims(
         env: Env, claimed: dict[str, str], header_name: str | None) -> None:
-    """FAULT (item 7, audit per tool): a small ``tools/call`` whose body calls ``admin_op``
+    """Was a FAULT (item 7, audit per tool): a small ``tools/call`` whose body calls ``admin_op``
     while its ``Mcp-Method`` / ``Mcp-Name`` headers claim something else is audited as what
     the headers claim. The issue says headers first *falling back* to the body; but when
     the body was read and says otherwise, the header is a lie (MCP 2026-07-28 has servers
@@ -217,7 +217,7 @@ def test_the_audit_names_the_tool_the_body_calls_not_the_one_a_header_claims(
 
 
 def test_the_audit_names_each_tool_of_a_batch(env: Env) -> None:
-    """FAULT (item 7, audit per tool): a JSON-RPC batch (MCP 2025-03-26 Streamable HTTP)
+    """Was a FAULT (item 7, audit per tool): a JSON-RPC batch (MCP 2025-03-26 Streamable HTTP)
     calling ``lookup`` and ``admin_op`` in one POST is audited as method ``batch`` with no
     name, so "which tools did alice's agent call" has no answer for it. Expected: the
     audit names every tool the batch calls (one record per call, or the names listed)."""
@@ -307,7 +307,7 @@ def test_a_missing_connection_is_a_json_rpc_error_never_a_401(
 ])
 def test_the_transports_get_and_delete_never_get_a_401(
         env: Env, method: str, headers: dict[str, str]) -> None:
-    """FAULT (item 6, never a bare 401): the Streamable HTTP transport's other requests,
+    """Was a FAULT (item 6, never a bare 401): the Streamable HTTP transport's other requests,
     the GET that opens (or resumes) the server's event stream and the DELETE that ends a
     session, both marked MCP by ``Mcp-Session-Id``, get the RFC 9457 401 with
     ``WWW-Authenticate`` when the user has no connection (the real SDK client logs
@@ -374,7 +374,7 @@ def test_an_mcp_post_read_only_by_its_headers_never_gets_a_401(
 
 def test_a_large_tool_call_on_a_revoked_grant_reaches_the_sdk_client_as_json_rpc(
         env: Env) -> None:
-    """FAULT (item 6, re-auth in the agent's protocol): a ``tools/call`` whose body is over
+    """Was a FAULT (item 6, re-auth in the agent's protocol): a ``tools/call`` whose body is over
     64 KiB (a tool argument carrying a document) on a grant the user no longer has is not
     read before the decision; the real SDK client (2025-11-25: no ``Mcp-Method`` header)
     gets the RFC 9457 401 and raises ``-32603 Server returned an error response`` with no
@@ -466,7 +466,7 @@ def test_a_scope_challenge_asks_for_exactly_the_challenged_scope(
 
 def test_a_challenge_for_a_scope_nobody_advertises_does_not_send_the_user_to_a_dead_link(
         env: Env) -> None:
-    """FAULT (item 5, step-up): an MCP server (by URL alone) challenges a tool call for
+    """Was a FAULT (item 5, step-up): an MCP server (by URL alone) challenges a tool call for
     ``billing.admin``, a scope neither its resource metadata nor its authorization server
     advertise. The refusal hands the user a ``connect_url`` asking for it and says only
     "the user must consent ... at connect_url"; following it fails (``scope_not_allowed``).
@@ -532,7 +532,7 @@ def test_the_agents_own_authorization_never_reaches_the_mcp_server(
 
 
 def test_the_mcp_token_goes_only_to_the_mcp_resource(env: Env) -> None:
-    """FAULT (item 3, resource-bound tokens): the provider is the MCP server *by its URL*
+    """Was a FAULT (item 3, resource-bound tokens): the provider is the MCP server *by its URL*
     (the resource, RFC 8707 section 2: path included), but its ``hosts`` default to the
     URL's host and the user's token is injected into a request for any path on it, here
     ``/admin/export``, another application on the same host that is not the resource.
@@ -550,7 +550,7 @@ def test_the_mcp_token_goes_only_to_the_mcp_resource(env: Env) -> None:
 
 
 def test_each_url_elicitation_has_its_own_id(env: Env) -> None:
-    """FAULT (item 6, URL-mode elicitation; MCP 2025-11-25 "Elicitation": ``elicitationId``
+    """Was a FAULT (item 6, URL-mode elicitation; MCP 2025-11-25 "Elicitation": ``elicitationId``
     identifies one elicitation, the server's ``notifications/elicitation/complete`` names
     it): every refusal carries the same ``elicitationId`` (``credproxy-reauth-required``),
     for every user, server and request, so a client tracking elicitations cannot tell two
@@ -581,7 +581,7 @@ def test_no_token_nor_agent_secret_in_the_sidecars_output(env: Env) -> None:
 # -- item 3: a grant is bound to its resource ---------------------------------------------------
 
 def test_a_grant_for_one_mcp_url_is_not_sent_to_the_next_one(env: Env) -> None:
-    """FAULT (item 3, grants keyed by (user, resource, issuer)): the operator points the
+    """Was a FAULT (item 3, grants keyed by (user, resource, issuer)): the operator points the
     provider at another MCP server (``mcp:`` edited, sidecar restarted); the user's grant
     minted for the old server (``mcp_resource``) is injected into requests to the new one,
     which receives a token bound to another resource. Expected: the grant's resource is

@@ -2,9 +2,9 @@
 the connect flow (proxy.connect.Connector, real vault and coordination) against real
 loopback HTTP servers that lie, stall or answer malformed registrations.
 
-Tests whose docstring starts with ``FAULT`` fail on the product as it is: each says the
-expected behaviour and the issue item it violates. The others are variants where the
-product holds."""
+Tests whose docstring starts with ``FAULT`` failed on the product when they were written
+(a fresh tester's attack): each says the expected behaviour and the issue item it was
+violating; all are fixed. The others are variants where the product held."""
 
 from __future__ import annotations
 
@@ -269,7 +269,7 @@ def _pre_registered(server: str, issuer: str) -> Any:
 
 async def test_a_pre_registered_clients_secret_never_goes_to_another_authorization_server(
         fake: FakeOAuth, tmp_path: Any) -> None:
-    """FAULT (item 2, "registrations keyed by the authorization server's issuer"; item 3):
+    """Was a FAULT (item 2, "registrations keyed by the authorization server's issuer"; item 3):
     a platform team configures an MCP server with a pre-registered client and its secret
     (issued by the authorization server the server uses today). The server's protected
     resource metadata later names another authorization server (the server moved, or its
@@ -343,7 +343,7 @@ def test_a_pre_registered_mcp_client_secret_needs_its_issuer() -> None:
 
 
 def test_a_pre_registered_mcp_client_cannot_be_pinned_to_its_issuer() -> None:
-    """FAULT (item 2): a pre-registered client belongs to one authorization server, but an
+    """Was a FAULT (item 2): a pre-registered client belongs to one authorization server, but an
     ``mcp`` provider cannot say which: ``issuer:`` is refused ("discovery finds the
     issuer"). Expected: with a pre-registered ``client_id``, ``issuer`` is accepted and
     discovery must find that issuer (else ``mcp_issuer_mismatch``)."""
@@ -385,7 +385,7 @@ async def test_mix_up_variants_of_iss_are_refused_before_the_code_is_used(
 
 
 def test_two_mcp_servers_behind_one_host_can_be_configured() -> None:
-    """FAULT (item 3, "grants keyed by (user, resource, issuer)"; "a provider that is an MCP
+    """Was a FAULT (item 3, "grants keyed by (user, resource, issuer)"; "a provider that is an MCP
     server by its URL alone"): two MCP servers behind one gateway host, told apart by
     path (``https://mcp.corp.example/jira/mcp``, ``.../github/mcp``; hosted MCP
     registries serve many servers from one host), each written by its URL alone, are
@@ -427,7 +427,7 @@ async def test_dynamic_registration_says_the_application_type_of_its_redirect(
 
 async def test_terminal_sign_ins_on_other_loopback_ports_reuse_one_registration(
         flow: Any, fake: FakeOAuth) -> None:
-    """FAULT (item 2, "registrations are keyed by the authorization server's ``issuer``"):
+    """Was a FAULT (item 2, "registrations are keyed by the authorization server's ``issuer``"):
     ``credproxy connect`` listens on any free loopback port, and registrations are kept
     per (issuer, redirect URI): every terminal sign-in registers one more client at the
     authorization server. RFC 8252 section 7.3: the server must accept any port on a
