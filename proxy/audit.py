@@ -75,6 +75,7 @@ from typing import (
 
 from proxy.errors import AuditUnavailable
 from proxy.secret import Secret
+from proxy.timewindow import TimeWindow
 
 Record = dict[str, Any]
 TokenSource = Literal["cache", "vault", "refresh"]
@@ -1039,6 +1040,9 @@ class VerifyReport:
     instances: int
     first_error: VerifyError | None
     skipped_lines: int = 0  # non-JSON lines, ignored
+    # With a window: records in it, and breaks found outside it (not in first_error).
+    in_window: int | None = None
+    outside_breaks: int = 0
 
 
 @dataclass(slots=True)
@@ -1077,7 +1081,8 @@ def _check_link(rec: Record, chain: _Chain | None, allow_partial: bool) -> str |
     return None
 
 
-def verify(lines: Iterable[str], *, allow_partial: bool = False) -> VerifyReport:
+def verify(lines: Iterable[str], *, allow_partial: bool = False,
+           window: TimeWindow | None = None) -> VerifyReport:
     """Check the hash chains in ``lines`` and name the first broken record.
 
     Records are grouped by ``instance``, so interleaved replicas verify together. Per
@@ -1086,34 +1091,56 @@ def verify(lines: Iterable[str], *, allow_partial: bool = False) -> VerifyReport
     (the log was cut, e.g. ``kubectl logs --since``): then each instance's first record
     seen is the anchor. Non-JSON lines are counted and skipped; a JSON object that is not a
     record is an error.
+
+    ``window`` (``audit verify --since/--until``): every record is still hashed and linked
+    (the chain runs across the window's edges), but only breaks that concern the window
+    are errors: in a record inside it, in a record whose ``ts`` cannot be placed, and in
+    the first record of each instance after it (records missing there may have been inside
+    the window). Breaks elsewhere are counted in ``outside_breaks``. A chain whose first
+    record seen lies before the window may start mid-way; one that starts inside it must
+    start at seq 1 unless ``allow_partial``.
     """
     chains: dict[str, _Chain] = {}
+    past: set[str] = set()  # instances with a record after the window
     first_error: VerifyError | None = None
-    records = skipped = 0
+    records = skipped = in_window = outside = 0
     for number, rec, _err in parse_lines(lines):
         if rec is None:
             skipped += 1
             continue
         instance = rec.get("instance") if isinstance(rec.get("instance"), str) else None
         seq = rec.get("seq") if isinstance(rec.get("seq"), int) else None
+        place = 0 if window is None else window.position(rec.get("ts"))
         problem = _check_shape(rec)
         if problem is None:
             records += 1
+            in_window += place == 0
             body = {k: v for k, v in rec.items() if k != "hash"}
             if chain_hash(rec["prev"], body) != rec["hash"]:
                 problem = "hash does not match the record (edited)"
+            elif place is None:
+                problem = "no valid 'ts': cannot tell whether it lies in the window"
             else:
-                problem = _check_link(rec, chains.get(rec["instance"]), allow_partial)
+                problem = _check_link(rec, chains.get(rec["instance"]),
+                                      allow_partial or place == -1)
             # Continue from this record either way, so one break is reported once.
             chains[rec["instance"]] = _Chain(seq=rec["seq"], hash=rec["hash"])
-        if problem is not None and first_error is None:
-            first_error = VerifyError(number, seq, instance, problem)
+        concerns = place == 0 or place is None or (place == 1 and instance not in past)
+        if place == 1 and instance is not None:
+            past.add(instance)
+        if problem is not None:
+            if not concerns:
+                outside += 1
+            elif first_error is None:
+                first_error = VerifyError(number, seq, instance, problem)
     return VerifyReport(
         ok=first_error is None,
         records=records,
         instances=len(chains),
         first_error=first_error,
         skipped_lines=skipped,
+        in_window=None if window is None else in_window,
+        outside_breaks=outside,
     )
 
 

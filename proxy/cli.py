@@ -17,6 +17,7 @@ from proxy import audit as auditlog
 from proxy.ca import ensure_ca
 from proxy.errors import ConfigError, CoordinationUnavailable, CredproxyError
 from proxy.settings import Settings, load_settings
+from proxy.timewindow import TimeWindow, WindowError, parse_window
 from proxy.tokenset import TokenSet, TokenSetError
 from proxy.vault.base import Grant, GrantInfo, GrantStatus
 from proxy.vault.keys import generate_key
@@ -33,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
+    except WindowError as exc:  # --since / --until
+        print(f"credproxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except CredproxyError as exc:
         print(f"credproxy: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -323,29 +327,55 @@ def _lines(path: str | None, follow: bool) -> Iterator[str]:
                 return
 
 
+def _window(args: argparse.Namespace) -> TimeWindow | None:
+    """``--since`` / ``--until`` (proxy.timewindow); raises WindowError (exit 2)."""
+    if args.since is None and args.until is None:
+        return None
+    return parse_window(args.since, args.until)
+
+
+def _audit_files(files: Sequence[str]) -> auditlog.LogFiles | None:
+    """The files named (oldest first), or None for stdin (none given, or ``-``)."""
+    if not files or list(files) == ["-"]:
+        return None
+    if "-" in files:
+        raise WindowError("give either files or - (stdin), not both")
+    return auditlog.LogFiles(files)
+
+
 def cmd_audit_tail(args: argparse.Namespace) -> int:
+    window = _window(args)
     for _, rec, _err in auditlog.parse_lines(_lines(args.file, args.follow)):
         if rec is None or not auditlog.matches(rec, user=args.user, provider=args.provider,
                                                event=args.event):
+            continue
+        if window is not None and window.position(rec.get("ts")) != 0:
             continue
         print(json.dumps(rec) if args.json else auditlog.format_record(rec), flush=True)
     return EXIT_OK
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    files = auditlog.LogFiles(args.files) if args.files else None
+    window = _window(args)
+    files = _audit_files(args.files)
     lines: Iterable[str] = files if files is not None else sys.stdin
     try:
-        report = auditlog.verify(lines, allow_partial=args.allow_partial)
+        report = auditlog.verify(lines, allow_partial=args.allow_partial, window=window)
     except (OSError, EOFError) as exc:
         name = files.reading if files is not None else "stdin"
         raise CredproxyError(f"audit verify: cannot read {name}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from exc
     if report.ok:
-        print(f"ok: {report.records} records in {report.instances} chains verified"
+        what = (f"{report.records} records" if window is None else
+                f"{report.in_window} records in the window {window.describe()} "
+                f"(of {report.records} read)")
+        print(f"ok: {what} in {report.instances} chains verified"
               + (f" over {len(args.files)} files" if len(args.files) > 1 else "")
               + (f" ({report.skipped_lines} non-record lines ignored)"
                  if report.skipped_lines else ""))
+        if report.outside_breaks:
+            print(f"note: {report.outside_breaks} broken records outside the window; "
+                  "run without --since/--until to see the first")
         return EXIT_OK
     e = report.first_error
     assert e is not None
@@ -355,6 +385,42 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         where = f"{name} line {line}"
     print(f"BROKEN: {where} (instance {e.instance}, seq {e.seq}): {e.reason}")
     return EXIT_FAIL
+
+
+def cmd_audit_report(args: argparse.Namespace) -> int:
+    """What each user's agent accessed in the window (proxy.auditreport)."""
+    from proxy import auditreport
+
+    window = _window(args)
+    if args.depth < 1:
+        raise WindowError(f"--depth {args.depth}: give 1 or more path segments")
+    files = _audit_files(args.files)
+    lines: Iterable[str] = files if files is not None else sys.stdin
+    try:
+        report = auditreport.build_report(lines, window=window, user=args.user,
+                                          provider=args.provider, depth=args.depth)
+    except (OSError, EOFError) as exc:
+        name = files.reading if files is not None else "stdin"
+        raise CredproxyError(f"audit report: cannot read {name}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from exc
+    render = {"table": auditreport.to_table, "json": auditreport.to_json,
+              "csv": auditreport.to_csv}[args.format]
+    sys.stdout.write(render(report) + ("\n" if args.format == "json" else ""))
+    sys.stdout.flush()
+    if args.format == "csv":
+        print(auditreport.describe_input(report), file=sys.stderr)
+    bad = report.input
+    if bad.unreadable:
+        where = [f"{n}:{line}" if files is not None and len(files.paths) > 1 else
+                 f"line {line}" for n, line in
+                 ((files.where(x) if files is not None else ("stdin", x))
+                  for x in bad.unreadable_lines)]
+        print(f"credproxy: audit report: {bad.unreadable} lines that look like records "
+              f"could not be read ({', '.join(where)}"
+              f"{', ...' if bad.unreadable > len(where) else ''}): the report may be "
+              "incomplete; `credproxy audit verify` names what is wrong", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
@@ -588,6 +654,14 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--provider")
     tail.add_argument("--event", help="event or prefix, e.g. credential. or reauth.required")
     tail.add_argument("--json", action="store_true", help="print records as JSON")
+    window_help = ("RFC 3339 time with its offset (2026-11-24T09:00:00Z) or a duration back "
+                   "from now (90s, 15m, 12h, 7d, 2w); the window is [since, until)")
+
+    def window_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--since", metavar="TIME", help=f"records from TIME on: {window_help}")
+        sp.add_argument("--until", metavar="TIME", help="records before TIME")
+
+    window_flags(tail)
     verify = command("verify", cmd_audit_verify, "check the hash chain", parent=audit,
                      config=False)
     verify.add_argument("files", nargs="*", metavar="FILE",
@@ -596,6 +670,20 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--allow-partial", action="store_true",
                         help="accept chains that start mid-way (a tailed log, rotated "
                              "files already deleted)")
+    window_flags(verify)
+    report = command("report", cmd_audit_report,
+                     "what each user's agent accessed: per provider and context, requests "
+                     "by method and path, MCP tools, refusals, re-auths, refreshes",
+                     parent=audit, config=False)
+    report.add_argument("files", nargs="*", metavar="FILE",
+                        help="audit files, oldest first (rotated ones too, .gz allowed); "
+                             "- or none: stdin")
+    report.add_argument("--user", help="only this user (default: every user, grouped)")
+    report.add_argument("--provider", help="only this provider")
+    window_flags(report)
+    report.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    report.add_argument("--depth", type=int, default=2,
+                        help="path segments kept after the host (default 2)")
 
     context = sub.add_parser("context", help="development helpers for user contexts"
                              ).add_subparsers(metavar="CMD")
