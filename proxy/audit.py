@@ -1094,11 +1094,13 @@ def verify(lines: Iterable[str], *, allow_partial: bool = False,
 
     ``window`` (``audit verify --since/--until``): every record is still hashed and linked
     (the chain runs across the window's edges), but only breaks that concern the window
-    are errors: in a record inside it, in a record whose ``ts`` cannot be placed, and in
-    the first record of each instance after it (records missing there may have been inside
-    the window). Breaks elsewhere are counted in ``outside_breaks``. A chain whose first
-    record seen lies before the window may start mid-way; one that starts inside it must
-    start at seq 1 unless ``allow_partial``.
+    are errors: in a record inside it; in a record whose ``ts`` cannot be trusted to place
+    it (an edited record, or one that is not a valid record, wherever its ``ts`` says it
+    lies: an edit could have moved it out); and in the first record of each instance after
+    the window (records missing there may have been inside it). Other breaks (records
+    missing before the window or after its edge) are counted in ``outside_breaks``. A
+    chain whose first record seen lies before the window may start mid-way; one that
+    starts inside it must start at seq 1 unless ``allow_partial``.
     """
     chains: dict[str, _Chain] = {}
     past: set[str] = set()  # instances with a record after the window
@@ -1112,6 +1114,7 @@ def verify(lines: Iterable[str], *, allow_partial: bool = False,
         seq = rec.get("seq") if isinstance(rec.get("seq"), int) else None
         place = 0 if window is None else window.position(rec.get("ts"))
         problem = _check_shape(rec)
+        trusted = False  # whether the record's own ts can place it
         if problem is None:
             records += 1
             in_window += place == 0
@@ -1121,11 +1124,13 @@ def verify(lines: Iterable[str], *, allow_partial: bool = False,
             elif place is None:
                 problem = "no valid 'ts': cannot tell whether it lies in the window"
             else:
+                trusted = True
                 problem = _check_link(rec, chains.get(rec["instance"]),
                                       allow_partial or place == -1)
             # Continue from this record either way, so one break is reported once.
             chains[rec["instance"]] = _Chain(seq=rec["seq"], hash=rec["hash"])
-        concerns = place == 0 or place is None or (place == 1 and instance not in past)
+        concerns = (not trusted or place == 0
+                    or (place == 1 and instance not in past))
         if place == 1 and instance is not None:
             past.add(instance)
         if problem is not None:

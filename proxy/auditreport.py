@@ -75,7 +75,7 @@ def path_prefix(host: object, path: object, depth: int = DEFAULT_DEPTH) -> str:
     followed. ``("api.github.com", "/repos/acme/x/issues")`` -> ``api.github.com/repos/acme/*``."""
     h = host if isinstance(host, str) else ""
     p = path if isinstance(path, str) else ""
-    parts = p.lstrip("/").split("/")
+    parts = (p[1:] if p.startswith("/") else p).split("/")
     if not parts[-1] and len(parts) == 1:
         return f"{h}/"
     head = "/".join(parts[:depth])

@@ -23,13 +23,16 @@ __all__ = ["TimeWindow", "WindowError", "parse_time", "parse_window", "record_ti
 
 # The audit writer's own form (proxy.audit): fixed width, so such stamps order as strings.
 _RECORD_FORMAT: Final = "%Y-%m-%dT%H:%M:%S.%fZ"
-_RECORD_STAMP: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
+_RECORD_STAMP: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z", re.ASCII)
 
 _RFC3339: Final = re.compile(
     r"(?P<date>\d{4}-\d\d-\d\d)[Tt ](?P<time>\d\d:\d\d:\d\d)(?:\.(?P<frac>\d+))?"
-    r"(?P<offset>[Zz]|[+-]\d\d:\d\d)?\Z")
-_DATE_ONLY: Final = re.compile(r"\d{4}-\d\d-\d\d\Z")
-_DURATION: Final = re.compile(r"(?P<n>\d{1,9})(?P<unit>[smhdw])\Z")
+    r"(?P<offset>[Zz]|[+-]\d\d:\d\d)?\Z", re.ASCII)
+_DATE_ONLY: Final = re.compile(r"\d{4}-\d\d-\d\d\Z", re.ASCII)
+_BASIC_FORM: Final = re.compile(r"\d{8}[Tt ]\d{4}", re.ASCII)
+_DURATION_LIKE: Final = re.compile(r"[+-]?\d+(\.\d+)?[a-zA-Z]+(\d+(\.\d+)?[a-zA-Z]+)*\Z",
+                                   re.ASCII)
+_DURATION: Final = re.compile(r"(?P<n>\d{1,9})(?P<unit>[smhdw])\Z", re.ASCII)
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 _FORMS: Final = ("an RFC 3339 time with its offset (2026-11-24T09:00:00Z, "
@@ -63,7 +66,10 @@ def parse_time(text: str, *, now: datetime, flag: str = "time") -> datetime:
         if _DATE_ONLY.fullmatch(value):
             raise WindowError(f"{flag} {text!r}: a date alone does not say in which zone the "
                               f"day starts; give {value}T00:00:00Z (or your offset)")
-        if re.fullmatch(r"[+-]?\d+(\.\d+)?[a-zA-Z]+([0-9.]+[a-zA-Z]+)*", value):
+        if _BASIC_FORM.match(value):
+            raise WindowError(f"{flag} {text!r}: not a time: RFC 3339 writes it with - and "
+                              ":, e.g. 2026-11-24T09:00:00Z")
+        if _DURATION_LIKE.fullmatch(value):
             raise WindowError(f"{flag} {text!r}: a duration is a whole number and one unit "
                               "of s, m, h, d or w (write 1h30m as 90m)")
         raise WindowError(f"{flag} {text!r}: not a time; give {_FORMS}")
