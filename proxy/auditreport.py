@@ -360,5 +360,6 @@ def describe_input(report: Report) -> str:
             f"{c.not_records} non-record lines, {c.unreadable} unreadable")
     if c.unreadable_lines:
         more = "..." if c.unreadable > len(c.unreadable_lines) else ""
-        text += f" (lines {', '.join(map(str, c.unreadable_lines))}{more})"
+        word = "line" if len(c.unreadable_lines) == 1 else "lines"
+        text += f" ({word} {', '.join(map(str, c.unreadable_lines))}{more})"
     return text

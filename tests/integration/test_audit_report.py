@@ -320,7 +320,7 @@ def test_an_unreadable_record_is_named_and_fails_the_report(day: Day, tmp_path: 
     copy.write_text("".join(lines))
     r = cli("audit", "report", str(copy))
     assert r.returncode == 1
-    assert "1 unreadable (lines 2)" in r.stdout
+    assert "1 unreadable (line 2)" in r.stdout
     assert "line 2" in r.stderr and "may be incomplete" in r.stderr
 
 
