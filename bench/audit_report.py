@@ -16,7 +16,9 @@ query's own) over the whole file:
 * ``report user+day``: one user, one day (the compliance question): most lines skipped
   unparsed by the fast path;
 * ``verify day``: the chain over the whole file, errors judged for one day;
-* ``verify all``: the chain, no window.
+* ``verify all``: the chain, no window;
+* ``json.loads alone``: the floor for anything that parses every line with the stdlib, on
+  the same machine at the same moment (the machine may be shared: compare against it).
 
 Writes docs/bench-audit.md (not with --quick) and prints the table.
 """
@@ -93,7 +95,7 @@ def generate(path: Path, n: int, seed: int = 7) -> None:
 
 
 CHILD = r"""
-import resource, sys, time
+import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from proxy import audit, auditreport
 from proxy.timewindow import parse_window
@@ -102,7 +104,12 @@ kind, path = sys.argv[2], sys.argv[3]
 day = parse_window("2026-10-15T00:00:00Z", "2026-10-16T00:00:00Z")
 start = time.perf_counter()
 with open(path, encoding="utf-8", errors="replace") as f:
-    if kind == "report-all":
+    if kind == "json-floor":
+        n = 0
+        for line in f:
+            json.loads(line)
+            n += 1
+    elif kind == "report-all":
         r = auditreport.build_report(f)
         n = r.input.lines
     elif kind == "report-user-day":
@@ -121,8 +128,9 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(n, took, base, peak)
 """
 
-QUERIES = [("report-all", "report all"), ("report-user-day", "report user+day"),
-           ("verify-day", "verify day"), ("verify-all", "verify all")]
+QUERIES = [("json-floor", "json.loads alone"), ("report-all", "report all"),
+           ("report-user-day", "report user+day"), ("verify-day", "verify day"),
+           ("verify-all", "verify all")]
 
 
 def measure(kind: str, path: Path) -> tuple[int, float, int, int]:
