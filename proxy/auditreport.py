@@ -116,8 +116,9 @@ class Usage:
 @dataclass(slots=True)
 class InputCounts:
     """What happened to each line read: ``records`` counted into the report, the others
-    ``outside_window``, ``filtered_out`` (another user or provider), ``not_records`` or
-    ``unreadable`` (with the first :data:`KEEP_LINE_NUMBERS` line numbers)."""
+    ``outside_window``, ``filtered_out`` (another user or provider), ``not_records``
+    (blank lines included) or ``unreadable`` (with the first :data:`KEEP_LINE_NUMBERS`
+    line numbers)."""
 
     lines: int = 0
     records: int = 0
@@ -213,62 +214,79 @@ def _add(groups: dict[GroupKey, Usage], rec: dict[str, Any], ts: str, depth: int
         _bump(g.failures, reason)
 
 
+class ReportBuilder:
+    """:func:`build_report` one line at a time (:meth:`feed`), for a reader that also hands
+    each line to something else (``audit report --verify``)."""
+
+    def __init__(self, *, window: TimeWindow | None = None, user: str | None = None,
+                 provider: str | None = None, depth: int = DEFAULT_DEPTH) -> None:
+        if depth < 1:
+            raise ValueError("path depth must be at least 1")
+        self.window = window or TimeWindow()
+        self.user, self.provider, self.depth = user, provider, depth
+        self._bounded = self.window.bounded
+        self._user_needle = _needle("user", user)
+        self._provider_needle = _needle("provider", provider)
+        self.counts = InputCounts()
+        self.groups: dict[GroupKey, Usage] = {}
+
+    def feed(self, raw: str) -> None:
+        """Account for the next line (as read, newline included or not)."""
+        counts = self.counts
+        counts.lines += 1
+        # The writer's own form: placed and filtered without parsing.
+        if raw.startswith('{"ts":"') and raw[34:45] == '","event":"':
+            if self._bounded and self.window.position_of_stamp(raw[7:34]):
+                counts.outside_window += 1
+                return
+            user_needle, provider_needle = self._user_needle, self._provider_needle
+            if (((user_needle is not None and user_needle not in raw)
+                    or (provider_needle is not None and provider_needle not in raw))
+                    and raw.rstrip().endswith("}")):
+                counts.filtered_out += 1
+                return
+        text = raw.strip()
+        if not text.startswith("{"):  # blank lines too
+            counts.not_records += 1
+            return
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            rec = None
+        ts = rec.get("ts") if isinstance(rec, dict) else None
+        where = self.window.position(ts) if isinstance(rec, dict) else None
+        if not isinstance(rec, dict) or where is None:
+            counts.unreadable += 1
+            if len(counts.unreadable_lines) < KEEP_LINE_NUMBERS:
+                counts.unreadable_lines.append(counts.lines)
+            return
+        if where:
+            counts.outside_window += 1
+            return
+        if ((self.user is not None and rec.get("user") != self.user)
+                or (self.provider is not None and rec.get("provider") != self.provider)):
+            counts.filtered_out += 1
+            return
+        counts.records += 1
+        _add(self.groups, rec, ts if isinstance(ts, str) else "", self.depth)
+
+    def report(self) -> Report:
+        return Report(self.window, self.user, self.provider, self.depth, self.counts,
+                      self.groups)
+
+
 def build_report(lines: Iterable[str], *, window: TimeWindow | None = None,
                  user: str | None = None, provider: str | None = None,
                  depth: int = DEFAULT_DEPTH) -> Report:
     """Aggregate the audit records in ``lines`` (one per line, as written; any order) that
     lie in ``window`` and match ``user`` / ``provider`` (exactly; None: all). One pass;
     memory bounded by the number of groups. Never raises for bad content (it is counted);
-    an ``OSError`` reading ``lines`` propagates."""
-    if depth < 1:
-        raise ValueError("path depth must be at least 1")
-    win = window or TimeWindow()
-    bounded = win.bounded
-    position = win.position_of_stamp
-    user_needle, provider_needle = _needle("user", user), _needle("provider", provider)
-    counts = InputCounts()
-    groups: dict[GroupKey, Usage] = {}
-    loads = json.loads
-    number = 0
-    for number, raw in enumerate(lines, start=1):
-        # The writer's own form: placed and filtered without parsing.
-        if raw.startswith('{"ts":"') and raw[34:45] == '","event":"':
-            if bounded and position(raw[7:34]):
-                counts.outside_window += 1
-                continue
-            if ((user_needle is not None and user_needle not in raw)
-                    or (provider_needle is not None and provider_needle not in raw)):
-                if raw.rstrip().endswith("}"):
-                    counts.filtered_out += 1
-                    continue
-        text = raw.strip()
-        if not text:
-            continue
-        if not text.startswith("{"):
-            counts.not_records += 1
-            continue
-        try:
-            rec = loads(text)
-        except ValueError:
-            rec = None
-        ts = rec.get("ts") if isinstance(rec, dict) else None
-        where = win.position(ts) if rec is not None else None
-        if not isinstance(rec, dict) or where is None:
-            counts.unreadable += 1
-            if len(counts.unreadable_lines) < KEEP_LINE_NUMBERS:
-                counts.unreadable_lines.append(number)
-            continue
-        if where:
-            counts.outside_window += 1
-            continue
-        if ((user is not None and rec.get("user") != user)
-                or (provider is not None and rec.get("provider") != provider)):
-            counts.filtered_out += 1
-            continue
-        counts.records += 1
-        _add(groups, rec, ts if isinstance(ts, str) else "", depth)
-    counts.lines = number
-    return Report(win, user, provider, depth, counts, groups)
+    an ``OSError`` reading ``lines`` propagates. Raises ``ValueError`` for ``depth`` < 1."""
+    builder = ReportBuilder(window=window, user=user, provider=provider, depth=depth)
+    feed = builder.feed
+    for raw in lines:
+        feed(raw)
+    return builder.report()
 
 
 # --- output ------------------------------------------------------------------------------

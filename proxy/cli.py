@@ -365,26 +365,33 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         name = files.reading if files is not None else "stdin"
         raise CredproxyError(f"audit verify: cannot read {name}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from exc
+    print(_verified(report, window, files))
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def _verified(report: auditlog.VerifyReport, window: TimeWindow | None,
+              files: auditlog.LogFiles | None) -> str:
+    """What ``audit verify`` prints: ``ok: ...`` (and a note), or ``BROKEN: ...``."""
     if report.ok:
         what = (f"{report.records} records" if window is None else
                 f"{report.in_window} records in the window {window.describe()} "
                 f"(of {report.records} read)")
-        print(f"ok: {what} in {report.instances} chains verified"
-              + (f" over {len(args.files)} files" if len(args.files) > 1 else "")
-              + (f" ({report.skipped_lines} non-record lines ignored)"
-                 if report.skipped_lines else ""))
+        text = (f"ok: {what} in {report.instances} chains verified"
+                + (f" over {len(files.paths)} files"
+                   if files is not None and len(files.paths) > 1 else "")
+                + (f" ({report.skipped_lines} non-record lines ignored)"
+                   if report.skipped_lines else ""))
         if report.outside_breaks:
-            print(f"note: {report.outside_breaks} broken records outside the window; "
-                  "run without --since/--until to see the first")
-        return EXIT_OK
+            text += (f"\nnote: {report.outside_breaks} broken records outside the window; "
+                     "run without --since/--until to see the first")
+        return text
     e = report.first_error
     assert e is not None
     where = f"line {e.line}"
     if files is not None and len(files.paths) > 1:
         name, line = files.where(e.line)
         where = f"{name} line {line}"
-    print(f"BROKEN: {where} (instance {e.instance}, seq {e.seq}): {e.reason}")
-    return EXIT_FAIL
+    return f"BROKEN: {where} (instance {e.instance}, seq {e.seq}): {e.reason}"
 
 
 def cmd_audit_report(args: argparse.Namespace) -> int:
@@ -396,13 +403,28 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
         raise WindowError(f"--depth {args.depth}: give 1 or more path segments")
     files = _audit_files(args.files)
     lines: Iterable[str] = files if files is not None else sys.stdin
+    builder = auditreport.ReportBuilder(window=window, user=args.user,
+                                        provider=args.provider, depth=args.depth)
+    checked: auditlog.VerifyReport | None = None
     try:
-        report = auditreport.build_report(lines, window=window, user=args.user,
-                                          provider=args.provider, depth=args.depth)
+        if args.verify:
+            # One read of the input (stdin cannot be read twice): each line goes to the
+            # report on its way through the chain check.
+            def passing(source: Iterable[str]) -> Iterator[str]:
+                for line in source:
+                    builder.feed(line)
+                    yield line
+
+            checked = auditlog.verify(passing(lines), window=window,
+                                      allow_partial=args.allow_partial)
+        else:
+            for line in lines:
+                builder.feed(line)
     except (OSError, EOFError) as exc:
         name = files.reading if files is not None else "stdin"
         raise CredproxyError(f"audit report: cannot read {name}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from exc
+    report = builder.report()
     render = {"table": auditreport.to_table, "json": auditreport.to_json,
               "csv": auditreport.to_csv}[args.format]
     sys.stdout.write(render(report) + ("\n" if args.format == "json" else ""))
@@ -419,8 +441,9 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
               f"could not be read ({', '.join(where)}"
               f"{', ...' if bad.unreadable > len(where) else ''}): the report may be "
               "incomplete; `credproxy audit verify` names what is wrong", file=sys.stderr)
-        return EXIT_FAIL
-    return EXIT_OK
+    if checked is not None:
+        print(f"verify: {_verified(checked, window, files)}", file=sys.stderr)
+    return EXIT_FAIL if bad.unreadable or (checked is not None and not checked.ok) else EXIT_OK
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
@@ -684,6 +707,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=["table", "json", "csv"], default="table")
     report.add_argument("--depth", type=int, default=2,
                         help="path segments kept after the host (default 2)")
+    report.add_argument("--verify", action="store_true",
+                        help="also check the hash chain in the same read, as `audit verify` "
+                             "with the same window does (result on stderr; exit 1 if broken)")
+    report.add_argument("--allow-partial", action="store_true",
+                        help="with --verify: accept chains that start mid-way")
 
     context = sub.add_parser("context", help="development helpers for user contexts"
                              ).add_subparsers(metavar="CMD")

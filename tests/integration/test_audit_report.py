@@ -324,6 +324,32 @@ def test_an_unreadable_record_is_named_and_fails_the_report(day: Day, tmp_path: 
     assert "line 2" in r.stderr and "may be incomplete" in r.stderr
 
 
+def test_report_verify_checks_the_chain_in_the_same_read(day: Day) -> None:
+    text, user = day.text(), day.users["bob"]
+    since, until = day.bounds[1], day.bounds[2]
+    plain = cli("audit", "report", "--user", user, "--since", since, "--until", until,
+                stdin=text)
+    checked = cli("audit", "report", "--user", user, "--since", since, "--until", until,
+                  "--verify", stdin=text)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == plain.stdout
+    assert "verify: ok: " in checked.stderr and "in the window" in checked.stderr
+    # One of bob's records in the window deleted: the report still prints, verify fails.
+    lines = text.splitlines(keepends=True)
+    victim = next(i for i, x in enumerate(lines) if f'"user":"{user}"' in x
+                  and since <= json.loads(x)["ts"] < until)
+    broken = cli("audit", "report", "--user", user, "--since", since, "--until", until,
+                 "--verify", "-", stdin="".join(lines[:victim] + lines[victim + 1:]))
+    assert broken.returncode == 1
+    assert "verify: BROKEN: line" in broken.stderr and "records missing" in broken.stderr
+    assert json.loads(cli("audit", "report", "--user", user, "--since", since, "--until",
+                          until, "--format", "json", stdin=text).stdout)["input"]["records"] \
+        == json.loads(cli("audit", "report", "--user", user, "--since", since, "--until",
+                          until, "--format", "json", "--verify", stdin="".join(
+                              lines[:victim] + lines[victim + 1:])).stdout
+                      )["input"]["records"] + 1
+
+
 # --- bad command lines: exit 2, the flag named, nothing on stdout ----------------------------
 
 BAD_TIMES = ["yesterday", "2026-11-24", "2026-11-24T09:00:00", "1h30m", "-1d", "7x", "",
