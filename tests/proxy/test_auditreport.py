@@ -378,6 +378,8 @@ def test_report_gives_the_same_answer_whatever_the_line_form(form: str) -> None:
     ('{"ts":', 1, 0),
     ("2026-11-24 05:00:00 INFO credproxy: listening", 0, 1),
     ("\x1b[31mred", 0, 1),
+    ("", 0, 1),      # blank lines are counted too: every line is accounted for
+    ("   \t", 0, 1),
 ])
 def test_report_counts_every_line_it_cannot_read(junk: str, unreadable: int,
                                                  not_records: int) -> None:
