@@ -25,6 +25,10 @@ from proxy.vault.keys import generate_key
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
+class UsageError(Exception):
+    """A command line argparse cannot judge alone (exit 2, like argparse's own errors)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -34,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except WindowError as exc:  # --since / --until
+    except (UsageError, WindowError) as exc:  # WindowError: --since / --until
         print(f"credproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CredproxyError as exc:
@@ -339,7 +343,7 @@ def _audit_files(files: Sequence[str]) -> auditlog.LogFiles | None:
     if not files or list(files) == ["-"]:
         return None
     if "-" in files:
-        raise WindowError("give either files or - (stdin), not both")
+        raise UsageError("give either files or - (stdin), not both")
     return auditlog.LogFiles(files)
 
 
@@ -400,7 +404,7 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
 
     window = _window(args)
     if args.depth < 1:
-        raise WindowError(f"--depth {args.depth}: give 1 or more path segments")
+        raise UsageError(f"--depth {args.depth}: give 1 or more path segments")
     files = _audit_files(args.files)
     lines: Iterable[str] = files if files is not None else sys.stdin
     builder = auditreport.ReportBuilder(window=window, user=args.user,
