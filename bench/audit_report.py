@@ -199,9 +199,11 @@ docstring). "A busy month": 50 requests per second for 30 days, at the measured 
 
 {text}
 
-Memory is flat in the input size: the peak RSS does not grow with the number of records
-(the report keeps one entry per user x provider x context, each table capped at 100 keys;
-verify keeps one hash per replica). Throughput is bound by `json.loads` (report all,
+Memory is flat in the input size. `verify` and the one-user report stay at the
+interpreter's own size; the all-users report holds one entry per user x provider x
+context (up to 20,000 here: 200 users x 20 contexts x 5 providers, almost all present by
+100k records), each table capped at 100 keys, so its peak follows the number of groups,
+not the number of records. Throughput is bound by `json.loads` (report all,
 verify) plus SHA-256 (verify); the compliance question (one user, one day) skips the
 other users' and days' lines without parsing them. To answer it faster on a month, give
 only the files that can hold the window (rotated files are in time order).
