@@ -8,7 +8,8 @@ Per group (:class:`Usage`):
 * ``requests``: ``credential.injected`` records, the requests that went upstream with the
   user's credential; by ``methods`` and by ``paths``: host plus the first ``depth`` (2)
   path segments, ``/*`` marking a longer path (``api.github.com/repos/acme/*``);
-* ``mcp_tools``: of those, MCP ``tools/call`` requests by tool name;
+* ``mcp_tools``: of those, MCP ``tools/call`` requests by tool name (each ``tools/call``
+  of a batch counted: ``request.mcp.calls``);
 * ``first`` / ``last``: the ``ts`` of the group's first and last record, any event;
 * ``refusals``: ``credential.denied`` and ``identity.rejected`` by reason;
   ``reauths``: ``reauth.required`` by reason; ``refreshes``: ``credential.refreshed``;
@@ -199,9 +200,12 @@ def _add(groups: dict[GroupKey, Usage], rec: dict[str, Any], ts: str, depth: int
             _bump(g.methods, method if isinstance(method, str) else NONE)
             _bump(g.paths, path_prefix(req.get("host"), req.get("path"), depth))
             mcp = req.get("mcp")
-            if isinstance(mcp, dict) and mcp.get("method") == "tools/call":
-                name = mcp.get("name")
-                _bump(g.mcp_tools, name if isinstance(name, str) else NONE)
+            if isinstance(mcp, dict):
+                calls = mcp.get("calls") if mcp.get("method") == "batch" else [mcp]
+                for call in calls if isinstance(calls, list) else ():
+                    if isinstance(call, dict) and call.get("method") == "tools/call":
+                        name = call.get("name")
+                        _bump(g.mcp_tools, name if isinstance(name, str) else NONE)
         else:
             _bump(g.methods, NONE)
     elif event in (CREDENTIAL_DENIED, IDENTITY_REJECTED):

@@ -394,6 +394,20 @@ def test_report_counts_every_line_it_cannot_read(junk: str, unreadable: int,
     assert c.lines == c.records + c.outside_window + c.filtered_out + c.not_records + c.unreadable
 
 
+def test_report_counts_each_tool_call_of_an_mcp_batch() -> None:
+    log = Log.new()
+    log.at(1).log.record(
+        "credential.injected", user="alice", provider="mcp-docs",
+        context=ContextInfo("chat", "c1"),
+        request=RequestInfo("r", "POST", "mcp.example.com", "/mcp", mcp_method="batch",
+                            mcp_calls=(("tools/call", "search"), ("tools/list", None),
+                                       ("tools/call", "search"), ("tools/call", "lookup"))),
+        outcome="injected")
+    (g,) = build_report(log.lines()).groups.values()
+    assert g.requests == 1
+    assert g.mcp_tools == {"search": 2, "lookup": 1}
+
+
 def test_report_cannot_be_fooled_by_a_user_name_in_another_field() -> None:
     log = Log.new()
     log.at(1).request("credential.injected", user="mallory", path='/"user":"alice"')
