@@ -44,6 +44,7 @@ signals".
 from __future__ import annotations
 
 import errno
+import getpass
 import gzip
 import hashlib
 import hmac
@@ -187,6 +188,21 @@ class Actor:
 
     def as_dict(self) -> dict[str, str]:
         return {"kind": _clean(self.kind), "id": _clean(self.id)}
+
+
+def cli_actor() -> Actor:
+    """The actor for a ``credproxy`` command run at a terminal: ``Actor("cli",
+    "<os user>@<hostname>")``. The operating-system user is the login name
+    (:func:`getpass.getuser`: ``LOGNAME``/``USER``/the password database), ``"uid<N>"`` when
+    none resolves (a container running as an arbitrary uid)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = f"uid{os.getuid()}"
+    return Actor("cli", f"{user}@{socket.gethostname()}")
+
+
+SYSTEM_ACTOR: Final = Actor("system", "credproxy")
 
 
 def fingerprint(token: Secret, key: bytes) -> str:
