@@ -850,6 +850,7 @@ class CheckpointPolicy:
     every_records: int | None = 1000
     every_seconds: float | None = 60.0
     sink: Sink | None = None
+    counted: Callable[[str], None] | None = None  # "written" / "failed", for metrics
 
 
 class AuditLog:
@@ -992,8 +993,12 @@ class AuditLog:
         except Exception as exc:  # noqa: BLE001 - AuditUnavailable, a signing error: logged
             log.error("audit checkpoint not written (%s); retried with the next record",
                       exc)
+            if cp.counted is not None:
+                cp.counted("failed")
             return None
         self._checkpointed = rec["seq"]
+        if cp.counted is not None:
+            cp.counted("written")
         if cp.sink is not None:
             try:
                 cp.sink.write(json.dumps(rec, separators=(",", ":"), ensure_ascii=True))
