@@ -26,7 +26,14 @@ chain ``seq`` counts from 1 and::
 
 The chain detects edited, deleted, reordered and duplicated records. It is not keyed: a
 writer who rewrites a record *and every later one* produces a valid chain, and dropping the
-newest records is invisible. Ship the log off the host to catch those.
+newest records is invisible. Signed checkpoints catch those (:class:`CheckpointPolicy`,
+:mod:`proxy.checkpoint`: a record ``audit.checkpoint`` every N records or T seconds and at
+:meth:`AuditLog.close`, copied to a second sink); ``on_record`` exports each record
+(:mod:`proxy.auditexport`: OTLP, OCSF).
+
+Administrative actions are records of the same chain with an ``actor``
+(:func:`cli_actor` for a ``credproxy`` command, :data:`SYSTEM_ACTOR` for credproxy itself):
+``config.loaded``, ``config.reloaded``, connects, revokes, offboarding, suspensions.
 
 Lines are written as compact, ASCII-only JSON (``ensure_ascii=True``): verification
 re-derives the canonical form from the parsed values, and an ASCII line cannot fail on a
