@@ -17,7 +17,18 @@ from pathlib import Path
 import httpx2
 
 from proxy.admin import AdminServer
-from proxy.audit import AuditLog, new_instance_id, open_sink
+from proxy.audit import (
+    CONFIG_LOADED,
+    CONFIG_RELOADED,
+    SYSTEM_ACTOR,
+    Actor,
+    AuditLog,
+    CheckpointPolicy,
+    new_instance_id,
+    open_sink,
+)
+from proxy.auditexport import ExportCounters, OtlpExport
+from proxy.checkpoint import Signer
 from proxy.connect import Connector
 from proxy.coordination import Coordinator, MemoryCoordinator
 from proxy.errors import AuditUnavailable, ConfigError, CredproxyError, VaultUnavailable
@@ -59,9 +70,14 @@ class App:
     offboarder: Offboarder
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     admin: AdminServer | None = None
+    audit_export: OtlpExport | None = None  # the OTLP export, closed after the audit log
+    key_ids: Mapping[str, str] = field(default_factory=dict)  # written at start
     draining: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
+    # The config file and its files' digests as last applied (config.reloaded names those
+    # that changed: a rotated signing key, a new client secret).
+    _file_digests: dict[str, str] = field(default_factory=dict)
     # Set by request_reload (SIGHUP): the config watcher reloads at once, changed or not.
     _reload_now: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -190,6 +206,8 @@ class App:
                     continue
             last = current
             pending = None
+            # SIGHUP's sender is not known to the process; a file change is credproxy's own.
+            actor = Actor("system", "sighup" if requested else "file-watch")
             try:
                 new = load_settings(path)
                 pending = new
@@ -200,6 +218,8 @@ class App:
                 metric.labels("rejected").inc()
                 log.error("config reload rejected, the previous config keeps serving: %s",
                           exc)
+                self.audit_config(CONFIG_RELOADED, "rejected", actor=actor,
+                                  reason="config_rejected", detail=str(exc)[:300])
                 continue
             # The new config may reference other files: watch those from now on.
             last = self.config_digest(path) or last
@@ -211,10 +231,56 @@ class App:
             else:
                 metric.labels("applied").inc()
                 log.info("config reloaded (%d providers)", len(self.settings.providers))
+            digests = self.file_digests(path)
+            changed = sorted(k for k, v in digests.items() if self._file_digests.get(k) != v)
+            self._file_digests = digests
+            self.audit_config(
+                CONFIG_RELOADED, "applied_restart_required" if restart else "applied",
+                actor=actor,
+                detail=(f"digest={settings_digest(self.settings)}"
+                        f" changed={','.join(changed) or '-'}"
+                        + (f" restart_required={','.join(restart)}" if restart else "")))
+
+    def file_digests(self, path: str, settings: Settings | None = None) -> dict[str, str]:
+        """SHA-256 (16 hex) of the config file and of each file it reads (key files, client
+        secrets), by config key; an unreadable file is ``"missing"``."""
+        s = settings or self.settings
+        named = {"config": path, "identity.jwks_file": s.identity.jwks_file,
+                 "identity.pem_file": s.identity.pem_file,
+                 "identity.hs256_secret_file": s.identity.hs256_secret_file,
+                 **{f"providers.{p.id}.client_secret_file": p.client_secret_file
+                    for p in s.providers}}
+        out: dict[str, str] = {}
+        for key, name in named.items():
+            if not name:
+                continue
+            try:
+                with open(os.path.expanduser(name), "rb") as f:
+                    out[key] = hashlib.sha256(f.read()).hexdigest()[:16]
+            except OSError:
+                out[key] = "missing"
+        return out
+
+    def audit_config(self, event: str, outcome: str, *, actor: Actor,
+                     reason: str | None = None, detail: str = "") -> None:
+        """An administrative audit record about the configuration (``config.loaded``,
+        ``config.reloaded``); a failure to write it is logged (the reload happened)."""
+        try:
+            self.sidecar.audit.record(event, outcome=outcome, reason=reason,
+                                      detail=detail or None, actor=actor)
+        except AuditUnavailable as exc:
+            log.error("audit record %s not written: %s", event, exc)
 
     async def start(self, *, serve_admin: bool = True, config_path: str | None = None) -> None:
-        """Start background work; call once inside the running event loop."""
+        """Start background work; call once inside the running event loop. With
+        ``config_path`` (a served process), the trail gets ``config.loaded``: the running
+        configuration's digest and the ids of the keys in use."""
         self.sidecar.metrics.config_applied(settings_digest(self.settings), time.time())
+        if config_path:
+            self._file_digests = self.file_digests(config_path)
+            ids = " ".join(f"{k}={v}" for k, v in sorted(self.key_ids.items()))
+            self.audit_config(CONFIG_LOADED, "loaded", actor=SYSTEM_ACTOR,
+                              detail=f"digest={settings_digest(self.settings)} {ids}")
         await self.coordinator.start()
         # Revocations by other processes: Redis tells every replica; the vault's epoch tells
         # processes sharing a local vault file, and Key Vault users without Redis.
@@ -285,7 +351,9 @@ class App:
         await self.http.aclose()
         await self.coordinator.close()
         await self.vault.close()
-        self.sidecar.audit.close()
+        self.sidecar.audit.close()  # a final checkpoint first, when configured
+        if self.audit_export is not None:
+            await asyncio.to_thread(self.audit_export.close)  # flushes what is queued
 
 
 class CachedSuccess:
@@ -441,24 +509,30 @@ def init_vault(settings: Settings, environ: Mapping[str, str] = os.environ) -> s
     return path
 
 
+def _check_sink_file(key: str, sink: str) -> None:
+    path = Path(sink).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{key}: {sink} is a directory; name a file")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{key}: {sink} is not writable")
+    elif not path.parent.is_dir():
+        raise ConfigError(f"{key}: directory {path.parent} does not exist; create "
+                          "it (the file itself is created, mode 0600)")
+    elif not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: cannot create {sink}: directory {path.parent} "
+                          "is not writable")
+
+
 def preflight(settings: Settings) -> None:
     """Check, before anything is created on disk, what would otherwise fail only once the
     proxy runs: the audit file's directory, the CA directory. Raises :class:`ConfigError`
     naming the key and the path."""
-    sink = settings.audit.sink
-    if sink != "stdout":
-        path = Path(sink).expanduser()
-        if path.is_dir():
-            raise ConfigError(f"audit.sink: {sink} is a directory; name a file")
-        if path.exists():
-            if not os.access(path, os.W_OK):
-                raise ConfigError(f"audit.sink: {sink} is not writable")
-        elif not path.parent.is_dir():
-            raise ConfigError(f"audit.sink: directory {path.parent} does not exist; create "
-                              "it (the file itself is created, mode 0600)")
-        elif not os.access(path.parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"audit.sink: cannot create {sink}: directory {path.parent} "
-                              "is not writable")
+    if settings.audit.sink != "stdout":
+        _check_sink_file("audit.sink", settings.audit.sink)
+    cp = settings.audit.checkpoint
+    if cp is not None and cp.sink is not None and cp.sink != "stdout":
+        _check_sink_file("audit.checkpoint.sink", cp.sink)
     ca = Path(settings.ca_dir).expanduser()
     if ca.exists() and not ca.is_dir():
         raise ConfigError(f"ca_dir: {settings.ca_dir} is not a directory")
@@ -536,6 +610,9 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
     provider_client = ProviderClient(live, verify=tls, clock=clock)
     broker = TokenBroker(vault, coordinator, provider_client, live, metrics=metrics,
                          clock=clock)
+    instance = settings.audit.instance or new_instance_id()
+    checkpoint, signer = audit_checkpoint(settings, metrics)
+    export = audit_export(settings, instance, metrics, environ)
     audit = AuditLog(open_sink(os.path.expanduser(settings.audit.sink)
                                if settings.audit.sink != "stdout" else "stdout",
                                events=metrics.audit_events(),
@@ -543,14 +620,48 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
                                buffer_bytes=settings.audit.buffer_bytes,
                                rotate_bytes=settings.audit.rotate_bytes,
                                rotate_keep=settings.audit.rotate_keep),
-                     instance=settings.audit.instance or new_instance_id(),
+                     instance=instance,
                      fingerprint_key=derive_subkey(key, "credproxy audit fingerprint"),
-                     clock=clock)
+                     clock=clock, checkpoint=checkpoint,
+                     on_record=export.emit if export is not None else None)
     sidecar = Sidecar(live, broker, audit)
     connector = Connector(live, vault, coordinator, audit,
                           state_key=derive_subkey(key, "credproxy connect state"), verify=tls,
                           clock=clock, client=provider_client)
     offboarder = Offboarder(live, vault, coordinator, audit, verify=tls,
                             client=provider_client)
+    # Ids of the keys in use (never the keys): a change between starts shows in the trail.
+    key_ids = {"vault_key": derive_subkey(key, "credproxy key id")[:8].hex()}
+    if signer is not None:
+        key_ids["checkpoint_key"] = signer.key_id
     return App(live, sidecar, vault, coordinator, provider_client, http, connector,
-               offboarder, environ)
+               offboarder, environ, audit_export=export, key_ids=key_ids)
+
+
+def audit_checkpoint(settings: Settings, metrics: Metrics
+                     ) -> tuple[CheckpointPolicy | None, Signer | None]:
+    """The checkpoint policy and signer of ``audit.checkpoint`` (None, None: off). Raises
+    :class:`ConfigError` for an unreadable or non-Ed25519 key."""
+    cp = settings.audit.checkpoint
+    if cp is None:
+        return None, None
+    signer = Signer.from_file(cp.key_file)
+    sink = (open_sink(os.path.expanduser(cp.sink) if cp.sink != "stdout" else "stdout")
+            if cp.sink is not None else None)
+    counter = metrics.audit_checkpoints
+    return CheckpointPolicy(signer.detail, every_records=cp.every_records,
+                            every_seconds=cp.every_seconds, sink=sink,
+                            counted=lambda outcome: counter.labels(outcome).inc()), signer
+
+
+def audit_export(settings: Settings, instance: str, metrics: Metrics,
+                 environ: Mapping[str, str]) -> OtlpExport | None:
+    """The OTLP export of ``audit.export`` (None: off), its counters wired to metrics."""
+    if settings.audit.export.otlp is None:
+        return None
+    counter = metrics.audit_export
+    counters = ExportCounters(
+        on_change=lambda kind, n: counter.labels(kind).inc(n) if kind != "written" else None)
+    metrics.audit_export_lag.set_function(lambda: float(counters.lag))
+    return OtlpExport(settings.audit.export, instance=instance, environ=environ,
+                      counters=counters)

@@ -26,7 +26,14 @@ chain ``seq`` counts from 1 and::
 
 The chain detects edited, deleted, reordered and duplicated records. It is not keyed: a
 writer who rewrites a record *and every later one* produces a valid chain, and dropping the
-newest records is invisible. Ship the log off the host to catch those.
+newest records is invisible. Signed checkpoints catch those (:class:`CheckpointPolicy`,
+:mod:`proxy.checkpoint`: a record ``audit.checkpoint`` every N records or T seconds and at
+:meth:`AuditLog.close`, copied to a second sink); ``on_record`` exports each record
+(:mod:`proxy.auditexport`: OTLP, OCSF).
+
+Administrative actions are records of the same chain with an ``actor``
+(:func:`cli_actor` for a ``credproxy`` command, :data:`SYSTEM_ACTOR` for credproxy itself):
+``config.loaded``, ``config.reloaded``, connects, revokes, offboarding, suspensions.
 
 Lines are written as compact, ASCII-only JSON (``ensure_ascii=True``): verification
 re-derives the canonical form from the parsed values, and an ASCII line cannot fail on a
@@ -44,6 +51,7 @@ signals".
 from __future__ import annotations
 
 import errno
+import getpass
 import gzip
 import hashlib
 import hmac
@@ -88,6 +96,11 @@ REAUTH_REQUIRED: Final = "reauth.required"
 CONNECTION_CREATED: Final = "connection.created"
 CONNECTION_REVOKED: Final = "connection.revoked"
 USER_OFFBOARDED: Final = "user.offboarded"
+# Administrative events (issue 17): a config reload (detail: digests) and a start (the
+# keys in use, by id); a signed checkpoint of the chain (proxy.checkpoint).
+CONFIG_LOADED: Final = "config.loaded"
+CONFIG_RELOADED: Final = "config.reloaded"
+AUDIT_CHECKPOINT: Final = "audit.checkpoint"
 EVENTS: Final = frozenset(
     {
         CREDENTIAL_INJECTED,
@@ -98,6 +111,9 @@ EVENTS: Final = frozenset(
         CONNECTION_CREATED,
         CONNECTION_REVOKED,
         USER_OFFBOARDED,
+        CONFIG_LOADED,
+        CONFIG_RELOADED,
+        AUDIT_CHECKPOINT,
     }
 )
 
@@ -188,6 +204,21 @@ class Actor:
 
     def as_dict(self) -> dict[str, str]:
         return {"kind": _clean(self.kind), "id": _clean(self.id)}
+
+
+def cli_actor() -> Actor:
+    """The actor for a ``credproxy`` command run at a terminal: ``Actor("cli",
+    "<os user>@<hostname>")``. The operating-system user is the login name
+    (:func:`getpass.getuser`: ``LOGNAME``/``USER``/the password database), ``"uid<N>"`` when
+    none resolves (a container running as an arbitrary uid)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = f"uid{os.getuid()}"
+    return Actor("cli", f"{user}@{socket.gethostname()}")
+
+
+SYSTEM_ACTOR: Final = Actor("system", "credproxy")
 
 
 def fingerprint(token: Secret, key: bytes) -> str:
@@ -812,6 +843,24 @@ def _rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@dataclass(frozen=True, slots=True)
+class CheckpointPolicy:
+    """When and how :class:`AuditLog` writes signed checkpoints (:mod:`proxy.checkpoint`).
+
+    ``sign(instance, seq, head) -> detail``: the checkpoint record's ``detail``
+    (:meth:`proxy.checkpoint.Signer.detail`). A checkpoint follows every ``every_records``
+    records, after ``every_seconds`` seconds with records not yet checkpointed (a timer
+    thread), and at :meth:`AuditLog.close`. ``sink``: a second sink that gets a copy of
+    each checkpoint record (its failures are logged, never fail a request).
+    """
+
+    sign: Callable[[str, int, str], str]
+    every_records: int | None = 1000
+    every_seconds: float | None = 60.0
+    sink: Sink | None = None
+    counted: Callable[[str], None] | None = None  # "written" / "failed", for metrics
+
+
 class AuditLog:
     """Builds, chains and writes audit records. Safe to share between threads."""
 
@@ -822,7 +871,12 @@ class AuditLog:
         instance: str,
         fingerprint_key: bytes,
         clock: Callable[[], float] = time.time,
+        checkpoint: CheckpointPolicy | None = None,
+        on_record: Callable[[Record], None] | None = None,
     ) -> None:
+        """``on_record(record)``: called with each record written (under the record lock,
+        in chain order), e.g. to export it (:mod:`proxy.auditexport`); it must not block
+        and must not raise (an exception is logged)."""
         if not instance:
             raise ValueError("audit instance id must be non-empty")
         if not fingerprint_key:
@@ -834,6 +888,16 @@ class AuditLog:
         self._lock = threading.Lock()
         self._seq = 0
         self._prev: str | None = None
+        self._checkpoint = checkpoint
+        self._on_record = on_record
+        self._checkpointed = 0  # seq covered by the last checkpoint written
+        self._closed = threading.Event()
+        self._closed_sinks = False
+        self._timer: threading.Thread | None = None
+        if checkpoint is not None and checkpoint.every_seconds:
+            self._timer = threading.Thread(target=self._tick, args=(checkpoint.every_seconds,),
+                                           name="credproxy-audit-checkpoint", daemon=True)
+            self._timer.start()
 
     def fingerprint(self, token: Secret) -> str:
         """This log's fingerprint of ``token`` (see :func:`fingerprint`)."""
@@ -872,42 +936,94 @@ class AuditLog:
                 "fingerprint": self.fingerprint(token) if token is not None else None,
                 "source": token_source,
             }
+        fields: Record = {
+            "event": _clean(event),
+            "user": _opt(user),
+            "provider": _opt(provider),
+            "context": context.as_dict() if context is not None else None,
+            "request": request.as_dict() if request is not None else None,
+            "outcome": _clean(outcome),
+            "reason": _opt(reason),
+            "detail": _opt(detail[:300]) if detail is not None else None,
+            "upstream_status": upstream_status,
+            "token": token_info,
+            "actor": actor.as_dict() if actor is not None else None,
+        }
         with self._lock:
-            # Clock read under the lock so ts never goes backwards against seq.
-            rec: Record = {
-                "ts": _rfc3339(self._clock()),
-                "event": _clean(event),
-                "user": _opt(user),
-                "provider": _opt(provider),
-                "context": context.as_dict() if context is not None else None,
-                "request": request.as_dict() if request is not None else None,
-                "outcome": _clean(outcome),
-                "reason": _opt(reason),
-                "detail": _opt(detail[:300]) if detail is not None else None,
-                "upstream_status": upstream_status,
-                "token": token_info,
-                "actor": actor.as_dict() if actor is not None else None,
-                "instance": self.instance,
-                "seq": self._seq + 1,
-                "prev": self._prev,
-            }
-            rec["hash"] = chain_hash(self._prev, rec)
-            line = json.dumps(rec, separators=(",", ":"), ensure_ascii=True)
-            try:
-                self._sink.write(line)
-            except (TimeoutError, BufferError) as exc:
-                raise AuditUnavailable(
-                    "audit log stalled: its reader is not keeping up",
-                    reason="audit_sink_stalled") from exc
-            except Exception as exc:
-                # Fail closed on anything (OSError, closed stream, ...): the caller must
-                # not inject a credential it could not account for.
-                raise AuditUnavailable(
-                    f"audit log write failed: {type(exc).__name__}", reason="audit_write_failed"
-                ) from exc
-            self._seq = rec["seq"]
-            self._prev = rec["hash"]
+            rec = self._append(fields)
+            cp = self._checkpoint
+            if (cp is not None and cp.every_records
+                    and self._seq - self._checkpointed >= cp.every_records):
+                self._write_checkpoint()
         return rec
+
+    def _append(self, fields: Record) -> Record:
+        """Chain and write one record; the caller holds the lock."""
+        # Clock read under the lock so ts never goes backwards against seq.
+        rec: Record = {"ts": _rfc3339(self._clock()), **fields,
+                       "instance": self.instance, "seq": self._seq + 1, "prev": self._prev}
+        rec["hash"] = chain_hash(self._prev, rec)
+        line = json.dumps(rec, separators=(",", ":"), ensure_ascii=True)
+        try:
+            self._sink.write(line)
+        except (TimeoutError, BufferError) as exc:
+            raise AuditUnavailable(
+                "audit log stalled: its reader is not keeping up",
+                reason="audit_sink_stalled") from exc
+        except Exception as exc:
+            # Fail closed on anything (OSError, closed stream, ...): the caller must
+            # not inject a credential it could not account for.
+            raise AuditUnavailable(
+                f"audit log write failed: {type(exc).__name__}", reason="audit_write_failed"
+            ) from exc
+        self._seq = rec["seq"]
+        self._prev = rec["hash"]
+        if self._on_record is not None:
+            try:
+                self._on_record(rec)
+            except Exception:
+                log.exception("audit record hook failed (the record is written)")
+        return rec
+
+    def _write_checkpoint(self) -> Record | None:
+        """Append a signed checkpoint of the chain head; the caller holds the lock. A
+        failure is logged and retried at the next chance: the records it would cover are
+        written, only not yet proven."""
+        cp = self._checkpoint
+        if cp is None or self._prev is None or self._seq <= self._checkpointed:
+            return None
+        try:
+            rec = self._append({
+                "event": AUDIT_CHECKPOINT, "user": None, "provider": None, "context": None,
+                "request": None, "outcome": "signed", "reason": None,
+                "detail": cp.sign(self.instance, self._seq, self._prev),
+                "upstream_status": None, "token": None, "actor": SYSTEM_ACTOR.as_dict()})
+        except Exception as exc:  # noqa: BLE001 - AuditUnavailable, a signing error: logged
+            log.error("audit checkpoint not written (%s); retried with the next record",
+                      exc)
+            if cp.counted is not None:
+                cp.counted("failed")
+            return None
+        self._checkpointed = rec["seq"]
+        if cp.counted is not None:
+            cp.counted("written")
+        if cp.sink is not None:
+            try:
+                cp.sink.write(json.dumps(rec, separators=(",", ":"), ensure_ascii=True))
+            except Exception as exc:  # noqa: BLE001 - the second sink never fails a request
+                log.error("audit checkpoint seq %d not written to the checkpoint sink: %s",
+                          rec["seq"], _describe(exc))
+        return rec
+
+    def checkpoint(self) -> Record | None:
+        """Write a checkpoint now if records were written since the last one (and
+        checkpoints are configured); returns it, or None."""
+        with self._lock:
+            return self._write_checkpoint()
+
+    def _tick(self, every: float) -> None:
+        while not self._closed.wait(every):
+            self.checkpoint()
 
     def health(self) -> SinkHealth:
         """The sink's health (a sink that cannot tell is taken as healthy). Does not take
@@ -924,8 +1040,16 @@ class AuditLog:
             return self._sink.reopen()
 
     def close(self) -> None:
+        """Write a final checkpoint (when configured), then close the sinks."""
+        self._closed.set()
         with self._lock:
+            if self._closed_sinks:
+                return
+            self._write_checkpoint()
+            self._closed_sinks = True
             self._sink.close()
+            if self._checkpoint is not None and self._checkpoint.sink is not None:
+                self._checkpoint.sink.close()
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -1082,7 +1206,9 @@ def _check_link(rec: Record, chain: _Chain | None, allow_partial: bool) -> str |
 
 
 def verify(lines: Iterable[str], *, allow_partial: bool = False,
-           window: TimeWindow | None = None) -> VerifyReport:
+           window: TimeWindow | None = None,
+           check: Callable[[Record], str | None] | None = None,
+           unwrap: Callable[[Record], Record | str] | None = None) -> VerifyReport:
     """Check the hash chains in ``lines`` and name the first broken record.
 
     Records are grouped by ``instance``, so interleaved replicas verify together. Per
@@ -1101,6 +1227,10 @@ def verify(lines: Iterable[str], *, allow_partial: bool = False,
     missing before the window or after its edge) are counted in ``outside_breaks``. A
     chain whose first record seen lies before the window may start mid-way; one that
     starts inside it must start at seq 1 unless ``allow_partial``.
+    ``check(record)``: a further check of each record whose hash and link verified (e.g.
+    :class:`proxy.checkpoint.CheckpointCheck`), returning a problem or None.
+    ``unwrap(object)``: the record a parsed object carries, or a problem (an OCSF event,
+    :func:`proxy.auditexport.unwrap`).
     """
     chains: dict[str, _Chain] = {}
     past: set[str] = set()  # instances with a record after the window
@@ -1110,6 +1240,13 @@ def verify(lines: Iterable[str], *, allow_partial: bool = False,
         if rec is None:
             skipped += 1
             continue
+        if unwrap is not None:
+            carried = unwrap(rec)
+            if isinstance(carried, str):
+                if first_error is None:
+                    first_error = VerifyError(number, None, None, carried)
+                continue
+            rec = carried
         instance = rec.get("instance") if isinstance(rec.get("instance"), str) else None
         seq = rec.get("seq") if isinstance(rec.get("seq"), int) else None
         place = 0 if window is None else window.position(rec.get("ts"))
@@ -1127,6 +1264,8 @@ def verify(lines: Iterable[str], *, allow_partial: bool = False,
                 trusted = True
                 problem = _check_link(rec, chains.get(rec["instance"]),
                                       allow_partial or place == -1)
+                if problem is None and check is not None:
+                    problem = check(rec)
             # Continue from this record either way, so one break is reported once.
             chains[rec["instance"]] = _Chain(seq=rec["seq"], hash=rec["hash"])
         concerns = (not trusted or place == 0

@@ -245,7 +245,7 @@ def cmd_vault_put(args: argparse.Namespace) -> int:
             app.sidecar.audit.record(auditlog.CONNECTION_CREATED, user=args.user,
                                      provider=args.provider, outcome="stored",
                                      reason="imported", token=tokens.access_token,
-                                     token_source="vault")
+                                     token_source="vault", actor=auditlog.cli_actor())
             print(f"stored {args.provider} for {args.user} (version {stored.version})",
                   file=sys.stderr)
         finally:
@@ -360,21 +360,51 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from proxy import auditexport, checkpoint
+
     window = _window(args)
     files = _audit_files(args.files)
     lines: Iterable[str] = files if files is not None else sys.stdin
+    check: checkpoint.CheckpointCheck | None = None
+    if args.key:
+        try:
+            external = checkpoint.read_external(args.checkpoints)
+        except OSError as exc:
+            raise CredproxyError(f"audit verify: cannot read {exc.filename}: "
+                                 f"{exc.strerror}") from exc
+        check = checkpoint.CheckpointCheck(checkpoint.load_public_keys(args.key), external,
+                                           allow_partial=args.allow_partial)
+    elif args.checkpoints or args.require_proof:
+        raise CredproxyError("audit verify: --checkpoints and --require-proof need --key "
+                             "PUB.pem (the checkpoint signing key's public half)")
     try:
-        report = auditlog.verify(lines, allow_partial=args.allow_partial, window=window)
+        report = auditlog.verify(lines, allow_partial=args.allow_partial, window=window,
+                                 check=check.see if check is not None else None,
+                                 unwrap=auditexport.unwrap)
     except (OSError, EOFError) as exc:
         name = files.reading if files is not None else "stdin"
         raise CredproxyError(f"audit verify: cannot read {name}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from exc
-    print(_verified(report, window, files))
-    return EXIT_OK if report.ok else EXIT_FAIL
+    errors, unproven = check.finish() if check is not None else ([], [])
+    if not report.ok:
+        print(_verified(report, window, files))
+    for error in errors:
+        print(f"BROKEN: {error}")
+    for u in unproven:
+        after = (f"after the last checkpoint (seq {u.last_checkpoint})"
+                 if u.last_checkpoint else "and no checkpoint")
+        print(f"{'UNPROVEN' if args.require_proof else 'warning'}: instance {u.instance}: "
+              f"{u.records} records {after} are unproven (a deletion of them would not "
+              "show)")
+    if not report.ok or errors or (args.require_proof and unproven):
+        return EXIT_FAIL
+    print(_verified(report, window, files,
+                    check.checkpoints if check is not None else None))
+    return EXIT_OK
 
 
 def _verified(report: auditlog.VerifyReport, window: TimeWindow | None,
-              files: auditlog.LogFiles | None) -> str:
+              files: auditlog.LogFiles | None, checkpoints: int | None = None) -> str:
     """What ``audit verify`` prints: ``ok: ...`` (and a note), or ``BROKEN: ...``."""
     if report.ok:
         what = (f"{report.records} records" if window is None else
@@ -383,6 +413,7 @@ def _verified(report: auditlog.VerifyReport, window: TimeWindow | None,
         text = (f"ok: {what} in {report.instances} chains verified"
                 + (f" over {len(files.paths)} files"
                    if files is not None and len(files.paths) > 1 else "")
+                + (f", {checkpoints} signed checkpoints" if checkpoints is not None else "")
                 + (f" ({report.skipped_lines} non-record lines ignored)"
                    if report.skipped_lines else ""))
         if report.outside_breaks:
@@ -450,6 +481,36 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
     return EXIT_FAIL if bad.unreadable or (checked is not None and not checked.ok) else EXIT_OK
 
 
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from proxy import auditexport
+
+    files = _audit_files(args.files)
+    lines: Iterable[str] = files if files is not None else sys.stdin
+    for line in auditexport.ocsf_lines(lines):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_audit_keygen(args: argparse.Namespace) -> int:
+    """Write a new Ed25519 checkpoint signing key (0600) and print its public half."""
+    from proxy import checkpoint
+
+    pem = checkpoint.generate_pem()
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CredproxyError(f"{args.out} exists; not overwriting a signing key") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    signer = checkpoint.Signer.from_pem(pem, args.out)
+    public = signer.public_pem()
+    if args.public:
+        Path(args.public).write_text(public, encoding="ascii")
+    print(public, end="")
+    print(f"key id {signer.key_id}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_connect(args: argparse.Namespace) -> int:
     """Authorization code + PKCE for a person at a terminal (like `gh auth login`): print the
     authorize URL, listen on a loopback redirect (RFC 8252), exchange, store."""
@@ -480,7 +541,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         async def callback(request: web.Request) -> web.Response:
             try:
                 result: Connected | ConnectRejected = await app.connector.complete(
-                    dict(request.query))
+                    dict(request.query), actor=auditlog.cli_actor())
                 text, status = "Connected. You can close this window.", 200
             except ConnectRejected as exc:
                 result, text, status = exc, f"Connection failed: {exc.detail}", 400
@@ -500,7 +561,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
             url = await app.connector.begin(
                 args.user, args.provider,
                 redirect_uri=f"http://127.0.0.1:{port}/oauth/callback",
-                scopes=args.scope or None, choices=choices)
+                scopes=args.scope or None, choices=choices, actor=auditlog.cli_actor())
             print(f"To connect {args.user} to {args.provider}, open this URL in a browser:\n"
                   f"\n  {url}\n\nWaiting for the sign-in to finish "
                   f"(redirect to http://127.0.0.1:{port}/oauth/callback)...",
@@ -540,7 +601,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             if args.provider:
                 settings.provider(args.provider)
             results = await app.offboarder.revoke(args.user, args.provider,
-                                                  dry_run=args.dry_run)
+                                                  dry_run=args.dry_run,
+                                                  actor=auditlog.cli_actor())
         finally:
             await app.aclose()
         if not results:
@@ -716,6 +778,25 @@ def _parser() -> argparse.ArgumentParser:
                              "with the same window does (result on stderr; exit 1 if broken)")
     report.add_argument("--allow-partial", action="store_true",
                         help="with --verify: accept chains that start mid-way")
+    verify.add_argument("--key", action="append", default=[], metavar="PUB.pem",
+                        help="check signed checkpoints with this Ed25519 public key "
+                             "(repeat for rotated keys); reports records after the last "
+                             "checkpoint as unproven")
+    verify.add_argument("--checkpoints", action="append", default=[], metavar="FILE",
+                        help="the checkpoint sink's copies: the log must still hold every "
+                             "record they state (detects deleting the newest records)")
+    verify.add_argument("--require-proof", action="store_true",
+                        help="exit 1 when records follow the last checkpoint")
+    export = command("export", cmd_audit_export, "convert audit records to OCSF events "
+                     "(JSON lines; the record is kept in unmapped.credproxy)", parent=audit,
+                     config=False)
+    export.add_argument("files", nargs="*", metavar="FILE",
+                        help="audit files, oldest first (default: stdin)")
+    export.add_argument("--format", choices=["ocsf"], default="ocsf")
+    akg = command("keygen", cmd_audit_keygen, "write an Ed25519 checkpoint signing key",
+                  parent=audit, config=False)
+    akg.add_argument("--out", required=True, help="private key file to create (0600)")
+    akg.add_argument("--public", help="also write the public key here (printed anyway)")
 
     context = sub.add_parser("context", help="development helpers for user contexts"
                              ).add_subparsers(metavar="CMD")

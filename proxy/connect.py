@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy import audit as auditlog
 from proxy import binding
-from proxy.audit import AuditLog
+from proxy.audit import Actor, AuditLog
 from proxy.binding import BindingError, GrantValue, GrantValueSettings, ValueSource
 from proxy.coordination.base import Coordinator, Used
 from proxy.errors import CredproxyError, VaultError
@@ -153,12 +153,14 @@ class Connector:
     async def begin(self, user: str, provider_id: str, *, redirect_uri: str,
                     scopes: list[str] | None = None, return_to: str | None = None,
                     browser: str | None = None,
-                    choices: Mapping[str, str] | None = None) -> str:
+                    choices: Mapping[str, str] | None = None,
+                    actor: Actor | None = None) -> str:
         """Start a flow for ``user``; returns the provider's authorize URL. ``browser``: a
         nonce the caller also gave the browser (a cookie); the callback must present it.
         ``choices``: the connect link's query parameters, of which those naming a
         ``from: choice`` grant value are that value (checked here, before the authorize
-        URL, which may use them, is built: docs/tenants.md)."""
+        URL, which may use them, is built: docs/tenants.md). ``actor``: who asked, for the
+        audit (default: the user, who authenticated with a user context)."""
         try:
             with self._live.pinned():
                 return await self._begin(user, provider_id, redirect_uri, scopes, return_to,
@@ -166,7 +168,7 @@ class Connector:
         except ConnectRejected as exc:
             self._audit.record(auditlog.CONNECTION_CREATED, user=user,
                                provider=exc.provider or provider_id, outcome="rejected",
-                               reason=exc.reason)
+                               reason=exc.reason, actor=actor or Actor("user", user))
             raise
 
     async def _begin(self, user: str, provider_id: str, redirect_uri: str,
@@ -230,19 +232,22 @@ class Connector:
         return str(url)
 
     async def complete(self, params: Mapping[str, str], *,
-                       browser: str | None = None) -> Connected:
+                       browser: str | None = None, actor: Actor | None = None) -> Connected:
         """Finish a flow from the callback's query parameters (``state``, ``code`` or
         ``error``); ``browser`` is the nonce the browser presented (its cookie), required
-        when the flow was begun with one. Every rejection is audited and stores nothing."""
+        when the flow was begun with one. Every rejection is audited and stores nothing.
+        ``actor``: who asked, for the audit (default: the user the flow was begun for)."""
         try:
             with self._live.pinned():
-                return await self._complete(params, browser)
+                return await self._complete(params, browser, actor)
         except ConnectRejected as exc:
             self._audit.record(auditlog.CONNECTION_CREATED, user=exc.user,
-                               provider=exc.provider, outcome="rejected", reason=exc.reason)
+                               provider=exc.provider, outcome="rejected", reason=exc.reason,
+                               actor=actor or (Actor("user", exc.user) if exc.user else None))
             raise
 
-    async def _complete(self, params: Mapping[str, str], browser: str | None) -> Connected:
+    async def _complete(self, params: Mapping[str, str], browser: str | None,
+                        actor: Actor | None) -> Connected:
         state = params.get("state")
         if not state:
             raise ConnectRejected("missing_state", "the callback carries no state")
@@ -372,7 +377,8 @@ class Connector:
                         for k, v in sorted(values.items()))
         self._audit.record(auditlog.CONNECTION_CREATED, user=user, provider=provider_id,
                            outcome="connected", detail=f"scope={tokens.scope or ''}{shown}",
-                           token=tokens.access_token, token_source="vault")
+                           token=tokens.access_token, token_source="vault",
+                           actor=actor or Actor("user", user))
         return_to = rec.get("t")
         return Connected(user, provider_id, tokens.scope,
                          return_to if isinstance(return_to, str) else None)

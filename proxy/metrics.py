@@ -135,6 +135,17 @@ class Metrics:
         self.audit_dropped = Counter(
             "credproxy_audit_records_dropped", "Audit records accepted into the stdout buffer "
             "and then lost to a failed write (the chain shows the gap)", registry=r)
+        self.audit_export = Counter(
+            "credproxy_audit_export_records", "Audit records in the OTLP export: exported "
+            "(confirmed by the collector), failed (given up after the SDK's retries), dropped "
+            "(the export queue was full); the local trail has them all", ["outcome"],
+            registry=r)
+        self.audit_export_lag = Gauge(
+            "credproxy_audit_export_lag_records", "Audit records written locally and not "
+            "(yet) confirmed by the OTLP collector", registry=r)
+        self.audit_checkpoints = Counter(
+            "credproxy_audit_checkpoints", "Signed audit checkpoints: written, failed (not "
+            "written; retried with the next record)", ["outcome"], registry=r)
 
     def config_applied(self, digest: str, at: float) -> None:
         """Record the configuration now running (at start and after every applied reload)."""

@@ -21,10 +21,11 @@ import asyncio
 import logging
 import ssl
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from proxy import audit as auditlog
-from proxy.audit import AuditLog
+from proxy.audit import Actor, AuditLog
 from proxy.binding import BindingError
 from proxy.coordination.base import Coordinator
 from proxy.errors import CoordinationUnavailable, VaultCorruptError, VaultError
@@ -35,6 +36,9 @@ from proxy.secret import Secret
 from proxy.settings import ProviderSettings
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant, GrantInfo, GrantStatus, Vault
+
+# Who asked for the revocation in progress (Offboarder.revoke's actor), for its records.
+_ACTOR: ContextVar[Actor | None] = ContextVar("credproxy_revoke_actor", default=None)
 
 # Revocation.upstream -> the audit record's reason (proxy/reasons.py).
 log = logging.getLogger("credproxy.offboard")
@@ -125,9 +129,15 @@ class Offboarder:
         return [g for g in grants if provider is None or g.provider == provider]
 
     async def revoke(self, user: str, provider: str | None = None, *,
-                     dry_run: bool = False) -> list[Revocation]:
-        with self._live.pinned() as config:
-            return await self._revoke(config, user, provider, dry_run)
+                     dry_run: bool = False, actor: Actor | None = None) -> list[Revocation]:
+        """``actor``: who asked (:func:`proxy.audit.cli_actor` for ``credproxy revoke``),
+        written in every audit record of this revocation."""
+        token = _ACTOR.set(actor)
+        try:
+            with self._live.pinned() as config:
+                return await self._revoke(config, user, provider, dry_run)
+        finally:
+            _ACTOR.reset(token)
 
     async def _revoke(self, config: Snapshot, user: str, provider: str | None,
                       dry_run: bool) -> list[Revocation]:
@@ -147,7 +157,8 @@ class Offboarder:
             self._audit.record(auditlog.USER_OFFBOARDED, user=user,
                                outcome="pending" if pending else "offboarded",
                                reason="pending" if pending else None,
-                               detail="; ".join(pending) if pending else None)
+                               detail="; ".join(pending) if pending else None,
+                               actor=_ACTOR.get())
         return results
 
     async def _revoke_one(self, config: Snapshot, user: str, provider_id: str,
@@ -302,7 +313,8 @@ class Offboarder:
                            outcome="revoked" if result.ok else "pending",
                            reason=_UPSTREAM_REASONS.get(result.upstream, "upstream_pending"),
                            detail=result.detail,
-                           token=token, token_source="vault" if token else None)
+                           token=token, token_source="vault" if token else None,
+                           actor=_ACTOR.get())
         return result
 
     async def aclose(self) -> None:

@@ -39,6 +39,7 @@ FAILED = "request.failed"
 CONNECT = "connection.created"
 REVOKED = "connection.revoked"
 OFFBOARDED = "user.offboarded"
+RELOADED = "config.reloaded"
 GRANT = "grant mark"  # the reason stored on a grant marked reauth_required
 METRIC = "metric only"  # counted, never answered
 
@@ -243,6 +244,9 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("grant_host_not_allowed", (CONNECT, REAUTH), "a grant value would bind a host outside "
      "the provider's hosts (its ceiling)"),
     ("discovery_failed", (CONNECT,), "a discovery call after the code exchange failed"),
+    # -- administrative actions -------------------------------------------------------
+    ("config_rejected", (RELOADED,), "a changed configuration failed its checks; the "
+     "previous one keeps serving (detail: why)"),
 )
 
 # ``<family>:<the provider's error code>``: a connect rejection that names what the

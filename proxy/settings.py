@@ -259,6 +259,49 @@ class CoordinationSettings(_Model):
         return 0 if self.mode == "standalone" else 1
 
 
+class CheckpointSettings(_Model):
+    """Signed checkpoints of the audit chain (proxy.checkpoint)."""
+
+    # An unencrypted PKCS#8 PEM Ed25519 private key (`credproxy audit keygen`): a mounted
+    # Secret, or a Key Vault secret mounted by the Secrets Store CSI driver (Key Vault keys
+    # cannot be Ed25519; docs/operations.md, "Signed checkpoints").
+    key_file: str
+    every_records: int | None = Field(default=1000, ge=1)
+    every_seconds: float | None = Field(default=60.0, gt=0)
+    # A second file that gets a copy of every checkpoint record (out of reach of whoever
+    # can truncate the main log); `audit verify --checkpoints FILE` checks the log with it.
+    sink: str | None = None
+
+
+class OtlpSettings(_Model):
+    """An OpenTelemetry logs export of the audit records (proxy.auditexport)."""
+
+    endpoint: str  # the OTLP/HTTP logs URL, e.g. http://otel-collector:4318/v1/logs
+    protocol: Literal["http/protobuf"] = "http/protobuf"
+    # Request headers (an API key for a SaaS collector): header name -> env var holding it.
+    headers_env: dict[str, str] = Field(default_factory=dict)
+    timeout: float = Field(default=10.0, gt=0, le=120)  # one export call
+    max_queue: int = Field(default=8192, ge=16)  # records waiting for export (then dropped)
+    batch: int = Field(default=512, ge=1)
+    delay: float = Field(default=1.0, gt=0, le=60)  # seconds between export batches
+    ca_file: str | None = None  # an https endpoint's CA bundle
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", v):
+            raise ValueError("must be an http(s) URL without query, e.g. "
+                             "http://otel-collector:4318/v1/logs")
+        return v
+
+
+class ExportSettings(_Model):
+    # raw: each log record's body is the audit record as written; ocsf: the OCSF event
+    # (proxy.auditexport.to_ocsf), the record kept in unmapped.credproxy.
+    format: Literal["raw", "ocsf"] = "raw"
+    otlp: OtlpSettings | None = None
+
+
 class AuditSettings(_Model):
     sink: str = "stdout"
     instance: str | None = None  # default: hostname + a random suffix per process
@@ -271,6 +314,8 @@ class AuditSettings(_Model):
     # file only: built-in size rotation (None: off, use logrotate); files kept besides it.
     rotate_bytes: int | None = Field(default=None, ge=4096)
     rotate_keep: int = Field(default=5, ge=1)
+    checkpoint: CheckpointSettings | None = None
+    export: ExportSettings = Field(default_factory=ExportSettings)
 
 
 class InjectSettings(_Model):
