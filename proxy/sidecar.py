@@ -400,11 +400,13 @@ class Sidecar:
         held = _scope_tokens((injection.tokens.scope or "").replace(
             provider.scope_separator, " ") if injection.tokens.scope else "")
         asked = challenged_scopes(challenge) or []
-        union = [*held, *(s for s in asked if s not in held)]
+        # Required scopes too: a connect that leaves one out is refused.
+        union = list(dict.fromkeys([*held, *asked, *provider.required_scopes]))
         # An MCP server by URL alone has no configured scopes: what it and its
         # authorization server advertise is its ceiling (proxy.mcpauth.scope_ceiling).
         ceiling = (self.broker.mcp_ceiling(provider)
-                   if provider.mcp is not None and not provider.scopes else provider.scopes)
+                   if provider.mcp is not None and not provider.allowed_scopes
+                   else provider.allowed_scopes)
         beyond = [s for s in union if ceiling is not None and s not in ceiling
                   and not (provider.mcp is not None and s == "offline_access")]
         base = self.live.current.connect_url(provider)
@@ -413,9 +415,9 @@ class Sidecar:
                   f"(it asked for {' '.join(asked) or 'an unnamed scope'}): the user must "
                   f"consent to {' '.join(union)} at connect_url; the grant keeps serving "
                   "what it already covers")
-        if beyond and provider.scopes:
+        if beyond and provider.allowed_scopes:
             detail += (f". {', '.join(beyond)} {'is' if len(beyond) == 1 else 'are'} not in "
-                       f"providers[{provider.id}].scopes: an operator must add "
+                       f"providers[{provider.id}].scope_ceiling: an operator must add "
                        f"{'it' if len(beyond) == 1 else 'them'} before the user can consent")
         elif beyond:
             detail += (f". {', '.join(beyond)} {'is' if len(beyond) == 1 else 'are'} not "
