@@ -287,6 +287,10 @@ class Store:
         self.issued_refresh: list[str] = []
         self.stats = Stats()
         self.faults = Faults()
+        # Scopes the "user" unticks at consent (/_admin/consent): the code, and the tokens
+        # it is exchanged for, carry a narrower scope than the client asked for (RFC 6749
+        # section 3.3 lets the server grant less; the token response says which).
+        self.consent_drop: set[str] = set()
 
     def query_client(self, client_id: str) -> Client | None:
         known = self.clients.get(client_id)
@@ -426,11 +430,13 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
         family = store.new_family(req.user, req.client.client_id)
         family.resource = request.args.get("resource") or None
         with store.lock:
+            scope = " ".join(s for s in (req.scope or "").split()
+                             if s not in store.consent_drop)
             store.codes[code] = AuthCode(
                 code=code,
                 client_id=req.client.client_id,
                 redirect_uri=req.payload.redirect_uri,
-                scope=req.scope or "",
+                scope=scope,
                 user=req.user,
                 code_challenge=data["code_challenge"],
                 code_challenge_method=data["code_challenge_method"],
@@ -849,6 +855,17 @@ def _add_admin(app: Flask, store: Store) -> None:
                 f.revoke_count = int(data.get("revoke_count", 1))
             return f.as_json()
 
+    @app.post("/_admin/consent")
+    def admin_consent() -> Any:
+        """``{"drop": [scope, ...]}``: the scopes the user unticks at consent from now on
+        (until ``/_admin/reset``): the grant is narrower than asked."""
+        drop = body().get("drop", [])
+        if not isinstance(drop, list) or not all(isinstance(x, str) for x in drop):
+            return bad("'drop' must be a list of scopes")
+        with store.lock:
+            store.consent_drop = set(drop)
+        return {"drop": sorted(drop)}
+
     @app.get("/_admin/stats")
     def admin_stats() -> Any:
         with store.lock:
@@ -860,6 +877,7 @@ def _add_admin(app: Flask, store: Store) -> None:
         with store.lock:
             store.stats = Stats()
             store.faults = Faults()
+            store.consent_drop = set()
         return {"ok": True}
 
     @app.get("/_admin/issued")

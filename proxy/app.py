@@ -26,6 +26,7 @@ from proxy.live import LiveConfig, Snapshot, SwapListener, client_secrets
 from proxy.metrics import Metrics
 from proxy.offboard import Offboarder
 from proxy.provider_client import ProviderClient
+from proxy.selfservice import Sessions
 from proxy.settings import ProviderSettings, Settings
 from proxy.sidecar import Sidecar
 from proxy.tokens import TokenBroker
@@ -59,6 +60,8 @@ class App:
     offboarder: Offboarder
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     admin: AdminServer | None = None
+    # The self-service page's sessions (README "The self-service page").
+    sessions: Sessions | None = None
     draining: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -241,7 +244,9 @@ class App:
                                      self.sidecar.metrics,
                                      dependencies=dependencies,
                                      draining=lambda: self.draining,
-                                     liveness=[("audit", self.audit_liveness)])
+                                     liveness=[("audit", self.audit_liveness)],
+                                     sessions=self.sessions, offboarder=self.offboarder,
+                                     last_used=self.coordinator.last_uses)
             await self.admin.start()
 
     async def _listening(self) -> None:
@@ -553,4 +558,5 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
     offboarder = Offboarder(live, vault, coordinator, audit, verify=tls,
                             client=provider_client)
     return App(live, sidecar, vault, coordinator, provider_client, http, connector,
-               offboarder, environ)
+               offboarder, environ,
+               sessions=Sessions(derive_subkey(key, "credproxy self-service session")))

@@ -23,6 +23,7 @@ different. The CLI's flow runs in one process and passes no nonce.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -380,6 +381,9 @@ class Connector:
             for resource in (None, *provider.resources):
                 provider.own_hosts(resource, values)
             values.update(mcp_values)
+            account = reported_account(exchanged.response)
+            if account is not None and ACCOUNT_VALUE not in provider.grant_values:
+                values[ACCOUNT_VALUE] = account
         except BindingError as exc:
             raise ConnectRejected(exc.reason, exc.detail, user=user,
                                   provider=provider_id) from None
@@ -595,4 +599,33 @@ def _actor(sealed: object) -> auditlog.Actor | None:
     if isinstance(sealed, list) and len(sealed) == 2 and sealed[0] in (
             "cli", "admin", "user", "system") and isinstance(sealed[1], str):
         return auditlog.Actor(sealed[0], sealed[1])
+    return None
+
+
+# The grant value holding the account the provider reports (shown, never authorizing).
+ACCOUNT_VALUE = "account"
+_ACCOUNT_CLAIMS = ("email", "preferred_username", "upn", "sub")
+
+
+def reported_account(response: Mapping[str, Any]) -> str | None:
+    """The account a token response names, for people to recognise their connection: the
+    ``id_token``'s ``email``, ``preferred_username``, ``upn`` or ``sub`` claim (OpenID
+    Connect Core section 2), the first present; None without one. The ID token comes
+    straight from the token endpoint over TLS, which OpenID Connect Core section 3.1.3.7
+    accepts instead of checking its signature; the value is only shown, never used to
+    decide anything. At most 200 printable characters."""
+    token = response.get("id_token")
+    if not isinstance(token, str) or token.count(".") != 2 or len(token) > 16384:
+        return None
+    body = token.split(".")[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    for name in _ACCOUNT_CLAIMS:
+        value = claims.get(name)
+        if isinstance(value, str) and value.strip() and value.isprintable():
+            return value.strip()[:200]
     return None

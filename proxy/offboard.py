@@ -21,6 +21,7 @@ import asyncio
 import logging
 import ssl
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from proxy import audit as auditlog
@@ -38,6 +39,10 @@ from proxy.vault.base import Grant, GrantInfo, GrantStatus, Vault
 
 # Revocation.upstream -> the audit record's reason (proxy/reasons.py).
 log = logging.getLogger("credproxy.offboard")
+
+# Who asked for the revocation in progress (this task's; Offboarder.revoke sets it).
+_ACTOR: ContextVar[auditlog.Actor | None] = ContextVar("credproxy_offboard_actor",
+                                                       default=None)
 
 _UPSTREAM_REASONS = {"revoked": "upstream_revoked", "pending": "upstream_pending",
                      "unsupported": "upstream_unsupported", "none": "upstream_none",
@@ -125,9 +130,17 @@ class Offboarder:
         return [g for g in grants if provider is None or g.provider == provider]
 
     async def revoke(self, user: str, provider: str | None = None, *,
-                     dry_run: bool = False) -> list[Revocation]:
-        with self._live.pinned() as config:
-            return await self._revoke(config, user, provider, dry_run)
+                     dry_run: bool = False,
+                     actor: auditlog.Actor | None = None) -> list[Revocation]:
+        """Revoke ``user``'s grants (of ``provider`` only, when given); ``actor``: who
+        asked (the audit records carry it, e.g. ``Actor("user", user)`` for a disconnect
+        from the self-service page)."""
+        reset = _ACTOR.set(actor)
+        try:
+            with self._live.pinned() as config:
+                return await self._revoke(config, user, provider, dry_run)
+        finally:
+            _ACTOR.reset(reset)
 
     async def _revoke(self, config: Snapshot, user: str, provider: str | None,
                       dry_run: bool) -> list[Revocation]:
@@ -147,7 +160,8 @@ class Offboarder:
             self._audit.record(auditlog.USER_OFFBOARDED, user=user,
                                outcome="pending" if pending else "offboarded",
                                reason="pending" if pending else None,
-                               detail="; ".join(pending) if pending else None)
+                               detail="; ".join(pending) if pending else None,
+                               actor=_ACTOR.get())
         return results
 
     async def _revoke_one(self, config: Snapshot, user: str, provider_id: str,
@@ -302,7 +316,8 @@ class Offboarder:
                            outcome="revoked" if result.ok else "pending",
                            reason=_UPSTREAM_REASONS.get(result.upstream, "upstream_pending"),
                            detail=result.detail,
-                           token=token, token_source="vault" if token else None)
+                           token=token, token_source="vault" if token else None,
+                           actor=_ACTOR.get())
         return result
 
     async def aclose(self) -> None:

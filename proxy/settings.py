@@ -703,6 +703,9 @@ class ConnectSettings(_Model):
     # Browsers cannot add headers: also accept the user context as ?context=<jws> on
     # /connect/{provider} (keep contexts short-lived; it appears in the URL).
     context_query: bool = True
+    # Seconds a self-service page session lasts (the cookie set when a user context is
+    # handed over at /connections or /connect/{provider}); then the agent's link again.
+    session_ttl: Annotated[int, Field(ge=60, le=3600)] = 900
 
     @field_validator("return_urls")
     @classmethod
