@@ -96,9 +96,12 @@ LastUsed = Callable[[str, list[str]], Awaitable[Mapping[str, float]]]
 PAGE = "/connections"
 
 
-def _html(text: str, status: int) -> web.Response:
+def _html(text: str, status: int, *, referrer: str = "same-origin") -> web.Response:
+    """A page of the self-service flow. ``referrer``: its Referrer-Policy; the page's own
+    forms need ``same-origin`` (under ``no-referrer`` a browser posts ``Origin: null``),
+    the hand-over answer, whose URL holds the user context, ``no-referrer``."""
     return web.Response(text=text, status=status, content_type="text/html",
-                        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
+                        headers={"Cache-Control": "no-store", "Referrer-Policy": referrer,
                                  "X-Frame-Options": "DENY",
                                  "Content-Security-Policy": "default-src 'none'; "
                                  "style-src 'unsafe-inline'; form-action 'self' https: http:; "
@@ -432,7 +435,8 @@ class AdminServer:
                 # From the query: reload without it (off the address bar and history); the
                 # reload is same-site, so the SameSite=Strict cookie goes with it.
                 response = _html(message_page("Signing you in", "Loading your connections.",
-                                              link=(PAGE, "Continue"), refresh=PAGE), 200)
+                                              link=(PAGE, "Continue"), refresh=PAGE), 200,
+                                 referrer="no-referrer")
                 session = self._open_session(response, settings, user.user, user.providers)
                 if query or session is None:
                     return response

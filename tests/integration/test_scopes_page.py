@@ -443,3 +443,25 @@ def test_the_session_cookie_is_secure_behind_an_https_public_url(tmp_path: Path)
         assert "; Secure" in cookie and "SameSite=Strict" in cookie
     finally:
         s.close()
+
+
+def test_a_context_in_the_header_opens_the_page_at_once(stack: Stack) -> None:
+    user = "page-header"
+    with _browser() as b:
+        r = b.get(f"{_admin(stack)}/connections",
+                  headers={"X-User-Context": stack.context(user)})
+        assert r.status_code == 200 and f"Signed in as {user}." in r.text
+        assert r.headers["set-cookie"].startswith("credproxy_session=")
+        # The forms carry the CSRF token of the session just opened: a POST works.
+        ids = re.findall(r'<section aria-labelledby="p-(c[0-9a-f]+)-h"', r.text)
+        answer = _post(b, stack, "disconnect", {"csrf": _csrf(r.text), "connection": ids[0]})
+    assert answer.status_code == 200 and "was not connected" in answer.text
+
+
+def test_a_context_sent_twice_opens_no_session(stack: Stack) -> None:
+    with _browser() as b:
+        r = b.get(f"{_admin(stack)}/connections",
+                  headers=[("X-User-Context", stack.context("twice")),
+                           ("X-User-Context", stack.context("other"))])
+    assert r.status_code == 401 and "duplicate_header" in r.text
+    assert "set-cookie" not in r.headers
