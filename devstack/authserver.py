@@ -17,8 +17,9 @@ specific to this server:
   is revoked and the request fails with ``invalid_grant`` (RFC 9700 section 4.14.2). Reusing
   an authorization code likewise revokes what was issued from it (RFC 6749 section 4.1.2).
 * With ``--admin``, a test control API under ``/_admin/`` (loopback callers only) mints grants
-  without the redirect dance, revokes tokens "at the provider", injects faults into ``/token``
-  and reports counters. See the ``admin_*`` views below.
+  without the redirect dance, revokes tokens "at the provider", injects faults into ``/token``,
+  makes the "user" untick scopes at consent (``/_admin/consent``: a grant narrower than
+  asked) and reports counters. See the ``admin_*`` views below.
 
 Access and refresh tokens are opaque random strings prefixed ``at_`` / ``rt_``. All state is in
 memory. Token values are never logged.
