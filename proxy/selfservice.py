@@ -92,7 +92,7 @@ class Sessions:
     def connection_id(self, user: str, provider: str) -> str:
         """The opaque id of ``user``'s connection to ``provider`` in forms: ``c`` and 24
         hex characters of HMAC-SHA256 under a subkey of the session key."""
-        mac = hmac.new(self._id_key, f"{user}\x00{provider}".encode(), hashlib.sha256)
+        mac = hmac.new(self._id_key, json.dumps([user, provider]).encode(), hashlib.sha256)
         return "c" + mac.hexdigest()[:24]
 
     @staticmethod

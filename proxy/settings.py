@@ -461,7 +461,7 @@ class ProviderSettings(_Model):
                     raise ValueError(f"{key}[{i}]: {scope!r} is not a scope token "
                                      "(RFC 6749 section 3.3: printable ASCII, no space, "
                                      "quote or backslash)")
-        ceiling = self.allowed_scopes
+        ceiling = self.scope_ceiling if self.scope_ceiling is not None else self.scopes
         for key in ("scopes", "required_scopes"):
             outside = [s for s in getattr(self, key) if s not in ceiling]
             if outside:
