@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx2
 import pytest
 
+from devstack.redisproc import RedisServer
 from devstack.stack import Stack, build_stack
 from proxy.devkeys import mint
 
@@ -465,3 +466,41 @@ def test_a_context_sent_twice_opens_no_session(stack: Stack) -> None:
                            ("X-User-Context", stack.context("other"))])
     assert r.status_code == 401 and "duplicate_header" in r.text
     assert "set-cookie" not in r.headers
+
+
+def test_replicas_share_sessions_last_use_and_disconnect_through_redis(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """Two replicas on one Redis: a session opened on one is good on the other, the page on
+    one shows a use through the other, and a disconnect on one stops the other at once."""
+    s = build_stack(tmp_path / "s", start_proxy=False,
+                    config={"coordination": {"backend": "redis", "url": redis_server.url,
+                                             "key_prefix": "page:"}})
+    try:
+        one, two = s.start_replicas(2)
+        user = "replica-user"
+        s.vault_put(user, s.grant(user))
+        token = s.vault_get(user).tokens.access_token.reveal()
+        with httpx2.Client(proxy=str(one.info["proxy_url"]), verify=s.mitm_tls(),
+                           trust_env=False, timeout=30,
+                           headers={"X-User-Context": s.context(user)}) as agent:
+            assert agent.get(f"{s.docs_url}/documents").status_code == 200
+            with _browser() as b:
+                b.get(f"{one.info['admin_url']}/connections",
+                      params={"context": s.context(user)})
+                other = str(two.info["admin_url"])
+                page = b.get(f"{other}/connections")  # the cookie of replica one
+                assert page.status_code == 200 and f"Signed in as {user}." in page.text
+                docs = page.text.split('<h2 id="p-')[1]
+                assert "Last used</dt><dd><time" in docs
+                connection = re.findall(r'<section aria-labelledby="p-(c[0-9a-f]+)-h"',
+                                        page.text)[0]
+                r = b.post(f"{other}/connections/disconnect",
+                           data={"csrf": _csrf(page.text), "connection": connection},
+                           headers={"Origin": other})
+                assert r.status_code == 200 and "Disconnected docs" in r.text
+            refused = agent.get(f"{s.docs_url}/documents")
+        assert refused.status_code == 401
+        assert refused.headers["x-credproxy-error"] == "reauth-required"
+        assert s.introspect(token)["active"] is False
+    finally:
+        s.close()
