@@ -344,11 +344,11 @@ class AdminServer:
         state = parse_qs(urlsplit(url).query).get("state", [""])[0]
         response = web.Response(status=302, headers={"Location": url,
                                                      "Cache-Control": "no-store"})
-        # The hand-over also opens the self-service page (linked from the callback's page).
-        self._open_session(response, settings, user.user, user.providers)
         response.set_cookie(_cookie_name(state), nonce, max_age=settings.connect.state_ttl,
                             path="/oauth/callback", httponly=True, samesite="Lax",
                             secure=settings.connect_base.startswith("https://"))
+        # The hand-over also opens the self-service page (linked from the callback's page).
+        self._open_session(response, settings, user.user, user.providers)
         return response
 
     async def connections(self, request: web.Request) -> web.Response:
