@@ -158,13 +158,7 @@ class Connector:
                                   f"scope_ceiling (a user may choose among {ceiling}); ask "
                                   "an operator to widen it, or choose within it",
                                   provider=provider.id)
-        left_out = [s for s in provider.required_scopes if s not in requested]
-        if left_out:
-            raise ConnectRejected("required_scope_not_requested",
-                                  f"scopes {left_out} are required for {provider.id} "
-                                  f"(providers[{provider.id}].required_scopes): the agent's "
-                                  "calls need them; choose them too",
-                                  provider=provider.id)
+        _check_required(provider, requested)
         return [s for s in ceiling if s in requested]
 
     async def begin(self, user: str, provider_id: str, *, redirect_uri: str,
@@ -223,11 +217,16 @@ class Connector:
                                   "the return URL is not one of connect.return_urls",
                                   user=user, provider=provider.id)
         if mcp is not None and scopes:
+            configured = self._provider(provider_id)
             try:
-                granted = narrowed(mcp[0], self._provider(provider_id).scopes, scopes)
+                # The configured ceiling, else what the server advertises.
+                granted = narrowed(mcp[0], configured.scope_ceiling
+                                   if configured.scope_ceiling is not None
+                                   else configured.scopes, scopes)
             except McpDiscoveryError as exc:
                 raise ConnectRejected(exc.reason, exc.detail, user=user,
                                       provider=provider.id) from None
+            _check_required(provider, granted)
         else:
             granted = self.scopes_for(provider, scopes)
         state = secrets.token_urlsafe(32)
@@ -629,3 +628,14 @@ def reported_account(response: Mapping[str, Any]) -> str | None:
         if isinstance(value, str) and value.strip() and value.isprintable():
             return value.strip()[:200]
     return None
+
+
+def _check_required(provider: ProviderSettings, requested: list[str]) -> None:
+    """Raise :class:`ConnectRejected` (``required_scope_not_requested``) when a choice of
+    scopes leaves out one of the provider's ``required_scopes``."""
+    left_out = [s for s in provider.required_scopes if s not in requested]
+    if left_out:
+        raise ConnectRejected("required_scope_not_requested",
+                              f"scopes {left_out} are required for {provider.id} "
+                              f"(providers[{provider.id}].required_scopes): the agent's "
+                              "calls need them; choose them too", provider=provider.id)
