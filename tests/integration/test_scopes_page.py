@@ -504,3 +504,19 @@ def test_replicas_share_sessions_last_use_and_disconnect_through_redis(
         assert s.introspect(token)["active"] is False
     finally:
         s.close()
+
+
+def test_the_page_shows_the_account_the_provider_reports(stack: Stack) -> None:
+    user = "page-account"
+    with stack.admin() as c:  # the code exchange returns an OpenID Connect ID token
+        c.post("/_admin/consent", json={"id_token": {"email": "alice@corp.example",
+                                                      "preferred_username": "alice"}}
+               ).raise_for_status()
+    with _browser() as b:
+        assert _consent(stack, b, user, None).status_code == 200
+        page = b.get(f"{_admin(stack)}/connections").text
+    docs = page.split('<h2 id="p-')[1]
+    assert "<dt>Account</dt><dd>alice@corp.example</dd>" in docs
+    assert stack.vault_get(user).values["account"] == "alice@corp.example"
+    # Only the claim: the ID token itself is not kept, logged or shown.
+    assert "eyJ" not in page and "eyJ" not in stack.proxy.stdout_text()  # type: ignore[union-attr]
