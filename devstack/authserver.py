@@ -17,8 +17,9 @@ specific to this server:
   is revoked and the request fails with ``invalid_grant`` (RFC 9700 section 4.14.2). Reusing
   an authorization code likewise revokes what was issued from it (RFC 6749 section 4.1.2).
 * With ``--admin``, a test control API under ``/_admin/`` (loopback callers only) mints grants
-  without the redirect dance, revokes tokens "at the provider", injects faults into ``/token``
-  and reports counters. See the ``admin_*`` views below.
+  without the redirect dance, revokes tokens "at the provider", injects faults into ``/token``,
+  makes the "user" untick scopes at consent (``/_admin/consent``: a grant narrower than
+  asked) and reports counters. See the ``admin_*`` views below.
 
 Access and refresh tokens are opaque random strings prefixed ``at_`` / ``rt_``. All state is in
 memory. Token values are never logged.
@@ -53,6 +54,8 @@ from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from flask import Flask, Response, abort, request
+from joserfc import jwt
+from joserfc.jwk import OctKey
 
 from devstack._serve import (
     add_server_args,
@@ -287,6 +290,13 @@ class Store:
         self.issued_refresh: list[str] = []
         self.stats = Stats()
         self.faults = Faults()
+        # Scopes the "user" unticks at consent (/_admin/consent): the code, and the tokens
+        # it is exchanged for, carry a narrower scope than the client asked for (RFC 6749
+        # section 3.3 lets the server grant less; the token response says which).
+        self.consent_drop: set[str] = set()
+        # Claims of an ID token added to code exchanges (/_admin/consent "id_token"); None:
+        # no ID token (the client asks for no openid scope here).
+        self.id_token_claims: dict[str, Any] | None = None
 
     def query_client(self, client_id: str) -> Client | None:
         known = self.clients.get(client_id)
@@ -426,11 +436,13 @@ class AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mis
         family = store.new_family(req.user, req.client.client_id)
         family.resource = request.args.get("resource") or None
         with store.lock:
+            scope = " ".join(s for s in (req.scope or "").split()
+                             if s not in store.consent_drop)
             store.codes[code] = AuthCode(
                 code=code,
                 client_id=req.client.client_id,
                 redirect_uri=req.payload.redirect_uri,
-                scope=req.scope or "",
+                scope=scope,
                 user=req.user,
                 code_challenge=data["code_challenge"],
                 code_challenge_method=data["code_challenge_method"],
@@ -561,6 +573,13 @@ class Server(AuthorizationServer):  # type: ignore[misc]
         else:
             family = req.authorization_code.family
         self.store.record(token, family, req.client.client_id)
+        if req.refresh_token is None and self.store.id_token_claims is not None:
+            # An OpenID Connect ID token (Core section 3.1.3.3) naming the user, signed
+            # with a key of this process (the relying party reads it from the TLS answer).
+            claims = {"iss": "devstack", "aud": req.client.client_id, "sub": family.user,
+                      "iat": int(clock()), "exp": int(clock()) + 300,
+                      **self.store.id_token_claims}
+            token["id_token"] = jwt.encode({"alg": "HS256"}, claims, _ID_TOKEN_KEY)
         log.info(
             "issued tokens user=%s client=%s grant=%s family=%s",
             family.user,
@@ -569,6 +588,8 @@ class Server(AuthorizationServer):  # type: ignore[misc]
             family.id,
         )
 
+
+_ID_TOKEN_KEY = OctKey.generate_key(256)
 
 # --------------------------------------------------------------------------------------------
 # The Flask application
@@ -849,6 +870,23 @@ def _add_admin(app: Flask, store: Store) -> None:
                 f.revoke_count = int(data.get("revoke_count", 1))
             return f.as_json()
 
+    @app.post("/_admin/consent")
+    def admin_consent() -> Any:
+        """``{"drop": [scope, ...], "id_token": {claims} | null}``: the scopes the user
+        unticks at consent from now on (until ``/_admin/reset``): the grant is narrower
+        than asked; and the claims of an ID token the code exchange then returns."""
+        data = body()
+        drop = data.get("drop", [])
+        if not isinstance(drop, list) or not all(isinstance(x, str) for x in drop):
+            return bad("'drop' must be a list of scopes")
+        claims = data.get("id_token")
+        if claims is not None and not isinstance(claims, dict):
+            return bad("'id_token' must be an object of claims")
+        with store.lock:
+            store.consent_drop = set(drop)
+            store.id_token_claims = claims
+        return {"drop": sorted(drop), "id_token": claims}
+
     @app.get("/_admin/stats")
     def admin_stats() -> Any:
         with store.lock:
@@ -860,6 +898,8 @@ def _add_admin(app: Flask, store: Store) -> None:
         with store.lock:
             store.stats = Stats()
             store.faults = Faults()
+            store.consent_drop = set()
+            store.id_token_claims = None
         return {"ok": True}
 
     @app.get("/_admin/issued")

@@ -23,19 +23,28 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import html
 import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
+from proxy.audit import Actor
 from proxy.binding import BindingError
-from proxy.connect import Connector, ConnectRejected
+from proxy.connect import (
+    ACCOUNT_VALUE,
+    Connector,
+    ConnectRejected,
+    granted_scopes,
+    missing_required,
+)
 from proxy.errors import (
     CredentialStoreUnavailable,
     CredproxyError,
@@ -47,9 +56,19 @@ from proxy.live import LiveConfig, Snapshot
 from proxy.mcpauth import CLIENT_METADATA_PATH, client_metadata
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import Metrics
+from proxy.offboard import Offboarder
 from proxy.problems import problem_response
 from proxy.secret import Secret
-from proxy.settings import ProviderSettings
+from proxy.selfservice import (
+    SESSION_COOKIE,
+    Row,
+    Session,
+    Sessions,
+    choices_of,
+    message_page,
+    render,
+)
+from proxy.settings import ProviderSettings, Settings
 from proxy.vault.base import GrantInfo, Vault
 
 log = logging.getLogger("credproxy.admin")
@@ -72,6 +91,26 @@ def _page(title: str, body: str, status: int) -> web.Response:
 
 
 Checks = Sequence[tuple[str, Callable[[], Awaitable[object]]]]
+# When each of a user's grants was last injected: (user, providers) -> {provider: unix s}.
+LastUsed = Callable[[str, list[str]], Awaitable[Mapping[str, float]]]
+PAGE = "/connections"
+
+
+def _html(text: str, status: int, *, referrer: str = "same-origin") -> web.Response:
+    """A page of the self-service flow. ``referrer``: its Referrer-Policy; the page's own
+    forms need ``same-origin`` (under ``no-referrer`` a browser posts ``Origin: null``),
+    the hand-over answer, whose URL holds the user context, ``no-referrer``."""
+    return web.Response(text=text, status=status, content_type="text/html",
+                        headers={"Cache-Control": "no-store", "Referrer-Policy": referrer,
+                                 "X-Frame-Options": "DENY",
+                                 "Content-Security-Policy": "default-src 'none'; "
+                                 "style-src 'unsafe-inline'; form-action 'self' https: http:; "
+                                 "frame-ancestors 'none'"})
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _problem(error: ProxyRefusal, *, status: int | None = None,
@@ -138,7 +177,10 @@ class AdminServer:
                  ready_checks: Checks, metrics: Metrics, *,
                  dependencies: Checks = (), draining: Callable[[], bool] = lambda: False,
                  ready_timeout: float = READY_CHECK_TIMEOUT,
-                 liveness: Sequence[tuple[str, Callable[[], str | None]]] = ()) -> None:
+                 liveness: Sequence[tuple[str, Callable[[], str | None]]] = (),
+                 sessions: Sessions | None = None, offboarder: Offboarder | None = None,
+                 last_used: LastUsed | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         """``live``: the running configuration (each connect request runs on one snapshot
         of it; the listening address and ``ca_dir`` are restart-only). ``ready_checks``:
         what the sidecar needs to serve (startup and readiness; a failure is 503).
@@ -146,7 +188,10 @@ class AdminServer:
         and sets ``credproxy_dependency_up``. ``draining``: True once shutdown began
         (readiness 503). Each check raises CredproxyError or OSError to fail
         and is bounded by ``ready_timeout`` seconds. ``liveness``: named functions that
-        return what is wrong (``/healthz`` 503) or None."""
+        return what is wrong (``/healthz`` 503) or None. ``sessions``: the self-service
+        page's sessions (without them the page answers 404); ``offboarder``: what its
+        disconnect revokes with; ``last_used(user, providers)``: when each grant was last
+        injected (unix seconds)."""
         self._metrics = metrics
         self._live = live
         self._connector = connector
@@ -157,6 +202,10 @@ class AdminServer:
         self._ready_timeout = ready_timeout
         self._liveness = liveness
         self._runner: web.AppRunner | None = None
+        self._sessions = sessions
+        self._offboarder = offboarder
+        self._last_used = last_used
+        self._clock = clock
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/startupz", self.startupz)
@@ -166,6 +215,9 @@ class AdminServer:
         app.router.add_get("/oauth/callback", self.callback)
         app.router.add_get(CLIENT_METADATA_PATH, self.client_metadata)
         app.router.add_get("/v1/connections", self.connections)
+        app.router.add_get("/connections", self.page)
+        app.router.add_post("/connections/connect", self.page_connect)
+        app.router.add_post("/connections/disconnect", self.page_disconnect)
         self.app = app
 
     async def start(self) -> None:
@@ -284,7 +336,7 @@ class AdminServer:
                 user.user, provider, redirect_uri=settings.redirect_uri,
                 scopes=scopes.replace(",", " ").split() if scopes else None,
                 return_to=request.query.get("return_to"), browser=nonce,
-                choices=dict(request.query))
+                choices=dict(request.query), actor=Actor("user", user.user))
         except ProxyRefusal as exc:
             return _page("Sign-in not possible", f"user context rejected ({exc.reason})", 401)
         except ConnectRejected as exc:
@@ -295,6 +347,8 @@ class AdminServer:
         response.set_cookie(_cookie_name(state), nonce, max_age=settings.connect.state_ttl,
                             path="/oauth/callback", httponly=True, samesite="Lax",
                             secure=settings.connect_base.startswith("https://"))
+        # The hand-over also opens the self-service page (linked from the callback's page).
+        self._open_session(response, settings, user.user, user.providers)
         return response
 
     async def connections(self, request: web.Request) -> web.Response:
@@ -336,6 +390,221 @@ class AdminServer:
         return web.json_response({"user": user.user, "connections": out},
                                  headers={"Cache-Control": "no-store"})
 
+    # -- the self-service page (README "The self-service page") -------------------------
+
+    def _open_session(self, response: web.StreamResponse, settings: Settings, user: str,
+                      providers: frozenset[str] | None) -> Session | None:
+        """Set a fresh page session for ``user`` on ``response``: ``HttpOnly``,
+        ``SameSite=Strict``, ``Secure`` behind an https ``public_url``, ``Path=/``,
+        living ``connect.session_ttl`` seconds."""
+        if self._sessions is None:
+            return None
+        ttl = settings.connect.session_ttl
+        session, cookie = self._sessions.new(user, providers, ttl=ttl, now=self._clock())
+        response.set_cookie(SESSION_COOKIE, cookie, max_age=ttl, path="/", httponly=True,
+                            samesite="Strict",
+                            secure=settings.connect_base.startswith("https://"))
+        return session
+
+    def _session(self, request: web.Request) -> Session | None:
+        if self._sessions is None:
+            return None
+        return self._sessions.read(request.cookies.get(SESSION_COOKIE), now=self._clock())
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        """``GET /connections``: the signed-in user's connections. A user context (the
+        ``identity.header``, or ``?context=`` with ``connect.context_query``) is handed
+        over once: it opens a session (cookie) and, from the query, reloads the page
+        without it. Without a session or context: 401. 404 when the page is off."""
+        if self._sessions is None:
+            raise web.HTTPNotFound()
+        with self._live.pinned() as config:
+            settings, verifier = config.settings, config.verifier
+            try:
+                raw = self._context_header(request, verifier.header)
+                query = raw is None and settings.connect.context_query and \
+                    "context" in request.query
+                if query:
+                    raw = request.query["context"]
+                user = await verifier.verify(Secret(raw)) if raw else None
+            except ProxyRefusal as exc:
+                return _html(message_page("Sign-in not possible", "The user context was "
+                                          f"rejected ({exc.reason}). Open the link from "
+                                          "your agent again."), 401)
+            if user is not None:
+                # From the query: reload without it (off the address bar and history); the
+                # reload is same-site, so the SameSite=Strict cookie goes with it.
+                response = _html(message_page("Signing you in", "Loading your connections.",
+                                              link=(PAGE, "Continue"), refresh=PAGE), 200,
+                                 referrer="no-referrer")
+                session = self._open_session(response, settings, user.user, user.providers)
+                if query or session is None:
+                    return response
+                page = await self._render(config, session)
+                page.cookies.update(response.cookies)
+                return page
+            session = self._session(request)
+            if session is None:
+                return _html(message_page("Sign-in needed", "Your session is missing or "
+                                          "has expired. Open the connections link from "
+                                          "your agent again."), 401)
+            return await self._render(config, session)
+
+    async def _render(self, config: Snapshot, session: Session, *, status: int = 200,
+                      notice: str | None = None, alert: str | None = None) -> web.Response:
+        """The page for ``session``'s user (``notice``: what was done; ``alert``: what
+        was refused)."""
+        assert self._sessions is not None
+        settings = config.settings
+        try:
+            grants = {g.provider: g for g in await self._vault.list(session.user)}
+        except VaultError:
+            return _html(message_page("Try again", "The credential store cannot be read "
+                                      "right now; reload in a few seconds."), 503)
+        permitted = [p for p in settings.providers if session.permits(p.id)]
+        used: Mapping[str, float] = {}
+        if self._last_used is not None:
+            try:
+                used = await self._last_used(session.user, [p.id for p in permitted])
+            except CredproxyError:
+                used = {}
+        rows = [self._row(p, grants.get(p.id), session.user, used.get(p.id))
+                for p in permitted]
+        return _html(render(session.user, rows, session.csrf, notice=notice, alert=alert),
+                     status)
+
+    def _row(self, provider: ProviderSettings, grant: GrantInfo | None, user: str,
+             last_used: float | None) -> Row:
+        assert self._sessions is not None
+        status, reason = ("not_connected", None) if grant is None else (
+            grant.status.value, grant.reason)
+        if grant is not None and status == "active":
+            problem = provider.binding_problem(grant.values)
+            if problem is not None:
+                status, reason = "reauth_required", problem.reason
+        granted = granted_scopes(provider, grant.scope) if grant is not None else None
+        ceiling = provider.allowed_scopes
+        checked = [s for s in ceiling if s in granted] if granted else list(provider.scopes)
+        choices = []
+        for name, spec in provider.grant_values.items():
+            if spec.source == "choice":
+                value = grant.values.get(name) if grant is not None else None
+                choices.append((spec.param or name, value if isinstance(value, str) else ""))
+        account = grant.values.get(ACCOUNT_VALUE) if grant is not None else None
+        return Row(provider=provider.id,
+                   connection_id=self._sessions.connection_id(user, provider.id),
+                   account=account if isinstance(account, str) else None,
+                   status=status, reason=reason,
+                   scope=grant.scope if grant is not None else None,
+                   expires_at=grant.expires_at if grant is not None else None,
+                   last_used=last_used, ceiling=ceiling, required=provider.required_scopes,
+                   checked=checked,
+                   missing=missing_required(provider, grant.scope) if grant is not None
+                   else [], choices=choices)
+
+    async def _posted(self, request: web.Request, config: Snapshot
+                      ) -> tuple[Session, ProviderSettings, Mapping[str, str],
+                                 list[str]] | web.Response:
+        """A page POST's session, the connection's provider, the form and its scopes; or
+        the refusal: a cross-site request (``Sec-Fetch-Site`` other than
+        ``same-origin``, or an ``Origin`` other than this server's; neither header: no
+        browser form of this page), no session (401), a wrong CSRF token (403), a
+        connection id that is not one of the user's (404). Nothing is changed then."""
+        settings = config.settings
+        site = request.headers.get("Sec-Fetch-Site")
+        origin = request.headers.get("Origin")
+        mine = {_origin(settings.connect_base), f"{request.scheme}://{request.host}"}
+        why = None
+        if site is not None and site != "same-origin":
+            why = f"a cross-site request (Sec-Fetch-Site: {site[:20]}) was refused"
+        elif origin is not None and origin not in mine:
+            why = "a request from another origin was refused"
+        elif site is None and origin is None:
+            why = "a request without Origin or Sec-Fetch-Site was refused (use the page)"
+        if why is not None:
+            log.warning("self-service POST refused: %s", why.split(" (")[0])
+            return _html(message_page("Request refused", f"{why}; nothing was changed. "
+                                      "Use the buttons on your connections page.",
+                                      link=(PAGE, "Your connections")), 403)
+        session = self._session(request)
+        if session is None:
+            return _html(message_page("Sign-in needed", "Your session is missing or has "
+                                      "expired; nothing was changed. Open the connections "
+                                      "link from your agent again."), 401)
+        form = await request.post()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        if not self._sessions or not Sessions.csrf_ok(session, fields.get("csrf")):
+            log.warning("self-service POST refused: CSRF token missing or wrong")
+            return await self._render(config, session, status=403, alert=(
+                "The form's security token is missing or out of date; nothing was "
+                "changed. Try again from this page."))
+        wanted = fields.get("connection", "")
+        for provider in settings.providers:
+            if session.permits(provider.id) and hmac.compare_digest(
+                    self._sessions.connection_id(session.user, provider.id), wanted):
+                scopes = [v for v in form.getall("scope", []) if isinstance(v, str)]
+                return session, provider, fields, scopes
+        log.warning("self-service POST refused: not one of the user's connections")
+        return await self._render(config, session, status=404, alert=(
+            "No connection of yours has that id; nothing was changed."))
+
+    async def page_connect(self, request: web.Request) -> web.StreamResponse:
+        """``POST /connections/connect`` (``csrf``, ``connection``, ``scope`` repeated,
+        ``value:<param>`` for a chosen grant value): begins the connect flow with the
+        scopes ticked (within ``scope_ceiling``; refused before the provider is
+        contacted otherwise) and redirects (303) to the provider."""
+        if self._sessions is None:
+            raise web.HTTPNotFound()
+        with self._live.pinned() as config:
+            got = await self._posted(request, config)
+            if isinstance(got, web.Response):
+                return got
+            session, provider, fields, scopes = got
+            if not scopes and provider.allowed_scopes:
+                return await self._render(config, session, status=400, alert=(
+                    f"Choose at least one scope for {provider.id}; nothing was changed."))
+            nonce = secrets.token_urlsafe(32)
+            try:
+                url = await self._connector.begin(
+                    session.user, provider.id, redirect_uri=config.settings.redirect_uri,
+                    scopes=scopes or None, browser=nonce, choices=choices_of(fields),
+                    actor=Actor("user", session.user))
+            except ConnectRejected as exc:
+                return await self._render(config, session, status=400,
+                                          alert=f"{exc.detail} ({exc.reason})")
+            state = parse_qs(urlsplit(url).query).get("state", [""])[0]
+            response = web.Response(status=303, headers={"Location": url,
+                                                         "Cache-Control": "no-store"})
+            settings = config.settings
+            response.set_cookie(_cookie_name(state), nonce,
+                                max_age=settings.connect.state_ttl, path="/oauth/callback",
+                                httponly=True, samesite="Lax",
+                                secure=settings.connect_base.startswith("https://"))
+            return response
+
+    async def page_disconnect(self, request: web.Request) -> web.StreamResponse:
+        """``POST /connections/disconnect`` (``csrf``, ``connection``): revokes the grant
+        upstream and removes it everywhere, as offboarding does (proxy.offboard), audited
+        ``connection.revoked`` with actor ``user``; the page says what is still pending."""
+        if self._sessions is None or self._offboarder is None:
+            raise web.HTTPNotFound()
+        with self._live.pinned() as config:
+            got = await self._posted(request, config)
+            if isinstance(got, web.Response):
+                return got
+            session, provider, _, _ = got
+            results = await self._offboarder.revoke(session.user, provider.id,
+                                                    actor=Actor("user", session.user))
+            if not results:
+                return await self._render(config, session, notice=(
+                    f"{provider.id} was not connected; nothing to disconnect."))
+            problems = [p for r in results for p in r.problems]
+            if problems:
+                return await self._render(config, session, status=502, alert=(
+                    f"{provider.id} was disconnected here, but: {'; '.join(problems)}."))
+            return await self._render(config, session, notice=(
+                f"Disconnected {provider.id}: {results[0].detail}."))
+
     async def callback(self, request: web.Request) -> web.StreamResponse:
         cookie = _cookie_name(request.query.get("state", ""))
         response: web.Response
@@ -350,8 +619,14 @@ class AdminServer:
                 response = web.Response(status=303, headers={"Location": done.return_to,
                                                              "Cache-Control": "no-store"})
             else:
-                response = _page("Connected", f"{done.user} is now connected to "
-                                 f"{done.provider}. You can close this window.", 200)
+                text = (f"{done.user} is now connected to {done.provider} (granted scopes: "
+                        f"{done.scope or 'as asked'}). You can close this window.")
+                if done.missing_scopes:
+                    text = (f"{done.user} is connected to {done.provider}, but it did not "
+                            f"grant the required scopes {' '.join(done.missing_scopes)}: "
+                            "calls that need them will fail. Reconnect and approve them.")
+                response = _html(message_page("Connected", text,
+                                              link=(PAGE, "Your connections")), 200)
         if cookie in request.cookies:
             response.del_cookie(cookie, path="/oauth/callback")
         return response

@@ -37,6 +37,7 @@ from proxy.live import LiveConfig, Snapshot, SwapListener, client_secrets
 from proxy.metrics import Metrics
 from proxy.offboard import Offboarder
 from proxy.provider_client import ProviderClient
+from proxy.selfservice import Sessions
 from proxy.settings import ProviderSettings, Settings
 from proxy.sidecar import Sidecar
 from proxy.tokens import TokenBroker
@@ -72,6 +73,8 @@ class App:
     admin: AdminServer | None = None
     audit_export: OtlpExport | None = None  # the OTLP export, closed after the audit log
     key_ids: Mapping[str, str] = field(default_factory=dict)  # written at start
+    # The self-service page's sessions (README "The self-service page").
+    sessions: Sessions | None = None
     draining: bool = False
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -307,7 +310,9 @@ class App:
                                      self.sidecar.metrics,
                                      dependencies=dependencies,
                                      draining=lambda: self.draining,
-                                     liveness=[("audit", self.audit_liveness)])
+                                     liveness=[("audit", self.audit_liveness)],
+                                     sessions=self.sessions, offboarder=self.offboarder,
+                                     last_used=self.coordinator.last_uses)
             await self.admin.start()
 
     async def _listening(self) -> None:
@@ -635,7 +640,8 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
     if signer is not None:
         key_ids["checkpoint_key"] = signer.key_id
     return App(live, sidecar, vault, coordinator, provider_client, http, connector,
-               offboarder, environ, audit_export=export, key_ids=key_ids)
+               offboarder, environ, audit_export=export, key_ids=key_ids,
+               sessions=Sessions(derive_subkey(key, "credproxy self-service session")))
 
 
 def audit_checkpoint(settings: Settings, metrics: Metrics

@@ -579,6 +579,13 @@ def cmd_connect(args: argparse.Namespace) -> int:
                 return EXIT_FAIL
             print(f"connected {result.user} to {result.provider} (scope: "
                   f"{result.scope or '-'})", file=sys.stderr)
+            if result.missing_scopes:
+                # Reported now, not at the agent's first failing call; non-zero for scripts.
+                print(f"credproxy: {result.provider} did not grant the required scopes "
+                      f"{' '.join(result.missing_scopes)} (providers[{result.provider}]."
+                      "required_scopes): the grant is stored, but calls that need them will "
+                      "fail; connect again and approve them", file=sys.stderr)
+                return EXIT_FAIL
             return EXIT_OK
         except ConnectRejected as exc:
             print(f"credproxy: {exc.detail} ({exc.reason})", file=sys.stderr)
@@ -716,7 +723,8 @@ def _parser() -> argparse.ArgumentParser:
     conn.add_argument("--user", required=True)
     conn.add_argument("--provider", required=True)
     conn.add_argument("--scope", action="append",
-                      help="a narrower scope than configured (repeatable)")
+                      help="a scope to ask for instead of the default ones, within "
+                           "providers[].scope_ceiling (repeatable)")
     conn.add_argument("--value", action="append", metavar="NAME=VALUE", default=[],
                       help="a grant value chosen at connect time (from: choice), e.g. "
                            "shop=acme.myshopify.com (repeatable; docs/tenants.md)")

@@ -23,6 +23,7 @@ different. The CLI's flow runs in one process and passes no nonce.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -78,6 +79,9 @@ class Connected:
     provider: str
     scope: str | None
     return_to: str | None
+    # Required scopes (providers[].required_scopes) the provider did not grant: the grant
+    # is stored (it serves what it covers) and this is reported to the user at once.
+    missing_scopes: tuple[str, ...] = ()
 
 
 class Connector:
@@ -140,15 +144,22 @@ class Connector:
         return Secret(reg.client_secret) if reg.client_secret else None
 
     def scopes_for(self, provider: ProviderSettings, requested: list[str] | None) -> list[str]:
-        """The configured scopes, or a narrower set the user asked for (never wider)."""
+        """The scopes to ask for: the provider's default ``scopes``, or the user's choice
+        within its ceiling (``scope_ceiling``; docs "Scopes: default, ceiling, required"),
+        in the ceiling's order. A scope outside the ceiling raises
+        :class:`ConnectRejected` (``scope_not_allowed``) before the provider is contacted."""
         if not requested:
             return list(provider.scopes)
-        extra = sorted(set(requested) - set(provider.scopes))
+        ceiling = provider.allowed_scopes
+        extra = sorted(set(requested) - set(ceiling))
         if extra:
             raise ConnectRejected("scope_not_allowed",
-                                  f"scopes {extra} are not configured for {provider.id}",
+                                  f"scopes {extra} are outside providers[{provider.id}]."
+                                  f"scope_ceiling (a user may choose among {ceiling}); ask "
+                                  "an operator to widen it, or choose within it",
                                   provider=provider.id)
-        return [s for s in provider.scopes if s in requested]
+        _check_required(provider, requested)
+        return [s for s in ceiling if s in requested]
 
     async def begin(self, user: str, provider_id: str, *, redirect_uri: str,
                     scopes: list[str] | None = None, return_to: str | None = None,
@@ -159,12 +170,13 @@ class Connector:
         nonce the caller also gave the browser (a cookie); the callback must present it.
         ``choices``: the connect link's query parameters, of which those naming a
         ``from: choice`` grant value are that value (checked here, before the authorize
-        URL, which may use them, is built: docs/tenants.md). ``actor``: who asked, for the
-        audit (default: the user, who authenticated with a user context)."""
+        URL, which may use them, is built: docs/tenants.md). ``actor``: who started it
+        (default: the user, who authenticated with a user context); kept with the flow, so
+        its audit records carry it on whichever replica the callback lands."""
         try:
             with self._live.pinned():
                 return await self._begin(user, provider_id, redirect_uri, scopes, return_to,
-                                         browser, choices or {})
+                                         browser, choices or {}, actor)
         except ConnectRejected as exc:
             self._audit.record(auditlog.CONNECTION_CREATED, user=user,
                                provider=exc.provider or provider_id, outcome="rejected",
@@ -173,9 +185,15 @@ class Connector:
 
     async def _begin(self, user: str, provider_id: str, redirect_uri: str,
                      scopes: list[str] | None, return_to: str | None,
-                     browser: str | None, choices: Mapping[str, str]) -> str:
+                     browser: str | None, choices: Mapping[str, str],
+                     actor: Actor | None = None) -> str:
         provider = self._provider(provider_id)
         mcp: tuple[AuthServer, Registration] | None = None
+        if provider.mcp is not None and provider.scope_ceiling is not None:
+            # A configured ceiling refuses before discovery contacts the server (the
+            # offline_access discovery may add is never outside it).
+            self.scopes_for(provider.model_copy(update={
+                "scopes": [*provider.scopes, "offline_access"]}), scopes)
         if provider.mcp is not None:
             provider, found, reg = await self._mcp(provider, redirect_uri, user)
             mcp = (found, reg)
@@ -200,11 +218,16 @@ class Connector:
                                   "the return URL is not one of connect.return_urls",
                                   user=user, provider=provider.id)
         if mcp is not None and scopes:
+            configured = self._provider(provider_id)
             try:
-                granted = narrowed(mcp[0], self._provider(provider_id).scopes, scopes)
+                # The configured ceiling, else what the server advertises.
+                granted = narrowed(mcp[0], configured.scope_ceiling
+                                   if configured.scope_ceiling is not None
+                                   else configured.scopes, scopes)
             except McpDiscoveryError as exc:
                 raise ConnectRejected(exc.reason, exc.detail, user=user,
                                       provider=provider.id) from None
+            _check_required(provider, granted)
         else:
             granted = self.scopes_for(provider, scopes)
         state = secrets.token_urlsafe(32)
@@ -227,6 +250,8 @@ class Connector:
                            reg.client_secret]
         if browser is not None:
             record["b"] = _browser_hash(browser)
+        if actor is not None:
+            record["a"] = [actor.kind, actor.id]
         await self._coord.put_once(self._name(state), self._seal(state, record),
                                    self.settings.connect.state_ttl + 60)
         return str(url)
@@ -359,9 +384,13 @@ class Connector:
             for resource in (None, *provider.resources):
                 provider.own_hosts(resource, values)
             values.update(mcp_values)
+            account = reported_account(exchanged.response)
+            if account is not None and ACCOUNT_VALUE not in provider.grant_values:
+                values[ACCOUNT_VALUE] = account
         except BindingError as exc:
             raise ConnectRejected(exc.reason, exc.detail, user=user,
                                   provider=provider_id) from None
+        missing = missing_required(provider, tokens.scope)
         try:
             stored = await self._vault.put(Grant(user=user, provider=provider_id,
                                                  tokens=tokens, values=values,
@@ -375,13 +404,16 @@ class Connector:
         await self._coord.publish_invalidation(user, provider_id)
         shown = "".join(f"; {k}={','.join(v) if isinstance(v, tuple) else v}"
                         for k, v in sorted(values.items()))
+        if missing:
+            shown += f"; missing_required={','.join(missing)}"
         self._audit.record(auditlog.CONNECTION_CREATED, user=user, provider=provider_id,
                            outcome="connected", detail=f"scope={tokens.scope or ''}{shown}",
+                           reason="required_scope_not_granted" if missing else None,
                            token=tokens.access_token, token_source="vault",
-                           actor=actor or Actor("user", user))
+                           actor=actor or _actor(rec.get("a")) or Actor("user", user))
         return_to = rec.get("t")
         return Connected(user, provider_id, tokens.scope,
-                         return_to if isinstance(return_to, str) else None)
+                         return_to if isinstance(return_to, str) else None, tuple(missing))
 
     async def _discover(self, provider: ProviderSettings, values: Mapping[str, GrantValue],
                         tokens: TokenSet) -> dict[str, GrantValue]:
@@ -546,3 +578,68 @@ def _check_iss(params: Mapping[str, str], issuer: str, user: str, provider: str)
         raise ConnectRejected("iss_mismatch",
                               f"the authorization response came from issuer {iss[:120]!r}, "
                               f"not {issuer} (RFC 9207)", user=user, provider=provider)
+
+
+def granted_scopes(provider: ProviderSettings, scope: str | None) -> list[str] | None:
+    """A grant's scope string as a list (split on the provider's ``scope_separator`` and
+    on spaces); None when the provider did not say."""
+    if scope is None:
+        return None
+    return [s for s in scope.replace(provider.scope_separator, " ").split() if s]
+
+
+def missing_required(provider: ProviderSettings, scope: str | None) -> list[str]:
+    """The provider's ``required_scopes`` a grant of ``scope`` lacks (none when the scope
+    is unknown: RFC 6749 section 5.1 says an omitted scope is the one requested)."""
+    granted = granted_scopes(provider, scope)
+    if granted is None:
+        return []
+    return [s for s in provider.required_scopes if s not in granted]
+
+
+def _actor(sealed: object) -> Actor | None:
+    """The actor a flow was begun for (kept in its sealed state record), else None."""
+    if isinstance(sealed, list) and len(sealed) == 2 and sealed[0] in (
+            "cli", "admin", "user", "system") and isinstance(sealed[1], str):
+        return Actor(sealed[0], sealed[1])
+    return None
+
+
+# The grant value holding the account the provider reports (shown, never authorizing).
+ACCOUNT_VALUE = "account"
+_ACCOUNT_CLAIMS = ("email", "preferred_username", "upn", "sub")
+
+
+def reported_account(response: Mapping[str, Any]) -> str | None:
+    """The account a token response names, for people to recognise their connection: the
+    ``id_token``'s ``email``, ``preferred_username``, ``upn`` or ``sub`` claim (OpenID
+    Connect Core section 2), the first present; None without one. The ID token comes
+    straight from the token endpoint over TLS, which OpenID Connect Core section 3.1.3.7
+    accepts instead of checking its signature; the value is only shown, never used to
+    decide anything. At most 200 printable characters."""
+    token = response.get("id_token")
+    if not isinstance(token, str) or token.count(".") != 2 or len(token) > 16384:
+        return None
+    body = token.split(".")[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    for name in _ACCOUNT_CLAIMS:
+        value = claims.get(name)
+        if isinstance(value, str) and value.strip() and value.isprintable():
+            return value.strip()[:200]
+    return None
+
+
+def _check_required(provider: ProviderSettings, requested: list[str]) -> None:
+    """Raise :class:`ConnectRejected` (``required_scope_not_requested``) when a choice of
+    scopes leaves out one of the provider's ``required_scopes``."""
+    left_out = [s for s in provider.required_scopes if s not in requested]
+    if left_out:
+        raise ConnectRejected("required_scope_not_requested",
+                              f"scopes {left_out} are required for {provider.id} "
+                              f"(providers[{provider.id}].required_scopes): the agent's "
+                              "calls need them; choose them too", provider=provider.id)

@@ -37,11 +37,11 @@ from proxy.settings import ProviderSettings
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant, GrantInfo, GrantStatus, Vault
 
-# Who asked for the revocation in progress (Offboarder.revoke's actor), for its records.
-_ACTOR: ContextVar[Actor | None] = ContextVar("credproxy_revoke_actor", default=None)
-
 # Revocation.upstream -> the audit record's reason (proxy/reasons.py).
 log = logging.getLogger("credproxy.offboard")
+
+# Who asked for the revocation in progress (this task's; Offboarder.revoke sets it).
+_ACTOR: ContextVar[Actor | None] = ContextVar("credproxy_offboard_actor", default=None)
 
 _UPSTREAM_REASONS = {"revoked": "upstream_revoked", "pending": "upstream_pending",
                      "unsupported": "upstream_unsupported", "none": "upstream_none",
@@ -130,8 +130,10 @@ class Offboarder:
 
     async def revoke(self, user: str, provider: str | None = None, *,
                      dry_run: bool = False, actor: Actor | None = None) -> list[Revocation]:
-        """``actor``: who asked (:func:`proxy.audit.cli_actor` for ``credproxy revoke``),
-        written in every audit record of this revocation."""
+        """Revoke ``user``'s grants (of ``provider`` only, when given); ``actor``: who
+        asked (:func:`proxy.audit.cli_actor` for ``credproxy revoke``, ``Actor("user",
+        user)`` for a disconnect from the self-service page), written in every audit record
+        of this revocation."""
         token = _ACTOR.set(actor)
         try:
             with self._live.pinned() as config:

@@ -183,7 +183,12 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
      "the provider being connected"),
     ("imported", (CONNECT,), "a token set imported by credproxy vault put"),
     ("no_authorize_url", (CONNECT,), "the provider has no authorize_url"),
-    ("scope_not_allowed", (CONNECT,), "a requested scope is not configured"),
+    ("scope_not_allowed", (CONNECT,), "a requested scope is outside the provider's "
+     "scope_ceiling"),
+    ("required_scope_not_requested", (CONNECT,), "the scopes chosen leave out one of the "
+     "provider's required_scopes"),
+    ("required_scope_not_granted", (CONNECT,), "the provider granted less than the "
+     "provider's required_scopes (outcome connected: the grant is stored)"),
     ("return_url_not_allowed", (CONNECT,), "return_to is not under connect.return_urls"),
     ("missing_state", (CONNECT,), "the callback has no state"),
     ("unknown_state", (CONNECT,), "the state was not issued here (or is unreadable)"),

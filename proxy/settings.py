@@ -48,6 +48,8 @@ from proxy.secret import Secret
 _SAFE_ALGS = {"EdDSA", "Ed25519", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256",
               "PS384", "PS512", "HS256", "HS384", "HS512"}
 _SYMMETRIC_ALGS = {"HS256", "HS384", "HS512"}
+# RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 
 class _Model(BaseModel):
@@ -390,7 +392,13 @@ class ProviderSettings(_Model):
     token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] = (
         "client_secret_basic"
     )
-    scopes: list[str] = Field(default_factory=list)
+    scopes: list[str] = Field(default_factory=list)  # the default a connect asks for
+    # What a user may choose at connect (CLI --scope, the web page, a step-up's ?scope=);
+    # null: ``scopes`` (a user may only narrow them). ``scopes`` must lie within it.
+    scope_ceiling: list[str] | None = None
+    # Scopes the agent's calls need: a grant the provider returns without one of them is
+    # reported at connect (audit reason ``required_scope_not_granted``). Within the ceiling.
+    required_scopes: list[str] = Field(default_factory=list)
     refresh_skew: Annotated[int, Field(ge=0, le=3600)] = 60
     inject: InjectSettings = Field(default_factory=InjectSettings)
     methods: list[str] | None = None  # allowlist of HTTP methods; null = all
@@ -485,8 +493,33 @@ class ProviderSettings(_Model):
                              "(or token_endpoint_auth_method: none)")
         if self.scope_param in self.authorize_params:
             raise ValueError(f"authorize_params: {self.scope_param!r} is the scope_param")
+        self._check_scopes()
         self._check_binding()
         return self
+
+    def _check_scopes(self) -> None:
+        """``scopes`` and ``required_scopes`` within ``scope_ceiling``; each a valid scope
+        token (RFC 6749 section 3.3), named by key."""
+        for key in ("scopes", "scope_ceiling", "required_scopes"):
+            for i, scope in enumerate(getattr(self, key) or ()):
+                if not _SCOPE_TOKEN.fullmatch(scope):
+                    raise ValueError(f"{key}[{i}]: {scope!r} is not a scope token "
+                                     "(RFC 6749 section 3.3: printable ASCII, no space, "
+                                     "quote or backslash)")
+        ceiling = self.scope_ceiling if self.scope_ceiling is not None else self.scopes
+        for key in ("scopes", "required_scopes"):
+            outside = [s for s in getattr(self, key) if s not in ceiling]
+            if outside:
+                raise ValueError(f"{key}: {outside} not in scope_ceiling {ceiling} (the "
+                                 "ceiling bounds what a connect may ask for)")
+
+    @property
+    def allowed_scopes(self) -> list[str]:
+        """The scope ceiling: what a user may choose at connect, in configured order
+        (``scope_ceiling``, else ``scopes``; plus any default scope not in it, e.g. the
+        ``offline_access`` an MCP server's discovery adds)."""
+        ceiling = list(self.scope_ceiling if self.scope_ceiling is not None else self.scopes)
+        return [*ceiling, *(s for s in self.scopes if s not in ceiling)]
 
     def _check_mcp(self) -> None:
         """An ``mcp`` entry: an absolute https URL (http with ``allow_http``) without a
@@ -715,6 +748,9 @@ class ConnectSettings(_Model):
     # Browsers cannot add headers: also accept the user context as ?context=<jws> on
     # /connect/{provider} (keep contexts short-lived; it appears in the URL).
     context_query: bool = True
+    # Seconds a self-service page session lasts (the cookie set when a user context is
+    # handed over at /connections or /connect/{provider}); then the agent's link again.
+    session_ttl: Annotated[int, Field(ge=60, le=3600)] = 900
 
     @field_validator("return_urls")
     @classmethod

@@ -7,6 +7,8 @@ forwarded when one is raised.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -21,6 +23,7 @@ from proxy.binding import BindingError
 from proxy.errors import (
     AuditUnavailable,
     CredentialStoreUnavailable,
+    CredproxyError,
     InsufficientScope,
     MalformedRequest,
     MisdirectedRequest,
@@ -45,6 +48,9 @@ from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant
 
+log = logging.getLogger("credproxy.sidecar")
+# Seconds between two notes of one grant's use (per process; Redis keeps the latest).
+USE_NOTE_INTERVAL = 60.0
 _SKEW_EVERY = 1.0  # seconds between two readings of one provider's Date header
 _INVALID_TOKEN = re.compile(r'error\s*=\s*"?invalid_token"?', re.IGNORECASE)
 # RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
@@ -140,6 +146,9 @@ class Sidecar:
         self.broker = broker
         self.audit = audit
         self._skew_seen: dict[str, float] = {}  # provider id -> when its Date was last read
+        # (user, provider) -> when this process last noted an injection (throttle).
+        self._noted: dict[tuple[str, str], float] = {}
+        self._noting: set[asyncio.Task[None]] = set()
 
     async def decide(self, req: Outbound, config: Snapshot | None = None
                      ) -> Passthrough | Injection:
@@ -188,7 +197,30 @@ class Sidecar:
             self._refused(req, provider, user, refusal)
             raise
         self.metrics.requests.labels(provider.id, "injected").inc()
+        self._note_use(user.user, provider.id)
         return injection
+
+    def _note_use(self, user: str, provider: str) -> None:
+        """Note the injection for the self-service page's "last used": at most once per
+        :data:`USE_NOTE_INTERVAL` per grant and process, in the background (never awaited
+        on the request path; a failure is only logged: the shown time is then older)."""
+        now = time.time()
+        key = (user, provider)
+        if now - self._noted.get(key, 0.0) < USE_NOTE_INTERVAL:
+            return
+        if len(self._noted) > 100_000:  # bounded: forget the lot rather than grow
+            self._noted.clear()
+        self._noted[key] = now
+
+        async def note() -> None:
+            try:
+                await self.broker.coordinator.note_use(user, provider, now)
+            except CredproxyError as exc:
+                log.info("last use of a grant not noted (%s)", type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(note())
+        self._noting.add(task)
+        task.add_done_callback(self._noting.discard)
 
     def _check_target(self, req: Outbound, *, credentialed: bool) -> None:
         """The request-target every later hop reads the same way (:func:`check_target`);
@@ -400,11 +432,13 @@ class Sidecar:
         held = _scope_tokens((injection.tokens.scope or "").replace(
             provider.scope_separator, " ") if injection.tokens.scope else "")
         asked = challenged_scopes(challenge) or []
-        union = [*held, *(s for s in asked if s not in held)]
+        # Required scopes too: a connect that leaves one out is refused.
+        union = list(dict.fromkeys([*held, *asked, *provider.required_scopes]))
         # An MCP server by URL alone has no configured scopes: what it and its
         # authorization server advertise is its ceiling (proxy.mcpauth.scope_ceiling).
         ceiling = (self.broker.mcp_ceiling(provider)
-                   if provider.mcp is not None and not provider.scopes else provider.scopes)
+                   if provider.mcp is not None and not provider.allowed_scopes
+                   else provider.allowed_scopes)
         beyond = [s for s in union if ceiling is not None and s not in ceiling
                   and not (provider.mcp is not None and s == "offline_access")]
         base = self.live.current.connect_url(provider)
@@ -413,9 +447,9 @@ class Sidecar:
                   f"(it asked for {' '.join(asked) or 'an unnamed scope'}): the user must "
                   f"consent to {' '.join(union)} at connect_url; the grant keeps serving "
                   "what it already covers")
-        if beyond and provider.scopes:
+        if beyond and provider.allowed_scopes:
             detail += (f". {', '.join(beyond)} {'is' if len(beyond) == 1 else 'are'} not in "
-                       f"providers[{provider.id}].scopes: an operator must add "
+                       f"providers[{provider.id}].scope_ceiling: an operator must add "
                        f"{'it' if len(beyond) == 1 else 'them'} before the user can consent")
         elif beyond:
             detail += (f". {', '.join(beyond)} {'is' if len(beyond) == 1 else 'are'} not "

@@ -129,6 +129,11 @@ class TokenBroker:
         coordinator.on_invalidation(self._on_invalidation)
 
     # -- public ------------------------------------------------------------------------
+    @property
+    def coordinator(self) -> Coordinator:
+        """The coordinator the broker shares grants through (the sidecar notes uses)."""
+        return self._coord
+
     async def get(self, user: str, provider: ProviderSettings,
                   on_refreshed: OnRefreshed | None = None, *,
                   resource: str | None = None, admit: Admit | None = None) -> Issued:

@@ -21,7 +21,11 @@ from proxy.errors import CoordinationUnavailable
 from proxy.vault.base import Grant
 
 # (user, provider), or None for "drop every cached grant".
-__all__ = ["USED", "CoordinationUnavailable", "Coordinator", "Invalidation", "Lease", "Used"]
+__all__ = ["USED", "USE_TTL", "CoordinationUnavailable", "Coordinator", "Invalidation", "Lease",
+           "Used"]
+
+# How long a last-use record is kept (seconds): a grant unused this long shows "never".
+USE_TTL = 90 * 24 * 3600
 
 Invalidation = Callable[[tuple[str, str] | None], Awaitable[None]]
 
@@ -78,6 +82,16 @@ class Coordinator(Protocol):
                         issued_at: float | None = None) -> bool:
         """Record a one-time ``jti``; False when it was seen before, or when the store
         lost its records after ``issued_at`` (a restart) and so cannot tell."""
+        ...
+
+    async def note_use(self, user: str, provider: str, at: float) -> None:
+        """Record that ``user``'s grant of ``provider`` was injected at ``at`` (unix
+        seconds; callers throttle: :data:`proxy.sidecar.USE_NOTE_INTERVAL`)."""
+        ...
+
+    async def last_uses(self, user: str, providers: list[str]) -> dict[str, float]:
+        """When each of ``user``'s grants was last noted used (unix seconds); a provider
+        never noted (or forgotten: entries lapse after :data:`USE_TTL`) is absent."""
         ...
 
     async def check(self) -> None: ...

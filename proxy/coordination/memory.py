@@ -30,6 +30,7 @@ class MemoryCoordinator:
         self._jti = ReplayGuard(clock)
         self._once: dict[str, tuple[bytes, float]] = {}
         self._used: dict[str, float] = {}
+        self._uses: dict[tuple[str, str], float] = {}  # (user, provider) -> last injected
 
     async def start(self) -> None:
         return None
@@ -74,6 +75,12 @@ class MemoryCoordinator:
     async def first_use(self, issuer: str, jti: str, expires_at: float,
                         issued_at: float | None = None) -> bool:
         return await self._jti.first_use(issuer, jti, expires_at, issued_at)
+
+    async def note_use(self, user: str, provider: str, at: float) -> None:
+        self._uses[(user, provider)] = max(at, self._uses.get((user, provider), 0.0))
+
+    async def last_uses(self, user: str, providers: list[str]) -> dict[str, float]:
+        return {p: self._uses[(user, p)] for p in providers if (user, p) in self._uses}
 
     async def check(self) -> None:
         return None

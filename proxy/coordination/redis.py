@@ -82,7 +82,14 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.coordination.base import USED, CoordinationUnavailable, Invalidation, Lease, Used
+from proxy.coordination.base import (
+    USE_TTL,
+    USED,
+    CoordinationUnavailable,
+    Invalidation,
+    Lease,
+    Used,
+)
 from proxy.errors import CoordinationFencing
 from proxy.settings import CoordinationSettings, EntraIdSettings, resolve_secret
 from proxy.tokenset import TokenSetError
@@ -597,6 +604,32 @@ class RedisCoordinator:
         except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable while forgetting a grant") from exc
+
+    # -- last use (the self-service page) ------------------------------------------------
+    async def note_use(self, user: str, provider: str, at: float) -> None:
+        try:
+            await self._ready()
+            await self._r.set(self._key("use", user, provider), f"{at:.0f}", ex=USE_TTL)
+        except _FAILED as exc:
+            self.on_error()
+            raise CoordinationUnavailable("redis unreachable: last use not noted") from exc
+
+    async def last_uses(self, user: str, providers: list[str]) -> dict[str, float]:
+        try:
+            await self._ready()
+            # One GET per grant: keys of one user may sit in different cluster slots.
+            got = await asyncio.gather(*(self._r.get(self._key("use", user, p))
+                                         for p in providers))
+        except _FAILED as exc:
+            self.on_error()
+            raise CoordinationUnavailable("redis unreachable: last uses unknown") from exc
+        out: dict[str, float] = {}
+        for provider, raw in zip(providers, got, strict=True):
+            try:
+                out[provider] = float(raw)
+            except (TypeError, ValueError):
+                continue
+        return out
 
     # -- invalidation ------------------------------------------------------------------
     async def publish_invalidation(self, user: str, provider: str) -> None:
