@@ -28,6 +28,13 @@ from proxy.offboard import Offboarder
 from proxy.provider_client import ProviderClient
 from proxy.settings import ProviderSettings, Settings
 from proxy.sidecar import Sidecar
+from proxy.suspensions import (
+    FileSuspensionStore,
+    Suspensions,
+    SuspensionStore,
+    SuspensionSync,
+    file_path,
+)
 from proxy.tokens import TokenBroker
 from proxy.vault.base import Vault
 from proxy.vault.keys import derive_subkey, load_key
@@ -60,6 +67,8 @@ class App:
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     admin: AdminServer | None = None
     draining: bool = False
+    # The kill switch (proxy.suspensions): keeps sidecar.suspensions equal to the store.
+    suspension_sync: SuspensionSync | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     # Set by request_reload (SIGHUP): the config watcher reloads at once, changed or not.
@@ -216,6 +225,11 @@ class App:
         """Start background work; call once inside the running event loop."""
         self.sidecar.metrics.config_applied(settings_digest(self.settings), time.time())
         await self.coordinator.start()
+        if self.suspension_sync is not None:
+            # Read once before serving (a restart honours every suspension at once), then
+            # keep it current; a failed first read leaves credentialed requests refused.
+            await self.suspension_sync.sync()
+            self._tasks.append(asyncio.create_task(self.suspension_sync.run()))
         # Revocations by other processes: Redis tells every replica; the vault's epoch tells
         # processes sharing a local vault file, and Key Vault users without Redis.
         if not (self.settings.vault.backend == "azure"
@@ -521,6 +535,18 @@ def make_coordinator(settings: Settings, vault_key: bytes,
     return MemoryCoordinator(clock)
 
 
+def suspension_store(settings: Settings, coordinator: Coordinator) -> SuspensionStore:
+    """Where suspensions are kept (:mod:`proxy.suspensions`): in Redis with Redis
+    coordination (every replica reads them), else in a file beside the local vault (or in
+    ``ca_dir`` with Key Vault), which the one running proxy re-reads on change."""
+    from proxy.coordination.redis import RedisCoordinator
+
+    if isinstance(coordinator, RedisCoordinator):
+        return coordinator
+    v = settings.vault
+    return FileSuspensionStore(file_path(v.backend, v.path, settings.ca_dir))
+
+
 def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
           clock: Callable[[], float] = time.time) -> App:
     preflight(settings)
@@ -546,11 +572,18 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
                      instance=settings.audit.instance or new_instance_id(),
                      fingerprint_key=derive_subkey(key, "credproxy audit fingerprint"),
                      clock=clock)
-    sidecar = Sidecar(live, broker, audit)
+    suspensions = Suspensions()
+    sync = SuspensionSync(suspension_store(settings, coordinator), suspensions,
+                          on_error=metrics.suspension_errors.inc)
+    for kind in ("user", "context", "provider"):
+        metrics.suspensions.labels(kind).set_function(
+            lambda kind=kind: float(suspensions.count(kind)))  # type: ignore[misc]
+    metrics.suspensions_synced.set_function(lambda: suspensions.synced_at)
+    sidecar = Sidecar(live, broker, audit, suspensions)
     connector = Connector(live, vault, coordinator, audit,
                           state_key=derive_subkey(key, "credproxy connect state"), verify=tls,
                           clock=clock, client=provider_client)
     offboarder = Offboarder(live, vault, coordinator, audit, verify=tls,
                             client=provider_client)
     return App(live, sidecar, vault, coordinator, provider_client, http, connector,
-               offboarder, environ)
+               offboarder, environ, suspension_sync=sync)

@@ -87,6 +87,8 @@ REAUTH_REQUIRED: Final = "reauth.required"
 CONNECTION_CREATED: Final = "connection.created"
 CONNECTION_REVOKED: Final = "connection.revoked"
 USER_OFFBOARDED: Final = "user.offboarded"
+SUSPENSION_ADDED: Final = "suspension.added"
+SUSPENSION_LIFTED: Final = "suspension.lifted"
 EVENTS: Final = frozenset(
     {
         CREDENTIAL_INJECTED,
@@ -97,6 +99,8 @@ EVENTS: Final = frozenset(
         CONNECTION_CREATED,
         CONNECTION_REVOKED,
         USER_OFFBOARDED,
+        SUSPENSION_ADDED,
+        SUSPENSION_LIFTED,
     }
 )
 
