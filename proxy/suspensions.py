@@ -79,6 +79,15 @@ class Suspension:
         """``since`` as RFC 3339 UTC, second resolution."""
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
 
+    def matches(self, user: str, context_id: str | None, provider: str) -> bool:
+        """Whether this suspension stops a request of ``user`` in the user context
+        ``context_id`` to ``provider``."""
+        if self.kind == "user":
+            return self.value == user
+        if self.kind == "context":
+            return self.value == context_id
+        return self.value == provider
+
     def as_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "value": self.value, "since": self.since, "by": self.by,
                 "reason": self.reason}
@@ -140,6 +149,12 @@ class Suspensions:
         self._by: dict[str, Suspension] = {}
         self.loaded = False  # read from the store at least once
         self.synced_at = 0.0  # unix time of the last successful read
+        self._listeners: list[Callable[[list[Suspension]], None]] = []
+
+    def on_added(self, listener: Callable[[list[Suspension]], None]) -> None:
+        """Call ``listener(added)`` whenever suspensions come into force (the mitmproxy
+        addon cuts the exchanges they stop that are still under way)."""
+        self._listeners.append(listener)
 
     def replace(self, items: Iterable[Suspension]) -> tuple[list[Suspension],
                                                               list[Suspension]]:
@@ -150,6 +165,12 @@ class Suspensions:
         self._by = new
         self.loaded = True
         self.synced_at = time.time()
+        if added:
+            for listener in list(self._listeners):
+                try:
+                    listener(added)
+                except Exception:  # a listener's bug must not stop the list's updates
+                    log.exception("a suspension listener failed")
         return added, lifted
 
     def match(self, user: str, context_id: str | None, provider: str

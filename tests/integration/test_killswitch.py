@@ -392,3 +392,64 @@ def test_an_unreadable_suspensions_file_refuses_credentialed_requests(tmp_path: 
         assert bad.returncode == 1 and "not a suspension list" in bad.stderr
     finally:
         s.close()
+
+
+# -- exchanges under way ----------------------------------------------------------------------
+
+
+def test_a_live_stream_is_cut_when_its_user_is_suspended(tmp_path: Path) -> None:
+    """An endless SSE stream started before the suspension: nothing of it reaches the
+    agent once the suspension is in force (the next event cuts it), the upstream's
+    exchange is aborted, the cut is audited; another user's stream goes on."""
+    from devstack.streamers import EventServer
+    from tests.integration.streamkit import grant, route_peers
+
+    s = build_stack(tmp_path / "streams", start_proxy=False)
+    peer = EventServer(s.workdir / "pki" / "server.pem", s.workdir / "pki" / "server.key")
+    try:
+        route_peers(s, {"streams": peer.port})
+        grant(s, "streamer", ["streams"])
+        grant(s, "other", ["streams"])
+        got: dict[str, list[float]] = {"streamer": [], "other": []}
+        ended: dict[str, str] = {}
+
+        def read(user: str, marker: str) -> None:
+            url = f"https://localhost:{peer.port}/sse/{marker}?n=0&every=0.05"
+            try:
+                with s.client(context=s.context(user)) as c, c.stream("GET", url) as r:
+                    assert r.status_code == 200
+                    for line in r.iter_lines():
+                        if line.startswith("data:"):
+                            got[user].append(time.monotonic())
+                        if user == "other" and len(got[user]) > 200:
+                            break
+                ended[user] = "ended"
+            except httpx2.HTTPError as exc:
+                ended[user] = type(exc).__name__
+
+        import threading
+
+        markers = {u: f"m-{uuid.uuid4().hex[:10]}" for u in got}
+        threads = [threading.Thread(target=read, args=(u, markers[u]), daemon=True)
+                   for u in got]
+        for t in threads:
+            t.start()
+        within("both streams flowing", lambda: all(len(v) >= 5 for v in got.values()), 10)
+        r = cli(s, "suspend", "--user", "streamer", "--reason", "cut the stream")
+        returned = time.monotonic()
+        assert r.returncode == 0, r.stderr
+        threads[0].join(5)
+        assert "streamer" in ended, "the suspended user's stream was not cut"
+        # In force within 1 s (file store: 0.25 s polls); the next event cuts the stream.
+        assert got["streamer"][-1] <= returned + 1.0
+        within("the upstream let go", lambda: any(
+            x.let_go for x in peer.matching(markers["streamer"])), 5)
+        threads[1].join(30)
+        assert ended.get("other") == "ended" and len(got["other"]) > 200  # not cut
+        cut = [x for x in s.audit_records() if x["event"] == "request.failed"
+               and x["user"] == "streamer"]
+        assert [x["reason"] for x in cut] == ["suspended"]
+    finally:
+        cli(s, "resume", "--user", "streamer", "--reason", "done")
+        s.close()
+        peer.close()
