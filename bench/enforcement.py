@@ -271,8 +271,11 @@ def _write(path: Path, results: dict[str, list[Trial]], args: argparse.Namespace
         "hash and publishes a message, then writes its audit record and returns; a replica "
         "that missed the message reads the hash within 1 s anyway. \"After the suspension "
         "was stored\" is measured from the command's `suspension.added` audit record, "
-        "written as soon as Redis answered: the propagation to the replicas itself. The "
-        "command's run time is mostly Python start-up and imports on the loaded host.",
+        "written as soon as Redis answered: the propagation to the replicas itself, plus "
+        "requests a replica had already decided and was still sending upstream. The "
+        "command's run time, and the time from its audit record to its exit, are Python "
+        "start-up, imports and interpreter shutdown on a host whose CPU the load (and the "
+        "other processes on it) keeps busy.",
         "",
     ]
     path.write_text("\n".join(lines))
