@@ -61,13 +61,18 @@ def get(s: Stack, proxy: str, ctx: str, path: str = "/echo") -> httpx2.Response:
 
 
 def within(what: str, check: Callable[[], bool], timeout: float) -> float:
-    """Seconds until ``check`` holds; AssertionError after ``timeout``."""
+    """Seconds until ``check`` holds; AssertionError after ``timeout``. A request that the
+    suspension cut while it was under way (the proxy resets it) counts as not yet."""
     start = time.monotonic()
-    while not check():
+    while True:
+        try:
+            if check():
+                return time.monotonic() - start
+        except httpx2.TransportError:
+            pass
         if time.monotonic() - start > timeout:
             raise AssertionError(f"{what}: not within {timeout} s")
         time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def metric(admin: str, line_start: str) -> float:

@@ -32,6 +32,7 @@ Measured times (failover, recovery) are printed; run with ``-s`` to see them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import subprocess
@@ -176,6 +177,16 @@ def _cli(s: Stack, command: str, *args: str) -> subprocess.CompletedProcess[str]
     return subprocess.run([sys.executable, "-m", "proxy.cli", command, "--config",
                            str(s.config_path), *args], capture_output=True, text=True,
                           env={**os.environ, **s.env}, timeout=90)
+
+
+def _refused(s: Stack, proxy: str, user: str) -> httpx2.Response | None:
+    """The answer to a GET as ``user`` when it is a 403; None otherwise, or when the
+    exchange was reset."""
+    try:
+        r = _get(s, proxy, user)
+    except httpx2.TransportError:
+        return None
+    return r if r.status_code == 403 else None
 
 
 def _faults(s: Stack, **faults: Any) -> None:
@@ -362,8 +373,10 @@ class _Suite:
         assert r.returncode == 0, r.stderr
         try:
             for proxy in fleet.proxies:
-                refused = _get_until(s, proxy, user, lambda x: x.status_code == 403,
-                                     max(0.05, 1.0 - (time.monotonic() - done)))
+                # (A request under way when the suspension arrives is cut: a reset.)
+                refused = _until(f"suspended on {proxy}", functools.partial(
+                    _refused, s, proxy, user), max(0.05, 1.0 - (time.monotonic() - done)),
+                    interval=0.05)
                 assert refused.json()["reason"] == "suspended"
             elapsed = time.monotonic() - done
             print(f"{fleet.topology}: suspension refused on all three sidecars "
