@@ -74,6 +74,13 @@ another format than every other refusal:
 10. **Refusals in gRPC.** mitmproxy's own error answers (an upstream that cannot be reached)
    to a gRPC request are a gRPC status (:func:`proxy.problems.grpc_response`), like every
    other refusal.
+11. **Killing an exchange in transit.** mitmproxy honours ``flow.kill()`` only at its hooks,
+   never while a body streams (mitmproxy issue 4711): a killed stream went on to its end.
+   A killed flow is now cut at the next piece of either body that arrives (the request's
+   upload or the response's stream): the upstream's exchange is aborted (HTTP/2
+   ``RST_STREAM``, HTTP/1 closes that connection) and the agent's stream is reset, with
+   mitmproxy's error hook. The kill switch uses it (``credproxy suspend``): nothing of a
+   suspended exchange passes after the suspension reached the proxy.
 
 :func:`http_layer_for` and :func:`intercept_layer` build the layers the addon's
 ``next_layer`` hook substitutes for a raw TCP relay or a tunnel that would bypass a decision.
@@ -97,6 +104,7 @@ import h11
 from h11._events import Data, EndOfMessage
 from h11._readers import ChunkedReader
 from h11._receivebuffer import ReceiveBuffer
+from mitmproxy import flow as flow_module
 from mitmproxy import http
 from mitmproxy.connection import Connection, ConnectionState
 from mitmproxy.net.http import http1
@@ -442,6 +450,21 @@ def _linger(self: _http1.Http1Server, event: events.Event) -> _CommandGenerator:
     self.state = self.done
 
 
+def _killed(stream: http_layer.HttpStream) -> bool:
+    error = stream.flow.error
+    return error is not None and error.msg == flow_module.Error.KILLED_MESSAGE
+
+
+def _cut(stream: http_layer.HttpStream) -> _CommandGenerator:
+    """Abort both sides of a killed exchange (item 11): the upstream's copy, then the
+    agent's stream (mitmproxy's own kill handling: the error hook, a reset)."""
+    if stream.server_state not in (stream.state_done, stream.state_errored):
+        yield http_layer.SendHttp(RequestProtocolError(
+            stream.stream_id, flow_module.Error.KILLED_MESSAGE, ErrorCode.KILL),
+            stream.context.server)
+    yield from stream.check_killed(True)
+
+
 def install() -> None:
     """Apply the corrections (idempotent)."""
     global _installed
@@ -705,6 +728,26 @@ def install() -> None:
 
     http_layer.HttpStream.state_stream_request_body = (  # type: ignore[method-assign]
         refuse_streamed_trailers)
+
+    # Item 11: a flow killed while a body streams is cut at its next piece.
+    stream_request = http_layer.HttpStream.state_stream_request_body
+    stream_response = http_layer.HttpStream.state_stream_response_body
+
+    def cut_request(self: http_layer.HttpStream, event: Any) -> _CommandGenerator:
+        if _killed(self):
+            yield from _cut(self)
+            return
+        yield from stream_request(self, event)
+
+    def cut_response(self: http_layer.HttpStream, event: Any) -> _CommandGenerator:
+        if _killed(self):
+            yield from _cut(self)
+            return
+        yield from stream_response(self, event)
+
+    http_layer.HttpStream.state_stream_request_body = cut_request  # type: ignore[method-assign]
+    http_layer.HttpStream.state_stream_response_body = (  # type: ignore[method-assign]
+        cut_response)
 
     handler_init = server.ConnectionHandler.__init__
 

@@ -53,6 +53,7 @@ from proxy.routes import Destination
 from proxy.secret import Secret
 from proxy.settings import load_settings
 from proxy.sidecar import Injection, Outbound
+from proxy.suspensions import Suspension
 
 compat.install()
 
@@ -84,6 +85,10 @@ class CredentialInjector:
         # goes; client_disconnected closes them).
         self._client_flows: dict[str, set[str]] = {}
         self._injected: dict[str, _Injected] = {}
+        # Every flow in flight, by id: the kill switch cuts those a suspension stops.
+        self._flows: dict[str, http.HTTPFlow] = {}
+        # Flows cut by a suspension (their error hook names the reason).
+        self._cut: set[str] = set()
         # Flows that may be MCP requests, decided once their small body is here.
         self._pending: dict[str, tuple[ReadHeaders, Snapshot]] = {}
         # Flows this addon refused itself before forwarding.
@@ -91,6 +96,29 @@ class CredentialInjector:
         # Flows whose small JSON answer is read whole for a revoked-token signal.
         self._held: set[str] = set()
         self._reported_unconfigured = False
+        if app is not None:
+            self._attach(app)
+
+    def _attach(self, app: App) -> None:
+        if app.sidecar.suspensions is not None:
+            app.sidecar.suspensions.on_added(self._suspended)
+
+    def _suspended(self, added: list[Suspension]) -> None:
+        """Suspensions came into force: cut the credentialed exchanges they stop that are
+        still under way (a response still streaming, an upload, one waiting for its
+        answer). mitmproxy honours the kill at the next piece of either body
+        (:mod:`addons.compat`, item 11); audited ``request.failed``, reason
+        ``suspended``."""
+        for flow_id, (_, injection) in list(self._injected.items()):
+            user, provider = injection.user, injection.provider.id
+            if not any(s.matches(user.user, user.context_id, provider) for s in added):
+                continue
+            flow = self._flows.get(flow_id)
+            if flow is not None and flow.killable:
+                flow.kill()
+                self._cut.add(flow_id)
+                log.info("request %s cut: its user, user context or provider was suspended",
+                         flow_id)
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -109,6 +137,7 @@ class CredentialInjector:
         try:
             self.app = build(load_settings(ctx.options.credproxy_config))
             self._owns_app = True
+            self._attach(self.app)
         except CredproxyError as exc:
             raise exceptions.OptionsError(str(exc)) from exc
 
@@ -137,6 +166,8 @@ class CredentialInjector:
             # A flow mitmproxy ended without a response or error hook (it was still waiting
             # for an upstream connection): not in flight any more, and its audit trail ends.
             self.in_flight.discard(flow_id)
+            self._flows.pop(flow_id, None)
+            self._cut.discard(flow_id)
             self._held.discard(flow_id)
             injected = self._injected.pop(flow_id, None)
             if self.app is not None and injected is not None:
@@ -209,6 +240,7 @@ class CredentialInjector:
         if flow.response or flow.error or not flow.live:
             return
         self.in_flight.add(flow.id)
+        self._flows[flow.id] = flow
         self._client_flows.setdefault(flow.client_conn.id, set()).add(flow.id)
         if self.app is None:
             await self._refuse(flow, InternalError("credproxy is not configured; nothing was "
@@ -358,6 +390,7 @@ class CredentialInjector:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
+        self._cut.discard(flow.id)
         injected = self._injected.pop(flow.id, None)
         held = flow.id in self._held
         self._held.discard(flow.id)
@@ -417,6 +450,9 @@ class CredentialInjector:
         if self.app is None or refused:
             return
         reason = compat.failure_reason(flow.id, flow.client_conn.id)
+        if flow.id in self._cut:
+            self._cut.discard(flow.id)
+            reason = "suspended"
         log.info("request %s to %s failed (%s): %s", flow.id, flow.request.pretty_host,
                  reason, flow.error.msg if flow.error else "-")
         self._failed(flow, injected, reason)
@@ -435,6 +471,7 @@ class CredentialInjector:
     def _finish(self, flow: http.HTTPFlow) -> None:
         """``flow`` is no longer in flight."""
         self.in_flight.discard(flow.id)
+        self._flows.pop(flow.id, None)
         self._pending.pop(flow.id, None)
         flows = self._client_flows.get(flow.client_conn.id)
         if flows is not None:

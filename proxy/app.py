@@ -40,6 +40,13 @@ from proxy.provider_client import ProviderClient
 from proxy.selfservice import Sessions
 from proxy.settings import ProviderSettings, Settings
 from proxy.sidecar import Sidecar
+from proxy.suspensions import (
+    FileSuspensionStore,
+    Suspensions,
+    SuspensionStore,
+    SuspensionSync,
+    file_path,
+)
 from proxy.tokens import TokenBroker
 from proxy.vault.base import Vault
 from proxy.vault.keys import derive_subkey, load_key
@@ -76,6 +83,8 @@ class App:
     # The self-service page's sessions (README "The self-service page").
     sessions: Sessions | None = None
     draining: bool = False
+    # The kill switch (proxy.suspensions): keeps sidecar.suspensions equal to the store.
+    suspension_sync: SuspensionSync | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     # The config file and its files' digests as last applied (config.reloaded names those
@@ -285,6 +294,11 @@ class App:
             self.audit_config(CONFIG_LOADED, "loaded", actor=SYSTEM_ACTOR,
                               detail=f"digest={settings_digest(self.settings)} {ids}")
         await self.coordinator.start()
+        if self.suspension_sync is not None:
+            # Read once before serving (a restart honours every suspension at once), then
+            # keep it current; a failed first read leaves credentialed requests refused.
+            await self.suspension_sync.sync()
+            self._tasks.append(asyncio.create_task(self.suspension_sync.run()))
         # Revocations by other processes: Redis tells every replica; the vault's epoch tells
         # processes sharing a local vault file, and Key Vault users without Redis.
         if not (self.settings.vault.backend == "azure"
@@ -600,6 +614,18 @@ def make_coordinator(settings: Settings, vault_key: bytes,
     return MemoryCoordinator(clock)
 
 
+def suspension_store(settings: Settings, coordinator: Coordinator) -> SuspensionStore:
+    """Where suspensions are kept (:mod:`proxy.suspensions`): in Redis with Redis
+    coordination (every replica reads them), else in a file beside the local vault (or in
+    ``ca_dir`` with Key Vault), which the one running proxy re-reads on change."""
+    from proxy.coordination.redis import RedisCoordinator
+
+    if isinstance(coordinator, RedisCoordinator):
+        return coordinator
+    v = settings.vault
+    return FileSuspensionStore(file_path(v.backend, v.path, settings.ca_dir))
+
+
 def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
           clock: Callable[[], float] = time.time) -> App:
     preflight(settings)
@@ -629,7 +655,14 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
                      fingerprint_key=derive_subkey(key, "credproxy audit fingerprint"),
                      clock=clock, checkpoint=checkpoint,
                      on_record=export.emit if export is not None else None)
-    sidecar = Sidecar(live, broker, audit)
+    suspensions = Suspensions()
+    sync = SuspensionSync(suspension_store(settings, coordinator), suspensions,
+                          on_error=metrics.suspension_errors.inc)
+    for kind in ("user", "context", "provider"):
+        metrics.suspensions.labels(kind).set_function(
+            lambda kind=kind: float(suspensions.count(kind)))  # type: ignore[misc]
+    metrics.suspensions_synced.set_function(lambda: suspensions.synced_at)
+    sidecar = Sidecar(live, broker, audit, suspensions)
     connector = Connector(live, vault, coordinator, audit,
                           state_key=derive_subkey(key, "credproxy connect state"), verify=tls,
                           clock=clock, client=provider_client)
@@ -641,7 +674,8 @@ def build(settings: Settings, *, environ: Mapping[str, str] = os.environ,
         key_ids["checkpoint_key"] = signer.key_id
     return App(live, sidecar, vault, coordinator, provider_client, http, connector,
                offboarder, environ, audit_export=export, key_ids=key_ids,
-               sessions=Sessions(derive_subkey(key, "credproxy self-service session")))
+               sessions=Sessions(derive_subkey(key, "credproxy self-service session")),
+               suspension_sync=sync)
 
 
 def audit_checkpoint(settings: Settings, metrics: Metrics

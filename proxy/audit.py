@@ -101,6 +101,8 @@ USER_OFFBOARDED: Final = "user.offboarded"
 CONFIG_LOADED: Final = "config.loaded"
 CONFIG_RELOADED: Final = "config.reloaded"
 AUDIT_CHECKPOINT: Final = "audit.checkpoint"
+SUSPENSION_ADDED: Final = "suspension.added"
+SUSPENSION_LIFTED: Final = "suspension.lifted"
 EVENTS: Final = frozenset(
     {
         CREDENTIAL_INJECTED,
@@ -114,6 +116,8 @@ EVENTS: Final = frozenset(
         CONFIG_LOADED,
         CONFIG_RELOADED,
         AUDIT_CHECKPOINT,
+        SUSPENSION_ADDED,
+        SUSPENSION_LIFTED,
     }
 )
 

@@ -17,6 +17,7 @@ from proxy import audit as auditlog
 from proxy.ca import ensure_ca
 from proxy.errors import ConfigError, CoordinationUnavailable, CredproxyError
 from proxy.settings import Settings, load_settings
+from proxy.suspensions import Suspension
 from proxy.timewindow import TimeWindow, WindowError, parse_window
 from proxy.tokenset import TokenSet, TokenSetError
 from proxy.vault.base import Grant, GrantInfo, GrantStatus
@@ -260,6 +261,12 @@ def cmd_connections(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
 
+    suspensions = _read_suspensions(settings)
+
+    def suspended(r: GrantInfo) -> Suspension | None:
+        return next((s for s in suspensions or [] if (s.kind, s.value) in (
+            ("user", r.user), ("provider", r.provider))), None)
+
     async def go() -> None:
         vault, _ = open_vault(settings)
         try:
@@ -268,7 +275,12 @@ def cmd_connections(args: argparse.Namespace) -> int:
             await vault.close()
         if args.json:
             for r in rows:
+                hit = suspended(r)
                 print(json.dumps({"user": r.user, "provider": r.provider, "status": r.status,
+                                  "suspended": ("unknown" if suspensions is None else
+                                                {"kind": hit.kind, "since": hit.since_text(),
+                                                 "by": hit.by, "reason": hit.reason}
+                                                if hit is not None else None),
                                   "reason": r.reason, "scope": r.scope,
                                   "expires_at": r.expires_at,
                                   "has_refresh_token": r.has_refresh_token,
@@ -279,11 +291,15 @@ def cmd_connections(args: argparse.Namespace) -> int:
                                                       "expires_at": x.expires_at}
                                                 for rid, x in r.resources.items()}}))
             return
-        print(f"{'USER':<24} {'PROVIDER':<14} {'STATUS':<16} {'EXPIRES':<20} REFRESH SCOPE")
+        print(f"{'USER':<24} {'PROVIDER':<14} {'STATUS':<16} {'SUSPENDED':<30} "
+              f"{'EXPIRES':<20} REFRESH SCOPE")
         for r in rows:
             exp = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.expires_at))
                    if r.expires_at else "-")
-            print(f"{r.user:<24} {r.provider:<14} {r.status:<16} {exp:<20} "
+            hit = suspended(r)
+            paused = ("unknown" if suspensions is None else
+                      f"{hit.kind} since {hit.since_text()}" if hit is not None else "-")
+            print(f"{r.user:<24} {r.provider:<14} {r.status:<16} {paused:<30} {exp:<20} "
                   f"{'yes' if r.has_refresh_token else 'no':<7} {r.scope or '-'}")
             for name, value in sorted(r.values.items()):
                 shown = ", ".join(value) if isinstance(value, tuple) else value
@@ -295,7 +311,11 @@ def cmd_connections(args: argparse.Namespace) -> int:
                       f"{x.scope or '-'}")
 
     asyncio.run(go())
-    return EXIT_OK
+    contexts = [x for x in suspensions or [] if x.kind == "context"]
+    if contexts and not args.json:
+        print(f"{len(contexts)} user context(s) suspended as well (credproxy suspensions)",
+              file=sys.stderr)
+    return EXIT_OK if suspensions is not None else EXIT_FAIL
 
 
 def _as_served(settings: Settings, info: GrantInfo) -> GrantInfo:
@@ -632,6 +652,146 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _suspension_subject(kind: str, value: str) -> dict[str, object]:
+    """The audit record's user / provider / context for a suspension of ``kind``."""
+    return {"user": value if kind == "user" else None,
+            "provider": value if kind == "provider" else None,
+            "context": auditlog.ContextInfo(kind="", id=value) if kind == "context" else None}
+
+
+def _suspension_target(kind: str, value: str) -> str:
+    return {"user": f"user {value}", "context": f"user context {value}",
+            "provider": f"provider {value} (every user)"}[kind]
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    """The kill switch (proxy/suspensions.py): store a suspension where every replica
+    reads it, then audit ``suspension.added``. Nothing is reported suspended that was not
+    stored (Redis unreachable: exit 1, nothing changed)."""
+    from proxy.app import build, suspension_store
+    from proxy.suspensions import Suspension, check_reason, selector
+
+    kind, value = selector(args.user, args.context_id, args.provider)
+    reason = check_reason(args.reason)
+    settings = _settings(args)
+    if kind == "provider":
+        settings.provider(value)  # ConfigError naming the configured ids' key
+    actor = auditlog.cli_actor()
+
+    async def go() -> int:
+        app = build(settings)
+        try:
+            store = suspension_store(settings, app.coordinator)
+            suspension = Suspension(kind, value, time.time(), f"{actor.kind}:{actor.id}",
+                                    reason)
+            try:
+                old = await store.add_suspension(suspension)
+            except CredproxyError as exc:
+                raise CredproxyError(f"NOT suspended (nothing changed): {exc}") from None
+            try:
+                app.sidecar.audit.record(auditlog.SUSPENSION_ADDED, outcome="suspended",
+                                         detail=reason, actor=actor,
+                                         **_suspension_subject(kind, value))  # type: ignore[arg-type]
+            except CredproxyError as exc:
+                raise CredproxyError(f"{_suspension_target(kind, value)} IS suspended, but "
+                                     f"the audit record could not be written: {exc}") from None
+        finally:
+            await app.aclose()
+        again = (f" (replacing the suspension set {old.since_text()} by {old.by})"
+                 if old is not None else "")
+        bound = ("every replica refuses its requests within 1 s" if store.name == "redis"
+                 else "the running proxy refuses its requests within 1 s")
+        print(f"suspended {_suspension_target(kind, value)} since "
+              f"{suspension.since_text()}{again}: {bound}; grants are kept (credproxy "
+              "resume restores access)", file=sys.stderr)
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Lift a suspension and audit ``suspension.lifted``; exit 1 when none was in force."""
+    from proxy.app import build, suspension_store
+    from proxy.suspensions import check_reason, selector
+
+    kind, value = selector(args.user, args.context_id, args.provider)
+    reason = check_reason(args.reason)
+    settings = _settings(args)
+    actor = auditlog.cli_actor()
+
+    async def go() -> int:
+        app = build(settings)
+        try:
+            store = suspension_store(settings, app.coordinator)
+            try:
+                old = await store.lift_suspension(kind, value)
+            except CredproxyError as exc:
+                raise CredproxyError(f"NOT resumed (nothing changed): {exc}") from None
+            if old is None:
+                print(f"credproxy: {_suspension_target(kind, value)} is not suspended; "
+                      "nothing changed (credproxy suspensions lists those in force)",
+                      file=sys.stderr)
+                return EXIT_FAIL
+            try:
+                app.sidecar.audit.record(auditlog.SUSPENSION_LIFTED, outcome="resumed",
+                                         detail=reason, actor=actor,
+                                         **_suspension_subject(kind, value))  # type: ignore[arg-type]
+            except CredproxyError as exc:
+                raise CredproxyError(f"{_suspension_target(kind, value)} IS resumed, but "
+                                     f"the audit record could not be written: {exc}") from None
+        finally:
+            await app.aclose()
+        print(f"resumed {_suspension_target(kind, value)} (suspended since "
+              f"{old.since_text()} by {old.by})", file=sys.stderr)
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def _read_suspensions(settings: Settings) -> list[Suspension] | None:
+    """The suspensions in force, from the store the proxies read; None (and a warning on
+    stderr) when it cannot be read."""
+    from proxy.app import open_vault, suspension_store
+    from proxy.coordination import MemoryCoordinator
+    from proxy.coordination.base import Coordinator
+
+    async def go() -> list[Suspension] | None:
+        coordinator: Coordinator = MemoryCoordinator()
+        if settings.coordination.backend == "redis":
+            from proxy.app import make_coordinator
+
+            vault, key = open_vault(settings)
+            await vault.close()
+            coordinator = make_coordinator(settings, key)
+        try:
+            return await suspension_store(settings, coordinator).load_suspensions()
+        except CredproxyError as exc:
+            print(f"credproxy: suspensions cannot be read: {exc}", file=sys.stderr)
+            return None
+        finally:
+            await coordinator.close()
+
+    return asyncio.run(go())
+
+
+def cmd_suspensions(args: argparse.Namespace) -> int:
+    items = _read_suspensions(_settings(args))
+    if items is None:
+        return EXIT_FAIL
+    items.sort(key=lambda s: (s.kind, s.value))
+    if args.json:
+        for s in items:
+            print(json.dumps({**s.as_dict(), "since": s.since_text()}))
+        return EXIT_OK
+    if not items:
+        print("no suspensions in force", file=sys.stderr)
+        return EXIT_OK
+    print(f"{'KIND':<9} {'SUSPENDED':<24} {'SINCE':<20} {'BY':<28} REASON")
+    for s in items:
+        print(f"{s.kind:<9} {s.value:<24} {s.since_text():<20} {s.by:<28} {s.reason}")
+    return EXIT_OK
+
+
 def cmd_vault_init(args: argparse.Namespace) -> int:
     from proxy.app import init_vault
 
@@ -737,6 +897,20 @@ def _parser() -> argparse.ArgumentParser:
     rev.add_argument("--user", required=True)
     rev.add_argument("--provider", help="only this provider (default: all of the user's)")
     rev.add_argument("--dry-run", action="store_true", help="list what would be revoked")
+
+    for name, func, what in (
+            ("suspend", cmd_suspend, "kill switch: refuse every credentialed request of a "
+             "user, a user context (one chat or workflow run) or a provider, on every "
+             "replica within 1 s; grants are kept"),
+            ("resume", cmd_resume, "lift a suspension (no re-consent needed)")):
+        sp = command(name, func, what)
+        sp.add_argument("--user", help="the user id (the user context's sub)")
+        sp.add_argument("--context-id", help="one user context's id (its ctx id claim)")
+        sp.add_argument("--provider", help="a configured provider id (every user of it)")
+        sp.add_argument("--reason", help="why (required; audited with who ran the "
+                                         "command, never shown to agents)")
+    susp = command("suspensions", cmd_suspensions, "list the suspensions in force")
+    susp.add_argument("--json", action="store_true", help="one JSON object per line")
 
     conns = command("connections", cmd_connections, "list grants (never token values)")
     conns.add_argument("--user")

@@ -12,6 +12,7 @@ failure to a problem response in one place (:func:`proxy.problems.problem_respon
     │   ├── MisdirectedRequest            421 misdirected-request
     │   ├── ProviderNotPermitted          403 provider-not-permitted
     │   ├── UnroutedDenied                403 unrouted-denied
+    │   ├── Suspended                     403 suspended (the kill switch)
     │   ├── ReauthRequired                401 reauth-required
     │   ├── TokenRefreshFailed            502 token-refresh-failed
     │   │   └── ProviderMisconfigured     502 provider-misconfigured (the operator's to fix)
@@ -109,6 +110,28 @@ class UnroutedDenied(ProxyRefusal):
     slug = "unrouted-denied"
     status = 403
     title = "Destination is not a configured provider"
+
+
+class Suspended(ProxyRefusal):
+    """An operator suspended access (``credproxy suspend``, :mod:`proxy.suspensions`) for
+    the request's user, its user context (``context_id``), or its provider. The problem
+    names the kind of suspension, what it names and since when (``since``: RFC 3339 UTC),
+    and says to ask an administrator; the operator's reason is audited, never sent to the
+    agent. The grant is untouched: ``credproxy resume`` restores access."""
+
+    slug = "suspended"
+    status = 403
+    title = "Access suspended by an administrator"
+
+    def __init__(self, detail: str, *, provider: str, kind: str, since: str) -> None:
+        super().__init__(detail, reason="suspended")
+        self.provider = provider
+        self.kind = kind
+        self.since = since
+
+    def extra(self) -> dict[str, object]:
+        return {"reason": self.reason, "provider": self.provider,
+                "suspension": {"kind": self.kind, "since": self.since}}
 
 
 class ReauthRequired(ProxyRefusal):

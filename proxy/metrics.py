@@ -103,6 +103,16 @@ class Metrics:
         self.fencing = Gauge("credproxy_coordination_fencing",
                              "1 while token refreshes are held back after Redis lost its data "
                              "(the fencing period), else 0", registry=r)
+        self.suspensions = Gauge("credproxy_suspensions",
+                                 "Suspensions in force on this replica (credproxy suspend), "
+                                 "by kind: user, context, provider", ["kind"], registry=r)
+        self.suspensions_synced = Gauge("credproxy_suspensions_synced_timestamp_seconds",
+                                        "When this replica last read the suspensions (unix "
+                                        "time; 0 = never: credentialed requests are refused)",
+                                        registry=r)
+        self.suspension_errors = Counter("credproxy_suspension_read_failures",
+                                         "Reads of the suspensions that failed (the last "
+                                         "list read stays in force)", registry=r)
         self.dependency_up = Gauge("credproxy_dependency_up",
                                    "Whether a shared dependency (vault, coordination) answered "
                                    "the last /readyz check; 0 = the proxy runs degraded",

@@ -116,6 +116,9 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("provider_removed", (DENIED,), "the destination was a provider until a reload"),
     ("insufficient_scope", (DENIED,), "the upstream asked for more scope than the grant "
      "holds (RFC 6750 insufficient_scope): the user re-consents with the union"),
+    ("suspended", (DENIED, FAILED), "an operator suspended the user, the user context or "
+     "the provider (credproxy suspend): credential.denied, the problem names which and "
+     "since when; request.failed, an exchange under way was cut"),
     ("not_grant_host", (DENIED,), "the destination is under the provider's hosts but not "
      "one of the user's grant's own hosts (another tenant: docs/tenants.md)"),
     # -- the grant (401 reauth-required) -----------------------------------------------
@@ -161,6 +164,8 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
      "memory, retried)"),
     ("coordination_unavailable", (DENIED, IDENTITY), "Redis cannot be reached"),
     ("fencing", (DENIED,), "refreshes held back after Redis lost its data"),
+    ("suspensions_unknown", (DENIED,), "this replica has not yet read the suspensions "
+     "(Redis unreachable since it started, or an unreadable suspensions file)"),
     ("token_superseded", (DENIED,), "an upstream 401 on a token a concurrent refresh "
      "already replaced: retry"),
     ("token_refreshed", (DENIED,), "an upstream 401; a forced refresh obtained a new "

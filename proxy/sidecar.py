@@ -30,6 +30,7 @@ from proxy.errors import (
     ProviderNotPermitted,
     ProxyRefusal,
     ReauthRequired,
+    Suspended,
     UnroutedDenied,
     UserContextInvalid,
     UserContextMissing,
@@ -44,6 +45,7 @@ from proxy.metrics import code_class, reason_label
 from proxy.routes import Destination, host_agrees, refuse_retired
 from proxy.secret import Secret
 from proxy.settings import ProviderSettings
+from proxy.suspensions import Suspensions
 from proxy.tokens import TokenBroker
 from proxy.tokenset import TokenSet
 from proxy.vault.base import Grant
@@ -140,11 +142,15 @@ class Sidecar:
     """Decides on requests. The configuration (settings, router, verifier, header policy)
     is ``live``'s: each request runs on the one snapshot current when it started."""
 
-    def __init__(self, live: LiveConfig, broker: TokenBroker, audit: AuditLog) -> None:
+    def __init__(self, live: LiveConfig, broker: TokenBroker, audit: AuditLog,
+                 suspensions: Suspensions | None = None) -> None:
+        """``suspensions``: the kill switch's active list (kept current by
+        :class:`proxy.suspensions.SuspensionSync`); None: no kill switch (tests)."""
         self.metrics = broker.metrics
         self.live = live
         self.broker = broker
         self.audit = audit
+        self.suspensions = suspensions
         self._skew_seen: dict[str, float] = {}  # provider id -> when its Date was last read
         # (user, provider) -> when this process last noted an injection (throttle).
         self._noted: dict[tuple[str, str], float] = {}
@@ -191,6 +197,7 @@ class Sidecar:
                 raise req.context_error
             user = await snap.verifier.verify(req.context_token)
             self._check_mcp(req, provider)
+            self._check_suspended(user, provider)
             injection = replace(await self._inject(req, provider, user, route.resource),
                                 config=snap)
         except ProxyRefusal as refusal:
@@ -221,6 +228,31 @@ class Sidecar:
         task = asyncio.get_running_loop().create_task(note())
         self._noting.add(task)
         task.add_done_callback(self._noting.discard)
+
+    def _check_suspended(self, user: UserContext, provider: ProviderSettings) -> None:
+        """The kill switch, before any token is loaded, refreshed or injected: raises
+        :class:`Suspended` when a suspension names the user, the user context's id or the
+        provider, and :class:`CredentialStoreUnavailable` (``suspensions_unknown``) while
+        this process has never read the suspensions (it cannot know who is suspended)."""
+        active = self.suspensions
+        if active is None:
+            return
+        if not active.loaded:
+            raise CredentialStoreUnavailable(
+                "this proxy has not been able to read the list of suspended users yet "
+                "(Redis unreachable since it started, or an unreadable suspensions file); "
+                "no credential is sent until it can: retry shortly",
+                reason="suspensions_unknown", retry_after=2)
+        hit = active.match(user.user, user.context_id, provider.id)
+        if hit is None:
+            return
+        named = {"user": f"user {user.user}",
+                 "context": f"user context {user.context_id} (this chat or workflow run)",
+                 "provider": f"provider {provider.id} for every user"}[hit.kind]
+        raise Suspended(f"access is suspended for {named} since {hit.since_text()}; "
+                        f"nothing was sent to {provider.id}. Ask your administrator to "
+                        "resume it (credproxy resume)", provider=provider.id, kind=hit.kind,
+                        since=hit.since_text())
 
     def _check_target(self, req: Outbound, *, credentialed: bool) -> None:
         """The request-target every later hop reads the same way (:func:`check_target`);

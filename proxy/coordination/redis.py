@@ -92,6 +92,7 @@ from proxy.coordination.base import (
 )
 from proxy.errors import CoordinationFencing
 from proxy.settings import CoordinationSettings, EntraIdSettings, resolve_secret
+from proxy.suspensions import RESYNC_EVERY, Changed, Kind, Suspension, field_name
 from proxy.tokenset import TokenSetError
 from proxy.vault.base import Grant, GrantStatus, grant_from_record, grant_record
 
@@ -172,6 +173,18 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# Lift a suspension: its record, removed, or false (one key: one slot in a cluster).
+_LIFT = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return v
+"""
+# Set a suspension, returning the record it replaces (or false).
+_SUSPEND = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return v
+"""
 _FORGET = """
 local g = tonumber(redis.call('GET', KEYS[2]) or '-1')
 if tonumber(ARGV[1]) > g then redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2]) end
@@ -205,6 +218,7 @@ class _FencedLock(Lock):
 
 class RedisCoordinator:
     name = "redis"
+    resync_every = RESYNC_EVERY  # suspensions (proxy.suspensions.SuspensionStore)
 
     def __init__(self, settings: CoordinationSettings, *, cache_key: bytes,
                  environ: Mapping[str, str] = os.environ,
@@ -241,6 +255,8 @@ class RedisCoordinator:
         # cluster over classic pub/sub, which every node relays.
         self._sharded = settings.mode == "cluster"
         self._callbacks: list[Invalidation] = []
+        self._suspension_callbacks: list[Changed] = []
+        self._suspensions_key = settings.key_prefix + "suspensions"
         self._waiters: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
@@ -250,6 +266,8 @@ class RedisCoordinator:
         self._acquire = self._r.register_script(_ACQUIRE)
         self._once = self._r.register_script(_JTI)
         self._release = self._r.register_script(_RELEASE)
+        self._lift = self._r.register_script(_LIFT)
+        self._suspend = self._r.register_script(_SUSPEND)
         self._slotted = settings.slotted
         self._acks = settings.acks
         self._seen_redis = False  # this process has talked to this Redis's data before
@@ -680,6 +698,7 @@ class RedisCoordinator:
                 await self.plant_markers()
                 # Anything published while we were not subscribed is lost: start clean.
                 await self._fire(None)
+                await self._suspensions_changed()
                 self.subscribed.set()
                 backoff = 0.1
                 while True:
@@ -756,10 +775,76 @@ class RedisCoordinator:
         elif msg.get("t") == "inv" and isinstance(msg.get("u"), str) and isinstance(
                 msg.get("p"), str):
             await self._fire((msg["u"], msg["p"]))
+        elif msg.get("t") == "susp":
+            await self._suspensions_changed()
 
     async def _fire(self, key: tuple[str, str] | None) -> None:
         for callback in list(self._callbacks):
             await callback(key)
+
+    # -- suspensions (proxy.suspensions: the kill switch) ---------------------------------
+    def on_suspensions(self, callback: Changed) -> None:
+        self._suspension_callbacks.append(callback)
+
+    async def _suspensions_changed(self) -> None:
+        for callback in list(self._suspension_callbacks):
+            await callback()
+
+    async def load_suspensions(self) -> list[Suspension]:
+        """Every suspension in the hash (``HGETALL``); a field that does not parse is
+        skipped with a warning. Raises :class:`CoordinationUnavailable`."""
+        try:
+            await self._ready()
+            raw = await self._r.hgetall(self._suspensions_key)
+        except _FAILED as exc:
+            self.on_error()
+            raise CoordinationUnavailable(_explain(self._s, exc)) from exc
+        out = []
+        for name, value in raw.items():
+            try:
+                s = Suspension.from_dict(json.loads(value))
+            except (ValueError, TypeError):
+                log.warning("skipping an unreadable suspension record in Redis")
+                continue
+            if field_name(s.kind, s.value).encode() == name:
+                out.append(s)
+        return out
+
+    async def add_suspension(self, suspension: Suspension) -> Suspension | None:
+        """``HSET`` in a script that returns the record it replaces, then a
+        ``susp`` message on the events channel. Raises :class:`CoordinationUnavailable`
+        when it was not stored; a lost message is only logged: every replica re-reads the
+        hash within :data:`RESYNC_EVERY` seconds."""
+        data = json.dumps(suspension.as_dict())
+        try:
+            await self._ready()
+            old = await self._suspend(keys=[self._suspensions_key],
+                                      args=[suspension.key, data])
+        except _FAILED as exc:
+            self.on_error()
+            raise CoordinationUnavailable(_explain(self._s, exc)) from exc
+        await self._announce_suspensions()
+        return _suspension(old)
+
+    async def lift_suspension(self, kind: Kind, value: str) -> Suspension | None:
+        try:
+            await self._ready()
+            old = await self._lift(keys=[self._suspensions_key],
+                                   args=[field_name(kind, value)])
+        except _FAILED as exc:
+            self.on_error()
+            raise CoordinationUnavailable(_explain(self._s, exc)) from exc
+        if old is not None:
+            await self._announce_suspensions()
+        return _suspension(old)
+
+    async def _announce_suspensions(self) -> None:
+        try:
+            await self._publish({"t": "susp", "o": self._origin})
+        except _FAILED as exc:
+            self.on_error()
+            log.warning("suspension stored, but the message to replicas failed (%s): they "
+                        "read it within %.0f s", type(exc).__name__, RESYNC_EVERY)
 
     # -- single-use values (OAuth state) -------------------------------------------------
     async def put_once(self, name: str, value: bytes, ttl: float) -> None:
@@ -796,6 +881,16 @@ class RedisCoordinator:
         except _FAILED as exc:
             self.on_error()
             raise CoordinationUnavailable("redis unreachable: cannot record jti") from exc
+
+
+def _suspension(raw: object) -> Suspension | None:
+    """A suspension record read back from the hash (None: none, or unreadable)."""
+    if not isinstance(raw, bytes | str):
+        return None
+    try:
+        return Suspension.from_dict(json.loads(raw))
+    except (ValueError, TypeError):
+        return None
 
 
 def _bucket(digest: str) -> int:

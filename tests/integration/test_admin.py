@@ -11,7 +11,7 @@ import httpx2
 import pytest
 
 from devstack.redisproc import RedisServer
-from devstack.stack import Stack, build_stack
+from devstack.stack import Stack, build_stack, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -180,8 +180,10 @@ def test_a_redis_outage_degrades_readiness(redis_server: RedisServer, tmp_path: 
 def test_a_pod_starting_during_a_redis_outage_starts_and_serves_degraded(
         tmp_path: Path) -> None:
     """Startup needs nothing external: a pod created while Redis is down starts (its agent
-    container may start), is ready but degraded, serves fresh tokens from the vault, and
-    recovers by itself when Redis comes back."""
+    container may start), is ready but degraded, and recovers by itself when Redis comes
+    back. Until it has read the suspensions (the kill switch) it sends no credential: it
+    cannot know who is suspended (503 ``suspensions_unknown``); then it serves fresh tokens
+    from the vault."""
     from devstack.procs import free_port
 
     redis = RedisServer(tmp_path / "redis", port=free_port())  # not started: the outage
@@ -199,10 +201,14 @@ def test_a_pod_starting_during_a_redis_outage_starts_and_serves_degraded(
         assert _metric(metrics, "credproxy_dependency_up", dependency="coordination") == 0
         s.vault_put("fresh", s.grant("fresh"))
         with s.client_via(str(replica.info["proxy_url"]), context=s.context("fresh")) as c:
-            assert c.get(f"{s.docs_url}/echo").status_code == 200
+            refused = c.get(f"{s.docs_url}/echo")
+        assert refused.status_code == 503
+        assert refused.json()["reason"] == "suspensions_unknown"
         redis.start()
         r = _wait_ready(admin, "ok", timeout=20)
         assert r.status_code == 200 and r.json()["degraded"] == []
+        with s.client_via(str(replica.info["proxy_url"]), context=s.context("fresh")) as c:
+            wait_until(lambda: c.get(f"{s.docs_url}/echo").status_code == 200, 5)
         metrics = httpx2.get(f"{admin}/metrics", trust_env=False).text
         assert _metric(metrics, "credproxy_dependency_up", dependency="coordination") == 1
     finally:

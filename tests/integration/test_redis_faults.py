@@ -60,15 +60,24 @@ def test_redis_unreachable_at_start_then_recovers(tmp_path: Path) -> None:
     try:
         s.vault_put("fresh", s.grant("fresh"))
         s.vault_put("stale", s.grant("stale", expires_in=0))
-        with s.client_via(proxy, context=s.context("fresh")) as c:
-            assert c.get(f"{s.docs_url}/echo").status_code == 200
-        with s.client_via(proxy, context=s.context("stale")) as c:
-            r = c.get(f"{s.docs_url}/echo")
-        assert r.status_code == 503
-        assert r.json()["reason"] == "coordination_unavailable"
-        assert "Retry-After" in r.headers
+        # A replica that has never read the suspensions (the kill switch) cannot tell who
+        # is suspended: even a fresh token is not sent until it can (fail closed).
+        for user in ("fresh", "stale"):
+            with s.client_via(proxy, context=s.context(user)) as c:
+                r = c.get(f"{s.docs_url}/echo")
+            assert r.status_code == 503
+            assert r.json()["reason"] == "suspensions_unknown"
+            assert "Retry-After" in r.headers
         assert s.stats()["refresh_by_user"].get("stale") is None  # no unlocked refresh
         redis.start()
+        deadline = time.monotonic() + 10
+        while True:
+            with s.client_via(proxy, context=s.context("fresh")) as c:
+                r = c.get(f"{s.docs_url}/echo")
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200
         deadline = time.monotonic() + 10
         while True:
             with s.client_via(proxy, context=s.context("stale")) as c:

@@ -32,6 +32,7 @@ Measured times (failover, recovery) are printed; run with ``-s`` to see them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import subprocess
@@ -169,9 +170,23 @@ def _get(s: Stack, proxy: str, user: str, path: str = "/echo") -> httpx2.Respons
 
 
 def _revoke(s: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy.cli", "revoke", "--config",
+    return _cli(s, "revoke", *args)
+
+
+def _cli(s: Stack, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy.cli", command, "--config",
                            str(s.config_path), *args], capture_output=True, text=True,
                           env={**os.environ, **s.env}, timeout=90)
+
+
+def _refused(s: Stack, proxy: str, user: str) -> httpx2.Response | None:
+    """The answer to a GET as ``user`` when it is a 403; None otherwise, or when the
+    exchange was reset."""
+    try:
+        r = _get(s, proxy, user)
+    except httpx2.TransportError:
+        return None
+    return r if r.status_code == 403 else None
 
 
 def _faults(s: Stack, **faults: Any) -> None:
@@ -344,6 +359,33 @@ class _Suite:
         for proxy in fleet.proxies:
             assert _get(s, proxy, user).status_code == 200  # cached on every sidecar
         _assert_revoke_reaches_all(fleet, user)
+
+    def test_suspend_reaches_every_sidecar_within_a_second(self, fleet: Fleet) -> None:
+        """The kill switch on this topology: the suspensions hash is one key (one slot),
+        announced on the events channel (sharded pub/sub in a cluster)."""
+        s = fleet.stack
+        user = f"{fleet.topology}-paused"
+        s.vault_put(user, s.grant(user))
+        for proxy in fleet.proxies:
+            assert _get(s, proxy, user).status_code == 200  # cached on every sidecar
+        r = _cli(s, "suspend", "--user", user, "--reason", "topology check")
+        done = time.monotonic()
+        assert r.returncode == 0, r.stderr
+        try:
+            for proxy in fleet.proxies:
+                # (A request under way when the suspension arrives is cut: a reset.)
+                refused = _until(f"suspended on {proxy}", functools.partial(
+                    _refused, s, proxy, user), max(0.05, 1.0 - (time.monotonic() - done)),
+                    interval=0.05)
+                assert refused.json()["reason"] == "suspended"
+            elapsed = time.monotonic() - done
+            print(f"{fleet.topology}: suspension refused on all three sidecars "
+                  f"{elapsed:.3f} s later")
+            assert elapsed <= 1.0
+        finally:
+            assert _cli(s, "resume", "--user", user, "--reason", "done").returncode == 0
+        for proxy in fleet.proxies:
+            _get_until(s, proxy, user, lambda x: x.status_code == 200, 1.0)
 
     def test_shared_cache_serves_hits(self, fleet: Fleet) -> None:
         s = fleet.stack
