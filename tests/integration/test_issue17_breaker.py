@@ -288,11 +288,13 @@ def test_a_signing_key_change_is_audited(trail: Trail) -> None:
 
 def test_a_failing_checkpoint_sink_shows_in_the_metrics(tmp_path: Path) -> None:
     """FAULT (item 3): the second sink is what proves the newest records were not
-    deleted. When writing to it fails (a full disk: /dev/full here) the checkpoint
+    deleted. When writing to it fails (here /dev/full: every write fails with ``EINVAL
+    (not a regular file)``; a full disk or a lost volume would do the same) the checkpoint
     record is still counted as ``written`` and nothing in /metrics says the second sink
-    missed it (only a log line): an operator cannot alert on the proof silently stopping.
-    Expected: a failure counted, e.g. ``credproxy_audit_checkpoints_total{outcome=
-    "sink_failed"}`` (or any metric naming the checkpoint sink)."""
+    missed it (only a log line), nor is the copy retried: an operator cannot alert on the
+    proof silently stopping. Expected: a failure counted, e.g.
+    ``credproxy_audit_checkpoints_total{outcome="sink_failed"}`` (or any metric naming
+    the checkpoint sink)."""
     key = tmp_path / "cp.pem"
     key.write_bytes(checkpoint.generate_pem())
     key.chmod(0o600)
@@ -311,5 +313,30 @@ def test_a_failing_checkpoint_sink_shows_in_the_metrics(tmp_path: Path) -> None:
         lines = [x for x in text.splitlines()
                  if x.startswith("credproxy_audit_checkpoint") and not x.startswith("#")]
         assert any("sink" in x and not x.rstrip().endswith(" 0.0") for x in lines), lines
+    finally:
+        stack.close()
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "not-a-regular-file"])
+def test_check_refuses_a_checkpoint_sink_that_can_never_be_written(tmp_path: Path,
+                                                                   where: str) -> None:
+    """FAULT (item 3), for ``not-a-regular-file``: ``credproxy check`` (and start) refuse a
+    checkpoint sink whose directory is missing (holds), but accept ``/dev/full`` (a device,
+    not a regular file): the sidecar then starts and every copy fails with ``EINVAL (not a
+    regular file)``, logged only. Expected: refused at check/start naming
+    ``audit.checkpoint.sink``, like the missing directory."""
+    key = tmp_path / "cp.pem"
+    key.write_bytes(checkpoint.generate_pem())
+    key.chmod(0o600)
+    sink = str(tmp_path / "nodir" / "cp.jsonl") if where == "missing-dir" else "/dev/full"
+    stack = build_stack(tmp_path / "stack", start_proxy=False, config={"audit": {
+        "sink": str(tmp_path / "audit.jsonl"),
+        "checkpoint": {"key_file": str(key), "sink": sink}}})
+    try:
+        out = subprocess.run([sys.executable, "-m", "proxy.cli", "check", "--config",
+                              str(stack.config_path)], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, **stack.env})
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "audit.checkpoint.sink" in out.stderr
     finally:
         stack.close()
