@@ -60,6 +60,8 @@ Check = Callable[[], Awaitable[None]]
 # pod per 30 s). The admin server runs the checks concurrently, each bounded below the
 # kubelet's 2 s probe timeout.
 VAULT_OK_TTL = 30.0
+# Key files read at start only (a reload that finds them changed says a restart is needed).
+_KEY_FILES = frozenset({"vault.key_file", "audit.checkpoint.key_file"})
 
 
 @dataclass
@@ -235,6 +237,12 @@ class App:
                 continue
             # The new config may reference other files: watch those from now on.
             last = self.config_digest(path) or last
+            digests = self.file_digests(path)
+            changed = sorted(k for k, v in digests.items() if self._file_digests.get(k) != v)
+            self._file_digests = digests
+            # The vault key and the checkpoint signing key are read at start only: a new
+            # one in place is recorded here, and takes effect at the next start.
+            restart = [*restart, *(k for k in changed if k in _KEY_FILES)]
             if restart:
                 metric.labels("applied_restart_required").inc()
                 log.warning("config reloaded (%d providers); NOT applied until a restart: "
@@ -243,9 +251,6 @@ class App:
             else:
                 metric.labels("applied").inc()
                 log.info("config reloaded (%d providers)", len(self.settings.providers))
-            digests = self.file_digests(path)
-            changed = sorted(k for k, v in digests.items() if self._file_digests.get(k) != v)
-            self._file_digests = digests
             self.audit_config(
                 CONFIG_RELOADED, "applied_restart_required" if restart else "applied",
                 actor=actor,
@@ -260,6 +265,9 @@ class App:
         named = {"config": path, "identity.jwks_file": s.identity.jwks_file,
                  "identity.pem_file": s.identity.pem_file,
                  "identity.hs256_secret_file": s.identity.hs256_secret_file,
+                 "vault.key_file": s.vault.key_file,
+                 "audit.checkpoint.key_file": (s.audit.checkpoint.key_file
+                                               if s.audit.checkpoint is not None else None),
                  **{f"providers.{p.id}.client_secret_file": p.client_secret_file
                     for p in s.providers}}
         out: dict[str, str] = {}
@@ -533,6 +541,11 @@ def _check_sink_file(key: str, sink: str) -> None:
     if path.is_dir():
         raise ConfigError(f"{key}: {sink} is a directory; name a file")
     if path.exists():
+        if not path.is_file():
+            # The file sink writes only regular files (it follows them across rotation);
+            # a device or FIFO would fail every write.
+            raise ConfigError(f"{key}: {sink} is not a regular file; name a file (or "
+                              "stdout)")
         if not os.access(path, os.W_OK):
             raise ConfigError(f"{key}: {sink} is not writable")
     elif not path.parent.is_dir():

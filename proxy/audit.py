@@ -122,6 +122,7 @@ EVENTS: Final = frozenset(
 )
 
 _TOKEN_SOURCES: Final = frozenset(get_args(TokenSource))
+_SINK_BACKLOG: Final = 1000  # checkpoint copies kept for a failing second sink
 _FINGERPRINT_HEX: Final = 16
 
 
@@ -862,7 +863,8 @@ class CheckpointPolicy:
     every_records: int | None = 1000
     every_seconds: float | None = 60.0
     sink: Sink | None = None
-    counted: Callable[[str], None] | None = None  # "written" / "failed", for metrics
+    # "written" / "failed" / "sink_failed" (a copy the second sink missed), for metrics
+    counted: Callable[[str], None] | None = None
 
 
 class AuditLog:
@@ -897,6 +899,7 @@ class AuditLog:
         self._checkpointed = 0  # seq covered by the last checkpoint written
         self._closed = threading.Event()
         self._closed_sinks = False
+        self._sink_backlog: deque[str] = deque(maxlen=_SINK_BACKLOG)
         self._timer: threading.Thread | None = None
         if checkpoint is not None and checkpoint.every_seconds:
             self._timer = threading.Thread(target=self._tick, args=(checkpoint.every_seconds,),
@@ -1012,11 +1015,21 @@ class AuditLog:
         if cp.counted is not None:
             cp.counted("written")
         if cp.sink is not None:
-            try:
-                cp.sink.write(json.dumps(rec, separators=(",", ":"), ensure_ascii=True))
-            except Exception as exc:  # noqa: BLE001 - the second sink never fails a request
-                log.error("audit checkpoint seq %d not written to the checkpoint sink: %s",
-                          rec["seq"], _describe(exc))
+            # Copies the second sink missed are retried with the next checkpoint, oldest
+            # first (at most _SINK_BACKLOG kept); each miss is counted ("sink_failed").
+            self._sink_backlog.append(json.dumps(rec, separators=(",", ":"),
+                                                 ensure_ascii=True))
+            while self._sink_backlog:
+                try:
+                    cp.sink.write(self._sink_backlog[0])
+                except Exception as exc:  # noqa: BLE001 - the second sink never fails a request
+                    log.error("audit checkpoint seq %d not written to the checkpoint sink "
+                              "(%d copies waiting): %s", rec["seq"], len(self._sink_backlog),
+                              _describe(exc))
+                    if cp.counted is not None:
+                        cp.counted("sink_failed")
+                    break
+                self._sink_backlog.popleft()
         return rec
 
     def checkpoint(self) -> Record | None:
@@ -1209,18 +1222,45 @@ def _check_link(rec: Record, chain: _Chain | None, allow_partial: bool) -> str |
     return None
 
 
+def _in_chain_order(entries: Iterable[tuple[int, Record | None, str | None]],
+                    unwrap: Callable[[Record], Record | str] | None
+                    ) -> list[tuple[int, Record | None, str | None]]:
+    """``entries`` with the records sorted by (instance, seq), each keeping its line
+    number; anything else (not records, unparseable) first, as read."""
+    others: list[tuple[int, Record | None, str | None]] = []
+    keyed: list[tuple[str, int, int, Record]] = []
+    for number, rec, err in entries:
+        carried = unwrap(rec) if rec is not None and unwrap is not None else rec
+        if isinstance(carried, dict) and isinstance(carried.get("instance"), str) \
+                and isinstance(carried.get("seq"), int):
+            keyed.append((carried["instance"], carried["seq"], number, rec))  # type: ignore[arg-type]
+        else:
+            others.append((number, rec, err))
+    keyed.sort(key=lambda k: (k[0], k[1], k[2]))
+    return others + [(number, rec, None) for _, _, number, rec in keyed]
+
+
 def verify(lines: Iterable[str], *, allow_partial: bool = False,
            window: TimeWindow | None = None,
            check: Callable[[Record], str | None] | None = None,
-           unwrap: Callable[[Record], Record | str] | None = None) -> VerifyReport:
+           unwrap: Callable[[Record], Record | str] | None = None,
+           any_order: bool = False) -> VerifyReport:
     """Check the hash chains in ``lines`` and name the first broken record.
 
     Records are grouped by ``instance``, so interleaved replicas verify together. Per
     instance: each record's ``hash`` must match its content, ``seq`` must go up by one and
     ``prev`` must be the previous hash. A chain must start at seq 1 unless ``allow_partial``
     (the log was cut, e.g. ``kubectl logs --since``): then each instance's first record
-    seen is the anchor. Non-JSON lines are counted and skipped; a JSON object that is not a
-    record is an error.
+    seen is the anchor. Lines that are not JSON are counted and skipped (other output
+    interleaved by ``kubectl logs``, a torn write the chain continues over), except a
+    record cut short on the *last* line: the log was truncated in its newest record (or its
+    writer died writing it), which is an error. A JSON object that is not a record is an
+    error.
+
+    ``any_order`` (``audit verify --any-order``, for what a SIEM gives back: newest first,
+    or in ingestion order): the records are put in chain order (by ``instance`` and
+    ``seq``) before they are checked, so only a missing, edited or repeated record breaks
+    the chain, not the order it came in. This holds every record in memory.
 
     ``window`` (``audit verify --since/--until``): every record is still hashed and linked
     (the chain runs across the window's edges), but only breaks that concern the window
@@ -1240,10 +1280,19 @@ def verify(lines: Iterable[str], *, allow_partial: bool = False,
     past: set[str] = set()  # instances with a record after the window
     first_error: VerifyError | None = None
     records = skipped = in_window = outside = 0
-    for number, rec, _err in parse_lines(lines):
+    entries: Iterable[tuple[int, Record | None, str | None]] = parse_lines(lines)
+    if any_order:
+        entries = _in_chain_order(entries, unwrap)
+    cut_at: int | None = None  # the last line that began as a record and does not parse
+    for number, rec, err in entries:
         if rec is None:
             skipped += 1
+            if err is not None and err.startswith("not JSON:"):
+                cut_at = number
             continue
+        # A damaged line with records after it is a torn write (the writer refused that
+        # record and went on from the last one written: the chain shows nothing lost).
+        cut_at = None
         if unwrap is not None:
             carried = unwrap(rec)
             if isinstance(carried, str):
@@ -1281,6 +1330,11 @@ def verify(lines: Iterable[str], *, allow_partial: bool = False,
                 outside += 1
             elif first_error is None:
                 first_error = VerifyError(number, seq, instance, problem)
+    if cut_at is not None and first_error is None:
+        first_error = VerifyError(cut_at, None, None,
+                                  "the last line is a record cut short: the log was "
+                                  "truncated (its newest records lost), or its writer died "
+                                  "while writing it")
     return VerifyReport(
         ok=first_error is None,
         records=records,

@@ -35,6 +35,7 @@ without being parsed. The report reads; it does not prove: ``credproxy audit ver
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -128,12 +129,46 @@ class InputCounts:
     not_records: int = 0
     unreadable: int = 0
     unreadable_lines: list[int] = field(default_factory=list)
+    duplicates: int = 0  # a record (instance, seq) already counted: an overlapping input
 
     def as_dict(self) -> dict[str, Any]:
         return {"lines": self.lines, "records": self.records,
                 "outside_window": self.outside_window, "filtered_out": self.filtered_out,
                 "not_records": self.not_records, "unreadable": self.unreadable,
-                "unreadable_lines": self.unreadable_lines}
+                "unreadable_lines": self.unreadable_lines, "duplicates": self.duplicates}
+
+
+class _SeqSet:
+    """The seqs seen of one chain, as sorted disjoint ``[first, last]`` runs: for records
+    read in order (a log, a rotated set) one run, so memory stays flat in the input."""
+
+    __slots__ = ("_starts", "_ends")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, seq: int) -> bool:
+        """Add ``seq``; False when it was already there."""
+        starts, ends = self._starts, self._ends
+        if ends and seq == ends[-1] + 1:  # the common case: the next record
+            ends[-1] = seq
+            return True
+        i = bisect.bisect_right(starts, seq) - 1
+        if i >= 0 and seq <= ends[i]:
+            return False
+        if i >= 0 and seq == ends[i] + 1:
+            ends[i] = seq
+            if i + 1 < len(starts) and starts[i + 1] == seq + 1:
+                ends[i] = ends.pop(i + 1)
+                starts.pop(i + 1)
+            return True
+        if i + 1 < len(starts) and starts[i + 1] == seq + 1:
+            starts[i + 1] = seq
+            return True
+        starts.insert(i + 1, seq)
+        ends.insert(i + 1, seq)
+        return True
 
 
 @dataclass(slots=True)
@@ -233,6 +268,7 @@ class ReportBuilder:
         self._provider_needle = _needle("provider", provider)
         self.counts = InputCounts()
         self.groups: dict[GroupKey, Usage] = {}
+        self._seen: dict[str, _SeqSet] = {}
 
     def feed(self, raw: str) -> None:
         """Account for the next line (as read, newline included or not)."""
@@ -271,6 +307,13 @@ class ReportBuilder:
                 or (self.provider is not None and rec.get("provider") != self.provider)):
             counts.filtered_out += 1
             return
+        instance, seq = rec.get("instance"), rec.get("seq")
+        if isinstance(instance, str) and isinstance(seq, int) and not isinstance(seq, bool):
+            # A record given twice (a file listed twice, overlapping rotated sets, a SIEM
+            # export beside the log) is counted once.
+            if not self._seen.setdefault(instance, _SeqSet()).add(seq):
+                counts.duplicates += 1
+                return
         counts.records += 1
         _add(self.groups, rec, ts if isinstance(ts, str) else "", self.depth)
 
@@ -384,4 +427,7 @@ def describe_input(report: Report) -> str:
         more = "..." if c.unreadable > len(c.unreadable_lines) else ""
         word = "line" if len(c.unreadable_lines) == 1 else "lines"
         text += f" ({word} {', '.join(map(str, c.unreadable_lines))}{more})"
+    if c.duplicates:
+        text += (f", {c.duplicates} duplicates counted once (a record, by instance and "
+                 "seq, read twice: overlapping inputs)")
     return text

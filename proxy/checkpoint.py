@@ -303,10 +303,27 @@ class CheckpointCheck:
         return errors, unproven
 
 
+class ExternalUnusable(ValueError):
+    """A second-sink file that cannot prove anything (empty, or a line that is not a JSON
+    record): the proof against deleting the newest records would silently be missing."""
+
+
 def read_external(paths: Sequence[str]) -> list[Record]:
-    """The JSON records in second-sink files (non-JSON lines skipped)."""
+    """The records in second-sink files (``audit.checkpoint.sink``). Raises
+    :class:`ExternalUnusable` for a file with no record or with a line that is not one
+    (damaged, cut, or not that file), and :class:`OSError` for one that cannot be read."""
     out: list[Record] = []
     for path in paths:
+        found = 0
         with open(path, encoding="utf-8", errors="replace") as f:
-            out.extend(rec for _, rec, _err in parse_lines(f) if rec is not None)
+            for number, rec, err in parse_lines(f):
+                if rec is None:
+                    raise ExternalUnusable(f"{path} line {number} is not a checkpoint "
+                                           f"record ({err}): the file is damaged or not "
+                                           "the checkpoint sink")
+                found += 1
+                out.append(rec)
+        if not found:
+            raise ExternalUnusable(f"{path} holds no checkpoint: it proves nothing (emptied, "
+                                   "or not the checkpoint sink)")
     return out

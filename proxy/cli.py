@@ -368,10 +368,14 @@ def _audit_files(files: Sequence[str]) -> auditlog.LogFiles | None:
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
+    from proxy import auditexport
+
     window = _window(args)
-    for _, rec, _err in auditlog.parse_lines(_lines(args.file, args.follow)):
-        if rec is None or not auditlog.matches(rec, user=args.user, provider=args.provider,
-                                               event=args.event):
+    for _, parsed, _err in auditlog.parse_lines(_lines(args.file, args.follow)):
+        # OCSF events as exported (audit export, a SIEM) carry the record: read that.
+        rec = auditexport.unwrap(parsed) if parsed is not None else None
+        if not isinstance(rec, dict) or not auditlog.matches(
+                rec, user=args.user, provider=args.provider, event=args.event):
             continue
         if window is not None and window.position(rec.get("ts")) != 0:
             continue
@@ -392,6 +396,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CredproxyError(f"audit verify: cannot read {exc.filename}: "
                                  f"{exc.strerror}") from exc
+        except checkpoint.ExternalUnusable as exc:
+            print(f"BROKEN: --checkpoints {exc}")
+            return EXIT_FAIL
         check = checkpoint.CheckpointCheck(checkpoint.load_public_keys(args.key), external,
                                            allow_partial=args.allow_partial)
     elif args.checkpoints or args.require_proof:
@@ -400,7 +407,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     try:
         report = auditlog.verify(lines, allow_partial=args.allow_partial, window=window,
                                  check=check.see if check is not None else None,
-                                 unwrap=auditexport.unwrap)
+                                 unwrap=auditexport.unwrap, any_order=args.any_order)
     except (OSError, EOFError) as exc:
         name = files.reading if files is not None else "stdin"
         raise CredproxyError(f"audit verify: cannot read {name}: "
@@ -960,6 +967,10 @@ def _parser() -> argparse.ArgumentParser:
                              "with the same window does (result on stderr; exit 1 if broken)")
     report.add_argument("--allow-partial", action="store_true",
                         help="with --verify: accept chains that start mid-way")
+    verify.add_argument("--any-order", action="store_true",
+                        help="records in any order (what a SIEM search gives back: newest "
+                             "first, by ingestion): put in chain order first (holds them "
+                             "all in memory); without it, reordered records are a break")
     verify.add_argument("--key", action="append", default=[], metavar="PUB.pem",
                         help="check signed checkpoints with this Ed25519 public key "
                              "(repeat for rotated keys); reports records after the last "

@@ -155,7 +155,8 @@ class Metrics:
             "(yet) confirmed by the OTLP collector", registry=r)
         self.audit_checkpoints = Counter(
             "credproxy_audit_checkpoints", "Signed audit checkpoints: written, failed (not "
-            "written; retried with the next record)", ["outcome"], registry=r)
+            "written; retried with the next record), sink_failed (a copy the checkpoint sink "
+            "missed; retried with the next checkpoint)", ["outcome"], registry=r)
 
     def config_applied(self, digest: str, at: float) -> None:
         """Record the configuration now running (at start and after every applied reload)."""

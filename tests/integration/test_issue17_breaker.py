@@ -3,7 +3,8 @@ devstack) writing a file audit trail with signed checkpoints, a second checkpoin
 an OTLP/HTTP export to a real receiver, then the real CLI (``python -m proxy.cli audit
 ...``) on what it wrote, on what the receiver got and on damaged copies.
 
-Tests whose docstring starts with ``FAULT (item N):`` fail on the product as it is: each
+Tests whose docstring starts with ``Was a FAULT (item N):`` failed on the product when a
+fresh tester wrote them (all are fixed); each
 says what the issue expects instead. The others are variants the product holds.
 """
 
@@ -182,7 +183,7 @@ def test_a_forged_second_sink_checkpoint_is_broken(trail: Trail) -> None:
 
 
 def test_a_half_cut_last_record_is_reported(trail: Trail) -> None:
-    """FAULT (item 3): the log cut in the middle of its newest record (a truncation, the
+    """Was a FAULT (item 3): the log cut in the middle of its newest record (a truncation, the
     last line now ``{"ts":...`` without its end) must not verify: the damaged record is
     named and verify exits 1. Today plain ``audit verify`` says ``ok: ... (1 non-record
     lines ignored)`` and exits 0: the loss of the newest record passes as a stray line."""
@@ -199,7 +200,7 @@ def test_a_half_cut_last_record_is_reported(trail: Trail) -> None:
     '{"ts":"2026-11-30T00:00:00.000000Z","event":"audit.che\n',  # a cut record
 ])
 def test_a_second_sink_that_proves_nothing_fails_verify(trail: Trail, sink: str) -> None:
-    """FAULT (item 3): ``--checkpoints FILE`` is the proof against deleting the newest
+    """Was a FAULT (item 3): ``--checkpoints FILE`` is the proof against deleting the newest
     records. When FILE holds no checkpoint at all (emptied, garbage, a cut line) and the
     log has lost its newest records, verify must fail (or at least say the second sink
     proved nothing). Today it prints ``ok`` and exits 0: the non-JSON lines are skipped
@@ -217,23 +218,31 @@ def test_a_second_sink_that_proves_nothing_fails_verify(trail: Trail, sink: str)
 @pytest.mark.parametrize("order", ["newest-first", "shuffled"])
 def test_verify_works_on_what_a_siem_gives_back_in_its_order(trail: Trail,
                                                              order: str) -> None:
-    """FAULT (item 2): 'each exported record carrying instance, seq, prev and hash, so that
+    """Was a FAULT (item 2): 'each exported record carrying instance, seq, prev and hash, so that
     audit verify works on what a SIEM gives back'. A SIEM search returns events newest
     first (Splunk, Sentinel) or in ingestion order across batches, not in chain order;
     every record carries its place (instance, seq), so verify should check the set.
-    Today it fails: ``chain starts at seq N, not 1``."""
+    Was: ``chain starts at seq N, not 1``. Now ``--any-order`` puts the records in chain
+    order first (a reordered *file* stays a break without it)."""
     bodies = trail.otlp_bodies()[:len(trail.lines())]
     if order == "newest-first":
         bodies.reverse()
     else:
         random.Random(17).shuffle(bodies)
     got = trail.write(f"siem-{order}.jsonl", bodies)
-    _ok(trail.cli("audit", "verify", str(got), "--key", str(trail.pub),
+    # In a file, reordering is tampering: a break, with a hint at --any-order.
+    plain = trail.cli("audit", "verify", str(got))
+    assert plain.returncode == 1 and "BROKEN" in plain.stdout, plain.stdout
+    _ok(trail.cli("audit", "verify", str(got), "--any-order", "--key", str(trail.pub),
                   "--checkpoints", str(trail.second)))
+    # Any order, but still every record: one dropped is a break.
+    dropped = trail.write(f"siem-{order}-dropped.jsonl", bodies[:3] + bodies[4:])
+    out = trail.cli("audit", "verify", str(dropped), "--any-order")
+    assert out.returncode == 1 and "BROKEN" in out.stdout, out.stdout
 
 
 def test_tail_answers_on_ocsf_events_as_the_docs_say(trail: Trail) -> None:
-    """FAULT (item 2, docs/operations.md "Proving the trail"): "The same two commands work
+    """Was a FAULT (item 2, docs/operations.md "Proving the trail"): "The same two commands work
     on what a SIEM gives back (the OTLP bodies or the OCSF events ...)": command 2 is
     ``audit tail --user alice --event credential.``. On OCSF events it prints nothing and
     exits 0 (it does not take the carried record out), so the compliance answer is
@@ -249,7 +258,7 @@ def test_tail_answers_on_ocsf_events_as_the_docs_say(trail: Trail) -> None:
 
 
 def test_report_does_not_count_a_record_twice(trail: Trail) -> None:
-    """FAULT (item 1): 'report counts per user/window match what was sent'. A rotated set
+    """Was a FAULT (item 1): 'report counts per user/window match what was sent'. A rotated set
     given with a file twice (a glob matching ``audit.jsonl.1`` and a copy of it, or the same
     path listed twice) doubles every count and exits 0. Every record carries instance and
     seq; a repeated record must be counted once or the report must fail naming it
@@ -264,7 +273,7 @@ def test_report_does_not_count_a_record_twice(trail: Trail) -> None:
 
 
 def test_a_signing_key_change_is_audited(trail: Trail) -> None:
-    """FAULT (item 4): 'vault key or signing key changes ... audited'. The operator
+    """Was a FAULT (item 4): 'vault key or signing key changes ... audited'. The operator
     replaces the checkpoint signing key file (a rotated Key Vault secret, remounted) and
     sends SIGHUP: the ``config.reloaded`` record must say so (the key file among
     ``changed=``, or restart_required naming it). Today it records ``changed=-`` and
@@ -287,32 +296,44 @@ def test_a_signing_key_change_is_audited(trail: Trail) -> None:
 
 
 def test_a_failing_checkpoint_sink_shows_in_the_metrics(tmp_path: Path) -> None:
-    """FAULT (item 3): the second sink is what proves the newest records were not
-    deleted. When writing to it fails (here /dev/full: every write fails with ``EINVAL
-    (not a regular file)``; a full disk or a lost volume would do the same) the checkpoint
-    record is still counted as ``written`` and nothing in /metrics says the second sink
-    missed it (only a log line), nor is the copy retried: an operator cannot alert on the
-    proof silently stopping. Expected: a failure counted, e.g.
-    ``credproxy_audit_checkpoints_total{outcome="sink_failed"}`` (or any metric naming
-    the checkpoint sink)."""
+    """Was a FAULT (item 3): the second sink is what proves the newest records were not
+    deleted. When writing to it fails (here its directory is removed while the sidecar
+    runs; a full disk or a lost volume would do the same) the miss must show in /metrics
+    (``credproxy_audit_checkpoints_total{outcome="sink_failed"}``), and the copies it
+    missed are written once it can be written again (oldest first), so the second sink
+    still proves every checkpoint."""
+    import shutil
+
     key = tmp_path / "cp.pem"
     key.write_bytes(checkpoint.generate_pem())
     key.chmod(0o600)
+    cpdir = tmp_path / "cpdir"
+    cpdir.mkdir()
     stack = build_stack(tmp_path / "stack", config={"audit": {
         "sink": str(tmp_path / "audit.jsonl"),
         "checkpoint": {"key_file": str(key), "every_records": 1, "every_seconds": None,
-                       "sink": "/dev/full"}}})
+                       "sink": str(cpdir / "cp.jsonl")}}})
     try:
         user = "carol17"
         stack.vault_put(user, stack.grant(user))
+        shutil.rmtree(cpdir)
         with stack.client(context=stack.context(user)) as c:
             assert c.get(f"{stack.docs_url}/echo/b17/full").status_code == 200
         audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
         assert any(r["event"] == "audit.checkpoint" for r in audit)
         text = httpx2.get(f"http://{stack.config['admin']}/metrics").text
-        lines = [x for x in text.splitlines()
-                 if x.startswith("credproxy_audit_checkpoint") and not x.startswith("#")]
-        assert any("sink" in x and not x.rstrip().endswith(" 0.0") for x in lines), lines
+        failed = [x for x in text.splitlines()
+                  if x.startswith('credproxy_audit_checkpoints_total{outcome="sink_failed"}')]
+        assert failed and float(failed[0].split()[1]) >= 1, text
+        # The sink's directory is back: the missed copies are written with the next one.
+        cpdir.mkdir()
+        with stack.client(context=stack.context(user)) as c:
+            assert c.get(f"{stack.docs_url}/echo/b17/again").status_code == 200
+        audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        copies = [json.loads(x) for x in (cpdir / "cp.jsonl").read_text().splitlines()]
+        cps = [r["seq"] for r in audit if r["event"] == "audit.checkpoint"]
+        assert [r["seq"] for r in copies] == [s for s in cps if s > cps[0] - 1][-len(copies):]
+        assert len(copies) >= 2, copies
     finally:
         stack.close()
 
@@ -320,7 +341,7 @@ def test_a_failing_checkpoint_sink_shows_in_the_metrics(tmp_path: Path) -> None:
 @pytest.mark.parametrize("where", ["missing-dir", "not-a-regular-file"])
 def test_check_refuses_a_checkpoint_sink_that_can_never_be_written(tmp_path: Path,
                                                                    where: str) -> None:
-    """FAULT (item 3), for ``not-a-regular-file``: ``credproxy check`` (and start) refuse a
+    """Was a FAULT (item 3), for ``not-a-regular-file``: ``credproxy check`` (and start) refuse a
     checkpoint sink whose directory is missing (holds), but accept ``/dev/full`` (a device,
     not a regular file): the sidecar then starts and every copy fails with ``EINVAL (not a
     regular file)``, logged only. Expected: refused at check/start naming

@@ -303,7 +303,7 @@ def test_report_answers_per_user_provider_and_context() -> None:
     doc = json.loads(to_json(rep))
     assert doc["input"] == {"lines": 15, "records": 12, "outside_window": 1,
                             "filtered_out": 2, "not_records": 0, "unreadable": 0,
-                            "unreadable_lines": []}
+                            "unreadable_lines": [], "duplicates": 0}
     groups = {(g["provider"], g["context"]["kind"] if g["context"] else None): g
               for g in doc["groups"]}
     assert set(groups) == {("github", "chat"), ("github", "workflow"), ("github", None),
@@ -477,3 +477,18 @@ def test_report_empty_and_bad_depth() -> None:
     assert json.loads(to_json(rep))["groups"] == []
     with pytest.raises(ValueError, match="depth"):
         build_report([], depth=0)
+
+
+@pytest.mark.parametrize("seqs", [
+    pytest.param([1, 2, 3, 4], id="in-order"),
+    pytest.param([4, 3, 2, 1], id="newest-first"),
+    pytest.param([5, 1, 3, 2, 4, 9, 7, 8, 6], id="shuffled"),
+    pytest.param([1, 3, 5, 2, 4], id="gaps-filled"),
+])
+def test_each_seq_is_new_once_in_any_order(seqs: list[int]) -> None:
+    from proxy.auditreport import _SeqSet
+
+    seen = _SeqSet()
+    assert [seen.add(s) for s in seqs] == [True] * len(seqs)
+    assert [seen.add(s) for s in seqs] == [False] * len(seqs)
+    assert seen._starts == [min(seqs)] and seen._ends == [max(seqs)]
