@@ -69,6 +69,7 @@ from proxy.selfservice import (
     render,
 )
 from proxy.settings import ProviderSettings, Settings
+from proxy.suspensions import Suspensions
 from proxy.vault.base import GrantInfo, Vault
 
 log = logging.getLogger("credproxy.admin")
@@ -180,6 +181,7 @@ class AdminServer:
                  liveness: Sequence[tuple[str, Callable[[], str | None]]] = (),
                  sessions: Sessions | None = None, offboarder: Offboarder | None = None,
                  last_used: LastUsed | None = None,
+                 suspensions: Suspensions | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         """``live``: the running configuration (each connect request runs on one snapshot
         of it; the listening address and ``ca_dir`` are restart-only). ``ready_checks``:
@@ -191,7 +193,9 @@ class AdminServer:
         return what is wrong (``/healthz`` 503) or None. ``sessions``: the self-service
         page's sessions (without them the page answers 404); ``offboarder``: what its
         disconnect revokes with; ``last_used(user, providers)``: when each grant was last
-        injected (unix seconds)."""
+        injected (unix seconds). ``suspensions``: the kill switch's list this process
+        enforces (proxy.suspensions): a suspended connection shows as such."""
+        self._suspensions = suspensions
         self._metrics = metrics
         self._live = live
         self._connector = connector
@@ -385,8 +389,10 @@ class AdminServer:
         for provider in settings.providers:
             if not user.permits(provider.id):
                 continue
-            out.append(_connection(provider, grants.get(provider.id),
-                                   settings.connect_url(provider)))
+            entry = _connection(provider, grants.get(provider.id),
+                                settings.connect_url(provider))
+            entry["suspended"] = self._suspended(user.user, user.context_id, provider.id)
+            out.append(entry)
         return web.json_response({"user": user.user, "connections": out},
                                  headers={"Cache-Control": "no-store"})
 
@@ -473,6 +479,14 @@ class AdminServer:
         return _html(render(session.user, rows, session.csrf, notice=notice, alert=alert),
                      status)
 
+    def _suspended(self, user: str, context_id: str | None, provider: str
+                   ) -> dict[str, str] | None:
+        """The suspension (kind, since) that stops ``user``'s requests to ``provider``;
+        None when none does (or this process has none to enforce)."""
+        hit = (self._suspensions.match(user, context_id, provider)
+               if self._suspensions is not None else None)
+        return None if hit is None else {"kind": hit.kind, "since": hit.since_text()}
+
     def _row(self, provider: ProviderSettings, grant: GrantInfo | None, user: str,
              last_used: float | None) -> Row:
         assert self._sessions is not None
@@ -482,6 +496,11 @@ class AdminServer:
             problem = provider.binding_problem(grant.values)
             if problem is not None:
                 status, reason = "reauth_required", problem.reason
+        stopped = self._suspended(user, None, provider.id)
+        if stopped is not None and grant is not None:
+            # The user's own or the provider's suspension (a chat's is per run, not shown).
+            status, reason = "suspended", (f"{stopped['kind']} suspended since "
+                                           f"{stopped['since']}: ask your administrator")
         granted = granted_scopes(provider, grant.scope) if grant is not None else None
         ceiling = provider.allowed_scopes
         checked = [s for s in ceiling if s in granted] if granted else list(provider.scopes)

@@ -334,7 +334,8 @@ class App:
                                      draining=lambda: self.draining,
                                      liveness=[("audit", self.audit_liveness)],
                                      sessions=self.sessions, offboarder=self.offboarder,
-                                     last_used=self.coordinator.last_uses)
+                                     last_used=self.coordinator.last_uses,
+                                     suspensions=self.sidecar.suspensions)
             await self.admin.start()
 
     async def _listening(self) -> None:

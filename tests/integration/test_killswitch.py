@@ -257,6 +257,20 @@ def test_metrics_connections_and_the_list_show_suspensions(
         assert rows[0]["status"] == "active"  # not revoked
         listed = [json.loads(x) for x in cli(s, "suspensions", "--json").stdout.splitlines()]
         assert {("user", user), ("context", run)} <= {(x["kind"], x["value"]) for x in listed}
+        # The user sees it too: GET /v1/connections and the self-service page, never the
+        # operator's reason.
+        with httpx2.Client(trust_env=False, timeout=10) as c:
+            mine = c.get(f"{admin}/v1/connections",
+                         headers={"X-User-Context": s.context(user)}).json()
+            [docs] = [x for x in mine["connections"] if x["provider"] == "docs"]
+            assert docs["suspended"]["kind"] == "user" and docs["status"] == "active"
+            in_run = c.get(f"{admin}/v1/connections",
+                           headers={"X-User-Context": s.context(user, ctx_id=run)}).json()
+            assert all(x["suspended"] is not None for x in in_run["connections"])
+            c.get(f"{admin}/connections", params={"context": s.context(user)})
+            page = c.get(f"{admin}/connections").text
+            assert "Suspended" in page and "user suspended since" in page
+            assert "audit hold" not in page and "audit hold" not in json.dumps(mine)
     finally:
         cli(s, "resume", "--user", user, "--reason", "done")
         cli(s, "resume", "--context-id", run, "--reason", "done")
