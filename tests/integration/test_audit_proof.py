@@ -44,20 +44,36 @@ class Proof:
         return self.cli("audit", "verify", *map(str, files), "--key", str(self.pub), *extra)
 
 
-@pytest.fixture(scope="module")
-def proof(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proof]:
-    tmp = Path(tmp_path_factory.mktemp("proof"))
+def signing_key(tmp: Path) -> Path:
+    """A checkpoint signing key at ``tmp/cp.pem`` (0600) and its public half beside it,
+    ``tmp/cp.pub.pem``."""
     key = tmp / "cp.pem"
     key.write_bytes(checkpoint.generate_pem())
     key.chmod(0o600)
     (tmp / "cp.pub.pem").write_text(checkpoint.Signer.from_file(str(key)).public_pem())
+    return key
+
+
+def proof_stack(tmp: Path, *, every_seconds: float) -> tuple[Stack, OtlpReceiver]:
+    """A sidecar whose audit trail goes to ``tmp/audit.jsonl``, signed every 5 records or
+    ``every_seconds`` (key: :func:`signing_key`), a copy of each checkpoint in
+    ``tmp/checkpoints.jsonl``, and every record exported by OTLP/HTTP to a real receiver."""
+    key = signing_key(tmp)
     receiver = OtlpReceiver()
     stack = build_stack(tmp / "stack", config={"audit": {
         "sink": str(tmp / "audit.jsonl"),
-        "checkpoint": {"key_file": str(key), "every_records": 5, "every_seconds": 30,
+        "checkpoint": {"key_file": str(key), "every_records": 5,
+                       "every_seconds": every_seconds,
                        "sink": str(tmp / "checkpoints.jsonl")},
         "export": {"format": "raw", "otlp": {"endpoint": receiver.endpoint, "delay": 0.1}},
     }})
+    return stack, receiver
+
+
+@pytest.fixture(scope="module")
+def proof(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proof]:
+    tmp = Path(tmp_path_factory.mktemp("proof"))
+    stack, receiver = proof_stack(tmp, every_seconds=30)
     try:
         yield Proof(stack, receiver, tmp)
     finally:

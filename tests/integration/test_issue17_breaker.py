@@ -27,6 +27,8 @@ from devstack.otlpreceiver import OtlpReceiver
 from devstack.stack import Stack, build_stack, wait_until
 from proxy import checkpoint
 
+from .test_audit_proof import proof_stack, signing_key
+
 pytestmark = pytest.mark.integration
 
 USERS = ("alice17", "bob17")
@@ -65,17 +67,7 @@ class Trail:
 @pytest.fixture(scope="module")
 def trail(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trail]:
     tmp = Path(tmp_path_factory.mktemp("b17"))
-    key = tmp / "cp.pem"
-    key.write_bytes(checkpoint.generate_pem())
-    key.chmod(0o600)
-    (tmp / "cp.pub.pem").write_text(checkpoint.Signer.from_file(str(key)).public_pem())
-    receiver = OtlpReceiver()
-    stack = build_stack(tmp / "stack", config={"audit": {
-        "sink": str(tmp / "audit.jsonl"),
-        "checkpoint": {"key_file": str(key), "every_records": 5, "every_seconds": 1,
-                       "sink": str(tmp / "checkpoints.jsonl")},
-        "export": {"format": "raw", "otlp": {"endpoint": receiver.endpoint, "delay": 0.1}},
-    }})
+    stack, receiver = proof_stack(tmp, every_seconds=1)
     t = Trail(stack, receiver, tmp)
     try:
         for user in USERS:
@@ -304,9 +296,7 @@ def test_a_failing_checkpoint_sink_shows_in_the_metrics(tmp_path: Path) -> None:
     still proves every checkpoint."""
     import shutil
 
-    key = tmp_path / "cp.pem"
-    key.write_bytes(checkpoint.generate_pem())
-    key.chmod(0o600)
+    key = signing_key(tmp_path)
     cpdir = tmp_path / "cpdir"
     cpdir.mkdir()
     stack = build_stack(tmp_path / "stack", config={"audit": {
@@ -346,9 +336,7 @@ def test_check_refuses_a_checkpoint_sink_that_can_never_be_written(tmp_path: Pat
     not a regular file): the sidecar then starts and every copy fails with ``EINVAL (not a
     regular file)``, logged only. Expected: refused at check/start naming
     ``audit.checkpoint.sink``, like the missing directory."""
-    key = tmp_path / "cp.pem"
-    key.write_bytes(checkpoint.generate_pem())
-    key.chmod(0o600)
+    key = signing_key(tmp_path)
     sink = str(tmp_path / "nodir" / "cp.jsonl") if where == "missing-dir" else "/dev/full"
     stack = build_stack(tmp_path / "stack", start_proxy=False, config={"audit": {
         "sink": str(tmp_path / "audit.jsonl"),
