@@ -325,6 +325,13 @@ class AdminServer:
     async def _connect(self, request: web.Request, config: Snapshot) -> web.StreamResponse:
         provider = request.match_info["provider"]
         settings, verifier = config.settings, config.verifier
+        repeated = sorted({k for k in request.query if len(request.query.getall(k)) > 1})
+        if repeated:
+            # Two values for one parameter (two scope lists, two contexts): no reading of
+            # them is safe to pick, so none is.
+            return _page("Sign-in not possible",
+                         f"the link gives {', '.join(repeated)[:100]} more than once "
+                         "(duplicate_parameter)", 400)
         try:
             raw = self._context_header(request, verifier.header)
             if raw is None and settings.connect.context_query:

@@ -676,7 +676,13 @@ def cmd_suspend(args: argparse.Namespace) -> int:
     reads it, then audit ``suspension.added``. Nothing is reported suspended that was not
     stored (Redis unreachable: exit 1, nothing changed)."""
     from proxy.app import build, suspension_store
-    from proxy.suspensions import Suspension, check_reason, selector
+    from proxy.suspensions import (
+        READER_GRACE,
+        FileSuspensionStore,
+        Suspension,
+        check_reason,
+        selector,
+    )
 
     kind, value = selector(args.user, args.context_id, args.provider)
     reason = check_reason(args.reason)
@@ -689,6 +695,16 @@ def cmd_suspend(args: argparse.Namespace) -> int:
         app = build(settings)
         try:
             store = suspension_store(settings, app.coordinator)
+            if isinstance(store, FileSuspensionStore) and settings.vault.backend != "local" \
+                    and not store.read_recently(READER_GRACE):
+                # Beside a local vault the file is where every proxy of that vault looks,
+                # now or at its next start. With Key Vault and no Redis it is this host's:
+                # a suspension no proxy reads would be a false "suspended".
+                raise CredproxyError(
+                    f"NOT suspended (nothing changed): no proxy on this host reads "
+                    f"{store.path} (with Key Vault and no Redis, suspensions are kept per "
+                    "host): run this where the proxy runs (kubectl exec into its "
+                    "container), or configure coordination.backend: redis")
             suspension = Suspension(kind, value, time.time(), f"{actor.kind}:{actor.id}",
                                     reason)
             try:

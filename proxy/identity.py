@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 import warnings
 from collections import OrderedDict
@@ -51,6 +52,19 @@ _CACHE_SIZE = 10_000
 # A JWKS fetched from a URL is trusted this long (less if its Cache-Control max-age says so)
 # before it is fetched again, so a key the issuer removed stops verifying; if refetching
 # fails, the last good set keeps serving this much longer, then tokens are refused.
+_IDENTIFIER = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+
+
+def valid_identifier(value: object) -> bool:
+    """Whether ``value`` is an id credproxy accepts for a user (``sub``) or a user
+    context (``ctx.id``): a string of 1-256 characters, no control characters, no
+    surrounding whitespace. One rule for what the verifier lets in and what an operator
+    can name (``credproxy suspend --user`` / ``--context-id``), so every user and run the
+    proxy serves can be stopped."""
+    return (isinstance(value, str) and value == value.strip()
+            and _IDENTIFIER.fullmatch(value) is not None)
+
+
 JWKS_MAX_AGE = 600.0
 JWKS_MAX_STALE = 3600.0
 
@@ -368,17 +382,19 @@ class IdentityVerifier:
             raise UserContextInvalid(f"lifetime exceeds {s.max_lifetime} seconds",
                                      reason="lifetime_too_long")
         sub = claims["sub"]
-        if not isinstance(sub, str) or len(sub) > 256:
-            raise UserContextInvalid("sub must be a string of at most 256 chars",
+        if not valid_identifier(sub):
+            raise UserContextInvalid("sub must be a string of 1-256 characters without "
+                                     "control characters or surrounding spaces",
                                      reason="malformed")
         ctx = claims.get("ctx")
         if ctx is None:
             ctx = {}
         if not isinstance(ctx, dict) or not all(
-            isinstance(ctx.get(k), str | None) for k in ("kind", "id")
+            ctx.get(k) is None or valid_identifier(ctx.get(k)) for k in ("kind", "id")
         ):
-            raise UserContextInvalid("ctx must be an object with string kind and id",
-                                     reason="malformed")
+            raise UserContextInvalid("ctx must be an object whose kind and id are strings "
+                                     "of 1-256 characters without control characters or "
+                                     "surrounding spaces", reason="malformed")
         providers = claims.get("providers")
         if providers is not None and not (isinstance(providers, list) and
                                           all(isinstance(p, str) for p in providers)):

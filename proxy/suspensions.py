@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Literal, Protocol, get_args
 
 from proxy.errors import CoordinationUnavailable, CredproxyError
+from proxy.identity import valid_identifier
 
 log = logging.getLogger("credproxy.suspensions")
 
@@ -50,7 +51,6 @@ KINDS: tuple[Kind, ...] = get_args(Kind)
 RESYNC_EVERY = 1.0  # seconds between two reads of the Redis hash by each replica
 FILE_POLL = 0.25  # seconds between two looks at the local file's metadata
 MAX_REASON = 300  # characters of the operator's reason (the audit detail's bound)
-_VALUE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 
 
 class SuspensionError(CredproxyError):
@@ -123,7 +123,7 @@ def selector(user: str | None, context_id: str | None, provider: str | None
     flag = "--context-id" if kind == "context" else f"--{kind}"
     if not value.strip():
         raise SuspensionError(f"{flag}: empty; name the {kind} to suspend")
-    if value != value.strip() or not _VALUE.fullmatch(value):
+    if not valid_identifier(value):
         raise SuspensionError(f"{flag}: must be 1-256 characters without control "
                               "characters or surrounding spaces")
     return kind, value
@@ -221,6 +221,8 @@ class SuspensionStore(Protocol):
         ...
 
 
+READER_GRACE = 5.0  # seconds: a proxy that read the file this recently is running
+
 def file_path(vault_backend: str, vault_path: str, ca_dir: str) -> Path:
     """The local store's file: ``<vault.path>.suspensions.json`` beside a local vault, or
     ``<ca_dir>/suspensions.json`` with Key Vault (no local vault file)."""
@@ -242,6 +244,7 @@ class FileSuspensionStore:
         self.path = path
         self._seen: tuple[int, int, int] | None = None
         self._cached: list[Suspension] = []
+        self._marked = 0.0
         self._callbacks: list[Changed] = []
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -265,6 +268,29 @@ class FileSuspensionStore:
             raise SuspensionError(f"suspensions file {self.path} is not a suspension list; "
                                   "restore it from a backup or remove it (which lifts every "
                                   "suspension)") from exc
+
+    @property
+    def reader_mark(self) -> Path:
+        """The file a running proxy touches each time it reads the list (:meth:`mark_read`):
+        a command can tell whether any proxy on this host reads this file."""
+        return self.path.with_name(self.path.name + ".reader")
+
+    def mark_read(self) -> None:
+        """Say a proxy read the list now (at most once a second; a failure is ignored:
+        the mark is advice for the command line, never a condition for serving)."""
+        now = time.time()
+        if now - self._marked < 1.0:
+            return
+        self._marked = now
+        with contextlib.suppress(OSError):
+            self.reader_mark.touch(mode=0o600)
+
+    def read_recently(self, within: float) -> bool:
+        """Whether a proxy read this file in the last ``within`` seconds."""
+        try:
+            return time.time() - self.reader_mark.stat().st_mtime <= within
+        except OSError:
+            return False
 
     async def load_suspensions(self) -> list[Suspension]:
         stat = self._stat()
@@ -335,6 +361,8 @@ class SuspensionSync:
         """Read the store once; False (and the last list kept) when it failed."""
         try:
             items = await self.store.load_suspensions()
+            if isinstance(self.store, FileSuspensionStore):
+                self.store.mark_read()
         except (CoordinationUnavailable, SuspensionError) as exc:
             self.on_error()
             if not self._failing:

@@ -2,8 +2,8 @@
 switch) as a new user would, through the real stack: the real ``credproxy run`` sidecar,
 the authorization server, real HTTP clients and the real ``credproxy`` CLI.
 
-Tests whose docstring starts with "FAULT" show where the product does not do what the issue
-says (they fail until it is fixed); the others are variants where it holds.
+Tests whose docstring starts with "Was a FAULT" failed on the product when a fresh tester
+wrote them (all are fixed); the others are variants where it held.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _user(prefix: str) -> str:
 
 
 def test_a_second_scope_parameter_outside_the_ceiling_is_refused(stack: Stack) -> None:
-    """FAULT (item 1): ``/connect/docs?scope=documents.read&scope=documents.admin`` asks for
+    """Was a FAULT (item 1): ``/connect/docs?scope=documents.read&scope=documents.admin`` asks for
     a scope outside the ceiling; it must be refused (400, ``scope_not_allowed`` or a
     "scope sent twice" error) before the provider is contacted. Today the first copy wins
     silently: the second is dropped, the browser is redirected to the provider."""
@@ -245,7 +245,7 @@ def test_the_hand_over_answer_leaks_no_context_by_referer(stack: Stack) -> None:
 
 
 def test_a_user_context_with_a_long_context_id_can_be_suspended(stack: Stack) -> None:
-    """FAULT (item 3): the proxy accepts a user context whose ``ctx.id`` is longer than
+    """Was a FAULT (item 3): the proxy accepts a user context whose ``ctx.id`` is longer than
     256 characters (the verifier bounds ``sub`` and ``jti``, not ``ctx.id``), but
     ``credproxy suspend --context-id`` refuses any id over 256 characters ("must be 1-256
     characters"): that chat or workflow run cannot be stopped by its context id, and its
@@ -271,7 +271,7 @@ def test_a_user_context_with_a_long_context_id_can_be_suspended(stack: Stack) ->
     pytest.param("tab\tuser", id="tab"),
 ])
 def test_every_user_the_proxy_accepts_can_be_suspended(stack: Stack, sub: str) -> None:
-    """FAULT (item 3): the verifier accepts any ``sub`` up to 256 characters, including
+    """Was a FAULT (item 3): the verifier accepts any ``sub`` up to 256 characters, including
     surrounding spaces and control characters, and injects that user's grant; but
     ``credproxy suspend --user`` refuses such a value ("without control characters or
     surrounding spaces"), so that user cannot be suspended. Expected: every user the proxy
@@ -349,7 +349,7 @@ def test_a_csrf_token_of_another_session_of_the_same_user_is_refused(stack: Stac
 
 def test_a_suspend_run_away_from_the_proxy_with_key_vault_takes_effect_or_fails(
         tmp_path: Path) -> None:
-    """FAULT (item 3): with ``vault.backend: azure`` (a vault every host shares) and no
+    """Was a FAULT (item 3): with ``vault.backend: azure`` (a vault every host shares) and no
     Redis, the suspension goes to ``<ca_dir>/suspensions.json`` on the host that runs the
     command. An operator who runs ``credproxy suspend`` from their own machine (the same
     config; only ``ca_dir``, ``~/.credproxy/ca``, is theirs), as ``credproxy revoke``
