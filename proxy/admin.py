@@ -88,7 +88,10 @@ def _page(title: str, body: str, status: int) -> web.Response:
             f"</title></head><body><h1>{html.escape(title)}</h1><p>{html.escape(body)}</p>"
             "</body></html>")
     return web.Response(text=text, status=status, content_type="text/html",
-                        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+                        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
+                                 "X-Frame-Options": "DENY",
+                                 "Content-Security-Policy": "default-src 'none'; "
+                                 "frame-ancestors 'none'"})
 
 
 Checks = Sequence[tuple[str, Callable[[], Awaitable[object]]]]
@@ -341,6 +344,7 @@ class AdminServer:
                 raise ConnectRejected("provider_not_permitted",
                                       "this user context may not use that provider",
                                       user=user.user, provider=provider)
+            self._refuse_suspended(user.user, user.context_id, provider)
             scopes = request.query.get("scope")
             nonce = secrets.token_urlsafe(32)
             url = await self._connector.begin(
@@ -494,6 +498,19 @@ class AdminServer:
                if self._suspensions is not None else None)
         return None if hit is None else {"kind": hit.kind, "since": hit.since_text()}
 
+    def _refuse_suspended(self, user: str, context_id: str | None, provider: str) -> None:
+        """A suspended user (or provider, or run) connects nothing new until an
+        administrator resumes it (a disconnect stays possible). Raises
+        :class:`ConnectRejected` (``suspended``)."""
+        stopped = self._suspended(user, context_id, provider)
+        if stopped is not None:
+            exc = ConnectRejected("suspended",
+                                  f"access to {provider} is suspended ({stopped['kind']}, "
+                                  f"since {stopped['since']}): no new connection until an "
+                                  "administrator resumes it", user=user, provider=provider)
+            self._connector.rejected(exc, user=user, provider=provider)
+            raise exc
+
     def _row(self, provider: ProviderSettings, grant: GrantInfo | None, user: str,
              last_used: float | None) -> Row:
         assert self._sessions is not None
@@ -586,6 +603,11 @@ class AdminServer:
             if isinstance(got, web.Response):
                 return got
             session, provider, fields, scopes = got
+            try:
+                self._refuse_suspended(session.user, None, provider.id)
+            except ConnectRejected as exc:
+                return await self._render(config, session, status=403,
+                                          alert=f"{exc.detail} ({exc.reason})")
             if not scopes and provider.allowed_scopes:
                 return await self._render(config, session, status=400, alert=(
                     f"Choose at least one scope for {provider.id}; nothing was changed."))

@@ -178,10 +178,16 @@ class Connector:
                 return await self._begin(user, provider_id, redirect_uri, scopes, return_to,
                                          browser, choices or {}, actor)
         except ConnectRejected as exc:
-            self._audit.record(auditlog.CONNECTION_CREATED, user=user,
-                               provider=exc.provider or provider_id, outcome="rejected",
-                               reason=exc.reason, actor=actor or Actor("user", user))
+            self.rejected(exc, user=user, provider=exc.provider or provider_id, actor=actor)
             raise
+
+    def rejected(self, exc: ConnectRejected, *, user: str, provider: str,
+                 actor: Actor | None = None) -> None:
+        """Audit a refused connect (``connection.created``, outcome ``rejected``, the
+        rejection's reason); ``actor`` defaults to the user."""
+        self._audit.record(auditlog.CONNECTION_CREATED, user=user, provider=provider,
+                           outcome="rejected", reason=exc.reason,
+                           actor=actor or Actor("user", user))
 
     async def _begin(self, user: str, provider_id: str, redirect_uri: str,
                      scopes: list[str] | None, return_to: str | None,

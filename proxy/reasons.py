@@ -116,7 +116,7 @@ REGISTRY: Final[Mapping[str, Reason]] = _table(
     ("provider_removed", (DENIED,), "the destination was a provider until a reload"),
     ("insufficient_scope", (DENIED,), "the upstream asked for more scope than the grant "
      "holds (RFC 6750 insufficient_scope): the user re-consents with the union"),
-    ("suspended", (DENIED, FAILED), "an operator suspended the user, the user context or "
+    ("suspended", (DENIED, FAILED, CONNECT), "an operator suspended the user, the user context or "
      "the provider (credproxy suspend): credential.denied, the problem names which and "
      "since when; request.failed, an exchange under way was cut"),
     ("not_grant_host", (DENIED,), "the destination is under the provider's hosts but not "

@@ -271,6 +271,15 @@ def test_metrics_connections_and_the_list_show_suspensions(
             page = c.get(f"{admin}/connections").text
             assert "Suspended" in page and "user suspended since" in page
             assert "audit hold" not in page and "audit hold" not in json.dumps(mine)
+            # A suspended user connects nothing new (the agent's link, the page's form);
+            # the refusal is audited. Disconnecting stays possible.
+            link = c.get(f"{admin}/connect/docs", params={"context": s.context(user)})
+            assert link.status_code == 400 and "suspended" in link.text, link.text
+            assert link.headers["x-frame-options"] == "DENY"
+            refused = [r for r in records(replicas[0]) if r["event"] == "connection.created"
+                       and r["user"] == user and r["reason"] == "suspended"]
+            assert refused and refused[-1]["outcome"] == "rejected"
+            assert refused[-1]["actor"] == {"kind": "user", "id": user}
     finally:
         cli(s, "resume", "--user", user, "--reason", "done")
         cli(s, "resume", "--context-id", run, "--reason", "done")
