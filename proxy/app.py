@@ -537,12 +537,15 @@ def init_vault(settings: Settings, environ: Mapping[str, str] = os.environ) -> s
     return path
 
 
-def _check_sink_file(key: str, sink: str) -> None:
+def _check_sink_file(key: str, sink: str, *, regular: bool = False) -> None:
+    """``regular``: the path, when it exists, must be a regular file (the checkpoint sink,
+    whose failures are quiet: refused now rather than missed later; a failing audit sink
+    is loud, every request refused and the probes failing)."""
     path = Path(sink).expanduser()
     if path.is_dir():
         raise ConfigError(f"{key}: {sink} is a directory; name a file")
     if path.exists():
-        if not path.is_file():
+        if regular and not path.is_file():
             # The file sink writes only regular files (it follows them across rotation);
             # a device or FIFO would fail every write.
             raise ConfigError(f"{key}: {sink} is not a regular file; name a file (or "
@@ -565,7 +568,7 @@ def preflight(settings: Settings) -> None:
         _check_sink_file("audit.sink", settings.audit.sink)
     cp = settings.audit.checkpoint
     if cp is not None and cp.sink is not None and cp.sink != "stdout":
-        _check_sink_file("audit.checkpoint.sink", cp.sink)
+        _check_sink_file("audit.checkpoint.sink", cp.sink, regular=True)
     ca = Path(settings.ca_dir).expanduser()
     if ca.exists() and not ca.is_dir():
         raise ConfigError(f"ca_dir: {settings.ca_dir} is not a directory")

@@ -156,7 +156,8 @@ async def test_the_users_own_connections(admin: Admin, make_context: MakeContext
         "provider": "shop", "connect_url": "https://credproxy.example.com/connect/shop",
         "status": "active", "reason": None, "scope": "read", "expires_at": NOW + 3600,
         "has_refresh_token": True, "values": {"shop": "acme.myshopify.com"},
-        "hosts": ["acme.myshopify.com"], "resources": {}, "choices": ["shop"]}
+        "hosts": ["acme.myshopify.com"], "resources": {}, "choices": ["shop"],
+        "suspended": None}
     ms = by_id["ms"]
     assert ms["values"] == {"site": "contoso.sharepoint.com", "sites": ["s1", "s2"]}
     assert ms["hosts"] == ["graph.example.com"]  # no grant_hosts: the provider's
@@ -167,7 +168,7 @@ async def test_the_users_own_connections(admin: Admin, make_context: MakeContext
         "provider": "docs", "connect_url": "https://credproxy.example.com/connect/docs",
         "status": "not_connected", "reason": None, "scope": None, "expires_at": None,
         "has_refresh_token": False, "values": {}, "hosts": ["docs.example.com"],
-        "resources": {}, "choices": []}
+        "resources": {}, "choices": [], "suspended": None}
     sf = by_id["sf"]
     assert (sf["status"], sf["reason"]) == ("reauth_required", "invalid_grant")
     # Its value binds a host the running config no longer allows: it binds none.
