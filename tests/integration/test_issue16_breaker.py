@@ -318,14 +318,17 @@ def test_forms_combine_and_resume_lifts_only_its_own(stack: Stack) -> None:
 
 
 def test_a_suspended_user_cannot_start_a_connect_that_injects(stack: Stack) -> None:
-    """A suspended user may still connect at the page (consent is theirs), but the new
-    grant does not lift the suspension: nothing is injected until resume."""
+    """A suspended user connects nothing new (decision: a user who left must not add
+    grants while suspended): the connect link is refused before the provider, nothing is
+    stored, and nothing is injected until resume."""
     user = _user("susp-connect")
     assert cli(stack, "suspend", "--user", user, "--reason", "left").returncode == 0
     try:
-        with _browser() as b:
-            assert _consent(stack, b, user, None).status_code == 200
         time.sleep(0.5)
+        with _browser() as b:
+            r = b.get(f"{_admin(stack)}/connect/docs", params={"context": stack.context(user)})
+        assert r.status_code == 400 and "suspended" in r.text, r.text
+        assert stack.vault_get(user) is None
         assert suspended(get(stack, stack.proxy_url, stack.context(user)))
     finally:
         cli(stack, "resume", "--user", user, "--reason", "x")
