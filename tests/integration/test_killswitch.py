@@ -401,7 +401,10 @@ def test_without_redis_the_file_store_works_and_survives_a_restart(tmp_path: Pat
         assert cli(s, "resume", "--user", user, "--reason", "found it").returncode == 0
         within("file resume", lambda: get(s, s.proxy_url, ctx).status_code == 200, 1.0)
         denied = [x for x in s.audit_records() if x["reason"] == "suspended"]
-        assert denied and denied[0]["event"] == "credential.denied"
+        # Refused ones; an exchange already under way when the file was read is cut
+        # (request.failed, reason suspended: a busy host may be mid-request then).
+        assert any(x["event"] == "credential.denied" for x in denied), denied
+        assert {x["event"] for x in denied} <= {"credential.denied", "request.failed"}
     finally:
         s.close()
 
