@@ -83,6 +83,19 @@ def _cookie_name(state: str) -> str:
     return _COOKIE + hashlib.sha256(state.encode()).hexdigest()[:16]
 
 
+def _to_provider(url: str, nonce: str, settings: Settings, *, status: int) -> web.Response:
+    """The redirect to a provider's authorize ``url`` that starts a connect flow, with the
+    browser-binding cookie the callback must present (``nonce``, for this flow's state
+    only, under ``/oauth/callback``)."""
+    state = parse_qs(urlsplit(url).query).get("state", [""])[0]
+    response = web.Response(status=status, headers={"Location": url,
+                                                    "Cache-Control": "no-store"})
+    response.set_cookie(_cookie_name(state), nonce, max_age=settings.connect.state_ttl,
+                        path="/oauth/callback", httponly=True, samesite="Lax",
+                        secure=settings.connect_base.startswith("https://"))
+    return response
+
+
 def _page(title: str, body: str, status: int) -> web.Response:
     text = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title></head><body><h1>{html.escape(title)}</h1><p>{html.escape(body)}</p>"
@@ -356,12 +369,7 @@ class AdminServer:
             return _page("Sign-in not possible", f"user context rejected ({exc.reason})", 401)
         except ConnectRejected as exc:
             return _page("Sign-in not possible", f"{exc.detail} ({exc.reason})", 400)
-        state = parse_qs(urlsplit(url).query).get("state", [""])[0]
-        response = web.Response(status=302, headers={"Location": url,
-                                                     "Cache-Control": "no-store"})
-        response.set_cookie(_cookie_name(state), nonce, max_age=settings.connect.state_ttl,
-                            path="/oauth/callback", httponly=True, samesite="Lax",
-                            secure=settings.connect_base.startswith("https://"))
+        response = _to_provider(url, nonce, settings, status=302)
         # The hand-over also opens the self-service page (linked from the callback's page).
         self._open_session(response, settings, user.user, user.providers)
         return response
@@ -620,15 +628,7 @@ class AdminServer:
             except ConnectRejected as exc:
                 return await self._render(config, session, status=400,
                                           alert=f"{exc.detail} ({exc.reason})")
-            state = parse_qs(urlsplit(url).query).get("state", [""])[0]
-            response = web.Response(status=303, headers={"Location": url,
-                                                         "Cache-Control": "no-store"})
-            settings = config.settings
-            response.set_cookie(_cookie_name(state), nonce,
-                                max_age=settings.connect.state_ttl, path="/oauth/callback",
-                                httponly=True, samesite="Lax",
-                                secure=settings.connect_base.startswith("https://"))
-            return response
+            return _to_provider(url, nonce, config.settings, status=303)
 
     async def page_disconnect(self, request: web.Request) -> web.StreamResponse:
         """``POST /connections/disconnect`` (``csrf``, ``connection``): revokes the grant
