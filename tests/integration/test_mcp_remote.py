@@ -21,9 +21,7 @@ server's URL and nothing else.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import ssl
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -37,11 +35,11 @@ from devstack.streamers import McpProgressServer
 from proxy import mcp as wire
 
 from .test_mcp_connect import connect_in_browser
+from .test_mcp_wire import AGENT_SECRET, sdk_refusal, sdk_session
 
 pytestmark = pytest.mark.integration
 
 MCP = "remote"
-AGENT_SECRET = "agent-own-token-never-forwarded"
 
 
 @pytest.fixture(scope="module", params=["dcr", "cimd"])
@@ -73,44 +71,12 @@ def env(request: pytest.FixtureRequest,
 
 def _session(stack: Stack, server: McpProgressServer, user: str,
              body: Callable[[Any], Awaitable[Any]], mode: str = "legacy") -> Any:
-    import httpx2
-    from mcp import Client
-    from mcp.client.streamable_http import streamable_http_client
-
-    async def run() -> Any:
-        tls = ssl.create_default_context(cafile=str(stack.mitm_ca))
-        headers = {"X-User-Context": stack.context(user),
-                   "Authorization": f"Bearer {AGENT_SECRET}"}
-        async with httpx2.AsyncClient(proxy=stack.proxy_url, verify=tls, headers=headers,
-                                      trust_env=False,
-                                      timeout=httpx2.Timeout(30, read=60)) as http, \
-                Client(streamable_http_client(server.url, http_client=http),
-                       mode=mode) as client:
-            return await body(client)
-
-    return asyncio.run(run())
+    return sdk_session(stack, server.url, user, mode, body)
 
 
 def _refused(stack: Stack, server: McpProgressServer, user: str, mode: str = "legacy") -> Any:
     """The JSON-RPC error the SDK client gets when it starts a session for ``user``."""
-    from mcp import MCPError
-
-    async def nothing(client: Any) -> None:
-        raise AssertionError("the session started")
-
-    try:
-        _session(stack, server, user, nothing, mode)
-    except MCPError as exc:
-        return exc.error
-    except BaseExceptionGroup as group:
-        matched, _rest = group.split(MCPError)
-        assert matched is not None, group
-        found: BaseException = matched
-        while isinstance(found, BaseExceptionGroup):
-            found = found.exceptions[0]
-        assert isinstance(found, MCPError)
-        return found.error
-    raise AssertionError("no MCPError")
+    return sdk_refusal(stack, server.url, user, mode).error
 
 
 def _lookup(stack: Stack, server: McpProgressServer, user: str, query: str) -> str:

@@ -76,28 +76,28 @@ def _user(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-def _session(env: Env, user: str, mode: str,
-             body: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Run ``body(client)`` with the SDK client as the agent: through the proxy, with the
-    user's context and the agent's own Authorization header."""
+def sdk_session(stack: Stack, url: str, user: str, mode: str,
+                body: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``body(client)`` with the SDK client as the agent of the MCP server at ``url``:
+    through the proxy, with the user's context and the agent's own Authorization header."""
     import httpx2
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
     async def run() -> Any:
-        tls = ssl.create_default_context(cafile=str(env.stack.mitm_ca))
-        headers = {"X-User-Context": env.stack.context(user),
+        tls = ssl.create_default_context(cafile=str(stack.mitm_ca))
+        headers = {"X-User-Context": stack.context(user),
                    "Authorization": f"Bearer {AGENT_SECRET}"}
-        async with httpx2.AsyncClient(proxy=env.stack.proxy_url, verify=tls, headers=headers,
+        async with httpx2.AsyncClient(proxy=stack.proxy_url, verify=tls, headers=headers,
                                       trust_env=False,
                                       timeout=httpx2.Timeout(30, read=60)) as http, \
-                Client(streamable_http_client(env.url, http_client=http), mode=mode) as client:
+                Client(streamable_http_client(url, http_client=http), mode=mode) as client:
             return await body(client)
 
     return asyncio.run(run())
 
 
-def _connect_error(env: Env, user: str, mode: str) -> Any:
+def sdk_refusal(stack: Stack, url: str, user: str, mode: str) -> Any:
     """The MCPError the SDK client raises when it starts a session for ``user`` (the
     client's task group may wrap it in an exception group)."""
     from mcp import MCPError
@@ -106,7 +106,7 @@ def _connect_error(env: Env, user: str, mode: str) -> Any:
         raise AssertionError("the session started")
 
     try:
-        _session(env, user, mode, nothing)
+        sdk_session(stack, url, user, mode, nothing)
     except MCPError as exc:
         return exc
     except BaseExceptionGroup as group:
@@ -117,6 +117,15 @@ def _connect_error(env: Env, user: str, mode: str) -> Any:
             found = found.exceptions[0]
         return found
     raise AssertionError("no MCPError")
+
+
+def _session(env: Env, user: str, mode: str,
+             body: Callable[[Any], Awaitable[Any]]) -> Any:
+    return sdk_session(env.stack, env.url, user, mode, body)
+
+
+def _connect_error(env: Env, user: str, mode: str) -> Any:
+    return sdk_refusal(env.stack, env.url, user, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)

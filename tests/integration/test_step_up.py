@@ -19,6 +19,8 @@ import pytest
 
 from devstack.stack import PROVIDER, Stack, build_stack
 
+from .test_mcp_connect import connect_in_browser
+
 pytestmark = pytest.mark.integration
 
 WRITE = "writer"  # the provider whose API insists on documents.write
@@ -50,18 +52,8 @@ def consent_at(stack: Stack, user: str, connect_url: str) -> None:
     """The user's browser follows a refusal's connect link (the user context appended, as
     a browser would), consents to exactly documents.read and documents.write, and the
     callback stores the grant."""
-    sep = "&" if "?" in connect_url else "?"
-    with httpx2.Client(verify=stack.admin_tls(), follow_redirects=False, timeout=20,
-                       trust_env=False) as b:
-        r = b.get(f"{connect_url}{sep}{httpx2.QueryParams({'context': stack.context(user)})}")
-        assert r.status_code == 302, r.text
-        authorize = r.headers["location"]
-        asked = parse_qs(urlsplit(authorize).query)["scope"][0].split()
-        assert asked == ["documents.read", "documents.write"], authorize
-        r = b.get(authorize + f"&login_hint={user}")
-        assert r.status_code == 302, r.text
-        r = b.get(r.headers["location"])
-        assert r.status_code == 200 and "now connected" in r.text, r.text
+    asked = connect_in_browser(stack, user, connect_url)
+    assert asked["scope"][0].split() == ["documents.read", "documents.write"], asked
 
 
 def test_a_scope_challenge_is_a_step_up_then_works_after_consent(stack: Stack) -> None:
