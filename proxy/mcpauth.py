@@ -170,14 +170,12 @@ class Discovery:
         the resource's ``authorization_servers``, and a resource naming none of them is
         refused (``mcp_issuer_mismatch``). Without one, the first is used.
         Raises :class:`McpDiscoveryError`."""
-        resource = canonical_uri(server)
-        now = self._clock()
-        cached = self._cache.get(resource)
-        if cached is None or cached.expires_at <= now or challenge is not None or (
-                issuer is not None and cached.issuer != issuer):
-            cached = await self._discover(resource, allow_http, challenge, issuer)
-            self._cache[resource] = cached
-        return cached
+        found = None if challenge is not None else self.cached(server)
+        if found is None or (issuer is not None and found.issuer != issuer):
+            resource = canonical_uri(server)
+            found = await self._discover(resource, allow_http, challenge, issuer)
+            self._cache[resource] = found
+        return found
 
     def _check_url(self, url: str, what: str, allow_http: bool) -> str:
         parts = urlsplit(url)
